@@ -1,0 +1,99 @@
+"""The WhatsApp bot server: `create_app` builds the Flask app that both processes use."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from bot.config import ConfigError, database_uri, load_settings, missing_secrets
+
+#: Largest request body accepted; Twilio's webhooks and /notify bodies are a few kilobytes.
+MAX_CONTENT_LENGTH = 256 * 1024
+
+MIGRATIONS_DIR = str(Path(__file__).parent / "migrations")
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the app from the environment (and .env), or from `test_config` in tests.
+
+    Raises ConfigError, naming each missing or malformed variable, when the server cannot run.
+    """
+    app = Flask(__name__, instance_relative_config=True)
+    app.json.sort_keys = False  # keep answers in the order the contract documents
+    # Tests describe their whole configuration; a developer's .env must not leak into them.
+    settings = load_settings(test_config, env_file=None if test_config is not None else ".env")
+    missing = missing_secrets(settings)
+    if missing:
+        raise ConfigError(
+            "Missing required configuration: " + ", ".join(missing)
+            + ". Set them in the environment or in .env (see .env.example)."
+        )
+
+    os.makedirs(app.instance_path, exist_ok=True)
+    app.config.from_mapping(
+        TWILIO_ACCOUNT_SID=settings.twilio_account_sid,
+        TWILIO_AUTH_TOKEN=settings.twilio_auth_token.get_secret_value(),
+        TWILIO_WHATSAPP_NUMBER=settings.twilio_whatsapp_number,
+        TWILIO_WEBHOOK_URL=settings.twilio_webhook_url,
+        TWILIO_API_URL=settings.twilio_api_url,
+        TWILIO_TIMEOUT=settings.twilio_timeout,
+        TWILIO_CONTENT_SIDS=settings.twilio_content_sids,
+        NOTIFY_API_TOKEN=settings.notify_api_token.get_secret_value(),
+        REDIS_URL=settings.redis_url,
+        SQLALCHEMY_DATABASE_URI=database_uri(settings.database_url, app.instance_path),
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True},
+        MAX_CONTENT_LENGTH=MAX_CONTENT_LENGTH,
+    )
+    if test_config is not None:
+        app.config.update({k: v for k, v in test_config.items() if k.lower() not in type(settings).model_fields})
+
+    # Behind Heroku's router (or any TLS proxy) the app sees http://; Twilio signed https://.
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)  # type: ignore[method-assign]
+    _configure_logging(app)
+
+    from bot import database, queue, tasks, twilio_client
+    from bot.extensions import migrate
+
+    database.init_app(app)
+    migrate.init_app(app, database.db, directory=MIGRATIONS_DIR, render_as_batch=True)
+    queue.init_app(app)
+    tasks.init_app(app)
+    twilio_client.init_app(app)
+
+    from bot import health, notify, webhook
+
+    app.register_blueprint(notify.bp)
+    app.register_blueprint(webhook.bp)
+    app.register_blueprint(health.bp)
+    app.register_error_handler(HTTPException, _json_http_error)
+
+    if not settings.twilio_webhook_url:
+        app.logger.warning(
+            "TWILIO_WEBHOOK_URL is not set: sends carry no StatusCallback and signatures are checked "
+            "against the request URL"
+        )
+    return app
+
+
+def _json_http_error(exc: HTTPException):
+    """Every HTTP error as JSON with an `error` message (backends parse JSON, not HTML)."""
+    response = jsonify(error=exc.description or exc.name)
+    response.status_code = exc.code or 500
+    for header in ("Allow", "WWW-Authenticate", "Retry-After"):
+        if exc.get_response().headers.get(header):
+            response.headers[header] = exc.get_response().headers[header]
+    return response
+
+
+def _configure_logging(app: Flask) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app.logger.setLevel(logging.INFO)
+
+
+__all__ = ["ConfigError", "create_app"]

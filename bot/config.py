@@ -1,0 +1,126 @@
+"""Settings: one typed object read from the environment (and `.env` in development).
+
+The variable names are the ones in DESIGN.md, so a Heroku-style host configures the app with
+nothing but environment variables. Secrets are `SecretStr`, so printing the settings never prints
+them, and validation errors are rewritten to name the variable without echoing its value.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+from bot.phone import InvalidNumber, normalize_whatsapp_address
+
+#: Variables without which the server cannot talk to Twilio or authenticate a backend.
+REQUIRED_SECRETS = ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_WHATSAPP_NUMBER", "NOTIFY_API_TOKEN")
+
+
+class ConfigError(RuntimeError):
+    """The configuration cannot start a server; the message names the variables to fix."""
+
+
+class Settings(BaseSettings):
+    """Everything the app reads from its environment."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    twilio_account_sid: str | None = None
+    twilio_auth_token: SecretStr | None = None
+    twilio_whatsapp_number: str | None = None
+    twilio_webhook_url: str | None = None
+    twilio_api_url: str = "https://api.twilio.com"
+    twilio_timeout: float = Field(default=10.0, gt=0, le=60)
+    #: Approved WhatsApp templates: JSON object mapping a template name to its ContentSid (HX...).
+    twilio_content_sids: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    notify_api_token: SecretStr | None = None
+    database_url: str | None = None
+    redis_url: str | None = None
+
+    @field_validator("twilio_account_sid")
+    @classmethod
+    def _account_sid_shape(cls, value: str | None) -> str | None:
+        if value and not (value.startswith("AC") and len(value) == 34):
+            raise ValueError("must be an Account SID: 'AC' followed by 32 hex characters")
+        return value
+
+    @field_validator("twilio_whatsapp_number")
+    @classmethod
+    def _whatsapp_sender(cls, value: str | None) -> str | None:
+        if not value:
+            return value
+        try:
+            return normalize_whatsapp_address(value)
+        except InvalidNumber as exc:
+            raise ValueError(f"must be a WhatsApp sender like whatsapp:+14155238886 ({exc})") from None
+
+    @field_validator("twilio_webhook_url", "twilio_api_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return value.rstrip("/") if value and value.endswith("//") else value
+
+    @field_validator("twilio_content_sids", mode="before")
+    @classmethod
+    def _content_sids(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError:
+                raise ValueError('must be a JSON object like {"order_update": "HX..."}') from None
+        if isinstance(value, dict):
+            for name, sid in value.items():
+                if not (isinstance(sid, str) and sid.startswith("HX") and len(sid) == 34):
+                    raise ValueError(f"template {name!r}: a ContentSid is 'HX' followed by 32 hex characters")
+        return value
+
+
+def load_settings(overrides: dict[str, Any] | None = None, env_file: str | None = ".env") -> Settings:
+    """Read settings from the environment (and `env_file`), with `overrides` taking precedence.
+
+    Raises ConfigError naming each bad variable; the offending values are never included.
+    """
+    fields = Settings.model_fields
+    init = {k.lower(): v for k, v in (overrides or {}).items() if k.lower() in fields}
+    try:
+        return Settings(_env_file=env_file, **init)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        problems = [f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError("Invalid configuration:\n  " + "\n  ".join(problems)) from None
+
+
+def missing_secrets(settings: Settings) -> list[str]:
+    """The names of required variables that are unset or empty."""
+    missing = []
+    for name in REQUIRED_SECRETS:
+        value = getattr(settings, name.lower())
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not value:
+            missing.append(name)
+    return missing
+
+
+def database_uri(url: str | None, instance_path: str) -> str:
+    """SQLAlchemy URI for DATABASE_URL, or a SQLite file under instance/ when it is unset.
+
+    Heroku-style hosts hand out `postgres://`, which SQLAlchemy 2 no longer accepts; we also pin
+    the psycopg 3 driver, the one this project installs.
+    """
+    if not url:
+        return "sqlite:///" + str(Path(instance_path) / "bot.db")
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def queue_file(instance_path: str) -> str:
+    """The SQLite file that holds the Huey queue when REDIS_URL is unset."""
+    return os.path.join(instance_path, "queue.db")

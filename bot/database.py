@@ -1,0 +1,29 @@
+"""Database setup: Flask-SQLAlchemy binding, and SQLite settings for web + worker on one file."""
+from __future__ import annotations
+
+import sqlalchemy as sa
+from flask import Flask
+
+from bot.extensions import db
+
+
+def init_app(app: Flask) -> None:
+    """Bind the models to SQLALCHEMY_DATABASE_URI; make SQLite safe for two processes."""
+    uri = app.config["SQLALCHEMY_DATABASE_URI"]
+    if uri.startswith("sqlite"):
+        options = dict(app.config.get("SQLALCHEMY_ENGINE_OPTIONS", {}))
+        # The web and the worker write the same file: wait for the lock instead of failing.
+        options.setdefault("connect_args", {"timeout": 30})
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
+    db.init_app(app)
+    if uri.startswith("sqlite"):
+        with app.app_context():
+            sa.event.listen(db.engine, "connect", _sqlite_pragmas)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # WAL lets the web read while the worker writes; foreign keys are off by default in SQLite.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,27 @@
+"""Twilio error codes that decide whether a failed send is retried (see TWILIO_FACTS.md)."""
+from __future__ import annotations
+
+#: Worth another try later, with backoff: concurrency overflow, rate limits, transient handset
+#: and unknown errors (the retry count bounds the last two).
+RETRYABLE_CODES = frozenset({20429, 63018, 30003, 30008})
+
+#: Never retried: the content, the recipient or the account must change first.
+PERMANENT_CODES = frozenset({
+    63016,  # outside the 24-hour window: needs a template or a new message from the user
+    21610, 63014,  # opted out / blocked the business
+    21211, 63003, 63024,  # invalid or non-WhatsApp recipient
+    21408,  # region not enabled
+    21617, 63021,  # content too long / invalid
+    63015,  # sandbox recipient has not joined
+    63032, 63049,  # Meta withheld a marketing template
+    30004, 30005, 30006, 30007,  # blocked, unknown destination, landline, filtered
+})
+
+
+def is_retryable(http_status: int | None, code: int | None) -> bool:
+    """Whether a failed create() may be tried again: 429s, 5xx and the retryable codes."""
+    if code in PERMANENT_CODES:
+        return False
+    if code in RETRYABLE_CODES:
+        return True
+    return http_status is not None and (http_status == 429 or http_status >= 500)

@@ -1,0 +1,63 @@
+"""Storing an inbound WhatsApp message from Twilio's webhook, exactly once per MessageSid."""
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from bot.clock import utcnow
+from bot.contacts import get_or_create_contact
+from bot.extensions import db
+from bot.models import Direction, Message
+from bot.phone import normalize_e164
+
+log = logging.getLogger(__name__)
+
+
+def media_urls(form: Mapping[str, str]) -> list[str]:
+    """Every MediaUrlN of the message, in order."""
+    try:
+        count = int(form.get("NumMedia") or 0)
+    except ValueError:
+        count = 0
+    return [form[f"MediaUrl{i}"] for i in range(max(count, 0)) if form.get(f"MediaUrl{i}")]
+
+
+def store_inbound(form: Mapping[str, str]) -> Message | None:
+    """Store the message and update its contact; None when this MessageSid was already stored.
+
+    Raises ValueError (from the phone parser) when `From` is not a phone number.
+    """
+    sid = form["MessageSid"]
+    if db.session.scalar(sa.select(Message.id).where(Message.twilio_sid == sid)) is not None:
+        return None
+    phone = normalize_e164(form["From"])
+    now = utcnow()
+    contact = get_or_create_contact(phone)
+    # The window runs from the latest message; a late retry of an old one must not move it back.
+    if contact.last_inbound_at is None or contact.last_inbound_at < now:
+        contact.last_inbound_at = now
+    if form.get("ProfileName"):
+        contact.profile_name = form["ProfileName"]
+    if form.get("WaId"):
+        contact.wa_id = form["WaId"]
+    message = Message(
+        direction=Direction.INBOUND,
+        contact_id=contact.id,
+        body=form.get("Body", ""),
+        media_urls=media_urls(form) or None,
+        payload=dict(form),
+        twilio_sid=sid,
+        status="received",
+        status_rank=0,
+    )
+    db.session.add(message)
+    try:
+        db.session.commit()
+    except IntegrityError:  # the same MessageSid raced in on another web process
+        db.session.rollback()
+        log.info("inbound %s already stored by a concurrent request", sid)
+        return None
+    return message

@@ -1,0 +1,134 @@
+"""The backend's API: POST /notify to send, GET /messages/<id> to see what happened."""
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from flask import Blueprint, abort, current_app, jsonify, request, url_for
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import selectinload
+
+from bot import outbox
+from bot.contacts import get_or_create_contact
+from bot.extensions import db
+from bot.models import Consent, Direction, Message, StatusEvent
+from bot.notify_request import InvalidRequest, NotifyRequest, parse_notify
+from bot.outbound import within_window
+from bot.security import require_api_token
+
+bp = Blueprint("notify", __name__)
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def _error(status: int, message: str, **extra: Any):
+    return jsonify(error=message, **extra), status
+
+
+def _accepted(message: Message, replayed: bool = False):
+    response = jsonify(
+        id=message.id,
+        status=message.status,
+        to=message.contact.phone,
+        created_at=message.to_dict()["created_at"],
+        url=url_for("notify.get_message", message_id=message.id),
+    )
+    response.status_code = 202
+    response.headers["Location"] = url_for("notify.get_message", message_id=message.id)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def _replay(key: str, fingerprint: str):
+    """The first answer for a reused Idempotency-Key, a 422 if the payload differs, or None."""
+    previous = db.session.scalar(
+        sa.select(Message).options(selectinload(Message.contact)).where(Message.idempotency_key == key)
+    )
+    if previous is None:
+        return None
+    if previous.request_hash != fingerprint:
+        return _error(422, "this Idempotency-Key was already used with a different payload")
+    return _accepted(previous, replayed=True)
+
+
+@bp.post("/notify")
+@require_api_token
+def notify():
+    """Queue a WhatsApp message for a backend; answers 202 with the message id."""
+    if not request.is_json:
+        return _error(415, "Content-Type must be application/json")
+    payload = request.get_json(silent=True)
+    if payload is None:
+        return _error(400, "the body is not valid JSON")
+    try:
+        notification = parse_notify(payload, current_app.config["TWILIO_CONTENT_SIDS"])
+    except InvalidRequest as exc:
+        return _error(400, str(exc))
+
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        key = key.strip()
+        if not key or len(key) > MAX_IDEMPOTENCY_KEY:
+            return _error(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+        replay = _replay(key, notification.fingerprint())
+        if replay is not None:
+            return replay
+
+    contact = get_or_create_contact(notification.to)
+    if contact.consent == Consent.OPTED_OUT:
+        db.session.commit()
+        return _error(409, f"{contact.phone} has opted out; nothing is sent until they opt back in")
+    if notification.is_free_form and not within_window(contact):
+        db.session.commit()
+        return _error(
+            422,
+            f"{contact.phone} has not written in the last 24 hours, so WhatsApp allows no free-form "
+            "message; send an approved template instead: {\"to\", \"template\", \"variables\"}",
+            templates=sorted(current_app.config["TWILIO_CONTENT_SIDS"]),
+        )
+
+    message = _new_outbound(notification, contact.id, key)
+    db.session.add(message)
+    try:
+        db.session.commit()  # the outbox row exists before anything is enqueued
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won the race.
+        db.session.rollback()
+        replay = _replay(key, notification.fingerprint()) if key else None
+        if replay is None:
+            raise
+        return replay
+    outbox.enqueue_send(message.id)
+    return _accepted(message)
+
+
+def _new_outbound(notification: NotifyRequest, contact_id: int, key: str | None) -> Message:
+    return Message(
+        direction=Direction.OUTBOUND,
+        contact_id=contact_id,
+        body=notification.body,
+        media_urls=list(notification.media_urls) or None,
+        template=notification.template,
+        content_sid=notification.content_sid,
+        variables=notification.variables or None,
+        status="pending",
+        status_rank=0,
+        idempotency_key=key,
+        request_hash=notification.fingerprint() if key else None,
+    )
+
+
+@bp.get("/messages/<message_id>")
+@require_api_token
+def get_message(message_id: str):
+    """A message's status, error, Twilio SID and the history of status callbacks."""
+    message = db.session.scalar(
+        sa.select(Message).options(selectinload(Message.contact)).where(Message.id == message_id)
+    )
+    if message is None:
+        abort(404, description=f"no message with id {message_id!r}")
+    events = db.session.scalars(
+        sa.select(StatusEvent).where(StatusEvent.message_id == message.id).order_by(StatusEvent.id)
+    ).all()
+    return jsonify(message.to_dict(events=list(events)))

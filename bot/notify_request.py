@@ -1,0 +1,112 @@
+"""Validation of POST /notify bodies into a normalised request (no Flask, no database)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from bot.phone import InvalidNumber, normalize_e164
+
+MAX_BODY_CHARS = 1600  # Twilio refuses longer bodies with 21617
+MAX_TEMPLATE_VARIABLES_CHARS = 1024  # WhatsApp's limit for a template's text (63021)
+ALLOWED_FIELDS = frozenset({"to", "body", "template", "variables", "media_url"})
+
+
+class InvalidRequest(ValueError):
+    """The payload is wrong; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class NotifyRequest:
+    """A validated notification: exactly one of body/media or template."""
+
+    to: str  # E.164
+    body: str | None = None
+    media_urls: tuple[str, ...] = ()
+    template: str | None = None
+    content_sid: str | None = None
+    variables: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_free_form(self) -> bool:
+        """Free-form text or media, which WhatsApp allows only inside the 24-hour window."""
+        return self.content_sid is None
+
+    def fingerprint(self) -> str:
+        """A hash of the normalised request, to tell a replay from a reused Idempotency-Key."""
+        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _is_http_url(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    parsed = urlparse(value)
+    return parsed.scheme in ("http", "https") and bool(parsed.netloc)
+
+
+def parse_notify(payload: Any, content_sids: dict[str, str]) -> NotifyRequest:
+    """Validate a decoded JSON payload against DESIGN.md's contract. Raises InvalidRequest."""
+    if not isinstance(payload, dict):
+        raise InvalidRequest("the JSON body must be an object")
+    unknown = sorted(set(payload) - ALLOWED_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(ALLOWED_FIELDS))}")
+
+    if "to" not in payload:
+        raise InvalidRequest("'to' is required: the recipient's number in E.164, e.g. +15551234567")
+    try:
+        to = normalize_e164(payload["to"])
+    except InvalidNumber as exc:
+        raise InvalidRequest(f"'to' {exc}") from None
+
+    body = payload.get("body")
+    template = payload.get("template")
+    media = payload.get("media_url")
+    if body is not None and (not isinstance(body, str) or not body.strip()):
+        raise InvalidRequest("'body' must be a non-empty string")
+    if body is not None and len(body) > MAX_BODY_CHARS:
+        raise InvalidRequest(f"'body' is {len(body)} characters; WhatsApp allows at most {MAX_BODY_CHARS}")
+
+    media_urls: tuple[str, ...] = ()
+    if media is not None:
+        items = media if isinstance(media, list) else [media]
+        if len(items) != 1 or not _is_http_url(items[0]):
+            raise InvalidRequest("'media_url' must be one http(s) URL (WhatsApp carries one media item per message)")
+        media_urls = (items[0],)
+
+    if template is not None:
+        if body is not None or media is not None:
+            raise InvalidRequest("send either 'template' (with 'variables') or 'body'/'media_url', not both")
+        return _template_request(to, template, payload.get("variables"), content_sids)
+    if "variables" in payload:
+        raise InvalidRequest("'variables' only goes with 'template'")
+    if body is None and not media_urls:
+        raise InvalidRequest("one of 'body', 'media_url' or 'template' is required")
+    return NotifyRequest(to=to, body=body, media_urls=media_urls)
+
+
+def _template_request(to: str, template: Any, variables: Any, content_sids: dict[str, str]) -> NotifyRequest:
+    if not isinstance(template, str) or not template.strip():
+        raise InvalidRequest("'template' must be a template name")
+    if template in content_sids:
+        content_sid = content_sids[template]
+    elif template.startswith("HX") and len(template) == 34:
+        content_sid = template  # a ContentSid given directly
+    else:
+        known = ", ".join(sorted(content_sids)) or "none configured (TWILIO_CONTENT_SIDS)"
+        raise InvalidRequest(f"unknown template {template!r}; known templates: {known}")
+    if variables is None:
+        variables = {}
+    if not isinstance(variables, dict):
+        raise InvalidRequest("'variables' must be an object, e.g. {\"1\": \"Ada\"}")
+    clean: dict[str, str] = {}
+    for key, value in variables.items():
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise InvalidRequest(f"variable {key!r} must be a string or a number")
+        clean[str(key)] = str(value)
+    if sum(len(v) for v in clean.values()) > MAX_TEMPLATE_VARIABLES_CHARS:
+        raise InvalidRequest(f"'variables' exceed WhatsApp's {MAX_TEMPLATE_VARIABLES_CHARS}-character template limit")
+    return NotifyRequest(to=to, template=template, content_sid=content_sid, variables=clean)

@@ -1,0 +1,176 @@
+"""Sending one outbound message: claim the row, check consent and the window, call Twilio, record.
+
+The claim (`pending` -> `dispatching` with a lease) is a single conditional UPDATE, so however
+many copies of the send task run (huey retries, the outbox sweep, a re-delivered task) only one
+reaches Twilio. The one duplicate left is a crash after Twilio accepted the message and before we
+committed its SID: the lease then expires and the sweep sends again. That window is one HTTP
+response long.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from datetime import timedelta
+from enum import Enum
+
+import requests
+import sqlalchemy as sa
+from flask import current_app
+from twilio.base.exceptions import TwilioException
+
+from bot.clock import utcnow
+from bot.errors import is_retryable
+from bot.extensions import db
+from bot.models import Consent, Contact, Message
+from bot.status import STATUS_RANK, apply_pending_events, raise_status
+from bot.twilio_client import get_client
+
+log = logging.getLogger(__name__)
+
+#: How long a claim holds. Far longer than the SDK timeout, so a slow send is never taken over.
+CLAIM_LEASE = timedelta(minutes=5)
+#: Sends attempted per message across task retries and sweeps, so a message cannot loop forever.
+MAX_ATTEMPTS = 8
+#: WhatsApp's customer-service window.
+SESSION_WINDOW = timedelta(hours=24)
+
+#: Local codes reuse Twilio's numbers, so a backend handles one meaning whoever refused.
+OPTED_OUT_CODE = 21610
+OUTSIDE_WINDOW_CODE = 63016
+
+
+class Outcome(str, Enum):
+    SENT = "sent"
+    NOT_CLAIMED = "not_claimed"
+    REFUSED = "refused"
+    FAILED = "failed"
+    RETRY = "retry"
+
+
+class TransientSendError(Exception):
+    """Twilio could not take the message now; the task retries with backoff."""
+
+
+def claim(message_id: str) -> bool:
+    """Atomically take a message for sending: pending, or dispatching with an expired lease."""
+    now = utcnow()
+    claimed = db.session.execute(
+        sa.update(Message)
+        .where(
+            Message.id == message_id,
+            sa.or_(
+                Message.status == "pending",
+                sa.and_(Message.status == "dispatching", Message.claimed_until < now),
+            ),
+        )
+        .values(
+            status="dispatching",
+            status_rank=STATUS_RANK["dispatching"],
+            claimed_until=now + CLAIM_LEASE,
+            attempts=Message.attempts + 1,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    db.session.commit()
+    return claimed == 1
+
+
+def within_window(contact: Contact, now=None) -> bool:
+    """Whether free-form text may go to this contact: they wrote to us in the last 24 hours."""
+    now = now or utcnow()
+    return contact.last_inbound_at is not None and now - contact.last_inbound_at < SESSION_WINDOW
+
+
+def refusal_reason(message: Message, contact: Contact) -> tuple[int, str] | None:
+    """Why this message must not reach Twilio now (opt-out, 24-hour window), or None."""
+    if contact.consent == Consent.OPTED_OUT:
+        return OPTED_OUT_CODE, "Recipient has opted out; not sent."
+    if message.content_sid is None and not within_window(contact):
+        return OUTSIDE_WINDOW_CODE, "Outside the 24-hour window and no template; not sent."
+    return None
+
+
+def twilio_params(message: Message, contact: Contact) -> dict:
+    """The keyword arguments of client.messages.create() for this message."""
+    cfg = current_app.config
+    params: dict = {"to": contact.whatsapp_address, "from_": cfg["TWILIO_WHATSAPP_NUMBER"]}
+    if message.content_sid:
+        params["content_sid"] = message.content_sid
+        if message.variables:
+            params["content_variables"] = json.dumps(message.variables)
+    else:
+        if message.body:
+            params["body"] = message.body
+        if message.media_urls:
+            params["media_url"] = list(message.media_urls)
+    if cfg.get("TWILIO_WEBHOOK_URL"):
+        params["status_callback"] = cfg["TWILIO_WEBHOOK_URL"]
+    return params
+
+
+def finish(message_id: str, status: str, code: int | None, text: str | None) -> None:
+    """Record a final outcome of ours (refused or failed) and release the claim; commits."""
+    raise_status(message_id, status, code, text)
+    db.session.commit()
+
+
+def deliver(message_id: str, *, final_attempt: bool = False) -> Outcome:
+    """Send one message if it can be claimed. Raises TransientSendError to ask for a retry."""
+    if not claim(message_id):
+        log.info("message %s not claimable (already sent or in flight); skipping", message_id)
+        return Outcome.NOT_CLAIMED
+    message = db.session.get(Message, message_id)
+    contact = db.session.get(Contact, message.contact_id)
+    final_attempt = final_attempt or message.attempts >= MAX_ATTEMPTS
+
+    refusal = refusal_reason(message, contact)
+    if refusal:
+        log.info("message %s refused before Twilio: %s", message_id, refusal[1])
+        finish(message_id, "failed", *refusal)
+        return Outcome.REFUSED
+
+    try:
+        created = get_client().messages.create(**twilio_params(message, contact))
+    except TwilioException as exc:  # TwilioRestException and (since 9.10) TwilioServiceException
+        http_status = getattr(exc, "status", None)
+        code = getattr(exc, "code", None)
+        text = getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", None) or str(exc)
+        return _failed_attempt(message_id, http_status, code, text, final_attempt)
+    except requests.RequestException as exc:  # timeouts and connection errors
+        return _failed_attempt(message_id, None, None, f"{type(exc).__name__} talking to Twilio", final_attempt,
+                               transient=True)
+
+    # Commit the SID first, then look for callbacks that beat us here (see status.record_callback).
+    now = utcnow()
+    db.session.execute(
+        sa.update(Message).where(Message.id == message_id)
+        .values(twilio_sid=created.sid, sent_at=now, updated_at=now, next_attempt_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    twilio_status = (created.status or "queued").lower()
+    raise_status(message_id, twilio_status if twilio_status in STATUS_RANK else "queued")
+    db.session.commit()
+    apply_pending_events(created.sid)
+    log.info("message %s accepted by Twilio as %s", message_id, created.sid)
+    return Outcome.SENT
+
+
+def _failed_attempt(message_id: str, http_status: int | None, code: int | None, text: str,
+                    final_attempt: bool, transient: bool | None = None) -> Outcome:
+    retry = is_retryable(http_status, code) if transient is None else transient
+    if retry and not final_attempt:
+        # Back to pending so the retry (or the sweep, after a delay) can claim it again.
+        now = utcnow()
+        db.session.execute(
+            sa.update(Message).where(Message.id == message_id, Message.status == "dispatching")
+            .values(status="pending", status_rank=0, claimed_until=None, updated_at=now,
+                    next_attempt_at=now + timedelta(minutes=2))
+            .execution_options(synchronize_session=False)
+        )
+        db.session.commit()
+        log.warning("message %s: transient Twilio failure (HTTP %s, code %s); will retry", message_id, http_status, code)
+        raise TransientSendError(f"HTTP {http_status}, code {code}: {text}")
+    log.warning("message %s failed (HTTP %s, code %s): %s", message_id, http_status, code, text)
+    finish(message_id, "failed", code, text)
+    return Outcome.FAILED

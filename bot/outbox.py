@@ -1,0 +1,121 @@
+"""The transactional outbox: enqueue only committed rows, and sweep up what the queue lost.
+
+Rows are committed first and enqueued second. If the enqueue fails (Redis down) or a worker dies
+mid-task, the row is still in the database, and `sweep` puts it back on the queue.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from bot.clock import utcnow
+from bot.extensions import db
+from bot.models import Direction, Message, PeriodicRun, StatusEvent
+from bot.status import apply_pending_events
+
+log = logging.getLogger(__name__)
+
+#: A pending row younger than this is assumed to be on the queue already.
+STALE_AFTER = timedelta(seconds=60)
+
+
+def enqueue_send(message_id: str) -> bool:
+    """Put a committed outbound message on the queue; False (logged) if the queue is down."""
+    from bot.tasks import send_message
+
+    try:
+        send_message(message_id)
+        return True
+    except Exception:  # any broker failure: the row is safe, the sweep will enqueue it
+        log.exception("could not enqueue message %s; the outbox sweep will retry", message_id)
+        return False
+
+
+def enqueue_inbound(message_id: str) -> bool:
+    """Put a committed inbound message on the queue; False (logged) if the queue is down."""
+    from bot.tasks import process_inbound
+
+    try:
+        process_inbound(message_id)
+        return True
+    except Exception:
+        log.exception("could not enqueue inbound message %s; the outbox sweep will retry", message_id)
+        return False
+
+
+def mark_inbound_processed(message_id: str) -> None:
+    """Record that an inbound message went through the bot (received -> processed)."""
+    db.session.execute(
+        sa.update(Message).where(Message.id == message_id, Message.status == "received")
+        .values(status="processed", updated_at=utcnow())
+    )
+    db.session.commit()
+
+
+def take_periodic_turn(name: str, interval_seconds: int) -> bool:
+    """Whether this consumer should run periodic job `name` now.
+
+    Every consumer's scheduler enqueues periodic tasks, so with several worker dynos the job would
+    run once per consumer. A conditional UPDATE on a shared row lets exactly one run per interval.
+    """
+    now = utcnow()
+    took = db.session.execute(
+        sa.update(PeriodicRun)
+        .where(PeriodicRun.name == name, PeriodicRun.last_run_at <= now - timedelta(seconds=interval_seconds))
+        .values(last_run_at=now)
+    ).rowcount
+    if not took:
+        if db.session.get(PeriodicRun, name) is None:
+            db.session.add(PeriodicRun(name=name, last_run_at=now))
+            try:
+                db.session.commit()
+                return True
+            except sa.exc.IntegrityError:  # another consumer created it first: its turn
+                db.session.rollback()
+                return False
+        db.session.rollback()
+        return False
+    db.session.commit()
+    return True
+
+
+def sweep(now=None) -> dict[str, int]:
+    """Re-enqueue stuck rows and apply orphaned status events. Returns counts, for logs and tests."""
+    now = now or utcnow()
+    stale = now - STALE_AFTER
+    pending = db.session.scalars(
+        sa.select(Message.id).where(
+            Message.direction == Direction.OUTBOUND,
+            sa.or_(
+                # never enqueued, or the queue lost it
+                sa.and_(Message.status == "pending",
+                        sa.func.coalesce(Message.next_attempt_at, Message.created_at) <= stale),
+                # the worker died mid-send and its lease ran out
+                sa.and_(Message.status == "dispatching", Message.claimed_until < now),
+            ),
+        ).order_by(Message.created_at).limit(1000)
+    ).all()
+    inbound = db.session.scalars(
+        sa.select(Message.id).where(
+            Message.direction == Direction.INBOUND, Message.status == "received", Message.updated_at <= stale
+        ).order_by(Message.created_at).limit(1000)
+    ).all()
+    orphan_sids = db.session.scalars(
+        # A day bounds the search: callbacks for messages some other system sent never match.
+        sa.select(StatusEvent.twilio_sid)
+        .where(StatusEvent.message_id.is_(None), StatusEvent.received_at >= now - timedelta(days=1))
+        .distinct().limit(1000)
+    ).all()
+    db.session.commit()
+
+    for message_id in pending:
+        enqueue_send(message_id)
+    for message_id in inbound:
+        enqueue_inbound(message_id)
+    applied = sum(1 for sid in orphan_sids if apply_pending_events(sid))
+    counts = {"outbound": len(pending), "inbound": len(inbound), "events": applied}
+    if any(counts.values()):
+        log.info("outbox sweep: %s", counts)
+    return counts

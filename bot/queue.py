@@ -1,0 +1,50 @@
+"""The Huey instance shared by the web process (which enqueues) and the worker (which consumes).
+
+Tasks must be declared at import time, before any app exists, so `huey` is created here with a
+storage that refuses to work until `init_app` binds it to Redis (REDIS_URL) or to a SQLite file
+under instance/ (the embedded default).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+from huey import Huey
+from huey.storage import BaseStorage, RedisStorage, SqliteStorage
+
+from bot.config import queue_file
+
+QUEUE_NAME = "whatsapp-bot"
+
+
+class UnconfiguredStorage(BaseStorage):
+    """Fails loudly instead of silently queueing into memory before create_app() ran."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in ("name", "__class__", "__init__", "__dict__"):
+            return object.__getattribute__(self, name)
+        raise RuntimeError("the task queue is not configured: call bot.create_app() first")
+
+
+huey = Huey(QUEUE_NAME, results=False, storage_class=UnconfiguredStorage)
+
+
+def init_app(app: Flask) -> None:
+    """Bind the queue to Redis when REDIS_URL is set, else to a SQLite file under instance/."""
+    name = app.config.get("QUEUE_NAME", QUEUE_NAME)
+    redis_url = app.config.get("REDIS_URL")
+    if redis_url:
+        storage_class, kwargs = RedisStorage, {"url": redis_url}
+    else:
+        storage_class, kwargs = SqliteStorage, {"filename": queue_file(app.instance_path), "timeout": 30}
+    huey.name = name
+    huey.storage_class = storage_class
+    huey.storage_kwargs = kwargs
+    huey.storage = huey.create_storage()
+    huey.immediate = bool(app.config.get("HUEY_IMMEDIATE", False))
+    app.extensions["huey"] = huey
+
+
+def queue_backend_name() -> str:
+    """'redis' or 'sqlite', for logs and /healthz."""
+    return "redis" if isinstance(huey.storage, RedisStorage) else "sqlite"

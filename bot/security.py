@@ -1,0 +1,64 @@
+"""Request authentication: Twilio's X-Twilio-Signature and the backend's bearer token."""
+from __future__ import annotations
+
+import functools
+import hmac
+from typing import Any, Callable, TypeVar
+
+from flask import current_app, jsonify, request
+from twilio.request_validator import RequestValidator
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def webhook_url_for_request() -> str:
+    """The URL Twilio signed: TWILIO_WEBHOOK_URL when configured, else the URL as requested.
+
+    The configured public URL is the robust choice behind proxies and tunnels; without it, the
+    request URL is used, which ProxyFix corrects for X-Forwarded-Proto/Host.
+    """
+    configured = current_app.config.get("TWILIO_WEBHOOK_URL")
+    if not configured:
+        return request.url
+    if request.query_string and "?" not in configured:
+        return configured + "?" + request.query_string.decode("latin-1")
+    return configured
+
+
+def twilio_signature_valid() -> bool:
+    """Whether this request carries a valid X-Twilio-Signature over its URL and form."""
+    signature = request.headers.get("X-Twilio-Signature", "")
+    if not signature:
+        return False
+    validator = RequestValidator(current_app.config["TWILIO_AUTH_TOKEN"])
+    return validator.validate(webhook_url_for_request(), request.form, signature)
+
+
+def validate_twilio_request(view: F) -> F:
+    """Decorator (after django-twilio's twilio_view): 403 unless Twilio signed this request."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not twilio_signature_valid():
+            current_app.logger.warning("rejected webhook with a missing or invalid X-Twilio-Signature")
+            return jsonify(error="invalid or missing X-Twilio-Signature"), 403
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def require_api_token(view: F) -> F:
+    """Decorator: 401 unless `Authorization: Bearer $NOTIFY_API_TOKEN` (constant-time compare)."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        expected = current_app.config["NOTIFY_API_TOKEN"]
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+            response = jsonify(error="missing or invalid bearer token (Authorization: Bearer <NOTIFY_API_TOKEN>)")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="notify"'
+            return response, 401
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,688 @@
+"""A local fake of Twilio's Messages REST API (2010-04-01), served over real HTTP.
+
+Point the official ``twilio`` SDK at it and it behaves like api.twilio.com for
+sending WhatsApp messages, so the bot can be exercised end to end without a
+Twilio account or network access::
+
+    sim = TwilioSimulator("AC" + "1" * 32, "token", webhook_url="http://127.0.0.1:5000/twilio/webhook").start()
+    client = Client("AC" + "1" * 32, "token", http_client=TwilioHttpClient(timeout=5))
+    client.api.base_url = sim.url      # every client.messages.* call now hits the simulator
+
+Besides accepting sends it can script failures (:meth:`TwilioSimulator.fail_next`),
+slow answers (:meth:`TwilioSimulator.hang_next`), and play Twilio's side of the
+webhooks: signed status callbacks and signed inbound WhatsApp messages.
+
+Run it standalone with ``python -m bot.simulator --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import re
+import threading
+import uuid
+from email.utils import formatdate
+from typing import Any, Iterable, Mapping
+
+import requests
+from twilio.request_validator import RequestValidator
+from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import Map, Rule
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.wrappers import Request, Response
+
+try:  # phonenumbers is a project dependency, but keep the simulator usable without it.
+    import phonenumbers
+except ImportError:  # pragma: no cover - exercised only where phonenumbers is missing
+    phonenumbers = None
+
+__all__ = ["TwilioSimulator", "SimulatorTimeout", "sign", "main"]
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "2010-04-01"
+DEFAULT_WHATSAPP_SENDER = "whatsapp:+14155238886"  # Twilio's WhatsApp sandbox number
+MAX_BODY_CHARS = 1600
+WEBHOOK_TIMEOUT = 5.0  # seconds; outgoing webhook posts must never block forever
+
+_E164_RE = re.compile(r"^\+[1-9]\d{6,14}$")
+# Fields the SDK may repeat; stored as lists in `form` even when sent once, so
+# callers never have to care whether there was one MediaUrl or several.
+_LIST_FIELDS = frozenset({"MediaUrl", "PersistentAction"})
+
+# Messages as the real API words them (close enough for logs and assertions).
+_ERROR_MESSAGES = {
+    20003: "Authenticate",
+    20004: "Method not allowed",
+    20404: "The requested resource {path} was not found",
+    21602: "Message body is required.",
+    21603: "A 'From' phone number is required.",
+    21604: "A 'To' phone number is required.",
+    21617: "The concatenated message body exceeds the 1600 character limit.",
+    21656: "The ContentVariables Parameter is invalid.",
+}
+
+
+class SimulatorTimeout(AssertionError, TimeoutError):
+    """Raised by :meth:`TwilioSimulator.wait_for_messages` when too few sends arrived.
+
+    Both an ``AssertionError`` (so pytest shows it as a failed expectation) and a
+    ``TimeoutError``.
+    """
+
+
+def _rfc2822_now() -> str:
+    """The current time the way Twilio formats dates: ``Thu, 24 Aug 2023 05:01:45 +0000``."""
+    return formatdate(usegmt=False).replace("-0000", "+0000")
+
+
+def _new_sid(prefix: str = "SM") -> str:
+    """A Twilio-shaped SID: two-letter prefix plus 32 lowercase hex characters."""
+    return prefix + uuid.uuid4().hex
+
+
+def _is_e164(number: str) -> bool:
+    """True when ``number`` is a plausible +E.164 number.
+
+    Uses ``is_possible_number`` rather than ``is_valid_number`` on purpose:
+    tests use fictitious numbers such as +1 555 123 4567, which libphonenumber
+    rightly calls invalid but Twilio's format check accepts.
+    """
+    if not _E164_RE.match(number):
+        return False
+    if phonenumbers is None:
+        return True
+    try:
+        return phonenumbers.is_possible_number(phonenumbers.parse(number, None))
+    except phonenumbers.NumberParseException:
+        return False
+
+
+def _num_segments(body: str, whatsapp: bool) -> int:
+    """Segments Twilio would bill: WhatsApp is always 1; SMS splits at 160/153 (GSM) or 70/67 (UCS-2)."""
+    if whatsapp or not body:
+        return 1
+    single, multi = (160, 153) if body.isascii() else (70, 67)
+    return 1 if len(body) <= single else math.ceil(len(body) / multi)
+
+
+def _form_to_dict(form: MultiDict) -> dict[str, Any]:
+    """Flatten a MultiDict: one string per field, lists for repeatable/repeated fields."""
+    out: dict[str, Any] = {}
+    for key in form.keys():
+        values = form.getlist(key)
+        out[key] = values if key in _LIST_FIELDS or len(values) > 1 else values[0]
+    return out
+
+
+def _normalize_params(params: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list[tuple[str, str]]:
+    """Turn a dict (values may be lists) or a list of pairs into (name, str value) pairs, dropping None."""
+    items = params.items() if isinstance(params, Mapping) else params
+    pairs: list[tuple[str, str]] = []
+    for key, value in items:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None:
+                pairs.append((key, str(v)))
+    return pairs
+
+
+def sign(auth_token: str, url: str, params: Mapping[str, Any] | list[tuple[str, str]]) -> str:
+    """Compute the ``X-Twilio-Signature`` Twilio would send for a POST of ``params`` to ``url``.
+
+    ``params`` may be a dict (a list value means a repeated field) or a list of
+    (name, value) pairs. Delegates to the SDK's ``RequestValidator`` so the bot's
+    own validation is checked against the reference implementation.
+    """
+    # RequestValidator only understands repeated fields through a getlist()
+    # method, so hand it a MultiDict rather than a dict of lists.
+    return RequestValidator(auth_token).compute_signature(url, MultiDict(_normalize_params(params)))
+
+
+def _post_signed(auth_token: str, url: str, params: Mapping[str, Any] | list[tuple[str, str]]) -> requests.Response:
+    """POST form ``params`` to ``url`` with a valid Twilio signature, as Twilio's webhooks do."""
+    pairs = _normalize_params(params)
+    headers = {
+        "X-Twilio-Signature": sign(auth_token, url, pairs),
+        "User-Agent": "TwilioProxy/1.1",
+        "I-Twilio-Idempotency-Token": str(uuid.uuid4()),
+    }
+    with requests.Session() as session:
+        session.trust_env = False  # never route local webhooks through an environment proxy
+        return session.post(url, data=pairs, headers=headers, timeout=WEBHOOK_TIMEOUT)
+
+
+class _ApiError(Exception):
+    """A Twilio-style error answer: HTTP status plus Twilio error code and message."""
+
+    def __init__(self, status: int, code: int, message: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message or _ERROR_MESSAGES.get(code, "simulated failure")
+
+    def response(self) -> Response:
+        # Legacy (non RFC-9457) shape: no "type"/"title" keys, so the SDK raises
+        # TwilioRestException rather than TwilioServiceException.
+        payload = {
+            "code": self.code,
+            "message": self.message,
+            "more_info": f"https://www.twilio.com/docs/errors/{self.code}",
+            "status": self.status,
+        }
+        headers = {"WWW-Authenticate": 'Basic realm="Twilio API"'} if self.status == 401 else None
+        return _json_response(payload, self.status, headers)
+
+
+def _json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(payload), status=status, headers=headers, mimetype="application/json")
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Request handler that skips werkzeug's per-request access log (the simulator logs sends itself)."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+
+class TwilioSimulator:
+    """A fake Twilio Messages API on 127.0.0.1, plus Twilio's side of the webhooks.
+
+    State (``messages``, ``requests``, scripted failures) is guarded by one lock;
+    the HTTP server runs in a daemon thread and answers requests concurrently.
+    """
+
+    def __init__(
+        self,
+        account_sid: str,
+        auth_token: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        webhook_url: str | None = None,
+        auto_callbacks: bool = False,
+        callback_statuses: tuple[str, ...] = ("sent", "delivered", "read"),
+        callback_delay: float = 0.2,
+    ) -> None:
+        """Configure the simulator; nothing listens until :meth:`start`.
+
+        ``webhook_url`` is where :meth:`send_inbound` posts (the bot's inbound
+        webhook). With ``auto_callbacks`` every accepted send is followed by
+        signed status callbacks for ``callback_statuses``, ``callback_delay``
+        seconds apart, posted to that send's ``StatusCallback``.
+        """
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+        self.host = host
+        self.port = port
+        self.webhook_url = webhook_url
+        self.auto_callbacks = auto_callbacks
+        self.callback_statuses = tuple(callback_statuses)
+        self.callback_delay = callback_delay
+
+        self._cond = threading.Condition(threading.RLock())
+        self._stopping = threading.Event()
+        self._server: BaseWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self._messages: dict[str, dict[str, Any]] = {}  # sid -> resource + "form"; dicts keep send order
+        self._requests: list[dict[str, Any]] = []
+        self._webhooks: list[dict[str, Any]] = []
+        self._failures: list[tuple[int, int, str]] = []
+        self._hangs: list[float] = []
+
+        base = f"/{API_VERSION}/Accounts/<account_sid>"
+        self._routes = Map(
+            [
+                Rule(f"{base}/Messages.json", endpoint="messages", methods=["GET", "POST"]),
+                Rule(f"{base}/Messages/<sid>.json", endpoint="message", methods=["GET"]),
+            ]
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> "TwilioSimulator":
+        """Start serving in a background thread (port 0 picks a free port); returns ``self``."""
+        if self._server is not None:
+            return self
+        self._stopping.clear()
+        self._server = make_server(self.host, self.port, self._wsgi_app, threaded=True, request_handler=_QuietHandler)
+        self.port = self._server.server_port
+        # A short poll interval keeps stop() (which waits for the serve loop) fast in test teardowns.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="twilio-simulator", daemon=True
+        )
+        self._thread.start()
+        log.debug("Twilio simulator listening on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; wakes any scripted hang and cancels pending automatic callbacks."""
+        self._stopping.set()
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> "TwilioSimulator":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        """Base URL to assign to ``client.api.base_url``, e.g. ``http://127.0.0.1:54321``."""
+        if self._server is None:
+            raise RuntimeError("TwilioSimulator is not running; call start() first")
+        return f"http://{self.host}:{self.port}"
+
+    # ------------------------------------------------------------------ inspection & scripting
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """Deep copies of every accepted send, oldest first: the resource JSON plus ``"form"`` (raw fields)."""
+        with self._cond:
+            return copy.deepcopy(list(self._messages.values()))
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """Every request to a Messages endpoint (creates and fetches, accepted or not), oldest first.
+
+        Each is ``{"method", "path", "args", "form", "headers"}``; ``Authorization`` is never stored.
+        """
+        with self._cond:
+            return copy.deepcopy(self._requests)
+
+    @property
+    def webhooks(self) -> list[dict[str, Any]]:
+        """Every webhook the simulator posted: ``{"kind", "url", "form", "status_code", "error"}``."""
+        with self._cond:
+            return copy.deepcopy(self._webhooks)
+
+    def fail_next(self, status: int, code: int, message: str = "simulated failure", times: int = 1) -> None:
+        """Make the next ``times`` creates answer with a Twilio error (e.g. 429/20429, 500/20500, 400/21211).
+
+        They are still recorded in :attr:`requests` but not in :attr:`messages`.
+        """
+        with self._cond:
+            self._failures.extend([(status, code, message)] * times)
+
+    def hang_next(self, seconds: float, times: int = 1) -> None:
+        """Make the next ``times`` creates sleep ``seconds`` before answering (normally) — to trip client timeouts.
+
+        Note that a create whose client gave up is still accepted once the sleep ends,
+        just as a slow Twilio would still send the message.
+        """
+        with self._cond:
+            self._hangs.extend([seconds] * times)
+
+    def reset(self) -> None:
+        """Forget messages, requests, webhooks and any scripted failures or hangs."""
+        with self._cond:
+            self._messages.clear()
+            self._requests.clear()
+            self._webhooks.clear()
+            self._failures.clear()
+            self._hangs.clear()
+
+    def wait_for_messages(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Block until at least ``count`` sends were accepted and return them (as :attr:`messages`).
+
+        Raises :class:`SimulatorTimeout` (an ``AssertionError`` and ``TimeoutError``)
+        listing what did arrive if ``timeout`` seconds pass first.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._messages) >= count, timeout=timeout):
+                seen = [(m["to"], m["body"]) for m in self._messages.values()]
+                raise SimulatorTimeout(
+                    f"expected at least {count} accepted message(s) within {timeout}s, got {len(seen)}: {seen}"
+                )
+            return self.messages
+
+    # ------------------------------------------------------------------ webhooks (Twilio -> bot)
+
+    def send_status_callback(
+        self,
+        sid: str,
+        status: str,
+        *,
+        error_code: int | None = None,
+        url: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> requests.Response:
+        """POST a signed status callback for message ``sid`` and record the new status.
+
+        Goes to ``url`` or else the message's ``StatusCallback``. An unknown ``sid``
+        is allowed only with an explicit ``url`` (to test how the bot treats strays).
+        """
+        with self._cond:
+            record = self._messages.get(sid)
+            if record is not None:
+                self._set_status(record, status, error_code)
+                target = url or record["form"].get("StatusCallback")
+                from_, to = record["from"], record["to"]
+            else:
+                target, from_, to = url, None, None
+        if not target:
+            raise ValueError(f"no URL to post the status callback for {sid} to (unknown sid or no StatusCallback)")
+
+        params: dict[str, Any] = {
+            "MessageSid": sid,
+            "SmsSid": sid,
+            "MessageStatus": status,
+            "SmsStatus": status,
+            "AccountSid": self.account_sid,
+            "From": from_,
+            "To": to,
+            "ApiVersion": API_VERSION,
+        }
+        if to and to.startswith("whatsapp:"):
+            params["ChannelPrefix"] = "whatsapp"
+        if error_code is not None:
+            params["ErrorCode"] = error_code
+        params.update(extra or {})
+        return self._post_webhook("status", target, params)
+
+    def send_inbound(
+        self,
+        from_: str,
+        body: str = "",
+        *,
+        to: str | None = None,
+        profile_name: str | None = None,
+        extra: dict[str, Any] | None = None,
+        url: str | None = None,
+    ) -> requests.Response:
+        """POST a signed inbound WhatsApp message from ``from_`` to ``url`` or ``webhook_url``; return the response.
+
+        ``from_`` gets a ``whatsapp:`` prefix if it lacks one. ``to`` defaults to the
+        WhatsApp sender of the latest accepted send, else Twilio's sandbox number.
+        ``extra`` fields are added last and may override the defaults.
+        """
+        target = url or self.webhook_url
+        if not target:
+            raise ValueError("send_inbound needs url= or a webhook_url on the simulator")
+        if not from_.startswith("whatsapp:"):
+            from_ = "whatsapp:" + from_
+        if to is None:
+            with self._cond:
+                senders = [m["from"] for m in self._messages.values() if (m["from"] or "").startswith("whatsapp:")]
+            to = senders[-1] if senders else DEFAULT_WHATSAPP_SENDER
+        sid = _new_sid()
+        params: dict[str, Any] = {
+            "MessageSid": sid,
+            "SmsSid": sid,
+            "SmsMessageSid": sid,
+            "AccountSid": self.account_sid,
+            "From": from_,
+            "To": to,
+            "Body": body,
+            "NumMedia": "0",
+            "NumSegments": "1",
+            "SmsStatus": "received",
+            "ApiVersion": API_VERSION,
+            "WaId": from_.removeprefix("whatsapp:").lstrip("+"),
+            "MessageType": "text",
+        }
+        if profile_name is not None:
+            params["ProfileName"] = profile_name
+        params.update(extra or {})
+        return self._post_webhook("inbound", target, params)
+
+    def _post_webhook(self, kind: str, url: str, params: dict[str, Any]) -> requests.Response:
+        """Sign and POST, recording the attempt in :attr:`webhooks` whatever happens."""
+        entry: dict[str, Any] = {"kind": kind, "url": url, "form": dict(params), "status_code": None, "error": None}
+        try:
+            response = _post_signed(self.auth_token, url, params)
+            entry["status_code"] = response.status_code
+            return response
+        except requests.RequestException as exc:
+            entry["error"] = repr(exc)
+            raise
+        finally:
+            with self._cond:
+                self._webhooks.append(entry)
+
+    def _auto_callbacks(self, sid: str) -> None:
+        """Background thread body: walk one send through ``callback_statuses``."""
+        for status in self.callback_statuses:
+            # Wait first, so the bot has stored the SID from the 201 before hearing about it.
+            if self._stopping.wait(self.callback_delay):
+                return
+            with self._cond:
+                record = self._messages.get(sid)
+                if record is None:  # reset() happened meanwhile
+                    return
+                has_callback = bool(record["form"].get("StatusCallback"))
+                if not has_callback:
+                    self._set_status(record, status, None)
+            if not has_callback:
+                continue
+            try:
+                self.send_status_callback(sid, status)
+            except Exception as exc:  # a dead webhook must never break the simulator
+                log.warning("status callback %s for %s failed: %s", status, sid, exc)
+
+    def _set_status(self, record: dict[str, Any], status: str, error_code: int | None) -> None:
+        """Update a stored message's status (caller holds the lock)."""
+        now = _rfc2822_now()
+        record["status"] = status
+        record["date_updated"] = now
+        if status in ("sent", "delivered", "read") and record["date_sent"] is None:
+            record["date_sent"] = now
+        if error_code is not None:
+            record["error_code"] = error_code
+            record["error_message"] = f"simulated error {error_code}"
+
+    # ------------------------------------------------------------------ the REST API (SDK -> Twilio)
+
+    def _wsgi_app(self, environ: dict[str, Any], start_response: Any) -> Any:
+        request = Request(environ)
+        try:
+            endpoint, values = self._routes.bind_to_environ(environ).match()
+            self._record_request(request)
+            response = getattr(self, f"_handle_{endpoint}")(request, **values)
+        except _ApiError as exc:
+            response = exc.response()
+        except MethodNotAllowed:
+            response = _ApiError(405, 20004).response()
+        except NotFound:
+            response = _ApiError(404, 20404, _ERROR_MESSAGES[20404].format(path=request.path)).response()
+        except HTTPException as exc:  # anything else werkzeug raises, still as Twilio-style JSON
+            response = _ApiError(exc.code or 500, exc.code or 500, exc.description).response()
+        return response(environ, start_response)
+
+    def _record_request(self, request: Request) -> None:
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "authorization"}
+        entry = {
+            "method": request.method,
+            "path": request.path,
+            "args": _form_to_dict(request.args),
+            "form": _form_to_dict(request.form),
+            "headers": headers,
+        }
+        with self._cond:
+            self._requests.append(entry)
+
+    def _check_auth(self, request: Request, account_sid: str) -> None:
+        auth = request.authorization
+        ok = (
+            auth is not None
+            and auth.type == "basic"
+            and auth.username == self.account_sid
+            and auth.password == self.auth_token
+            and account_sid == self.account_sid
+        )
+        if not ok:
+            raise _ApiError(401, 20003)
+
+    def _handle_messages(self, request: Request, account_sid: str) -> Response:
+        if request.method == "GET":
+            self._check_auth(request, account_sid)
+            return self._list_messages(request, account_sid)
+
+        with self._cond:
+            hang = self._hangs.pop(0) if self._hangs else None
+        if hang is not None:
+            self._stopping.wait(hang)  # an Event wait, so stop() never waits out a long hang
+        self._check_auth(request, account_sid)
+        with self._cond:
+            failure = self._failures.pop(0) if self._failures else None
+        if failure is not None:
+            raise _ApiError(*failure)
+
+        form = request.form
+        self._validate(form)
+        record = self._store(account_sid, form)
+        log.info("send %s %s -> %s: %r", record["sid"], record["from"] or record["messaging_service_sid"],
+                 record["to"], record["body"] if record["body"] else form.get("ContentSid"))
+        if self.auto_callbacks:
+            threading.Thread(target=self._auto_callbacks, args=(record["sid"],), daemon=True).start()
+        return _json_response(self._resource(record), 201)
+
+    def _handle_message(self, request: Request, account_sid: str, sid: str) -> Response:
+        self._check_auth(request, account_sid)
+        with self._cond:
+            record = self._messages.get(sid)
+            if record is None:
+                raise _ApiError(404, 20404, _ERROR_MESSAGES[20404].format(path=request.path))
+            return _json_response(self._resource(record))
+
+    def _list_messages(self, request: Request, account_sid: str) -> Response:
+        """Minimal single-page Messages list (newest first), filtered by To/From like Twilio."""
+        with self._cond:
+            records = [self._resource(r) for r in reversed(self._messages.values())]
+        for field, key in (("To", "to"), ("From", "from")):
+            if request.args.get(field):
+                records = [r for r in records if r[key] == request.args[field]]
+        uri = f"/{API_VERSION}/Accounts/{account_sid}/Messages.json"
+        return _json_response(
+            {
+                "messages": records,
+                "uri": uri,
+                "first_page_uri": uri,
+                "next_page_uri": None,
+                "previous_page_uri": None,
+                "page": 0,
+                "page_size": max(len(records), 50),
+                "start": 0,
+                "end": max(len(records) - 1, 0),
+            }
+        )
+
+    def _validate(self, form: MultiDict) -> None:
+        """Reject a create the way Twilio would; unknown fields are ignored, never rejected."""
+        to, from_ = form.get("To", ""), form.get("From", "")
+        if not to:
+            raise _ApiError(400, 21604)
+        if not from_ and not form.get("MessagingServiceSid"):
+            raise _ApiError(400, 21603)
+        # A WhatsApp sender can only reach whatsapp:+E164 addresses; SMS needs plain +E164.
+        # With no From (Messaging Service) the To prefix alone tells the channel.
+        if from_.startswith("whatsapp:") or (not from_ and to.startswith("whatsapp:")):
+            valid = to.startswith("whatsapp:") and _is_e164(to.removeprefix("whatsapp:"))
+        else:
+            valid = _is_e164(to)
+        if not valid:
+            raise _ApiError(400, 21211, f"The 'To' number {to} is not a valid phone number.")
+        body = form.get("Body", "")
+        if not body and not form.get("ContentSid") and not form.getlist("MediaUrl"):
+            raise _ApiError(400, 21602)
+        if len(body) > MAX_BODY_CHARS:
+            raise _ApiError(400, 21617)
+        if "ContentVariables" in form:
+            try:
+                variables = json.loads(form["ContentVariables"])
+            except ValueError:
+                variables = None
+            if not isinstance(variables, dict):
+                raise _ApiError(400, 21656)
+
+    def _store(self, account_sid: str, form: MultiDict) -> dict[str, Any]:
+        """Create and remember the message resource for an accepted send."""
+        sid = _new_sid()
+        now = _rfc2822_now()
+        to, from_ = form["To"], form.get("From") or None
+        service = form.get("MessagingServiceSid") or None
+        body = form.get("Body", "")
+        uri = f"/{API_VERSION}/Accounts/{account_sid}/Messages/{sid}"
+        record: dict[str, Any] = {
+            "account_sid": account_sid,
+            "api_version": API_VERSION,
+            "body": body,
+            "date_created": now,
+            "date_sent": None,
+            "date_updated": now,
+            "direction": "outbound-api",
+            "error_code": None,
+            "error_message": None,
+            "from": from_,
+            "messaging_service_sid": service,
+            "num_media": str(len(form.getlist("MediaUrl"))),
+            "num_segments": str(_num_segments(body, to.startswith("whatsapp:"))),
+            "price": None,
+            "price_unit": "USD",
+            "sid": sid,
+            # Via a Messaging Service with no From, Twilio answers "accepted" until it picks a sender.
+            "status": "accepted" if service and not from_ else "queued",
+            "subresource_uris": {"media": f"{uri}/Media.json", "feedback": f"{uri}/Feedback.json"},
+            "to": to,
+            "uri": f"{uri}.json",
+            "form": _form_to_dict(form),
+        }
+        with self._cond:
+            self._messages[sid] = record
+            self._cond.notify_all()
+        return record
+
+    @staticmethod
+    def _resource(record: dict[str, Any]) -> dict[str, Any]:
+        """The JSON Twilio would return for a stored record (without our ``form`` bookkeeping)."""
+        return {k: v for k, v in record.items() if k != "form"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the simulator in the foreground until Ctrl-C, logging one line per send.
+
+    Defaults come from TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, TWILIO_WEBHOOK_URL and SIMULATOR_PORT.
+    """
+    env = os.environ
+    parser = argparse.ArgumentParser(prog="python -m bot.simulator", description="Local fake of Twilio's Messages API.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(env.get("SIMULATOR_PORT", "8081")))
+    parser.add_argument("--account-sid", default=env.get("TWILIO_ACCOUNT_SID", "AC" + "0" * 32))
+    parser.add_argument("--auth-token", default=env.get("TWILIO_AUTH_TOKEN", "simulator-token"))
+    parser.add_argument("--webhook-url", default=env.get("TWILIO_WEBHOOK_URL"))
+    parser.add_argument("--auto-callbacks", action="store_true", help="post sent/delivered/read status callbacks")
+    parser.add_argument("--callback-delay", type=float, default=0.5)
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    sim = TwilioSimulator(
+        args.account_sid,
+        args.auth_token,
+        host=args.host,
+        port=args.port,
+        webhook_url=args.webhook_url,
+        auto_callbacks=args.auto_callbacks,
+        callback_delay=args.callback_delay,
+    ).start()
+    log.info("Twilio simulator on %s (account %s); point client.api.base_url here", sim.url, args.account_sid)
+    try:
+        threading.Event().wait()  # sleep until interrupted
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sim.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Message status: the rank order, and recording Twilio's status callbacks without regressions.
+
+Twilio's callbacks arrive out of order, repeated, and sometimes before the send that caused them
+has stored the message SID. So every callback is first kept as an event (unique per SID and
+status), then applied with a conditional UPDATE that only ever raises the rank; applying the same
+event twice, or in any order, ends in the same row.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from bot.clock import utcnow
+from bot.extensions import db
+from bot.models import Message, StatusEvent
+
+log = logging.getLogger(__name__)
+
+#: pending < dispatching < accepted/scheduled < queued < sending < sent < final < read
+STATUS_RANK: dict[str, int] = {
+    "pending": 0,
+    "dispatching": 1,
+    "accepted": 2,
+    "scheduled": 2,
+    "queued": 3,
+    "sending": 4,
+    "sent": 5,
+    "delivered": 6,
+    "undelivered": 6,
+    "failed": 6,
+    "canceled": 6,
+    "read": 7,
+}
+FINAL_STATUSES = frozenset(s for s, rank in STATUS_RANK.items() if rank >= 6)
+
+
+def raise_status(message_id: str, status: str, error_code: int | None = None, error_message: str | None = None) -> bool:
+    """Move a message to `status` if that ranks above its current one; keep any error code.
+
+    Returns whether the status moved. Does not commit: the caller owns the transaction.
+    """
+    rank = STATUS_RANK[status]
+    now = utcnow()
+    moved = db.session.execute(
+        sa.update(Message)
+        .where(Message.id == message_id, Message.status_rank < rank)
+        .values(status=status, status_rank=rank, updated_at=now, claimed_until=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if error_code is not None or error_message:
+        # An error is kept even when the status cannot move (e.g. 'failed' after 'read'), and the
+        # first one wins: it is the one that explains what went wrong.
+        db.session.execute(
+            sa.update(Message)
+            .where(Message.id == message_id, Message.error_code.is_(None), Message.error_message.is_(None))
+            .values(error_code=error_code, error_message=error_message, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    return bool(moved)
+
+
+def parse_error_code(value: Any) -> int | None:
+    """Twilio sends ErrorCode as a string; an empty or non-numeric one is no code."""
+    try:
+        return int(str(value).strip()) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def record_callback(form: Mapping[str, str]) -> bool:
+    """Store a status callback as an event and apply it. Returns False for a repeat."""
+    sid = form["MessageSid"]
+    status = form["MessageStatus"].strip().lower()
+    event = StatusEvent(
+        twilio_sid=sid,
+        status=status,
+        error_code=parse_error_code(form.get("ErrorCode")),
+        error_message=form.get("ErrorMessage") or form.get("ChannelStatusMessage") or None,
+        payload=dict(form),
+    )
+    db.session.add(event)
+    try:
+        # Committed before the message lookup: with the sender committing its SID before looking
+        # for early events (apply_pending_events), one of the two always sees the other.
+        db.session.commit()
+    except IntegrityError:
+        db.session.rollback()
+        log.info("repeated status callback %s %s ignored", sid, status)
+        return False
+    apply_pending_events(sid)
+    return True
+
+
+def apply_pending_events(sid: str) -> int:
+    """Link the events of `sid` to their message (if it is known yet) and apply them; commits.
+
+    Returns how many events were applied. Called after a callback is stored and after a send
+    records its SID, and by the periodic sweep as a safety net.
+    """
+    message_id = db.session.scalar(sa.select(Message.id).where(Message.twilio_sid == sid))
+    if message_id is None:
+        return 0
+    events = db.session.scalars(
+        sa.select(StatusEvent).where(StatusEvent.twilio_sid == sid).order_by(StatusEvent.id)
+    ).all()
+    for event in events:
+        if event.status not in STATUS_RANK:
+            log.warning("status callback with unknown status %r for %s kept, not applied", event.status, sid)
+            continue
+        event.message_id = message_id
+        raise_status(message_id, event.status, event.error_code, event.error_message)
+    db.session.commit()
+    return len(events)

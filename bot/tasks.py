@@ -1,0 +1,66 @@
+"""Huey tasks. Each takes ids, runs in a fresh app context, and reads its rows from the database.
+
+Following huey's Flask recipe: the app is created once per consumer process (by importing
+`wsgi`), and every task body runs inside `app.app_context()` so sessions never leak between tasks.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, TypeVar
+
+from flask import Flask
+from huey import crontab
+
+from bot import outbound, outbox
+from bot.queue import huey
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+_app: Flask | None = None
+
+#: Huey retries of one send: 2, 4, 8, 16, 32 s apart (bounded; then the message is failed).
+SEND_RETRIES = 5
+
+
+def init_app(app: Flask) -> None:
+    """Remember the app that tasks run in (the last one created in this process)."""
+    global _app
+    _app = app
+
+
+def in_app_context(func: F) -> F:
+    """Run the task body in a fresh application context and always release its session."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _app is None:
+            raise RuntimeError("no app: the consumer must import wsgi (huey_consumer wsgi.huey)")
+        with _app.app_context():
+            return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@huey.task(retries=SEND_RETRIES, retry_delay=2, retry_backoff=2, context=True)
+@in_app_context
+def send_message(message_id: str, task: Any = None) -> str:
+    """Deliver one outbound message; transient Twilio failures raise, so huey retries them."""
+    final = task is None or not task.retries
+    return outbound.deliver(message_id, final_attempt=final).value
+
+
+@huey.task(retries=3, retry_delay=5)
+@in_app_context
+def process_inbound(message_id: str) -> None:
+    """Handle one stored inbound message (conversation flows arrive in a later issue)."""
+    outbox.mark_inbound_processed(message_id)
+
+
+@huey.periodic_task(crontab(minute="*"))
+@in_app_context
+def sweep_outbox() -> None:
+    """Once a minute: re-enqueue what a dead queue or a killed worker left behind."""
+    if outbox.take_periodic_turn("sweep_outbox", interval_seconds=50):
+        outbox.sweep()

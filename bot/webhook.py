@@ -1,0 +1,56 @@
+"""POST /twilio/webhook: one signed URL for inbound messages and status callbacks alike."""
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from bot import outbox
+from bot.inbound import store_inbound
+from bot.phone import InvalidNumber
+from bot.security import validate_twilio_request
+from bot.status import STATUS_RANK, record_callback
+
+bp = Blueprint("webhook", __name__)
+
+EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
+#: Statuses of inbound messages; a status callback carrying one is about a message we received.
+INBOUND_STATUSES = frozenset({"receiving", "received"})
+
+
+def twiml_ok() -> Response:
+    """An empty TwiML answer: Twilio logs nothing and sends nothing back on its own."""
+    return Response(EMPTY_TWIML, status=200, mimetype="text/xml")
+
+
+@bp.post("/twilio/webhook")
+@validate_twilio_request
+def twilio_webhook():
+    """Record a status callback, or store and enqueue an inbound message; answer in milliseconds."""
+    form = request.form
+    if not form.get("MessageSid"):
+        return jsonify(error="MessageSid is required"), 400
+    if form.get("MessageStatus"):
+        return _status_callback()
+    return _inbound_message()
+
+
+def _status_callback():
+    status = request.form["MessageStatus"].strip().lower()
+    if status in INBOUND_STATUSES:
+        return twiml_ok()
+    if status not in STATUS_RANK:
+        # Twilio adds statuses without notice; keep the event, never fail the callback.
+        current_app.logger.warning("unknown MessageStatus %r kept as an event", status)
+    record_callback(request.form)
+    return twiml_ok()
+
+
+def _inbound_message():
+    if not request.form.get("From"):
+        return jsonify(error="From is required"), 400
+    try:
+        message = store_inbound(request.form)
+    except InvalidNumber as exc:
+        return jsonify(error=f"From {exc}"), 400
+    if message is not None:
+        outbox.enqueue_inbound(message.id)
+    return twiml_ok()

@@ -1,0 +1,245 @@
+"""Tests for bot.simulator, driven through the real twilio SDK over HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from twilio.base.exceptions import TwilioRestException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.request_validator import RequestValidator
+from twilio.rest import Client
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+from bot.simulator import SimulatorTimeout, TwilioSimulator, sign
+
+ACCOUNT_SID = "AC" + "1" * 32
+AUTH_TOKEN = "sim-secret-token"
+SANDBOX = "whatsapp:+14155238886"
+USER = "whatsapp:+15551234567"
+
+
+def make_client(sim: TwilioSimulator, token: str = AUTH_TOKEN, timeout: float = 5) -> Client:
+    """A real SDK client whose API domain points at the simulator."""
+    client = Client(ACCOUNT_SID, token, http_client=TwilioHttpClient(timeout=timeout))
+    client.api.base_url = sim.url
+    return client
+
+
+class Receiver:
+    """A tiny webhook endpoint (the bot's stand-in) that records each POST and checks its signature."""
+
+    def __init__(self) -> None:
+        self.posts: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}/twilio/webhook"
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def _app(self, environ: dict, start_response: Any) -> Any:
+        request = Request(environ)
+        signature = request.headers.get("X-Twilio-Signature", "")
+        post = {
+            "url": request.url,
+            "form": request.form.to_dict(),
+            "valid": RequestValidator(AUTH_TOKEN).validate(request.url, request.form, signature),
+            "valid_with_wrong_token": RequestValidator("wrong").validate(request.url, request.form, signature),
+        }
+        with self._cond:
+            self.posts.append(post)
+            self._cond.notify_all()
+        return Response("<Response/>", mimetype="text/xml")(environ, start_response)
+
+    def wait_for(self, count: int, timeout: float = 3.0) -> list[dict[str, Any]]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.posts) >= count, timeout), self.posts
+            return list(self.posts)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def sim(receiver: Receiver) -> Iterator[TwilioSimulator]:
+    with TwilioSimulator(ACCOUNT_SID, AUTH_TOKEN, webhook_url=receiver.url) as s:
+        yield s
+
+
+@pytest.fixture
+def client(sim: TwilioSimulator) -> Client:
+    return make_client(sim)
+
+
+def test_create_is_accepted_and_recorded(sim: TwilioSimulator, client: Client, receiver: Receiver) -> None:
+    msg = client.messages.create(to=USER, from_=SANDBOX, body="hi", status_callback=receiver.url)
+
+    assert msg.sid.startswith("SM") and len(msg.sid) == 34
+    assert (msg.status, msg.direction, msg.num_media, msg.error_code) == ("queued", "outbound-api", "0", None)
+    assert msg.date_created is not None  # the SDK parsed our RFC 2822 date
+    [stored] = sim.messages
+    assert stored["sid"] == msg.sid
+    assert stored["form"] == {"To": USER, "From": SANDBOX, "Body": "hi", "StatusCallback": receiver.url}
+    assert "Authorization" not in sim.requests[0]["headers"]
+    assert client.messages(msg.sid).fetch().body == "hi"
+
+
+def test_media_and_content_template_arrive(sim: TwilioSimulator, client: Client) -> None:
+    urls = ["https://example.com/a.png", "https://example.com/b.png"]
+    media = client.messages.create(to=USER, from_=SANDBOX, media_url=urls)
+    variables = json.dumps({"1": "Ann", "2": "12:00"})
+    template = client.messages.create(to=USER, from_=SANDBOX, content_sid="HX" + "a" * 32, content_variables=variables)
+
+    assert media.num_media == "2"
+    first, second = sim.messages
+    assert first["form"]["MediaUrl"] == urls
+    assert second["form"]["ContentSid"] == "HX" + "a" * 32
+    assert json.loads(second["form"]["ContentVariables"]) == {"1": "Ann", "2": "12:00"}
+    assert template.sid == second["sid"]
+
+
+def test_messaging_service_send_is_accepted_and_unknown_fields_ignored(sim: TwilioSimulator, client: Client) -> None:
+    msg = client.messages.create(to=USER, messaging_service_sid="MG" + "2" * 32, body="x", validity_period=60,
+                                 shorten_urls=True)
+    assert msg.status == "accepted"
+    assert sim.messages[0]["form"]["ValidityPeriod"] == "60"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"to": "whatsapp:+1", "body": "x"}, 400, 21211),
+        ({"to": "+15551234567", "body": "x"}, 400, 21211),  # WhatsApp sender, SMS recipient
+        ({"to": USER, "body": "x" * 1601}, 400, 21617),
+        ({"to": USER}, 400, 21602),
+        ({"to": USER, "content_sid": "HX" + "a" * 32, "content_variables": "[1, 2]"}, 400, 21656),
+    ],
+)
+def test_invalid_sends_raise_twilio_rest_exception(
+    sim: TwilioSimulator, client: Client, kwargs: dict, status: int, code: int
+) -> None:
+    with pytest.raises(TwilioRestException) as info:
+        client.messages.create(from_=SANDBOX, **kwargs)
+    assert (info.value.status, info.value.code) == (status, code)
+    assert sim.messages == [] and len(sim.requests) == 1
+
+
+def test_invalid_to_message_names_the_number(client: Client) -> None:
+    with pytest.raises(TwilioRestException) as info:
+        client.messages.create(to="whatsapp:+1", from_=SANDBOX, body="x")
+    assert "The 'To' number whatsapp:+1 is not a valid phone number." in info.value.msg
+
+
+def test_bad_token_is_rejected(sim: TwilioSimulator) -> None:
+    with pytest.raises(TwilioRestException) as info:
+        make_client(sim, token="wrong").messages.create(to=USER, from_=SANDBOX, body="x")
+    assert (info.value.status, info.value.code) == (401, 20003)
+    assert sim.messages == []
+
+
+def test_fetch_unknown_sid_is_404(client: Client) -> None:
+    with pytest.raises(TwilioRestException) as info:
+        client.messages("SM" + "0" * 32).fetch()
+    assert (info.value.status, info.value.code) == (404, 20404)
+
+
+def test_fail_next_scripts_errors_then_recovers(sim: TwilioSimulator, client: Client) -> None:
+    sim.fail_next(429, 20429, "Too Many Requests")
+    with pytest.raises(TwilioRestException) as info:
+        client.messages.create(to=USER, from_=SANDBOX, body="x")
+    assert (info.value.status, info.value.code) == (429, 20429)
+
+    client.messages.create(to=USER, from_=SANDBOX, body="x")
+    assert len(sim.requests) == 2 and len(sim.messages) == 1
+
+
+def test_hang_next_trips_the_sdk_timeout(sim: TwilioSimulator) -> None:
+    sim.hang_next(3.0)
+    started = time.monotonic()
+    with pytest.raises(requests.exceptions.Timeout):
+        make_client(sim, timeout=0.5).messages.create(to=USER, from_=SANDBOX, body="slow")
+    assert time.monotonic() - started < 2.5
+    # The hang was used up: the next send answers at once.
+    assert make_client(sim, timeout=0.5).messages.create(to=USER, from_=SANDBOX, body="fast").sid.startswith("SM")
+
+
+def test_wait_for_messages(sim: TwilioSimulator, client: Client) -> None:
+    with pytest.raises(SimulatorTimeout):
+        sim.wait_for_messages(1, timeout=0.05)
+    threading.Timer(0.05, lambda: client.messages.create(to=USER, from_=SANDBOX, body="later")).start()
+    assert sim.wait_for_messages(1, timeout=2)[0]["body"] == "later"
+
+
+def test_reset_forgets_everything(sim: TwilioSimulator, client: Client) -> None:
+    client.messages.create(to=USER, from_=SANDBOX, body="x")
+    sim.fail_next(500, 20500)
+    sim.reset()
+    assert sim.messages == [] and sim.requests == []
+    client.messages.create(to=USER, from_=SANDBOX, body="x")  # the scripted failure is gone too
+    assert len(sim.messages) == 1
+
+
+def test_send_inbound_posts_a_valid_signature(sim: TwilioSimulator, client: Client, receiver: Receiver) -> None:
+    response = sim.send_inbound("+15559876543", "hello", profile_name="Ann", extra={"NumMedia": "1"})
+
+    assert response.status_code == 200
+    [post] = receiver.wait_for(1)
+    assert post["valid"] and not post["valid_with_wrong_token"]
+    form = post["form"]
+    assert (form["From"], form["To"], form["Body"]) == ("whatsapp:+15559876543", SANDBOX, "hello")
+    assert (form["WaId"], form["ProfileName"], form["NumMedia"]) == ("15559876543", "Ann", "1")
+    assert form["MessageSid"].startswith("SM") and len(form["MessageSid"]) == 34
+    assert form["AccountSid"] == ACCOUNT_SID and form["SmsStatus"] == "received"
+
+
+def test_send_inbound_defaults_to_last_sender(sim: TwilioSimulator, client: Client, receiver: Receiver) -> None:
+    client.messages.create(to=USER, from_="whatsapp:+15550001111", body="x")
+    sim.send_inbound(USER, "reply")
+    assert receiver.wait_for(1)[0]["form"]["To"] == "whatsapp:+15550001111"
+
+
+def test_status_callback_is_signed_and_updates_status(
+    sim: TwilioSimulator, client: Client, receiver: Receiver
+) -> None:
+    msg = client.messages.create(to=USER, from_=SANDBOX, body="x", status_callback=receiver.url)
+    sim.send_status_callback(msg.sid, "undelivered", error_code=63016)
+
+    [post] = receiver.wait_for(1)
+    assert post["valid"]
+    assert post["form"]["MessageSid"] == msg.sid
+    assert (post["form"]["MessageStatus"], post["form"]["ErrorCode"], post["form"]["ChannelPrefix"]) == (
+        "undelivered", "63016", "whatsapp")
+    fetched = client.messages(msg.sid).fetch()
+    assert (fetched.status, fetched.error_code) == ("undelivered", 63016)
+
+
+def test_auto_callbacks_deliver_in_order(receiver: Receiver) -> None:
+    with TwilioSimulator(ACCOUNT_SID, AUTH_TOKEN, auto_callbacks=True, callback_delay=0.02) as sim:
+        msg = make_client(sim).messages.create(to=USER, from_=SANDBOX, body="x", status_callback=receiver.url)
+        posts = receiver.wait_for(3)
+        assert [p["form"]["MessageStatus"] for p in posts] == ["sent", "delivered", "read"]
+        assert all(p["valid"] and p["form"]["MessageSid"] == msg.sid for p in posts)
+        assert sim.messages[0]["status"] == "read"
+
+
+def test_sign_handles_repeated_fields() -> None:
+    url = "https://example.com/hook"
+    params = {"Body": "hi", "MediaUrl": ["https://a/1", "https://a/2"]}
+    from werkzeug.datastructures import MultiDict
+
+    form = MultiDict([("Body", "hi"), ("MediaUrl", "https://a/1"), ("MediaUrl", "https://a/2")])
+    assert RequestValidator(AUTH_TOKEN).validate(url, form, sign(AUTH_TOKEN, url, params))
+    assert sign(AUTH_TOKEN, url, params) != sign(AUTH_TOKEN, url, {"Body": "hi"})
