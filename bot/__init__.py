@@ -23,10 +23,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     Raises ConfigError, naming each missing or malformed variable, when the server cannot run.
     """
-    app = Flask(__name__, instance_relative_config=True)
-    app.json.sort_keys = False  # keep answers in the order the contract documents
     # Tests describe their whole configuration; a developer's .env must not leak into them.
     settings = load_settings(test_config, env_file=None if test_config is not None else ".env")
+    instance_path = os.path.abspath(settings.instance_path) if settings.instance_path else None
+    app = Flask(__name__, instance_path=instance_path, instance_relative_config=True)
+    app.json.sort_keys = False  # keep answers in the order the contract documents
     missing = missing_secrets(settings)
     if missing:
         raise ConfigError(
@@ -45,6 +46,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         TWILIO_CONTENT_SIDS=settings.twilio_content_sids,
         NOTIFY_API_TOKEN=settings.notify_api_token.get_secret_value(),
         REDIS_URL=settings.redis_url,
+        QUEUE_NAME=settings.queue_name,
         SQLALCHEMY_DATABASE_URI=database_uri(settings.database_url, app.instance_path),
         SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True},
         MAX_CONTENT_LENGTH=MAX_CONTENT_LENGTH,

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     notify_api_token: SecretStr | None = None
     database_url: str | None = None
     redis_url: str | None = None
+    #: Where the embedded SQLite database and queue live (default: ./instance).
+    instance_path: str | None = None
+    #: Huey queue name; two bots can share one Redis with different names.
+    queue_name: str = "whatsapp-bot"
 
     @field_validator("twilio_account_sid")
     @classmethod

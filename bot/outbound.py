@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from enum import Enum
 
 import requests
@@ -130,8 +130,19 @@ def deliver(message_id: str, *, final_attempt: bool = False) -> Outcome:
         finish(message_id, "failed", *refusal)
         return Outcome.REFUSED
 
+    params = twilio_params(message, contact)
+    started = utcnow()
     try:
-        created = get_client().messages.create(**twilio_params(message, contact))
+        created = get_client().messages.create(**params)
+    except requests.ReadTimeout:
+        # The request reached Twilio but the answer did not reach us: Twilio may well have
+        # accepted it. Look before retrying, so a slow answer does not become a second message.
+        sid = find_accepted_send(message, params, since=started)
+        if sid is None:
+            return _failed_attempt(message_id, None, None, "ReadTimeout talking to Twilio", final_attempt,
+                                   transient=True)
+        log.warning("message %s: Twilio answered too slowly but had accepted it as %s", message_id, sid)
+        return _record_accepted(message_id, sid, "queued")
     except TwilioException as exc:  # TwilioRestException and (since 9.10) TwilioServiceException
         http_status = getattr(exc, "status", None)
         code = getattr(exc, "code", None)
@@ -141,19 +152,46 @@ def deliver(message_id: str, *, final_attempt: bool = False) -> Outcome:
         return _failed_attempt(message_id, None, None, f"{type(exc).__name__} talking to Twilio", final_attempt,
                                transient=True)
 
+    log.info("message %s accepted by Twilio as %s", message_id, created.sid)
+    return _record_accepted(message_id, created.sid, (created.status or "queued").lower())
+
+
+def _record_accepted(message_id: str, sid: str, twilio_status: str) -> Outcome:
     # Commit the SID first, then look for callbacks that beat us here (see status.record_callback).
     now = utcnow()
     db.session.execute(
         sa.update(Message).where(Message.id == message_id)
-        .values(twilio_sid=created.sid, sent_at=now, updated_at=now, next_attempt_at=None)
+        .values(twilio_sid=sid, sent_at=now, updated_at=now, next_attempt_at=None)
         .execution_options(synchronize_session=False)
     )
-    twilio_status = (created.status or "queued").lower()
     raise_status(message_id, twilio_status if twilio_status in STATUS_RANK else "queued")
     db.session.commit()
-    apply_pending_events(created.sid)
-    log.info("message %s accepted by Twilio as %s", message_id, created.sid)
+    apply_pending_events(sid)
     return Outcome.SENT
+
+
+def find_accepted_send(message: Message, params: dict, since: datetime) -> str | None:
+    """The SID of a message Twilio accepted for this send although we never got its answer.
+
+    Candidates: messages from our sender to this recipient created since the attempt began (with
+    a minute of slack for clock skew), whose SID no other row of ours holds, with the same body
+    when the message has one (a template's rendered body cannot be compared).
+    """
+    try:
+        recent = get_client().messages.list(to=params["to"], from_=params["from_"], limit=20)
+    except (TwilioException, requests.RequestException):
+        log.warning("could not list recent messages to check a timed-out send; it will be retried")
+        return None
+    earliest = since - timedelta(minutes=1)
+    for candidate in recent:
+        created = candidate.date_created
+        if created is None or created.astimezone(timezone.utc).replace(tzinfo=None) < earliest:
+            continue
+        if message.body and (candidate.body or "") != message.body:
+            continue
+        if db.session.scalar(sa.select(Message.id).where(Message.twilio_sid == candidate.sid)) is None:
+            return candidate.sid
+    return None
 
 
 def _failed_attempt(message_id: str, http_status: int | None, code: int | None, text: str,

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import re
+import signal
 import threading
 import uuid
 from email.utils import formatdate
@@ -316,10 +317,10 @@ class TwilioSimulator:
             self._failures.extend([(status, code, message)] * times)
 
     def hang_next(self, seconds: float, times: int = 1) -> None:
-        """Make the next ``times`` creates sleep ``seconds`` before answering (normally) — to trip client timeouts.
+        """Make the next ``times`` creates sleep ``seconds`` before answering — to trip client timeouts.
 
-        Note that a create whose client gave up is still accepted once the sleep ends,
-        just as a slow Twilio would still send the message.
+        The message is accepted before the sleep, as a slow Twilio would have sent it although its
+        answer never reached the client. Combined with fail_next, the sleep precedes the error.
         """
         with self._cond:
             self._hangs.extend([seconds] * times)
@@ -531,17 +532,20 @@ class TwilioSimulator:
 
         with self._cond:
             hang = self._hangs.pop(0) if self._hangs else None
-        if hang is not None:
-            self._stopping.wait(hang)  # an Event wait, so stop() never waits out a long hang
-        self._check_auth(request, account_sid)
-        with self._cond:
             failure = self._failures.pop(0) if self._failures else None
+        self._check_auth(request, account_sid)
         if failure is not None:
+            if hang is not None:
+                self._stopping.wait(hang)
             raise _ApiError(*failure)
 
         form = request.form
         self._validate(form)
         record = self._store(account_sid, form)
+        if hang is not None:
+            # Like a slow Twilio: the message is already accepted, only the answer is late.
+            # An Event wait, so stop() never waits out a long hang.
+            self._stopping.wait(hang)
         log.info("send %s %s -> %s: %r", record["sid"], record["from"] or record["messaging_service_sid"],
                  record["to"], record["body"] if record["body"] else form.get("ContentSid"))
         if self.auto_callbacks:
@@ -676,12 +680,17 @@ def main(argv: list[str] | None = None) -> None:
         callback_delay=args.callback_delay,
     ).start()
     log.info("Twilio simulator on %s (account %s); point client.api.base_url here", sim.url, args.account_sid)
+    # Stop cleanly on Ctrl-C and on SIGTERM (what honcho/foreman send to Procfile processes).
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
     try:
-        threading.Event().wait()  # sleep until interrupted
+        while not done.wait(0.5):
+            pass
     except KeyboardInterrupt:
         pass
     finally:
         sim.stop()
+        log.info("Twilio simulator stopped")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,261 @@
+"""Outbound delivery through the queue to the Twilio simulator (real SDK, real HTTP)."""
+from __future__ import annotations
+
+import json
+import threading
+from datetime import timedelta
+
+import sqlalchemy as sa
+from huey import signals
+
+from bot import outbound, outbox
+from bot.clock import utcnow
+from bot.extensions import db
+from bot.models import Message
+from bot.queue import huey
+from bot.tasks import SEND_RETRIES, send_message
+from tests.conftest import CONTENT_SIDS, SENDER, WEBHOOK_URL, make_contact, run_queue
+
+
+def notify(client, auth, **payload):
+    response = client.post("/notify", json=payload, headers=auth)
+    assert response.status_code == 202, response.get_json()
+    return response.get_json()["id"]
+
+
+def message(message_id: str) -> Message:
+    db.session.expire_all()
+    return db.session.get(Message, message_id)
+
+
+def test_notify_is_sent_with_twilio_wire_format(app, client, auth, twilio):
+    with app.app_context():
+        make_contact("+15551234567")
+    message_id = notify(client, auth, to="whatsapp:+1 555 123 4567", body="Your order shipped")
+    assert run_queue() == 1
+
+    [sent] = twilio.messages
+    assert sent["form"]["To"] in ("whatsapp:+15551234567", ["whatsapp:+15551234567"])
+    form = {k: (v[0] if isinstance(v, list) and len(v) == 1 else v) for k, v in sent["form"].items()}
+    assert form["From"] == SENDER
+    assert form["Body"] == "Your order shipped"
+    assert form["StatusCallback"] == WEBHOOK_URL
+    with app.app_context():
+        row = message(message_id)
+        assert row.twilio_sid == sent["sid"]
+        assert row.status == "queued"
+        assert row.attempts == 1
+        assert row.claimed_until is None
+
+
+def test_template_goes_out_as_content_sid_and_variables(app, client, auth, twilio):
+    with app.app_context():
+        make_contact("+15551234567", inbound_ago=None)  # never wrote: only a template may go
+    notify(client, auth, to="+15551234567", template="order_update", variables={"1": "Ada", "2": 42})
+    run_queue()
+    [sent] = twilio.messages
+    form = {k: (v[0] if isinstance(v, list) and len(v) == 1 else v) for k, v in sent["form"].items()}
+    assert form["ContentSid"] == CONTENT_SIDS["order_update"]
+    assert json.loads(form["ContentVariables"]) == {"1": "Ada", "2": "42"}
+    assert "Body" not in form
+
+
+def test_row_is_committed_before_its_task_is_enqueued(app, client, auth, database_url):
+    """Invariant 1: at the moment of enqueue, another connection already sees the pending row."""
+    with app.app_context():
+        make_contact()
+    seen: list[tuple[str, str] | None] = []
+    engine = sa.create_engine(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
+
+    @huey.signal(signals.SIGNAL_ENQUEUED)
+    def look(signal, task):
+        with engine.connect() as conn:
+            seen.append(conn.execute(sa.text("SELECT id, status FROM messages")).first())
+
+    try:
+        message_id = notify(client, auth, to="+15551234567", body="hi")
+    finally:
+        huey.disconnect_signal(look)
+        engine.dispose()
+    assert seen and tuple(seen[0]) == (message_id, "pending")
+
+
+def test_dead_queue_delays_but_never_drops(app, client, auth, twilio, monkeypatch):
+    """Invariant 1: enqueue fails (broker down), /notify still answers 202, the sweep sends later."""
+    with app.app_context():
+        make_contact()
+
+    def broker_down(*args, **kwargs):
+        raise ConnectionError("queue unavailable")
+
+    monkeypatch.setattr(huey.storage, "enqueue", broker_down)
+    message_id = notify(client, auth, to="+15551234567", body="hi")
+    monkeypatch.undo()
+    assert run_queue() == 0 and twilio.messages == []
+
+    with app.app_context():
+        assert outbox.sweep()["outbound"] == 0  # too fresh: it may still be on its way
+        counts = outbox.sweep(now=utcnow() + outbox.STALE_AFTER + timedelta(seconds=1))
+        assert counts["outbound"] == 1
+    run_queue()
+    assert len(twilio.messages) == 1
+    with app.app_context():
+        assert message(message_id).status == "queued"
+
+
+def test_redelivered_task_does_not_send_twice(app, client, auth, twilio):
+    """Invariant 2: the same send task queued three times reaches Twilio once."""
+    with app.app_context():
+        make_contact()
+    message_id = notify(client, auth, to="+15551234567", body="once")
+    send_message(message_id)
+    send_message(message_id)
+    assert run_queue() == 3
+    assert len(twilio.messages) == 1
+    with app.app_context():
+        assert message(message_id).attempts == 1
+
+
+def test_concurrent_sends_claim_once(app, client, auth, twilio):
+    """Invariant 2: sends racing in threads (several consumers) still make one Twilio call."""
+    with app.app_context():
+        make_contact()
+    message_id = notify(client, auth, to="+15551234567", body="race")
+    huey.flush()
+    twilio.hang_next(0.3)  # keep the winner inside Twilio while the others try to claim
+    outcomes: list[str] = []
+
+    def send() -> None:
+        with app.app_context():
+            outcomes.append(outbound.deliver(message_id).value)
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["not_claimed"] * 3 + ["sent"]
+    assert len(twilio.messages) == 1
+
+
+def test_transient_failure_retries_then_sends_once(app, client, auth, twilio):
+    with app.app_context():
+        make_contact()
+    twilio.fail_next(429, 20429, "Too Many Requests", times=2)
+    message_id = notify(client, auth, to="+15551234567", body="retry me")
+    run_queue()
+    assert len(twilio.requests) == 3
+    assert len(twilio.messages) == 1
+    with app.app_context():
+        row = message(message_id)
+        assert row.status == "queued" and row.attempts == 3 and row.error_code is None
+
+
+def test_server_errors_retry_a_bounded_number_of_times(app, client, auth, twilio):
+    with app.app_context():
+        make_contact()
+    twilio.fail_next(503, 20503, "Service Unavailable", times=100)
+    message_id = notify(client, auth, to="+15551234567", body="never")
+    run_queue()
+    assert len(twilio.requests) == SEND_RETRIES + 1
+    with app.app_context():
+        row = message(message_id)
+        assert row.status == "failed" and row.error_code == 20503
+    twilio.reset()
+    run_queue()
+    assert twilio.requests == []
+
+
+def test_slow_answer_that_twilio_accepted_is_not_sent_again(app, client, auth, twilio):
+    """A read timeout is ambiguous: Twilio may have taken the message. We look before resending."""
+    with app.app_context():
+        make_contact()
+    twilio.hang_next(2.5)  # the app's SDK timeout is 2 s; the simulator accepts after the hang
+    message_id = notify(client, auth, to="+15551234567", body="slow")
+    run_queue()
+    [accepted] = twilio.messages
+    assert len([r for r in twilio.requests if r["method"] == "POST"]) == 1
+    with app.app_context():
+        row = message(message_id)
+        assert (row.twilio_sid, row.attempts, row.status) == (accepted["sid"], 1, "queued")
+
+
+def test_timeout_without_acceptance_is_retried(app, client, auth, twilio):
+    with app.app_context():
+        make_contact()
+    # Twilio answers the create with an error after the hang: nothing was accepted.
+    twilio.hang_next(2.5)
+    twilio.fail_next(500, 20500, "Internal Server Error")
+    message_id = notify(client, auth, to="+15551234567", body="slow")
+    run_queue()
+    assert len(twilio.messages) == 1
+    with app.app_context():
+        row = message(message_id)
+        assert row.attempts == 2 and row.status == "queued"
+
+
+def test_permanent_error_fails_without_retry(app, client, auth, twilio):
+    with app.app_context():
+        make_contact()
+    twilio.fail_next(400, 63024, "Invalid message recipient")
+    message_id = notify(client, auth, to="+15551234567", body="nope")
+    run_queue()
+    assert len(twilio.requests) == 1
+    with app.app_context():
+        row = message(message_id)
+        assert (row.status, row.error_code, row.attempts) == ("failed", 63024, 1)
+        assert "Invalid message recipient" in row.error_message
+
+
+def test_opt_out_after_queueing_is_enforced_at_send_time(app, client, auth, twilio):
+    """Invariant 4: consent is checked where messages are sent, not only in /notify."""
+    with app.app_context():
+        contact = make_contact()
+        contact_id = contact.id
+    message_id = notify(client, auth, to="+15551234567", body="promo")
+    with app.app_context():
+        db.session.execute(sa.text("UPDATE contacts SET consent = 'opted_out' WHERE id = :id"), {"id": contact_id})
+        db.session.commit()
+    run_queue()
+    assert twilio.requests == []
+    with app.app_context():
+        row = message(message_id)
+        assert (row.status, row.error_code) == ("failed", outbound.OPTED_OUT_CODE)
+
+
+def test_window_closing_while_queued_refuses_before_twilio(app, client, auth, twilio):
+    """Invariant 5: free-form text whose window closed in the queue never reaches Twilio."""
+    with app.app_context():
+        contact = make_contact(inbound_ago=timedelta(hours=23, minutes=59))
+        contact_id = contact.id
+    message_id = notify(client, auth, to="+15551234567", body="late")
+    with app.app_context():
+        db.session.execute(sa.text("UPDATE contacts SET last_inbound_at = :t WHERE id = :id"),
+                           {"t": utcnow() - timedelta(hours=25), "id": contact_id})
+        db.session.commit()
+    run_queue()
+    assert twilio.requests == []
+    with app.app_context():
+        assert message(message_id).error_code == outbound.OUTSIDE_WINDOW_CODE
+
+
+def test_killed_worker_lease_expires_and_sweep_resends(app, client, auth, twilio):
+    with app.app_context():
+        make_contact()
+    message_id = notify(client, auth, to="+15551234567", body="orphaned")
+    huey.flush()  # the worker took the task and died
+    with app.app_context():
+        assert outbound.claim(message_id)
+        assert outbox.sweep(now=utcnow() + timedelta(minutes=1))["outbound"] == 0  # lease still held
+        # Time passes beyond the lease: age the claim instead of sleeping five minutes.
+        db.session.execute(sa.update(Message).values(claimed_until=utcnow() - timedelta(seconds=1)))
+        db.session.commit()
+        assert outbox.sweep()["outbound"] == 1
+    run_queue()
+    assert len(twilio.messages) == 1
+
+
+def test_only_one_consumer_takes_each_periodic_turn(app):
+    with app.app_context():
+        turns = [outbox.take_periodic_turn("sweep_outbox", interval_seconds=50) for _ in range(3)]
+    assert turns == [True, False, False]
