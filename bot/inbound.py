@@ -39,10 +39,11 @@ def store_inbound(form: Mapping[str, str]) -> Message | None:
     # The window runs from the latest message; a late retry of an old one must not move it back.
     if contact.last_inbound_at is None or contact.last_inbound_at < now:
         contact.last_inbound_at = now
+    # Column sizes hold any real value; an absurd one is cut rather than failing the webhook.
     if form.get("ProfileName"):
-        contact.profile_name = form["ProfileName"]
+        contact.profile_name = form["ProfileName"][:256]
     if form.get("WaId"):
-        contact.wa_id = form["WaId"]
+        contact.wa_id = form["WaId"][:32]
     message = Message(
         direction=Direction.INBOUND,
         contact_id=contact.id,

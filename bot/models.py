@@ -131,7 +131,7 @@ class StatusEvent(db.Model):
     id: Mapped[int] = mapped_column(primary_key=True)
     message_id: Mapped[str | None] = mapped_column(sa.ForeignKey("messages.id"), index=True)
     twilio_sid: Mapped[str] = mapped_column(sa.String(34), index=True)
-    status: Mapped[str] = mapped_column(sa.String(16))
+    status: Mapped[str] = mapped_column(sa.String(32))
     error_code: Mapped[int | None] = mapped_column(sa.Integer)
     error_message: Mapped[str | None] = mapped_column(sa.Text)
     payload: Mapped[dict[str, Any]] = mapped_column(sa.JSON)

@@ -37,6 +37,8 @@ def init_app(app: Flask) -> None:
         storage_class, kwargs = RedisStorage, {"url": redis_url}
     else:
         storage_class, kwargs = SqliteStorage, {"filename": queue_file(app.instance_path), "timeout": 30}
+    # Extra storage options, e.g. tests turn off Redis's blocking pop to drain the queue quickly.
+    kwargs.update(app.config.get("HUEY_STORAGE_OPTIONS", {}))
     huey.name = name
     huey.storage_class = storage_class
     huey.storage_kwargs = kwargs

@@ -65,9 +65,11 @@ def raise_status(message_id: str, status: str, error_code: int | None = None, er
 def parse_error_code(value: Any) -> int | None:
     """Twilio sends ErrorCode as a string; an empty or non-numeric one is no code."""
     try:
-        return int(str(value).strip()) if value not in (None, "") else None
+        code = int(str(value).strip()) if value not in (None, "") else None
     except ValueError:
         return None
+    # Twilio codes are five digits; anything outside a database integer stays in the payload only.
+    return code if code is not None and 0 < code < 2**31 else None
 
 
 def record_callback(form: Mapping[str, str]) -> bool:

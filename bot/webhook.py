@@ -1,6 +1,8 @@
 """POST /twilio/webhook: one signed URL for inbound messages and status callbacks alike."""
 from __future__ import annotations
 
+import re
+
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from bot import outbox
@@ -14,6 +16,9 @@ bp = Blueprint("webhook", __name__)
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 #: Statuses of inbound messages; a status callback carrying one is about a message we received.
 INBOUND_STATUSES = frozenset({"receiving", "received"})
+#: A Message SID: two letters (SM, MM) and 32 hex digits.
+SID_PATTERN = re.compile(r"^[A-Z]{2}[0-9a-f]{32}$")
+MAX_STATUS_LENGTH = 32
 
 
 def twiml_ok() -> Response:
@@ -28,6 +33,8 @@ def twilio_webhook():
     form = request.form
     if not form.get("MessageSid"):
         return jsonify(error="MessageSid is required"), 400
+    if not SID_PATTERN.match(form["MessageSid"]):
+        return jsonify(error="MessageSid is not a Twilio message SID (SM/MM + 32 hex digits)"), 400
     if form.get("MessageStatus"):
         return _status_callback()
     return _inbound_message()
@@ -37,6 +44,8 @@ def _status_callback():
     status = request.form["MessageStatus"].strip().lower()
     if status in INBOUND_STATUSES:
         return twiml_ok()
+    if len(status) > MAX_STATUS_LENGTH:
+        return jsonify(error=f"MessageStatus longer than {MAX_STATUS_LENGTH} characters"), 400
     if status not in STATUS_RANK:
         # Twilio adds statuses without notice; keep the event, never fail the callback.
         current_app.logger.warning("unknown MessageStatus %r kept as an event", status)

@@ -103,7 +103,7 @@ def drop_everything() -> None:
 
 @pytest.fixture
 def app(base_config: dict[str, Any], _schema: None, twilio: TwilioSimulator) -> Iterator[Flask]:
-    app = create_app({**base_config, "TESTING": True})
+    app = create_app({**base_config, "TESTING": True, "HUEY_STORAGE_OPTIONS": in_process_queue_options(base_config)})
     with app.app_context():
         _empty_tables()
     huey.flush()
@@ -113,6 +113,11 @@ def app(base_config: dict[str, Any], _schema: None, twilio: TwilioSimulator) -> 
         db.session.remove()
         db.engine.dispose()  # one pool per app: close it, or PostgreSQL runs out of connections
     huey.flush()
+
+
+def in_process_queue_options(config: dict[str, Any]) -> dict[str, Any]:
+    """Redis's blocking pop waits a second on an empty queue; tests drain it without waiting."""
+    return {"blocking": False} if config.get("REDIS_URL") else {}
 
 
 def _empty_tables() -> None:

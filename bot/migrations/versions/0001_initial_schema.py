@@ -71,7 +71,7 @@ def upgrade():
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('message_id', sa.String(length=32), nullable=True),
     sa.Column('twilio_sid', sa.String(length=34), nullable=False),
-    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('status', sa.String(length=32), nullable=False),
     sa.Column('error_code', sa.Integer(), nullable=True),
     sa.Column('error_message', sa.Text(), nullable=True),
     sa.Column('payload', sa.JSON(), nullable=False),

@@ -1,0 +1,140 @@
+"""End to end through real processes: the Procfile's release, web and worker lines.
+
+gunicorn serves the web app, `huey_consumer` runs the tasks, the Twilio simulator answers the SDK
+and posts signed status callbacks back to the web process. Nothing runs in immediate mode.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from bot.extensions import db
+from bot.models import Message
+from bot.simulator import TwilioSimulator
+from tests.conftest import ACCOUNT_SID, API_TOKEN, AUTH_TOKEN
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def procfile() -> dict[str, str]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return dict(line.split(":", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for(config: dict[str, Any], **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "DATABASE_URL", "REDIS_URL"))}
+    for key, value in config.items():
+        if value is None:
+            continue
+        env[key] = json.dumps(value) if isinstance(value, dict) else str(value)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def stack(base_config, _schema, app, tmp_path) -> Iterator[dict[str, Any]]:
+    """release, then web + worker from the Procfile, against a simulator that calls back."""
+    port = free_port()
+    webhook_url = f"http://127.0.0.1:{port}/twilio/webhook"
+    simulator = TwilioSimulator(ACCOUNT_SID, AUTH_TOKEN, webhook_url=webhook_url, auto_callbacks=True,
+                                callback_delay=0.05).start()
+    config = {**base_config, "TWILIO_API_URL": simulator.url, "TWILIO_WEBHOOK_URL": webhook_url}
+    env = env_for(config, PORT=str(port), WEB_CONCURRENCY="2", WORKER_THREADS="2")
+    commands = procfile()
+    # cwd outside the repository: nothing may depend on a developer's .env or instance/.
+    subprocess.run(["bash", "-c", commands["release"]], env=env, cwd=tmp_path, check=True, timeout=60,
+                   capture_output=True)
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("web", "worker")}
+    processes = [
+        subprocess.Popen(["bash", "-c", "exec " + commands[name].strip()], env=env, cwd=tmp_path,
+                         stdout=logs[name], stderr=subprocess.STDOUT, start_new_session=True)
+        for name in ("web", "worker")
+    ]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _healthy(base), what="gunicorn to answer /healthz")
+        yield {"base": base, "simulator": simulator}
+    finally:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        simulator.stop()
+        for name, log in logs.items():
+            log.close()
+            text = (tmp_path / f"{name}.log").read_text()
+            # Secrets never reach the logs.
+            assert AUTH_TOKEN not in text and API_TOKEN not in text, f"secret leaked in {name} log"
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return requests.get(base + "/healthz", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def inbound_statuses(app) -> list[str]:
+    with app.app_context():
+        db.session.remove()
+        return list(db.session.scalars(sa.select(Message.status).where(Message.direction == "inbound")))
+
+
+def test_notification_travels_through_web_worker_and_twilio_callbacks(stack, app):
+    base, simulator = stack["base"], stack["simulator"]
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+
+    # The user writes first (opening the 24-hour window); the worker processes the message.
+    assert simulator.send_inbound("+15551230000", "hello bot", profile_name="Ada").status_code == 200
+
+    response = requests.post(base + "/notify", json={"to": "+15551230000", "body": "Your order shipped"},
+                             headers=auth, timeout=5)
+    assert response.status_code == 202, response.text
+    message_id = response.json()["id"]
+
+    [sent] = simulator.wait_for_messages(1, timeout=20)
+    assert sent["to"] == "whatsapp:+15551230000" and sent["body"] == "Your order shipped"
+
+    def read() -> dict | None:
+        body = requests.get(f"{base}/messages/{message_id}", headers=auth, timeout=5).json()
+        return body if body["status"] == "read" else None
+
+    final = wait_until(read, what="the read receipt to be recorded")
+    assert final["twilio_sid"] == sent["sid"]
+    assert [e["status"] for e in final["events"]] == ["sent", "delivered", "read"]
+    # The inbound message went through the worker too.
+    wait_until(lambda: inbound_statuses(app) == ["processed"], what="the inbound message to be processed")
