@@ -45,6 +45,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         TWILIO_TIMEOUT=settings.twilio_timeout,
         TWILIO_CONTENT_SIDS=settings.twilio_content_sids,
         NOTIFY_API_TOKEN=settings.notify_api_token.get_secret_value(),
+        BOT_NAME=settings.bot_name,
+        OPT_OUT_KEYWORDS=settings.opt_out_keywords,
+        OPT_IN_KEYWORDS=settings.opt_in_keywords,
+        HELP_KEYWORDS=settings.help_keywords,
         REDIS_URL=settings.redis_url,
         QUEUE_NAME=settings.queue_name,
         SQLALCHEMY_DATABASE_URI=database_uri(settings.database_url, app.instance_path),
@@ -58,7 +62,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)  # type: ignore[method-assign]
     _configure_logging(app)
 
-    from bot import database, queue, tasks, twilio_client
+    from bot import cli, database, queue, tasks, twilio_client
     from bot.extensions import migrate
 
     database.init_app(app)
@@ -66,10 +70,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     queue.init_app(app)
     tasks.init_app(app)
     twilio_client.init_app(app)
+    cli.init_app(app)
 
-    from bot import health, notify, webhook
+    from bot import contacts_api, health, notify, webhook
 
     app.register_blueprint(notify.bp)
+    app.register_blueprint(contacts_api.bp)
     app.register_blueprint(webhook.bp)
     app.register_blueprint(health.bp)
     app.register_error_handler(HTTPException, _json_http_error)

@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     notify_api_token: SecretStr | None = None
     database_url: str | None = None
     redis_url: str | None = None
+    #: How the bot names itself in its messages.
+    bot_name: str = "the bot"
+    #: Global keywords, comma-separated (add other languages: "STOP,ALTO,ARRET"). Compared
+    #: with the whole message, case-folded, trimmed and without punctuation.
+    opt_out_keywords: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "OPTOUT", "REVOKE"])
+    opt_in_keywords: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["START", "YES", "UNSTOP"])
+    help_keywords: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["HELP", "INFO"])
     #: Where the embedded SQLite database and queue live (default: ./instance).
     instance_path: str | None = None
     #: Huey queue name; two bots can share one Redis with different names.
@@ -69,6 +77,17 @@ class Settings(BaseSettings):
         if value and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http(s) URL")
         return value.rstrip("/") if value and value.endswith("//") else value
+
+    @field_validator("opt_out_keywords", "opt_in_keywords", "help_keywords", mode="before")
+    @classmethod
+    def _keyword_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [word.strip() for word in value.split(",")]
+        if isinstance(value, (list, tuple)):
+            value = [str(word).strip() for word in value if str(word).strip()]
+            if not value:
+                raise ValueError("needs at least one keyword")
+        return value
 
     @field_validator("twilio_content_sids", mode="before")
     @classmethod

@@ -30,6 +30,14 @@ class Direction:
     INBOUND = "inbound"
 
 
+class Kind:
+    """Why an outbound message exists; only an opt-out confirmation may reach an opted-out contact."""
+
+    NOTIFICATION = "notification"
+    REPLY = "reply"
+    OPT_OUT_CONFIRMATION = "opt_out_confirm"
+
+
 class Contact(db.Model):
     """A WhatsApp user, keyed by E.164 number."""
 
@@ -66,7 +74,9 @@ class Message(db.Model):
 
     id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=new_id)
     direction: Mapped[str] = mapped_column(sa.String(8))
+    kind: Mapped[str] = mapped_column(sa.String(16), default=Kind.NOTIFICATION, server_default=Kind.NOTIFICATION)
     contact_id: Mapped[int] = mapped_column(sa.ForeignKey("contacts.id"))
+    conversation_id: Mapped[str | None] = mapped_column(sa.ForeignKey("conversations.id"), index=True)
     body: Mapped[str | None] = mapped_column(sa.Text)
     template: Mapped[str | None] = mapped_column(sa.String(128))
     content_sid: Mapped[str | None] = mapped_column(sa.String(34))
@@ -98,6 +108,8 @@ class Message(db.Model):
         data: dict[str, Any] = {
             "id": self.id,
             "direction": self.direction,
+            "kind": self.kind,
+            "conversation_id": self.conversation_id,
             "to": self.contact.phone if self.direction == Direction.OUTBOUND else None,
             "from": self.contact.phone if self.direction == Direction.INBOUND else None,
             "status": self.status,
@@ -155,3 +167,90 @@ class PeriodicRun(db.Model):
 
     name: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     last_run_at: Mapped[datetime] = mapped_column(sa.DateTime)
+
+
+class ConversationStatus:
+    STARTING = "starting"  # started by the backend, waiting for the worker
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"  # opt-out, or replaced by a newer conversation
+    FAILED = "failed"
+
+    OPEN = (STARTING, ACTIVE)
+
+
+class Conversation(db.Model):
+    """One run of a flow with one contact: its state, its data and, at the end, its outcome.
+
+    A contact has at most one open conversation (guaranteed by the per-contact lock of the engine).
+    """
+
+    __tablename__ = "conversations"
+    __table_args__ = (
+        sa.Index("ix_conversations_contact_status", "contact_id", "status"),
+        sa.Index("ix_conversations_status_expires", "status", "expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=new_id)
+    contact_id: Mapped[int] = mapped_column(sa.ForeignKey("contacts.id"))
+    flow: Mapped[str] = mapped_column(sa.String(64))
+    state: Mapped[str | None] = mapped_column(sa.String(64))
+    status: Mapped[str] = mapped_column(sa.String(16), default=ConversationStatus.ACTIVE)
+    #: The variables the backend started it with (kept to restart a flow whose state vanished).
+    variables: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    data: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+    outcome: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    started_by: Mapped[str] = mapped_column(sa.String(16))  # "user" or "backend"
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
+    request_hash: Mapped[str | None] = mapped_column(sa.String(64))
+    started_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow, onupdate=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+
+    contact: Mapped[Contact] = relationship()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of GET /conversations/<id>."""
+        return {
+            "id": self.id,
+            "contact": self.contact.phone,
+            "flow": self.flow,
+            "state": self.state,
+            "status": self.status,
+            "outcome": self.outcome,
+            "data": self.data,
+            "started_by": self.started_by,
+            "error": self.error,
+            "started_at": isoformat(self.started_at),
+            "updated_at": isoformat(self.updated_at),
+            "expires_at": isoformat(self.expires_at),
+            "ended_at": isoformat(self.ended_at),
+        }
+
+
+class ConsentEvent(db.Model):
+    """The append-only consent ledger: every opt-in and opt-out, who, when, how, which words."""
+
+    __tablename__ = "consent_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    contact_id: Mapped[int] = mapped_column(sa.ForeignKey("contacts.id"), index=True)
+    action: Mapped[str] = mapped_column(sa.String(16))  # opt_in / opt_out
+    previous: Mapped[str] = mapped_column(sa.String(16))  # the consent state before
+    source: Mapped[str] = mapped_column(sa.String(32))  # keyword / api / sandbox_join / twilio_opt_out
+    words: Mapped[str | None] = mapped_column(sa.Text)
+    message_sid: Mapped[str | None] = mapped_column(sa.String(34))
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "previous": self.previous,
+            "source": self.source,
+            "words": self.words,
+            "message_sid": self.message_sid,
+            "at": isoformat(self.created_at),
+        }

@@ -11,10 +11,11 @@ from sqlalchemy.orm import selectinload
 from bot import outbox
 from bot.contacts import get_or_create_contact
 from bot.extensions import db
-from bot.models import Consent, Direction, Message, StatusEvent
+from bot.models import Consent, Conversation, ConversationStatus, Direction, Message, StatusEvent
 from bot.notify_request import InvalidRequest, NotifyRequest, parse_notify
 from bot.outbound import within_window
 from bot.security import require_api_token
+from flows import registry
 
 bp = Blueprint("notify", __name__)
 
@@ -40,15 +41,34 @@ def _accepted(message: Message, replayed: bool = False):
     return response
 
 
+def _conversation_accepted(conversation: Conversation, replayed: bool = False):
+    url = url_for("contacts_api.get_conversation", conversation_id=conversation.id)
+    response = jsonify(
+        id=conversation.id,
+        status=conversation.status,
+        to=conversation.contact.phone,
+        flow=conversation.flow,
+        created_at=conversation.to_dict()["started_at"],
+        url=url,
+    )
+    response.status_code = 202
+    response.headers["Location"] = url
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
 def _replay(key: str, fingerprint: str):
     """The first answer for a reused Idempotency-Key, a 422 if the payload differs, or None."""
-    previous = db.session.scalar(
+    previous: Message | Conversation | None = db.session.scalar(
         sa.select(Message).options(selectinload(Message.contact)).where(Message.idempotency_key == key)
-    )
+    ) or db.session.scalar(sa.select(Conversation).where(Conversation.idempotency_key == key))
     if previous is None:
         return None
     if previous.request_hash != fingerprint:
         return _error(422, "this Idempotency-Key was already used with a different payload")
+    if isinstance(previous, Conversation):
+        return _conversation_accepted(previous, replayed=True)
     return _accepted(previous, replayed=True)
 
 
@@ -62,7 +82,7 @@ def notify():
     if payload is None:
         return _error(400, "the body is not valid JSON")
     try:
-        notification = parse_notify(payload, current_app.config["TWILIO_CONTENT_SIDS"])
+        notification = parse_notify(payload, current_app.config["TWILIO_CONTENT_SIDS"], registry())
     except InvalidRequest as exc:
         return _error(400, str(exc))
 
@@ -87,6 +107,8 @@ def notify():
             "message; send an approved template instead: {\"to\", \"template\", \"variables\"}",
             templates=sorted(current_app.config["TWILIO_CONTENT_SIDS"]),
         )
+    if notification.flow is not None:
+        return _start_flow(notification, contact, key)
 
     message = _new_outbound(notification, contact.id, key)
     db.session.add(message)
@@ -101,6 +123,38 @@ def notify():
         return replay
     outbox.enqueue_send(message.id)
     return _accepted(message)
+
+
+def _start_flow(notification: NotifyRequest, contact, key: str | None):
+    """Queue a backend-started conversation; the worker runs the flow (none of it runs here)."""
+    flow = registry()[notification.flow]
+    template = flow.start_content_template
+    if not within_window(contact) and template not in current_app.config["TWILIO_CONTENT_SIDS"]:
+        db.session.commit()
+        return _error(
+            422,
+            f"{contact.phone} has not written in the last 24 hours; flow {flow.name!r} can open the "
+            f"conversation outside the window only with its approved template "
+            f"{template!r} configured in TWILIO_CONTENT_SIDS" if template else
+            f"{contact.phone} has not written in the last 24 hours and flow {flow.name!r} has no "
+            "approved template to open the conversation with",
+        )
+    conversation = Conversation(
+        contact_id=contact.id, flow=flow.name, status=ConversationStatus.STARTING, started_by="backend",
+        variables=notification.variables, data={}, idempotency_key=key,
+        request_hash=notification.fingerprint() if key else None,
+    )
+    db.session.add(conversation)
+    try:
+        db.session.commit()
+    except IntegrityError:
+        db.session.rollback()
+        replay = _replay(key, notification.fingerprint()) if key else None
+        if replay is None:
+            raise
+        return replay
+    outbox.enqueue_conversation_start(conversation.id)
+    return _conversation_accepted(conversation)
 
 
 def _new_outbound(notification: NotifyRequest, contact_id: int, key: str | None) -> Message:

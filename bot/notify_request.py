@@ -4,14 +4,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import urlparse
 
 from bot.phone import InvalidNumber, normalize_e164
+from flows.toolkit import Flow
 
 MAX_BODY_CHARS = 1600  # Twilio refuses longer bodies with 21617
 MAX_TEMPLATE_VARIABLES_CHARS = 1024  # WhatsApp's limit for a template's text (63021)
-ALLOWED_FIELDS = frozenset({"to", "body", "template", "variables", "media_url"})
+ALLOWED_FIELDS = frozenset({"to", "body", "template", "variables", "media_url", "flow"})
 
 
 class InvalidRequest(ValueError):
@@ -27,12 +28,14 @@ class NotifyRequest:
     media_urls: tuple[str, ...] = ()
     template: str | None = None
     content_sid: str | None = None
-    variables: dict[str, str] = field(default_factory=dict)
+    variables: dict[str, Any] = field(default_factory=dict)
+    #: A conversation flow to start (with `variables`) instead of a single message.
+    flow: str | None = None
 
     @property
     def is_free_form(self) -> bool:
         """Free-form text or media, which WhatsApp allows only inside the 24-hour window."""
-        return self.content_sid is None
+        return self.content_sid is None and self.flow is None
 
     def fingerprint(self) -> str:
         """A hash of the normalised request, to tell a replay from a reused Idempotency-Key."""
@@ -47,7 +50,7 @@ def _is_http_url(value: Any) -> bool:
     return parsed.scheme in ("http", "https") and bool(parsed.netloc)
 
 
-def parse_notify(payload: Any, content_sids: dict[str, str]) -> NotifyRequest:
+def parse_notify(payload: Any, content_sids: dict[str, str], flows: Mapping[str, Flow] | None = None) -> NotifyRequest:
     """Validate a decoded JSON payload against DESIGN.md's contract. Raises InvalidRequest."""
     if not isinstance(payload, dict):
         raise InvalidRequest("the JSON body must be an object")
@@ -77,6 +80,10 @@ def parse_notify(payload: Any, content_sids: dict[str, str]) -> NotifyRequest:
             raise InvalidRequest("'media_url' must be one http(s) URL (WhatsApp carries one media item per message)")
         media_urls = (items[0],)
 
+    if payload.get("flow") is not None:
+        if body is not None or media is not None or template is not None:
+            raise InvalidRequest("send either 'flow' (with 'variables') or a message, not both")
+        return _flow_request(to, payload["flow"], payload.get("variables"), flows or {})
     if template is not None:
         if body is not None or media is not None:
             raise InvalidRequest("send either 'template' (with 'variables') or 'body'/'media_url', not both")
@@ -86,6 +93,23 @@ def parse_notify(payload: Any, content_sids: dict[str, str]) -> NotifyRequest:
     if body is None and not media_urls:
         raise InvalidRequest("one of 'body', 'media_url' or 'template' is required")
     return NotifyRequest(to=to, body=body, media_urls=media_urls)
+
+
+def _flow_request(to: str, name: Any, variables: Any, flows: Mapping[str, Flow]) -> NotifyRequest:
+    startable = sorted(n for n, f in flows.items() if f.start is not None)
+    if not isinstance(name, str) or name not in flows or flows[name].start is None:
+        raise InvalidRequest(f"unknown flow {name!r}; flows a backend can start: {', '.join(startable) or 'none'}")
+    if variables is None:
+        variables = {}
+    if not isinstance(variables, dict):
+        raise InvalidRequest("'variables' must be an object")
+    for key, value in variables.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+            raise InvalidRequest(f"variable {key!r} must be a string or a number")
+    missing = [v for v in flows[name].required_variables if variables.get(v) in (None, "")]
+    if missing:
+        raise InvalidRequest(f"flow {name!r} needs variables: {', '.join(missing)}")
+    return NotifyRequest(to=to, flow=name, variables=dict(variables))
 
 
 def _template_request(to: str, template: Any, variables: Any, content_sids: dict[str, str]) -> NotifyRequest:

@@ -21,7 +21,7 @@ from twilio.base.exceptions import TwilioException
 from bot.clock import utcnow
 from bot.errors import is_retryable
 from bot.extensions import db
-from bot.models import Consent, Contact, Message
+from bot.models import Consent, Contact, Kind, Message
 from bot.status import STATUS_RANK, apply_pending_events, raise_status
 from bot.twilio_client import get_client
 
@@ -84,7 +84,7 @@ def within_window(contact: Contact, now=None) -> bool:
 
 def refusal_reason(message: Message, contact: Contact) -> tuple[int, str] | None:
     """Why this message must not reach Twilio now (opt-out, 24-hour window), or None."""
-    if contact.consent == Consent.OPTED_OUT:
+    if contact.consent == Consent.OPTED_OUT and message.kind != Kind.OPT_OUT_CONFIRMATION:
         return OPTED_OUT_CODE, "Recipient has opted out; not sent."
     if message.content_sid is None and not within_window(contact):
         return OUTSIDE_WINDOW_CODE, "Outside the 24-hour window and no template; not sent."

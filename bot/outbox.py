@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from bot.clock import utcnow
 from bot.extensions import db
-from bot.models import Direction, Message, PeriodicRun, StatusEvent
+from bot.models import Conversation, ConversationStatus, Direction, Message, PeriodicRun, StatusEvent
 from bot.status import apply_pending_events
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,16 @@ def enqueue_inbound(message_id: str) -> bool:
         return False
 
 
-def mark_inbound_processed(message_id: str) -> None:
-    """Record that an inbound message went through the bot (received -> processed)."""
-    db.session.execute(
-        sa.update(Message).where(Message.id == message_id, Message.status == "received")
-        .values(status="processed", updated_at=utcnow())
-    )
-    db.session.commit()
+def enqueue_conversation_start(conversation_id: str) -> bool:
+    """Put a committed backend-started conversation on the queue; False (logged) if the queue is down."""
+    from bot.tasks import start_conversation
+
+    try:
+        start_conversation(conversation_id)
+        return True
+    except Exception:
+        log.exception("could not enqueue conversation %s; the outbox sweep will retry", conversation_id)
+        return False
 
 
 def take_periodic_turn(name: str, interval_seconds: int) -> bool:
@@ -102,6 +105,11 @@ def sweep(now=None) -> dict[str, int]:
             Message.direction == Direction.INBOUND, Message.status == "received", Message.updated_at <= stale
         ).order_by(Message.created_at).limit(1000)
     ).all()
+    starting = db.session.scalars(
+        sa.select(Conversation.id).where(
+            Conversation.status == ConversationStatus.STARTING, Conversation.updated_at <= stale
+        ).order_by(Conversation.started_at).limit(1000)
+    ).all()
     orphan_sids = db.session.scalars(
         # A day bounds the search: callbacks for messages some other system sent never match.
         sa.select(StatusEvent.twilio_sid)
@@ -114,8 +122,10 @@ def sweep(now=None) -> dict[str, int]:
         enqueue_send(message_id)
     for message_id in inbound:
         enqueue_inbound(message_id)
+    for conversation_id in starting:
+        enqueue_conversation_start(conversation_id)
     applied = sum(1 for sid in orphan_sids if apply_pending_events(sid))
-    counts = {"outbound": len(pending), "inbound": len(inbound), "events": applied}
+    counts = {"outbound": len(pending), "inbound": len(inbound), "conversations": len(starting), "events": applied}
     if any(counts.values()):
         log.info("outbox sweep: %s", counts)
     return counts

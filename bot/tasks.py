@@ -12,7 +12,7 @@ from typing import Any, Callable, TypeVar
 from flask import Flask
 from huey import crontab
 
-from bot import outbound, outbox
+from bot import engine, outbound, outbox
 from bot.queue import huey
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,23 @@ def send_message(message_id: str, task: Any = None) -> str:
 @huey.task(retries=3, retry_delay=5)
 @in_app_context
 def process_inbound(message_id: str) -> None:
-    """Handle one stored inbound message (conversation flows arrive in a later issue)."""
-    outbox.mark_inbound_processed(message_id)
+    """Run one stored inbound message (and any older ones of its contact) through the engine."""
+    engine.process_inbound(message_id)
+
+
+@huey.task(retries=3, retry_delay=5)
+@in_app_context
+def start_conversation(conversation_id: str) -> None:
+    """Start a flow the backend asked for with POST /notify."""
+    engine.start_conversation(conversation_id)
+
+
+@huey.periodic_task(crontab(minute="*"))
+@in_app_context
+def expire_conversations() -> None:
+    """Once a minute: run the timeout of conversations idle past their flow's timeout."""
+    if outbox.take_periodic_turn("expire_conversations", interval_seconds=50):
+        engine.expire_conversations()
 
 
 @huey.periodic_task(crontab(minute="*"))

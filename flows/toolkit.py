@@ -160,6 +160,11 @@ class Flow:
     description: str = ""
     start_to: tuple[str, ...] = ()
     timeout_to: tuple[str, ...] = ()
+    #: Variables `start` needs; POST /notify checks them before queueing (no flow code runs there).
+    required_variables: tuple[str, ...] = ()
+    #: The approved template (a TWILIO_CONTENT_SIDS name) `start`'s first message uses outside the
+    #: 24-hour window; without it, the backend can start this flow only inside the window.
+    start_content_template: str | None = None
 
     def routes_for(self, state: str | None) -> tuple[Route, ...]:
         """The routes to try in `state` (None: not started), fallbacks last."""

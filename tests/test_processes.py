@@ -118,16 +118,21 @@ def test_notification_travels_through_web_worker_and_twilio_callbacks(stack, app
     base, simulator = stack["base"], stack["simulator"]
     auth = {"Authorization": f"Bearer {API_TOKEN}"}
 
-    # The user writes first (opening the 24-hour window); the worker processes the message.
+    # A new user writes first (opening the 24-hour window): the worker's welcome flow answers.
     assert simulator.send_inbound("+15551230000", "hello bot", profile_name="Ada").status_code == 200
+    [welcome] = simulator.wait_for_messages(1, timeout=20)
+    assert welcome["to"] == "whatsapp:+15551230000" and "YES" in welcome["body"]
+    assert simulator.send_inbound("+15551230000", "yes").status_code == 200
+    simulator.wait_for_messages(2, timeout=20)
 
     response = requests.post(base + "/notify", json={"to": "+15551230000", "body": "Your order shipped"},
                              headers=auth, timeout=5)
     assert response.status_code == 202, response.text
     message_id = response.json()["id"]
 
-    [sent] = simulator.wait_for_messages(1, timeout=20)
-    assert sent["to"] == "whatsapp:+15551230000" and sent["body"] == "Your order shipped"
+    sent = wait_until(lambda: [m for m in simulator.messages if m["body"] == "Your order shipped"],
+                      what="the notification to reach Twilio")[0]
+    assert sent["to"] == "whatsapp:+15551230000"
 
     def read() -> dict | None:
         body = requests.get(f"{base}/messages/{message_id}", headers=auth, timeout=5).json()
@@ -136,5 +141,36 @@ def test_notification_travels_through_web_worker_and_twilio_callbacks(stack, app
     final = wait_until(read, what="the read receipt to be recorded")
     assert final["twilio_sid"] == sent["sid"]
     assert [e["status"] for e in final["events"]] == ["sent", "delivered", "read"]
-    # The inbound message went through the worker too.
-    wait_until(lambda: inbound_statuses(app) == ["processed"], what="the inbound message to be processed")
+    contact = requests.get(f"{base}/contacts/+15551230000", headers=auth, timeout=5).json()
+    assert contact["consent"] == "opted_in" and contact["profile_name"] == "Ada"
+    assert wait_until(lambda: inbound_statuses(app) == ["processed", "processed"],
+                      what="both inbound messages to be processed")
+
+
+def test_a_conversation_with_a_button_and_stop_through_real_processes(stack):
+    """A backend-started appointment answered with a button, then STOP: all across processes."""
+    base, simulator = stack["base"], stack["simulator"]
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    phone = "+15551239999"
+    simulator.send_inbound(phone, "START")
+    simulator.wait_for_messages(1, timeout=20)
+    response = requests.post(base + "/notify", headers=auth, timeout=5, json={
+        "to": phone, "flow": "appointment", "variables": {"date": "Friday", "time": "16:00"}})
+    assert response.status_code == 202, response.text
+    reminder = simulator.wait_for_messages(2, timeout=20)[-1]
+    assert "16:00" in reminder["body"]
+    simulator.send_inbound(phone, "", extra={"ButtonPayload": "RESCHEDULE", "ButtonText": "Reschedule"})
+    simulator.wait_for_messages(3, timeout=20)
+    simulator.send_inbound(phone, "Monday morning please")
+    conversation_url = f"{base}/conversations/{response.json()['id']}"
+    done = wait_until(lambda: (lambda c: c if c["status"] == "completed" else None)(
+        requests.get(conversation_url, headers=auth, timeout=5).json()), what="the appointment outcome")
+    assert done["outcome"]["answer"] == "reschedule"
+    assert done["outcome"]["requested_time"] == "Monday morning please"
+
+    count = len(simulator.wait_for_messages(4, timeout=20))
+    simulator.send_inbound(phone, "Stop")
+    confirmation = simulator.wait_for_messages(count + 1, timeout=20)[-1]
+    assert "unsubscribed" in confirmation["body"].lower()
+    assert requests.post(base + "/notify", json={"to": phone, "body": "hi"}, headers=auth,
+                         timeout=5).status_code == 409

@@ -1,0 +1,37 @@
+"""Flask CLI commands: `flask flows graph [NAME]`."""
+from __future__ import annotations
+
+import click
+from flask import Flask
+from flask.cli import AppGroup
+
+from flows import registry
+from flows.diagram import mermaid
+
+flows_cli = AppGroup("flows", help="Inspect the conversation flows.")
+
+
+@flows_cli.command("graph")
+@click.argument("name", required=False)
+def graph(name: str | None) -> None:
+    """Print a Mermaid state diagram of flow NAME (default: every flow)."""
+    flows = registry()
+    if name is not None and name not in flows:
+        raise click.BadParameter(f"unknown flow {name!r}; flows: {', '.join(flows)}", param_hint="NAME")
+    for flow in ([flows[name]] if name else flows.values()):
+        click.echo(f"%% {flow.name}: {flow.description}" if flow.description else f"%% {flow.name}")
+        click.echo(mermaid(flow))
+        click.echo()
+
+
+@flows_cli.command("list")
+def list_flows() -> None:
+    """List the flows, what starts them and their timeout."""
+    for flow in registry().values():
+        starts = [s for s, ok in (("backend", flow.start is not None), ("user", bool(flow.entry_points))) if ok]
+        click.echo(f"{flow.name:<14} started by {', '.join(starts) or 'the engine':<16} timeout {flow.timeout}")
+
+
+def init_app(app: Flask) -> None:
+    """Register the commands."""
+    app.cli.add_command(flows_cli)

@@ -1,0 +1,82 @@
+"""The backend's view of people and conversations: consent, history, and flow outcomes."""
+from __future__ import annotations
+
+import sqlalchemy as sa
+from flask import Blueprint, abort, jsonify, request
+
+from bot.consent import change_consent
+from bot.contacts import get_or_create_contact
+from bot.extensions import db
+from bot.models import Consent, ConsentEvent, Contact, Conversation, ConversationStatus
+from bot.phone import InvalidNumber, normalize_e164
+from bot.security import require_api_token
+from bot.clock import isoformat
+
+bp = Blueprint("contacts_api", __name__)
+
+
+def _phone_or_400(raw: str) -> str:
+    try:
+        return normalize_e164(raw)
+    except InvalidNumber as exc:
+        abort(400, description=f"phone {exc}")
+
+
+def _contact_dict(contact: Contact) -> dict:
+    ledger = db.session.scalars(
+        sa.select(ConsentEvent).where(ConsentEvent.contact_id == contact.id).order_by(ConsentEvent.id)).all()
+    conversations = db.session.scalars(
+        sa.select(Conversation).where(Conversation.contact_id == contact.id)
+        .order_by(Conversation.started_at.desc()).limit(20)).all()
+    return {
+        "phone": contact.phone,
+        "profile_name": contact.profile_name,
+        "consent": contact.consent,
+        "last_inbound_at": isoformat(contact.last_inbound_at),
+        "consent_history": [event.to_dict() for event in ledger],
+        "conversations": [conversation.to_dict() for conversation in conversations],
+    }
+
+
+@bp.get("/contacts/<phone>")
+@require_api_token
+def get_contact(phone: str):
+    """A contact's consent, its ledger and recent conversations with their outcomes."""
+    contact = db.session.scalar(sa.select(Contact).where(Contact.phone == _phone_or_400(phone)))
+    if contact is None:
+        abort(404, description=f"no contact {phone!r}")
+    return jsonify(_contact_dict(contact))
+
+
+@bp.put("/contacts/<phone>/consent")
+@require_api_token
+def set_consent(phone: str):
+    """Record consent the backend collected elsewhere (e.g. a checkbox): {"consent": "opted_in"}.
+
+    Only opt-in and opt-out; opting someone out through the API sends them nothing.
+    """
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict) or payload.get("consent") not in (Consent.OPTED_IN, Consent.OPTED_OUT):
+        abort(400, description="JSON body must be {\"consent\": \"opted_in\" | \"opted_out\", \"note\": optional}")
+    note = payload.get("note")
+    if note is not None and not isinstance(note, str):
+        abort(400, description="'note' must be a string")
+    contact = get_or_create_contact(_phone_or_400(phone))
+    if payload["consent"] == Consent.OPTED_OUT:
+        for conversation in db.session.scalars(sa.select(Conversation).where(
+                Conversation.contact_id == contact.id, Conversation.status.in_(ConversationStatus.OPEN))):
+            conversation.status = ConversationStatus.CANCELLED
+            conversation.error = "contact opted out (API)"
+    change_consent(contact, payload["consent"], source="api", words=(note or "")[:1000] or None)
+    db.session.commit()
+    return jsonify(_contact_dict(contact))
+
+
+@bp.get("/conversations/<conversation_id>")
+@require_api_token
+def get_conversation(conversation_id: str):
+    """A conversation's flow, state, status and outcome (what the user answered)."""
+    conversation = db.session.get(Conversation, conversation_id)
+    if conversation is None:
+        abort(404, description=f"no conversation with id {conversation_id!r}")
+    return jsonify(conversation.to_dict())

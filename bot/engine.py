@@ -1,0 +1,297 @@
+"""The conversation engine: runs each inbound message through consent keywords and flows.
+
+Runs in the worker only. Messages of one contact are handled one at a time and in arrival order:
+every turn starts by locking the contact's row (an UPDATE, the first statement of its
+transaction: a row lock on PostgreSQL, the write lock on SQLite) and then takes the contact's
+*oldest* unprocessed message, whichever task got there first. Different contacts lock different
+rows and run in parallel.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from bot import outbox
+from bot.clock import utcnow
+from bot.consent import SANDBOX_JOIN, Keywords, change_consent
+from bot.extensions import db
+from bot.models import Consent, Contact, Conversation, ConversationStatus, Direction, Kind, Message
+from bot.replies import build_messages
+from flows import registry
+from flows.toolkit import END, Flow, Inbound, Reply, Step, UnknownState
+
+log = logging.getLogger(__name__)
+
+
+def lock_contact(contact_id: int) -> None:
+    """Take the per-contact lock for the rest of the current transaction."""
+    db.session.commit()  # the lock must be the transaction's first statement (see module doc)
+    db.session.execute(
+        sa.update(Contact).where(Contact.id == contact_id).values(updated_at=Contact.updated_at)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def process_inbound(message_id: str) -> None:
+    """Handle the contact's unprocessed messages, oldest first, until `message_id` is done."""
+    target = db.session.get(Message, message_id)
+    if target is None or target.direction != Direction.INBOUND:
+        return
+    contact_id = target.contact_id
+    while True:
+        lock_contact(contact_id)
+        if db.session.scalar(sa.select(Message.status).where(Message.id == message_id)) != "received":
+            db.session.commit()
+            return
+        message = db.session.scalar(
+            sa.select(Message)
+            .where(Message.contact_id == contact_id, Message.direction == Direction.INBOUND,
+                   Message.status == "received")
+            .order_by(Message.created_at, Message.id).limit(1)
+        )
+        outgoing = _handle_safely(message)
+        db.session.commit()  # consent, conversation and replies land together, before any send
+        for row in outgoing:
+            if row.status == "pending":
+                outbox.enqueue_send(row.id)
+
+
+def _handle_safely(message: Message) -> list[Message]:
+    """Handle one message; a failing flow costs an apology, never the message or the contact."""
+    contact = db.session.get(Contact, message.contact_id)
+    db.session.refresh(contact)
+    try:
+        with db.session.begin_nested():
+            outgoing = handle_message(contact, message)
+            message.status = "processed"
+            return outgoing
+    except Exception as exc:
+        log.exception("flow failed on inbound message %s", message.id)
+        db.session.refresh(contact)
+        message.status = "processed"
+        message.error_message = f"handler error: {type(exc).__name__}"
+        conversation = open_conversation(contact.id)
+        if conversation is not None:
+            # End it, so the contact's next message starts fresh instead of failing again.
+            _end(conversation, ConversationStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
+        return _send(contact, [Reply("common/error")])
+
+
+def handle_message(contact: Contact, message: Message) -> list[Message]:
+    """One turn: consent keywords, then the open conversation, then entry points; returns replies."""
+    inbound = Inbound.from_twilio(message.payload or {"Body": message.body or ""})
+    words = inbound.words
+    keywords = Keywords.from_config()
+    advanced = str((message.payload or {}).get("OptOutType") or "").upper()  # Twilio Advanced Opt-Out
+
+    if words in keywords.opt_out or advanced == "STOP":
+        return _opt_out(contact, message, "twilio_opt_out" if advanced == "STOP" else "keyword")
+    if SANDBOX_JOIN.match(words):
+        return _opt_in(contact, message, "sandbox_join")
+    if (words in keywords.opt_in or advanced == "START") and contact.consent != Consent.OPTED_IN:
+        return _opt_in(contact, message, "keyword")
+    if contact.consent == Consent.OPTED_OUT:
+        log.info("message from opted-out %s recorded, not answered", contact.phone)
+        return []
+    if words in keywords.help or advanced == "HELP":
+        return _send(contact, [Reply("common/help")])
+
+    flows = registry()
+    conversation = open_conversation(contact.id)
+    if conversation is not None:
+        flow = flows.get(conversation.flow)
+        try:
+            if flow is None:
+                raise UnknownState(f"flow {conversation.flow!r} no longer exists")
+            step = flow.handle(conversation.state, inbound, conversation.data or {})
+        except UnknownState as exc:
+            return _restart(contact, conversation, flow, inbound, str(exc))
+        if step is None:
+            return _send(contact, [Reply("common/not_understood")], conversation)
+        return apply_step(contact, conversation, flow, step)
+
+    for flow in flows.values():
+        step = flow.handle(None, inbound, {})
+        if step is not None:
+            conversation = _new_conversation(contact, flow, started_by="user")
+            return apply_step(contact, conversation, flow, step)
+
+    if contact.consent == Consent.UNKNOWN and "welcome" in flows:
+        return start_flow(contact, flows["welcome"], {"name": contact.profile_name}, started_by="user")
+    return _send(contact, [Reply("common/not_understood")])
+
+
+def open_conversation(contact_id: int) -> Conversation | None:
+    """The contact's active conversation, if any."""
+    return db.session.scalar(
+        sa.select(Conversation)
+        .where(Conversation.contact_id == contact_id, Conversation.status == ConversationStatus.ACTIVE)
+        .order_by(Conversation.started_at.desc()).limit(1)
+    )
+
+
+def start_flow(contact: Contact, flow: Flow, variables: dict, *, started_by: str,
+               conversation: Conversation | None = None) -> list[Message]:
+    """Run a flow's `start` for the contact (replacing any open conversation); returns replies."""
+    for other in db.session.scalars(sa.select(Conversation).where(
+            Conversation.contact_id == contact.id, Conversation.status.in_(ConversationStatus.OPEN))):
+        if conversation is None or other.id != conversation.id:
+            _end(other, ConversationStatus.CANCELLED, error="replaced by a newer conversation")
+    if conversation is None:
+        conversation = _new_conversation(contact, flow, started_by=started_by, variables=variables)
+    step = flow.begin(variables)
+    return apply_step(contact, conversation, flow, step)
+
+
+def apply_step(contact: Contact, conversation: Conversation, flow: Flow, step: Step,
+               final_status: str = ConversationStatus.COMPLETED) -> list[Message]:
+    """Persist a step's state, data and outcome, and build its replies."""
+    now = utcnow()
+    conversation.data = dict(step.data)
+    if step.outcome is not None:
+        conversation.outcome = dict(step.outcome)
+    if step.state == END:
+        _end(conversation, final_status, now=now)
+    else:
+        conversation.state = step.state
+        conversation.status = ConversationStatus.ACTIVE
+        conversation.expires_at = now + flow.timeout if flow.timeout else None
+    conversation.updated_at = now
+    return _send(contact, step.replies, conversation)
+
+
+def _send(contact: Contact, replies, conversation: Conversation | None = None,
+          kind: str = Kind.REPLY) -> list[Message]:
+    rows = build_messages(replies, contact, conversation_id=conversation.id if conversation else None, kind=kind)
+    db.session.add_all(rows)
+    db.session.flush()
+    return rows
+
+
+def _new_conversation(contact: Contact, flow: Flow, *, started_by: str, variables: dict | None = None) -> Conversation:
+    conversation = Conversation(contact_id=contact.id, flow=flow.name, status=ConversationStatus.ACTIVE,
+                                started_by=started_by, variables=variables, data={})
+    db.session.add(conversation)
+    db.session.flush()
+    return conversation
+
+
+def _end(conversation: Conversation, status: str, *, error: str | None = None, now: datetime | None = None) -> None:
+    conversation.status = status
+    conversation.state = END
+    conversation.expires_at = None
+    conversation.ended_at = now or utcnow()
+    if error:
+        conversation.error = error
+
+
+def _opt_out(contact: Contact, message: Message, source: str) -> list[Message]:
+    if not change_consent(contact, Consent.OPTED_OUT, source=source, words=message.body,
+                          message_sid=message.twilio_sid):
+        return []  # already opted out: the one confirmation was sent then
+    for conversation in db.session.scalars(sa.select(Conversation).where(
+            Conversation.contact_id == contact.id, Conversation.status.in_(ConversationStatus.OPEN))):
+        _end(conversation, ConversationStatus.CANCELLED, error="contact opted out")
+    return _send(contact, [Reply("subscription/opted_out")], kind=Kind.OPT_OUT_CONFIRMATION)
+
+
+def _opt_in(contact: Contact, message: Message, source: str) -> list[Message]:
+    changed = change_consent(contact, Consent.OPTED_IN, source=source, words=message.body,
+                             message_sid=message.twilio_sid)
+    conversation = open_conversation(contact.id)
+    if conversation is not None and conversation.flow == "welcome":
+        conversation.outcome = {"consent": "opted_in"}
+        _end(conversation, ConversationStatus.COMPLETED)
+    if not changed and source == "keyword":
+        return []
+    return _send(contact, [Reply("subscription/opted_in", {"name": contact.profile_name})])
+
+
+def _restart(contact: Contact, stale: Conversation, flow: Flow | None, inbound: Inbound, reason: str) -> list[Message]:
+    """A stored state the flow no longer has: restart the flow rather than crash."""
+    log.warning("conversation %s restarted: %s", stale.id, reason)
+    _end(stale, ConversationStatus.FAILED, error=f"restarted: {reason}")
+    replies = _send(contact, [Reply("common/restarted")])
+    if flow is not None and stale.started_by == "backend" and flow.start is not None:
+        return replies + start_flow(contact, flow, stale.variables or {}, started_by="backend")
+    if flow is not None:
+        step = flow.handle(None, inbound, {})
+        if step is not None:
+            return replies + apply_step(contact, _new_conversation(contact, flow, started_by="user"), flow, step)
+    return replies
+
+
+# --- tasks' entry points besides inbound messages ---------------------------------------------
+
+def start_conversation(conversation_id: str) -> None:
+    """Start a conversation the backend asked for (POST /notify with "flow")."""
+    conversation = db.session.get(Conversation, conversation_id)
+    if conversation is None:
+        return
+    lock_contact(conversation.contact_id)
+    db.session.refresh(conversation)
+    if conversation.status != ConversationStatus.STARTING:
+        db.session.commit()
+        return
+    contact = db.session.get(Contact, conversation.contact_id)
+    db.session.refresh(contact)
+    flow = registry().get(conversation.flow)
+    outgoing: list[Message] = []
+    if contact.consent == Consent.OPTED_OUT:
+        _end(conversation, ConversationStatus.CANCELLED, error="contact opted out")
+    elif flow is None:
+        _end(conversation, ConversationStatus.FAILED, error=f"flow {conversation.flow!r} no longer exists")
+    else:
+        try:
+            with db.session.begin_nested():
+                outgoing = start_flow(contact, flow, conversation.variables or {}, started_by="backend",
+                                      conversation=conversation)
+        except Exception as exc:
+            log.exception("starting conversation %s failed", conversation_id)
+            _end(conversation, ConversationStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
+    db.session.commit()
+    for row in outgoing:
+        if row.status == "pending":
+            outbox.enqueue_send(row.id)
+
+
+def expire_conversations(now: datetime | None = None, limit: int = 200) -> int:
+    """Run the timeout handler of every conversation idle past its flow's timeout. Returns count."""
+    now = now or utcnow()
+    due = db.session.scalars(
+        sa.select(Conversation.id)
+        .where(Conversation.status == ConversationStatus.ACTIVE, Conversation.expires_at <= now)
+        .order_by(Conversation.expires_at).limit(limit)
+    ).all()
+    db.session.commit()
+    expired = 0
+    flows = registry()
+    for conversation_id in due:
+        conversation = db.session.get(Conversation, conversation_id)
+        lock_contact(conversation.contact_id)
+        db.session.refresh(conversation)
+        if conversation.status != ConversationStatus.ACTIVE or not conversation.expires_at \
+                or conversation.expires_at > now:
+            db.session.commit()  # a message moved it on meanwhile
+            continue
+        contact = db.session.get(Contact, conversation.contact_id)
+        flow = flows.get(conversation.flow)
+        outgoing: list[Message] = []
+        try:
+            with db.session.begin_nested():
+                if flow is None:
+                    _end(conversation, ConversationStatus.EXPIRED)
+                else:
+                    outgoing = apply_step(contact, conversation, flow, flow.expire(conversation.data or {}),
+                                          final_status=ConversationStatus.EXPIRED)
+        except Exception as exc:
+            log.exception("timeout handler of conversation %s failed", conversation_id)
+            _end(conversation, ConversationStatus.EXPIRED, error=f"timeout handler: {type(exc).__name__}")
+        db.session.commit()
+        expired += 1
+        for row in outgoing:
+            if row.status == "pending":
+                outbox.enqueue_send(row.id)
+    return expired

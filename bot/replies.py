@@ -1,0 +1,63 @@
+"""Turning a flow's replies into outbound message rows: render the copy, respect the window.
+
+Copy lives in templates/ as Jinja2 plain text. User text only ever arrives as a variable, and
+undefined variables are errors, so a typo in a template fails a test instead of a user.
+"""
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+from flask import current_app
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from bot.models import Contact, Direction, Kind, Message
+from bot.outbound import OUTSIDE_WINDOW_CODE, within_window
+from flows.toolkit import Reply
+
+log = logging.getLogger(__name__)
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+@lru_cache(maxsize=1)
+def environment() -> Environment:
+    """The Jinja2 environment for message copy (plain text: no HTML escaping)."""
+    return Environment(loader=FileSystemLoader(str(TEMPLATES_DIR)), undefined=StrictUndefined,
+                       autoescape=False, keep_trailing_newline=False, trim_blocks=True, lstrip_blocks=True)
+
+
+def render(template: str, variables: dict[str, Any]) -> str:
+    """Render templates/<template>.txt; the bot's name is always available as `business`."""
+    context = {"business": current_app.config.get("BOT_NAME", "us"), **variables}
+    return environment().get_template(f"{template}.txt").render(context).strip()
+
+
+def build_messages(replies: Iterable[Reply], contact: Contact, *, conversation_id: str | None = None,
+                   kind: str = Kind.REPLY) -> list[Message]:
+    """Message rows (pending) for `replies`; outside the 24-hour window, an approved template
+    replaces the text, or the reply is recorded as skipped (failed, 63016) and never sent."""
+    content_sids = current_app.config["TWILIO_CONTENT_SIDS"]
+    in_window = within_window(contact)
+    rows = []
+    for reply in replies:
+        body = render(reply.template, dict(reply.variables))
+        row = Message(direction=Direction.OUTBOUND, kind=kind, contact_id=contact.id,
+                      conversation_id=conversation_id, body=body, status="pending", status_rank=0,
+                      template=reply.template)
+        if not in_window:
+            sid = content_sids.get(reply.content_template or "")
+            if sid:
+                row.content_sid = sid
+                row.template = reply.content_template
+                row.variables = {str(k): str(v) for k, v in (reply.content_variables or {}).items()}
+            else:
+                row.status, row.status_rank = "failed", 6
+                row.error_code = OUTSIDE_WINDOW_CODE
+                row.error_message = (f"skipped: outside the 24-hour window and no approved template "
+                                     f"({reply.content_template or 'none declared'}) in TWILIO_CONTENT_SIDS")
+                log.info("reply %s to %s skipped: outside the window, no template", reply.template, contact.phone)
+        rows.append(row)
+    return rows
