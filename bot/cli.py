@@ -28,8 +28,8 @@ def graph(name: str | None) -> None:
 def list_flows() -> None:
     """List the flows, what starts them and their timeout."""
     for flow in registry().values():
-        starts = [s for s, ok in (("backend", flow.start is not None), ("user", bool(flow.entry_points))) if ok]
-        click.echo(f"{flow.name:<14} started by {', '.join(starts) or 'the engine':<16} timeout {flow.timeout}")
+        starts = [s for s, ok in (("start()", flow.start is not None), ("entry points", bool(flow.entry_points))) if ok]
+        click.echo(f"{flow.name:<14} starts with {' and '.join(starts):<26} timeout {flow.timeout}")
 
 
 def init_app(app: Flask) -> None:

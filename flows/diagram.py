@@ -20,7 +20,7 @@ def mermaid(flow: Flow) -> str:
     lines = ["stateDiagram-v2", f"    %% flow: {flow.name}"]
     edges: list[tuple[str, str, str]] = []
     for target in flow.start_to:
-        edges.append((_START, _node(target), "started by backend"))
+        edges.append((_START, _node(target), "start"))
     for entry in flow.entry_points:
         for target in entry.to:
             edges.append((_START, _node(target), entry.label))
