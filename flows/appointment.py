@@ -43,6 +43,9 @@ CONFIRM = any_of(button("CONFIRM"), keyword("1", "confirm", "confirmed", "yes", 
 RESCHEDULE = any_of(button("RESCHEDULE"), keyword("2", "reschedule", "change", "change it", "another time"))
 # "cancel" alone is the engine's opt-out keyword and never gets here; "cancel appointment" does.
 CANCEL = any_of(button("CANCEL"), keyword("3", "cancel appointment", "cancel my appointment"))
+#: Diagram label of the catch-all routes.
+REASK = f"re-ask, end after {MAX_INVALID}"
+
 
 
 # --- start and timeout ------------------------------------------------------------------------
@@ -72,8 +75,8 @@ def on_timeout(data: dict) -> Step:
         content_template="appointment_no_response",
         content_variables={"1": str(data.get("date", "")), "2": str(data.get("time", ""))},
     )
-    return Step(END, replies=(nudge,), data=data,
-                outcome=_outcome(data, "no_response", reschedule_requested=bool(data.get("reschedule_requested"))))
+    outcome = _outcome(data, "no_response", reschedule_requested=bool(data.get("reschedule_requested")))
+    return Step(END, replies=(nudge,), data=data, outcome=outcome)
 
 
 # --- handlers ---------------------------------------------------------------------------------
@@ -124,10 +127,10 @@ flow = Flow(
     start_content_template="appointment_reminder",
     states={
         AWAITING_ANSWER: (
-            route(CONFIRM, confirm, to=END),
-            route(RESCHEDULE, ask_new_time, to=AWAITING_NEW_TIME),
-            route(CANCEL, cancel, to=END),
-            route(anything(), reask_answer, to=(AWAITING_ANSWER, END)),
+            route(CONFIRM, confirm, to=END, label="CONFIRM, 1, confirm, yes, ok"),
+            route(RESCHEDULE, ask_new_time, to=AWAITING_NEW_TIME, label="RESCHEDULE, 2, reschedule, change"),
+            route(CANCEL, cancel, to=END, label="CANCEL, 3, cancel appointment"),
+            route(anything(), reask_answer, to=(AWAITING_ANSWER, END), label=f"else ({REASK})"),
         ),
         AWAITING_NEW_TIME: (
             # A button of the reminder pressed now: they changed their mind. Buttons come first,
@@ -136,7 +139,7 @@ flow = Flow(
             route(button("CANCEL"), cancel, to=END),
             route(button("RESCHEDULE"), ask_new_time, to=AWAITING_NEW_TIME),
             route(any_text(), new_time_given, to=END),
-            route(anything(), reask_new_time, to=(AWAITING_NEW_TIME, END), label="no text"),
+            route(anything(), reask_new_time, to=(AWAITING_NEW_TIME, END), label=f"no text ({REASK})"),
         ),
     },
     timeout=TIMEOUT,

@@ -29,6 +29,8 @@ TIMEOUT = timedelta(hours=1)
 _RATING_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
 
 SKIP = keyword("skip", "no", "no thanks", "nothing", "nope")
+#: Diagram label of the catch-all routes.
+REASK = f"re-ask, end after {MAX_INVALID}"
 
 
 def rating_of(message: Inbound) -> int | None:
@@ -90,8 +92,8 @@ def reask_rating(message: Inbound, data: dict) -> Step:
     if count >= MAX_INVALID:
         return Step(END, replies=(Reply("feedback/no_rating", {}),), data=data,
                     outcome=_outcome(data, None, None, completed=False))
-    return Step(RATING, replies=(Reply("feedback/reask_rating", {"minimum": MIN_RATING, "maximum": MAX_RATING}),),
-                data=data)
+    reask = Reply("feedback/reask_rating", {"minimum": MIN_RATING, "maximum": MAX_RATING})
+    return Step(RATING, replies=(reask,), data=data)
 
 
 def got_comment(message: Inbound, data: dict) -> Step:
@@ -127,13 +129,13 @@ flow = Flow(
     states={
         RATING: (
             route(is_rating, got_rating, to=COMMENT, label=f"{MIN_RATING}-{MAX_RATING}"),
-            route(SKIP, skip_rating, to=END),
-            route(anything(), reask_rating, to=(RATING, END)),
+            route(SKIP, skip_rating, to=END, label="skip, no"),
+            route(anything(), reask_rating, to=(RATING, END), label=f"else ({REASK})"),
         ),
         COMMENT: (
-            route(SKIP, skip_comment, to=END),  # before any_text(): "no" is not a comment
+            route(SKIP, skip_comment, to=END, label="skip, no"),  # before any_text(): "no" is not a comment
             route(any_text(), got_comment, to=END),
-            route(anything(), reask_comment, to=(COMMENT, END), label="media, location, no text"),
+            route(anything(), reask_comment, to=(COMMENT, END), label=f"no text ({REASK})"),
         ),
     },
     timeout=TIMEOUT,
@@ -161,5 +163,6 @@ def _thanks(data: Mapping[str, Any], comment: str | None) -> Step:
                 outcome=_outcome(data, rating, comment, completed=True))
 
 
-def _outcome(data: Mapping[str, Any], rating: int | None, comment: str | None, *, completed: bool) -> dict[str, Any]:
+def _outcome(data: Mapping[str, Any], rating: int | None, comment: str | None, *,
+             completed: bool) -> dict[str, Any]:
     return {"rating": rating, "comment": comment, "completed": completed, "topic": data.get("topic")}

@@ -9,6 +9,8 @@ reply renders with the variables it actually carries.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,8 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, UndefinedErro
 from flows import appointment, feedback
 from flows.toolkit import END, Flow, Inbound, Location, Media, Route, Step
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = ROOT / "templates"
 
 
 # --- messages ---------------------------------------------------------------------------------
@@ -150,7 +153,8 @@ APPOINTMENT_CASES = [
                  {"answer": "confirmed"}, id="two-invalid-then-confirm"),
     # Choosing "reschedule" is a new question: two earlier misses don't count against it.
     pytest.param([("hm", AWAIT, REASK), ("??", AWAIT, REASK), ("2", NEW_TIME, ASK_TIME),
-                  (PHOTO, NEW_TIME, REASK_TIME), (VOICE_NOTE, NEW_TIME, REASK_TIME), ("Monday 4pm", END, GOT_TIME)],
+                  (PHOTO, NEW_TIME, REASK_TIME), (VOICE_NOTE, NEW_TIME, REASK_TIME),
+                  ("Monday 4pm", END, GOT_TIME)],
                  {"answer": "reschedule", "requested_time": "Monday 4pm"}, id="reask-count-resets"),
     pytest.param([(btn("RESCHEDULE", "Reschedule"), NEW_TIME, ASK_TIME), (PHOTO, NEW_TIME, REASK_TIME),
                   (PIN, NEW_TIME, REASK_TIME), (EMPTY, END, GAVE_UP)],
@@ -274,12 +278,14 @@ FEEDBACK_CASES = [
                            ("{{ config }} waited 40 minutes", END, THANKS)],
                  {"rating": 2, "comment": "{{ config }} waited 40 minutes"}, id="comment-jinja-text"),
     # Out of range or not a number: re-ask with the range, give up on the third.
-    pytest.param(BACKEND, [("0", RATING, REASK_RATING), ("6", RATING, REASK_RATING), ("five stars", END, NO_RATING)],
+    pytest.param(BACKEND, [("0", RATING, REASK_RATING), ("6", RATING, REASK_RATING),
+                           ("five stars", END, NO_RATING)],
                  {"rating": None, "comment": None, "completed": False}, id="three-invalid-ratings"),
-    pytest.param(BACKEND, [("10", RATING, REASK_RATING), ("4.5", RATING, REASK_RATING), ("4", COMMENT, ASK_COMMENT),
-                           ("Quick and friendly", END, THANKS)],
+    pytest.param(BACKEND, [("10", RATING, REASK_RATING), ("4.5", RATING, REASK_RATING),
+                           ("4", COMMENT, ASK_COMMENT), ("Quick and friendly", END, THANKS)],
                  {"rating": 4, "comment": "Quick and friendly", "completed": True}, id="two-invalid-then-valid"),
-    pytest.param(BACKEND, [(PHOTO, RATING, REASK_RATING), ("great", RATING, REASK_RATING), (PIN, END, NO_RATING)],
+    pytest.param(BACKEND, [(PHOTO, RATING, REASK_RATING), ("great", RATING, REASK_RATING),
+                           (PIN, END, NO_RATING)],
                  {"rating": None, "completed": False}, id="non-text-ratings"),
     pytest.param(BACKEND, [("Skip", END, NO_RATING)],
                  {"rating": None, "comment": None, "completed": False}, id="skip-rating"),
@@ -287,16 +293,19 @@ FEEDBACK_CASES = [
     pytest.param(BACKEND, [("4", COMMENT, ASK_COMMENT), (PHOTO, COMMENT, REASK_COMMENT),
                            (PIN, COMMENT, REASK_COMMENT), ("The app is slow", END, THANKS)],
                  {"rating": 4, "comment": "The app is slow", "completed": True}, id="media-then-comment"),
-    pytest.param(BACKEND, [("0", RATING, REASK_RATING), ("4", COMMENT, ASK_COMMENT), (VOICE_NOTE, COMMENT, REASK_COMMENT),
-                           (EMPTY, COMMENT, REASK_COMMENT), (PHOTO, END, THANKS)],
+    pytest.param(BACKEND, [("0", RATING, REASK_RATING), ("4", COMMENT, ASK_COMMENT),
+                           (VOICE_NOTE, COMMENT, REASK_COMMENT), (EMPTY, COMMENT, REASK_COMMENT),
+                           (PHOTO, END, THANKS)],
                  {"rating": 4, "comment": None, "completed": True}, id="three-non-text-comments"),
-    pytest.param(BACKEND, [("5", COMMENT, ASK_COMMENT), (Inbound(text="Look at this view", media=PHOTO.media), END, THANKS)],
+    pytest.param(BACKEND, [("5", COMMENT, ASK_COMMENT),
+                           (Inbound(text="Look at this view", media=PHOTO.media), END, THANKS)],
                  {"rating": 5, "comment": "Look at this view", "completed": True}, id="caption-is-the-comment"),
 ]
 
 
 @pytest.mark.parametrize("opening, turns, outcome", FEEDBACK_CASES)
-def test_feedback_conversation(opening: dict[str, Any] | None, turns: list[Turn], outcome: dict[str, Any]) -> None:
+def test_feedback_conversation(opening: dict[str, Any] | None, turns: list[Turn],
+                               outcome: dict[str, Any]) -> None:
     moves = play(feedback.flow, opening, turns)
     last = moves[-1].step
     assert subset(outcome, last.outcome), last.outcome
@@ -332,7 +341,8 @@ def test_feedback_reask_states_the_range() -> None:
 
 
 @pytest.mark.parametrize("opening, turns, outcome", [
-    pytest.param(BACKEND, [], {"rating": None, "comment": None, "completed": False, "topic": "your visit on Monday"},
+    pytest.param(BACKEND, [],
+                 {"rating": None, "comment": None, "completed": False, "topic": "your visit on Monday"},
                  id="before-rating"),
     pytest.param(BACKEND, [("9", RATING, REASK_RATING)], {"rating": None, "completed": False}, id="after-a-reask"),
     pytest.param(USER, [("survey", RATING, ASK_RATING), ("4", COMMENT, ASK_COMMENT)],
@@ -357,8 +367,8 @@ def every_conversation() -> Iterator[tuple[Flow, list[Move]]]:
     for minimal in ({"date": "Tue 14 May", "time": "10:30"}, VARS):
         moves = play(appointment.flow, minimal, [("2", NEW_TIME, ASK_TIME)])
         for i in (0, 1):  # time out after the reminder, and while waiting for a time
-            yield appointment.flow, [*moves[: i + 1],
-                                     Move(moves[i].step.state, None, appointment.flow.expire(moves[i].step.data))]
+            timed_out = Move(moves[i].step.state, None, appointment.flow.expire(moves[i].step.data))
+            yield appointment.flow, [*moves[: i + 1], timed_out]
     for case in FEEDBACK_CASES:
         opening, turns, _ = case.values
         yield feedback.flow, play(feedback.flow, opening, turns)
@@ -440,3 +450,11 @@ def test_a_missing_variable_fails_rendering(jinja: Environment) -> None:
         jinja.get_template("appointment/reminder.txt").render({"date": "Tue", "time": "10:30"})
     with pytest.raises(UndefinedError):
         jinja.get_template("feedback/ask_comment.txt").render({})
+
+
+def test_flows_are_pure_code() -> None:
+    """Neither flow pulls in Flask, SQLAlchemy or the app (checked in a fresh interpreter)."""
+    code = ("import sys, flows.appointment, flows.feedback; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('flask', 'sqlalchemy', 'bot')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
