@@ -257,14 +257,18 @@ def start_conversation(conversation_id: str) -> None:
             outbox.enqueue_send(row.id)
 
 
-def expire_conversations(now: datetime | None = None, limit: int = 200) -> int:
-    """Run the timeout handler of every conversation idle past its flow's timeout. Returns count."""
+def expire_conversations(now: datetime | None = None, limit: int = 200, contact_id: int | None = None) -> int:
+    """Run the timeout handler of every conversation idle past its flow's timeout. Returns count.
+
+    `now` can be moved forward (and `contact_id` narrowed) to wait out a timeout in development.
+    """
     now = now or utcnow()
-    due = db.session.scalars(
-        sa.select(Conversation.id)
-        .where(Conversation.status == ConversationStatus.ACTIVE, Conversation.expires_at <= now)
-        .order_by(Conversation.expires_at).limit(limit)
-    ).all()
+    query = (sa.select(Conversation.id)
+             .where(Conversation.status == ConversationStatus.ACTIVE, Conversation.expires_at <= now)
+             .order_by(Conversation.expires_at).limit(limit))
+    if contact_id is not None:
+        query = query.where(Conversation.contact_id == contact_id)
+    due = db.session.scalars(query).all()
     db.session.commit()
     expired = 0
     flows = registry()

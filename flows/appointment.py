@@ -161,8 +161,8 @@ def _validated(variables: Mapping[str, Any]) -> dict[str, Any]:
         data[key] = _text(variables.get(key), key)
     appointment_id = variables.get("appointment_id")
     if appointment_id is not None and (isinstance(appointment_id, bool)
-                                       or not isinstance(appointment_id, (str, int))):
-        raise ValueError("variable 'appointment_id' must be a string or an integer")
+                                       or not isinstance(appointment_id, (str, int, float))):
+        raise ValueError("variable 'appointment_id' must be a string or a number")
     data["appointment_id"] = appointment_id
     data["invalid_answers"] = 0
     data["reschedule_requested"] = False

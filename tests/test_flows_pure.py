@@ -212,7 +212,7 @@ def test_appointment_start_cleans_optional_and_numeric_variables() -> None:
     pytest.param({"name": "Ada"}, ["'date'", "'time'"], id="neither"),
     pytest.param({"date": ["Tue"], "time": "10:30"}, ["'date'"], id="date-not-text"),
     pytest.param({"date": "Tue", "time": "10:30", "place": {"x": 1}}, ["'place'"], id="place-not-text"),
-    pytest.param({"date": "Tue", "time": "10:30", "appointment_id": 1.5}, ["'appointment_id'"], id="bad-id"),
+    pytest.param({"date": "Tue", "time": "10:30", "appointment_id": {"id": 1}}, ["'appointment_id'"], id="bad-id"),
 ])
 def test_appointment_start_rejects_bad_variables(variables: dict[str, Any], named: list[str]) -> None:
     with pytest.raises(ValueError) as raised:
