@@ -10,7 +10,10 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from bot.config import ConfigError, database_uri, load_settings, missing_secrets
+from pydantic import SecretStr
+
+from bot.config import ConfigError, Settings, database_uri, load_settings, missing_secrets
+from bot.devmode import DEV_SENDER, DEV_WEBHOOK_URL, dev_secrets, simulator_url
 
 #: Largest request body accepted; Twilio's webhooks and /notify bodies are a few kilobytes.
 MAX_CONTENT_LENGTH = 256 * 1024
@@ -28,6 +31,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     instance_path = os.path.abspath(settings.instance_path) if settings.instance_path else None
     app = Flask(__name__, instance_path=instance_path, instance_relative_config=True)
     app.json.sort_keys = False  # keep answers in the order the contract documents
+    dev_mode = _dev_mode_requested(settings, test_config)
+    if dev_mode:
+        settings = with_dev_defaults(settings, app.instance_path)
     missing = missing_secrets(settings)
     if missing:
         raise ConfigError(
@@ -54,6 +60,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         SQLALCHEMY_DATABASE_URI=database_uri(settings.database_url, app.instance_path),
         SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True},
         MAX_CONTENT_LENGTH=MAX_CONTENT_LENGTH,
+        DEV_MODE=dev_mode,
     )
     if test_config is not None:
         app.config.update({k: v for k, v in test_config.items() if k.lower() not in type(settings).model_fields})
@@ -80,12 +87,43 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_error_handler(HTTPException, _json_http_error)
 
-    if not settings.twilio_webhook_url:
+    if dev_mode:
+        app.logger.warning(
+            "\n*** DEVELOPMENT MODE: no Twilio credentials are set, so this server talks to the bundled "
+            "Twilio simulator at %s, not to Twilio. Development secrets live in %s. Set "
+            "TWILIO_ACCOUNT_SID (and the other TWILIO_* variables) to talk to Twilio. ***",
+            settings.twilio_api_url, os.path.join(app.instance_path, "dev-secrets.json"),
+        )
+    elif not settings.twilio_webhook_url:
         app.logger.warning(
             "TWILIO_WEBHOOK_URL is not set: sends carry no StatusCallback and signatures are checked "
             "against the request URL"
         )
     return app
+
+
+def _dev_mode_requested(settings: Settings, test_config: dict[str, Any] | None) -> bool:
+    """Development mode: no Twilio credentials at all, never on a Heroku dyno, never silently in
+    tests (a test asks for it with DEV_MODE=True)."""
+    if test_config is not None:
+        return bool(test_config.get("DEV_MODE"))
+    return not settings.twilio_account_sid and not settings.twilio_auth_token and not os.environ.get("DYNO")
+
+
+def with_dev_defaults(settings: Settings, instance_path: str) -> Settings:
+    """Settings for the simulator: development secrets, the sandbox sender, local URLs."""
+    secrets = dev_secrets(instance_path)
+    updates: dict[str, Any] = {
+        "twilio_account_sid": secrets["TWILIO_ACCOUNT_SID"],
+        "twilio_auth_token": SecretStr(secrets["TWILIO_AUTH_TOKEN"]),
+        "twilio_whatsapp_number": settings.twilio_whatsapp_number or DEV_SENDER,
+        "twilio_webhook_url": settings.twilio_webhook_url or DEV_WEBHOOK_URL,
+    }
+    if settings.twilio_api_url == Settings.model_fields["twilio_api_url"].default:
+        updates["twilio_api_url"] = simulator_url()
+    if not settings.notify_api_token:
+        updates["notify_api_token"] = SecretStr(secrets["NOTIFY_API_TOKEN"])
+    return settings.model_copy(update=updates)
 
 
 def _json_http_error(exc: HTTPException):

@@ -82,7 +82,9 @@ def _handle_safely(message: Message) -> list[Message]:
 def handle_message(contact: Contact, message: Message) -> list[Message]:
     """One turn: consent keywords, then the open conversation, then entry points; returns replies."""
     inbound = Inbound.from_twilio(message.payload or {"Body": message.body or ""})
-    words = inbound.words
+    # A quick-reply press carries its label as the text: a button labelled "Cancel" answers the
+    # question on screen and must not unsubscribe anyone, so keywords apply to typed text only.
+    words = "" if inbound.button_payload else inbound.words
     keywords = Keywords.from_config()
     advanced = str((message.payload or {}).get("OptOutType") or "").upper()  # Twilio Advanced Opt-Out
 

@@ -106,7 +106,7 @@ def _flow_request(to: str, name: Any, variables: Any, flows: Mapping[str, Flow])
     for key, value in variables.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
             raise InvalidRequest(f"variable {key!r} must be a string or a number")
-    missing = [v for v in flows[name].required_variables if variables.get(v) in (None, "")]
+    missing = [v for v in flows[name].required_variables if not str(variables.get(v) or "").strip()]
     if missing:
         raise InvalidRequest(f"flow {name!r} needs variables: {', '.join(missing)}")
     return NotifyRequest(to=to, flow=name, variables=dict(variables))

@@ -209,6 +209,7 @@ class TwilioSimulator:
         auto_callbacks: bool = False,
         callback_statuses: tuple[str, ...] = ("sent", "delivered", "read"),
         callback_delay: float = 0.2,
+        failing_numbers: Mapping[str, int] | None = None,
     ) -> None:
         """Configure the simulator; nothing listens until :meth:`start`.
 
@@ -225,6 +226,9 @@ class TwilioSimulator:
         self.auto_callbacks = auto_callbacks
         self.callback_statuses = tuple(callback_statuses)
         self.callback_delay = callback_delay
+        #: Recipients (E.164) whose sends are accepted and then fail with this error code in the
+        #: status callbacks (sent, then undelivered/failed), as an unreachable handset would.
+        self.failing_numbers = {k.removeprefix("whatsapp:"): v for k, v in (failing_numbers or {}).items()}
 
         self._cond = threading.Condition(threading.RLock())
         self._stopping = threading.Event()
@@ -239,6 +243,7 @@ class TwilioSimulator:
         base = f"/{API_VERSION}/Accounts/<account_sid>"
         self._routes = Map(
             [
+                Rule(f"/{API_VERSION}/Accounts/<account_sid>.json", endpoint="account", methods=["GET"]),
                 Rule(f"{base}/Messages.json", endpoint="messages", methods=["GET", "POST"]),
                 Rule(f"{base}/Messages/<sid>.json", endpoint="message", methods=["GET"]),
             ]
@@ -452,9 +457,19 @@ class TwilioSimulator:
             with self._cond:
                 self._webhooks.append(entry)
 
+    def _callback_plan(self, sid: str) -> list[tuple[str, int | None]]:
+        """The statuses (and error codes) the callbacks of one send walk through."""
+        with self._cond:
+            record = self._messages.get(sid)
+            to = (record or {}).get("to", "").removeprefix("whatsapp:")
+        code = self.failing_numbers.get(to)
+        if code is None:
+            return [(status, None) for status in self.callback_statuses]
+        return [("sent", None), ("undelivered" if code == 30003 else "failed", code)]
+
     def _auto_callbacks(self, sid: str) -> None:
-        """Background thread body: walk one send through ``callback_statuses``."""
-        for status in self.callback_statuses:
+        """Background thread body: walk one send through its callback statuses."""
+        for status, error_code in self._callback_plan(sid):
             # Wait first, so the bot has stored the SID from the 201 before hearing about it.
             if self._stopping.wait(self.callback_delay):
                 return
@@ -464,11 +479,11 @@ class TwilioSimulator:
                     return
                 has_callback = bool(record["form"].get("StatusCallback"))
                 if not has_callback:
-                    self._set_status(record, status, None)
+                    self._set_status(record, status, error_code)
             if not has_callback:
                 continue
             try:
-                self.send_status_callback(sid, status)
+                self.send_status_callback(sid, status, error_code=error_code)
             except Exception as exc:  # a dead webhook must never break the simulator
                 log.warning("status callback %s for %s failed: %s", status, sid, exc)
 
@@ -524,6 +539,12 @@ class TwilioSimulator:
         )
         if not ok:
             raise _ApiError(401, 20003)
+
+    def _handle_account(self, request: Request, account_sid: str) -> Response:
+        """GET Accounts/<sid>.json: what `flask doctor` uses to check credentials."""
+        self._check_auth(request, account_sid)
+        return _json_response({"sid": account_sid, "friendly_name": "Twilio simulator", "status": "active",
+                               "type": "Full", "uri": f"/{API_VERSION}/Accounts/{account_sid}.json"})
 
     def _handle_messages(self, request: Request, account_sid: str) -> Response:
         if request.method == "GET":
@@ -654,20 +675,38 @@ class TwilioSimulator:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the simulator in the foreground until Ctrl-C, logging one line per send.
+    """Run the simulator in the foreground until Ctrl-C or SIGTERM, logging one line per send.
 
-    Defaults come from TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, TWILIO_WEBHOOK_URL and SIMULATOR_PORT.
+    Defaults come from TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, TWILIO_WEBHOOK_URL and SIMULATOR_PORT;
+    with no Twilio credentials in the environment it uses the server's development secrets
+    (instance/dev-secrets.json), so `bin/dev` needs no configuration at all.
     """
+    from bot.devmode import DEV_WEBHOOK_URL, dev_secrets, simulator_port
+
     env = os.environ
+    secrets = {} if env.get("TWILIO_ACCOUNT_SID") else dev_secrets(env.get("INSTANCE_PATH") or "instance")
     parser = argparse.ArgumentParser(prog="python -m bot.simulator", description="Local fake of Twilio's Messages API.")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=int(env.get("SIMULATOR_PORT", "8081")))
-    parser.add_argument("--account-sid", default=env.get("TWILIO_ACCOUNT_SID", "AC" + "0" * 32))
-    parser.add_argument("--auth-token", default=env.get("TWILIO_AUTH_TOKEN", "simulator-token"))
-    parser.add_argument("--webhook-url", default=env.get("TWILIO_WEBHOOK_URL"))
-    parser.add_argument("--auto-callbacks", action="store_true", help="post sent/delivered/read status callbacks")
-    parser.add_argument("--callback-delay", type=float, default=0.5)
+    parser.add_argument("--port", type=int, default=simulator_port())
+    parser.add_argument("--account-sid", default=env.get("TWILIO_ACCOUNT_SID") or secrets.get("TWILIO_ACCOUNT_SID"))
+    parser.add_argument("--auth-token", default=env.get("TWILIO_AUTH_TOKEN") or secrets.get("TWILIO_AUTH_TOKEN"))
+    parser.add_argument("--webhook-url", default=env.get("TWILIO_WEBHOOK_URL") or DEV_WEBHOOK_URL,
+                        help="the bot's /twilio/webhook (status callbacks go to each send's StatusCallback)")
+    parser.add_argument("--no-auto-callbacks", dest="auto_callbacks", action="store_false",
+                        help="do not post sent/delivered/read status callbacks")
+    parser.add_argument("--callback-delay", type=float, default=float(env.get("SIMULATOR_CALLBACK_DELAY", "0.5")),
+                        help="seconds between status callbacks (default 0.5)")
+    parser.add_argument("--statuses", default="sent,delivered,read",
+                        help="the callbacks each send gets, in order (default sent,delivered,read)")
+    parser.add_argument("--fail", action="append", default=[], metavar="NUMBER=CODE",
+                        help="sends to NUMBER are accepted, then fail with CODE (e.g. +15550000001=30003)")
     args = parser.parse_args(argv)
+    failing = {}
+    for rule in args.fail:
+        number, _, code = rule.partition("=")
+        if not code.isdigit():
+            parser.error(f"--fail wants NUMBER=CODE, got {rule!r}")
+        failing[number.strip()] = int(code)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sim = TwilioSimulator(
@@ -678,6 +717,8 @@ def main(argv: list[str] | None = None) -> None:
         webhook_url=args.webhook_url,
         auto_callbacks=args.auto_callbacks,
         callback_delay=args.callback_delay,
+        callback_statuses=tuple(s.strip() for s in args.statuses.split(",") if s.strip()),
+        failing_numbers=failing,
     ).start()
     log.info("Twilio simulator on %s (account %s); point client.api.base_url here", sim.url, args.account_sid)
     # Stop cleanly on Ctrl-C and on SIGTERM (what honcho/foreman send to Procfile processes).

@@ -224,7 +224,7 @@ def _labelled(label: str, fn: Matcher) -> Matcher:
 
 def keyword(*words: str) -> Matcher:
     """The whole message (or a pressed button's payload/label) is one of `words`."""
-    wanted = {normalize(w) for w in words}
+    wanted = {normalize(w) for w in words} - {""}  # an empty keyword would match every media message
     return _labelled(
         "|".join(words),
         lambda m: m.words in wanted or normalize(m.button_payload) in wanted or normalize(m.button_text) in wanted,
@@ -233,17 +233,21 @@ def keyword(*words: str) -> Matcher:
 
 def button(*payloads: str) -> Matcher:
     """A WhatsApp quick-reply button was pressed (any, or one of `payloads`)."""
-    wanted = {normalize(p) for p in payloads}
+    wanted = {normalize(p) for p in payloads} - {""}
     return _labelled(
         "button " + "|".join(payloads) if payloads else "any button",
         lambda m: m.button_payload is not None and (not wanted or normalize(m.button_payload) in wanted),
     )
 
 
+_NUMBER = re.compile(r"^#?\s*(\d{1,9})\s*[.!)]?$")
+
+
 def parse_number(message: Inbound) -> int | None:
-    """The whole message as an integer ('4', ' 4. ', '#4'), else None."""
-    words = message.answer
-    return int(words) if words.isdigit() else None
+    """The whole message as a non-negative integer ('4', ' 4. ', '#4'), else None ('-1' too)."""
+    raw = (message.button_payload or message.text or "").strip()
+    found = _NUMBER.match(raw)
+    return int(found.group(1)) if found else None
 
 
 def number(minimum: int, maximum: int) -> Matcher:

@@ -275,28 +275,59 @@ def test_settings_repr_hides_secrets() -> None:
 # --- the wsgi entry point -------------------------------------------------------------------
 
 
-def test_wsgi_without_secrets_fails_naming_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("given, missing", [
+    ({"DYNO": "web.1"}, list(SECRETS)),  # a Heroku dyno never falls into development mode
+    ({"TWILIO_ACCOUNT_SID": SECRETS["TWILIO_ACCOUNT_SID"]}, [n for n in SECRETS if n != "TWILIO_ACCOUNT_SID"]),
+    ({"TWILIO_AUTH_TOKEN": "x"}, [n for n in SECRETS if n != "TWILIO_AUTH_TOKEN"]),
+])
+def test_wsgi_without_secrets_fails_naming_them(tmp_path: Path, given: dict, missing: list) -> None:
     """`gunicorn wsgi:app` on a host that forgot its secrets: non-zero exit, names the variables."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PYTHONPATH": str(PROJECT_ROOT),
         "INSTANCE_PATH": str(tmp_path / "instance"),
         "HOME": str(tmp_path),
+        **given,
     }
     result = subprocess.run(
         [sys.executable, "-c", "import wsgi"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode != 0
-    for name in SECRETS:
-        assert name in result.stderr, result.stderr
     # The failure is the configuration error, not an unrelated crash on the way to it.
     last_line = result.stderr.strip().splitlines()[-1]
     assert "ConfigError" in last_line, result.stderr
-    for name in SECRETS:
+    for name in missing:
         assert name in last_line, result.stderr
+    for name in set(SECRETS) - set(missing):
+        assert name not in last_line, result.stderr
+    assert "DEVELOPMENT MODE" not in result.stderr
     for noise in ("ModuleNotFoundError", "ImportError", "OperationalError", "ValidationError"):
         assert noise not in result.stderr, result.stderr
+
+
+def test_wsgi_with_no_twilio_variables_starts_in_loud_development_mode(tmp_path: Path) -> None:
+    """No account at all: the simulator is used, development secrets are generated and kept."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(PROJECT_ROOT),
+        "INSTANCE_PATH": str(tmp_path / "instance"),
+        "HOME": str(tmp_path),
+    }
+    code = "import wsgi; c = wsgi.app.config; print(c['TWILIO_API_URL'], c['TWILIO_ACCOUNT_SID'], c['DEV_MODE'])"
+    first = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert "DEVELOPMENT MODE" in first.stderr and "simulator" in first.stderr
+    api_url, account_sid, dev_mode = first.stdout.split()
+    assert api_url == "http://127.0.0.1:8081" and account_sid.startswith("AC") and dev_mode == "True"
+    secrets_file = tmp_path / "instance" / "dev-secrets.json"
+    assert secrets_file.stat().st_mode & 0o077 == 0  # readable by the owner only
+    assert json.loads(secrets_file.read_text())["TWILIO_AUTH_TOKEN"] not in first.stderr
+    # A restart (or the worker, or the simulator) gets the very same secrets.
+    second = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert second.stdout.split()[1] == account_sid
 
 
 def test_wsgi_with_secrets_in_environment_imports(tmp_path: Path) -> None:

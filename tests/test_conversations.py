@@ -463,3 +463,21 @@ def test_inbound_content_reaches_flows(ctx):
     assert message.location.latitude == 52.52 and message.location.address == "Berlin"
     assert message.button_payload == "CONFIRM" and message.answer == "confirm"
     assert message.profile_name == "Ada" and message.wa_id == "15551234567"
+
+
+def test_a_button_labelled_like_a_keyword_answers_the_flow_not_the_keyword(ctx, client, auth, say):
+    make_contact(PHONE)
+    client.post("/notify", headers=auth, json={"to": PHONE, "flow": "appointment",
+                                               "variables": {"date": "Monday", "time": "08:00"}})
+    run_queue()
+    say("Cancel", ButtonPayload="CANCEL", ButtonText="Cancel")
+    assert contact().consent == Consent.OPTED_IN  # not unsubscribed
+    [appointment] = conversations()
+    assert appointment.outcome["answer"] == "cancelled"
+
+
+def test_blank_required_flow_variables_are_a_400(ctx, client, auth):
+    make_contact(PHONE)
+    response = client.post("/notify", headers=auth, json={"to": PHONE, "flow": "appointment",
+                                                          "variables": {"date": "   ", "time": "08:00"}})
+    assert response.status_code == 400 and "date" in response.get_json()["error"]

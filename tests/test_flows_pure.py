@@ -458,3 +458,17 @@ def test_flows_are_pure_code() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('flask', 'sqlalchemy', 'bot')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("text, expected", [("4", 4), (" 4. ", 4), ("#4", 4), ("-1", None), ("4.5", None),
+                                            ("four", None), ("", None)])
+def test_parse_number_reads_whole_non_negative_numbers(text, expected):
+    from flows.toolkit import Inbound, parse_number
+
+    assert parse_number(Inbound(text=text)) == expected
+
+
+def test_empty_keywords_match_nothing():
+    from flows.toolkit import Inbound, keyword
+
+    assert not keyword("", "🙂")(Inbound(text=""))
