@@ -137,9 +137,20 @@ def _json_http_error(exc: HTTPException):
 
 
 def _configure_logging(app: Flask) -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app.logger.setLevel(logging.INFO)
+    """Our INFO logs on stderr, once, in every process.
+
+    The handler sits on the "bot" logger, not the root: huey_consumer adds its own root handler
+    after importing the app, and a root handler of ours would print every line twice.
+    """
+    logger = logging.getLogger("bot")
+    if not any(getattr(h, "_bot_handler", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._bot_handler = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    # Under pytest the root logger is the capture; elsewhere it would print our lines a second time.
+    logger.propagate = bool(app.config.get("TESTING"))
     # Alembic announces each of its plugins at INFO whenever the app is created; that is noise.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 

@@ -32,6 +32,18 @@ def list_flows() -> None:
         click.echo(f"{flow.name:<14} starts with {' and '.join(starts):<26} timeout {flow.timeout}")
 
 
+@click.command("doctor")
+def doctor_command() -> None:
+    """Check the configuration (variables, webhook URL, database, Redis, Twilio credentials).
+
+    Also runs without a loadable app: `python -m bot.doctor`.
+    """
+    from bot.doctor import main
+
+    raise SystemExit(main())
+
+
 def init_app(app: Flask) -> None:
     """Register the commands."""
     app.cli.add_command(flows_cli)
+    app.cli.add_command(doctor_command)
