@@ -69,3 +69,9 @@ def test_diagram_follows_declared_routes():
     text = mermaid(registry()["feedback"])
     assert "rating --> comment: 1-5" in text
     assert "[*] --> rating: feedback|survey" in text
+
+
+def test_readme_shows_each_flows_current_diagram():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, flow in registry().items():
+        assert mermaid(flow) in readme, f"README's diagram of {name} is stale: paste `flask flows graph {name}`"
