@@ -111,18 +111,26 @@ def notify():
         return _start_flow(notification, contact, key)
 
     message = _new_outbound(notification, contact.id, key)
-    db.session.add(message)
+    race = _commit_new_row(message, key, notification)  # the outbox row exists before any enqueue
+    if race is not None:
+        return race
+    outbox.enqueue_send(message.id)
+    return _accepted(message)
+
+
+def _commit_new_row(row: Message | Conversation, key: str | None, notification: NotifyRequest):
+    """Commit a new row; if a concurrent request with the same Idempotency-Key won the race,
+    return that request's answer instead (None when the commit went through)."""
+    db.session.add(row)
     try:
-        db.session.commit()  # the outbox row exists before anything is enqueued
+        db.session.commit()
+        return None
     except IntegrityError:
-        # A concurrent request with the same Idempotency-Key won the race.
         db.session.rollback()
         replay = _replay(key, notification.fingerprint()) if key else None
         if replay is None:
             raise
         return replay
-    outbox.enqueue_send(message.id)
-    return _accepted(message)
 
 
 def _start_flow(notification: NotifyRequest, contact, key: str | None):
@@ -144,15 +152,9 @@ def _start_flow(notification: NotifyRequest, contact, key: str | None):
         variables=notification.variables, data={}, idempotency_key=key,
         request_hash=notification.fingerprint() if key else None,
     )
-    db.session.add(conversation)
-    try:
-        db.session.commit()
-    except IntegrityError:
-        db.session.rollback()
-        replay = _replay(key, notification.fingerprint()) if key else None
-        if replay is None:
-            raise
-        return replay
+    race = _commit_new_row(conversation, key, notification)
+    if race is not None:
+        return race
     outbox.enqueue_conversation_start(conversation.id)
     return _conversation_accepted(conversation)
 

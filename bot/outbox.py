@@ -21,40 +21,35 @@ log = logging.getLogger(__name__)
 STALE_AFTER = timedelta(seconds=60)
 
 
-def enqueue_send(message_id: str) -> bool:
-    """Put a committed outbound message on the queue; False (logged) if the queue is down."""
-    from bot.tasks import send_message
+def _enqueue(task_name: str, row_id: str) -> bool:
+    """Enqueue a task for a committed row; False (logged) if the queue is down.
+
+    Any broker failure is swallowed on purpose: the row is safe in the database and the sweep
+    enqueues it later, so the caller can still answer its request.
+    """
+    from bot import tasks
 
     try:
-        send_message(message_id)
+        getattr(tasks, task_name)(row_id)
         return True
-    except Exception:  # any broker failure: the row is safe, the sweep will enqueue it
-        log.exception("could not enqueue message %s; the outbox sweep will retry", message_id)
+    except Exception:
+        log.exception("could not enqueue %s(%s); the outbox sweep will retry", task_name, row_id)
         return False
+
+
+def enqueue_send(message_id: str) -> bool:
+    """Put a committed outbound message on the queue."""
+    return _enqueue("send_message", message_id)
 
 
 def enqueue_inbound(message_id: str) -> bool:
-    """Put a committed inbound message on the queue; False (logged) if the queue is down."""
-    from bot.tasks import process_inbound
-
-    try:
-        process_inbound(message_id)
-        return True
-    except Exception:
-        log.exception("could not enqueue inbound message %s; the outbox sweep will retry", message_id)
-        return False
+    """Put a committed inbound message on the queue."""
+    return _enqueue("process_inbound", message_id)
 
 
 def enqueue_conversation_start(conversation_id: str) -> bool:
-    """Put a committed backend-started conversation on the queue; False (logged) if the queue is down."""
-    from bot.tasks import start_conversation
-
-    try:
-        start_conversation(conversation_id)
-        return True
-    except Exception:
-        log.exception("could not enqueue conversation %s; the outbox sweep will retry", conversation_id)
-        return False
+    """Put a committed backend-started conversation on the queue."""
+    return _enqueue("start_conversation", conversation_id)
 
 
 def take_periodic_turn(name: str, interval_seconds: int) -> bool:

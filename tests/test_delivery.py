@@ -259,3 +259,31 @@ def test_only_one_consumer_takes_each_periodic_turn(app):
     with app.app_context():
         turns = [outbox.take_periodic_turn("sweep_outbox", interval_seconds=50) for _ in range(3)]
     assert turns == [True, False, False]
+
+
+def test_concurrent_requests_with_one_idempotency_key_create_one_message(app, auth, twilio):
+    """Two backends' retries racing: the unique key decides, the loser answers with the winner's id."""
+    with app.app_context():
+        make_contact()
+    answers: list[tuple[int, str]] = []
+    start = threading.Barrier(6)
+
+    def post() -> None:
+        client = app.test_client()
+        start.wait()
+        response = client.post("/notify", json={"to": "+15551234567", "body": "once"},
+                               headers={**auth, "Idempotency-Key": "race-1"})
+        answers.append((response.status_code, response.get_json()["id"]))
+
+    threads = [threading.Thread(target=post) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(answers) == 6
+    assert {status for status, _ in answers} == {202}
+    assert len({message_id for _, message_id in answers}) == 1
+    run_queue()
+    assert len(twilio.messages) == 1
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(Message)) == 1
