@@ -243,3 +243,58 @@ def test_sign_handles_repeated_fields() -> None:
     form = MultiDict([("Body", "hi"), ("MediaUrl", "https://a/1"), ("MediaUrl", "https://a/2")])
     assert RequestValidator(AUTH_TOKEN).validate(url, form, sign(AUTH_TOKEN, url, params))
     assert sign(AUTH_TOKEN, url, params) != sign(AUTH_TOKEN, url, {"Body": "hi"})
+
+
+def test_failing_numbers_get_sent_then_undelivered_with_the_code(receiver: Receiver) -> None:
+    failing = "whatsapp:+15550000001"
+    with TwilioSimulator(ACCOUNT_SID, AUTH_TOKEN, auto_callbacks=True, callback_delay=0.02,
+                         failing_numbers={"+15550000001": 30003}) as sim:
+        make_client(sim).messages.create(to=failing, from_=SANDBOX, body="x", status_callback=receiver.url)
+        posts = receiver.wait_for(2)
+        assert [(p["form"]["MessageStatus"], p["form"].get("ErrorCode")) for p in posts] == \
+            [("sent", None), ("undelivered", "30003")]
+        assert sim.messages[0]["error_code"] == 30003
+
+
+def test_account_fetch_checks_credentials(sim: TwilioSimulator) -> None:
+    account = make_client(sim).api.v2010.accounts(ACCOUNT_SID).fetch()
+    assert account.status == "active"
+    with pytest.raises(TwilioRestException) as refused:
+        make_client(sim, token="wrong").api.v2010.accounts(ACCOUNT_SID).fetch()
+    assert (refused.value.status, refused.value.code) == (401, 20003)
+
+
+def test_main_runs_with_development_secrets_and_stops_on_sigterm(tmp_path) -> None:
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from bot.devmode import dev_secrets
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWILIO_")}
+    env.update(INSTANCE_PATH=str(tmp_path), SIMULATOR_PORT=str(port))
+    process = subprocess.Popen([sys.executable, "-m", "bot.simulator"], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        secrets = dev_secrets(str(tmp_path))  # the same file the simulator reads
+        client = Client(secrets["TWILIO_ACCOUNT_SID"], secrets["TWILIO_AUTH_TOKEN"],
+                        http_client=TwilioHttpClient(timeout=2))
+        client.api.base_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                assert client.api.v2010.accounts(secrets["TWILIO_ACCOUNT_SID"]).fetch().status == "active"
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "simulator did not start"
+                time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=10)[0]
+    assert process.returncode == 0, output
+    assert "stopped" in output
