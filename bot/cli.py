@@ -1,10 +1,11 @@
-"""Flask CLI commands: `flask flows graph [NAME]`."""
+"""Flask CLI commands: `flask flows graph|list`, `flask doctor`, `flask chat`."""
 from __future__ import annotations
 
 import click
 from flask import Flask
 from flask.cli import AppGroup
 
+from bot.chat import chat_command
 from flows import registry
 from flows.diagram import mermaid
 
@@ -47,3 +48,4 @@ def init_app(app: Flask) -> None:
     """Register the commands."""
     app.cli.add_command(flows_cli)
     app.cli.add_command(doctor_command)
+    app.cli.add_command(chat_command)

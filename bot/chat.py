@@ -1,0 +1,526 @@
+"""`flask chat`: be a WhatsApp user in the terminal, talking to the running bot.
+
+Each line becomes a signed inbound webhook, posted to the bot exactly as Twilio posts it; the
+bot's replies are read back from the Twilio Messages API (the simulator in development mode)
+with the official SDK, and shown with WhatsApp's delivery ticks as the status callbacks move
+them on.
+
+The core (:class:`ChatSession`) does no terminal I/O, so tests drive it directly; :func:`run_repl`
+is the read-send-show loop, and :data:`chat_command` the click command around it.
+"""
+from __future__ import annotations
+
+import mimetypes
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+import click
+import requests
+from flask import current_app
+from flask.cli import with_appcontext
+from twilio.base.exceptions import TwilioException
+from twilio.rest import Client
+
+from bot.phone import InvalidNumber, normalize_e164
+from bot.simulator import API_VERSION, sign
+
+__all__ = ["ChatError", "ChatEvent", "ChatSession", "ticks", "run_repl", "chat_command", "HELP"]
+
+DEFAULT_WEBHOOK_URL = "http://127.0.0.1:5000/twilio/webhook"
+DEFAULT_PHONE = "+15551234567"
+DEFAULT_NAME = "Developer"
+#: How far `/wait` moves the clock: past every flow's timeout.
+TIMEOUT_JUMP = timedelta(days=30)
+#: Seconds to wait for the bot's answer to a webhook post.
+POST_TIMEOUT = 10.0
+#: How many of the contact's messages one poll reads (newest first, as Twilio lists them).
+POLL_LIMIT = 50
+
+PENDING_STATUSES = frozenset({"queued", "accepted", "sending", "scheduled"})
+FAILED_STATUSES = frozenset({"failed", "undelivered"})
+
+HELP = """\
+Type a line and press Enter to send it as a WhatsApp message. An empty line checks for new messages.
+  /button PAYLOAD [label text]          press a quick-reply button
+  /location LAT LON [address...]        share a location
+  /media URL [content-type] [caption]   send a picture or document by URL
+  /wait                                 wait out the conversation's timeout (no real waiting)
+  /help                                 this help
+  /quit                                 leave (Ctrl-D works too)"""
+
+
+class ChatError(Exception):
+    """Something the developer should read: the server refused a message, or is unreachable."""
+
+
+def ticks(status: str | None, error_code: int | str | None = None) -> str:
+    """A message status as WhatsApp shows it: 🕓, ✓, ✓✓, ✓✓ (read), ✗ <error code>."""
+    status = (status or "").lower()
+    if status in PENDING_STATUSES:
+        return "🕓"
+    if status == "sent":
+        return "✓"
+    if status == "delivered":
+        return "✓✓"
+    if status == "read":
+        return "✓✓ (read)"
+    if status in FAILED_STATUSES:
+        return f"✗ {error_code}" if error_code not in (None, "") else "✗"
+    return f"({status})" if status else ""
+
+
+@dataclass(frozen=True)
+class ChatEvent:
+    """What a poll found: a new bot message (kind "message") or a new status of one ("status")."""
+
+    kind: str
+    sid: str
+    status: str | None
+    body: str | None = None
+    error_code: int | None = None
+    num_media: int = 0
+
+    def render(self) -> str:
+        """One line (a multi-line body continues indented): "bot: ... ✓✓" or "   ↳ read ✓✓"."""
+        if self.kind == "status":
+            mark = ticks(self.status, self.error_code).removesuffix(" (read)")
+            return f"   ↳ {self.status} {mark}".rstrip()
+        body = self.body or ("" if self.num_media else "(a template message)")
+        if self.num_media:
+            body = f"{body} [{self.num_media} media]".strip()
+        text = f"bot: {body} {ticks(self.status, self.error_code)}".rstrip()
+        return text.replace("\n", "\n     ")
+
+
+class ChatSession:
+    """One WhatsApp user (`phone`) talking to the bot: signed webhooks out, SDK reads back.
+
+    Messages the bot had already sent to `phone` before the session started are not shown.
+    """
+
+    def __init__(self, *, phone: str, profile_name: str | None, webhook_url: str, auth_token: str,
+                 account_sid: str, bot_number: str, client: Client) -> None:
+        try:
+            self.phone = normalize_e164(phone)
+        except InvalidNumber as exc:
+            raise ChatError(f"{phone!r} {exc}") from None
+        self.profile_name = profile_name
+        self.webhook_url = webhook_url
+        self.account_sid = account_sid
+        self.bot_number = bot_number if bot_number.startswith("whatsapp:") else "whatsapp:" + bot_number
+        self.client = client
+        self._auth_token = auth_token
+        self._http = requests.Session()
+        # A local server must never be reached through an environment proxy (as the simulator does).
+        self._http.trust_env = not _is_loopback(webhook_url)
+        self._statuses: dict[str, str | None] = {}  # sid -> last status shown
+        self._ignored: set[str] = {m.sid for m in self._list()}  # there before the session started
+
+    def __repr__(self) -> str:  # never shows the auth token
+        return f"<ChatSession {self.phone} -> {self.webhook_url}>"
+
+    @classmethod
+    def from_app(cls, app_config: Mapping[str, Any] | None = None, phone: str = DEFAULT_PHONE,
+                 profile_name: str | None = DEFAULT_NAME) -> "ChatSession":
+        """A session configured like the running server (inside its app context)."""
+        from bot.twilio_client import get_client
+
+        config = current_app.config if app_config is None else app_config
+        return cls(
+            phone=phone,
+            profile_name=profile_name,
+            webhook_url=config.get("TWILIO_WEBHOOK_URL") or DEFAULT_WEBHOOK_URL,
+            auth_token=config["TWILIO_AUTH_TOKEN"],
+            account_sid=config["TWILIO_ACCOUNT_SID"],
+            bot_number=config["TWILIO_WHATSAPP_NUMBER"],
+            client=get_client(),
+        )
+
+    @property
+    def api_url(self) -> str:
+        """Where the SDK reads the bot's messages (Twilio, or the simulator)."""
+        return self.client.api.base_url
+
+    # ------------------------------------------------------------------ sending (user -> bot)
+
+    def send(self, text: str) -> None:
+        """Send a text message, as Twilio posts one to the bot's webhook."""
+        self._post({"Body": text})
+
+    def button(self, payload: str, text: str | None = None) -> None:
+        """Press a quick-reply button: its payload, and its label (`text`, default the payload)."""
+        self._post({"Body": text or payload, "ButtonPayload": payload, "ButtonText": text or payload,
+                    "MessageType": "button"})
+
+    def location(self, latitude: float, longitude: float, address: str | None = None,
+                 label: str | None = None) -> None:
+        """Share a location (with an optional address and place name)."""
+        fields: dict[str, Any] = {"Body": "", "Latitude": str(latitude), "Longitude": str(longitude),
+                                  "MessageType": "location"}
+        if address:
+            fields["Address"] = address
+        if label:
+            fields["Label"] = label
+        self._post(fields)
+
+    def media(self, url: str, content_type: str = "image/jpeg", caption: str = "") -> None:
+        """Send one picture (or document, video, audio) by URL, with an optional caption."""
+        kind = content_type.split("/", 1)[0].lower()
+        message_type = kind if kind in ("image", "video", "audio") else "document"
+        self._post({"Body": caption, "NumMedia": "1", "MediaUrl0": url, "MediaContentType0": content_type,
+                    "MessageType": message_type})
+
+    def _post(self, fields: Mapping[str, Any]) -> None:
+        sid = "SM" + uuid.uuid4().hex
+        params: dict[str, str] = {
+            "MessageSid": sid,
+            "SmsSid": sid,
+            "SmsMessageSid": sid,
+            "AccountSid": self.account_sid,
+            "From": "whatsapp:" + self.phone,
+            "To": self.bot_number,
+            "Body": "",
+            "NumMedia": "0",
+            "NumSegments": "1",
+            "SmsStatus": "received",
+            "ApiVersion": API_VERSION,
+            "WaId": self.phone.lstrip("+"),
+            "MessageType": "text",
+        }
+        if self.profile_name:
+            params["ProfileName"] = self.profile_name
+        params.update({k: str(v) for k, v in fields.items() if v is not None})
+        headers = {
+            "X-Twilio-Signature": sign(self._auth_token, self.webhook_url, params),
+            "User-Agent": "TwilioProxy/1.1",
+            "I-Twilio-Idempotency-Token": str(uuid.uuid4()),
+        }
+        try:
+            response = self._http.post(self.webhook_url, data=params, headers=headers, timeout=POST_TIMEOUT)
+        except requests.RequestException as exc:
+            raise ChatError(self._redact(
+                f"cannot reach the bot at {self.webhook_url} ({type(exc).__name__}): is the server running? "
+                "(bin/dev starts it)")) from None
+        if not 200 <= response.status_code < 300:
+            detail = _error_detail(response)
+            hint = ""
+            if response.status_code == 403:
+                hint = (" The signature was refused: the chat's TWILIO_AUTH_TOKEN must be the server's, and "
+                        "TWILIO_WEBHOOK_URL exactly the URL the chat posts to.")
+            raise ChatError(self._redact(
+                f"the bot at {self.webhook_url} answered HTTP {response.status_code}"
+                f"{': ' + detail if detail else ''}.{hint}"))
+
+    def _redact(self, text: str) -> str:
+        token = self._auth_token
+        return text.replace(token, "***") if token and len(token) >= 4 else text
+
+    # ------------------------------------------------------------------ reading (bot -> user)
+
+    def _list(self) -> list[Any]:
+        """The bot's messages to this user, oldest first, through the real SDK."""
+        try:
+            newest_first = self.client.messages.list(to="whatsapp:" + self.phone, limit=POLL_LIMIT)
+        except requests.RequestException as exc:
+            raise ChatError(self._redact(
+                f"cannot reach the Twilio API at {self.api_url} ({type(exc).__name__})")) from None
+        except TwilioException as exc:
+            raise ChatError(self._redact(
+                f"cannot read messages from the Twilio API at {self.api_url}: {exc}")) from None
+        return list(reversed(newest_first))
+
+    def poll(self) -> list[ChatEvent]:
+        """New bot messages and new statuses of messages already shown, oldest first."""
+        events: list[ChatEvent] = []
+        for message in self._list():
+            sid, status = message.sid, message.status
+            if sid in self._ignored:
+                continue
+            error_code = message.error_code
+            if sid not in self._statuses:
+                try:
+                    num_media = int(message.num_media or 0)
+                except (TypeError, ValueError):
+                    num_media = 0
+                events.append(ChatEvent("message", sid, status, message.body or "", error_code, num_media))
+            elif self._statuses[sid] != status:
+                events.append(ChatEvent("status", sid, status, error_code=error_code))
+            self._statuses[sid] = status
+        return events
+
+    def wait_for(self, predicate_or_count: int | Callable[[list[ChatEvent]], Any] = 1,
+                 timeout: float = 15.0, interval: float = 0.2) -> list[ChatEvent]:
+        """Poll until enough new bot messages arrived; return every event seen meanwhile.
+
+        An int waits for that many "message" events; a callable is given the events seen so far
+        and waits until it returns true. Raises ChatError after `timeout` seconds, listing what
+        did arrive.
+        """
+        if callable(predicate_or_count):
+            done = predicate_or_count
+            wanted = "the expected events"
+        else:
+            count = int(predicate_or_count)
+            done = lambda events: sum(e.kind == "message" for e in events) >= count  # noqa: E731
+            wanted = f"{count} bot message(s)"
+        events: list[ChatEvent] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            events.extend(self.poll())
+            if done(events):
+                return events
+            if time.monotonic() >= deadline:
+                seen = [e.render() for e in events] or ["nothing"]
+                raise ChatError(f"expected {wanted} within {timeout:g}s; got: " + " | ".join(seen))
+            time.sleep(interval)
+
+    # ------------------------------------------------------------------ time travel
+
+    def expire_timeouts(self) -> int:
+        """Run this contact's conversation timeouts as if they had all passed; returns how many.
+
+        Needs the Flask app context (the engine works on the server's database); replies the
+        timeout handlers send go through the queue to the worker, like any other.
+        """
+        import sqlalchemy as sa
+
+        from bot.clock import utcnow
+        from bot.engine import expire_conversations
+        from bot.extensions import db
+        from bot.models import Contact
+
+        db.session.rollback()  # start from a fresh transaction: the worker has moved things on
+        contact_id = db.session.scalar(sa.select(Contact.id).where(Contact.phone == self.phone))
+        if contact_id is None:
+            db.session.rollback()
+            return 0
+        return expire_conversations(now=utcnow() + TIMEOUT_JUMP, contact_id=contact_id)
+
+
+def _is_loopback(url: str) -> bool:
+    return (urlsplit(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
+
+
+def _error_detail(response: requests.Response) -> str:
+    """The server's `error` message (JSON), else the start of its body."""
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and payload.get("error"):
+        return str(payload["error"])[:200]
+    return " ".join(response.text.split())[:200]
+
+
+# ---------------------------------------------------------------------- the REPL
+
+PROMPT = "you> "
+
+
+def run_repl(session: ChatSession, read_line: Callable[[str], str] = input,
+             write: Callable[[str], Any] = click.echo, poll_interval: float = 0.3, *,
+             reply_timeout: float = 5.0, settle: float = 1.0) -> None:
+    """Read lines until EOF or /quit; send each; show the bot's replies and their ticks.
+
+    `read_line` is called like input(), with the prompt. After each message it waits up to
+    `reply_timeout` seconds for a reply (never failing when none comes), then keeps showing
+    events until `settle` seconds pass without any.
+    """
+
+    def show(events: list[ChatEvent]) -> None:
+        for event in events:
+            write(event.render())
+
+    def drain() -> None:
+        try:
+            show(session.poll())
+        except ChatError as exc:
+            write(f"error: {exc}")
+
+    def await_replies() -> None:
+        try:
+            _await_replies()
+        except KeyboardInterrupt:  # Ctrl-C stops waiting, not the chat
+            write("")
+
+    def _await_replies() -> None:
+        deadline = time.monotonic() + reply_timeout
+        got_message = False
+        last_event = time.monotonic()
+        while True:
+            try:
+                events = session.poll()
+            except ChatError as exc:
+                write(f"error: {exc}")
+                return
+            show(events)
+            now = time.monotonic()
+            if events:
+                last_event = now
+                got_message = got_message or any(e.kind == "message" for e in events)
+            if got_message and now - last_event >= settle:
+                return
+            if not got_message and now >= deadline:
+                write(f"   (no reply within {reply_timeout:g}s)")
+                return
+            if got_message and now >= deadline + settle * 4:  # a chatty bot: stop anyway
+                return
+            time.sleep(poll_interval)
+
+    while True:
+        try:
+            line = read_line(PROMPT)
+        except (EOFError, KeyboardInterrupt):
+            write("")
+            break
+        line = line.strip()
+        drain()  # anything that arrived while the user was typing
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            command, rest = command.lower(), rest.strip()
+            if command in ("/quit", "/exit", "/q"):
+                break
+            if command in ("/help", "/?"):
+                write(HELP)
+                continue
+            handler = _COMMANDS.get(command)
+            if handler is None:
+                write(f"unknown command {command}")
+                write(HELP)
+                continue
+            try:
+                wait = handler(session, rest, write)
+            except _Usage as exc:
+                write(f"usage: {exc}")
+                continue
+            except ChatError as exc:
+                write(f"error: {exc}")
+                continue
+            except RuntimeError as exc:  # e.g. /wait outside the Flask app context
+                write(f"error: {exc}")
+                continue
+            if wait:
+                await_replies()
+            continue
+        try:
+            session.send(line)
+        except ChatError as exc:
+            write(f"error: {exc}")
+            continue
+        await_replies()
+    drain()
+
+
+_CONTENT_TYPE = re.compile(r"^(image|video|audio|application|text)/[\w.+-]+$", re.IGNORECASE)
+
+
+class _Usage(Exception):
+    """A slash command used wrongly: the message is its usage line."""
+
+
+def _cmd_button(session: ChatSession, rest: str, write: Callable[[str], Any]) -> bool:
+    payload, _, label = rest.partition(" ")
+    if not payload:
+        raise _Usage("/button PAYLOAD [label text]   e.g. /button 5  or  /button CONFIRM Confirm")
+    label = label.strip() or None
+    session.button(payload, label)
+    write(f"you: [button] {label or payload}" + (f" (payload {payload})" if label else ""))
+    return True
+
+
+def _cmd_location(session: ChatSession, rest: str, write: Callable[[str], Any]) -> bool:
+    usage = "/location LAT LON [address...]   e.g. /location 51.5034 -0.1276 10 Downing Street, London"
+    parts = rest.split(None, 2)
+    if len(parts) < 2:
+        raise _Usage(usage)
+    try:
+        latitude, longitude = float(parts[0].rstrip(",")), float(parts[1])
+    except ValueError:
+        raise _Usage(usage) from None
+    if not (-90 <= latitude <= 90 and -180 <= longitude <= 180):
+        raise _Usage("latitude must be within -90..90 and longitude within -180..180")
+    address = parts[2].strip() if len(parts) > 2 else None
+    session.location(latitude, longitude, address)
+    write(f"you: [location] {latitude}, {longitude}" + (f" {address}" if address else ""))
+    return True
+
+
+def _cmd_media(session: ChatSession, rest: str, write: Callable[[str], Any]) -> bool:
+    usage = "/media URL [content-type] [caption...]   e.g. /media https://example.com/cat.jpg image/jpeg"
+    parts = rest.split(None, 1)
+    if not parts or not parts[0].lower().startswith(("http://", "https://")):
+        raise _Usage(usage)
+    url, tail = parts[0], (parts[1].strip() if len(parts) > 1 else "")
+    first, _, more = tail.partition(" ")
+    if _CONTENT_TYPE.match(first):
+        content_type, caption = first, more.strip()
+    else:
+        content_type = mimetypes.guess_type(urlsplit(url).path)[0] or "image/jpeg"
+        caption = tail
+    session.media(url, content_type, caption)
+    write(f"you: [{content_type}] {url}" + (f" {caption}" if caption else ""))
+    return True
+
+
+def _cmd_wait(session: ChatSession, rest: str, write: Callable[[str], Any]) -> bool:
+    count = session.expire_timeouts()
+    if count == 0:
+        write("(no conversation was waiting for an answer: nothing timed out)")
+        return False
+    write(f"({count} conversation{'s' if count != 1 else ''} timed out)")
+    return True
+
+
+_COMMANDS: dict[str, Callable[[ChatSession, str, Callable[[str], Any]], bool]] = {
+    "/button": _cmd_button,
+    "/location": _cmd_location,
+    "/media": _cmd_media,
+    "/wait": _cmd_wait,
+}
+
+
+# ---------------------------------------------------------------------- flask chat
+
+
+def _phone_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return normalize_e164(value)
+    except InvalidNumber as exc:
+        raise click.BadParameter(f"{value!r} is not a usable phone number: it {exc}, "
+                                 "e.g. +15551234567") from None
+
+
+@click.command("chat")
+@click.option("--as", "phone", default=DEFAULT_PHONE, show_default=True, callback=_phone_option,
+              help="Your WhatsApp number (E.164).")
+@click.option("--name", "profile_name", default=DEFAULT_NAME, show_default=True,
+              help="Your WhatsApp profile name.")
+@with_appcontext
+def chat_command(phone: str, profile_name: str) -> None:
+    """Chat with the running bot as a WhatsApp user (signed webhooks, real replies and ticks)."""
+    config = current_app.config
+    try:
+        session = ChatSession.from_app(config, phone, profile_name)
+    except ChatError as exc:
+        hint = ("Is the simulator running? bin/dev starts web, worker and simulator." if config.get("DEV_MODE")
+                else "Check TWILIO_API_URL and the Twilio credentials (python -m bot.doctor).")
+        raise click.ClickException(f"{exc}\n{hint}") from None
+    dev = bool(config.get("DEV_MODE"))
+    click.echo(f"You are {profile_name or 'a WhatsApp user'} ({session.phone}) on WhatsApp, "
+               f"writing to the bot at {session.bot_number}.")
+    click.echo(f"  messages go to   {session.webhook_url} (signed like Twilio's webhooks)")
+    click.echo(f"  replies read at  {session.api_url}"
+               + (" (the local Twilio simulator)" if dev else " (the Twilio API)"))
+    if not dev:
+        click.secho("  Not in development mode: the bot's replies are real WhatsApp messages to "
+                    f"{session.phone}.", fg="yellow")
+    click.echo(HELP)
+    click.echo()
+    run_repl(session)
