@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mimetypes
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -119,6 +120,8 @@ class ChatSession:
         # A local server must never be reached through an environment proxy (as the simulator does).
         self._http.trust_env = not _is_loopback(webhook_url)
         self._statuses: dict[str, str | None] = {}  # sid -> last status shown
+        # The REPL polls from a background thread too (messages that arrive while you type).
+        self._poll_lock = threading.Lock()
         self._ignored: set[str] = {m.sid for m in self._list()}  # there before the session started
 
     def __repr__(self) -> str:  # never shows the auth token
@@ -235,7 +238,14 @@ class ChatSession:
         return list(reversed(newest_first))
 
     def poll(self) -> list[ChatEvent]:
-        """New bot messages and new statuses of messages already shown, oldest first."""
+        """New bot messages and new statuses of messages already shown, oldest first.
+
+        Thread-safe: each event is returned by exactly one call.
+        """
+        with self._poll_lock:
+            return self._poll()
+
+    def _poll(self) -> list[ChatEvent]:
         events: list[ChatEvent] = []
         for message in self._list():
             sid, status = message.sid, message.status
@@ -322,16 +332,89 @@ def _error_detail(response: requests.Response) -> str:
 PROMPT = "you> "
 
 
+class _IdleWatcher:
+    """While the REPL waits for a line, show what the bot sends on its own.
+
+    Notifications from the backend, a flow the backend starts, a timeout nudge: none of them
+    answers a line you typed, so without this they would wait for your next Enter.
+    """
+
+    def __init__(self, session: ChatSession, write: Callable[[str], Any], redraw: Callable[[], Any],
+                 interval: float) -> None:
+        self._session, self._write, self._redraw, self._interval = session, write, redraw, interval
+        self._idle = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="chat-watcher", daemon=True)
+
+    def __enter__(self) -> "_IdleWatcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopped.set()
+        self._idle.set()  # wake the thread so it sees the stop
+        self._thread.join(timeout=5)
+
+    def idle(self) -> None:
+        """The REPL is waiting for the user: watch."""
+        self._idle.set()
+
+    def busy(self) -> None:
+        """The REPL is handling a line and shows events itself."""
+        self._idle.clear()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._idle.wait()
+            if self._stopped.wait(self._interval) or not self._idle.is_set():
+                continue
+            try:
+                events = self._session.poll()
+            except ChatError:
+                continue  # the main loop reports errors when the user acts; don't spam the prompt
+            if events and self._idle.is_set():
+                self._write("")  # leave the prompt's line
+                for event in events:
+                    self._write(event.render())
+                self._redraw()
+            elif events:  # the user pressed Enter meanwhile: show them anyway, in order
+                for event in events:
+                    self._write(event.render())
+
+
+def _redraw_prompt() -> None:
+    """Print the prompt again, with whatever the user had typed so far."""
+    typed = ""
+    try:
+        import readline
+
+        typed = readline.get_line_buffer()
+    except (ImportError, AttributeError):  # no readline (e.g. Windows): the prompt alone
+        pass
+    click.echo(PROMPT + typed, nl=False)
+
+
 def run_repl(session: ChatSession, read_line: Callable[[str], str] = input,
              write: Callable[[str], Any] = click.echo, poll_interval: float = 0.3, *,
-             reply_timeout: float = 5.0, settle: float = 1.0) -> None:
+             reply_timeout: float = 5.0, settle: float = 1.0, watch_interval: float | None = 1.0,
+             redraw: Callable[[], Any] = _redraw_prompt) -> None:
     """Read lines until EOF or /quit; send each; show the bot's replies and their ticks.
 
     `read_line` is called like input(), with the prompt. After each message it waits up to
     `reply_timeout` seconds for a reply (never failing when none comes), then keeps showing
-    events until `settle` seconds pass without any.
+    events until `settle` seconds pass without any. While it waits for a line, a background
+    watcher polls every `watch_interval` seconds (None: never) and shows what arrives, then
+    `redraw`s the prompt.
     """
+    if watch_interval is None:
+        _loop(session, read_line, write, poll_interval, reply_timeout, settle, None)
+        return
+    with _IdleWatcher(session, write, redraw, watch_interval) as watcher:
+        _loop(session, read_line, write, poll_interval, reply_timeout, settle, watcher)
 
+
+def _loop(session: ChatSession, read_line: Callable[[str], str], write: Callable[[str], Any],
+          poll_interval: float, reply_timeout: float, settle: float, watcher: _IdleWatcher | None) -> None:
     def show(events: list[ChatEvent]) -> None:
         for event in events:
             write(event.render())
@@ -373,11 +456,16 @@ def run_repl(session: ChatSession, read_line: Callable[[str], str] = input,
             time.sleep(poll_interval)
 
     while True:
+        if watcher is not None:
+            watcher.idle()
         try:
             line = read_line(PROMPT)
         except (EOFError, KeyboardInterrupt):
             write("")
             break
+        finally:
+            if watcher is not None:
+                watcher.busy()
         line = line.strip()
         drain()  # anything that arrived while the user was typing
         if not line:
@@ -523,4 +611,8 @@ def chat_command(phone: str, profile_name: str) -> None:
                     f"{session.phone}.", fg="yellow")
     click.echo(HELP)
     click.echo()
+    try:  # line editing and history for input(), and what the watcher redraws after a message
+        import readline  # noqa: F401
+    except ImportError:
+        pass
     run_repl(session)

@@ -214,3 +214,49 @@ def test_flask_chat_is_a_command_of_the_app(app):
     result = app.test_cli_runner().invoke(args=["chat", "--help"])
     assert result.exit_code == 0, result.output
     assert "--as" in result.output and "--name" in result.output
+
+
+def test_messages_that_arrive_while_you_type_are_shown_without_pressing_enter(app, twilio):
+    # A notification from the backend answers nothing you typed: the watcher shows it anyway.
+    client = build_client(ACCOUNT_SID, AUTH_TOKEN, twilio.url, 5)
+    to = "whatsapp:+15551230606"
+    chat = ChatSession(phone="+15551230606", profile_name="Ada", webhook_url="http://127.0.0.1:9/twilio/webhook",
+                       auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID, bot_number=SENDER, client=client)
+    output: list[str] = []
+    redraws: list[int] = []
+
+    def read_line(prompt: str) -> str:
+        if redraws:  # second call: the watcher has shown the message and redrawn the prompt
+            return "/quit"
+        client.messages.create(to=to, from_=SENDER, body="Your order has shipped")
+        deadline = time.monotonic() + 10
+        while not redraws and time.monotonic() < deadline:  # the user is still "typing"
+            time.sleep(0.05)
+        return ""
+
+    run_repl(chat, read_line=read_line, write=output.append, poll_interval=0.05, watch_interval=0.1,
+             redraw=lambda: redraws.append(len(output)))
+    assert redraws, "the watcher never showed the notification"
+    shown = output[:redraws[0]]
+    assert "bot: Your order has shipped 🕓" in shown
+    assert output.count("bot: Your order has shipped 🕓") == 1  # shown once, not again by the main loop
+
+
+def test_without_the_watcher_messages_wait_for_the_next_line(twilio):
+    client = build_client(ACCOUNT_SID, AUTH_TOKEN, twilio.url, 5)
+    to = "whatsapp:+15551230707"
+    chat = ChatSession(phone="+15551230707", profile_name=None, webhook_url="http://127.0.0.1:9/twilio/webhook",
+                       auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID, bot_number=SENDER, client=client)
+    output: list[str] = []
+    calls: list[list[str]] = []
+
+    def read_line(prompt: str) -> str:
+        calls.append(list(output))
+        if len(calls) == 1:
+            client.messages.create(to=to, from_=SENDER, body="hello")
+            time.sleep(0.5)
+            return ""
+        return "/quit"
+
+    run_repl(chat, read_line=read_line, write=output.append, watch_interval=None)
+    assert calls[1] == ["bot: hello 🕓"]  # shown when the (empty) line came in, by the main loop
