@@ -47,7 +47,8 @@ def env_for(config: dict[str, Any], **extra: str) -> dict[str, str]:
         env[key] = json.dumps(value) if isinstance(value, dict) else str(value)
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    env["PYTHONPATH"] = str(ROOT)
+    # No PYTHONPATH: `pip install -e .` makes wsgi importable from any directory, as on a host.
+    env.pop("PYTHONPATH", None)
     env.update(extra)
     return env
 
