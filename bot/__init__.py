@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
 
 from flask import Flask, jsonify
@@ -55,6 +56,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         OPT_OUT_KEYWORDS=settings.opt_out_keywords,
         OPT_IN_KEYWORDS=settings.opt_in_keywords,
         HELP_KEYWORDS=settings.help_keywords,
+        OPT_OUT_BUTTON_PAYLOADS=settings.opt_out_button_payloads,
         REDIS_URL=settings.redis_url,
         QUEUE_NAME=settings.queue_name,
         SQLALCHEMY_DATABASE_URI=database_uri(settings.database_url, app.instance_path),
@@ -103,11 +105,30 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
 
 def _dev_mode_requested(settings: Settings, test_config: dict[str, Any] | None) -> bool:
-    """Development mode: no Twilio credentials at all, never on a Heroku dyno, never silently in
-    tests (a test asks for it with DEV_MODE=True)."""
+    """Development mode: nothing says this is a real deployment (see production_signals), and
+    never silently in tests (a test asks for it with DEV_MODE=True)."""
     if test_config is not None:
         return bool(test_config.get("DEV_MODE"))
-    return not settings.twilio_account_sid and not settings.twilio_auth_token and not os.environ.get("DYNO")
+    return not production_signals(settings)
+
+
+def production_signals(settings: Settings) -> list[str]:
+    """What marks a real deployment, where a missing secret must stop start-up instead of
+    falling back to the simulator: any Twilio identity, a public webhook or API URL, a dyno."""
+    signals = [name for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_WHATSAPP_NUMBER")
+               if getattr(settings, name.lower())]
+    if settings.twilio_webhook_url and not _is_loopback_url(settings.twilio_webhook_url):
+        signals.append("TWILIO_WEBHOOK_URL")
+    if "twilio_api_url" in settings.model_fields_set and not _is_loopback_url(settings.twilio_api_url):
+        signals.append("TWILIO_API_URL")
+    if os.environ.get("DYNO"):
+        signals.append("DYNO")
+    return signals
+
+
+def _is_loopback_url(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def with_dev_defaults(settings: Settings, instance_path: str) -> Settings:
@@ -119,7 +140,7 @@ def with_dev_defaults(settings: Settings, instance_path: str) -> Settings:
         "twilio_whatsapp_number": settings.twilio_whatsapp_number or DEV_SENDER,
         "twilio_webhook_url": settings.twilio_webhook_url or DEV_WEBHOOK_URL,
     }
-    if settings.twilio_api_url == Settings.model_fields["twilio_api_url"].default:
+    if "twilio_api_url" not in settings.model_fields_set:
         updates["twilio_api_url"] = simulator_url()
     if not settings.notify_api_token:
         updates["notify_api_token"] = SecretStr(secrets["NOTIFY_API_TOKEN"])

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
         default_factory=lambda: ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "OPTOUT", "REVOKE"])
     opt_in_keywords: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["START", "YES", "UNSTOP"])
     help_keywords: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["HELP", "INFO"])
+    #: Quick-reply payloads that opt out (e.g. a marketing template's "Stop promotions" button).
+    #: Payloads, not labels: a button labelled "Cancel" answers a question and unsubscribes nobody.
+    opt_out_button_payloads: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["STOP", "STOPALL", "UNSUBSCRIBE", "OPTOUT", "OPT_OUT"])
     #: Where the embedded SQLite database and queue live (default: ./instance).
     instance_path: str | None = None
     #: Huey queue name; two bots can share one Redis with different names.
@@ -78,7 +82,8 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL")
         return value.rstrip("/") if value and value.endswith("//") else value
 
-    @field_validator("opt_out_keywords", "opt_in_keywords", "help_keywords", mode="before")
+    @field_validator("opt_out_keywords", "opt_in_keywords", "help_keywords", "opt_out_button_payloads",
+                     mode="before")
     @classmethod
     def _keyword_list(cls, value: Any) -> Any:
         if isinstance(value, str):

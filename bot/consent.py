@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, Mapping
 
+import sqlalchemy as sa
 from flask import current_app
 
 from bot.extensions import db
-from bot.models import Consent, ConsentEvent, Contact
+from bot.models import Consent, ConsentEvent, Contact, Direction, Message
 from flows.toolkit import normalize
 
-#: The Twilio sandbox's join message: "join <two-word-code>".
-SANDBOX_JOIN = re.compile(r"^join [a-z0-9]+(?:[ -][a-z0-9]+)*$")
+#: The Twilio sandbox's shared WhatsApp number: only there does "join <code>" mean joining.
+SANDBOX_NUMBER = "whatsapp:+14155238886"
+#: The sandbox's join message, "join <code>" (codes are two words, "bright-sun"), normalised.
+SANDBOX_JOIN = re.compile(r"^join [a-z0-9]+(?: [a-z0-9]+)*$")
 
 
 @dataclass(frozen=True)
@@ -21,12 +25,59 @@ class Keywords:
     opt_out: frozenset[str]
     opt_in: frozenset[str]
     help: frozenset[str]
+    #: Quick-reply payloads that opt out, upper-cased (payloads are ids, not words).
+    opt_out_payloads: frozenset[str] = frozenset()
 
     @classmethod
     def from_config(cls) -> "Keywords":
         cfg = current_app.config
-        return cls(*(frozenset(normalize(w) for w in cfg[key])
-                     for key in ("OPT_OUT_KEYWORDS", "OPT_IN_KEYWORDS", "HELP_KEYWORDS")))
+        opt_out, opt_in, help_ = (frozenset(normalize(w) for w in cfg[key])
+                                  for key in ("OPT_OUT_KEYWORDS", "OPT_IN_KEYWORDS", "HELP_KEYWORDS"))
+        payloads = frozenset(p.strip().upper() for p in cfg.get("OPT_OUT_BUTTON_PAYLOADS") or ())
+        return cls(opt_out, opt_in, help_, payloads)
+
+
+def typed_words(payload: Mapping[str, Any]) -> str:
+    """The message's text as keywords are compared; empty for a button press.
+
+    A quick-reply press carries its label as the text: a button labelled "Cancel" answers the
+    question on screen and must not unsubscribe anyone, so keywords apply to typed text only.
+    """
+    if payload.get("ButtonPayload"):
+        return ""
+    return normalize(str(payload.get("Body") or ""))
+
+
+def opt_out_source(payload: Mapping[str, Any], keywords: Keywords) -> str | None:
+    """How this inbound message asks to opt out ("keyword", "button", "twilio_opt_out"), or None."""
+    if str(payload.get("OptOutType") or "").upper() == "STOP":  # Twilio's Advanced Opt-Out
+        return "twilio_opt_out"
+    if typed_words(payload) in keywords.opt_out:
+        return "keyword"
+    button = str(payload.get("ButtonPayload") or "").strip().upper()
+    if button and button in keywords.opt_out_payloads:
+        return "button"
+    return None
+
+
+def is_sandbox_join(payload: Mapping[str, Any]) -> bool:
+    """A "join <code>" sent to the Twilio sandbox's number (elsewhere it is just text)."""
+    return payload.get("To") == SANDBOX_NUMBER and bool(SANDBOX_JOIN.match(typed_words(payload)))
+
+
+def opt_out_waiting(contact_id: int) -> bool:
+    """Whether the contact has sent an opt-out that the worker has not handled yet.
+
+    The webhook stores STOP at once but the engine applies it a moment later; until then the
+    send path and /notify treat the contact as opted out, so nothing slips through the gap.
+    """
+    keywords = Keywords.from_config()
+    waiting = db.session.execute(
+        sa.select(Message.body, Message.payload).where(
+            Message.contact_id == contact_id, Message.direction == Direction.INBOUND,
+            Message.status == "received")
+    ).all()
+    return any(opt_out_source(payload or {"Body": body or ""}, keywords) for body, payload in waiting)
 
 
 def change_consent(contact: Contact, new_state: str, *, source: str, words: str | None = None,
@@ -42,3 +93,19 @@ def change_consent(contact: Contact, new_state: str, *, source: str, words: str 
                                 source=source, words=words, message_sid=message_sid))
     contact.consent = new_state
     return True
+
+
+def record_decline(contact: Contact, *, words: str | None = None, message_sid: str | None = None) -> None:
+    """Record that the contact said no to the welcome's opt-in question (consent stays unknown).
+
+    The ledger entry is what keeps the welcome flow from asking again at every message.
+    """
+    db.session.add(ConsentEvent(contact_id=contact.id, action="declined", previous=contact.consent,
+                                source="flow", words=words, message_sid=message_sid))
+
+
+def has_declined(contact_id: int) -> bool:
+    """Whether the contact ever declined the welcome's opt-in question."""
+    return db.session.scalar(
+        sa.select(ConsentEvent.id).where(ConsentEvent.contact_id == contact_id, ConsentEvent.action == "declined")
+        .limit(1)) is not None

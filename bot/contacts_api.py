@@ -6,7 +6,10 @@ from flask import Blueprint, abort, jsonify, request
 
 from bot.consent import change_consent
 from bot.contacts import get_or_create_contact
+from bot.engine import end_conversation, lock_contact
 from bot.extensions import db
+from bot.notify import read_json_body
+from bot.notify_request import InvalidRequest, check_json_values
 from bot.models import Consent, ConsentEvent, Contact, Conversation, ConversationStatus
 from bot.phone import InvalidNumber, normalize_e164
 from bot.security import require_api_token
@@ -55,18 +58,25 @@ def set_consent(phone: str):
 
     Only opt-in and opt-out; opting someone out through the API sends them nothing.
     """
-    payload = request.get_json(silent=True)
+    payload = read_json_body()
     if not isinstance(payload, dict) or payload.get("consent") not in (Consent.OPTED_IN, Consent.OPTED_OUT):
         abort(400, description="JSON body must be {\"consent\": \"opted_in\" | \"opted_out\", \"note\": optional}")
     note = payload.get("note")
     if note is not None and not isinstance(note, str):
         abort(400, description="'note' must be a string")
+    try:
+        check_json_values(payload, "")
+    except InvalidRequest as exc:
+        abort(400, description=str(exc))
     contact = get_or_create_contact(_phone_or_400(phone))
+    # The engine's per-contact lock: a conversation the worker is opening right now is either
+    # committed before this (and cancelled here) or sees the opt-out after it.
+    lock_contact(contact.id)
+    db.session.refresh(contact)
     if payload["consent"] == Consent.OPTED_OUT:
         for conversation in db.session.scalars(sa.select(Conversation).where(
                 Conversation.contact_id == contact.id, Conversation.status.in_(ConversationStatus.OPEN))):
-            conversation.status = ConversationStatus.CANCELLED
-            conversation.error = "contact opted out (API)"
+            end_conversation(conversation, ConversationStatus.CANCELLED, error="contact opted out (API)")
     change_consent(contact, payload["consent"], source="api", words=(note or "")[:1000] or None)
     db.session.commit()
     return jsonify(_contact_dict(contact))

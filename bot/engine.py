@@ -12,10 +12,12 @@ import logging
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
 
 from bot import outbox
 from bot.clock import utcnow
-from bot.consent import SANDBOX_JOIN, Keywords, change_consent
+from bot.consent import (Keywords, change_consent, has_declined, is_sandbox_join, opt_out_source,
+                         record_decline, typed_words)
 from bot.extensions import db
 from bot.models import Consent, Contact, Conversation, ConversationStatus, Direction, Kind, Message
 from bot.replies import build_messages
@@ -67,6 +69,11 @@ def _handle_safely(message: Message) -> list[Message]:
             outgoing = handle_message(contact, message)
             message.status = "processed"
             return outgoing
+    except DBAPIError:
+        # The database, not the flow: a deadlock, a lost connection, "database is locked". The
+        # message stays unprocessed and the task's retry (or the sweep) runs the turn again.
+        db.session.rollback()
+        raise
     except Exception as exc:
         log.exception("flow failed on inbound message %s", message.id)
         db.session.refresh(contact)
@@ -75,24 +82,27 @@ def _handle_safely(message: Message) -> list[Message]:
         conversation = open_conversation(contact.id)
         if conversation is not None:
             # End it, so the contact's next message starts fresh instead of failing again.
-            _end(conversation, ConversationStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
+            end_conversation(conversation, ConversationStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
         return _send(contact, [Reply("common/error")])
 
 
 def handle_message(contact: Contact, message: Message) -> list[Message]:
     """One turn: consent keywords, then the open conversation, then entry points; returns replies."""
-    inbound = Inbound.from_twilio(message.payload or {"Body": message.body or ""})
-    # A quick-reply press carries its label as the text: a button labelled "Cancel" answers the
-    # question on screen and must not unsubscribe anyone, so keywords apply to typed text only.
-    words = "" if inbound.button_payload else inbound.words
+    payload = message.payload or {"Body": message.body or ""}
+    inbound = Inbound.from_twilio(payload)
+    words = typed_words(payload)
     keywords = Keywords.from_config()
-    advanced = str((message.payload or {}).get("OptOutType") or "").upper()  # Twilio Advanced Opt-Out
+    advanced = str(payload.get("OptOutType") or "").upper()  # Twilio Advanced Opt-Out
+    flows = registry()
 
-    if words in keywords.opt_out or advanced == "STOP":
-        return _opt_out(contact, message, "twilio_opt_out" if advanced == "STOP" else "keyword")
-    if SANDBOX_JOIN.match(words):
+    opt_out = opt_out_source(payload, keywords)
+    if opt_out:
+        return _opt_out(contact, message, opt_out)
+    if is_sandbox_join(payload):
         return _opt_in(contact, message, "sandbox_join")
-    if (words in keywords.opt_in or advanced == "START") and contact.consent != Consent.OPTED_IN:
+    if (words in keywords.opt_in or advanced == "START") and contact.consent != Consent.OPTED_IN \
+            and not _answers_open_flow(contact, inbound, flows,
+                                       strong=words in _UNAMBIGUOUS_OPT_IN or advanced == "START"):
         return _opt_in(contact, message, "keyword")
     if contact.consent == Consent.OPTED_OUT:
         log.info("message from opted-out %s recorded, not answered", contact.phone)
@@ -100,7 +110,6 @@ def handle_message(contact: Contact, message: Message) -> list[Message]:
     if words in keywords.help or advanced == "HELP":
         return _send(contact, [Reply("common/help")])
 
-    flows = registry()
     conversation = open_conversation(contact.id)
     if conversation is not None:
         flow = flows.get(conversation.flow)
@@ -120,9 +129,30 @@ def handle_message(contact: Contact, message: Message) -> list[Message]:
             conversation = _new_conversation(contact, flow, started_by="user")
             return apply_step(contact, conversation, flow, step)
 
-    if contact.consent == Consent.UNKNOWN and "welcome" in flows:
+    if contact.consent == Consent.UNKNOWN and "welcome" in flows and not has_declined(contact.id):
         return start_flow(contact, flows["welcome"], {"name": contact.profile_name}, started_by="user")
     return _send(contact, [Reply("common/not_understood")])
+
+
+#: Opt-in words that mean nothing else. "YES" also answers questions ("Reply YES to confirm").
+_UNAMBIGUOUS_OPT_IN = frozenset({"start", "unstop", "subscribe"})
+
+
+def _answers_open_flow(contact: Contact, inbound: Inbound, flows: dict[str, Flow], *, strong: bool) -> bool:
+    """Whether an opt-in word is the answer to an open flow's question rather than an opt-in.
+
+    A contact of unknown consent whom the backend sent an appointment reminder answers "Yes" to
+    confirm it. Opted-out contacts have no open conversation, so for them YES always opts in.
+    """
+    if strong or contact.consent != Consent.UNKNOWN:
+        return False
+    conversation = open_conversation(contact.id)
+    if conversation is None or conversation.flow == "welcome" or conversation.flow not in flows:
+        return False
+    try:
+        return flows[conversation.flow].handle(conversation.state, inbound, conversation.data or {}) is not None
+    except Exception:  # the turn itself will run the flow again and deal with the error there
+        return False
 
 
 def open_conversation(contact_id: int) -> Conversation | None:
@@ -140,7 +170,7 @@ def start_flow(contact: Contact, flow: Flow, variables: dict, *, started_by: str
     for other in db.session.scalars(sa.select(Conversation).where(
             Conversation.contact_id == contact.id, Conversation.status.in_(ConversationStatus.OPEN))):
         if conversation is None or other.id != conversation.id:
-            _end(other, ConversationStatus.CANCELLED, error="replaced by a newer conversation")
+            end_conversation(other, ConversationStatus.CANCELLED, error="replaced by a newer conversation")
     if conversation is None:
         conversation = _new_conversation(contact, flow, started_by=started_by, variables=variables)
     step = flow.begin(variables)
@@ -154,8 +184,10 @@ def apply_step(contact: Contact, conversation: Conversation, flow: Flow, step: S
     conversation.data = dict(step.data)
     if step.outcome is not None:
         conversation.outcome = dict(step.outcome)
+        if conversation.flow == "welcome" and step.outcome.get("consent") == "declined":
+            record_decline(contact)
     if step.state == END:
-        _end(conversation, final_status, now=now)
+        end_conversation(conversation, final_status, now=now)
     else:
         conversation.state = step.state
         conversation.status = ConversationStatus.ACTIVE
@@ -180,7 +212,9 @@ def _new_conversation(contact: Contact, flow: Flow, *, started_by: str, variable
     return conversation
 
 
-def _end(conversation: Conversation, status: str, *, error: str | None = None, now: datetime | None = None) -> None:
+def end_conversation(conversation: Conversation, status: str, *, error: str | None = None,
+                     now: datetime | None = None) -> None:
+    """Close a conversation: its final status, the END state, no more timeout. Does not commit."""
     conversation.status = status
     conversation.state = END
     conversation.expires_at = None
@@ -195,7 +229,7 @@ def _opt_out(contact: Contact, message: Message, source: str) -> list[Message]:
         return []  # already opted out: the one confirmation was sent then
     for conversation in db.session.scalars(sa.select(Conversation).where(
             Conversation.contact_id == contact.id, Conversation.status.in_(ConversationStatus.OPEN))):
-        _end(conversation, ConversationStatus.CANCELLED, error="contact opted out")
+        end_conversation(conversation, ConversationStatus.CANCELLED, error="contact opted out")
     return _send(contact, [Reply("subscription/opted_out")], kind=Kind.OPT_OUT_CONFIRMATION)
 
 
@@ -205,7 +239,7 @@ def _opt_in(contact: Contact, message: Message, source: str) -> list[Message]:
     conversation = open_conversation(contact.id)
     if conversation is not None and conversation.flow == "welcome":
         conversation.outcome = {"consent": "opted_in"}
-        _end(conversation, ConversationStatus.COMPLETED)
+        end_conversation(conversation, ConversationStatus.COMPLETED)
     if not changed and source == "keyword":
         return []
     return _send(contact, [Reply("subscription/opted_in", {"name": contact.profile_name})])
@@ -214,10 +248,13 @@ def _opt_in(contact: Contact, message: Message, source: str) -> list[Message]:
 def _restart(contact: Contact, stale: Conversation, flow: Flow | None, inbound: Inbound, reason: str) -> list[Message]:
     """A stored state the flow no longer has: restart the flow rather than crash."""
     log.warning("conversation %s restarted: %s", stale.id, reason)
-    _end(stale, ConversationStatus.FAILED, error=f"restarted: {reason}")
+    end_conversation(stale, ConversationStatus.FAILED, error=f"restarted: {reason}")
     replies = _send(contact, [Reply("common/restarted")])
-    if flow is not None and stale.started_by == "backend" and flow.start is not None:
-        return replies + start_flow(contact, flow, stale.variables or {}, started_by="backend")
+    if flow is not None and flow.start is not None:
+        # Begin again from the top, with what it was started with (a user-started flow: the
+        # same variables the engine gives it when it starts one).
+        variables = stale.variables if stale.variables is not None else {"name": contact.profile_name}
+        return replies + start_flow(contact, flow, variables, started_by=stale.started_by)
     if flow is not None:
         step = flow.handle(None, inbound, {})
         if step is not None:
@@ -242,17 +279,20 @@ def start_conversation(conversation_id: str) -> None:
     flow = registry().get(conversation.flow)
     outgoing: list[Message] = []
     if contact.consent == Consent.OPTED_OUT:
-        _end(conversation, ConversationStatus.CANCELLED, error="contact opted out")
+        end_conversation(conversation, ConversationStatus.CANCELLED, error="contact opted out")
     elif flow is None:
-        _end(conversation, ConversationStatus.FAILED, error=f"flow {conversation.flow!r} no longer exists")
+        end_conversation(conversation, ConversationStatus.FAILED, error=f"flow {conversation.flow!r} no longer exists")
     else:
         try:
             with db.session.begin_nested():
                 outgoing = start_flow(contact, flow, conversation.variables or {}, started_by="backend",
                                       conversation=conversation)
+        except DBAPIError:
+            db.session.rollback()
+            raise  # still STARTING: the task's retry or the sweep starts it again
         except Exception as exc:
             log.exception("starting conversation %s failed", conversation_id)
-            _end(conversation, ConversationStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
+            end_conversation(conversation, ConversationStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
     db.session.commit()
     for row in outgoing:
         if row.status == "pending":
@@ -288,13 +328,16 @@ def expire_conversations(now: datetime | None = None, limit: int = 200, contact_
         try:
             with db.session.begin_nested():
                 if flow is None:
-                    _end(conversation, ConversationStatus.EXPIRED)
+                    end_conversation(conversation, ConversationStatus.EXPIRED)
                 else:
                     outgoing = apply_step(contact, conversation, flow, flow.expire(conversation.data or {}),
                                           final_status=ConversationStatus.EXPIRED)
+        except DBAPIError:
+            db.session.rollback()
+            raise  # still ACTIVE and due: the next sweep runs its timeout
         except Exception as exc:
             log.exception("timeout handler of conversation %s failed", conversation_id)
-            _end(conversation, ConversationStatus.EXPIRED, error=f"timeout handler: {type(exc).__name__}")
+            end_conversation(conversation, ConversationStatus.EXPIRED, error=f"timeout handler: {type(exc).__name__}")
         db.session.commit()
         expired += 1
         for row in outgoing:
