@@ -1,9 +1,11 @@
 """Zero-configuration development: no Twilio account, the bundled simulator instead.
 
-With neither TWILIO_ACCOUNT_SID nor TWILIO_AUTH_TOKEN in the environment (and not on a Heroku
-dyno), the server talks to `python -m bot.simulator` on 127.0.0.1 and uses development secrets
-generated once and kept in instance/dev-secrets.json, shared by web, worker, simulator and chat.
-Setting TWILIO_ACCOUNT_SID leaves this mode for good: every real secret is then required.
+With no Twilio account configured (no TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN or
+TWILIO_WHATSAPP_NUMBER, no public webhook or API URL, not on a Heroku dyno: see
+`bot.production_signals`), the server talks to `python -m bot.simulator` on 127.0.0.1 and uses
+development secrets generated once and kept in instance/dev-secrets.json, shared by web,
+worker, simulator and chat.
+Setting any of those leaves this mode for good: every real secret is then required.
 """
 from __future__ import annotations
 
@@ -25,12 +27,6 @@ def simulator_port() -> int:
 
 def simulator_url() -> str:
     return f"http://127.0.0.1:{simulator_port()}"
-
-
-def wants_dev_mode(environ: dict[str, str] | None = None) -> bool:
-    """No Twilio credentials at all, and not on a production dyno."""
-    env = os.environ if environ is None else environ
-    return not env.get("TWILIO_ACCOUNT_SID") and not env.get("TWILIO_AUTH_TOKEN") and not env.get("DYNO")
 
 
 def dev_secrets(instance_path: str) -> dict[str, str]:

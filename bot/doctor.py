@@ -29,7 +29,7 @@ class Check:
 
 def run_checks(env_file: str | None = ".env") -> list[Check]:
     """Every check, in order; never raises."""
-    from bot import with_dev_defaults
+    from bot import production_signals, with_dev_defaults
     from bot.config import ConfigError, REQUIRED_SECRETS, database_uri, load_settings, missing_secrets
     from bot.devmode import DEV_SENDER
 
@@ -40,7 +40,7 @@ def run_checks(env_file: str | None = ".env") -> list[Check]:
 
     checks: list[Check] = []
     instance_path = os.path.abspath(settings.instance_path or "instance")
-    dev_mode = not settings.twilio_account_sid and not settings.twilio_auth_token and not os.environ.get("DYNO")
+    dev_mode = not production_signals(settings)
     if dev_mode:
         settings = with_dev_defaults(settings, instance_path)
         checks.append(Check(WARN, "development mode: no Twilio credentials, the bundled simulator stands in",

@@ -15,6 +15,8 @@ from bot.phone import normalize_e164
 
 log = logging.getLogger(__name__)
 
+MAX_MEDIA = 10
+
 
 def media_urls(form: Mapping[str, str]) -> list[str]:
     """Every MediaUrlN of the message, in order."""
@@ -22,7 +24,8 @@ def media_urls(form: Mapping[str, str]) -> list[str]:
         count = int(form.get("NumMedia") or 0)
     except ValueError:
         count = 0
-    return [form[f"MediaUrl{i}"] for i in range(max(count, 0)) if form.get(f"MediaUrl{i}")]
+    # Twilio sends at most 10 media items; a huge NumMedia must not become a huge loop.
+    return [form[f"MediaUrl{i}"] for i in range(min(max(count, 0), MAX_MEDIA)) if form.get(f"MediaUrl{i}")]
 
 
 def store_inbound(form: Mapping[str, str]) -> Message | None:

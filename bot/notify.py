@@ -9,6 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
 from bot import outbox
+from bot.consent import opt_out_waiting
 from bot.contacts import get_or_create_contact
 from bot.extensions import db
 from bot.models import Consent, Conversation, ConversationStatus, Direction, Message, StatusEvent
@@ -20,6 +21,14 @@ from flows import registry
 bp = Blueprint("notify", __name__)
 
 MAX_IDEMPOTENCY_KEY = 255
+
+
+def read_json_body() -> Any:
+    """The request's JSON, or None when it does not parse (including absurdly deep nesting)."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        return None
 
 
 def _error(status: int, message: str, **extra: Any):
@@ -78,7 +87,7 @@ def notify():
     """Queue a WhatsApp message for a backend; answers 202 with the message id."""
     if not request.is_json:
         return _error(415, "Content-Type must be application/json")
-    payload = request.get_json(silent=True)
+    payload = read_json_body()
     if payload is None:
         return _error(400, "the body is not valid JSON")
     try:
@@ -96,7 +105,7 @@ def notify():
             return replay
 
     contact = get_or_create_contact(notification.to)
-    if contact.consent == Consent.OPTED_OUT:
+    if contact.consent == Consent.OPTED_OUT or opt_out_waiting(contact.id):
         db.session.commit()
         return _error(409, f"{contact.phone} has opted out; nothing is sent until they opt back in")
     if notification.is_free_form and not within_window(contact):

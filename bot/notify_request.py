@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlparse
@@ -13,6 +14,7 @@ from flows.toolkit import Flow
 MAX_BODY_CHARS = 1600  # Twilio refuses longer bodies with 21617
 MAX_TEMPLATE_VARIABLES_CHARS = 1024  # WhatsApp's limit for a template's text (63021)
 ALLOWED_FIELDS = frozenset({"to", "body", "template", "variables", "media_url", "flow"})
+MAX_FLOW_VARIABLE_CHARS = 1024  # a flow's variables land in message copy of at most 1600 characters
 
 
 class InvalidRequest(ValueError):
@@ -54,6 +56,7 @@ def parse_notify(payload: Any, content_sids: dict[str, str], flows: Mapping[str,
     """Validate a decoded JSON payload against DESIGN.md's contract. Raises InvalidRequest."""
     if not isinstance(payload, dict):
         raise InvalidRequest("the JSON body must be an object")
+    check_json_values(payload, "")
     unknown = sorted(set(payload) - ALLOWED_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(ALLOWED_FIELDS))}")
@@ -95,6 +98,28 @@ def parse_notify(payload: Any, content_sids: dict[str, str], flows: Mapping[str,
     return NotifyRequest(to=to, body=body, media_urls=media_urls)
 
 
+def check_json_values(value: Any, where: str) -> None:
+    """Refuse what JSON parsers accept but no message or database can hold: NaN and Infinity
+    (Python's parser takes them), NUL characters (PostgreSQL text cannot store them) and lone
+    surrogates (no encoding can)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRequest(f"{where or 'the body'} must be a finite number, not {value}")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidRequest(f"{where or 'the body'} contains a NUL character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800"): valid JSON, not valid text
+            raise InvalidRequest(f"{where or 'the body'} is not valid Unicode text (a lone surrogate)") from None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_json_values(key, f"a key of {where or 'the body'}")
+            check_json_values(item, f"{where}.{key}" if where else f"'{key}'")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_json_values(item, f"{where}[{index}]")
+
+
 def _flow_request(to: str, name: Any, variables: Any, flows: Mapping[str, Flow]) -> NotifyRequest:
     startable = sorted(n for n, f in flows.items() if f.start is not None)
     if not isinstance(name, str) or name not in flows or flows[name].start is None:
@@ -106,6 +131,8 @@ def _flow_request(to: str, name: Any, variables: Any, flows: Mapping[str, Flow])
     for key, value in variables.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
             raise InvalidRequest(f"variable {key!r} must be a string or a number")
+        if isinstance(value, str) and len(value) > MAX_FLOW_VARIABLE_CHARS:
+            raise InvalidRequest(f"variable {key!r} is {len(value)} characters; at most {MAX_FLOW_VARIABLE_CHARS}")
     missing = [v for v in flows[name].required_variables if not str(variables.get(v) or "").strip()]
     if missing:
         raise InvalidRequest(f"flow {name!r} needs variables: {', '.join(missing)}")

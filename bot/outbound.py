@@ -16,12 +16,14 @@ from enum import Enum
 import requests
 import sqlalchemy as sa
 from flask import current_app
+from sqlalchemy.exc import IntegrityError
 from twilio.base.exceptions import TwilioException
 
 from bot.clock import utcnow
+from bot.consent import opt_out_waiting
 from bot.errors import is_retryable
 from bot.extensions import db
-from bot.models import Consent, Contact, Kind, Message
+from bot.models import Consent, Contact, Direction, Kind, Message
 from bot.status import STATUS_RANK, apply_pending_events, raise_status
 from bot.twilio_client import get_client
 
@@ -29,8 +31,13 @@ log = logging.getLogger(__name__)
 
 #: How long a claim holds. Far longer than the SDK timeout, so a slow send is never taken over.
 CLAIM_LEASE = timedelta(minutes=5)
-#: Sends attempted per message across task retries and sweeps, so a message cannot loop forever.
-MAX_ATTEMPTS = 8
+#: Attempts made in quick succession by the send task's own retries (huey: 2, 4, 8, 16, 32 s).
+FAST_ATTEMPTS = 6
+#: Sends attempted per message in all. After the fast ones, the outbox sweep tries again at
+#: `next_attempt_at`, backing off to 30 minutes: a Twilio outage of about two hours delays
+#: messages, a longer one fails them with the last error code.
+MAX_ATTEMPTS = 15
+MAX_BACKOFF = timedelta(minutes=30)
 #: WhatsApp's customer-service window.
 SESSION_WINDOW = timedelta(hours=24)
 
@@ -51,15 +58,21 @@ class TransientSendError(Exception):
     """Twilio could not take the message now; the task retries with backoff."""
 
 
+def retry_backoff(attempts: int) -> timedelta:
+    """How long after a transiently failed attempt number `attempts` the next one is due."""
+    return min(timedelta(seconds=2 ** min(attempts, 16)), MAX_BACKOFF)
+
+
 def claim(message_id: str) -> bool:
-    """Atomically take a message for sending: pending, or dispatching with an expired lease."""
+    """Atomically take a message for sending: pending or retrying, or dispatching with an
+    expired lease (its worker died)."""
     now = utcnow()
     claimed = db.session.execute(
         sa.update(Message)
         .where(
             Message.id == message_id,
             sa.or_(
-                Message.status == "pending",
+                Message.status.in_(("pending", "retrying")),
                 sa.and_(Message.status == "dispatching", Message.claimed_until < now),
             ),
         )
@@ -84,8 +97,12 @@ def within_window(contact: Contact, now=None) -> bool:
 
 def refusal_reason(message: Message, contact: Contact) -> tuple[int, str] | None:
     """Why this message must not reach Twilio now (opt-out, 24-hour window), or None."""
-    if contact.consent == Consent.OPTED_OUT and message.kind != Kind.OPT_OUT_CONFIRMATION:
-        return OPTED_OUT_CODE, "Recipient has opted out; not sent."
+    if message.kind != Kind.OPT_OUT_CONFIRMATION:
+        if contact.consent == Consent.OPTED_OUT:
+            return OPTED_OUT_CODE, "Recipient has opted out; not sent."
+        if opt_out_waiting(contact.id):
+            # Their STOP is stored but not yet handled by the engine: it is an opt-out all the same.
+            return OPTED_OUT_CODE, "Recipient has sent an opt-out (not yet processed); not sent."
     if message.content_sid is None and not within_window(contact):
         return OUTSIDE_WINDOW_CODE, "Outside the 24-hour window and no template; not sent."
     return None
@@ -115,14 +132,22 @@ def finish(message_id: str, status: str, code: int | None, text: str | None) -> 
     db.session.commit()
 
 
-def deliver(message_id: str, *, final_attempt: bool = False) -> Outcome:
-    """Send one message if it can be claimed. Raises TransientSendError to ask for a retry."""
+def deliver(message_id: str, *, can_retry: bool = False) -> Outcome:
+    """Send one message if it can be claimed.
+
+    A transient failure leaves the message `retrying` with a due time for the sweep; with
+    `can_retry` (the task has retries left) and few attempts so far, it also raises
+    TransientSendError so the task retries within seconds.
+    """
     if not claim(message_id):
         log.info("message %s not claimable (already sent or in flight); skipping", message_id)
         return Outcome.NOT_CLAIMED
     message = db.session.get(Message, message_id)
     contact = db.session.get(Contact, message.contact_id)
-    final_attempt = final_attempt or message.attempts >= MAX_ATTEMPTS
+    if message.attempts > MAX_ATTEMPTS:  # a worker kept dying mid-send: stop, say so
+        finish(message_id, "failed", None, f"gave up after {MAX_ATTEMPTS} attempts")
+        return Outcome.FAILED
+    can_retry = can_retry and message.attempts < FAST_ATTEMPTS
 
     refusal = refusal_reason(message, contact)
     if refusal:
@@ -139,7 +164,7 @@ def deliver(message_id: str, *, final_attempt: bool = False) -> Outcome:
         # accepted it. Look before retrying, so a slow answer does not become a second message.
         sid = find_accepted_send(message, params, since=started)
         if sid is None:
-            return _failed_attempt(message_id, None, None, "ReadTimeout talking to Twilio", final_attempt,
+            return _failed_attempt(message, None, None, "ReadTimeout talking to Twilio", can_retry,
                                    transient=True)
         log.warning("message %s: Twilio answered too slowly but had accepted it as %s", message_id, sid)
         return _record_accepted(message_id, sid, "queued")
@@ -147,10 +172,15 @@ def deliver(message_id: str, *, final_attempt: bool = False) -> Outcome:
         http_status = getattr(exc, "status", None)
         code = getattr(exc, "code", None)
         text = getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", None) or str(exc)
-        return _failed_attempt(message_id, http_status, code, text, final_attempt)
+        return _failed_attempt(message, http_status, code, text, can_retry)
     except requests.RequestException as exc:  # timeouts and connection errors
-        return _failed_attempt(message_id, None, None, f"{type(exc).__name__} talking to Twilio", final_attempt,
+        return _failed_attempt(message, None, None, f"{type(exc).__name__} talking to Twilio", can_retry,
                                transient=True)
+    except Exception as exc:  # a bug or unsendable content: fail it rather than hold the claim forever
+        log.exception("message %s: unexpected error while sending", message_id)
+        db.session.rollback()
+        finish(message_id, "failed", None, f"not sent: unexpected {type(exc).__name__} (see the worker's log)")
+        return Outcome.FAILED
 
     log.info("message %s accepted by Twilio as %s", message_id, created.sid)
     return _record_accepted(message_id, created.sid, (created.status or "queued").lower())
@@ -165,7 +195,19 @@ def _record_accepted(message_id: str, sid: str, twilio_status: str) -> Outcome:
         .execution_options(synchronize_session=False)
     )
     raise_status(message_id, twilio_status if twilio_status in STATUS_RANK else "queued")
-    db.session.commit()
+    try:
+        db.session.commit()
+    except IntegrityError:
+        # Another row already holds this SID (it can only come from a mistaken timeout lookup).
+        # Twilio did accept a message for this row, so record it as sent rather than resend.
+        db.session.rollback()
+        log.error("message %s: Twilio SID %s is already recorded on another message", message_id, sid)
+        raise_status(message_id, twilio_status if twilio_status in STATUS_RANK else "queued")
+        db.session.execute(sa.update(Message).where(Message.id == message_id).values(
+            sent_at=now, updated_at=now, next_attempt_at=None,
+            error_message=f"Twilio SID {sid} is recorded on another message"))
+        db.session.commit()
+        return Outcome.SENT
     apply_pending_events(sid)
     return Outcome.SENT
 
@@ -175,8 +217,17 @@ def find_accepted_send(message: Message, params: dict, since: datetime) -> str |
 
     Candidates: messages from our sender to this recipient created since the attempt began (with
     a minute of slack for clock skew), whose SID no other row of ours holds, with the same body
-    when the message has one (a template's rendered body cannot be compared).
+    when the message has one. A template's rendered body cannot be compared, so without a body
+    the lookup only answers when no other message to this contact is in flight (it could be
+    that one's).
     """
+    if not message.body:
+        in_flight = db.session.scalar(
+            sa.select(sa.func.count()).select_from(Message).where(
+                Message.contact_id == message.contact_id, Message.direction == Direction.OUTBOUND,
+                Message.id != message.id, Message.status.in_(("dispatching", "retrying"))))
+        if in_flight:
+            return None
     try:
         recent = get_client().messages.list(to=params["to"], from_=params["from_"], limit=20)
     except (TwilioException, requests.RequestException):
@@ -194,21 +245,26 @@ def find_accepted_send(message: Message, params: dict, since: datetime) -> str |
     return None
 
 
-def _failed_attempt(message_id: str, http_status: int | None, code: int | None, text: str,
-                    final_attempt: bool, transient: bool | None = None) -> Outcome:
+def _failed_attempt(message: Message, http_status: int | None, code: int | None, text: str,
+                    can_retry: bool, transient: bool | None = None) -> Outcome:
+    message_id, attempts = message.id, message.attempts
     retry = is_retryable(http_status, code) if transient is None else transient
-    if retry and not final_attempt:
-        # Back to pending so the retry (or the sweep, after a delay) can claim it again.
+    if retry and attempts < MAX_ATTEMPTS:
+        # `retrying` ranks with `dispatching`, so the status never moves back; the claim is
+        # released and the next attempt is due after a backoff (the sweep's safety net).
         now = utcnow()
         db.session.execute(
             sa.update(Message).where(Message.id == message_id, Message.status == "dispatching")
-            .values(status="pending", status_rank=0, claimed_until=None, updated_at=now,
-                    next_attempt_at=now + timedelta(minutes=2))
+            .values(status="retrying", claimed_until=None, updated_at=now,
+                    next_attempt_at=now + retry_backoff(attempts))
             .execution_options(synchronize_session=False)
         )
         db.session.commit()
-        log.warning("message %s: transient Twilio failure (HTTP %s, code %s); will retry", message_id, http_status, code)
-        raise TransientSendError(f"HTTP {http_status}, code {code}: {text}")
+        log.warning("message %s: transient Twilio failure (HTTP %s, code %s), attempt %d of %d; will retry",
+                    message_id, http_status, code, attempts, MAX_ATTEMPTS)
+        if can_retry:
+            raise TransientSendError(f"HTTP {http_status}, code {code}: {text}")
+        return Outcome.RETRY
     log.warning("message %s failed (HTTP %s, code %s): %s", message_id, http_status, code, text)
     finish(message_id, "failed", code, text)
     return Outcome.FAILED

@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 #: A pending row younger than this is assumed to be on the queue already.
 STALE_AFTER = timedelta(seconds=60)
+#: After the sweep enqueues a row, it leaves it alone this long: in a long backlog the row is
+#: still waiting on the queue, and re-enqueueing it every minute would only grow the backlog.
+REENQUEUE_AFTER = timedelta(minutes=5)
 
 
 def _enqueue(task_name: str, row_id: str) -> bool:
@@ -88,8 +91,9 @@ def sweep(now=None) -> dict[str, int]:
             Message.direction == Direction.OUTBOUND,
             sa.or_(
                 # never enqueued, or the queue lost it
-                sa.and_(Message.status == "pending",
-                        sa.func.coalesce(Message.next_attempt_at, Message.created_at) <= stale),
+                sa.and_(Message.status == "pending", Message.next_attempt_at.is_(None), Message.created_at <= stale),
+                # enqueued by an earlier sweep that long ago, or a transient failure's retry is due
+                sa.and_(Message.status.in_(("pending", "retrying")), Message.next_attempt_at <= now),
                 # the worker died mid-send and its lease ran out
                 sa.and_(Message.status == "dispatching", Message.claimed_until < now),
             ),
@@ -111,6 +115,13 @@ def sweep(now=None) -> dict[str, int]:
         .where(StatusEvent.message_id.is_(None), StatusEvent.received_at >= now - timedelta(days=1))
         .distinct().limit(1000)
     ).all()
+    if pending:
+        db.session.execute(
+            sa.update(Message)
+            .where(Message.id.in_(pending), Message.status.in_(("pending", "retrying")))
+            .values(next_attempt_at=now + REENQUEUE_AFTER)
+            .execution_options(synchronize_session=False)
+        )
     db.session.commit()
 
     for message_id in pending:

@@ -15,6 +15,10 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from bot.models import Contact, Direction, Kind, Message
 from bot.outbound import OUTSIDE_WINDOW_CODE, within_window
+
+#: Twilio refuses a longer body with 21617; a reply is checked before it is queued.
+MAX_BODY_CHARS = 1600
+TOO_LONG_CODE = 21617
 from flows.toolkit import Reply
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,13 @@ def build_messages(replies: Iterable[Reply], contact: Contact, *, conversation_i
         row = Message(direction=Direction.OUTBOUND, kind=kind, contact_id=contact.id,
                       conversation_id=conversation_id, body=body, status="pending", status_rank=0,
                       template=reply.template)
-        if not in_window:
+        if len(body) > MAX_BODY_CHARS and in_window:
+            # Long user-supplied variables can do this; Twilio would refuse it with the same code.
+            row.status, row.status_rank = "failed", 6
+            row.error_code = TOO_LONG_CODE
+            row.error_message = f"skipped: the rendered text is {len(body)} characters (at most {MAX_BODY_CHARS})"
+            log.warning("reply %s to %s skipped: %d characters", reply.template, contact.phone, len(body))
+        elif not in_window:
             sid = content_sids.get(reply.content_template or "")
             if sid:
                 row.content_sid = sid

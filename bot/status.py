@@ -15,14 +15,15 @@ from sqlalchemy.exc import IntegrityError
 
 from bot.clock import utcnow
 from bot.extensions import db
-from bot.models import Message, StatusEvent
+from bot.models import Direction, Message, StatusEvent
 
 log = logging.getLogger(__name__)
 
-#: pending < dispatching < accepted/scheduled < queued < sending < sent < final < read
+#: pending < dispatching/retrying < accepted/scheduled < queued < sending < sent < final < read
 STATUS_RANK: dict[str, int] = {
     "pending": 0,
     "dispatching": 1,
+    "retrying": 1,  # a transient failure; tried again at next_attempt_at
     "accepted": 2,
     "scheduled": 2,
     "queued": 3,
@@ -102,7 +103,10 @@ def apply_pending_events(sid: str) -> int:
     Returns how many events were applied. Called after a callback is stored and after a send
     records its SID, and by the periodic sweep as a safety net.
     """
-    message_id = db.session.scalar(sa.select(Message.id).where(Message.twilio_sid == sid))
+    # Outbound only: a status callback naming an inbound message's SID must not move that
+    # message out of "received" (the engine would never process it).
+    message_id = db.session.scalar(
+        sa.select(Message.id).where(Message.twilio_sid == sid, Message.direction == Direction.OUTBOUND))
     if message_id is None:
         return 0
     events = db.session.scalars(

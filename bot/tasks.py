@@ -46,9 +46,10 @@ def in_app_context(func: F) -> F:
 @huey.task(retries=SEND_RETRIES, retry_delay=2, retry_backoff=2, context=True)
 @in_app_context
 def send_message(message_id: str, task: Any = None) -> str:
-    """Deliver one outbound message; transient Twilio failures raise, so huey retries them."""
-    final = task is None or not task.retries
-    return outbound.deliver(message_id, final_attempt=final).value
+    """Deliver one outbound message; early transient failures raise, so huey retries them
+    within seconds; later ones wait for the outbox sweep (see outbound.MAX_ATTEMPTS)."""
+    can_retry = task is not None and bool(task.retries)
+    return outbound.deliver(message_id, can_retry=can_retry).value
 
 
 @huey.task(retries=3, retry_delay=5)

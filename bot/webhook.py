@@ -21,6 +21,12 @@ SID_PATTERN = re.compile(r"^[A-Z]{2}[0-9a-f]{32}$")
 MAX_STATUS_LENGTH = 32
 
 
+def form_fields() -> dict[str, str]:
+    """The request's form as a plain dict, without NUL characters (no database text holds them;
+    Twilio never sends them, but a 500 is never the answer)."""
+    return {key: value.replace("\x00", "") for key, value in request.form.items()}
+
+
 def twiml_ok() -> Response:
     """An empty TwiML answer: Twilio logs nothing and sends nothing back on its own."""
     return Response(EMPTY_TWIML, status=200, mimetype="text/xml")
@@ -49,7 +55,7 @@ def _status_callback():
     if status not in STATUS_RANK:
         # Twilio adds statuses without notice; keep the event, never fail the callback.
         current_app.logger.warning("unknown MessageStatus %r kept as an event", status)
-    record_callback(request.form)
+    record_callback(form_fields())
     return twiml_ok()
 
 
@@ -57,7 +63,7 @@ def _inbound_message():
     if not request.form.get("From"):
         return jsonify(error="From is required"), 400
     try:
-        message = store_inbound(request.form)
+        message = store_inbound(form_fields())
     except InvalidNumber as exc:
         return jsonify(error=f"From {exc}"), 400
     if message is not None:

@@ -345,3 +345,40 @@ def test_wsgi_with_secrets_in_environment_imports(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == SENDER
+
+
+@pytest.mark.parametrize("given", [
+    {"TWILIO_WHATSAPP_NUMBER": "whatsapp:+15550001111", "NOTIFY_API_TOKEN": API_TOKEN},
+    {"TWILIO_WEBHOOK_URL": "https://bot.example.com/twilio/webhook", "NOTIFY_API_TOKEN": API_TOKEN},
+    {"TWILIO_API_URL": "https://api.twilio.com"},
+])
+def test_a_half_configured_host_never_falls_into_development_mode(tmp_path: Path, given: dict) -> None:
+    """Forgetting only the account SID and token in production must fail, not talk to a simulator."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "INSTANCE_PATH": str(tmp_path / "instance"),
+        "HOME": str(tmp_path),
+        **given,
+    }
+    result = subprocess.run([sys.executable, "-c", "import wsgi"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "ConfigError" in last_line and "TWILIO_ACCOUNT_SID" in last_line and "TWILIO_AUTH_TOKEN" in last_line
+    assert "DEVELOPMENT MODE" not in result.stderr
+    assert not (tmp_path / "instance" / "dev-secrets.json").exists()
+
+
+def test_development_mode_keeps_a_local_api_url_and_webhook_url(tmp_path: Path) -> None:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "INSTANCE_PATH": str(tmp_path / "instance"),
+        "HOME": str(tmp_path),
+        "TWILIO_API_URL": "http://127.0.0.1:9999",
+        "TWILIO_WEBHOOK_URL": "http://localhost:5001/twilio/webhook",
+    }
+    code = "import wsgi; c = wsgi.app.config; print(c['DEV_MODE'], c['TWILIO_API_URL'], c['TWILIO_WEBHOOK_URL'])"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "http://127.0.0.1:9999", "http://localhost:5001/twilio/webhook"]

@@ -151,19 +151,86 @@ def test_transient_failure_retries_then_sends_once(app, client, auth, twilio):
         assert row.status == "queued" and row.attempts == 3 and row.error_code is None
 
 
-def test_server_errors_retry_a_bounded_number_of_times(app, client, auth, twilio):
+def test_server_errors_retry_fast_then_back_off_then_fail_with_the_last_code(app, client, auth, twilio):
     with app.app_context():
         make_contact()
     twilio.fail_next(503, 20503, "Service Unavailable", times=100)
     message_id = notify(client, auth, to="+15551234567", body="never")
     run_queue()
-    assert len(twilio.requests) == SEND_RETRIES + 1
+    # The task's own retries: quick attempts, then the message waits for the sweep (an outage of
+    # a minute must not fail it), its status never back below "dispatching".
+    assert len(twilio.requests) == SEND_RETRIES + 1 == outbound.FAST_ATTEMPTS
     with app.app_context():
         row = message(message_id)
-        assert row.status == "failed" and row.error_code == 20503
+        assert (row.status, row.status_rank, row.error_code) == ("retrying", 1, None)
+        first_due = row.next_attempt_at - utcnow()
+        assert timedelta(seconds=30) < first_due <= outbound.MAX_BACKOFF
+        assert outbox.sweep()["outbound"] == 0  # not due yet
+    later = utcnow()
+    for _ in range(outbound.MAX_ATTEMPTS):  # each due time passes: one attempt per sweep
+        later += outbound.MAX_BACKOFF + timedelta(minutes=1)
+        with app.app_context():
+            outbox.sweep(now=later)
+        run_queue()
+    assert len(twilio.requests) == outbound.MAX_ATTEMPTS
+    with app.app_context():
+        row = message(message_id)
+        assert (row.status, row.error_code, row.attempts) == ("failed", 20503, outbound.MAX_ATTEMPTS)
     twilio.reset()
+    with app.app_context():
+        outbox.sweep(now=later + timedelta(hours=1))
     run_queue()
     assert twilio.requests == []
+
+
+def test_twilio_back_after_an_outage_sends_the_waiting_message_once(app, client, auth, twilio):
+    with app.app_context():
+        make_contact()
+    twilio.fail_next(503, 20503, "Service Unavailable", times=outbound.FAST_ATTEMPTS)
+    message_id = notify(client, auth, to="+15551234567", body="patience")
+    run_queue()
+    assert twilio.messages == []
+    with app.app_context():
+        assert outbox.sweep(now=utcnow() + outbound.MAX_BACKOFF)["outbound"] == 1
+        # Enqueued once: the next sweep leaves it alone while it waits on the queue.
+        assert outbox.sweep(now=utcnow() + outbound.MAX_BACKOFF + timedelta(minutes=1))["outbound"] == 0
+    run_queue()
+    [sent] = twilio.messages
+    assert sent["body"] == "patience"
+    with app.app_context():
+        row = message(message_id)
+        assert (row.status, row.attempts, row.error_code) == ("queued", outbound.FAST_ATTEMPTS + 1, None)
+
+
+def test_connection_refused_is_transient(app, client, auth, twilio):
+    with app.app_context():
+        make_contact()
+        app.config["TWILIO_API_URL"] = "http://127.0.0.1:9"  # nothing listens on the discard port
+        app.extensions["twilio_client"] = None  # built again, from the new URL
+    message_id = notify(client, auth, to="+15551234567", body="unreachable")
+    run_queue()
+    with app.app_context():
+        row = message(message_id)
+        assert row.status == "retrying" and row.attempts == outbound.FAST_ATTEMPTS
+
+
+def test_an_unexpected_error_fails_the_message_instead_of_holding_it(app, client, auth, twilio):
+    with app.app_context():
+        make_contact()
+    # A lone surrogate cannot be encoded for the HTTP request; /notify refuses it in a body, but
+    # rows can come from elsewhere (a flow, an older version): the send must not wedge on it.
+    message_id = notify(client, auth, to="+15551234567", body="fine")
+    with app.app_context():
+        db.session.execute(sa.update(Message).where(Message.id == message_id)
+                           .values(media_urls=["https://example.com/\udc80.png"]))
+        db.session.commit()
+    run_queue()
+    with app.app_context():
+        row = message(message_id)
+        assert row.status == "failed" and row.attempts == 1
+        assert "unexpected UnicodeEncodeError" in row.error_message
+    run_queue()
+    assert twilio.messages == []
 
 
 def test_slow_answer_that_twilio_accepted_is_not_sent_again(app, client, auth, twilio):
@@ -287,3 +354,26 @@ def test_concurrent_requests_with_one_idempotency_key_create_one_message(app, au
     assert len(twilio.messages) == 1
     with app.app_context():
         assert db.session.scalar(sa.select(sa.func.count()).select_from(Message)) == 1
+
+
+def test_a_timed_out_template_send_adopts_no_sid_while_another_send_is_in_flight(app, client, auth, twilio):
+    """A template's body cannot be compared: the recent message found may be the other send's."""
+    with app.app_context():
+        contact = make_contact()
+        template_id = notify(client, auth, to="+15551234567", template="order_update", variables={"1": "A-1"})
+        other_id = notify(client, auth, to="+15551234567", body="in flight")
+        huey.flush()
+        started = utcnow()
+        # The other send reached Twilio; its answer (and SID) is not recorded yet.
+        twilio_client = outbound.get_client()
+        twilio_client.messages.create(to=contact.whatsapp_address, from_=SENDER, body="in flight")
+        assert outbound.claim(other_id)
+        row = message(template_id)
+        params = outbound.twilio_params(row, db.session.get(type(contact), contact.id))
+        assert outbound.find_accepted_send(row, params, since=started) is None
+        # With nothing else in flight, a message Twilio took since the attempt began is ours.
+        db.session.execute(sa.update(Message).where(Message.id == other_id).values(status="failed", status_rank=6))
+        db.session.commit()
+        row = message(template_id)
+        [recent] = [m for m in twilio.messages if m["body"] == "in flight"]
+        assert outbound.find_accepted_send(row, params, since=started) == recent["sid"]

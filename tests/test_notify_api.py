@@ -628,3 +628,49 @@ def test_keys_are_independent(app, client, auth, contact, twilio):
     assert message_count(app) == 2
     assert run_queue() == 2
     assert len(twilio.messages) == 2
+
+
+# ------------------------------------------- what JSON allows but no message or database holds
+
+
+@pytest.mark.parametrize("raw, where", [
+    ('{"to": "+15551234567", "body": "a\\u0000b"}', "NUL"),
+    ('{"to": "+15551234567", "body": "hi \\ud800"}', "surrogate"),
+    ('{"to": "+15551234567", "flow": "feedback", "variables": {"topic": NaN}}', "finite"),
+    ('{"to": "+15551234567", "flow": "feedback", "variables": {"topic": Infinity}}', "finite"),
+    ('{"to": "+15551234567", "template": "order_update", "variables": {"1": -Infinity}}', "finite"),
+    ('{"to": "+15551234567", "flow": "appointment", "variables": {"date": "a\\u0000", "time": "9"}}', "NUL"),
+])
+def test_unstorable_json_values_are_a_400_not_a_500(app, client, auth, raw, where):
+    with app.app_context():
+        make_contact(PHONE)
+    response = post_notify(client, auth, data=raw, content_type="application/json")
+    assert response.status_code == 400, response.get_data(as_text=True)[:300]
+    assert where in error_of(response)
+    assert message_count(app) == 0
+
+
+def test_absurdly_deep_json_is_a_400(app, client, auth):
+    response = post_notify(client, auth, data="[" * 100000 + "]" * 100000, content_type="application/json")
+    assert response.status_code == 400 and "not valid JSON" in error_of(response)
+
+
+def test_over_long_flow_variables_are_a_400(app, client, auth):
+    with app.app_context():
+        make_contact(PHONE)
+    response = post_notify(client, auth, {"to": PHONE, "flow": "appointment",
+                                          "variables": {"date": "x" * 3000, "time": "10:00"}})
+    assert response.status_code == 400 and "'date'" in error_of(response)
+
+
+def test_a_reply_rendered_too_long_is_recorded_not_sent(app, twilio):
+    from bot.models import Contact
+    from bot.replies import TOO_LONG_CODE, build_messages
+    from flows.toolkit import Reply
+
+    with app.app_context():
+        contact = make_contact(PHONE)
+        [row] = build_messages([Reply("appointment/reminder", {"date": "d" * 1000, "time": "t" * 1000, "name": None,
+                                                               "place": None})], db.session.get(Contact, contact.id))
+        assert (row.status, row.error_code) == ("failed", TOO_LONG_CODE)
+        assert "characters" in row.error_message

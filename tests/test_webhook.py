@@ -283,3 +283,27 @@ def test_oversized_values_never_cause_a_500(app, client, auth, post_webhook):
     with app.app_context():
         contact = db.session.scalar(sa.select(Contact).where(Contact.profile_name.is_not(None)))
         assert contact.profile_name == "N" * 256
+
+
+def test_nul_characters_and_absurd_media_counts_never_cause_a_500(app, post_webhook):
+    form = inbound_form(body="he\x00llo", NumMedia="20000000", MediaUrl0="https://m/0", ProfileName="A\x00da")
+    assert post_webhook(form).status_code == 200
+    with app.app_context():
+        row = db.session.scalar(sa.select(Message).where(Message.twilio_sid == form["MessageSid"]))
+        assert row.body == "hello" and row.media_urls == ["https://m/0"]
+    callback = status_form("SM" + "a" * 32, "failed", 30008)
+    callback["ErrorMessage"] = "bad\x00news"
+    assert post_webhook(callback).status_code == 200
+    with app.app_context():
+        event = db.session.scalar(sa.select(StatusEvent).where(StatusEvent.twilio_sid == callback["MessageSid"]))
+        assert event.error_message == "badnews"
+
+
+def test_a_status_callback_naming_an_inbound_message_leaves_it_to_the_engine(app, post_webhook):
+    form = inbound_form(body="hello")
+    post_webhook(form)
+    huey.flush()  # not processed yet
+    assert post_webhook(status_form(form["MessageSid"], "delivered")).status_code == 200
+    with app.app_context():
+        row = db.session.scalar(sa.select(Message).where(Message.twilio_sid == form["MessageSid"]))
+        assert row.status == "received"
