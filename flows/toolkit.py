@@ -54,7 +54,7 @@ class Inbound:
             count = 0
         media = tuple(
             Media(str(form[f"MediaUrl{i}"]), form.get(f"MediaContentType{i}"))
-            for i in range(max(count, 0)) if form.get(f"MediaUrl{i}")
+            for i in range(min(max(count, 0), 10)) if form.get(f"MediaUrl{i}")  # Twilio sends at most 10
         )
         location = None
         try:
