@@ -382,3 +382,12 @@ def test_development_mode_keeps_a_local_api_url_and_webhook_url(tmp_path: Path) 
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "http://127.0.0.1:9999", "http://localhost:5001/twilio/webhook"]
+
+
+def test_every_setting_is_documented_in_env_example_and_the_readme() -> None:
+    env_example = (PROJECT_ROOT / ".env.example").read_text()
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    for name in Settings.model_fields:
+        variable = name.upper()
+        assert variable in env_example, f"{variable} is missing from .env.example"
+        assert f"`{variable}`" in readme, f"{variable} is missing from the README's configuration table"
