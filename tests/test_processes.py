@@ -77,23 +77,35 @@ def stack(base_config, _schema, app, tmp_path) -> Iterator[dict[str, Any]]:
     subprocess.run(["bash", "-c", commands["release"]], env=env, cwd=tmp_path, check=True, timeout=60,
                    capture_output=True)
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("web", "worker")}
-    processes = [
-        subprocess.Popen(["bash", "-c", "exec " + commands[name].strip()], env=env, cwd=tmp_path,
-                         stdout=logs[name], stderr=subprocess.STDOUT, start_new_session=True)
-        for name in ("web", "worker")
-    ]
+
+    def start(name: str) -> subprocess.Popen:
+        return subprocess.Popen(["bash", "-c", "exec " + commands[name].strip()], env=env, cwd=tmp_path,
+                                stdout=logs[name], stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(process: subprocess.Popen) -> None:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+
+    processes = {name: start(name) for name in ("web", "worker")}
+
+    def stop_worker() -> None:
+        stop(processes["worker"])
+
+    def start_worker() -> None:
+        processes["worker"] = start("worker")
+
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _healthy(base), what="gunicorn to answer /healthz")
-        yield {"base": base, "simulator": simulator}
+        yield {"base": base, "simulator": simulator, "stop_worker": stop_worker, "start_worker": start_worker}
     finally:
-        for process in processes:
-            os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        for process in processes.values():
+            stop(process)
         simulator.stop()
         for name, log in logs.items():
             log.close()
@@ -175,3 +187,37 @@ def test_a_conversation_with_a_button_and_stop_through_real_processes(stack):
     assert "unsubscribed" in confirmation["body"].lower()
     assert requests.post(base + "/notify", json={"to": phone, "body": "hi"}, headers=auth,
                          timeout=5).status_code == 409
+
+
+def test_a_timeout_is_not_lost_when_the_worker_restarts(stack, app):
+    """Timeouts are rows in the database, not timers in a process: a new worker runs them."""
+    from bot.clock import utcnow
+    from bot.models import Conversation, PeriodicRun
+
+    base, simulator = stack["base"], stack["simulator"]
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    phone = "+15551238888"
+    simulator.send_inbound(phone, "START")
+    simulator.wait_for_messages(1, timeout=20)
+    response = requests.post(base + "/notify", headers=auth, timeout=5, json={
+        "to": phone, "flow": "appointment", "variables": {"date": "Friday", "time": "16:00"}})
+    assert response.status_code == 202, response.text
+    conversation_url = f"{base}/conversations/{response.json()['id']}"
+    simulator.wait_for_messages(2, timeout=20)
+
+    stack["stop_worker"]()  # a deploy restarts the worker while the reminder waits for an answer
+    with app.app_context():
+        db.session.remove()
+        # A day passes with the worker down (no answer), and with it the periodic jobs' last turns.
+        db.session.execute(sa.update(Conversation).values(expires_at=utcnow()))
+        db.session.execute(sa.delete(PeriodicRun))
+        db.session.commit()
+        assert requests.get(conversation_url, headers=auth, timeout=5).json()["status"] == "active"
+    stack["start_worker"]()
+
+    expired = wait_until(lambda: (lambda c: c if c["status"] == "expired" else None)(
+        requests.get(conversation_url, headers=auth, timeout=5).json()), timeout=30,
+        what="the new worker to run the timeout")
+    assert expired["outcome"]["answer"] == "no_response"
+    nudge = simulator.wait_for_messages(3, timeout=20)[-1]
+    assert nudge["to"] == "whatsapp:" + phone and "16:00" in nudge["body"]
