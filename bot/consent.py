@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from flask import current_app
 
 from bot.extensions import db
-from bot.models import Consent, ConsentEvent, Contact, Direction, Message
+from bot.models import Consent, ConsentEvent, Contact, Direction, Kind, Message
 from flows.toolkit import normalize
 
 #: The Twilio sandbox's shared WhatsApp number: only there does "join <code>" mean joining.
@@ -68,16 +68,15 @@ def is_sandbox_join(payload: Mapping[str, Any]) -> bool:
 def opt_out_waiting(contact_id: int) -> bool:
     """Whether the contact has sent an opt-out that the worker has not handled yet.
 
-    The webhook stores STOP at once but the engine applies it a moment later; until then the
-    send path and /notify treat the contact as opted out, so nothing slips through the gap.
+    The webhook stores STOP at once (marked as an opt-out request, by `opt_out_source`) but the
+    engine applies it a moment later; until then the send path and /notify treat the contact as
+    opted out, so nothing slips through the gap.
     """
-    keywords = Keywords.from_config()
-    waiting = db.session.execute(
-        sa.select(Message.body, Message.payload).where(
+    return db.session.scalar(
+        sa.select(Message.id).where(
             Message.contact_id == contact_id, Message.direction == Direction.INBOUND,
-            Message.status == "received")
-    ).all()
-    return any(opt_out_source(payload or {"Body": body or ""}, keywords) for body, payload in waiting)
+            Message.status == "received", Message.kind == Kind.OPT_OUT_REQUEST).limit(1)
+    ) is not None
 
 
 def change_consent(contact: Contact, new_state: str, *, source: str, words: str | None = None,

@@ -8,9 +8,10 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from bot.clock import utcnow
+from bot.consent import Keywords, opt_out_source
 from bot.contacts import get_or_create_contact
 from bot.extensions import db
-from bot.models import Direction, Message
+from bot.models import Direction, Kind, Message
 from bot.phone import normalize_e164
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,10 @@ def store_inbound(form: Mapping[str, str]) -> Message | None:
         contact.profile_name = form["ProfileName"][:256]
     if form.get("WaId"):
         contact.wa_id = form["WaId"][:32]
+    wants_out = opt_out_source(form, Keywords.from_config()) is not None
     message = Message(
         direction=Direction.INBOUND,
+        kind=Kind.OPT_OUT_REQUEST if wants_out else Kind.INBOUND,
         contact_id=contact.id,
         body=form.get("Body", ""),
         media_urls=media_urls(form) or None,

@@ -31,11 +31,15 @@ class Direction:
 
 
 class Kind:
-    """Why an outbound message exists; only an opt-out confirmation may reach an opted-out contact."""
+    """Why a message exists; only an opt-out confirmation may reach an opted-out contact."""
 
     NOTIFICATION = "notification"
     REPLY = "reply"
     OPT_OUT_CONFIRMATION = "opt_out_confirm"
+    #: Inbound: any message, or one that asks to opt out (marked when stored, so the send path
+    #: can honour a STOP the engine has not processed yet with one indexed lookup).
+    INBOUND = "inbound"
+    OPT_OUT_REQUEST = "opt_out_request"
 
 
 class Contact(db.Model):
