@@ -114,13 +114,17 @@ def _dev_mode_requested(settings: Settings, test_config: dict[str, Any] | None) 
 
 def production_signals(settings: Settings) -> list[str]:
     """What marks a real deployment, where a missing secret must stop start-up instead of
-    falling back to the simulator: any Twilio identity, a public webhook or API URL, a dyno."""
+    falling back to the simulator: any Twilio identity, a public webhook or API URL, a database
+    or Redis on another host, a dyno."""
     signals = [name for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_WHATSAPP_NUMBER")
                if getattr(settings, name.lower())]
     if settings.twilio_webhook_url and not _is_loopback_url(settings.twilio_webhook_url):
         signals.append("TWILIO_WEBHOOK_URL")
     if "twilio_api_url" in settings.model_fields_set and not _is_loopback_url(settings.twilio_api_url):
         signals.append("TWILIO_API_URL")
+    for name, url in (("DATABASE_URL", settings.database_url), ("REDIS_URL", settings.redis_url)):
+        if url and not url.startswith("sqlite") and not _is_loopback_url(url):
+            signals.append(name)  # a database or Redis on another host is somebody's deployment
     if os.environ.get("DYNO"):
         signals.append("DYNO")
     return signals

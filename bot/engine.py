@@ -79,6 +79,12 @@ def _handle_safely(message: Message) -> list[Message]:
         db.session.refresh(contact)
         message.status = "processed"
         message.error_message = f"handler error: {type(exc).__name__}"
+        if message.kind == Kind.OPT_OUT_REQUEST:
+            # Whatever broke (the confirmation's copy, say), a STOP is obeyed: consent first,
+            # and then silence rather than an apology.
+            _obey_opt_out(contact, message,
+                          opt_out_source(message.payload or {}, Keywords.from_config()) or "keyword")
+            return []
         conversation = open_conversation(contact.id)
         if conversation is not None:
             # End it, so the contact's next message starts fresh instead of failing again.
@@ -149,10 +155,9 @@ def _answers_open_flow(contact: Contact, inbound: Inbound, flows: dict[str, Flow
     conversation = open_conversation(contact.id)
     if conversation is None or conversation.flow == "welcome" or conversation.flow not in flows:
         return False
-    try:
-        return flows[conversation.flow].handle(conversation.state, inbound, conversation.data or {}) is not None
-    except Exception:  # the turn itself will run the flow again and deal with the error there
-        return False
+    # Only a route made for this answer counts ("yes" to "Reply YES to confirm"), not a
+    # catch-all that would take any text (a comment box, a re-ask).
+    return flows[conversation.flow].expects(conversation.state, inbound)
 
 
 def open_conversation(contact_id: int) -> Conversation | None:
@@ -224,13 +229,20 @@ def end_conversation(conversation: Conversation, status: str, *, error: str | No
 
 
 def _opt_out(contact: Contact, message: Message, source: str) -> list[Message]:
+    if not _obey_opt_out(contact, message, source):
+        return []  # already opted out: the one confirmation was sent then
+    return _send(contact, [Reply("subscription/opted_out")], kind=Kind.OPT_OUT_CONFIRMATION)
+
+
+def _obey_opt_out(contact: Contact, message: Message, source: str = "keyword") -> bool:
+    """Opt the contact out and cancel their conversations; False if they already were."""
     if not change_consent(contact, Consent.OPTED_OUT, source=source, words=message.body,
                           message_sid=message.twilio_sid):
-        return []  # already opted out: the one confirmation was sent then
+        return False
     for conversation in db.session.scalars(sa.select(Conversation).where(
             Conversation.contact_id == contact.id, Conversation.status.in_(ConversationStatus.OPEN))):
         end_conversation(conversation, ConversationStatus.CANCELLED, error="contact opted out")
-    return _send(contact, [Reply("subscription/opted_out")], kind=Kind.OPT_OUT_CONFIRMATION)
+    return True
 
 
 def _opt_in(contact: Contact, message: Message, source: str) -> list[Message]:

@@ -25,3 +25,13 @@ def is_retryable(http_status: int | None, code: int | None) -> bool:
     if code in RETRYABLE_CODES:
         return True
     return http_status is not None and (http_status == 429 or http_status >= 500)
+
+
+#: Retryable codes worth fewer tries than the default (TWILIO_FACTS: 30003 "maybe once, later",
+#: 30008 "limited"): the handset or the cause is unlikely to change within hours.
+ATTEMPT_LIMITS = {30003: 2, 30008: 3}
+
+
+def attempt_limit(code: int | None, default: int) -> int:
+    """How many attempts in all a message failing with `code` gets (`default` for most)."""
+    return ATTEMPT_LIMITS.get(code, default) if code is not None else default

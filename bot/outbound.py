@@ -21,7 +21,7 @@ from twilio.base.exceptions import TwilioException
 
 from bot.clock import utcnow
 from bot.consent import opt_out_waiting
-from bot.errors import is_retryable
+from bot.errors import attempt_limit, is_retryable
 from bot.extensions import db
 from bot.models import Consent, Contact, Direction, Kind, Message
 from bot.status import STATUS_RANK, apply_pending_events, raise_status
@@ -59,20 +59,24 @@ class TransientSendError(Exception):
 
 
 def retry_backoff(attempts: int) -> timedelta:
-    """How long after a transiently failed attempt number `attempts` the next one is due."""
-    return min(timedelta(seconds=2 ** min(attempts, 16)), MAX_BACKOFF)
+    """How long after a transiently failed attempt number `attempts` the next one is due:
+    1, 2, 4, 8, 16 s (under the task's own retry delays), then 32 s doubling to 30 minutes."""
+    return min(timedelta(seconds=2 ** min(max(attempts - 1, 0), 16)), MAX_BACKOFF)
 
 
-def claim(message_id: str) -> bool:
-    """Atomically take a message for sending: pending or retrying, or dispatching with an
+def claim(message_id: str, *, early: bool = False) -> bool:
+    """Atomically take a message for sending: pending, retrying once its next attempt is due
+    (`early`: the task's own retry, whose delay already is the backoff), or dispatching with an
     expired lease (its worker died)."""
     now = utcnow()
+    due = sa.true() if early else Message.next_attempt_at <= now
     claimed = db.session.execute(
         sa.update(Message)
         .where(
             Message.id == message_id,
             sa.or_(
-                Message.status.in_(("pending", "retrying")),
+                Message.status == "pending",
+                sa.and_(Message.status == "retrying", due),
                 sa.and_(Message.status == "dispatching", Message.claimed_until < now),
             ),
         )
@@ -127,19 +131,25 @@ def twilio_params(message: Message, contact: Contact) -> dict:
 
 
 def finish(message_id: str, status: str, code: int | None, text: str | None) -> None:
-    """Record a final outcome of ours (refused or failed) and release the claim; commits."""
+    """Record a final outcome of ours (refused or failed) and release the claim; commits.
+
+    Our outcome replaces what an earlier transient attempt noted: it is the reason now.
+    """
+    db.session.execute(sa.update(Message).where(Message.id == message_id)
+                       .values(error_code=None, error_message=None)
+                       .execution_options(synchronize_session=False))
     raise_status(message_id, status, code, text)
     db.session.commit()
 
 
-def deliver(message_id: str, *, can_retry: bool = False) -> Outcome:
+def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False) -> Outcome:
     """Send one message if it can be claimed.
 
     A transient failure leaves the message `retrying` with a due time for the sweep; with
     `can_retry` (the task has retries left) and few attempts so far, it also raises
-    TransientSendError so the task retries within seconds.
+    TransientSendError so the task retries within seconds. `is_retry`: this is that retry.
     """
-    if not claim(message_id):
+    if not claim(message_id, early=is_retry):
         log.info("message %s not claimable (already sent or in flight); skipping", message_id)
         return Outcome.NOT_CLAIMED
     message = db.session.get(Message, message_id)
@@ -191,7 +201,9 @@ def _record_accepted(message_id: str, sid: str, twilio_status: str) -> Outcome:
     now = utcnow()
     db.session.execute(
         sa.update(Message).where(Message.id == message_id)
-        .values(twilio_sid=sid, sent_at=now, updated_at=now, next_attempt_at=None)
+        # Accepted: what an earlier transient attempt noted is history (in the worker's log).
+        .values(twilio_sid=sid, sent_at=now, updated_at=now, next_attempt_at=None, error_code=None,
+                error_message=None)
         .execution_options(synchronize_session=False)
     )
     raise_status(message_id, twilio_status if twilio_status in STATUS_RANK else "queued")
@@ -217,15 +229,16 @@ def find_accepted_send(message: Message, params: dict, since: datetime) -> str |
 
     Candidates: messages from our sender to this recipient created since the attempt began (with
     a minute of slack for clock skew), whose SID no other row of ours holds, with the same body
-    when the message has one. A template's rendered body cannot be compared, so without a body
-    the lookup only answers when no other message to this contact is in flight (it could be
-    that one's).
+    when the send had one. A template's text is Twilio's to render, so for a template (or media
+    alone) the lookup only answers when no other message to this contact is in flight (it could
+    be that one's); then the send is retried: a possible duplicate rather than a lost message.
     """
-    if not message.body:
+    sent_body = params.get("body")
+    if not sent_body:
         in_flight = db.session.scalar(
             sa.select(sa.func.count()).select_from(Message).where(
                 Message.contact_id == message.contact_id, Message.direction == Direction.OUTBOUND,
-                Message.id != message.id, Message.status.in_(("dispatching", "retrying"))))
+                Message.id != message.id, Message.status == "dispatching"))
         if in_flight:
             return None
     try:
@@ -238,7 +251,7 @@ def find_accepted_send(message: Message, params: dict, since: datetime) -> str |
         created = candidate.date_created
         if created is None or created.astimezone(timezone.utc).replace(tzinfo=None) < earliest:
             continue
-        if message.body and (candidate.body or "") != message.body:
+        if sent_body and (candidate.body or "") != sent_body:
             continue
         if db.session.scalar(sa.select(Message.id).where(Message.twilio_sid == candidate.sid)) is None:
             return candidate.sid
@@ -249,14 +262,16 @@ def _failed_attempt(message: Message, http_status: int | None, code: int | None,
                     can_retry: bool, transient: bool | None = None) -> Outcome:
     message_id, attempts = message.id, message.attempts
     retry = is_retryable(http_status, code) if transient is None else transient
-    if retry and attempts < MAX_ATTEMPTS:
+    if retry and attempts < attempt_limit(code, MAX_ATTEMPTS):
         # `retrying` ranks with `dispatching`, so the status never moves back; the claim is
-        # released and the next attempt is due after a backoff (the sweep's safety net).
+        # released and the next attempt is due after a backoff (the sweep's safety net). The
+        # error says why, so a backend polling the message sees the reason while it waits.
         now = utcnow()
         db.session.execute(
             sa.update(Message).where(Message.id == message_id, Message.status == "dispatching")
             .values(status="retrying", claimed_until=None, updated_at=now,
-                    next_attempt_at=now + retry_backoff(attempts))
+                    next_attempt_at=now + retry_backoff(attempts), error_code=code,
+                    error_message=f"attempt {attempts} failed, retrying: {text}"[:1000])
             .execution_options(synchronize_session=False)
         )
         db.session.commit()

@@ -92,8 +92,11 @@ def sweep(now=None) -> dict[str, int]:
             sa.or_(
                 # never enqueued, or the queue lost it
                 sa.and_(Message.status == "pending", Message.next_attempt_at.is_(None), Message.created_at <= stale),
-                # enqueued by an earlier sweep that long ago, or a transient failure's retry is due
-                sa.and_(Message.status.in_(("pending", "retrying")), Message.next_attempt_at <= now),
+                # enqueued by an earlier sweep that long ago
+                sa.and_(Message.status == "pending", Message.next_attempt_at <= now),
+                # a transient failure's next attempt is due (and no sweep enqueued it lately)
+                sa.and_(Message.status == "retrying", Message.next_attempt_at <= now,
+                        sa.or_(Message.claimed_until.is_(None), Message.claimed_until < now)),
                 # the worker died mid-send and its lease ran out
                 sa.and_(Message.status == "dispatching", Message.claimed_until < now),
             ),
@@ -116,12 +119,15 @@ def sweep(now=None) -> dict[str, int]:
         .distinct().limit(1000)
     ).all()
     if pending:
+        # Leave them alone for a while. A pending row's due time moves on; a retrying row's due
+        # time must stay (its task may claim it only once due), so its claim column, unused while
+        # retrying, notes the enqueue instead.
         db.session.execute(
-            sa.update(Message)
-            .where(Message.id.in_(pending), Message.status.in_(("pending", "retrying")))
-            .values(next_attempt_at=now + REENQUEUE_AFTER)
-            .execution_options(synchronize_session=False)
-        )
+            sa.update(Message).where(Message.id.in_(pending), Message.status == "pending")
+            .values(next_attempt_at=now + REENQUEUE_AFTER).execution_options(synchronize_session=False))
+        db.session.execute(
+            sa.update(Message).where(Message.id.in_(pending), Message.status == "retrying")
+            .values(claimed_until=now + REENQUEUE_AFTER).execution_options(synchronize_session=False))
     db.session.commit()
 
     for message_id in pending:

@@ -49,7 +49,8 @@ def send_message(message_id: str, task: Any = None) -> str:
     """Deliver one outbound message; early transient failures raise, so huey retries them
     within seconds; later ones wait for the outbox sweep (see outbound.MAX_ATTEMPTS)."""
     can_retry = task is not None and bool(task.retries)
-    return outbound.deliver(message_id, can_retry=can_retry).value
+    is_retry = task is not None and task.retries < SEND_RETRIES  # huey counts retries down
+    return outbound.deliver(message_id, can_retry=can_retry, is_retry=is_retry).value
 
 
 @huey.task(retries=3, retry_delay=5)

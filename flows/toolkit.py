@@ -174,6 +174,12 @@ class Flow:
             raise UnknownState(f"flow {self.name!r} has no state {state!r}")
         return tuple(self.states[state]) + tuple(self.fallbacks)
 
+    def expects(self, state: str, message: Inbound) -> bool:
+        """Whether `state` has a route made for this message: one of the state's own routes,
+        not a fallback, and not a catch-all (any text, anything) that would take any reply."""
+        return any(not getattr(r.matcher, "catch_all", False) and r.matcher(message)
+                   for r in self.states.get(state, ()))
+
     def handle(self, state: str | None, message: Inbound, data: Mapping[str, Any]) -> Step | None:
         """Run the first route that matches; None when nothing does."""
         for candidate in self.routes_for(state):
@@ -217,8 +223,9 @@ def normalize(text: str | None) -> str:
     return " ".join(_PUNCTUATION.sub(" ", text).split())
 
 
-def _labelled(label: str, fn: Matcher) -> Matcher:
+def _labelled(label: str, fn: Matcher, *, catch_all: bool = False) -> Matcher:
     fn.label = label  # type: ignore[attr-defined]
+    fn.catch_all = catch_all  # type: ignore[attr-defined]  # takes any reply: see Flow.expects
     return fn
 
 
@@ -265,7 +272,7 @@ def choice(*options: str) -> Matcher:
 
 def any_text() -> Matcher:
     """Any message with some text."""
-    return _labelled("text", lambda m: bool(m.text.strip()))
+    return _labelled("text", lambda m: bool(m.text.strip()), catch_all=True)
 
 
 def media(content_type_prefix: str = "") -> Matcher:
@@ -283,7 +290,7 @@ def location() -> Matcher:
 
 def anything() -> Matcher:
     """Every message (for fallbacks)."""
-    return _labelled("anything", lambda m: True)
+    return _labelled("anything", lambda m: True, catch_all=True)
 
 
 def any_of(*matchers: Matcher) -> Matcher:

@@ -391,3 +391,18 @@ def test_every_setting_is_documented_in_env_example_and_the_readme() -> None:
         variable = name.upper()
         assert variable in env_example, f"{variable} is missing from .env.example"
         assert f"`{variable}`" in readme, f"{variable} is missing from the README's configuration table"
+
+
+def test_a_remote_database_or_redis_is_never_development_mode(tmp_path: Path) -> None:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "INSTANCE_PATH": str(tmp_path / "instance"),
+        "HOME": str(tmp_path),
+        "DATABASE_URL": "postgres://u:p@db.internal.example:5432/bot",
+        "REDIS_URL": "redis://cache.internal.example:6379/0",
+    }
+    result = subprocess.run([sys.executable, "-c", "import wsgi"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and "DEVELOPMENT MODE" not in result.stderr
+    assert "ConfigError" in result.stderr.strip().splitlines()[-1]
+    assert "u:p" not in result.stderr  # the database password is never echoed

@@ -130,3 +130,31 @@ def test_api_consent_rejects_nul_and_deep_nesting(ctx, client, auth):  # noqa: F
     assert deep.status_code == 400
     assert db.session.scalar(sa.select(sa.func.count()).select_from(Contact)) == 0
     assert db.session.scalar(sa.select(sa.func.count()).select_from(ConsentEvent)) == 0
+
+
+def test_yes_to_a_question_that_takes_any_text_opts_in_instead(ctx, client, auth, say):  # noqa: F811
+    """A catch-all (a comment box, a re-ask) is no answer to YES: the contact is subscribing."""
+    make_contact(PHONE, consent=Consent.UNKNOWN)
+    client.post("/notify", headers=auth, json={"to": PHONE, "flow": "feedback"})
+    run_queue()
+    assert templates(say("YES")) == ["subscription/opted_in"]  # the rating question takes 1-5, not yes
+    assert contact().consent == Consent.OPTED_IN
+    [survey] = conversations()
+    assert survey.status == "active" and survey.state == "rating"  # still waiting for its rating
+
+
+def test_a_stop_is_obeyed_even_when_its_confirmation_cannot_be_built(ctx, say, twilio, monkeypatch):  # noqa: F811
+    make_contact(PHONE)
+    say("feedback")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a typo in the confirmation's template")
+
+    monkeypatch.setattr("bot.engine.build_messages", broken)
+    sent_before = len(twilio.messages)
+    assert say("STOP") == []  # no apology either: after STOP only the confirmation may go
+    assert contact().consent == Consent.OPTED_OUT
+    [event] = ledger()
+    assert (event.action, event.source) == ("opt_out", "keyword")
+    assert [c.status for c in conversations()] == ["cancelled"]
+    assert len(twilio.messages) == sent_before

@@ -162,25 +162,36 @@ def test_server_errors_retry_fast_then_back_off_then_fail_with_the_last_code(app
     assert len(twilio.requests) == SEND_RETRIES + 1 == outbound.FAST_ATTEMPTS
     with app.app_context():
         row = message(message_id)
-        assert (row.status, row.status_rank, row.error_code) == ("retrying", 1, None)
+        # The backend sees why it waits.
+        assert (row.status, row.status_rank, row.error_code) == ("retrying", 1, 20503)
+        assert row.error_message.startswith(f"attempt {outbound.FAST_ATTEMPTS} failed, retrying:")
         first_due = row.next_attempt_at - utcnow()
-        assert timedelta(seconds=30) < first_due <= outbound.MAX_BACKOFF
+        assert timedelta(seconds=20) < first_due <= outbound.MAX_BACKOFF
         assert outbox.sweep()["outbound"] == 0  # not due yet
-    later = utcnow()
     for _ in range(outbound.MAX_ATTEMPTS):  # each due time passes: one attempt per sweep
-        later += outbound.MAX_BACKOFF + timedelta(minutes=1)
         with app.app_context():
-            outbox.sweep(now=later)
+            age_retry(message_id)
+            outbox.sweep()
         run_queue()
     assert len(twilio.requests) == outbound.MAX_ATTEMPTS
     with app.app_context():
         row = message(message_id)
         assert (row.status, row.error_code, row.attempts) == ("failed", 20503, outbound.MAX_ATTEMPTS)
+        assert "retrying" not in row.error_message
     twilio.reset()
     with app.app_context():
-        outbox.sweep(now=later + timedelta(hours=1))
+        age_retry(message_id)
+        outbox.sweep()
     run_queue()
     assert twilio.requests == []
+
+
+def age_retry(message_id: str) -> None:
+    """Time passes until the message's next attempt is due (instead of sleeping for it)."""
+    past = utcnow() - timedelta(seconds=1)
+    db.session.execute(sa.update(Message).where(Message.id == message_id, Message.status == "retrying")
+                       .values(next_attempt_at=past, claimed_until=None))
+    db.session.commit()
 
 
 def test_twilio_back_after_an_outage_sends_the_waiting_message_once(app, client, auth, twilio):
@@ -191,15 +202,21 @@ def test_twilio_back_after_an_outage_sends_the_waiting_message_once(app, client,
     run_queue()
     assert twilio.messages == []
     with app.app_context():
-        assert outbox.sweep(now=utcnow() + outbound.MAX_BACKOFF)["outbound"] == 1
-        # Enqueued once: the next sweep leaves it alone while it waits on the queue.
-        assert outbox.sweep(now=utcnow() + outbound.MAX_BACKOFF + timedelta(minutes=1))["outbound"] == 0
+        assert outbox.sweep()["outbound"] == 0  # not due yet
+        db.session.execute(sa.update(Message).where(Message.id == message_id)
+                           .values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+        db.session.commit()
+        assert outbox.sweep()["outbound"] == 1
+        # Enqueued once: the next sweeps leave it alone while it waits on the queue.
+        assert outbox.sweep()["outbound"] == 0
+        assert outbox.sweep(now=utcnow() + timedelta(minutes=1))["outbound"] == 0
     run_queue()
     [sent] = twilio.messages
     assert sent["body"] == "patience"
     with app.app_context():
         row = message(message_id)
         assert (row.status, row.attempts, row.error_code) == ("queued", outbound.FAST_ATTEMPTS + 1, None)
+        assert row.error_message is None  # the outage is over: no stale reason left behind
 
 
 def test_connection_refused_is_transient(app, client, auth, twilio):
@@ -357,10 +374,13 @@ def test_concurrent_requests_with_one_idempotency_key_create_one_message(app, au
 
 
 def test_a_timed_out_template_send_adopts_no_sid_while_another_send_is_in_flight(app, client, auth, twilio):
-    """A template's body cannot be compared: the recent message found may be the other send's."""
+    """A template's text is Twilio's: the recent message found may be the other send's."""
     with app.app_context():
         contact = make_contact()
         template_id = notify(client, auth, to="+15551234567", template="order_update", variables={"1": "A-1"})
+        # Flow replies outside the window keep our copy in `body` next to the ContentSid.
+        db.session.execute(sa.update(Message).where(Message.id == template_id).values(body="our copy"))
+        db.session.commit()
         other_id = notify(client, auth, to="+15551234567", body="in flight")
         huey.flush()
         started = utcnow()
@@ -370,6 +390,7 @@ def test_a_timed_out_template_send_adopts_no_sid_while_another_send_is_in_flight
         assert outbound.claim(other_id)
         row = message(template_id)
         params = outbound.twilio_params(row, db.session.get(type(contact), contact.id))
+        assert "body" not in params and params["content_sid"]
         assert outbound.find_accepted_send(row, params, since=started) is None
         # With nothing else in flight, a message Twilio took since the attempt began is ours.
         db.session.execute(sa.update(Message).where(Message.id == other_id).values(status="failed", status_rank=6))
@@ -377,3 +398,63 @@ def test_a_timed_out_template_send_adopts_no_sid_while_another_send_is_in_flight
         row = message(template_id)
         [recent] = [m for m in twilio.messages if m["body"] == "in flight"]
         assert outbound.find_accepted_send(row, params, since=started) == recent["sid"]
+
+
+def test_a_flow_template_reply_that_timed_out_is_not_sent_twice(app, twilio):
+    """Timeout lookup for a reply that carries both our copy and a ContentSid (outside the window)."""
+    from bot.models import Contact, Kind
+    from bot.replies import build_messages
+    from flows.toolkit import Reply
+
+    app.config["TWILIO_CONTENT_SIDS"] = {**CONTENT_SIDS, "appointment_no_response": "HX" + "c3" * 16}
+    with app.app_context():
+        contact = make_contact(inbound_ago=timedelta(days=2))
+        [row] = build_messages([Reply("appointment/no_response", {"name": None, "date": "Mon", "time": "9:00",
+                                                                    "place": None},
+                                      content_template="appointment_no_response",
+                                      content_variables={"1": "Mon", "2": "9:00"})],
+                               db.session.get(Contact, contact.id), kind=Kind.REPLY)
+        assert row.body and row.content_sid
+        db.session.add(row)
+        db.session.commit()
+        message_id = row.id
+    twilio.hang_next(2.5)  # Twilio accepts, but answers after the SDK's 2 s timeout
+    with app.app_context():
+        send_message(message_id)
+    run_queue()
+    assert len([r for r in twilio.requests if r["method"] == "POST"]) == 1
+    with app.app_context():
+        assert message(message_id).twilio_sid == twilio.messages[0]["sid"]
+
+
+def test_a_second_task_does_not_jump_the_backoff(app, client, auth, twilio):
+    """Twilio said 'slow down': a duplicate task (say, from the sweep) must not retry at once."""
+    with app.app_context():
+        make_contact()
+    twilio.fail_next(429, 20429, "Too Many Requests", times=1)
+    message_id = notify(client, auth, to="+15551234567", body="easy")
+    first = huey.dequeue()
+    with app.app_context():
+        send_message(message_id)  # a duplicate task for the same row
+    duplicate = huey.dequeue()
+    huey.execute(first)  # fails with 429: retrying, the task's own retry is scheduled
+    with app.app_context():
+        assert message(message_id).status == "retrying"
+    huey.execute(duplicate)  # not due yet: it leaves the row alone
+    assert len([r for r in twilio.requests if r["method"] == "POST"]) == 1
+    run_queue()  # the task's own retry (its delay is the backoff) sends it
+    assert len(twilio.messages) == 1
+    with app.app_context():
+        row = message(message_id)
+        assert (row.status, row.attempts) == ("queued", 2)
+
+
+def test_an_unreachable_handset_is_retried_once_not_for_hours(app, client, auth, twilio):
+    with app.app_context():
+        make_contact()
+    twilio.fail_next(400, 30003, "Unreachable destination handset", times=10)
+    message_id = notify(client, auth, to="+15551234567", body="are you there")
+    run_queue()
+    with app.app_context():
+        row = message(message_id)
+        assert (row.status, row.error_code, row.attempts) == ("failed", 30003, 2)
