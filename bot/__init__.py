@@ -37,9 +37,16 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         settings = with_dev_defaults(settings, app.instance_path)
     missing = missing_secrets(settings)
     if missing:
+        # With no Twilio variable at all, say what made this a deployment: it may be a surprise.
+        signals = production_signals(settings)
+        if any(name.startswith("TWILIO_") and name != "TWILIO_API_URL" and name != "TWILIO_WEBHOOK_URL"
+               for name in signals):
+            signals = []
         raise ConfigError(
             "Missing required configuration: " + ", ".join(missing)
             + ". Set them in the environment or in .env (see .env.example)."
+            + (f" This is not development mode because of {', '.join(signals)}; with no Twilio variable "
+               "and only local URLs the server runs against the bundled simulator." if signals else "")
         )
 
     os.makedirs(app.instance_path, exist_ok=True)

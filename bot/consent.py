@@ -97,14 +97,7 @@ def change_consent(contact: Contact, new_state: str, *, source: str, words: str 
 def record_decline(contact: Contact, *, words: str | None = None, message_sid: str | None = None) -> None:
     """Record that the contact said no to the welcome's opt-in question (consent stays unknown).
 
-    The ledger entry is what keeps the welcome flow from asking again at every message.
+    Consent stays unknown (nothing to send them beyond replies), but the answer is on record.
     """
     db.session.add(ConsentEvent(contact_id=contact.id, action="declined", previous=contact.consent,
                                 source="flow", words=words, message_sid=message_sid))
-
-
-def has_declined(contact_id: int) -> bool:
-    """Whether the contact ever declined the welcome's opt-in question."""
-    return db.session.scalar(
-        sa.select(ConsentEvent.id).where(ConsentEvent.contact_id == contact_id, ConsentEvent.action == "declined")
-        .limit(1)) is not None

@@ -20,6 +20,17 @@ DEV_WEBHOOK_URL = "http://127.0.0.1:5000/twilio/webhook"
 SECRETS_FILE = "dev-secrets.json"
 
 
+def default_instance_path() -> str:
+    """Where create_app keeps instance/ (INSTANCE_PATH, else Flask's default for this package),
+    so the simulator and the doctor find the same development secrets from any directory."""
+    configured = os.environ.get("INSTANCE_PATH")
+    if configured:
+        return os.path.abspath(configured)
+    from flask import Flask
+
+    return Flask("bot").instance_path
+
+
 def simulator_port() -> int:
     """The simulator's port: SIMULATOR_PORT, default 8081."""
     return int(os.environ.get("SIMULATOR_PORT") or 8081)

@@ -31,7 +31,7 @@ def run_checks(env_file: str | None = ".env") -> list[Check]:
     """Every check, in order; never raises."""
     from bot import production_signals, with_dev_defaults
     from bot.config import ConfigError, REQUIRED_SECRETS, database_uri, load_settings, missing_secrets
-    from bot.devmode import DEV_SENDER
+    from bot.devmode import DEV_SENDER, default_instance_path
 
     try:
         settings = load_settings(env_file=env_file)
@@ -39,7 +39,7 @@ def run_checks(env_file: str | None = ".env") -> list[Check]:
         return [Check(FAIL, "the configuration does not load", str(exc))]
 
     checks: list[Check] = []
-    instance_path = os.path.abspath(settings.instance_path or "instance")
+    instance_path = os.path.abspath(settings.instance_path) if settings.instance_path else default_instance_path()
     dev_mode = not production_signals(settings)
     if dev_mode:
         settings = with_dev_defaults(settings, instance_path)
@@ -63,11 +63,23 @@ def run_checks(env_file: str | None = ".env") -> list[Check]:
 
     checks.append(_check(lambda: _database(database_uri(settings.database_url, instance_path)),
                          "database", "DATABASE_URL"))
+    # On a dyno each process has its own ephemeral disk: a SQLite file is neither shared between
+    # web and worker nor kept across restarts. On one machine of your own it is merely a choice.
+    on_dyno = bool(os.environ.get("DYNO"))
+    if not settings.database_url and not dev_mode:
+        checks.append(Check(FAIL if on_dyno else WARN,
+                            "DATABASE_URL is not set: the data is a SQLite file under instance/",
+                            "Web and worker dynos do not share a disk, and a dyno's disk is wiped on restart: "
+                            "attach PostgreSQL (it sets DATABASE_URL)." if on_dyno else
+                            "Fine when web and worker run on this one machine; use PostgreSQL when they don't."))
     if settings.redis_url:
         checks.append(_check(lambda: _redis(settings.redis_url), "Redis queue", "REDIS_URL"))
     elif not dev_mode:
-        checks.append(Check(WARN, "REDIS_URL is not set: the queue is a SQLite file under instance/",
-                            "Fine on one machine; web and worker dynos on separate machines need Redis."))
+        checks.append(Check(FAIL if on_dyno else WARN,
+                            "REDIS_URL is not set: the queue is a SQLite file under instance/",
+                            "Web and worker dynos do not share a disk: attach Redis (it sets REDIS_URL)."
+                            if on_dyno else
+                            "Fine on one machine; web and worker on separate machines need Redis."))
     if not missing_secrets(settings):
         checks.append(_twilio_check(settings, dev_mode))
     return checks

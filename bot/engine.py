@@ -16,8 +16,8 @@ from sqlalchemy.exc import DBAPIError
 
 from bot import outbox
 from bot.clock import utcnow
-from bot.consent import (Keywords, change_consent, has_declined, is_sandbox_join, opt_out_source,
-                         record_decline, typed_words)
+from bot.consent import (Keywords, change_consent, is_sandbox_join, opt_out_source, record_decline,
+                         typed_words)
 from bot.extensions import db
 from bot.models import Consent, Contact, Conversation, ConversationStatus, Direction, Kind, Message
 from bot.replies import build_messages
@@ -117,6 +117,10 @@ def handle_message(contact: Contact, message: Message) -> list[Message]:
         return _send(contact, [Reply("common/help")])
 
     conversation = open_conversation(contact.id)
+    if conversation is not None and conversation.flow == "welcome":
+        handed_over = _leave_welcome_for_an_entry_point(contact, conversation, inbound, flows)
+        if handed_over is not None:
+            return handed_over
     if conversation is not None:
         flow = flows.get(conversation.flow)
         try:
@@ -135,9 +139,46 @@ def handle_message(contact: Contact, message: Message) -> list[Message]:
             conversation = _new_conversation(contact, flow, started_by="user")
             return apply_step(contact, conversation, flow, step)
 
-    if contact.consent == Consent.UNKNOWN and "welcome" in flows and not has_declined(contact.id):
+    if contact.consent == Consent.UNKNOWN and "welcome" in flows and not _was_welcomed(contact.id):
         return start_flow(contact, flows["welcome"], {"name": contact.profile_name}, started_by="user")
+    if words in keywords.opt_in and contact.consent == Consent.OPTED_IN:
+        return _send(contact, [Reply("subscription/already_subscribed", {"name": contact.profile_name})])
+    if words in GREETINGS:
+        return _send(contact, [Reply("common/greeting", {"name": contact.profile_name})])
     return _send(contact, [Reply("common/not_understood")])
+
+
+#: Hellos that deserve a hello back rather than "Sorry, I didn't get that".
+GREETINGS = frozenset({"hi", "hello", "hey", "hiya", "hallo", "hola", "good morning", "good afternoon",
+                       "good evening", "hi there", "hello there"})
+
+
+def _was_welcomed(contact_id: int) -> bool:
+    """Whether the welcome ever ran for this contact: it asks once, the first time they write."""
+    return db.session.scalar(
+        sa.select(Conversation.id).where(Conversation.contact_id == contact_id, Conversation.flow == "welcome")
+        .limit(1)) is not None
+
+
+def _leave_welcome_for_an_entry_point(contact: Contact, welcome: Conversation, inbound: Inbound,
+                                      flows: dict[str, Flow]) -> list[Message] | None:
+    """A contact asked to opt in who instead starts something (types FEEDBACK): do that.
+
+    The welcome ends without an answer; None when the message is the welcome's to handle.
+    """
+    welcome_flow = flows.get("welcome")
+    if welcome_flow is not None and welcome.state in welcome_flow.states \
+            and welcome_flow.expects(welcome.state, inbound):
+        return None
+    for flow in flows.values():
+        if flow.name == "welcome":
+            continue
+        step = flow.handle(None, inbound, {})
+        if step is not None:
+            welcome.outcome = {"consent": "no_answer"}
+            end_conversation(welcome, ConversationStatus.COMPLETED)
+            return apply_step(contact, _new_conversation(contact, flow, started_by="user"), flow, step)
+    return None
 
 
 #: Opt-in words that mean nothing else. "YES" also answers questions ("Reply YES to confirm").

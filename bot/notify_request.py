@@ -94,7 +94,7 @@ def parse_notify(payload: Any, content_sids: dict[str, str], flows: Mapping[str,
     if "variables" in payload:
         raise InvalidRequest("'variables' only goes with 'template'")
     if body is None and not media_urls:
-        raise InvalidRequest("one of 'body', 'media_url' or 'template' is required")
+        raise InvalidRequest("one of 'body', 'media_url', 'template' or 'flow' is required")
     return NotifyRequest(to=to, body=body, media_urls=media_urls)
 
 

@@ -23,7 +23,15 @@ from flows.toolkit import Reply
 
 log = logging.getLogger(__name__)
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+def _find_templates() -> Path:
+    """templates/ beside the bot package (a checkout, `pip install -e .`), else in the working
+    directory: a host that installs the project as a package (`.` in requirements.txt) runs
+    the Procfile from the app's root, where templates/ is."""
+    beside = Path(__file__).resolve().parent.parent / "templates"
+    return beside if beside.is_dir() else Path.cwd() / "templates"
+
+
+TEMPLATES_DIR = _find_templates()
 
 
 @lru_cache(maxsize=1)

@@ -78,6 +78,10 @@ class SimulatorTimeout(AssertionError, TimeoutError):
     """
 
 
+#: Statuses a status callback may carry for an outbound message (what --statuses accepts).
+CALLBACK_STATUSES = ("queued", "sending", "sent", "delivered", "undelivered", "failed", "read")
+
+
 def _rfc2822_now() -> str:
     """The current time the way Twilio formats dates: ``Thu, 24 Aug 2023 05:01:45 +0000``."""
     return formatdate(usegmt=False).replace("-0000", "+0000")
@@ -681,15 +685,17 @@ def main(argv: list[str] | None = None) -> None:
     with no Twilio credentials in the environment it uses the server's development secrets
     (instance/dev-secrets.json), so `bin/dev` needs no configuration at all.
     """
-    from bot.devmode import DEV_WEBHOOK_URL, dev_secrets, simulator_port
+    from bot.devmode import DEV_WEBHOOK_URL, default_instance_path, dev_secrets, simulator_port
+    from bot.phone import InvalidNumber, normalize_e164
 
     env = os.environ
-    secrets = {} if env.get("TWILIO_ACCOUNT_SID") else dev_secrets(env.get("INSTANCE_PATH") or "instance")
     parser = argparse.ArgumentParser(prog="python -m bot.simulator", description="Local fake of Twilio's Messages API.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=simulator_port())
-    parser.add_argument("--account-sid", default=env.get("TWILIO_ACCOUNT_SID") or secrets.get("TWILIO_ACCOUNT_SID"))
-    parser.add_argument("--auth-token", default=env.get("TWILIO_AUTH_TOKEN") or secrets.get("TWILIO_AUTH_TOKEN"))
+    parser.add_argument("--account-sid", default=env.get("TWILIO_ACCOUNT_SID"),
+                        help="default: TWILIO_ACCOUNT_SID, else the server's development secrets")
+    parser.add_argument("--auth-token", default=env.get("TWILIO_AUTH_TOKEN"),
+                        help="default: TWILIO_AUTH_TOKEN, else the server's development secrets")
     parser.add_argument("--webhook-url", default=env.get("TWILIO_WEBHOOK_URL") or DEV_WEBHOOK_URL,
                         help="the bot's /twilio/webhook (status callbacks go to each send's StatusCallback)")
     parser.add_argument("--no-auto-callbacks", dest="auto_callbacks", action="store_false",
@@ -706,7 +712,21 @@ def main(argv: list[str] | None = None) -> None:
         number, _, code = rule.partition("=")
         if not code.isdigit():
             parser.error(f"--fail wants NUMBER=CODE, got {rule!r}")
-        failing[number.strip()] = int(code)
+        number = number.strip()
+        try:
+            number = normalize_e164(number if number.startswith(("+", "00", "whatsapp:")) else "+" + number)
+        except InvalidNumber as exc:
+            parser.error(f"--fail {rule!r}: not a usable phone number ({exc})")
+        failing[number] = int(code)
+    statuses = tuple(s.strip().lower() for s in args.statuses.split(",") if s.strip())
+    unknown = [s for s in statuses if s not in CALLBACK_STATUSES]
+    if unknown:
+        parser.error(f"--statuses: unknown status {', '.join(unknown)}; choose from {', '.join(CALLBACK_STATUSES)}")
+    # The server's development secrets, unless given: read only now, so --help writes nothing.
+    if not (args.account_sid and args.auth_token):
+        secrets = dev_secrets(default_instance_path())
+        args.account_sid = args.account_sid or secrets["TWILIO_ACCOUNT_SID"]
+        args.auth_token = args.auth_token or secrets["TWILIO_AUTH_TOKEN"]
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sim = TwilioSimulator(
@@ -717,7 +737,7 @@ def main(argv: list[str] | None = None) -> None:
         webhook_url=args.webhook_url,
         auto_callbacks=args.auto_callbacks,
         callback_delay=args.callback_delay,
-        callback_statuses=tuple(s.strip() for s in args.statuses.split(",") if s.strip()),
+        callback_statuses=statuses,
         failing_numbers=failing,
     ).start()
     log.info("Twilio simulator on %s (account %s); point client.api.base_url here", sim.url, args.account_sid)

@@ -27,8 +27,9 @@ def declined(message: Inbound, data: dict) -> Step:
 def ask_again(message: Inbound, data: dict) -> Step:
     reasks = data.get("reasks", 0) + 1
     if reasks > MAX_REASKS:
-        # They are talking about something else: stop asking, stay out of their way.
-        return Step(END, data=data, outcome={"consent": "no_answer"})
+        # They are talking about something else: stop asking, stay out of their way (and say
+        # so, rather than leave the message unanswered).
+        return Step(END, replies=(Reply("common/not_understood"),), data=data, outcome={"consent": "no_answer"})
     return Step("awaiting_consent", replies=(Reply("welcome/ask_again"),), data={**data, "reasks": reasks})
 
 

@@ -406,3 +406,13 @@ def test_a_remote_database_or_redis_is_never_development_mode(tmp_path: Path) ->
     assert result.returncode != 0 and "DEVELOPMENT MODE" not in result.stderr
     assert "ConfigError" in result.stderr.strip().splitlines()[-1]
     assert "u:p" not in result.stderr  # the database password is never echoed
+    assert "not development mode because of DATABASE_URL, REDIS_URL" in result.stderr
+
+
+def test_a_copied_env_example_keeps_development_mode() -> None:
+    """The README's first step for going live is `cp .env.example .env`; untouched, it must not
+    turn a laptop into a half-configured production server."""
+    from bot import production_signals
+
+    settings = load_settings(env_file=str(PROJECT_ROOT / ".env.example"))
+    assert production_signals(settings) == []

@@ -158,3 +158,28 @@ def test_a_stop_is_obeyed_even_when_its_confirmation_cannot_be_built(ctx, say, t
     assert (event.action, event.source) == ("opt_out", "keyword")
     assert [c.status for c in conversations()] == ["cancelled"]
     assert len(twilio.messages) == sent_before
+
+
+def test_the_welcome_asks_once_and_hands_over_to_what_the_contact_starts(ctx, say):  # noqa: F811
+    assert templates(say("no idea")) == ["welcome/ask_consent"]
+    assert templates(say("feedback")) == ["feedback/ask_rating"]  # not swallowed by the welcome
+    welcome, survey = conversations()
+    assert (welcome.flow, welcome.status, welcome.outcome) == ("welcome", "completed", {"consent": "no_answer"})
+    assert (survey.flow, survey.status) == ("feedback", "active")
+
+
+def test_a_contact_talking_past_the_welcome_is_answered_and_not_asked_forever(ctx, say):  # noqa: F811
+    assert templates(say("hi")) == ["welcome/ask_consent"]
+    assert templates(say("where is my order")) == ["welcome/ask_again"]
+    assert templates(say("hello??")) == ["common/not_understood"]  # answered, and the welcome ends
+    assert templates(say("6")) == ["common/not_understood"]  # not a new welcome
+    assert [c.flow for c in conversations()] == ["welcome"]
+    assert contact().consent == Consent.UNKNOWN
+
+
+def test_returning_subscribers_are_greeted_not_misunderstood(ctx, say):  # noqa: F811
+    make_contact(PHONE)
+    assert templates(say("Hello!")) == ["common/greeting"]
+    assert templates(say("START")) == ["subscription/already_subscribed"]
+    assert templates(say("yes")) == ["subscription/already_subscribed"]
+    assert ledger() == []

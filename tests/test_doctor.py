@@ -100,3 +100,16 @@ def test_development_mode_checks_the_simulator(environment, tmp_path):
     assert by_status(checks, FAIL) == []
     checks = run_checks(env_file=None)  # the simulator is gone now
     assert any(t.startswith("cannot reach the simulator") for t in by_status(checks, FAIL))
+
+
+@pytest.mark.parametrize("dyno, expected", [(None, WARN), ("web.1", FAIL)])
+def test_no_database_or_redis_url_in_production(environment, dyno, expected):
+    """SQLite under instance/ is fine on one machine, and wrong on dynos (no shared, lasting disk)."""
+    environment.delenv("DATABASE_URL")
+    environment.delenv("REDIS_URL", raising=False)
+    if dyno:
+        environment.setenv("DYNO", dyno)
+    checks = run_checks(env_file=None)
+    titles = by_status(checks, expected)
+    assert any(t.startswith("DATABASE_URL is not set") for t in titles), checks
+    assert any(t.startswith("REDIS_URL is not set") for t in titles), checks

@@ -298,3 +298,36 @@ def test_main_runs_with_development_secrets_and_stops_on_sigterm(tmp_path) -> No
         output = process.communicate(timeout=10)[0]
     assert process.returncode == 0, output
     assert "stopped" in output
+
+
+def test_main_refuses_bad_failure_rules_and_statuses_and_help_writes_nothing(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "INSTANCE_PATH"))}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bot.simulator", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=30)
+
+    assert run("--help").returncode == 0
+    assert list(tmp_path.iterdir()) == []  # --help created no instance/ in the current directory
+    bad_number = run("--fail", "not-a-number=30003")
+    assert bad_number.returncode == 2 and "--fail" in bad_number.stderr
+    typo = run("--statuses", "sent,deliverd")
+    assert typo.returncode == 2 and "deliverd" in typo.stderr and "delivered" in typo.stderr
+
+
+def test_the_simulator_and_the_app_share_secrets_from_any_directory(tmp_path, monkeypatch) -> None:
+    """Started from another directory, the simulator still finds the server's instance/."""
+    from flask import Flask
+
+    from bot.devmode import default_instance_path
+
+    monkeypatch.delenv("INSTANCE_PATH", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_instance_path() == Flask("bot").instance_path
+    assert not default_instance_path().startswith(str(tmp_path))
+    monkeypatch.setenv("INSTANCE_PATH", "relative/dir")
+    assert default_instance_path() == str(tmp_path / "relative" / "dir")
