@@ -347,6 +347,14 @@ def test_wsgi_with_secrets_in_environment_imports(tmp_path: Path) -> None:
     assert result.stdout.strip() == SENDER
 
 
+def run_wsgi(tmp_path: Path, code: str = "import wsgi", **variables: str) -> subprocess.CompletedProcess:
+    """Import the Procfile's entry point in a fresh process with only `variables` configured."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "INSTANCE_PATH": str(tmp_path / "instance"),
+           "HOME": str(tmp_path), **variables}
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
 @pytest.mark.parametrize("given", [
     {"TWILIO_WHATSAPP_NUMBER": "whatsapp:+15550001111", "NOTIFY_API_TOKEN": API_TOKEN},
     {"TWILIO_WEBHOOK_URL": "https://bot.example.com/twilio/webhook", "NOTIFY_API_TOKEN": API_TOKEN},
@@ -354,14 +362,7 @@ def test_wsgi_with_secrets_in_environment_imports(tmp_path: Path) -> None:
 ])
 def test_a_half_configured_host_never_falls_into_development_mode(tmp_path: Path, given: dict) -> None:
     """Forgetting only the account SID and token in production must fail, not talk to a simulator."""
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "INSTANCE_PATH": str(tmp_path / "instance"),
-        "HOME": str(tmp_path),
-        **given,
-    }
-    result = subprocess.run([sys.executable, "-c", "import wsgi"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = run_wsgi(tmp_path, **given)
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
     assert "ConfigError" in last_line and "TWILIO_ACCOUNT_SID" in last_line and "TWILIO_AUTH_TOKEN" in last_line
@@ -370,16 +371,9 @@ def test_a_half_configured_host_never_falls_into_development_mode(tmp_path: Path
 
 
 def test_development_mode_keeps_a_local_api_url_and_webhook_url(tmp_path: Path) -> None:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "INSTANCE_PATH": str(tmp_path / "instance"),
-        "HOME": str(tmp_path),
-        "TWILIO_API_URL": "http://127.0.0.1:9999",
-        "TWILIO_WEBHOOK_URL": "http://localhost:5001/twilio/webhook",
-    }
     code = "import wsgi; c = wsgi.app.config; print(c['DEV_MODE'], c['TWILIO_API_URL'], c['TWILIO_WEBHOOK_URL'])"
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = run_wsgi(tmp_path, code, TWILIO_API_URL="http://127.0.0.1:9999",
+                      TWILIO_WEBHOOK_URL="http://localhost:5001/twilio/webhook")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "http://127.0.0.1:9999", "http://localhost:5001/twilio/webhook"]
 
@@ -394,15 +388,8 @@ def test_every_setting_is_documented_in_env_example_and_the_readme() -> None:
 
 
 def test_a_remote_database_or_redis_is_never_development_mode(tmp_path: Path) -> None:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "INSTANCE_PATH": str(tmp_path / "instance"),
-        "HOME": str(tmp_path),
-        "DATABASE_URL": "postgres://u:p@db.internal.example:5432/bot",
-        "REDIS_URL": "redis://cache.internal.example:6379/0",
-    }
-    result = subprocess.run([sys.executable, "-c", "import wsgi"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = run_wsgi(tmp_path, DATABASE_URL="postgres://u:p@db.internal.example:5432/bot",
+                      REDIS_URL="redis://cache.internal.example:6379/0")
     assert result.returncode != 0 and "DEVELOPMENT MODE" not in result.stderr
     assert "ConfigError" in result.stderr.strip().splitlines()[-1]
     assert "u:p" not in result.stderr  # the database password is never echoed
