@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Any
 
 from flask import Flask, jsonify
@@ -14,12 +13,15 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from pydantic import SecretStr
 
 from bot.config import ConfigError, Settings, database_uri, load_settings, missing_secrets
-from bot.devmode import DEV_SENDER, DEV_WEBHOOK_URL, dev_secrets, simulator_url
+from bot.devmode import DEV_SENDER, DEV_WEBHOOK_URL, dev_secrets, is_loopback_url, simulator_url
 
 #: Largest request body accepted; Twilio's webhooks and /notify bodies are a few kilobytes.
 MAX_CONTENT_LENGTH = 256 * 1024
 
 MIGRATIONS_DIR = str(Path(__file__).parent / "migrations")
+
+#: The variables that name a Twilio account: any one of them means "talk to Twilio".
+TWILIO_IDENTITY = ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_WHATSAPP_NUMBER")
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
@@ -39,8 +41,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if missing:
         # With no Twilio variable at all, say what made this a deployment: it may be a surprise.
         signals = production_signals(settings)
-        if any(name.startswith("TWILIO_") and name != "TWILIO_API_URL" and name != "TWILIO_WEBHOOK_URL"
-               for name in signals):
+        if set(signals) & set(TWILIO_IDENTITY):
             signals = []
         raise ConfigError(
             "Missing required configuration: " + ", ".join(missing)
@@ -123,23 +124,17 @@ def production_signals(settings: Settings) -> list[str]:
     """What marks a real deployment, where a missing secret must stop start-up instead of
     falling back to the simulator: any Twilio identity, a public webhook or API URL, a database
     or Redis on another host, a dyno."""
-    signals = [name for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_WHATSAPP_NUMBER")
-               if getattr(settings, name.lower())]
-    if settings.twilio_webhook_url and not _is_loopback_url(settings.twilio_webhook_url):
+    signals = [name for name in TWILIO_IDENTITY if getattr(settings, name.lower())]
+    if settings.twilio_webhook_url and not is_loopback_url(settings.twilio_webhook_url):
         signals.append("TWILIO_WEBHOOK_URL")
-    if "twilio_api_url" in settings.model_fields_set and not _is_loopback_url(settings.twilio_api_url):
+    if "twilio_api_url" in settings.model_fields_set and not is_loopback_url(settings.twilio_api_url):
         signals.append("TWILIO_API_URL")
     for name, url in (("DATABASE_URL", settings.database_url), ("REDIS_URL", settings.redis_url)):
-        if url and not url.startswith("sqlite") and not _is_loopback_url(url):
+        if url and not url.startswith("sqlite") and not is_loopback_url(url):
             signals.append(name)  # a database or Redis on another host is somebody's deployment
     if os.environ.get("DYNO"):
         signals.append("DYNO")
     return signals
-
-
-def _is_loopback_url(url: str) -> bool:
-    host = (urlsplit(url).hostname or "").lower()
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def with_dev_defaults(settings: Settings, instance_path: str) -> Settings:

@@ -27,6 +27,7 @@ from flask.cli import with_appcontext
 from twilio.base.exceptions import TwilioException
 from twilio.rest import Client
 
+from bot.devmode import is_loopback_url
 from bot.phone import InvalidNumber, normalize_e164
 from bot.simulator import API_VERSION, sign
 
@@ -118,7 +119,7 @@ class ChatSession:
         self._auth_token = auth_token
         self._http = requests.Session()
         # A local server must never be reached through an environment proxy (as the simulator does).
-        self._http.trust_env = not _is_loopback(webhook_url)
+        self._http.trust_env = not is_loopback_url(webhook_url)
         self._statuses: dict[str, str | None] = {}  # sid -> last status shown
         # The REPL polls from a background thread too (messages that arrive while you type).
         self._poll_lock = threading.Lock()
@@ -310,10 +311,6 @@ class ChatSession:
             db.session.rollback()
             return 0
         return expire_conversations(now=utcnow() + TIMEOUT_JUMP, contact_id=contact_id)
-
-
-def _is_loopback(url: str) -> bool:
-    return (urlsplit(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
 
 
 def _error_detail(response: requests.Response) -> str:

@@ -14,10 +14,17 @@ import os
 import secrets
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEV_SENDER = "whatsapp:+14155238886"  # the Twilio sandbox's number, so copy reads the same
 DEV_WEBHOOK_URL = "http://127.0.0.1:5000/twilio/webhook"
 SECRETS_FILE = "dev-secrets.json"
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether `url` points at this machine (localhost, 127.x.x.x, ::1)."""
+    host = (urlsplit(url).hostname or "").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def default_instance_path() -> str:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlparse
 
+from bot.devmode import is_loopback_url
+
 OK, WARN, FAIL = "ok", "warn", "fail"
 _MARKS = {OK: "✓", WARN: "!", FAIL: "✗"}
 
@@ -101,7 +103,7 @@ def _webhook_checks(url: str | None, *, production: bool) -> list[Check]:
                       "without it no delivery status comes back.")]
     parsed = urlparse(url)
     checks = []
-    local = parsed.hostname in ("127.0.0.1", "localhost", "::1")
+    local = is_loopback_url(url)
     if production and (parsed.scheme != "https" or local):
         checks.append(Check(FAIL, f"TWILIO_WEBHOOK_URL is not a public https URL ({parsed.scheme}://{parsed.hostname})",
                             "Twilio must reach it from the internet over https: your app's domain in production, "

@@ -133,11 +133,9 @@ def handle_message(contact: Contact, message: Message) -> list[Message]:
             return _send(contact, [Reply("common/not_understood")], conversation)
         return apply_step(contact, conversation, flow, step)
 
-    for flow in flows.values():
-        step = flow.handle(None, inbound, {})
-        if step is not None:
-            conversation = _new_conversation(contact, flow, started_by="user")
-            return apply_step(contact, conversation, flow, step)
+    started = _start_by_entry_point(contact, inbound, flows)
+    if started is not None:
+        return started
 
     if contact.consent == Consent.UNKNOWN and "welcome" in flows and not _was_welcomed(contact.id):
         return start_flow(contact, flows["welcome"], {"name": contact.profile_name}, started_by="user")
@@ -167,16 +165,20 @@ def _leave_welcome_for_an_entry_point(contact: Contact, welcome: Conversation, i
     The welcome ends without an answer; None when the message is the welcome's to handle.
     """
     welcome_flow = flows.get("welcome")
-    if welcome_flow is not None and welcome.state in welcome_flow.states \
-            and welcome_flow.expects(welcome.state, inbound):
+    if welcome_flow is not None and welcome_flow.expects(welcome.state, inbound):
         return None
+    started = _start_by_entry_point(contact, inbound, flows)
+    if started is not None:
+        welcome.outcome = {"consent": "no_answer"}
+        end_conversation(welcome, ConversationStatus.COMPLETED)
+    return started
+
+
+def _start_by_entry_point(contact: Contact, inbound: Inbound, flows: dict[str, Flow]) -> list[Message] | None:
+    """Start the first flow whose entry point takes this message; None when none does."""
     for flow in flows.values():
-        if flow.name == "welcome":
-            continue
         step = flow.handle(None, inbound, {})
         if step is not None:
-            welcome.outcome = {"consent": "no_answer"}
-            end_conversation(welcome, ConversationStatus.COMPLETED)
             return apply_step(contact, _new_conversation(contact, flow, started_by="user"), flow, step)
     return None
 

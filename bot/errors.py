@@ -34,4 +34,4 @@ ATTEMPT_LIMITS = {30003: 2, 30008: 3}
 
 def attempt_limit(code: int | None, default: int) -> int:
     """How many attempts in all a message failing with `code` gets (`default` for most)."""
-    return ATTEMPT_LIMITS.get(code, default) if code is not None else default
+    return ATTEMPT_LIMITS.get(code, default)

@@ -13,10 +13,9 @@ from bot.contacts import get_or_create_contact
 from bot.extensions import db
 from bot.models import Direction, Kind, Message
 from bot.phone import normalize_e164
+from flows.toolkit import MAX_MEDIA
 
 log = logging.getLogger(__name__)
-
-MAX_MEDIA = 10
 
 
 def media_urls(form: Mapping[str, str]) -> list[str]:
@@ -25,7 +24,6 @@ def media_urls(form: Mapping[str, str]) -> list[str]:
         count = int(form.get("NumMedia") or 0)
     except ValueError:
         count = 0
-    # Twilio sends at most 10 media items; a huge NumMedia must not become a huge loop.
     return [form[f"MediaUrl{i}"] for i in range(min(max(count, 0), MAX_MEDIA)) if form.get(f"MediaUrl{i}")]
 
 

@@ -44,6 +44,7 @@ SESSION_WINDOW = timedelta(hours=24)
 #: Local codes reuse Twilio's numbers, so a backend handles one meaning whoever refused.
 OPTED_OUT_CODE = 21610
 OUTSIDE_WINDOW_CODE = 63016
+TOO_LONG_CODE = 21617
 
 
 class Outcome(str, Enum):
@@ -197,28 +198,29 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
 
 
 def _record_accepted(message_id: str, sid: str, twilio_status: str) -> Outcome:
-    # Commit the SID first, then look for callbacks that beat us here (see status.record_callback).
-    now = utcnow()
-    db.session.execute(
-        sa.update(Message).where(Message.id == message_id)
-        # Accepted: what an earlier transient attempt noted is history (in the worker's log).
-        .values(twilio_sid=sid, sent_at=now, updated_at=now, next_attempt_at=None, error_code=None,
-                error_message=None)
-        .execution_options(synchronize_session=False)
-    )
-    raise_status(message_id, twilio_status if twilio_status in STATUS_RANK else "queued")
-    try:
+    status = twilio_status if twilio_status in STATUS_RANK else "queued"
+
+    def record(**values: object) -> None:
+        now = utcnow()
+        db.session.execute(
+            sa.update(Message).where(Message.id == message_id)
+            .values(sent_at=now, updated_at=now, next_attempt_at=None, **values)
+            .execution_options(synchronize_session=False)
+        )
+        raise_status(message_id, status)
         db.session.commit()
+
+    try:
+        # Commit the SID first, then look for callbacks that beat us here (see
+        # status.record_callback). Accepted: what an earlier transient attempt noted is history
+        # (it is in the worker's log).
+        record(twilio_sid=sid, error_code=None, error_message=None)
     except IntegrityError:
         # Another row already holds this SID (it can only come from a mistaken timeout lookup).
         # Twilio did accept a message for this row, so record it as sent rather than resend.
         db.session.rollback()
         log.error("message %s: Twilio SID %s is already recorded on another message", message_id, sid)
-        raise_status(message_id, twilio_status if twilio_status in STATUS_RANK else "queued")
-        db.session.execute(sa.update(Message).where(Message.id == message_id).values(
-            sent_at=now, updated_at=now, next_attempt_at=None,
-            error_message=f"Twilio SID {sid} is recorded on another message"))
-        db.session.commit()
+        record(error_message=f"Twilio SID {sid} is recorded on another message")
         return Outcome.SENT
     apply_pending_events(sid)
     return Outcome.SENT

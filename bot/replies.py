@@ -14,11 +14,9 @@ from flask import current_app
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from bot.models import Contact, Direction, Kind, Message
-from bot.outbound import OUTSIDE_WINDOW_CODE, within_window
-
-#: Twilio refuses a longer body with 21617; a reply is checked before it is queued.
-MAX_BODY_CHARS = 1600
-TOO_LONG_CODE = 21617
+from bot.notify_request import MAX_BODY_CHARS
+from bot.outbound import OUTSIDE_WINDOW_CODE, TOO_LONG_CODE, within_window
+from bot.status import STATUS_RANK
 from flows.toolkit import Reply
 
 log = logging.getLogger(__name__)
@@ -61,9 +59,7 @@ def build_messages(replies: Iterable[Reply], contact: Contact, *, conversation_i
                       template=reply.template)
         if len(body) > MAX_BODY_CHARS and in_window:
             # Long user-supplied variables can do this; Twilio would refuse it with the same code.
-            row.status, row.status_rank = "failed", 6
-            row.error_code = TOO_LONG_CODE
-            row.error_message = f"skipped: the rendered text is {len(body)} characters (at most {MAX_BODY_CHARS})"
+            _skip(row, TOO_LONG_CODE, f"the rendered text is {len(body)} characters (at most {MAX_BODY_CHARS})")
             log.warning("reply %s to %s skipped: %d characters", reply.template, contact.phone, len(body))
         elif not in_window:
             sid = content_sids.get(reply.content_template or "")
@@ -72,10 +68,15 @@ def build_messages(replies: Iterable[Reply], contact: Contact, *, conversation_i
                 row.template = reply.content_template
                 row.variables = {str(k): str(v) for k, v in (reply.content_variables or {}).items()}
             else:
-                row.status, row.status_rank = "failed", 6
-                row.error_code = OUTSIDE_WINDOW_CODE
-                row.error_message = (f"skipped: outside the 24-hour window and no approved template "
-                                     f"({reply.content_template or 'none declared'}) in TWILIO_CONTENT_SIDS")
+                _skip(row, OUTSIDE_WINDOW_CODE, f"outside the 24-hour window and no approved template "
+                                                f"({reply.content_template or 'none declared'}) in TWILIO_CONTENT_SIDS")
                 log.info("reply %s to %s skipped: outside the window, no template", reply.template, contact.phone)
         rows.append(row)
     return rows
+
+
+def _skip(row: Message, code: int, reason: str) -> None:
+    """Record a reply as never sent (failed, with Twilio's code for the same refusal)."""
+    row.status, row.status_rank = "failed", STATUS_RANK["failed"]
+    row.error_code = code
+    row.error_message = f"skipped: {reason}"

@@ -18,6 +18,10 @@ from typing import Any, Callable, Mapping
 END = "END"
 
 
+
+#: Twilio sends at most 10 media items; a huge NumMedia must not become a huge loop.
+MAX_MEDIA = 10
+
 @dataclass(frozen=True)
 class Media:
     url: str
@@ -54,7 +58,7 @@ class Inbound:
             count = 0
         media = tuple(
             Media(str(form[f"MediaUrl{i}"]), form.get(f"MediaContentType{i}"))
-            for i in range(min(max(count, 0), 10)) if form.get(f"MediaUrl{i}")  # Twilio sends at most 10
+            for i in range(min(max(count, 0), MAX_MEDIA)) if form.get(f"MediaUrl{i}")
         )
         location = None
         try:

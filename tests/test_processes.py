@@ -160,18 +160,27 @@ def test_notification_travels_through_web_worker_and_twilio_callbacks(stack, app
                       what="both inbound messages to be processed")
 
 
+def start_appointment(stack: dict[str, Any], phone: str) -> requests.Response:
+    """`phone` subscribes, the backend starts an appointment reminder for Friday 16:00, and the
+    reminder reaches the simulator. Returns the /notify answer."""
+    simulator = stack["simulator"]
+    simulator.send_inbound(phone, "START")
+    simulator.wait_for_messages(1, timeout=20)
+    response = requests.post(stack["base"] + "/notify", headers={"Authorization": f"Bearer {API_TOKEN}"},
+                             timeout=5, json={"to": phone, "flow": "appointment",
+                                              "variables": {"date": "Friday", "time": "16:00"}})
+    assert response.status_code == 202, response.text
+    reminder = simulator.wait_for_messages(2, timeout=20)[-1]
+    assert "16:00" in reminder["body"]
+    return response
+
+
 def test_a_conversation_with_a_button_and_stop_through_real_processes(stack):
     """A backend-started appointment answered with a button, then STOP: all across processes."""
     base, simulator = stack["base"], stack["simulator"]
     auth = {"Authorization": f"Bearer {API_TOKEN}"}
     phone = "+15551239999"
-    simulator.send_inbound(phone, "START")
-    simulator.wait_for_messages(1, timeout=20)
-    response = requests.post(base + "/notify", headers=auth, timeout=5, json={
-        "to": phone, "flow": "appointment", "variables": {"date": "Friday", "time": "16:00"}})
-    assert response.status_code == 202, response.text
-    reminder = simulator.wait_for_messages(2, timeout=20)[-1]
-    assert "16:00" in reminder["body"]
+    response = start_appointment(stack, phone)
     simulator.send_inbound(phone, "", extra={"ButtonPayload": "RESCHEDULE", "ButtonText": "Reschedule"})
     simulator.wait_for_messages(3, timeout=20)
     simulator.send_inbound(phone, "Monday morning please")
@@ -197,13 +206,8 @@ def test_a_timeout_is_not_lost_when_the_worker_restarts(stack, app):
     base, simulator = stack["base"], stack["simulator"]
     auth = {"Authorization": f"Bearer {API_TOKEN}"}
     phone = "+15551238888"
-    simulator.send_inbound(phone, "START")
-    simulator.wait_for_messages(1, timeout=20)
-    response = requests.post(base + "/notify", headers=auth, timeout=5, json={
-        "to": phone, "flow": "appointment", "variables": {"date": "Friday", "time": "16:00"}})
-    assert response.status_code == 202, response.text
+    response = start_appointment(stack, phone)
     conversation_url = f"{base}/conversations/{response.json()['id']}"
-    simulator.wait_for_messages(2, timeout=20)
 
     stack["stop_worker"]()  # a deploy restarts the worker while the reminder waits for an answer
     with app.app_context():
