@@ -79,7 +79,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)  # type: ignore[method-assign]
     _configure_logging(app)
 
-    from bot import cli, database, queue, tasks, twilio_client
+    from bot import cli, database
+    from bot.delivery import queue, tasks
+    from bot.twilio import client as twilio_client
     from bot.extensions import migrate
 
     database.init_app(app)
@@ -89,7 +91,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     twilio_client.init_app(app)
     cli.init_app(app)
 
-    from bot import contacts_api, health, notify, webhook
+    from bot.http import contacts_api, health, notify, webhook
 
     app.register_blueprint(notify.bp)
     app.register_blueprint(contacts_api.bp)

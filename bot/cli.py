@@ -5,7 +5,7 @@ import click
 from flask import Flask
 from flask.cli import AppGroup
 
-from bot.chat import chat_command
+from bot.devtools.chat import chat_command
 from flows import registry
 from flows.diagram import mermaid
 

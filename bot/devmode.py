@@ -2,7 +2,7 @@
 
 With no Twilio account configured (no TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN or
 TWILIO_WHATSAPP_NUMBER, no public webhook or API URL, not on a Heroku dyno: see
-`bot.production_signals`), the server talks to `python -m bot.simulator` on 127.0.0.1 and uses
+`bot.production_signals`), the server talks to `python -m bot.devtools.simulator` on 127.0.0.1 and uses
 development secrets generated once and kept in instance/dev-secrets.json, shared by web,
 worker, simulator and chat.
 Setting any of those leaves this mode for good: every real secret is then required.

@@ -163,7 +163,7 @@ def _redis(url: str) -> str:
 def _twilio_check(settings, dev_mode: bool) -> Check:
     from twilio.base.exceptions import TwilioException
 
-    from bot.twilio_client import build_client
+    from bot.twilio.client import build_client
 
     sid = settings.twilio_account_sid
     client = build_client(sid, settings.twilio_auth_token.get_secret_value(), settings.twilio_api_url, 10)
@@ -178,7 +178,7 @@ def _twilio_check(settings, dev_mode: bool) -> Check:
         return Check(FAIL, f"{where} answered with an error (HTTP {getattr(exc, 'status', '?')})",
                      "Try again; if it persists, check status.twilio.com.")
     except Exception as exc:
-        advice = ("Start it: `python -m bot.simulator` (bin/dev starts it for you)." if dev_mode
+        advice = ("Start it: `python -m bot.devtools.simulator` (bin/dev starts it for you)." if dev_mode
                   else f"Check TWILIO_API_URL ({settings.twilio_api_url}) and the network.")
         return Check(FAIL, f"cannot reach {where} ({type(exc).__name__})", advice)
     return Check(OK, f"{where} accepts the credentials (account status: {account.status})")

@@ -4,7 +4,7 @@ ConversationHandler (entry points, states of routes, fallbacks, a timeout).
 A handler is a plain function of (inbound message, conversation data) that returns a Step: the
 next state (or END), the replies to send (template names + variables) and the new data. Nothing
 here imports Flask or SQLAlchemy, so every flow is testable as pure code; the engine in
-`bot/engine.py` loads and stores the conversation and sends the replies.
+`bot/conversations/engine.py` loads and stores the conversation and sends the replies.
 """
 from __future__ import annotations
 

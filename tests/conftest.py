@@ -22,8 +22,8 @@ from bot import create_app
 from bot.clock import utcnow
 from bot.extensions import db
 from bot.models import Contact
-from bot.queue import huey
-from bot.simulator import TwilioSimulator, sign
+from bot.delivery.queue import huey
+from bot.devtools.simulator import TwilioSimulator, sign
 
 ACCOUNT_SID = "AC" + "a1" * 16
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"

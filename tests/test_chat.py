@@ -6,10 +6,10 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from bot.chat import ChatError, ChatEvent, ChatSession, chat_command, run_repl, ticks
+from bot.devtools.chat import ChatError, ChatEvent, ChatSession, chat_command, run_repl, ticks
 from bot.extensions import db
 from bot.models import Contact, Message
-from bot.twilio_client import build_client
+from bot.twilio.client import build_client
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, SENDER
 from tests.test_processes import free_port, stack, wait_until  # noqa: F401  (stack is a fixture)
 

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from bot import engine
+from bot.conversations import engine
 from bot.clock import utcnow
 from bot.extensions import db
 from bot.models import Consent, ConsentEvent, Contact, Conversation, Message
@@ -169,7 +169,7 @@ def test_opt_out_silences_queued_notifications_replies_and_retries(ctx, client, 
     queued = client.post("/notify", json={"to": PHONE, "body": "promo 1"}, headers=auth).get_json()["id"]
     twilio.fail_next(503, 20503, "busy")
     retried = client.post("/notify", json={"to": PHONE, "body": "promo 2"}, headers=auth).get_json()["id"]
-    from bot.queue import huey
+    from bot.delivery.queue import huey
     task = huey.dequeue()  # promo 1's task is taken by a worker that stalls; promo 2 fails once
     second = huey.dequeue()
     huey.execute(second)
@@ -192,7 +192,7 @@ def test_opt_out_silences_queued_notifications_replies_and_retries(ctx, client, 
 
 def test_opt_out_committed_before_the_confirmation_is_enqueued(ctx, say, database_url):
     from huey import signals
-    from bot.queue import huey
+    from bot.delivery.queue import huey
 
     make_contact(PHONE)
     seen = []
@@ -232,7 +232,7 @@ def test_messages_of_one_contact_are_handled_in_arrival_order(ctx, post_webhook)
     first, second = inbound_form(PHONE, "feedback"), inbound_form(PHONE, "4")
     post_webhook(first)
     post_webhook(second)
-    from bot.queue import huey
+    from bot.delivery.queue import huey
     huey.flush()
     ids = {form["Body"]: db.session.scalar(sa.select(Message.id).where(Message.twilio_sid == form["MessageSid"]))
            for form in (first, second)}
@@ -251,7 +251,7 @@ def test_two_messages_arriving_together_are_never_processed_concurrently(app, po
     forms = [inbound_form(PHONE, "feedback"), inbound_form(PHONE, "5"), inbound_form(PHONE, "Great service")]
     for form in forms:
         post_webhook(form)
-    from bot.queue import huey
+    from bot.delivery.queue import huey
     huey.flush()
     with app.app_context():
         ids = [db.session.scalar(sa.select(Message.id).where(Message.twilio_sid == f["MessageSid"])) for f in forms]
@@ -284,7 +284,7 @@ def test_other_contacts_are_not_blocked_by_a_busy_one(app, post_webhook, databas
         make_contact(PHONE)
         busy_id = busy.id
     post_webhook(inbound_form(PHONE, "help"))
-    from bot.queue import huey
+    from bot.delivery.queue import huey
     huey.flush()
     other = sa.create_engine(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
     with other.connect() as conn:
@@ -440,7 +440,7 @@ def test_a_failing_handler_apologises_and_does_not_wedge_the_contact(ctx, say, m
     import flows
     broken_flow = dataclasses.replace(feedback.flow, states=routes, fallbacks=())
     real_registry = flows.registry
-    monkeypatch.setattr("bot.engine.registry", lambda: {**real_registry(), "feedback": broken_flow})
+    monkeypatch.setattr("bot.conversations.engine.registry", lambda: {**real_registry(), "feedback": broken_flow})
     replies = say("3")
     assert templates(replies) == ["common/error"]
     inbound = db.session.scalars(sa.select(Message).where(Message.direction == "inbound")
@@ -448,7 +448,7 @@ def test_a_failing_handler_apologises_and_does_not_wedge_the_contact(ctx, say, m
     assert inbound[-1].status == "processed" and "RuntimeError" in inbound[-1].error_message
     [survey] = conversations()
     assert survey.status == "failed"
-    monkeypatch.setattr("bot.engine.registry", real_registry)
+    monkeypatch.setattr("bot.conversations.engine.registry", real_registry)
     assert templates(say("help")) == ["common/help"]  # the contact is not stuck
 
 

@@ -8,12 +8,12 @@ from datetime import timedelta
 import sqlalchemy as sa
 from huey import signals
 
-from bot import outbound, outbox
+from bot.delivery import outbox, sender
 from bot.clock import utcnow
 from bot.extensions import db
 from bot.models import Message
-from bot.queue import huey
-from bot.tasks import SEND_RETRIES, send_message
+from bot.delivery.queue import huey
+from bot.delivery.tasks import SEND_RETRIES, send_message
 from tests.conftest import CONTENT_SIDS, SENDER, WEBHOOK_URL, make_contact, run_queue
 
 
@@ -127,7 +127,7 @@ def test_concurrent_sends_claim_once(app, client, auth, twilio):
 
     def send() -> None:
         with app.app_context():
-            outcomes.append(outbound.deliver(message_id).value)
+            outcomes.append(sender.deliver(message_id).value)
 
     threads = [threading.Thread(target=send) for _ in range(4)]
     for t in threads:
@@ -159,24 +159,24 @@ def test_server_errors_retry_fast_then_back_off_then_fail_with_the_last_code(app
     run_queue()
     # The task's own retries: quick attempts, then the message waits for the sweep (an outage of
     # a minute must not fail it), its status never back below "dispatching".
-    assert len(twilio.requests) == SEND_RETRIES + 1 == outbound.FAST_ATTEMPTS
+    assert len(twilio.requests) == SEND_RETRIES + 1 == sender.FAST_ATTEMPTS
     with app.app_context():
         row = message(message_id)
         # The backend sees why it waits.
         assert (row.status, row.status_rank, row.error_code) == ("retrying", 1, 20503)
-        assert row.error_message.startswith(f"attempt {outbound.FAST_ATTEMPTS} failed, retrying:")
+        assert row.error_message.startswith(f"attempt {sender.FAST_ATTEMPTS} failed, retrying:")
         first_due = row.next_attempt_at - utcnow()
-        assert timedelta(seconds=20) < first_due <= outbound.MAX_BACKOFF
+        assert timedelta(seconds=20) < first_due <= sender.MAX_BACKOFF
         assert outbox.sweep()["outbound"] == 0  # not due yet
-    for _ in range(outbound.MAX_ATTEMPTS):  # each due time passes: one attempt per sweep
+    for _ in range(sender.MAX_ATTEMPTS):  # each due time passes: one attempt per sweep
         with app.app_context():
             age_retry(message_id)
             outbox.sweep()
         run_queue()
-    assert len(twilio.requests) == outbound.MAX_ATTEMPTS
+    assert len(twilio.requests) == sender.MAX_ATTEMPTS
     with app.app_context():
         row = message(message_id)
-        assert (row.status, row.error_code, row.attempts) == ("failed", 20503, outbound.MAX_ATTEMPTS)
+        assert (row.status, row.error_code, row.attempts) == ("failed", 20503, sender.MAX_ATTEMPTS)
         assert "retrying" not in row.error_message
     twilio.reset()
     with app.app_context():
@@ -197,7 +197,7 @@ def age_retry(message_id: str) -> None:
 def test_twilio_back_after_an_outage_sends_the_waiting_message_once(app, client, auth, twilio):
     with app.app_context():
         make_contact()
-    twilio.fail_next(503, 20503, "Service Unavailable", times=outbound.FAST_ATTEMPTS)
+    twilio.fail_next(503, 20503, "Service Unavailable", times=sender.FAST_ATTEMPTS)
     message_id = notify(client, auth, to="+15551234567", body="patience")
     run_queue()
     assert twilio.messages == []
@@ -215,7 +215,7 @@ def test_twilio_back_after_an_outage_sends_the_waiting_message_once(app, client,
     assert sent["body"] == "patience"
     with app.app_context():
         row = message(message_id)
-        assert (row.status, row.attempts, row.error_code) == ("queued", outbound.FAST_ATTEMPTS + 1, None)
+        assert (row.status, row.attempts, row.error_code) == ("queued", sender.FAST_ATTEMPTS + 1, None)
         assert row.error_message is None  # the outage is over: no stale reason left behind
 
 
@@ -228,7 +228,7 @@ def test_connection_refused_is_transient(app, client, auth, twilio):
     run_queue()
     with app.app_context():
         row = message(message_id)
-        assert row.status == "retrying" and row.attempts == outbound.FAST_ATTEMPTS
+        assert row.status == "retrying" and row.attempts == sender.FAST_ATTEMPTS
 
 
 def test_an_unexpected_error_fails_the_message_instead_of_holding_it(app, client, auth, twilio):
@@ -304,7 +304,7 @@ def test_opt_out_after_queueing_is_enforced_at_send_time(app, client, auth, twil
     assert twilio.requests == []
     with app.app_context():
         row = message(message_id)
-        assert (row.status, row.error_code) == ("failed", outbound.OPTED_OUT_CODE)
+        assert (row.status, row.error_code) == ("failed", sender.OPTED_OUT_CODE)
 
 
 def test_window_closing_while_queued_refuses_before_twilio(app, client, auth, twilio):
@@ -320,7 +320,7 @@ def test_window_closing_while_queued_refuses_before_twilio(app, client, auth, tw
     run_queue()
     assert twilio.requests == []
     with app.app_context():
-        assert message(message_id).error_code == outbound.OUTSIDE_WINDOW_CODE
+        assert message(message_id).error_code == sender.OUTSIDE_WINDOW_CODE
 
 
 def test_killed_worker_lease_expires_and_sweep_resends(app, client, auth, twilio):
@@ -329,7 +329,7 @@ def test_killed_worker_lease_expires_and_sweep_resends(app, client, auth, twilio
     message_id = notify(client, auth, to="+15551234567", body="orphaned")
     huey.flush()  # the worker took the task and died
     with app.app_context():
-        assert outbound.claim(message_id)
+        assert sender.claim(message_id)
         assert outbox.sweep(now=utcnow() + timedelta(minutes=1))["outbound"] == 0  # lease still held
         # Time passes beyond the lease: age the claim instead of sleeping five minutes.
         db.session.execute(sa.update(Message).values(claimed_until=utcnow() - timedelta(seconds=1)))
@@ -385,25 +385,25 @@ def test_a_timed_out_template_send_adopts_no_sid_while_another_send_is_in_flight
         huey.flush()
         started = utcnow()
         # The other send reached Twilio; its answer (and SID) is not recorded yet.
-        twilio_client = outbound.get_client()
+        twilio_client = sender.get_client()
         twilio_client.messages.create(to=contact.whatsapp_address, from_=SENDER, body="in flight")
-        assert outbound.claim(other_id)
+        assert sender.claim(other_id)
         row = message(template_id)
-        params = outbound.twilio_params(row, db.session.get(type(contact), contact.id))
+        params = sender.twilio_params(row, db.session.get(type(contact), contact.id))
         assert "body" not in params and params["content_sid"]
-        assert outbound.find_accepted_send(row, params, since=started) is None
+        assert sender.find_accepted_send(row, params, since=started) is None
         # With nothing else in flight, a message Twilio took since the attempt began is ours.
         db.session.execute(sa.update(Message).where(Message.id == other_id).values(status="failed", status_rank=6))
         db.session.commit()
         row = message(template_id)
         [recent] = [m for m in twilio.messages if m["body"] == "in flight"]
-        assert outbound.find_accepted_send(row, params, since=started) == recent["sid"]
+        assert sender.find_accepted_send(row, params, since=started) == recent["sid"]
 
 
 def test_a_flow_template_reply_that_timed_out_is_not_sent_twice(app, twilio):
     """Timeout lookup for a reply that carries both our copy and a ContentSid (outside the window)."""
     from bot.models import Contact, Kind
-    from bot.replies import build_messages
+    from bot.conversations.replies import build_messages
     from flows.toolkit import Reply
 
     app.config["TWILIO_CONTENT_SIDS"] = {**CONTENT_SIDS, "appointment_no_response": "HX" + "c3" * 16}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from bot.doctor import FAIL, OK, WARN, main, run_checks
-from bot.simulator import TwilioSimulator
+from bot.devtools.simulator import TwilioSimulator
 from tests.conftest import ACCOUNT_SID, API_TOKEN, AUTH_TOKEN, SENDER
 
 CONFIG_VARS = ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_WHATSAPP_NUMBER", "TWILIO_WEBHOOK_URL",

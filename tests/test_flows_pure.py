@@ -405,7 +405,7 @@ def test_diagram_metadata_matches_what_happens() -> None:
 
 @pytest.fixture(scope="module")
 def jinja() -> Environment:
-    # As bot/replies.py renders: strict undefined, no HTML escaping, block whitespace trimmed.
+    # As bot/conversations/replies.py renders: strict undefined, no HTML escaping, block whitespace trimmed.
     return Environment(loader=FileSystemLoader(str(TEMPLATES)), undefined=StrictUndefined, autoescape=False,
                        keep_trailing_newline=False, trim_blocks=True, lstrip_blocks=True)
 

@@ -9,7 +9,7 @@ from flask import Flask
 
 from bot import create_app
 from bot.extensions import db
-from bot.queue import huey
+from bot.delivery.queue import huey
 
 UNREACHABLE_POSTGRES = "postgresql://postgres@127.0.0.1:1/none"
 UNREACHABLE_POSTGRES_WITH_PASSWORD = "postgresql://user:s3cret@127.0.0.1:1/x"
@@ -36,7 +36,7 @@ def test_healthz_needs_no_credentials(client) -> None:
 def broken_app(base_config: dict[str, Any]) -> Iterator[Any]:
     """Build an app whose database or queue is unreachable, then put the shared Huey back.
 
-    `bot.queue.huey` is a module-level singleton that create_app rebinds; the app fixture of the
+    `bot.delivery.queue.huey` is a module-level singleton that create_app rebinds; the app fixture of the
     next test rebinds it again, but a test that does not use that fixture must not inherit a queue
     pointing at a closed port.
     """

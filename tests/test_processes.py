@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from bot.extensions import db
 from bot.models import Message
-from bot.simulator import TwilioSimulator
+from bot.devtools.simulator import TwilioSimulator
 from tests.conftest import ACCOUNT_SID, API_TOKEN, AUTH_TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]

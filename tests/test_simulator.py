@@ -1,4 +1,4 @@
-"""Tests for bot.simulator, driven through the real twilio SDK over HTTP on 127.0.0.1."""
+"""Tests for bot.devtools.simulator, driven through the real twilio SDK over HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from twilio.rest import Client
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from bot.simulator import SimulatorTimeout, TwilioSimulator, sign
+from bot.devtools.simulator import SimulatorTimeout, TwilioSimulator, sign
 
 ACCOUNT_SID = "AC" + "1" * 32
 AUTH_TOKEN = "sim-secret-token"
@@ -278,7 +278,7 @@ def test_main_runs_with_development_secrets_and_stops_on_sigterm(tmp_path) -> No
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWILIO_")}
     env.update(INSTANCE_PATH=str(tmp_path), SIMULATOR_PORT=str(port))
-    process = subprocess.Popen([sys.executable, "-m", "bot.simulator"], env=env, cwd=tmp_path,
+    process = subprocess.Popen([sys.executable, "-m", "bot.devtools.simulator"], env=env, cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         secrets = dev_secrets(str(tmp_path))  # the same file the simulator reads
@@ -308,7 +308,7 @@ def test_main_refuses_bad_failure_rules_and_statuses_and_help_writes_nothing(tmp
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "INSTANCE_PATH"))}
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "bot.simulator", *args], env=env, cwd=tmp_path,
+        return subprocess.run([sys.executable, "-m", "bot.devtools.simulator", *args], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=30)
 
     assert run("--help").returncode == 0

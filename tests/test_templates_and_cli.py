@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from jinja2 import meta
 
-from bot.replies import TEMPLATES_DIR, environment, render
+from bot.conversations.replies import TEMPLATES_DIR, environment, render
 from flows import registry
 from flows.diagram import mermaid
 

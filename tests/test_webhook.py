@@ -11,11 +11,11 @@ import sqlalchemy as sa
 from bot.clock import utcnow
 from bot.extensions import db
 from bot.models import Contact, Message, StatusEvent
-from bot.queue import huey
-from bot.status import STATUS_RANK
+from bot.delivery.queue import huey
+from bot.delivery.statuses import STATUS_RANK
 from tests.conftest import (AUTH_TOKEN, PUBLIC_BASE, WEBHOOK_URL, inbound_form, make_contact,
                             run_queue, status_form)
-from bot.simulator import sign
+from bot.devtools.simulator import sign
 
 
 def count(model) -> int:
@@ -227,7 +227,7 @@ def test_callback_before_the_sid_is_recorded_is_applied_later(app, client, auth,
         event = db.session.scalar(sa.select(StatusEvent))
         assert event.message_id is None
         # The send now records that very SID (as if Twilio's answer arrived after the callback).
-        from bot.outbound import _record_accepted, claim
+        from bot.delivery.sender import _record_accepted, claim
         assert claim(message_id)
         _record_accepted(message_id, early_sid, "queued")
     row = stored(app, message_id)
@@ -237,7 +237,7 @@ def test_callback_before_the_sid_is_recorded_is_applied_later(app, client, auth,
 
 
 def test_sweep_applies_events_a_race_left_unlinked(app, client, auth, post_webhook):
-    from bot import outbox
+    from bot.delivery import outbox
 
     message_id, sid = sent_message(app, client, auth)
     post_webhook(status_form(sid, "delivered"))

@@ -14,13 +14,13 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
-from bot import outbox
+from bot.delivery import outbox
 from bot.clock import utcnow
-from bot.consent import (Keywords, change_consent, is_sandbox_join, opt_out_source, record_decline,
+from bot.conversations.consent import (Keywords, change_consent, is_sandbox_join, opt_out_source, record_decline,
                          typed_words)
 from bot.extensions import db
 from bot.models import Consent, Contact, Conversation, ConversationStatus, Direction, Kind, Message
-from bot.replies import build_messages
+from bot.conversations.replies import build_messages
 from flows import registry
 from flows.toolkit import END, Flow, Inbound, Reply, Step, UnknownState
 

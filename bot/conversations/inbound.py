@@ -8,8 +8,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from bot.clock import utcnow
-from bot.consent import Keywords, opt_out_source
-from bot.contacts import get_or_create_contact
+from bot.conversations.consent import Keywords, opt_out_source
+from bot.conversations.contacts import get_or_create_contact
 from bot.extensions import db
 from bot.models import Direction, Kind, Message
 from bot.phone import normalize_e164

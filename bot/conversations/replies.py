@@ -14,9 +14,9 @@ from flask import current_app
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from bot.models import Contact, Direction, Kind, Message
-from bot.notify_request import MAX_BODY_CHARS
-from bot.outbound import OUTSIDE_WINDOW_CODE, TOO_LONG_CODE, within_window
-from bot.status import STATUS_RANK
+from bot.http.schemas import MAX_BODY_CHARS
+from bot.delivery.sender import OUTSIDE_WINDOW_CODE, TOO_LONG_CODE, within_window
+from bot.delivery.statuses import STATUS_RANK
 from flows.toolkit import Reply
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def _find_templates() -> Path:
     """templates/ beside the bot package (a checkout, `pip install -e .`), else in the working
     directory: a host that installs the project as a package (`.` in requirements.txt) runs
     the Procfile from the app's root, where templates/ is."""
-    beside = Path(__file__).resolve().parent.parent / "templates"
+    beside = Path(__file__).resolve().parents[2] / "templates"
     return beside if beside.is_dir() else Path.cwd() / "templates"
 
 

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from bot.clock import utcnow
 from bot.extensions import db
 from bot.models import Conversation, ConversationStatus, Direction, Message, PeriodicRun, StatusEvent
-from bot.status import apply_pending_events
+from bot.delivery.statuses import apply_pending_events
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def _enqueue(task_name: str, row_id: str) -> bool:
     Any broker failure is swallowed on purpose: the row is safe in the database and the sweep
     enqueues it later, so the caller can still answer its request.
     """
-    from bot import tasks
+    from bot.delivery import tasks
 
     try:
         getattr(tasks, task_name)(row_id)

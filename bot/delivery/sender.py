@@ -20,12 +20,12 @@ from sqlalchemy.exc import IntegrityError
 from twilio.base.exceptions import TwilioException
 
 from bot.clock import utcnow
-from bot.consent import opt_out_waiting
-from bot.errors import attempt_limit, is_retryable
+from bot.conversations.consent import opt_out_waiting
+from bot.twilio.errors import attempt_limit, is_retryable
 from bot.extensions import db
 from bot.models import Consent, Contact, Direction, Kind, Message
-from bot.status import STATUS_RANK, apply_pending_events, raise_status
-from bot.twilio_client import get_client
+from bot.delivery.statuses import STATUS_RANK, apply_pending_events, raise_status
+from bot.twilio.client import get_client
 
 log = logging.getLogger(__name__)
 

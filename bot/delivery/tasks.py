@@ -12,8 +12,9 @@ from typing import Any, Callable, TypeVar
 from flask import Flask
 from huey import crontab
 
-from bot import engine, outbound, outbox
-from bot.queue import huey
+from bot.conversations import engine
+from bot.delivery import outbox, sender
+from bot.delivery.queue import huey
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,10 @@ def in_app_context(func: F) -> F:
 @in_app_context
 def send_message(message_id: str, task: Any = None) -> str:
     """Deliver one outbound message; early transient failures raise, so huey retries them
-    within seconds; later ones wait for the outbox sweep (see outbound.MAX_ATTEMPTS)."""
+    within seconds; later ones wait for the outbox sweep (see sender.MAX_ATTEMPTS)."""
     can_retry = task is not None and bool(task.retries)
     is_retry = task is not None and task.retries < SEND_RETRIES  # huey counts retries down
-    return outbound.deliver(message_id, can_retry=can_retry, is_retry=is_retry).value
+    return sender.deliver(message_id, can_retry=can_retry, is_retry=is_retry).value
 
 
 @huey.task(retries=3, retry_delay=5)

@@ -29,7 +29,7 @@ from twilio.rest import Client
 
 from bot.devmode import is_loopback_url
 from bot.phone import InvalidNumber, normalize_e164
-from bot.simulator import API_VERSION, sign
+from bot.devtools.simulator import API_VERSION, sign
 
 __all__ = ["ChatError", "ChatEvent", "ChatSession", "ticks", "run_repl", "chat_command", "HELP"]
 
@@ -132,7 +132,7 @@ class ChatSession:
     def from_app(cls, app_config: Mapping[str, Any] | None = None, phone: str = DEFAULT_PHONE,
                  profile_name: str | None = DEFAULT_NAME) -> "ChatSession":
         """A session configured like the running server (inside its app context)."""
-        from bot.twilio_client import get_client
+        from bot.twilio.client import get_client
 
         config = current_app.config if app_config is None else app_config
         return cls(
@@ -301,7 +301,7 @@ class ChatSession:
         import sqlalchemy as sa
 
         from bot.clock import utcnow
-        from bot.engine import expire_conversations
+        from bot.conversations.engine import expire_conversations
         from bot.extensions import db
         from bot.models import Contact
 

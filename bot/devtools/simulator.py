@@ -12,7 +12,7 @@ Besides accepting sends it can script failures (:meth:`TwilioSimulator.fail_next
 slow answers (:meth:`TwilioSimulator.hang_next`), and play Twilio's side of the
 webhooks: signed status callbacks and signed inbound WhatsApp messages.
 
-Run it standalone with ``python -m bot.simulator --help``.
+Run it standalone with ``python -m bot.devtools.simulator --help``.
 """
 
 from __future__ import annotations
@@ -689,7 +689,7 @@ def main(argv: list[str] | None = None) -> None:
     from bot.phone import InvalidNumber, normalize_e164
 
     env = os.environ
-    parser = argparse.ArgumentParser(prog="python -m bot.simulator", description="Local fake of Twilio's Messages API.")
+    parser = argparse.ArgumentParser(prog="python -m bot.devtools.simulator", description="Local fake of Twilio's Messages API.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=simulator_port())
     parser.add_argument("--account-sid", default=env.get("TWILIO_ACCOUNT_SID"),

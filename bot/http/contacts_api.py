@@ -4,15 +4,15 @@ from __future__ import annotations
 import sqlalchemy as sa
 from flask import Blueprint, abort, jsonify, request
 
-from bot.consent import change_consent
-from bot.contacts import get_or_create_contact
-from bot.engine import end_conversation, lock_contact
+from bot.conversations.consent import change_consent
+from bot.conversations.contacts import get_or_create_contact
+from bot.conversations.engine import end_conversation, lock_contact
 from bot.extensions import db
-from bot.notify import read_json_body
-from bot.notify_request import InvalidRequest, check_json_values
+from bot.http.notify import read_json_body
+from bot.http.schemas import InvalidRequest, check_json_values
 from bot.models import Consent, ConsentEvent, Contact, Conversation, ConversationStatus
 from bot.phone import InvalidNumber, normalize_e164
-from bot.security import require_api_token
+from bot.http.auth import require_api_token
 from bot.clock import isoformat
 
 bp = Blueprint("contacts_api", __name__)

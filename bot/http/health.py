@@ -5,7 +5,7 @@ import sqlalchemy as sa
 from flask import Blueprint, current_app, jsonify
 
 from bot.extensions import db
-from bot.queue import huey, queue_backend_name
+from bot.delivery.queue import huey, queue_backend_name
 
 bp = Blueprint("health", __name__)
 

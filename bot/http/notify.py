@@ -8,14 +8,14 @@ from flask import Blueprint, abort, current_app, jsonify, request, url_for
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
-from bot import outbox
-from bot.consent import opt_out_waiting
-from bot.contacts import get_or_create_contact
+from bot.delivery import outbox
+from bot.conversations.consent import opt_out_waiting
+from bot.conversations.contacts import get_or_create_contact
 from bot.extensions import db
 from bot.models import Consent, Conversation, ConversationStatus, Direction, Message, StatusEvent
-from bot.notify_request import InvalidRequest, NotifyRequest, parse_notify
-from bot.outbound import within_window
-from bot.security import require_api_token
+from bot.http.schemas import InvalidRequest, NotifyRequest, parse_notify
+from bot.delivery.sender import within_window
+from bot.http.auth import require_api_token
 from flows import registry
 
 bp = Blueprint("notify", __name__)

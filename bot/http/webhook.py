@@ -5,11 +5,11 @@ import re
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from bot import outbox
-from bot.inbound import store_inbound
+from bot.delivery import outbox
+from bot.conversations.inbound import store_inbound
 from bot.phone import InvalidNumber
-from bot.security import validate_twilio_request
-from bot.status import STATUS_RANK, record_callback
+from bot.http.auth import validate_twilio_request
+from bot.delivery.statuses import STATUS_RANK, record_callback
 
 bp = Blueprint("webhook", __name__)
 

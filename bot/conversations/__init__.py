@@ -1,0 +1,1 @@
+"""Conversations: storing inbound messages, the engine that runs flows, consent, rendering replies."""
