@@ -23,7 +23,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any, Mapping
 
-from flows.toolkit import END, Flow, Inbound, Reply, Step, any_of, any_text, anything, button, keyword, route
+from flows.toolkit import END, Flow, Inbound, Reply, Step, any_text, anything, button, keyword, route
 
 NAME = "appointment"
 
@@ -39,10 +39,10 @@ OPTIONAL_TEXT_VARIABLES = ("name", "place")
 
 # What the user may press or type. Buttons come from the approved template; typed words are
 # compared after normalize() (case-folded, trimmed, punctuation dropped: "  Confirm! " -> "confirm").
-CONFIRM = any_of(button("CONFIRM"), keyword("1", "confirm", "confirmed", "yes", "y", "ok", "okay"))
-RESCHEDULE = any_of(button("RESCHEDULE"), keyword("2", "reschedule", "change", "change it", "another time"))
+CONFIRM = button("CONFIRM") | keyword("1", "confirm", "confirmed", "yes", "y", "ok", "okay")
+RESCHEDULE = button("RESCHEDULE") | keyword("2", "reschedule", "change", "change it", "another time")
 # "cancel" alone is the engine's opt-out keyword and never gets here; "cancel appointment" does.
-CANCEL = any_of(button("CANCEL"), keyword("3", "cancel appointment", "cancel my appointment"))
+CANCEL = button("CANCEL") | keyword("3", "cancel appointment", "cancel my appointment")
 #: Diagram label of the catch-all routes.
 REASK = f"re-ask, end after {MAX_INVALID}"
 

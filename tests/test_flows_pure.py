@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -472,3 +473,231 @@ def test_empty_keywords_match_nothing():
     from flows.toolkit import Inbound, keyword
 
     assert not keyword("", "🙂")(Inbound(text=""))
+
+
+# --- matchers compose -------------------------------------------------------------------------
+
+def test_matchers_compose_with_or_and_not() -> None:
+    from flows.toolkit import Matcher, button, keyword, media
+
+    yes, photo = keyword("yes"), media("image/")
+    assert isinstance(yes | photo, Matcher)
+    assert (yes | photo)(Inbound(text="Yes!")) and (yes | photo)(PHOTO) and not (yes | photo)(PIN)
+    captioned = Inbound(text="yes", media=PHOTO.media)
+    assert (yes & photo)(captioned) and not (yes & photo)(Inbound(text="yes")) and not (yes & photo)(PHOTO)
+    assert (~yes)(Inbound(text="no")) and not (~yes)(Inbound(text="yes"))
+    assert (button("CONFIRM") | keyword("1"))(btn("CONFIRM", "Confirm"))
+
+
+@pytest.mark.parametrize("build, label", [
+    pytest.param(lambda a, b, c: a | b, "a or b", id="or"),
+    pytest.param(lambda a, b, c: a & b, "a and b", id="and"),
+    pytest.param(lambda a, b, c: ~a, "not a", id="not"),
+    pytest.param(lambda a, b, c: a | b | c, "a or b or c", id="or-chain"),
+    pytest.param(lambda a, b, c: a & b & c, "a and b and c", id="and-chain"),
+    pytest.param(lambda a, b, c: (a | b) & c, "(a or b) and c", id="or-in-and"),
+    pytest.param(lambda a, b, c: a | (b & c), "a or (b and c)", id="and-in-or"),
+    pytest.param(lambda a, b, c: ~(a | b), "not (a or b)", id="not-or"),
+    pytest.param(lambda a, b, c: ~a & b, "not a and b", id="not-binds-tightest"),
+])
+def test_composed_labels_read_well(build, label: str) -> None:
+    from flows.toolkit import Matcher
+
+    a, b, c = (Matcher(lambda m: True, name) for name in "abc")
+    assert build(a, b, c).label == label
+
+
+def test_catch_all_of_compositions() -> None:
+    from flows.toolkit import any_text, anything, keyword
+
+    word, text = keyword("x"), any_text()
+    assert text.catch_all and anything().catch_all and not word.catch_all
+    assert (word | text).catch_all and (text | word).catch_all, "either side takes any reply"
+    assert not (word & text).catch_all, "one side narrows it"
+    assert (text & anything()).catch_all
+    assert not (~word).catch_all and not (~text).catch_all, "a negation is never a catch-all"
+
+
+def test_bare_predicates_compose_and_route_wraps_them() -> None:
+    from flows.toolkit import Matcher, keyword, route
+
+    def is_long(m: Inbound) -> bool:
+        return len(m.text) > 10
+
+    either = is_long | keyword("hi")
+    assert isinstance(either, Matcher) and either.label == "? or hi"
+    assert either(Inbound(text="hi")) and either(Inbound(text="a long message"))
+    both = keyword("hi") & is_long
+    assert both.label == "hi and ?" and not both(Inbound(text="hi"))
+    wrapped = route(is_long, lambda m, d: Step(END), to=END)
+    assert isinstance(wrapped.matcher, Matcher) and wrapped.label == "" and not wrapped.matcher.catch_all
+    assert feedback.flow.states[RATING][0].matcher(Inbound(text="4"))
+
+
+def test_every_matcher_constructor_returns_a_matcher() -> None:
+    from flows.toolkit import (Matcher, any_of, any_text, anything, button, choice, keyword, location, media,
+                               number)
+
+    built = [keyword("a"), button("B"), button(), number(1, 5), choice("x", "y"), any_text(), media(),
+             media("image/"), location(), anything(), any_of(keyword("a"), button("B"))]
+    assert all(isinstance(m, Matcher) for m in built)
+    assert [m.label for m in built] == ["a", "button B", "any button", "1-5", "x|y", "text", "media",
+                                        "media image/", "location", "anything", "a or button B"]
+    assert any_of(keyword("a"))(Inbound(text="a"))
+
+
+def test_appointment_answers_are_compositions() -> None:
+    assert appointment.CONFIRM.label == "button CONFIRM or 1|confirm|confirmed|yes|y|ok|okay"
+    assert not appointment.CONFIRM.catch_all
+    assert appointment.CANCEL(btn("CANCEL", "Cancel appointment")) and appointment.CANCEL(Inbound(text="3"))
+
+
+# --- flows check themselves -------------------------------------------------------------------
+
+def _end(message: Inbound, data: dict) -> Step:
+    return Step(END, data=data, outcome={})
+
+
+def _tiny(**overrides: Any) -> Flow:
+    """A two-state flow to break in one place at a time."""
+    from flows.toolkit import anything, keyword, route
+
+    fields: dict[str, Any] = dict(
+        name="tiny",
+        states={"asking": (route(keyword("done"), _end, to=END),),
+                "waiting": (route(anything(), _end, to=END),)},
+        entry_points=(route(keyword("go"), lambda m, d: Step("asking"), to="asking"),),
+        start=lambda variables: Step("asking"),
+        start_to=("asking",),
+    )
+    return Flow(**{**fields, **overrides})
+
+
+def test_a_valid_flow_builds() -> None:
+    assert _tiny().handle(None, Inbound(text="go"), {}).state == "asking"
+
+
+@pytest.mark.parametrize("overrides, named", [
+    pytest.param("state", ["'tiny'", "'done'", "'askng'", "did you mean 'asking'"], id="typo-in-a-state"),
+    pytest.param("entry", ["'tiny'", "entry point", "'go'", "'askin'"], id="typo-in-an-entry-point"),
+    pytest.param("fallback", ["'tiny'", "fallback", "'anything'", "'Waiting'"], id="typo-in-a-fallback"),
+    pytest.param({"start_to": ("asked",)}, ["'tiny'", "start_to", "'asked'"], id="typo-in-start_to"),
+    pytest.param({"timeout": timedelta(hours=1), "timeout_to": ("ended",)}, ["'tiny'", "timeout_to", "'ended'"],
+                 id="typo-in-timeout_to"),
+    pytest.param("no-target", ["'tiny'", "'done'", "declares no target"], id="route-without-target"),
+    pytest.param({"start": None}, ["'tiny'", "start_to", "no start"], id="start_to-without-start"),
+    pytest.param({"timeout_to": (END,)}, ["'tiny'", "no timeout"], id="timeout_to-without-timeout"),
+])
+def test_a_bad_declaration_fails_when_the_flow_is_built(overrides: Any, named: list[str]) -> None:
+    from flows.toolkit import anything, keyword, route
+
+    if overrides == "state":
+        overrides = {"states": {"asking": (route(keyword("done"), _end, to="askng"),), "waiting": ()}}
+    elif overrides == "entry":
+        overrides = {"entry_points": (route(keyword("go"), _end, to="askin"),)}
+    elif overrides == "fallback":
+        overrides = {"fallbacks": (route(anything(), _end, to=("Waiting", END)),)}
+    elif overrides == "no-target":
+        overrides = {"states": {"asking": (route(keyword("done"), _end),)}}
+    with pytest.raises(ValueError) as raised:
+        _tiny(**overrides)
+    for name in named:
+        assert name in str(raised.value)
+
+
+def test_a_handler_going_outside_its_routes_targets_fails_when_it_runs() -> None:
+    from flows.toolkit import UndeclaredTarget, UnknownState, keyword, route
+
+    strays = _tiny(states={"asking": (route(keyword("done"), lambda m, d: Step("waiting"), to=END),),
+                           "waiting": ()})
+    with pytest.raises(UndeclaredTarget) as raised:
+        strays.handle("asking", Inbound(text="done"), {})
+    assert isinstance(raised.value, UnknownState), "the engine's UnknownState handling still catches it"
+    for name in ("'tiny'", "'done'", "'asking'", "'waiting'", "END"):
+        assert name in str(raised.value)
+    # A state the flow does not have at all is still an UnknownState.
+    lost = _tiny(states={"asking": (route(keyword("done"), lambda m, d: Step("nowhere"), to=END),)})
+    with pytest.raises(UnknownState, match="'nowhere'"):
+        lost.handle("asking", Inbound(text="done"), {})
+    with pytest.raises(TypeError, match="not a Step"):
+        _tiny(states={"asking": (route(keyword("done"), lambda m, d: None, to=END),)}).handle(
+            "asking", Inbound(text="done"), {})
+
+
+def test_start_and_timeout_are_checked_against_their_declared_targets() -> None:
+    from flows.toolkit import UndeclaredTarget
+
+    with pytest.raises(UndeclaredTarget, match="start"):
+        _tiny(start=lambda variables: Step("waiting")).begin({})
+    assert _tiny(start=lambda variables: Step("waiting"), start_to=()).begin({}).state == "waiting", \
+        "no start_to declared: nothing to check against"
+    assert _tiny(timeout=timedelta(hours=1)).expire({}).state == END, "the default timeout ends"
+    with pytest.raises(UndeclaredTarget, match="on_timeout"):
+        _tiny(timeout=timedelta(hours=1), on_timeout=lambda data: Step("asking")).expire({})
+    with pytest.raises(UndeclaredTarget, match="on_timeout"):
+        _tiny(timeout=timedelta(hours=1), on_timeout=lambda data: Step("asking"), timeout_to=("waiting",)).expire({})
+    assert _tiny(timeout=timedelta(hours=1), on_timeout=lambda data: Step("asking"),
+                 timeout_to=("asking",)).expire({}).state == "asking"
+
+
+# --- traits -----------------------------------------------------------------------------------
+
+def test_traits_default_to_an_ordinary_flow() -> None:
+    for flow in (appointment.flow, feedback.flow):
+        assert not (flow.on_first_contact or flow.asks_consent or flow.yields_to_entry_points)
+        assert flow.yield_outcome is None and flow.backend_may_start and flow.backend_can_start
+
+
+def test_the_welcome_declares_its_traits() -> None:
+    from flows import welcome
+
+    flow = welcome.flow
+    assert flow.on_first_contact and flow.asks_consent and flow.yields_to_entry_points
+    assert flow.yield_outcome == {"consent": "no_answer"}
+    assert flow.backend_may_start and flow.backend_can_start
+
+
+def test_backend_can_start_needs_permission_and_a_start() -> None:
+    assert _tiny().backend_can_start
+    assert not _tiny(backend_may_start=False).backend_can_start
+    assert not _tiny(start=None, start_to=()).backend_can_start
+
+
+@pytest.mark.parametrize("overrides, named", [
+    pytest.param({"on_first_contact": True, "start": None, "start_to": ()}, "on_first_contact needs start",
+                 id="first-contact-without-start"),
+    pytest.param({"yield_outcome": {"consent": "no_answer"}}, "yield_outcome", id="yield-outcome-without-yielding"),
+])
+def test_contradictory_traits_fail_when_the_flow_is_built(overrides: dict[str, Any], named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        _tiny(**overrides)
+
+
+def test_a_registry_has_at_most_one_first_contact_flow() -> None:
+    from flows import validated
+
+    one = _tiny(name="one", on_first_contact=True)
+    assert list(validated([one, _tiny(name="two")])) == ["one", "two"]
+    with pytest.raises(ValueError, match="first contact.*one, two"):
+        validated([one, _tiny(name="two", on_first_contact=True)])
+    with pytest.raises(ValueError, match="'one'"):
+        validated([one, _tiny(name="one")])
+
+
+def test_the_registry_is_checked_cached_and_read_only() -> None:
+    from flows import registry
+
+    flows = registry()
+    assert registry() is flows, "built once: it is called for every message"
+    assert list(flows) == ["welcome", "appointment", "feedback"]
+    assert [f.name for f in flows.values() if f.on_first_contact] == ["welcome"]
+    with pytest.raises(TypeError):
+        flows["welcome"] = feedback.flow  # type: ignore[index]
+
+
+def test_the_registry_and_the_welcome_are_pure_code() -> None:
+    """Like test_flows_are_pure_code, for the registry, the welcome and the diagrams."""
+    code = ("import sys, flows, flows.welcome, flows.diagram; flows.registry(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('flask', 'sqlalchemy', 'bot')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
