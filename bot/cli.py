@@ -1,11 +1,14 @@
-"""Flask CLI commands: `flask flows graph|list`, `flask doctor`, `flask chat`."""
+"""Flask CLI commands: `flask flows graph|list`, `flask doctor`.
+
+`flask chat` is not here: the `flask` command finds it through the "flask.commands" entry point
+(pyproject.toml), so the web and worker processes, which call init_app, never import the
+terminal chat and the simulator (bot.devtools)."""
 from __future__ import annotations
 
 import click
 from flask import Flask
 from flask.cli import AppGroup
 
-from bot.devtools.chat import chat_command
 from flows import registry
 from flows.diagram import mermaid
 
@@ -48,4 +51,3 @@ def init_app(app: Flask) -> None:
     """Register the commands."""
     app.cli.add_command(flows_cli)
     app.cli.add_command(doctor_command)
-    app.cli.add_command(chat_command)

@@ -1,0 +1,193 @@
+"""What the packaging promises: the huey it needs, a wheel that runs anywhere, servers without dev tools."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from bot.clock import utcnow
+from bot.delivery.queue import huey
+from bot.delivery.tasks import SEND_RETRIES
+from tests.conftest import make_contact
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SECRETS = {
+    "TWILIO_ACCOUNT_SID": "AC" + "0123456789abcdef" * 2,
+    "TWILIO_AUTH_TOKEN": "auth-token-for-packaging-tests",
+    "TWILIO_WHATSAPP_NUMBER": "whatsapp:+14155238886",
+    "NOTIFY_API_TOKEN": "api-token-for-packaging-tests",
+}
+#: pip's words when it cannot reach an index for the build backend (setuptools) of an isolated build.
+OFFLINE = re.compile(r"No matching distribution found for setuptools|Could not find a version that satisfies the "
+                     r"requirement setuptools|NewConnectionError|Temporary failure in name resolution|"
+                     r"Network is unreachable|Failed to establish a new connection")
+
+
+def clean_env(tmp_path: Path, **variables: str) -> dict[str, str]:
+    """A fresh process's environment: nothing of the developer's shell, the instance under tmp_path."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
+            "INSTANCE_PATH": str(tmp_path / "instance"), **variables}
+
+
+# --- huey: the send task's retries back off (huey >= 3.3) -------------------------------------------
+
+
+def test_the_send_tasks_own_retries_wait_2_4_8_16_32_seconds(app, client, auth, twilio):
+    """retry_backoff exists from huey 3.3; older huey accepts it and retries every 2 s."""
+    with app.app_context():
+        make_contact()
+    twilio.fail_next(503, 20503, "Service Unavailable", times=100)
+    response = client.post("/notify", json={"to": "+15551234567", "body": "back off"}, headers=auth)
+    assert response.status_code == 202, response.get_json()
+
+    waits: list[float] = []
+    task = huey.dequeue()
+    while task is not None:
+        before = utcnow()
+        huey.execute(task)  # Twilio answers 503: the task raises, huey schedules its retry
+        after = utcnow()
+        due = huey.read_schedule(after + timedelta(days=1))
+        if not due:
+            break
+        [retry] = due
+        # huey set eta = (the moment of the failure) + delay, the failure being within [before, after].
+        waits.append((retry.eta - before).total_seconds())
+        expected = timedelta(seconds=2 ** len(waits))
+        assert retry.eta - after <= expected <= retry.eta - before, (
+            f"retry {len(waits)} waits {waits[-1]:.1f} s, not {expected.seconds} s "
+            f"(huey older than 3.3 ignores retry_backoff): {waits}")
+        retry.eta = None  # due now, instead of sleeping through the backoff
+        huey.enqueue(retry)
+        task = huey.dequeue()
+    assert [round(w) for w in waits] == [2 * 2 ** i for i in range(SEND_RETRIES)] == [2, 4, 8, 16, 32]
+    assert len(twilio.requests) == SEND_RETRIES + 1
+
+
+# --- the wheel --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`pip wheel .` of a copy of the working tree (an in-tree build would write build/ here)."""
+    source = tmp_path_factory.mktemp("source") / "project"
+    shutil.copytree(PROJECT_ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".ci-venv", "instance", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".env"))
+    out = tmp_path_factory.mktemp("wheelhouse")
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(out)],
+                            capture_output=True, text=True, timeout=180)
+    if result.returncode != 0:
+        if OFFLINE.search(result.stdout + result.stderr):
+            pytest.skip("cannot build the wheel: pip could not download the build backend (setuptools), "
+                        "no package index is reachable")
+        pytest.fail(f"pip wheel failed:\n{result.stdout}\n{result.stderr}")
+    [built] = out.glob("whatsapp_bot_server-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def site(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel unpacked, as it lands in site-packages."""
+    target = tmp_path_factory.mktemp("site-packages")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(target)
+    return target
+
+
+def test_the_wheel_carries_every_module_the_migrations_and_the_copy(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        entry_points_text = archive.read(entry_points).decode()
+    modules = {p.relative_to(PROJECT_ROOT).as_posix() for top in ("bot", "flows")
+               for p in (PROJECT_ROOT / top).rglob("*.py") if "__pycache__" not in p.parts}
+    missing = sorted(modules - names)
+    assert not missing, f"add their packages to [tool.setuptools] packages in pyproject.toml: {missing}"
+    assert "wsgi.py" in names and "flows/__init__.py" in names
+    versions = [n for n in names if re.fullmatch(r"bot/migrations/versions/[^/]+\.py", n)]
+    assert len(versions) == len(list((PROJECT_ROOT / "bot/migrations/versions").glob("*.py"))) > 0
+    for name in ("env.py", "alembic.ini", "script.py.mako", "README"):
+        assert f"bot/migrations/{name}" in names
+    copy = {"bot/templates/" + p.relative_to(PROJECT_ROOT / "templates").as_posix()
+            for p in (PROJECT_ROOT / "templates").rglob("*.txt")}
+    assert copy and copy <= names, sorted(copy - names)
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    assert re.search(r"\[flask\.commands\]\s+chat = bot\.devtools\.chat:chat_command", entry_points_text)
+
+
+def test_the_installed_wheel_finds_its_copy_and_migrations_from_any_directory(site: Path, tmp_path: Path) -> None:
+    """A host that installs the wheel and runs elsewhere: no checkout, no templates/ in the working directory."""
+    # A stray top-level `templates` folder in site-packages (another distribution's) is not ours.
+    decoy = site / "templates" / "common"
+    decoy.mkdir(parents=True)
+    (decoy / "help.txt").write_text("DECOY\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = """if True:
+        import json, sys
+        import wsgi
+        from bot.conversations import replies
+        from flask_migrate import upgrade
+        import sqlalchemy as sa
+        from bot.extensions import db
+        with wsgi.app.app_context():
+            text = replies.render("common/help", {})
+            upgrade()
+            tables = sa.inspect(db.engine).get_table_names()
+        print(json.dumps({
+            "files": [wsgi.__file__, replies.__file__, sys.modules["flows"].__file__],
+            "templates": str(replies.TEMPLATES_DIR),
+            "text": text,
+            "raw": replies.environment().get_template("common/help.txt").render(business="Acme"),
+            "tables": tables,
+            "devtools": sorted(m for m in sys.modules if m.split(".")[:2] == ["bot", "devtools"]),
+        }))
+    """
+    result = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True, timeout=60,
+                            env=clean_env(tmp_path, PYTHONPATH=str(site), BOT_NAME="Acme Dental", **SECRETS))
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    for file in seen["files"]:
+        assert Path(file).is_relative_to(site), f"imported {file}, not the wheel's copy under {site}"
+    assert seen["templates"] == str(site / "bot" / "templates")
+    assert seen["text"].startswith("You are chatting with Acme Dental.") and "DECOY" not in seen["text"]
+    assert seen["raw"].startswith("You are chatting with Acme.")
+    assert {"contacts", "messages", "alembic_version"} <= set(seen["tables"])
+    assert seen["devtools"] == []
+
+
+# --- servers never import the dev tools; `flask chat` still works -------------------------------------
+
+
+@pytest.mark.parametrize("variables", [SECRETS, {}], ids=["configured", "development-mode"])
+def test_the_web_and_worker_entry_point_does_not_import_the_dev_tools(tmp_path: Path, variables: dict) -> None:
+    """gunicorn wsgi:app and huey_consumer wsgi.huey import wsgi, which runs create_app()."""
+    code = ("import sys, wsgi; assert wsgi.app and wsgi.huey; "
+            "print(sorted(m for m in sys.modules if m.split('.')[:2] == ['bot', 'devtools']))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env=clean_env(tmp_path, PYTHONPATH=str(PROJECT_ROOT), **variables))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("where", ["project", "elsewhere"])
+def test_flask_chat_is_found_by_the_flask_command(tmp_path: Path, where: str) -> None:
+    """bin/chat runs `.venv/bin/flask --app wsgi chat`: the entry point of the installed project."""
+    flask = Path(sys.executable).parent / "flask"
+    if not flask.exists():
+        pytest.skip(f"no flask console script beside {sys.executable}")
+    cwd = PROJECT_ROOT if where == "project" else tmp_path
+    result = subprocess.run([str(flask), "--app", "wsgi", "chat", "--help"], cwd=cwd, capture_output=True,
+                            text=True, timeout=60, env=clean_env(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Usage: flask chat" in result.stdout and "WhatsApp user" in result.stdout
+    assert "--as" in result.stdout and "--name" in result.stdout, (
+        "no `chat` command: is the project installed (pip install -e .)? It registers through pyproject's "
+        '[project.entry-points."flask.commands"]')
