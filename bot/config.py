@@ -1,6 +1,6 @@
 """Settings: one typed object read from the environment (and `.env` in development).
 
-The variable names are the ones in DESIGN.md, so a Heroku-style host configures the app with
+The variable names are the README's (Configuration), so a Heroku-style host configures the app with
 nothing but environment variables. Secrets are `SecretStr`, so printing the settings never prints
 them, and validation errors are rewritten to name the variable without echoing its value.
 """
@@ -19,6 +19,8 @@ from bot.phone import InvalidNumber, normalize_whatsapp_address
 
 #: Variables without which the server cannot talk to Twilio or authenticate a backend.
 REQUIRED_SECRETS = ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_WHATSAPP_NUMBER", "NOTIFY_API_TOKEN")
+#: Largest request body accepted; Twilio's webhooks and /notify bodies are a few kilobytes.
+MAX_CONTENT_LENGTH = 256 * 1024
 
 
 class ConfigError(RuntimeError):
@@ -57,6 +59,20 @@ class Settings(BaseSettings):
     instance_path: str | None = None
     #: Huey queue name; two bots can share one Redis with different names.
     queue_name: str = "whatsapp-bot"
+
+    def flask_config(self, instance_path: str) -> dict[str, Any]:
+        """The app's config: every setting under its variable's name, secrets unwrapped, and
+        what Flask and its extensions read (the SQLAlchemy URI, the request size limit)."""
+        config: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            config[name.upper()] = value.get_secret_value() if isinstance(value, SecretStr) else value
+        config.update(
+            SQLALCHEMY_DATABASE_URI=database_uri(self.database_url, instance_path),
+            SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True},
+            MAX_CONTENT_LENGTH=MAX_CONTENT_LENGTH,
+        )
+        return config
 
     @field_validator("twilio_account_sid")
     @classmethod

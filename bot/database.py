@@ -1,10 +1,15 @@
 """Database setup: Flask-SQLAlchemy binding, and SQLite settings for web + worker on one file."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import sqlalchemy as sa
 from flask import Flask
 
 from bot.extensions import db
+
+#: The Alembic migrations (`flask db upgrade`, the Procfile's release line).
+MIGRATIONS_DIR = str(Path(__file__).parent / "migrations")
 
 
 def init_app(app: Flask) -> None:

@@ -2,7 +2,7 @@
 
 With no Twilio account configured (no TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN or
 TWILIO_WHATSAPP_NUMBER, no public webhook or API URL, not on a Heroku dyno: see
-`bot.production_signals`), the server talks to `python -m bot.devtools.simulator` on 127.0.0.1 and uses
+`production_signals`), the server talks to `python -m bot.devtools.simulator` on 127.0.0.1 and uses
 development secrets generated once and kept in instance/dev-secrets.json, shared by web,
 worker, simulator and chat.
 Setting any of those leaves this mode for good: every real secret is then required.
@@ -14,11 +14,61 @@ import os
 import secrets
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+from pydantic import SecretStr
+
+if TYPE_CHECKING:
+    from bot.config import Settings
 
 DEV_SENDER = "whatsapp:+14155238886"  # the Twilio sandbox's number, so copy reads the same
 DEV_WEBHOOK_URL = "http://127.0.0.1:5000/twilio/webhook"
 SECRETS_FILE = "dev-secrets.json"
+
+#: The variables that name a Twilio account: any one of them means "talk to Twilio".
+TWILIO_IDENTITY = ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_WHATSAPP_NUMBER")
+
+
+def dev_mode_requested(settings: "Settings", test_config: dict[str, Any] | None) -> bool:
+    """Development mode: nothing says this is a real deployment (see production_signals), and
+    never silently in tests (a test asks for it with DEV_MODE=True)."""
+    if test_config is not None:
+        return bool(test_config.get("DEV_MODE"))
+    return not production_signals(settings)
+
+
+def production_signals(settings: "Settings") -> list[str]:
+    """What marks a real deployment, where a missing secret must stop start-up instead of
+    falling back to the simulator: any Twilio identity, a public webhook or API URL, a database
+    or Redis on another host, a dyno."""
+    signals = [name for name in TWILIO_IDENTITY if getattr(settings, name.lower())]
+    if settings.twilio_webhook_url and not is_loopback_url(settings.twilio_webhook_url):
+        signals.append("TWILIO_WEBHOOK_URL")
+    if "twilio_api_url" in settings.model_fields_set and not is_loopback_url(settings.twilio_api_url):
+        signals.append("TWILIO_API_URL")
+    for name, url in (("DATABASE_URL", settings.database_url), ("REDIS_URL", settings.redis_url)):
+        if url and not url.startswith("sqlite") and not is_loopback_url(url):
+            signals.append(name)  # a database or Redis on another host is somebody's deployment
+    if os.environ.get("DYNO"):
+        signals.append("DYNO")
+    return signals
+
+
+def with_dev_defaults(settings: "Settings", instance_path: str) -> "Settings":
+    """Settings for the simulator: development secrets, the sandbox sender, local URLs."""
+    secrets_ = dev_secrets(instance_path)
+    updates: dict[str, Any] = {
+        "twilio_account_sid": secrets_["TWILIO_ACCOUNT_SID"],
+        "twilio_auth_token": SecretStr(secrets_["TWILIO_AUTH_TOKEN"]),
+        "twilio_whatsapp_number": settings.twilio_whatsapp_number or DEV_SENDER,
+        "twilio_webhook_url": settings.twilio_webhook_url or DEV_WEBHOOK_URL,
+    }
+    if "twilio_api_url" not in settings.model_fields_set:
+        updates["twilio_api_url"] = simulator_url()
+    if not settings.notify_api_token:
+        updates["notify_api_token"] = SecretStr(secrets_["NOTIFY_API_TOKEN"])
+    return settings.model_copy(update=updates)
 
 
 def is_loopback_url(url: str) -> bool:

@@ -31,7 +31,7 @@ class Check:
 
 def run_checks(env_file: str | None = ".env") -> list[Check]:
     """Every check, in order; never raises."""
-    from bot import production_signals, with_dev_defaults
+    from bot.devmode import production_signals, with_dev_defaults
     from bot.config import ConfigError, REQUIRED_SECRETS, database_uri, load_settings, missing_secrets
     from bot.devmode import DEV_SENDER, default_instance_path
 
@@ -136,7 +136,7 @@ def _database(uri: str) -> str:
     from alembic.script import ScriptDirectory
     from alembic.config import Config
 
-    from bot import MIGRATIONS_DIR
+    from bot.database import MIGRATIONS_DIR
 
     engine = sa.create_engine(uri, connect_args={"connect_timeout": 5} if uri.startswith("postgresql") else {})
     try:

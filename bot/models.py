@@ -10,36 +10,12 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from bot.clock import isoformat, utcnow
 from bot.extensions import db
+from bot.vocabulary import Consent, ConversationStatus, Direction, Kind
 
 
 def new_id() -> str:
     """A random public id: ids given to backends should not reveal how many rows exist."""
     return uuid.uuid4().hex
-
-
-class Consent:
-    """A contact's consent state."""
-
-    UNKNOWN = "unknown"
-    OPTED_IN = "opted_in"
-    OPTED_OUT = "opted_out"
-
-
-class Direction:
-    OUTBOUND = "outbound"
-    INBOUND = "inbound"
-
-
-class Kind:
-    """Why a message exists; only an opt-out confirmation may reach an opted-out contact."""
-
-    NOTIFICATION = "notification"
-    REPLY = "reply"
-    OPT_OUT_CONFIRMATION = "opt_out_confirm"
-    #: Inbound: any message, or one that asks to opt out (marked when stored, so the send path
-    #: can honour a STOP the engine has not processed yet with one indexed lookup).
-    INBOUND = "inbound"
-    OPT_OUT_REQUEST = "opt_out_request"
 
 
 class Contact(db.Model):
@@ -51,7 +27,7 @@ class Contact(db.Model):
     phone: Mapped[str] = mapped_column(sa.String(16), unique=True)  # E.164, e.g. +15551234567
     wa_id: Mapped[str | None] = mapped_column(sa.String(32))
     profile_name: Mapped[str | None] = mapped_column(sa.String(256))
-    consent: Mapped[str] = mapped_column(sa.String(16), default=Consent.UNKNOWN, server_default=Consent.UNKNOWN)
+    consent: Mapped[str] = mapped_column(sa.String(16), default=Consent.UNKNOWN, server_default=Consent.UNKNOWN.value)
     last_inbound_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
     created_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow, onupdate=utcnow)
@@ -78,7 +54,7 @@ class Message(db.Model):
 
     id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=new_id)
     direction: Mapped[str] = mapped_column(sa.String(8))
-    kind: Mapped[str] = mapped_column(sa.String(16), default=Kind.NOTIFICATION, server_default=Kind.NOTIFICATION)
+    kind: Mapped[str] = mapped_column(sa.String(16), default=Kind.NOTIFICATION, server_default=Kind.NOTIFICATION.value)
     contact_id: Mapped[int] = mapped_column(sa.ForeignKey("contacts.id"))
     conversation_id: Mapped[str | None] = mapped_column(sa.ForeignKey("conversations.id"), index=True)
     body: Mapped[str | None] = mapped_column(sa.Text)
@@ -89,7 +65,7 @@ class Message(db.Model):
     #: Inbound only: every form field Twilio sent (media, location, buttons, referral...).
     payload: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     twilio_sid: Mapped[str | None] = mapped_column(sa.String(34), unique=True)
-    status: Mapped[str] = mapped_column(sa.String(16))
+    status: Mapped[str] = mapped_column(sa.String(16))  # MessageStatus
     status_rank: Mapped[int] = mapped_column(sa.SmallInteger, default=0)
     error_code: Mapped[int | None] = mapped_column(sa.Integer)
     error_message: Mapped[str | None] = mapped_column(sa.Text)
@@ -173,17 +149,6 @@ class PeriodicRun(db.Model):
     last_run_at: Mapped[datetime] = mapped_column(sa.DateTime)
 
 
-class ConversationStatus:
-    STARTING = "starting"  # started by the backend, waiting for the worker
-    ACTIVE = "active"
-    COMPLETED = "completed"
-    EXPIRED = "expired"
-    CANCELLED = "cancelled"  # opt-out, or replaced by a newer conversation
-    FAILED = "failed"
-
-    OPEN = (STARTING, ACTIVE)
-
-
 class Conversation(db.Model):
     """One run of a flow with one contact: its state, its data and, at the end, its outcome.
 
@@ -205,7 +170,7 @@ class Conversation(db.Model):
     variables: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     data: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
     outcome: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
-    started_by: Mapped[str] = mapped_column(sa.String(16))  # "user" or "backend"
+    started_by: Mapped[str] = mapped_column(sa.String(16))  # StartedBy
     error: Mapped[str | None] = mapped_column(sa.Text)
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
     request_hash: Mapped[str | None] = mapped_column(sa.String(64))
@@ -242,7 +207,7 @@ class ConsentEvent(db.Model):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     contact_id: Mapped[int] = mapped_column(sa.ForeignKey("contacts.id"), index=True)
-    action: Mapped[str] = mapped_column(sa.String(16))  # opt_in / opt_out
+    action: Mapped[str] = mapped_column(sa.String(16))  # ConsentAction
     previous: Mapped[str] = mapped_column(sa.String(16))  # the consent state before
     source: Mapped[str] = mapped_column(sa.String(32))  # keyword / api / sandbox_join / twilio_opt_out
     words: Mapped[str | None] = mapped_column(sa.Text)

@@ -399,7 +399,7 @@ def test_a_remote_database_or_redis_is_never_development_mode(tmp_path: Path) ->
 def test_a_copied_env_example_keeps_development_mode() -> None:
     """The README's first step for going live is `cp .env.example .env`; untouched, it must not
     turn a laptop into a half-configured production server."""
-    from bot import production_signals
+    from bot.devmode import production_signals
 
     settings = load_settings(env_file=str(PROJECT_ROOT / ".env.example"))
     assert production_signals(settings) == []

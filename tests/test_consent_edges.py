@@ -6,6 +6,7 @@ import sqlalchemy as sa
 
 from bot.conversations import engine
 from bot.delivery import sender
+from bot.twilio.errors import OPTED_OUT_CODE
 from bot.extensions import db
 from bot.models import Consent, ConsentEvent, Contact, Conversation, Message
 from bot.delivery.queue import huey
@@ -29,7 +30,7 @@ def test_a_stop_not_yet_processed_already_silences_notifications(ctx, client, au
     assert twilio.messages == []
     db.session.expire_all()
     row = db.session.get(Message, queued)
-    assert (row.status, row.error_code) == ("failed", sender.OPTED_OUT_CODE)
+    assert (row.status, row.error_code) == ("failed", OPTED_OUT_CODE)
     assert "not yet processed" in row.error_message
     huey.execute(stop_task)
     run_queue()
@@ -151,7 +152,7 @@ def test_a_stop_is_obeyed_even_when_its_confirmation_cannot_be_built(ctx, say, t
     def broken(*args, **kwargs):
         raise RuntimeError("a typo in the confirmation's template")
 
-    monkeypatch.setattr("bot.conversations.engine.build_messages", broken)
+    monkeypatch.setattr("bot.conversations.store.build_messages", broken)
     sent_before = len(twilio.messages)
     assert say("STOP") == []  # no apology either: after STOP only the confirmation may go
     assert contact().consent == Consent.OPTED_OUT

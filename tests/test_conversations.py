@@ -440,7 +440,7 @@ def test_a_failing_handler_apologises_and_does_not_wedge_the_contact(ctx, say, m
     import flows
     broken_flow = dataclasses.replace(feedback.flow, states=routes, fallbacks=())
     real_registry = flows.registry
-    monkeypatch.setattr("bot.conversations.engine.registry", lambda: {**real_registry(), "feedback": broken_flow})
+    monkeypatch.setattr("bot.conversations.stages.registry", lambda: {**real_registry(), "feedback": broken_flow})
     replies = say("3")
     assert templates(replies) == ["common/error"]
     inbound = db.session.scalars(sa.select(Message).where(Message.direction == "inbound")
@@ -448,7 +448,7 @@ def test_a_failing_handler_apologises_and_does_not_wedge_the_contact(ctx, say, m
     assert inbound[-1].status == "processed" and "RuntimeError" in inbound[-1].error_message
     [survey] = conversations()
     assert survey.status == "failed"
-    monkeypatch.setattr("bot.conversations.engine.registry", real_registry)
+    monkeypatch.setattr("bot.conversations.stages.registry", real_registry)
     assert templates(say("help")) == ["common/help"]  # the contact is not stuck
 
 

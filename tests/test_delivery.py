@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from huey import signals
 
 from bot.delivery import outbox, sender
+from bot.twilio.errors import OPTED_OUT_CODE, OUTSIDE_WINDOW_CODE
 from bot.clock import utcnow
 from bot.extensions import db
 from bot.models import Message
@@ -304,7 +305,7 @@ def test_opt_out_after_queueing_is_enforced_at_send_time(app, client, auth, twil
     assert twilio.requests == []
     with app.app_context():
         row = message(message_id)
-        assert (row.status, row.error_code) == ("failed", sender.OPTED_OUT_CODE)
+        assert (row.status, row.error_code) == ("failed", OPTED_OUT_CODE)
 
 
 def test_window_closing_while_queued_refuses_before_twilio(app, client, auth, twilio):
@@ -320,7 +321,7 @@ def test_window_closing_while_queued_refuses_before_twilio(app, client, auth, tw
     run_queue()
     assert twilio.requests == []
     with app.app_context():
-        assert message(message_id).error_code == sender.OUTSIDE_WINDOW_CODE
+        assert message(message_id).error_code == OUTSIDE_WINDOW_CODE
 
 
 def test_killed_worker_lease_expires_and_sweep_resends(app, client, auth, twilio):

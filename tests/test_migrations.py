@@ -15,7 +15,7 @@ from alembic.script import ScriptDirectory
 from flask import Flask
 
 import bot.models  # noqa: F401  (registers every table on db.metadata)
-from bot import MIGRATIONS_DIR
+from bot.database import MIGRATIONS_DIR
 from bot.extensions import db
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

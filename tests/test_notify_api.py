@@ -1,4 +1,4 @@
-"""POST /notify and GET /messages/<id> as a backend meets them over HTTP (DESIGN.md "HTTP contract")."""
+"""POST /notify and GET /messages/<id> as a backend meets them over HTTP (docs/ARCHITECTURE.md, "HTTP contract")."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 import pytest
 import sqlalchemy as sa
 
-from bot import MAX_CONTENT_LENGTH
+from bot.config import MAX_CONTENT_LENGTH
 from bot.extensions import db
 from bot.models import Message
 from tests.conftest import API_TOKEN, AUTH_TOKEN, make_contact, run_queue, status_form
@@ -665,7 +665,8 @@ def test_over_long_flow_variables_are_a_400(app, client, auth):
 
 def test_a_reply_rendered_too_long_is_recorded_not_sent(app, twilio):
     from bot.models import Contact
-    from bot.conversations.replies import TOO_LONG_CODE, build_messages
+    from bot.conversations.replies import build_messages
+    from bot.twilio.errors import TOO_LONG_CODE
     from flows.toolkit import Reply
 
     with app.app_context():

@@ -12,7 +12,7 @@ from bot.clock import utcnow
 from bot.extensions import db
 from bot.models import Contact, Message, StatusEvent
 from bot.delivery.queue import huey
-from bot.delivery.statuses import STATUS_RANK
+from bot.vocabulary import RANK as STATUS_RANK
 from tests.conftest import (AUTH_TOKEN, PUBLIC_BASE, WEBHOOK_URL, inbound_form, make_contact,
                             run_queue, status_form)
 from bot.devtools.simulator import sign

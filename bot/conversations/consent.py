@@ -1,7 +1,6 @@
 """Consent: the global keywords, state changes, and the append-only ledger behind them."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -9,13 +8,13 @@ import sqlalchemy as sa
 from flask import current_app
 
 from bot.extensions import db
-from bot.models import Consent, ConsentEvent, Contact, Direction, Kind, Message
+from bot.models import ConsentEvent, Contact, Message
+from bot.twilio.whatsapp import SANDBOX_JOIN, SANDBOX_NUMBER
+from bot.vocabulary import Consent, ConsentAction, Direction, Kind, MessageStatus
 from flows.toolkit import normalize
 
-#: The Twilio sandbox's shared WhatsApp number: only there does "join <code>" mean joining.
-SANDBOX_NUMBER = "whatsapp:+14155238886"
-#: The sandbox's join message, "join <code>" (codes are two words, "bright-sun"), normalised.
-SANDBOX_JOIN = re.compile(r"^join [a-z0-9]+(?: [a-z0-9]+)*$")
+#: Opt-in words that mean nothing else. "YES" also answers questions ("Reply YES to confirm").
+UNAMBIGUOUS_OPT_IN = frozenset({"start", "unstop", "subscribe"})
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ def opt_out_waiting(contact_id: int) -> bool:
     return db.session.scalar(
         sa.select(Message.id).where(
             Message.contact_id == contact_id, Message.direction == Direction.INBOUND,
-            Message.status == "received", Message.kind == Kind.OPT_OUT_REQUEST).limit(1)
+            Message.status == MessageStatus.RECEIVED, Message.kind == Kind.OPT_OUT_REQUEST).limit(1)
     ) is not None
 
 
@@ -87,7 +86,7 @@ def change_consent(contact: Contact, new_state: str, *, source: str, words: str 
     """
     if contact.consent == new_state:
         return False
-    action = {Consent.OPTED_OUT: "opt_out", Consent.OPTED_IN: "opt_in"}.get(new_state, new_state)
+    action = ConsentAction.OPT_OUT if new_state == Consent.OPTED_OUT else ConsentAction.OPT_IN
     db.session.add(ConsentEvent(contact_id=contact.id, action=action, previous=contact.consent,
                                 source=source, words=words, message_sid=message_sid))
     contact.consent = new_state
@@ -95,9 +94,9 @@ def change_consent(contact: Contact, new_state: str, *, source: str, words: str 
 
 
 def record_decline(contact: Contact, *, words: str | None = None, message_sid: str | None = None) -> None:
-    """Record that the contact said no to the welcome's opt-in question (consent stays unknown).
+    """Record that the contact said no to a flow's opt-in question.
 
     Consent stays unknown (nothing to send them beyond replies), but the answer is on record.
     """
-    db.session.add(ConsentEvent(contact_id=contact.id, action="declined", previous=contact.consent,
+    db.session.add(ConsentEvent(contact_id=contact.id, action=ConsentAction.DECLINED, previous=contact.consent,
                                 source="flow", words=words, message_sid=message_sid))

@@ -10,9 +10,11 @@ from sqlalchemy.exc import IntegrityError
 from bot.clock import utcnow
 from bot.conversations.consent import Keywords, opt_out_source
 from bot.conversations.contacts import get_or_create_contact
+from bot.delivery import outbox
 from bot.extensions import db
-from bot.models import Direction, Kind, Message
+from bot.models import Message
 from bot.phone import normalize_e164
+from bot.vocabulary import Direction, Kind, MessageStatus
 from flows.toolkit import MAX_MEDIA
 
 log = logging.getLogger(__name__)
@@ -55,10 +57,11 @@ def store_inbound(form: Mapping[str, str]) -> Message | None:
         media_urls=media_urls(form) or None,
         payload=dict(form),
         twilio_sid=sid,
-        status="received",
-        status_rank=0,
+        status=MessageStatus.RECEIVED,
+        status_rank=MessageStatus.RECEIVED.rank,
     )
     db.session.add(message)
+    outbox.defer_inbound(message)
     try:
         db.session.commit()
     except IntegrityError:  # the same MessageSid raced in on another web process

@@ -13,20 +13,30 @@ from typing import Any, Iterable
 from flask import current_app
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from bot.models import Contact, Direction, Kind, Message
-from bot.http.schemas import MAX_BODY_CHARS
-from bot.delivery.sender import OUTSIDE_WINDOW_CODE, TOO_LONG_CODE, within_window
-from bot.delivery.statuses import STATUS_RANK
+from bot.models import Contact, Message
+from bot.twilio.errors import OUTSIDE_WINDOW_CODE, TOO_LONG_CODE
+from bot.twilio.whatsapp import MAX_BODY_CHARS, within_window
+from bot.vocabulary import Direction, Kind, MessageStatus
 from flows.toolkit import Reply
 
 log = logging.getLogger(__name__)
 
 def _find_templates() -> Path:
-    """templates/ beside the bot package (a checkout, `pip install -e .`), else in the working
-    directory: a host that installs the project as a package (`.` in requirements.txt) runs
-    the Procfile from the app's root, where templates/ is."""
-    beside = Path(__file__).resolve().parents[2] / "templates"
-    return beside if beside.is_dir() else Path.cwd() / "templates"
+    """The message copy, the first folder of these that exists:
+
+    1. bot/templates inside the installed package: a built wheel (`pip install .`) carries the
+       top-level templates/ there (pyproject's package-dir), so it runs from any directory;
+    2. templates/ beside the bot package: a checkout, or `pip install -e .`;
+    3. templates/ in the working directory.
+
+    The installed package comes first so that a stray top-level `templates` folder in
+    site-packages (beside an installed bot) is never taken for ours."""
+    from importlib import resources
+
+    installed = resources.files("bot") / "templates"
+    candidates = [installed] if isinstance(installed, Path) else []  # not when imported from a zip
+    candidates += [Path(__file__).resolve().parents[2] / "templates", Path.cwd() / "templates"]
+    return next((path for path in candidates if path.is_dir()), candidates[-1])
 
 
 TEMPLATES_DIR = _find_templates()
@@ -50,12 +60,12 @@ def build_messages(replies: Iterable[Reply], contact: Contact, *, conversation_i
     """Message rows (pending) for `replies`; outside the 24-hour window, an approved template
     replaces the text, or the reply is recorded as skipped (failed, 63016) and never sent."""
     content_sids = current_app.config["TWILIO_CONTENT_SIDS"]
-    in_window = within_window(contact)
+    in_window = within_window(contact.last_inbound_at)
     rows = []
     for reply in replies:
         body = render(reply.template, dict(reply.variables))
         row = Message(direction=Direction.OUTBOUND, kind=kind, contact_id=contact.id,
-                      conversation_id=conversation_id, body=body, status="pending", status_rank=0,
+                      conversation_id=conversation_id, body=body, status=MessageStatus.PENDING, status_rank=MessageStatus.PENDING.rank,
                       template=reply.template)
         if len(body) > MAX_BODY_CHARS and in_window:
             # Long user-supplied variables can do this; Twilio would refuse it with the same code.
@@ -77,6 +87,6 @@ def build_messages(replies: Iterable[Reply], contact: Contact, *, conversation_i
 
 def _skip(row: Message, code: int, reason: str) -> None:
     """Record a reply as never sent (failed, with Twilio's code for the same refusal)."""
-    row.status, row.status_rank = "failed", STATUS_RANK["failed"]
+    row.status, row.status_rank = MessageStatus.FAILED, MessageStatus.FAILED.rank
     row.error_code = code
     row.error_message = f"skipped: {reason}"

@@ -1,19 +1,29 @@
-"""The transactional outbox: enqueue only committed rows, and sweep up what the queue lost.
+"""The transactional outbox: work is enqueued only once the rows it needs are committed.
 
-Rows are committed first and enqueued second. If the enqueue fails (Redis down) or a worker dies
-mid-task, the row is still in the database, and `sweep` puts it back on the queue.
+Callers never write "commit, then enqueue": they `defer` the work on the session, and the
+session's `after_commit` event enqueues it (docs/ARCHITECTURE.md, invariant 1). A transaction
+that rolls back enqueues nothing, and a row added in a savepoint that rolled back is skipped. If an
+enqueue fails (Redis down) or a worker dies mid-task, the row is still in the database, and
+`sweep` puts it back on the queue.
+
+The outbox knows the tasks only by the kind of work (`Work`); `bot.delivery.tasks` registers
+how each is enqueued, so this module imports no task and no task imports lead back here in a loop.
 """
 from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from enum import StrEnum
+from typing import Any, Callable
 
 import sqlalchemy as sa
+from sqlalchemy.orm import InstanceState, Session
 
 from bot.clock import utcnow
 from bot.extensions import db
-from bot.models import Conversation, ConversationStatus, Direction, Message, PeriodicRun, StatusEvent
+from bot.models import Conversation, Message, PeriodicRun, StatusEvent, new_id
 from bot.delivery.statuses import apply_pending_events
+from bot.vocabulary import ConversationStatus, Direction, MessageStatus
 
 log = logging.getLogger(__name__)
 
@@ -24,35 +34,89 @@ STALE_AFTER = timedelta(seconds=60)
 REENQUEUE_AFTER = timedelta(minutes=5)
 
 
-def _enqueue(task_name: str, row_id: str) -> bool:
-    """Enqueue a task for a committed row; False (logged) if the queue is down.
+class Work(StrEnum):
+    """The kinds of deferred work, each one task taking one row id."""
+
+    SEND = "send_message"
+    INBOUND = "process_inbound"
+    CONVERSATION_START = "start_conversation"
+
+
+_enqueuers: dict[Work, Callable[[str], Any]] = {}
+#: Key in `Session.info` of the work waiting for the session's commit.
+_DEFERRED = "outbox_deferred"
+
+
+def register(work: Work, enqueue: Callable[[str], Any]) -> None:
+    """Tell the outbox how to enqueue `work` (bot.delivery.tasks registers its tasks here)."""
+    _enqueuers[work] = enqueue
+
+
+def defer(work: Work, row: Any) -> None:
+    """Enqueue `work` for `row` when the current transaction commits; never if it rolls back.
+
+    `row` is a model instance in the session (its id is assigned now if it has none yet) or the
+    id of a row already committed.
+    """
+    if isinstance(row, str):
+        row_id, state = row, None
+    else:
+        if row.id is None:
+            row.id = new_id()  # known before the flush, so the work can name it
+        row_id, state = row.id, sa.inspect(row)
+    db.session().info.setdefault(_DEFERRED, []).append((work, row_id, state))
+
+
+def defer_send(message: Message | str) -> None:
+    """Send an outbound message once it is committed."""
+    defer(Work.SEND, message)
+
+
+def defer_inbound(message: Message | str) -> None:
+    """Run an inbound message through the engine once it is committed."""
+    defer(Work.INBOUND, message)
+
+
+def defer_conversation_start(conversation: Conversation | str) -> None:
+    """Start a backend-started conversation once it is committed."""
+    defer(Work.CONVERSATION_START, conversation)
+
+
+def enqueue(work: Work, row_id: str) -> bool:
+    """Enqueue a task for a committed row now; False (logged) if the queue is down.
 
     Any broker failure is swallowed on purpose: the row is safe in the database and the sweep
     enqueues it later, so the caller can still answer its request.
     """
-    from bot.delivery import tasks
-
     try:
-        getattr(tasks, task_name)(row_id)
+        _enqueuers[work](row_id)
         return True
     except Exception:
-        log.exception("could not enqueue %s(%s); the outbox sweep will retry", task_name, row_id)
+        log.exception("could not enqueue %s(%s); the outbox sweep will retry", work.value, row_id)
         return False
 
 
-def enqueue_send(message_id: str) -> bool:
-    """Put a committed outbound message on the queue."""
-    return _enqueue("send_message", message_id)
+@sa.event.listens_for(Session, "after_commit")
+def _enqueue_committed(session: Session) -> None:
+    # The event fires for savepoints too; only the outermost commit makes the rows visible.
+    if session.in_nested_transaction():
+        return
+    for work, row_id, state in session.info.pop(_DEFERRED, ()):
+        if state is not None and not _committed(state):
+            continue  # added in a savepoint that rolled back
+        enqueue(work, row_id)
 
 
-def enqueue_inbound(message_id: str) -> bool:
-    """Put a committed inbound message on the queue."""
-    return _enqueue("process_inbound", message_id)
+@sa.event.listens_for(Session, "after_rollback")
+def _forget_rolled_back(session: Session) -> None:
+    # A savepoint's rollback leaves the rest of the transaction's work standing (its own rows
+    # are no longer in the session, which `_committed` sees); the outermost one drops it all.
+    if not session.in_nested_transaction():
+        session.info.pop(_DEFERRED, None)
 
 
-def enqueue_conversation_start(conversation_id: str) -> bool:
-    """Put a committed backend-started conversation on the queue."""
-    return _enqueue("start_conversation", conversation_id)
+def _committed(state: InstanceState) -> bool:
+    return state.persistent or state.detached
 
 
 def take_periodic_turn(name: str, interval_seconds: int) -> bool:
@@ -91,20 +155,22 @@ def sweep(now=None) -> dict[str, int]:
             Message.direction == Direction.OUTBOUND,
             sa.or_(
                 # never enqueued, or the queue lost it
-                sa.and_(Message.status == "pending", Message.next_attempt_at.is_(None), Message.created_at <= stale),
+                sa.and_(Message.status == MessageStatus.PENDING, Message.next_attempt_at.is_(None),
+                        Message.created_at <= stale),
                 # enqueued by an earlier sweep that long ago
-                sa.and_(Message.status == "pending", Message.next_attempt_at <= now),
+                sa.and_(Message.status == MessageStatus.PENDING, Message.next_attempt_at <= now),
                 # a transient failure's next attempt is due (and no sweep enqueued it lately)
-                sa.and_(Message.status == "retrying", Message.next_attempt_at <= now,
+                sa.and_(Message.status == MessageStatus.RETRYING, Message.next_attempt_at <= now,
                         sa.or_(Message.claimed_until.is_(None), Message.claimed_until < now)),
                 # the worker died mid-send and its lease ran out
-                sa.and_(Message.status == "dispatching", Message.claimed_until < now),
+                sa.and_(Message.status == MessageStatus.DISPATCHING, Message.claimed_until < now),
             ),
         ).order_by(Message.created_at).limit(1000)
     ).all()
     inbound = db.session.scalars(
         sa.select(Message.id).where(
-            Message.direction == Direction.INBOUND, Message.status == "received", Message.updated_at <= stale
+            Message.direction == Direction.INBOUND, Message.status == MessageStatus.RECEIVED,
+            Message.updated_at <= stale,
         ).order_by(Message.created_at).limit(1000)
     ).all()
     starting = db.session.scalars(
@@ -123,19 +189,18 @@ def sweep(now=None) -> dict[str, int]:
         # time must stay (its task may claim it only once due), so its claim column, unused while
         # retrying, notes the enqueue instead.
         db.session.execute(
-            sa.update(Message).where(Message.id.in_(pending), Message.status == "pending")
+            sa.update(Message).where(Message.id.in_(pending), Message.status == MessageStatus.PENDING)
             .values(next_attempt_at=now + REENQUEUE_AFTER).execution_options(synchronize_session=False))
         db.session.execute(
-            sa.update(Message).where(Message.id.in_(pending), Message.status == "retrying")
+            sa.update(Message).where(Message.id.in_(pending), Message.status == MessageStatus.RETRYING)
             .values(claimed_until=now + REENQUEUE_AFTER).execution_options(synchronize_session=False))
-    db.session.commit()
-
     for message_id in pending:
-        enqueue_send(message_id)
+        defer_send(message_id)
     for message_id in inbound:
-        enqueue_inbound(message_id)
+        defer_inbound(message_id)
     for conversation_id in starting:
-        enqueue_conversation_start(conversation_id)
+        defer_conversation_start(conversation_id)
+    db.session.commit()
     applied = sum(1 for sid in orphan_sids if apply_pending_events(sid))
     counts = {"outbound": len(pending), "inbound": len(inbound), "conversations": len(starting), "events": applied}
     if any(counts.values()):

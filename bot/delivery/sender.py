@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime, timedelta, timezone
-from enum import Enum
+from enum import StrEnum
 
 import requests
 import sqlalchemy as sa
@@ -21,11 +21,13 @@ from twilio.base.exceptions import TwilioException
 
 from bot.clock import utcnow
 from bot.conversations.consent import opt_out_waiting
-from bot.twilio.errors import attempt_limit, is_retryable
+from bot.delivery.statuses import apply_pending_events, raise_status
 from bot.extensions import db
-from bot.models import Consent, Contact, Direction, Kind, Message
-from bot.delivery.statuses import STATUS_RANK, apply_pending_events, raise_status
+from bot.models import Contact, Message
 from bot.twilio.client import get_client
+from bot.twilio.errors import OPTED_OUT_CODE, OUTSIDE_WINDOW_CODE, attempt_limit, is_retryable
+from bot.twilio.whatsapp import within_window
+from bot.vocabulary import Consent, Direction, Kind, MessageStatus, OUTBOUND_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +40,11 @@ FAST_ATTEMPTS = 6
 #: messages, a longer one fails them with the last error code.
 MAX_ATTEMPTS = 15
 MAX_BACKOFF = timedelta(minutes=30)
-#: WhatsApp's customer-service window.
-SESSION_WINDOW = timedelta(hours=24)
-
-#: Local codes reuse Twilio's numbers, so a backend handles one meaning whoever refused.
-OPTED_OUT_CODE = 21610
-OUTSIDE_WINDOW_CODE = 63016
-TOO_LONG_CODE = 21617
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
+    """What one run of the send task did (its result, for logs and tests)."""
+
     SENT = "sent"
     NOT_CLAIMED = "not_claimed"
     REFUSED = "refused"
@@ -76,14 +73,14 @@ def claim(message_id: str, *, early: bool = False) -> bool:
         .where(
             Message.id == message_id,
             sa.or_(
-                Message.status == "pending",
-                sa.and_(Message.status == "retrying", due),
-                sa.and_(Message.status == "dispatching", Message.claimed_until < now),
+                Message.status == MessageStatus.PENDING,
+                sa.and_(Message.status == MessageStatus.RETRYING, due),
+                sa.and_(Message.status == MessageStatus.DISPATCHING, Message.claimed_until < now),
             ),
         )
         .values(
-            status="dispatching",
-            status_rank=STATUS_RANK["dispatching"],
+            status=MessageStatus.DISPATCHING,
+            status_rank=MessageStatus.DISPATCHING.rank,
             claimed_until=now + CLAIM_LEASE,
             attempts=Message.attempts + 1,
             updated_at=now,
@@ -94,12 +91,6 @@ def claim(message_id: str, *, early: bool = False) -> bool:
     return claimed == 1
 
 
-def within_window(contact: Contact, now=None) -> bool:
-    """Whether free-form text may go to this contact: they wrote to us in the last 24 hours."""
-    now = now or utcnow()
-    return contact.last_inbound_at is not None and now - contact.last_inbound_at < SESSION_WINDOW
-
-
 def refusal_reason(message: Message, contact: Contact) -> tuple[int, str] | None:
     """Why this message must not reach Twilio now (opt-out, 24-hour window), or None."""
     if message.kind != Kind.OPT_OUT_CONFIRMATION:
@@ -108,7 +99,7 @@ def refusal_reason(message: Message, contact: Contact) -> tuple[int, str] | None
         if opt_out_waiting(contact.id):
             # Their STOP is stored but not yet handled by the engine: it is an opt-out all the same.
             return OPTED_OUT_CODE, "Recipient has sent an opt-out (not yet processed); not sent."
-    if message.content_sid is None and not within_window(contact):
+    if message.content_sid is None and not within_window(contact.last_inbound_at):
         return OUTSIDE_WINDOW_CODE, "Outside the 24-hour window and no template; not sent."
     return None
 
@@ -131,7 +122,7 @@ def twilio_params(message: Message, contact: Contact) -> dict:
     return params
 
 
-def finish(message_id: str, status: str, code: int | None, text: str | None) -> None:
+def finish(message_id: str, status: MessageStatus, code: int | None, text: str | None) -> None:
     """Record a final outcome of ours (refused or failed) and release the claim; commits.
 
     Our outcome replaces what an earlier transient attempt noted: it is the reason now.
@@ -156,14 +147,14 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
     message = db.session.get(Message, message_id)
     contact = db.session.get(Contact, message.contact_id)
     if message.attempts > MAX_ATTEMPTS:  # a worker kept dying mid-send: stop, say so
-        finish(message_id, "failed", None, f"gave up after {MAX_ATTEMPTS} attempts")
+        finish(message_id, MessageStatus.FAILED, None, f"gave up after {MAX_ATTEMPTS} attempts")
         return Outcome.FAILED
     can_retry = can_retry and message.attempts < FAST_ATTEMPTS
 
     refusal = refusal_reason(message, contact)
     if refusal:
         log.info("message %s refused before Twilio: %s", message_id, refusal[1])
-        finish(message_id, "failed", *refusal)
+        finish(message_id, MessageStatus.FAILED, *refusal)
         return Outcome.REFUSED
 
     params = twilio_params(message, contact)
@@ -178,7 +169,7 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
             return _failed_attempt(message, None, None, "ReadTimeout talking to Twilio", can_retry,
                                    transient=True)
         log.warning("message %s: Twilio answered too slowly but had accepted it as %s", message_id, sid)
-        return _record_accepted(message_id, sid, "queued")
+        return _record_accepted(message_id, sid, MessageStatus.QUEUED)
     except TwilioException as exc:  # TwilioRestException and (since 9.10) TwilioServiceException
         http_status = getattr(exc, "status", None)
         code = getattr(exc, "code", None)
@@ -190,15 +181,16 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
     except Exception as exc:  # a bug or unsendable content: fail it rather than hold the claim forever
         log.exception("message %s: unexpected error while sending", message_id)
         db.session.rollback()
-        finish(message_id, "failed", None, f"not sent: unexpected {type(exc).__name__} (see the worker's log)")
+        finish(message_id, MessageStatus.FAILED, None, f"not sent: unexpected {type(exc).__name__} (see the worker's log)")
         return Outcome.FAILED
 
     log.info("message %s accepted by Twilio as %s", message_id, created.sid)
-    return _record_accepted(message_id, created.sid, (created.status or "queued").lower())
+    return _record_accepted(message_id, created.sid, (created.status or "").lower())
 
 
 def _record_accepted(message_id: str, sid: str, twilio_status: str) -> Outcome:
-    status = twilio_status if twilio_status in STATUS_RANK else "queued"
+    # Twilio answers a create() with its starting status (queued, accepted, scheduled).
+    status = MessageStatus(twilio_status) if twilio_status in OUTBOUND_STATUSES else MessageStatus.QUEUED
 
     def record(**values: object) -> None:
         now = utcnow()
@@ -240,7 +232,7 @@ def find_accepted_send(message: Message, params: dict, since: datetime) -> str |
         in_flight = db.session.scalar(
             sa.select(sa.func.count()).select_from(Message).where(
                 Message.contact_id == message.contact_id, Message.direction == Direction.OUTBOUND,
-                Message.id != message.id, Message.status == "dispatching"))
+                Message.id != message.id, Message.status == MessageStatus.DISPATCHING))
         if in_flight:
             return None
     try:
@@ -270,8 +262,8 @@ def _failed_attempt(message: Message, http_status: int | None, code: int | None,
         # error says why, so a backend polling the message sees the reason while it waits.
         now = utcnow()
         db.session.execute(
-            sa.update(Message).where(Message.id == message_id, Message.status == "dispatching")
-            .values(status="retrying", claimed_until=None, updated_at=now,
+            sa.update(Message).where(Message.id == message_id, Message.status == MessageStatus.DISPATCHING)
+            .values(status=MessageStatus.RETRYING, claimed_until=None, updated_at=now,
                     next_attempt_at=now + retry_backoff(attempts), error_code=code,
                     error_message=f"attempt {attempts} failed, retrying: {text}"[:1000])
             .execution_options(synchronize_session=False)
@@ -283,5 +275,5 @@ def _failed_attempt(message: Message, http_status: int | None, code: int | None,
             raise TransientSendError(f"HTTP {http_status}, code {code}: {text}")
         return Outcome.RETRY
     log.warning("message %s failed (HTTP %s, code %s): %s", message_id, http_status, code, text)
-    finish(message_id, "failed", code, text)
+    finish(message_id, MessageStatus.FAILED, code, text)
     return Outcome.FAILED

@@ -15,35 +15,20 @@ from sqlalchemy.exc import IntegrityError
 
 from bot.clock import utcnow
 from bot.extensions import db
-from bot.models import Direction, Message, StatusEvent
+from bot.models import Message, StatusEvent
+from bot.vocabulary import Direction, MessageStatus, parse_outbound_status
 
 log = logging.getLogger(__name__)
 
-#: pending < dispatching/retrying < accepted/scheduled < queued < sending < sent < final < read
-STATUS_RANK: dict[str, int] = {
-    "pending": 0,
-    "dispatching": 1,
-    "retrying": 1,  # a transient failure; tried again at next_attempt_at
-    "accepted": 2,
-    "scheduled": 2,
-    "queued": 3,
-    "sending": 4,
-    "sent": 5,
-    "delivered": 6,
-    "undelivered": 6,
-    "failed": 6,
-    "canceled": 6,
-    "read": 7,
-}
-FINAL_STATUSES = frozenset(s for s, rank in STATUS_RANK.items() if rank >= 6)
 
-
-def raise_status(message_id: str, status: str, error_code: int | None = None, error_message: str | None = None) -> bool:
+def raise_status(message_id: str, status: MessageStatus, error_code: int | None = None,
+                 error_message: str | None = None) -> bool:
     """Move a message to `status` if that ranks above its current one; keep any error code.
 
     Returns whether the status moved. Does not commit: the caller owns the transaction.
     """
-    rank = STATUS_RANK[status]
+    status = MessageStatus(status)
+    rank = status.rank
     now = utcnow()
     moved = db.session.execute(
         sa.update(Message)
@@ -113,10 +98,11 @@ def apply_pending_events(sid: str) -> int:
         sa.select(StatusEvent).where(StatusEvent.twilio_sid == sid).order_by(StatusEvent.id)
     ).all()
     for event in events:
-        if event.status not in STATUS_RANK:
+        status = parse_outbound_status(event.status)
+        if status is None:
             log.warning("status callback with unknown status %r for %s kept, not applied", event.status, sid)
             continue
         event.message_id = message_id
-        raise_status(message_id, event.status, event.error_code, event.error_message)
+        raise_status(message_id, status, event.error_code, event.error_message)
     db.session.commit()
     return len(events)

@@ -82,3 +82,9 @@ def sweep_outbox() -> None:
     """Once a minute: re-enqueue what a dead queue or a killed worker left behind."""
     if outbox.take_periodic_turn("sweep_outbox", interval_seconds=50):
         outbox.sweep()
+
+
+# How the outbox enqueues each kind of work it defers (it never imports this module).
+outbox.register(outbox.Work.SEND, send_message)
+outbox.register(outbox.Work.INBOUND, process_inbound)
+outbox.register(outbox.Work.CONVERSATION_START, start_conversation)

@@ -3,3 +3,28 @@
 Routes validate, store and enqueue; they never call Twilio and never run a flow
 (docs/ARCHITECTURE.md, "Web answers fast").
 """
+from __future__ import annotations
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+
+def init_app(app: Flask) -> None:
+    """Register every blueprint, and JSON bodies for every HTTP error."""
+    from bot.http import contacts_api, health, notify, webhook
+
+    app.register_blueprint(notify.bp)
+    app.register_blueprint(contacts_api.bp)
+    app.register_blueprint(webhook.bp)
+    app.register_blueprint(health.bp)
+    app.register_error_handler(HTTPException, _json_http_error)
+
+
+def _json_http_error(exc: HTTPException):
+    """Every HTTP error as JSON with an `error` message (backends parse JSON, not HTML)."""
+    response = jsonify(error=exc.description or exc.name)
+    response.status_code = exc.code or 500
+    for header in ("Allow", "WWW-Authenticate", "Retry-After"):
+        if exc.get_response().headers.get(header):
+            response.headers[header] = exc.get_response().headers[header]
+    return response

@@ -6,14 +6,15 @@ from flask import Blueprint, abort, jsonify, request
 
 from bot.conversations.consent import change_consent
 from bot.conversations.contacts import get_or_create_contact
-from bot.conversations.engine import end_conversation, lock_contact
+from bot.conversations.engine import set_consent_from_api
 from bot.extensions import db
 from bot.http.notify import read_json_body
 from bot.http.schemas import InvalidRequest, check_json_values
-from bot.models import Consent, ConsentEvent, Contact, Conversation, ConversationStatus
+from bot.models import ConsentEvent, Contact, Conversation
 from bot.phone import InvalidNumber, normalize_e164
 from bot.http.auth import require_api_token
 from bot.clock import isoformat
+from bot.vocabulary import Consent
 
 bp = Blueprint("contacts_api", __name__)
 
@@ -69,15 +70,7 @@ def set_consent(phone: str):
     except InvalidRequest as exc:
         abort(400, description=str(exc))
     contact = get_or_create_contact(_phone_or_400(phone))
-    # The engine's per-contact lock: a conversation the worker is opening right now is either
-    # committed before this (and cancelled here) or sees the opt-out after it.
-    lock_contact(contact.id)
-    db.session.refresh(contact)
-    if payload["consent"] == Consent.OPTED_OUT:
-        for conversation in db.session.scalars(sa.select(Conversation).where(
-                Conversation.contact_id == contact.id, Conversation.status.in_(ConversationStatus.OPEN))):
-            end_conversation(conversation, ConversationStatus.CANCELLED, error="contact opted out (API)")
-    change_consent(contact, payload["consent"], source="api", words=(note or "")[:1000] or None)
+    set_consent_from_api(contact, Consent(payload["consent"]), (note or "")[:1000] or None)
     db.session.commit()
     return jsonify(_contact_dict(contact))
 

@@ -12,9 +12,10 @@ from bot.delivery import outbox
 from bot.conversations.consent import opt_out_waiting
 from bot.conversations.contacts import get_or_create_contact
 from bot.extensions import db
-from bot.models import Consent, Conversation, ConversationStatus, Direction, Message, StatusEvent
+from bot.models import Conversation, Message, StatusEvent
 from bot.http.schemas import InvalidRequest, NotifyRequest, parse_notify
-from bot.delivery.sender import within_window
+from bot.twilio.whatsapp import within_window
+from bot.vocabulary import Consent, ConversationStatus, Direction, MessageStatus, StartedBy
 from bot.http.auth import require_api_token
 from flows import registry
 
@@ -108,7 +109,7 @@ def notify():
     if contact.consent == Consent.OPTED_OUT or opt_out_waiting(contact.id):
         db.session.commit()
         return _error(409, f"{contact.phone} has opted out; nothing is sent until they opt back in")
-    if notification.is_free_form and not within_window(contact):
+    if notification.is_free_form and not within_window(contact.last_inbound_at):
         db.session.commit()
         return _error(
             422,
@@ -120,10 +121,10 @@ def notify():
         return _start_flow(notification, contact, key)
 
     message = _new_outbound(notification, contact.id, key)
-    race = _commit_new_row(message, key, notification)  # the outbox row exists before any enqueue
+    outbox.defer_send(message)  # enqueued once the row is committed
+    race = _commit_new_row(message, key, notification)
     if race is not None:
         return race
-    outbox.enqueue_send(message.id)
     return _accepted(message)
 
 
@@ -146,7 +147,7 @@ def _start_flow(notification: NotifyRequest, contact, key: str | None):
     """Queue a backend-started conversation; the worker runs the flow (none of it runs here)."""
     flow = registry()[notification.flow]
     template = flow.start_content_template
-    if not within_window(contact) and template not in current_app.config["TWILIO_CONTENT_SIDS"]:
+    if not within_window(contact.last_inbound_at) and template not in current_app.config["TWILIO_CONTENT_SIDS"]:
         db.session.commit()
         return _error(
             422,
@@ -157,14 +158,14 @@ def _start_flow(notification: NotifyRequest, contact, key: str | None):
             "approved template to open the conversation with",
         )
     conversation = Conversation(
-        contact_id=contact.id, flow=flow.name, status=ConversationStatus.STARTING, started_by="backend",
+        contact_id=contact.id, flow=flow.name, status=ConversationStatus.STARTING, started_by=StartedBy.BACKEND,
         variables=notification.variables, data={}, idempotency_key=key,
         request_hash=notification.fingerprint() if key else None,
     )
+    outbox.defer_conversation_start(conversation)
     race = _commit_new_row(conversation, key, notification)
     if race is not None:
         return race
-    outbox.enqueue_conversation_start(conversation.id)
     return _conversation_accepted(conversation)
 
 
@@ -177,8 +178,8 @@ def _new_outbound(notification: NotifyRequest, contact_id: int, key: str | None)
         template=notification.template,
         content_sid=notification.content_sid,
         variables=notification.variables or None,
-        status="pending",
-        status_rank=0,
+        status=MessageStatus.PENDING,
+        status_rank=MessageStatus.PENDING.rank,
         idempotency_key=key,
         request_hash=notification.fingerprint() if key else None,
     )

@@ -9,10 +9,9 @@ from typing import Any, Mapping
 from urllib.parse import urlparse
 
 from bot.phone import InvalidNumber, normalize_e164
+from bot.twilio.whatsapp import MAX_BODY_CHARS, MAX_TEMPLATE_VARIABLES_CHARS
 from flows.toolkit import Flow
 
-MAX_BODY_CHARS = 1600  # Twilio refuses longer bodies with 21617
-MAX_TEMPLATE_VARIABLES_CHARS = 1024  # WhatsApp's limit for a template's text (63021)
 ALLOWED_FIELDS = frozenset({"to", "body", "template", "variables", "media_url", "flow"})
 MAX_FLOW_VARIABLE_CHARS = 1024  # a flow's variables land in message copy of at most 1600 characters
 
@@ -53,7 +52,9 @@ def _is_http_url(value: Any) -> bool:
 
 
 def parse_notify(payload: Any, content_sids: dict[str, str], flows: Mapping[str, Flow] | None = None) -> NotifyRequest:
-    """Validate a decoded JSON payload against DESIGN.md's contract. Raises InvalidRequest."""
+    """Validate a decoded JSON payload against the HTTP contract (README, "Sending a notification").
+
+    Raises InvalidRequest naming the field."""
     if not isinstance(payload, dict):
         raise InvalidRequest("the JSON body must be an object")
     check_json_values(payload, "")
@@ -121,8 +122,8 @@ def check_json_values(value: Any, where: str) -> None:
 
 
 def _flow_request(to: str, name: Any, variables: Any, flows: Mapping[str, Flow]) -> NotifyRequest:
-    startable = sorted(n for n, f in flows.items() if f.start is not None)
-    if not isinstance(name, str) or name not in flows or flows[name].start is None:
+    startable = sorted(n for n, f in flows.items() if f.backend_can_start)
+    if not isinstance(name, str) or name not in flows or not flows[name].backend_can_start:
         raise InvalidRequest(f"unknown flow {name!r}; flows a backend can start: {', '.join(startable) or 'none'}")
     if variables is None:
         variables = {}

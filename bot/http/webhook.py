@@ -5,17 +5,15 @@ import re
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from bot.delivery import outbox
 from bot.conversations.inbound import store_inbound
 from bot.phone import InvalidNumber
 from bot.http.auth import validate_twilio_request
-from bot.delivery.statuses import STATUS_RANK, record_callback
+from bot.delivery.statuses import record_callback
+from bot.vocabulary import INBOUND_CALLBACK_STATUSES, parse_outbound_status
 
 bp = Blueprint("webhook", __name__)
 
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
-#: Statuses of inbound messages; a status callback carrying one is about a message we received.
-INBOUND_STATUSES = frozenset({"receiving", "received"})
 #: A Message SID: two letters (SM, MM) and 32 hex digits.
 SID_PATTERN = re.compile(r"^[A-Z]{2}[0-9a-f]{32}$")
 MAX_STATUS_LENGTH = 32
@@ -48,11 +46,11 @@ def twilio_webhook():
 
 def _status_callback():
     status = request.form["MessageStatus"].strip().lower()
-    if status in INBOUND_STATUSES:
+    if status in INBOUND_CALLBACK_STATUSES:
         return twiml_ok()
     if len(status) > MAX_STATUS_LENGTH:
         return jsonify(error=f"MessageStatus longer than {MAX_STATUS_LENGTH} characters"), 400
-    if status not in STATUS_RANK:
+    if parse_outbound_status(status) is None:
         # Twilio adds statuses without notice; keep the event, never fail the callback.
         current_app.logger.warning("unknown MessageStatus %r kept as an event", status)
     record_callback(form_fields())
@@ -63,9 +61,7 @@ def _inbound_message():
     if not request.form.get("From"):
         return jsonify(error="From is required"), 400
     try:
-        message = store_inbound(form_fields())
+        store_inbound(form_fields())  # its processing is enqueued once it is committed
     except InvalidNumber as exc:
         return jsonify(error=f"From {exc}"), 400
-    if message is not None:
-        outbox.enqueue_inbound(message.id)
     return twiml_ok()

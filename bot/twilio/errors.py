@@ -1,4 +1,7 @@
-"""Twilio error codes that decide whether a failed send is retried (see TWILIO_FACTS.md)."""
+"""Twilio error codes: which failed sends are retried, and the codes we use when we refuse ourselves.
+
+The table follows Twilio's error dictionary (docs/ARCHITECTURE.md, "Retries").
+"""
 from __future__ import annotations
 
 #: Worth another try later, with backoff: concurrency overflow, rate limits, transient handset
@@ -27,11 +30,17 @@ def is_retryable(http_status: int | None, code: int | None) -> bool:
     return http_status is not None and (http_status == 429 or http_status >= 500)
 
 
-#: Retryable codes worth fewer tries than the default (TWILIO_FACTS: 30003 "maybe once, later",
-#: 30008 "limited"): the handset or the cause is unlikely to change within hours.
+#: Retryable codes worth fewer tries than the default (30003: "maybe once, later"; 30008:
+#: "limited"): the handset or the cause is unlikely to change within hours.
 ATTEMPT_LIMITS = {30003: 2, 30008: 3}
 
 
 def attempt_limit(code: int | None, default: int) -> int:
     """How many attempts in all a message failing with `code` gets (`default` for most)."""
     return ATTEMPT_LIMITS.get(code, default)
+
+
+#: Our own refusals reuse Twilio's numbers, so a backend handles one meaning whoever refused.
+OPTED_OUT_CODE = 21610
+OUTSIDE_WINDOW_CODE = 63016
+TOO_LONG_CODE = 21617

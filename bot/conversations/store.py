@@ -1,0 +1,142 @@
+"""Conversations in the database: the per-contact lock, opening and closing, storing a step.
+
+What the engine's stages and its task entry points share. Nothing here commits: the caller's turn
+commits consent, conversation and replies together, and the outbox enqueues the replies' sends
+after that commit (docs/ARCHITECTURE.md, invariants 1 and 4).
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Iterable, Mapping
+
+import sqlalchemy as sa
+
+from bot.clock import utcnow
+from bot.conversations.consent import record_decline
+from bot.conversations.replies import build_messages
+from bot.delivery import outbox
+from bot.extensions import db
+from bot.models import Contact, Conversation, Message
+from bot.vocabulary import (OPEN_CONVERSATION, Consent, ConsentAction, ConversationStatus, Kind,
+                            MessageStatus, StartedBy)
+from flows.toolkit import END, Flow, Reply, Step
+
+
+def lock_contact(contact_id: int) -> None:
+    """Take the per-contact lock for the rest of the current transaction (invariant 6).
+
+    The lock is an UPDATE of the contact's row and must be the transaction's first statement (a
+    row lock on PostgreSQL, the write lock on SQLite), so whatever came before is committed first.
+    """
+    db.session.commit()
+    db.session.execute(
+        sa.update(Contact).where(Contact.id == contact_id).values(updated_at=Contact.updated_at)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def open_conversation(contact_id: int) -> Conversation | None:
+    """The contact's active conversation, if any."""
+    return db.session.scalar(
+        sa.select(Conversation)
+        .where(Conversation.contact_id == contact_id, Conversation.status == ConversationStatus.ACTIVE)
+        .order_by(Conversation.started_at.desc()).limit(1)
+    )
+
+
+def open_conversations(contact_id: int) -> list[Conversation]:
+    """Every conversation of the contact not yet ended (starting or active)."""
+    return list(db.session.scalars(sa.select(Conversation).where(
+        Conversation.contact_id == contact_id, Conversation.status.in_(OPEN_CONVERSATION))))
+
+
+def has_run(contact_id: int, flow: Flow) -> bool:
+    """Whether `flow` ever ran for this contact (a first-contact flow runs once)."""
+    return db.session.scalar(
+        sa.select(Conversation.id).where(Conversation.contact_id == contact_id, Conversation.flow == flow.name)
+        .limit(1)) is not None
+
+
+def new_conversation(contact: Contact, flow: Flow, *, started_by: StartedBy,
+                     variables: dict[str, Any] | None = None) -> Conversation:
+    """An active conversation of `flow` for the contact, flushed (so it has its id)."""
+    conversation = Conversation(contact_id=contact.id, flow=flow.name, status=ConversationStatus.ACTIVE,
+                                started_by=started_by, variables=variables, data={})
+    db.session.add(conversation)
+    db.session.flush()
+    return conversation
+
+
+def end_conversation(conversation: Conversation, status: ConversationStatus, *, error: str | None = None,
+                     outcome: dict[str, Any] | None = None, now: datetime | None = None) -> None:
+    """Close a conversation: its final status, the END state, no more timeout."""
+    conversation.status = status
+    conversation.state = END
+    conversation.expires_at = None
+    conversation.ended_at = now or utcnow()
+    if outcome is not None:
+        conversation.outcome = outcome
+    if error:
+        conversation.error = error
+
+
+def end_open_conversations(contact_id: int, status: ConversationStatus, *, error: str | None = None,
+                           asking_consent_only: bool = False, flows: Mapping[str, Flow] | None = None) -> None:
+    """End the contact's open conversations (only those whose flow asks for consent, if said)."""
+    for conversation in open_conversations(contact_id):
+        if asking_consent_only:
+            flow = (flows or {}).get(conversation.flow)
+            if flow is None or not flow.asks_consent:
+                continue
+            end_conversation(conversation, status, outcome={"consent": Consent.OPTED_IN.value})
+        else:
+            end_conversation(conversation, status, error=error)
+
+
+def start_flow(contact: Contact, flow: Flow, variables: dict[str, Any], *, started_by: StartedBy,
+               conversation: Conversation | None = None) -> list[Message]:
+    """Run a flow's `start` for the contact (replacing any open conversation); returns replies.
+
+    A flow that asks for consent is never opened for a contact who already gave it: it ends at
+    once, answered, and nothing is sent.
+    """
+    for other in open_conversations(contact.id):
+        if conversation is None or other.id != conversation.id:
+            end_conversation(other, ConversationStatus.CANCELLED, error="replaced by a newer conversation")
+    if conversation is None:
+        conversation = new_conversation(contact, flow, started_by=started_by, variables=variables)
+    if flow.asks_consent and contact.consent == Consent.OPTED_IN:
+        end_conversation(conversation, ConversationStatus.COMPLETED, outcome={"consent": Consent.OPTED_IN.value})
+        return []
+    return apply_step(contact, conversation, flow, flow.begin(variables))
+
+
+def apply_step(contact: Contact, conversation: Conversation, flow: Flow, step: Step,
+               final_status: ConversationStatus = ConversationStatus.COMPLETED) -> list[Message]:
+    """Persist a step's state, data and outcome, and build its replies."""
+    now = utcnow()
+    conversation.data = dict(step.data)
+    if step.outcome is not None:
+        conversation.outcome = dict(step.outcome)
+        if flow.asks_consent and step.outcome.get("consent") == ConsentAction.DECLINED:
+            record_decline(contact)
+    if step.state == END:
+        end_conversation(conversation, final_status, now=now)
+    else:
+        conversation.state = step.state
+        conversation.status = ConversationStatus.ACTIVE
+        conversation.expires_at = now + flow.timeout if flow.timeout else None
+    conversation.updated_at = now
+    return send_replies(contact, step.replies, conversation)
+
+
+def send_replies(contact: Contact, replies: Iterable[Reply], conversation: Conversation | None = None,
+                 kind: Kind = Kind.REPLY) -> list[Message]:
+    """Message rows for `replies`, added to the session; their sends go out after the commit."""
+    rows = build_messages(replies, contact, conversation_id=conversation.id if conversation else None, kind=kind)
+    db.session.add_all(rows)
+    db.session.flush()
+    for row in rows:
+        if row.status == MessageStatus.PENDING:  # a skipped reply (window, length) is never sent
+            outbox.defer_send(row)
+    return rows

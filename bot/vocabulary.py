@@ -1,0 +1,128 @@
+"""The server's vocabularies: every status, consent state, direction and kind, named once.
+
+They are `StrEnum`s, so a member *is* its stored string: columns keep plain text, JSON answers
+and the HTTP contract are unchanged, and `row.status == MessageStatus.SENT` holds for a row read
+back from the database. No module spells one of these values as a bare literal
+(tests/test_architecture.py checks).
+"""
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class MessageStatus(StrEnum):
+    """Where a message is. Outbound statuses are ranked and only ever move up (RANK below);
+    Twilio's names are used as Twilio spells them, ours (pending, dispatching, retrying) beside."""
+
+    PENDING = "pending"  # committed, its send task enqueued (the outbox)
+    DISPATCHING = "dispatching"  # claimed by one send, with a lease
+    RETRYING = "retrying"  # a transient failure; tried again at next_attempt_at
+    ACCEPTED = "accepted"
+    SCHEDULED = "scheduled"
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    UNDELIVERED = "undelivered"
+    FAILED = "failed"
+    CANCELED = "canceled"  # Twilio's spelling (Messaging Service scheduling)
+    READ = "read"
+    # Inbound messages: stored by the webhook, then handled by the engine.
+    RECEIVED = "received"
+    PROCESSED = "processed"
+
+    @property
+    def rank(self) -> int:
+        """The order statuses may move in: a callback only ever raises the rank."""
+        return RANK[self]
+
+    @property
+    def is_final(self) -> bool:
+        return RANK[self] >= RANK[MessageStatus.DELIVERED]
+
+
+#: pending < dispatching/retrying < accepted/scheduled < queued < sending < sent < final < read.
+#: Inbound statuses rank 0: status callbacks never touch inbound rows.
+RANK: dict[MessageStatus, int] = {
+    MessageStatus.PENDING: 0,
+    MessageStatus.DISPATCHING: 1,
+    MessageStatus.RETRYING: 1,
+    MessageStatus.ACCEPTED: 2,
+    MessageStatus.SCHEDULED: 2,
+    MessageStatus.QUEUED: 3,
+    MessageStatus.SENDING: 4,
+    MessageStatus.SENT: 5,
+    MessageStatus.DELIVERED: 6,
+    MessageStatus.UNDELIVERED: 6,
+    MessageStatus.FAILED: 6,
+    MessageStatus.CANCELED: 6,
+    MessageStatus.READ: 7,
+    MessageStatus.RECEIVED: 0,
+    MessageStatus.PROCESSED: 0,
+}
+
+#: The statuses an outbound message can take (what a status callback may name).
+OUTBOUND_STATUSES = frozenset(RANK) - {MessageStatus.RECEIVED, MessageStatus.PROCESSED}
+#: Twilio's statuses of an inbound message; a status callback carrying one is about a message we
+#: received (Twilio sends them to the same URL) and is ignored.
+INBOUND_CALLBACK_STATUSES = frozenset({"receiving", MessageStatus.RECEIVED.value})
+
+
+def parse_outbound_status(value: str) -> MessageStatus | None:
+    """The outbound status Twilio named, or None for one we do not know (Twilio adds them)."""
+    try:
+        status = MessageStatus(value)
+    except ValueError:
+        return None
+    return status if status in OUTBOUND_STATUSES else None
+
+
+class Consent(StrEnum):
+    """A contact's consent state."""
+
+    UNKNOWN = "unknown"
+    OPTED_IN = "opted_in"
+    OPTED_OUT = "opted_out"
+
+
+class ConsentAction(StrEnum):
+    """What one entry of the consent ledger records."""
+
+    OPT_IN = "opt_in"
+    OPT_OUT = "opt_out"
+    DECLINED = "declined"  # said no to an opt-in question; consent stays unknown
+
+
+class Direction(StrEnum):
+    OUTBOUND = "outbound"
+    INBOUND = "inbound"
+
+
+class Kind(StrEnum):
+    """Why a message exists; only an opt-out confirmation may reach an opted-out contact."""
+
+    NOTIFICATION = "notification"
+    REPLY = "reply"
+    OPT_OUT_CONFIRMATION = "opt_out_confirm"
+    #: Inbound: any message, or one that asks to opt out (marked when stored, so the send path
+    #: can honour a STOP the engine has not processed yet with one indexed lookup).
+    INBOUND = "inbound"
+    OPT_OUT_REQUEST = "opt_out_request"
+
+
+class ConversationStatus(StrEnum):
+    STARTING = "starting"  # started by the backend, waiting for the worker
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"  # opt-out, or replaced by a newer conversation
+    FAILED = "failed"
+
+
+#: A conversation that is still running (at most one per contact).
+OPEN_CONVERSATION = (ConversationStatus.STARTING, ConversationStatus.ACTIVE)
+
+
+class StartedBy(StrEnum):
+    USER = "user"
+    BACKEND = "backend"
