@@ -48,13 +48,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     _configure_logging(app)
 
     from bot import cli, database, http
-    from bot.delivery import queue, tasks
+    from bot.delivery import queue, rate_limit, tasks
     from bot.extensions import migrate
     from bot.twilio import client as twilio_client
 
     database.init_app(app)
     migrate.init_app(app, database.db, directory=database.MIGRATIONS_DIR, render_as_batch=True)
     queue.init_app(app)
+    rate_limit.init_app(app)
     tasks.init_app(app)
     twilio_client.init_app(app)
     cli.init_app(app)

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     twilio_webhook_url: str | None = None
     twilio_api_url: str = "https://api.twilio.com"
     twilio_timeout: float = Field(default=10.0, gt=0, le=60)
+    #: The sender's allowed rate (80 by default; 400 for an upgraded text sender), shared by
+    #: every worker process through Redis.
+    twilio_messages_per_second: int = Field(default=80, ge=1, le=1000)
     #: Approved WhatsApp templates: JSON object mapping a template name to its ContentSid (HX...).
     twilio_content_sids: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     notify_api_token: SecretStr | None = None

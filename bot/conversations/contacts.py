@@ -1,4 +1,4 @@
-"""Finding and creating contacts by phone number, safely under concurrency."""
+"""Contacts: finding and creating them safely under concurrency, and the per-contact lock."""
 from __future__ import annotations
 
 import sqlalchemy as sa
@@ -26,3 +26,16 @@ def get_or_create_contact(phone: str) -> Contact:
         if contact is None:  # pragma: no cover - the unique violation was about something else
             raise
     return contact
+
+
+def lock_contact(contact_id: int) -> None:
+    """Take the per-contact lock for the rest of the current transaction (invariant 6).
+
+    The lock is an UPDATE of the contact's row and must be the transaction's first statement (a
+    row lock on PostgreSQL, the write lock on SQLite), so whatever came before is committed first.
+    """
+    db.session.commit()
+    db.session.execute(
+        sa.update(Contact).where(Contact.id == contact_id).values(updated_at=Contact.updated_at)
+        .execution_options(synchronize_session=False)
+    )

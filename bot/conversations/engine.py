@@ -18,8 +18,9 @@ from sqlalchemy.exc import DBAPIError
 from bot.clock import utcnow
 from bot.conversations.consent import Keywords, change_consent, opt_out_source
 from bot.conversations.stages import Turn, obey_opt_out, run_stages
-from bot.conversations.store import (apply_step, end_conversation, end_open_conversations, lock_contact,
-                                     open_conversation, send_replies, start_flow)
+from bot.conversations.contacts import lock_contact
+from bot.conversations.store import (apply_step, end_conversation, end_open_conversations, open_conversation,
+                                     send_replies, start_flow)
 from bot.extensions import db
 from bot.models import Contact, Conversation, Message
 from bot.vocabulary import Consent, ConversationStatus, Direction, Kind, MessageStatus, StartedBy

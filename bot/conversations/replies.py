@@ -6,6 +6,8 @@ undefined variables are errors, so a typo in a template fails a test instead of 
 from __future__ import annotations
 
 import logging
+import threading
+from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
@@ -13,6 +15,7 @@ from typing import Any, Iterable
 from flask import current_app
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from bot.clock import utcnow
 from bot.models import Contact, Message
 from bot.twilio.errors import OUTSIDE_WINDOW_CODE, TOO_LONG_CODE
 from bot.twilio.whatsapp import MAX_BODY_CHARS, within_window
@@ -61,12 +64,15 @@ def build_messages(replies: Iterable[Reply], contact: Contact, *, conversation_i
     replaces the text, or the reply is recorded as skipped (failed, 63016) and never sent."""
     content_sids = current_app.config["TWILIO_CONTENT_SIDS"]
     in_window = within_window(contact.last_inbound_at)
+    replies = list(replies)
+    created = _creation_times(len(replies))
     rows = []
-    for reply in replies:
+    for position, reply in enumerate(replies):
         body = render(reply.template, dict(reply.variables))
         row = Message(direction=Direction.OUTBOUND, kind=kind, contact_id=contact.id,
                       conversation_id=conversation_id, body=body, status=MessageStatus.PENDING, status_rank=MessageStatus.PENDING.rank,
-                      template=reply.template)
+                      template=reply.template,
+                      created_at=created + timedelta(microseconds=position))
         if len(body) > MAX_BODY_CHARS and in_window:
             # Long user-supplied variables can do this; Twilio would refuse it with the same code.
             _skip(row, TOO_LONG_CODE, f"the rendered text is {len(body)} characters (at most {MAX_BODY_CHARS})")
@@ -83,6 +89,21 @@ def build_messages(replies: Iterable[Reply], contact: Contact, *, conversation_i
                 log.info("reply %s to %s skipped: outside the window, no template", reply.template, contact.phone)
         rows.append(row)
     return rows
+
+
+_clock_lock = threading.Lock()
+_last_created = datetime.min
+
+
+def _creation_times(count: int) -> datetime:
+    """The first of `count` creation times, each a microsecond after the one before and after any
+    this process handed out: replies leave in creation order (the sender sends a contact's
+    messages one at a time by creation time), so no two of a turn may share a timestamp."""
+    global _last_created
+    with _clock_lock:
+        start = max(utcnow(), _last_created + timedelta(microseconds=1))
+        _last_created = start + timedelta(microseconds=max(count - 1, 0))
+    return start
 
 
 def _skip(row: Message, code: int, reason: str) -> None:

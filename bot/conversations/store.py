@@ -1,7 +1,7 @@
-"""Conversations in the database: the per-contact lock, opening and closing, storing a step.
+"""Conversations in the database: opening and closing them, storing a step, queueing replies.
 
-What the engine's stages and its task entry points share. Nothing here commits: the caller's turn
-commits consent, conversation and replies together, and the outbox enqueues the replies' sends
+What the engine's stages and its task entry points share (the per-contact lock is in
+contacts.py). Nothing here commits: the caller's turn commits consent, conversation and replies together, and the outbox enqueues the replies' sends
 after that commit (docs/ARCHITECTURE.md, invariants 1 and 4).
 """
 from __future__ import annotations
@@ -20,19 +20,6 @@ from bot.models import Contact, Conversation, Message
 from bot.vocabulary import (OPEN_CONVERSATION, Consent, ConsentAction, ConversationStatus, Kind,
                             MessageStatus, StartedBy)
 from flows.toolkit import END, Flow, Reply, Step
-
-
-def lock_contact(contact_id: int) -> None:
-    """Take the per-contact lock for the rest of the current transaction (invariant 6).
-
-    The lock is an UPDATE of the contact's row and must be the transaction's first statement (a
-    row lock on PostgreSQL, the write lock on SQLite), so whatever came before is committed first.
-    """
-    db.session.commit()
-    db.session.execute(
-        sa.update(Contact).where(Contact.id == contact_id).values(updated_at=Contact.updated_at)
-        .execution_options(synchronize_session=False)
-    )
 
 
 def open_conversation(contact_id: int) -> Conversation | None:

@@ -21,11 +21,14 @@ from twilio.base.exceptions import TwilioException
 
 from bot.clock import utcnow
 from bot.conversations.consent import opt_out_waiting
+from bot.conversations.contacts import lock_contact
+from bot.delivery import outbox
+from bot.delivery.rate_limit import send_rate_limit
 from bot.delivery.statuses import apply_pending_events, raise_status
 from bot.extensions import db
 from bot.models import Contact, Message
 from bot.twilio.client import get_client
-from bot.twilio.errors import OPTED_OUT_CODE, OUTSIDE_WINDOW_CODE, attempt_limit, is_retryable
+from bot.twilio.errors import OPTED_OUT_CODE, OUTSIDE_WINDOW_CODE, attempt_limit, is_retryable, is_too_fast
 from bot.twilio.whatsapp import within_window
 from bot.vocabulary import Consent, Direction, Kind, MessageStatus, OUTBOUND_STATUSES
 
@@ -50,6 +53,7 @@ class Outcome(StrEnum):
     REFUSED = "refused"
     FAILED = "failed"
     RETRY = "retry"
+    WAITING = "waiting"  # an older message to the same contact goes first
 
 
 class TransientSendError(Exception):
@@ -62,16 +66,39 @@ def retry_backoff(attempts: int) -> timedelta:
     return min(timedelta(seconds=2 ** min(max(attempts - 1, 0), 16)), MAX_BACKOFF)
 
 
+#: Outbound messages not yet handed to Twilio: a later message of the same contact waits for them.
+UNSENT = (MessageStatus.PENDING, MessageStatus.DISPATCHING, MessageStatus.RETRYING)
+
+
+def _earlier_unsent_message():
+    """SQL: an older outbound message of the same contact that Twilio has not accepted yet.
+
+    Messages to one contact leave one at a time, in the order they were created (invariant 9):
+    the claim of the next waits until Twilio took the one before it (or it failed for good).
+    """
+    prior = sa.orm.aliased(Message)
+    return sa.exists().where(
+        prior.contact_id == Message.contact_id,
+        prior.direction == Direction.OUTBOUND,
+        prior.status.in_(UNSENT),
+        prior.id != Message.id,
+        sa.or_(prior.created_at < Message.created_at,
+               sa.and_(prior.created_at == Message.created_at, prior.id < Message.id)),
+    )
+
+
 def claim(message_id: str, *, early: bool = False) -> bool:
     """Atomically take a message for sending: pending, retrying once its next attempt is due
     (`early`: the task's own retry, whose delay already is the backoff), or dispatching with an
-    expired lease (its worker died)."""
+    expired lease (its worker died) — and none of its contact's older messages still unsent
+    (an opt-out confirmation excepted: it is the one message that must not wait)."""
     now = utcnow()
     due = sa.true() if early else Message.next_attempt_at <= now
     claimed = db.session.execute(
         sa.update(Message)
         .where(
             Message.id == message_id,
+            sa.or_(Message.kind == Kind.OPT_OUT_CONFIRMATION, ~_earlier_unsent_message()),
             sa.or_(
                 Message.status == MessageStatus.PENDING,
                 sa.and_(Message.status == MessageStatus.RETRYING, due),
@@ -132,6 +159,42 @@ def finish(message_id: str, status: MessageStatus, code: int | None, text: str |
                        .execution_options(synchronize_session=False))
     raise_status(message_id, status, code, text)
     db.session.commit()
+    release_next(message_id)
+
+
+def wait_for_turn(message_id: str) -> bool:
+    """Mark a pending message as waiting for an older one to its contact; False if none is older.
+
+    Marked waiting (`next_attempt_at` set, which also lets the sweep pick it up should the hand-
+    over be lost), its task ends; the older message's send hands over to it (`release_next`).
+    Both take the contact's lock, so a hand-over cannot slip between the check and the mark.
+    """
+    contact_id = db.session.scalar(sa.select(Message.contact_id).where(Message.id == message_id))
+    if contact_id is None:
+        return False
+    lock_contact(contact_id)
+    marked = db.session.execute(
+        sa.update(Message)
+        .where(Message.id == message_id, Message.status == MessageStatus.PENDING, _earlier_unsent_message())
+        .values(next_attempt_at=utcnow() + outbox.REENQUEUE_AFTER)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    db.session.commit()
+    return bool(marked)
+
+
+def release_next(message_id: str) -> None:
+    """Hand the contact's turn to their next message, if it waits (this one was accepted or failed)."""
+    contact_id = db.session.scalar(sa.select(Message.contact_id).where(Message.id == message_id))
+    lock_contact(contact_id)
+    next_row = db.session.execute(
+        sa.select(Message.id, Message.next_attempt_at)
+        .where(Message.contact_id == contact_id, Message.direction == Direction.OUTBOUND,
+               Message.status == MessageStatus.PENDING, Message.id != message_id)
+        .order_by(Message.created_at, Message.id).limit(1)).first()
+    if next_row is not None and next_row.next_attempt_at is not None:
+        outbox.defer_send(next_row.id)  # its own task found it waiting (or it is on the queue again)
+    db.session.commit()
 
 
 def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False) -> Outcome:
@@ -142,8 +205,12 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
     TransientSendError so the task retries within seconds. `is_retry`: this is that retry.
     """
     if not claim(message_id, early=is_retry):
-        log.info("message %s not claimable (already sent or in flight); skipping", message_id)
-        return Outcome.NOT_CLAIMED
+        if wait_for_turn(message_id):
+            log.info("message %s waits for an older message to the same contact", message_id)
+            return Outcome.WAITING
+        if not claim(message_id, early=is_retry):  # its turn came while it looked
+            log.info("message %s not claimable (already sent or in flight); skipping", message_id)
+            return Outcome.NOT_CLAIMED
     message = db.session.get(Message, message_id)
     contact = db.session.get(Contact, message.contact_id)
     if message.attempts > MAX_ATTEMPTS:  # a worker kept dying mid-send: stop, say so
@@ -158,6 +225,9 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
         return Outcome.REFUSED
 
     params = twilio_params(message, contact)
+    if not send_rate_limit().acquire(params["from_"]):
+        return _failed_attempt(message, None, None, "the sender's rate limit stayed full", can_retry,
+                               transient=True)
     started = utcnow()
     try:
         created = get_client().messages.create(**params)
@@ -174,6 +244,8 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
         http_status = getattr(exc, "status", None)
         code = getattr(exc, "code", None)
         text = getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", None) or str(exc)
+        if is_too_fast(http_status, code):
+            send_rate_limit().slow_down(params["from_"])
         return _failed_attempt(message, http_status, code, text, can_retry)
     except requests.RequestException as exc:  # timeouts and connection errors
         return _failed_attempt(message, None, None, f"{type(exc).__name__} talking to Twilio", can_retry,
@@ -213,8 +285,10 @@ def _record_accepted(message_id: str, sid: str, twilio_status: str) -> Outcome:
         db.session.rollback()
         log.error("message %s: Twilio SID %s is already recorded on another message", message_id, sid)
         record(error_message=f"Twilio SID {sid} is recorded on another message")
+        release_next(message_id)
         return Outcome.SENT
     apply_pending_events(sid)
+    release_next(message_id)
     return Outcome.SENT
 
 

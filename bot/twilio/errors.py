@@ -30,6 +30,15 @@ def is_retryable(http_status: int | None, code: int | None) -> bool:
     return http_status is not None and (http_status == 429 or http_status >= 500)
 
 
+#: Twilio saying "slower": REST concurrency overflow, or a sender / portfolio / recipient rate limit.
+TOO_FAST_CODES = frozenset({20429, 63018})
+
+
+def is_too_fast(http_status: int | None, code: int | None) -> bool:
+    """Whether Twilio refused because we send too fast (every worker should slow down)."""
+    return http_status == 429 or code in TOO_FAST_CODES
+
+
 #: Retryable codes worth fewer tries than the default (30003: "maybe once, later"; 30008:
 #: "limited"): the handset or the cause is unlikely to change within hours.
 ATTEMPT_LIMITS = {30003: 2, 30008: 3}
