@@ -16,6 +16,14 @@ def _pending_row(contact_id: int) -> Message:
                    status=MessageStatus.PENDING, status_rank=MessageStatus.PENDING.rank)
 
 
+def _deferred_send() -> Message:
+    """A new pending message in the session, its send deferred, nothing committed yet."""
+    row = _pending_row(make_contact().id)
+    db.session.add(row)
+    outbox.defer_send(row)
+    return row
+
+
 def _queued_ids() -> list[str]:
     ids = []
     while (task := huey.dequeue()) is not None:
@@ -25,10 +33,7 @@ def _queued_ids() -> list[str]:
 
 def test_deferred_work_waits_for_the_commit(app):
     with app.app_context():
-        contact = make_contact()
-        row = _pending_row(contact.id)
-        db.session.add(row)
-        outbox.defer_send(row)
+        row = _deferred_send()
         db.session.flush()
         assert huey.pending_count() == 0  # flushed is not committed
         db.session.commit()
@@ -37,10 +42,7 @@ def test_deferred_work_waits_for_the_commit(app):
 
 def test_a_rolled_back_row_is_never_enqueued(app):
     with app.app_context():
-        contact = make_contact()
-        row = _pending_row(contact.id)
-        db.session.add(row)
-        outbox.defer_send(row)
+        _deferred_send()
         db.session.flush()
         db.session.rollback()
         db.session.commit()  # a later commit of the same session enqueues nothing either
@@ -50,13 +52,10 @@ def test_a_rolled_back_row_is_never_enqueued(app):
 
 def test_a_row_of_a_rolled_back_savepoint_is_skipped_and_the_rest_goes(app):
     with app.app_context():
-        contact = make_contact()
-        kept = _pending_row(contact.id)
-        db.session.add(kept)
-        outbox.defer_send(kept)
+        kept = _deferred_send()
         try:
             with db.session.begin_nested():
-                lost = _pending_row(contact.id)
+                lost = _pending_row(kept.contact_id)
                 db.session.add(lost)
                 outbox.defer_send(lost)
                 db.session.flush()
@@ -74,9 +73,6 @@ def test_a_queue_that_is_down_does_not_fail_the_commit(app, monkeypatch):
 
     monkeypatch.setattr(huey.storage, "enqueue", broker_down)
     with app.app_context():
-        contact = make_contact()
-        row = _pending_row(contact.id)
-        db.session.add(row)
-        outbox.defer_send(row)
+        row = _deferred_send()
         db.session.commit()  # logged; the sweep sends it later
         assert db.session.get(Message, row.id).status == MessageStatus.PENDING
