@@ -331,3 +331,52 @@ def test_the_simulator_and_the_app_share_secrets_from_any_directory(tmp_path, mo
     assert not default_instance_path().startswith(str(tmp_path))
     monkeypatch.setenv("INSTANCE_PATH", "relative/dir")
     assert default_instance_path() == str(tmp_path / "relative" / "dir")
+
+
+def test_latency_delays_each_create_without_serialising_concurrent_ones() -> None:
+    """latency= is the API's round trip: each create waits it out, concurrently with the others."""
+    with TwilioSimulator(ACCOUNT_SID, AUTH_TOKEN, latency=0.2) as slow:
+        client = make_client(slow)
+        started = time.perf_counter()
+        client.messages.create(to=USER, from_=SANDBOX, body="one")
+        assert time.perf_counter() - started >= 0.2
+
+        durations: list[float] = []
+
+        def create(body: str) -> None:
+            began = time.perf_counter()
+            make_client(slow).messages.create(to=USER, from_=SANDBOX, body=body)
+            durations.append(time.perf_counter() - began)
+
+        threads = [threading.Thread(target=create, args=(f"concurrent {i}",)) for i in range(4)]
+        began = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(5)
+        # Serialised, four creates would need >= 0.8 s; overlapping, all finish near 0.2 s
+        # (the bound leaves 0.4 s for thread start-up and connections on a busy machine).
+        assert len(durations) == 4 and time.perf_counter() - began < 0.6
+        timings = slow.timings
+    assert [t["body"] for t in timings][0] == "one" and len(timings) == 5
+    assert all(t["answered_at"] - t["received_at"] >= 0.19 for t in timings)
+
+
+def test_webhooks_record_when_they_were_posted_and_how_long_they_took(
+    sim: TwilioSimulator, receiver: Receiver
+) -> None:
+    sim.send_inbound(USER, "hello")
+    [entry] = sim.webhooks
+    assert entry["posted_at"] > 0 and 0 <= entry["duration"] < 5
+
+
+def test_latency_ms_option_parses_and_defaults_to_zero(monkeypatch) -> None:
+    from bot.devtools.simulator import parse_args
+
+    monkeypatch.delenv("SIMULATOR_LATENCY_MS", raising=False)
+    assert parse_args([]).latency_ms == 0
+    assert parse_args(["--latency-ms", "150"]).latency_ms == 150
+    with pytest.raises(SystemExit):
+        parse_args(["--latency-ms", "-1"])
+    with pytest.raises(ValueError):
+        TwilioSimulator(ACCOUNT_SID, AUTH_TOKEN, latency=-0.1)

@@ -9,8 +9,11 @@ Twilio account or network access::
     client.api.base_url = sim.url      # every client.messages.* call now hits the simulator
 
 Besides accepting sends it can script failures (:meth:`TwilioSimulator.fail_next`),
-slow answers (:meth:`TwilioSimulator.hang_next`), and play Twilio's side of the
-webhooks: signed status callbacks and signed inbound WhatsApp messages.
+slow answers (:meth:`TwilioSimulator.hang_next`), add a fixed API latency to every
+create (``latency=``, ``--latency-ms``: api.twilio.com answers in ~100-300 ms, which
+is what bounds a sender's throughput), and play Twilio's side of the webhooks: signed
+status callbacks and signed inbound WhatsApp messages. Arrival times of creates
+(:attr:`TwilioSimulator.timings`) and webhook durations are recorded for benchmarks.
 
 Run it standalone with ``python -m bot.devtools.simulator --help``.
 """
@@ -26,6 +29,7 @@ import os
 import re
 import signal
 import threading
+import time
 import uuid
 from email.utils import formatdate
 from typing import Any, Iterable, Mapping
@@ -43,7 +47,7 @@ try:  # phonenumbers is a project dependency, but keep the simulator usable with
 except ImportError:  # pragma: no cover - exercised only where phonenumbers is missing
     phonenumbers = None
 
-__all__ = ["TwilioSimulator", "SimulatorTimeout", "sign", "main"]
+__all__ = ["TwilioSimulator", "SimulatorTimeout", "sign", "main", "parse_args"]
 
 log = logging.getLogger(__name__)
 
@@ -214,14 +218,19 @@ class TwilioSimulator:
         callback_statuses: tuple[str, ...] = ("sent", "delivered", "read"),
         callback_delay: float = 0.2,
         failing_numbers: Mapping[str, int] | None = None,
+        latency: float = 0.0,
     ) -> None:
         """Configure the simulator; nothing listens until :meth:`start`.
 
         ``webhook_url`` is where :meth:`send_inbound` posts (the bot's inbound
         webhook). With ``auto_callbacks`` every accepted send is followed by
         signed status callbacks for ``callback_statuses``, ``callback_delay``
-        seconds apart, posted to that send's ``StatusCallback``.
+        seconds apart, posted to that send's ``StatusCallback``. ``latency`` (seconds)
+        is how long every Messages create takes to answer, as the real API's round trip
+        does; other requests are served meanwhile (one thread per request).
         """
+        if latency < 0:
+            raise ValueError("latency must be >= 0 seconds")
         self.account_sid = account_sid
         self.auth_token = auth_token
         self.host = host
@@ -230,6 +239,7 @@ class TwilioSimulator:
         self.auto_callbacks = auto_callbacks
         self.callback_statuses = tuple(callback_statuses)
         self.callback_delay = callback_delay
+        self.latency = latency
         #: Recipients (E.164) whose sends are accepted and then fail with this error code in the
         #: status callbacks (sent, then undelivered/failed), as an unreachable handset would.
         self.failing_numbers = {k.removeprefix("whatsapp:"): v for k, v in (failing_numbers or {}).items()}
@@ -241,6 +251,7 @@ class TwilioSimulator:
         self._messages: dict[str, dict[str, Any]] = {}  # sid -> resource + "form"; dicts keep send order
         self._requests: list[dict[str, Any]] = []
         self._webhooks: list[dict[str, Any]] = []
+        self._timings: list[dict[str, Any]] = []
         self._failures: list[tuple[int, int, str]] = []
         self._hangs: list[float] = []
 
@@ -313,9 +324,20 @@ class TwilioSimulator:
 
     @property
     def webhooks(self) -> list[dict[str, Any]]:
-        """Every webhook the simulator posted: ``{"kind", "url", "form", "status_code", "error"}``."""
+        """Every webhook the simulator posted: ``{"kind", "url", "form", "status_code", "error",
+        "posted_at", "duration"}`` (``posted_at`` is ``time.time()`` when the POST began, ``duration``
+        the seconds until its answer or error)."""
         with self._cond:
             return copy.deepcopy(self._webhooks)
+
+    @property
+    def timings(self) -> list[dict[str, Any]]:
+        """One entry per accepted create, in arrival order: ``{"sid", "to", "body", "received_at",
+        "answered_at"}``, both times ``time.time()`` (the moment the request arrived, i.e. was handed
+        to "Twilio", and the moment its answer was about to be written, after any latency or hang).
+        """
+        with self._cond:
+            return [dict(t) for t in self._timings]
 
     def fail_next(self, status: int, code: int, message: str = "simulated failure", times: int = 1) -> None:
         """Make the next ``times`` creates answer with a Twilio error (e.g. 429/20429, 500/20500, 400/21211).
@@ -340,6 +362,7 @@ class TwilioSimulator:
             self._messages.clear()
             self._requests.clear()
             self._webhooks.clear()
+            self._timings.clear()
             self._failures.clear()
             self._hangs.clear()
 
@@ -449,7 +472,9 @@ class TwilioSimulator:
 
     def _post_webhook(self, kind: str, url: str, params: dict[str, Any]) -> requests.Response:
         """Sign and POST, recording the attempt in :attr:`webhooks` whatever happens."""
-        entry: dict[str, Any] = {"kind": kind, "url": url, "form": dict(params), "status_code": None, "error": None}
+        entry: dict[str, Any] = {"kind": kind, "url": url, "form": dict(params), "status_code": None, "error": None,
+                                 "posted_at": time.time(), "duration": None}
+        started = time.perf_counter()
         try:
             response = _post_signed(self.auth_token, url, params)
             entry["status_code"] = response.status_code
@@ -458,6 +483,7 @@ class TwilioSimulator:
             entry["error"] = repr(exc)
             raise
         finally:
+            entry["duration"] = time.perf_counter() - started
             with self._cond:
                 self._webhooks.append(entry)
 
@@ -555,6 +581,7 @@ class TwilioSimulator:
             self._check_auth(request, account_sid)
             return self._list_messages(request, account_sid)
 
+        received_at = time.time()
         with self._cond:
             hang = self._hangs.pop(0) if self._hangs else None
             failure = self._failures.pop(0) if self._failures else None
@@ -567,10 +594,18 @@ class TwilioSimulator:
         form = request.form
         self._validate(form)
         record = self._store(account_sid, form)
+        if self.latency:
+            # The API's round trip: accepted on arrival, answered later. An Event wait (not
+            # time.sleep) so stop() is never held up; each request has its own thread, so
+            # concurrent creates overlap their waits as they would against api.twilio.com.
+            self._stopping.wait(self.latency)
         if hang is not None:
             # Like a slow Twilio: the message is already accepted, only the answer is late.
             # An Event wait, so stop() never waits out a long hang.
             self._stopping.wait(hang)
+        with self._cond:
+            self._timings.append({"sid": record["sid"], "to": record["to"], "body": record["body"],
+                                  "received_at": received_at, "answered_at": time.time()})
         log.info("send %s %s -> %s: %r", record["sid"], record["from"] or record["messaging_service_sid"],
                  record["to"], record["body"] if record["body"] else form.get("ContentSid"))
         if self.auto_callbacks:
@@ -678,14 +713,13 @@ class TwilioSimulator:
         return {k: v for k, v in record.items() if k != "form"}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the simulator in the foreground until Ctrl-C or SIGTERM, logging one line per send.
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line (exits with status 2 on a bad option, as argparse does).
 
-    Defaults come from TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, TWILIO_WEBHOOK_URL and SIMULATOR_PORT;
-    with no Twilio credentials in the environment it uses the server's development secrets
-    (instance/dev-secrets.json), so `bin/dev` needs no configuration at all.
+    Besides the options, the namespace carries ``failing_numbers`` (E.164 -> error code, from
+    ``--fail``) and ``callback_statuses`` (a tuple, from ``--statuses``). Reads no secrets.
     """
-    from bot.devmode import DEV_WEBHOOK_URL, default_instance_path, dev_secrets, simulator_port
+    from bot.devmode import DEV_WEBHOOK_URL, simulator_port
     from bot.phone import InvalidNumber, normalize_e164
 
     env = os.environ
@@ -702,6 +736,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="do not post sent/delivered/read status callbacks")
     parser.add_argument("--callback-delay", type=float, default=float(env.get("SIMULATOR_CALLBACK_DELAY", "0.5")),
                         help="seconds between status callbacks (default 0.5)")
+    parser.add_argument("--latency-ms", type=float, default=float(env.get("SIMULATOR_LATENCY_MS", "0")),
+                        help="milliseconds every Messages create takes to answer, like the real API's "
+                             "round trip (default 0; the throughput benchmark uses 150)")
     parser.add_argument("--statuses", default="sent,delivered,read",
                         help="the callbacks each send gets, in order (default sent,delivered,read)")
     parser.add_argument("--fail", action="append", default=[], metavar="NUMBER=CODE",
@@ -722,6 +759,23 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [s for s in statuses if s not in CALLBACK_STATUSES]
     if unknown:
         parser.error(f"--statuses: unknown status {', '.join(unknown)}; choose from {', '.join(CALLBACK_STATUSES)}")
+    if args.latency_ms < 0:
+        parser.error("--latency-ms must be >= 0")
+    args.failing_numbers = failing
+    args.callback_statuses = statuses
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the simulator in the foreground until Ctrl-C or SIGTERM, logging one line per send.
+
+    Defaults come from TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, TWILIO_WEBHOOK_URL and SIMULATOR_PORT;
+    with no Twilio credentials in the environment it uses the server's development secrets
+    (instance/dev-secrets.json), so `bin/dev` needs no configuration at all.
+    """
+    from bot.devmode import default_instance_path, dev_secrets
+
+    args = parse_args(argv)
     # The server's development secrets, unless given: read only now, so --help writes nothing.
     if not (args.account_sid and args.auth_token):
         secrets = dev_secrets(default_instance_path())
@@ -737,8 +791,9 @@ def main(argv: list[str] | None = None) -> None:
         webhook_url=args.webhook_url,
         auto_callbacks=args.auto_callbacks,
         callback_delay=args.callback_delay,
-        callback_statuses=statuses,
-        failing_numbers=failing,
+        callback_statuses=args.callback_statuses,
+        failing_numbers=args.failing_numbers,
+        latency=args.latency_ms / 1000,
     ).start()
     log.info("Twilio simulator on %s (account %s); point client.api.base_url here", sim.url, args.account_sid)
     # Stop cleanly on Ctrl-C and on SIGTERM (what honcho/foreman send to Procfile processes).

@@ -1,0 +1,802 @@
+"""Benchmark: throughput and latency of the real deployment shape under open-loop load.
+
+One command, PostgreSQL and Redis local::
+
+    .venv/bin/python bench/throughput.py --latency-ms 150 --rates 80,200 --duration 10
+
+What it does, in order:
+
+1. drops and recreates the benchmark database (default ``bench`` on the local PostgreSQL) and uses a
+   fresh Huey queue name on Redis db 5 (its keys are deleted at the end);
+2. starts the bundled Twilio simulator in this process with ``--latency-ms`` of API latency and
+   automatic signed status callbacks (sent, delivered, read) to the web's webhook;
+3. runs the Procfile's ``release`` line, then its ``web`` and ``worker`` lines verbatim
+   (``bash -c``, PORT etc. in the environment, their defaults otherwise);
+4. offers load open-loop, at each fixed rate for ``--duration`` seconds: requests leave on a
+   schedule whatever the server answers, and latency is counted from the scheduled time, so a
+   slow server cannot slow the load down and hide its own queueing (no coordinated omission):
+
+   * ``notify``: POST /notify to distinct contacts inside their 24-hour window;
+   * ``turns``: signed inbound "feedback" from distinct opted-in contacts; each one's reply (the
+     first question of the feedback flow) is matched at the simulator;
+   * status callbacks arrive on their own, three per send, posted by the simulator;
+
+5. baselines on the same gunicorn command line (bench/bare_app.py): a signature-check-only webhook
+   (the framework's ceiling) and the naive design that calls Twilio inside the request;
+6. peak RSS of every web and worker process (sampled from /proc every 0.5 s);
+7. SQL statements per /notify, per inbound, per status callback, per send and per turn, counted
+   with a SQLAlchemy ``before_cursor_execute`` listener in this process (create_app with the
+   benchmark's settings, the queue drained here by hand);
+8. py-spy profiles of the worker (and web) during the fastest /notify run.
+
+Writes bench/results.json and bench/THROUGHPUT.md. Everything it starts is stopped at the end,
+also on Ctrl-C or an error. This is a benchmark, not a test: nothing here asserts a speed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bot.devtools.simulator import TwilioSimulator, sign  # noqa: E402
+
+ACCOUNT_SID = "AC" + "be" * 16
+AUTH_TOKEN = "bench-auth-token-0123456789abcdef"
+API_TOKEN = "bench-api-token"
+SENDER = "whatsapp:+14155238886"
+#: The simulator's pause between one send's status callbacks (Twilio's are seconds apart; shorter
+#: keeps the run short while still putting three callbacks per send on the webhook).
+CALLBACK_DELAY = 0.5
+#: Twilio gives a webhook 15 s; a request slower than that is a failure, as Twilio would count it.
+CLIENT_TIMEOUT = 15.0
+CONTACTS_PER_RUN_PREFIX = {"notify": "+1555", "turns": "+1556", "queries": "+1557"}
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def procfile() -> dict[str, str]:
+    """The Procfile's process types and their command lines."""
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return {k.strip(): v.strip() for k, v in (l.split(":", 1) for l in lines if l.strip() and not l.startswith("#"))}
+
+
+def pct(samples: list[float], q: float) -> float | None:
+    """Nearest-rank percentile ``q`` (0..1) of ``samples``, or None when there are none."""
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered) + 0.5)) - 1))]
+
+
+def summary(samples: list[float]) -> dict[str, float | int | None]:
+    """count, p50, p99 and max of latencies given in seconds, reported in milliseconds."""
+    ms = lambda v: None if v is None else round(v * 1000, 1)  # noqa: E731
+    return {"count": len(samples), "p50_ms": ms(pct(samples, 0.50)), "p99_ms": ms(pct(samples, 0.99)),
+            "max_ms": ms(max(samples) if samples else None)}
+
+
+def phone(kind: str, rate: int, i: int) -> str:
+    """A distinct fictitious E.164 number per scenario, rate and request (+1 555/556/557 ...)."""
+    return f"{CONTACTS_PER_RUN_PREFIX[kind]}{rate % 100:02d}{i:05d}"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def with_db(url: str, name: str) -> str:
+    """``url`` pointing at database ``name`` instead of its own."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+class Processes:
+    """Starts command lines in their own process groups and stops every one of them, whatever happens."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: dict[str, subprocess.Popen] = {}
+        self._logs: list[Any] = []
+
+    def start(self, name: str, command: str, env: dict[str, str]) -> subprocess.Popen:
+        log_file = open(self.workdir / f"{name}.log", "w")
+        self._logs.append(log_file)
+        # exec, so the Popen pid is the server itself (gunicorn's master, huey_consumer), as on a host.
+        process = subprocess.Popen(["bash", "-c", "exec " + command], env=env, cwd=self.workdir,
+                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        self.started[name] = process
+        return process
+
+    def stop(self, name: str) -> None:
+        process = self.started.pop(name, None)
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+
+    def stop_all(self) -> None:
+        for name in list(self.started):
+            self.stop(name)
+        for log_file in self._logs:
+            log_file.close()
+
+
+def wait_healthy(url: str, timeout: float = 30.0) -> None:
+    """Wait until ``url`` answers (any status below 500)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(url, timeout=1).status_code < 500:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants, from /proc (no psutil needed)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children[ppid].append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def rss_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class RssSampler(threading.Thread):
+    """Every 0.5 s, the resident memory of each watched process tree; keeps each process's peak."""
+
+    def __init__(self) -> None:
+        super().__init__(name="rss-sampler", daemon=True)
+        self.roots: dict[str, int] = {}
+        self.peaks: dict[str, dict[int, int]] = collections.defaultdict(dict)  # label -> pid -> KiB
+        self.tree_peak: dict[str, int] = collections.defaultdict(int)
+        self._stop = threading.Event()
+
+    def watch(self, label: str, pid: int) -> None:
+        self.roots[label] = pid
+
+    def run(self) -> None:
+        while not self._stop.wait(0.5):
+            for label, root in list(self.roots.items()):
+                total = 0
+                for pid in process_tree(root):
+                    kib = rss_kib(pid)
+                    if kib is None:
+                        continue
+                    total += kib
+                    self.peaks[label][pid] = max(kib, self.peaks[label].get(pid, 0))
+                self.tree_peak[label] = max(total, self.tree_peak[label])
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def report(self) -> dict[str, Any]:
+        out = {}
+        for label, root in self.roots.items():
+            per_pid = self.peaks.get(label, {})
+            out[label] = {
+                "root_pid": root,
+                "peak_rss_mib_by_process": {("master" if pid == root else f"pid {pid}"): round(kib / 1024, 1)
+                                            for pid, kib in sorted(per_pid.items())},
+                "peak_rss_mib_tree": round(self.tree_peak.get(label, 0) / 1024, 1),
+            }
+        return out
+
+
+# ----------------------------------------------------------------------------- open-loop load
+
+
+@dataclass
+class Sample:
+    """One request of an open-loop run; times are time.time() seconds."""
+
+    index: int
+    scheduled: float
+    started: float = 0.0
+    done: float = 0.0
+    status: int | None = None
+    error: str | None = None
+    key: str = ""  # what the simulator sees of this request (the recipient), for end-to-end matching
+
+    @property
+    def latency(self) -> float:
+        return self.done - self.scheduled
+
+
+RequestFactory = Callable[[int], tuple[str, dict[str, Any], str]]  # i -> (url, aiohttp kwargs, key)
+
+
+async def _open_loop(rate: float, duration: float, make: RequestFactory) -> list[Sample]:
+    count = max(1, int(rate * duration))
+    samples: list[Sample] = []
+    timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT)
+    # No connection limit: an open-loop client opens what the schedule needs, as Twilio's fleet would.
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+
+        async def fire(sample: Sample, url: str, kwargs: dict[str, Any]) -> None:
+            sample.started = time.time()
+            try:
+                async with session.post(url, **kwargs) as response:
+                    await response.read()
+                    sample.status = response.status
+            except Exception as exc:  # timeouts and refused connections are results, not crashes
+                sample.error = type(exc).__name__
+            sample.done = time.time()
+
+        tasks = []
+        t0 = time.time() + 0.1
+        for i in range(count):
+            scheduled = t0 + i / rate
+            delay = scheduled - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            url, kwargs, key = make(i)
+            sample = Sample(index=i, scheduled=scheduled, key=key)
+            samples.append(sample)
+            tasks.append(asyncio.create_task(fire(sample, url, kwargs)))
+        await asyncio.gather(*tasks)
+    return samples
+
+
+def open_loop(rate: float, duration: float, make: RequestFactory) -> list[Sample]:
+    """Offer ``rate`` requests per second for ``duration`` seconds, each on its schedule."""
+    return asyncio.run(_open_loop(rate, duration, make))
+
+
+def load_stats(samples: list[Sample], rate: float, duration: float, ok_status: int) -> dict[str, Any]:
+    """Offered vs achieved rate, answer throughput and latency percentiles of one open-loop run."""
+    ok = [s for s in samples if s.status == ok_status]
+    starts = [s.started for s in samples]
+    first = min(s.scheduled for s in samples)
+    last_done = max(s.done for s in samples)
+    codes = collections.Counter(str(s.status) if s.status is not None else s.error for s in samples)
+    lag = [s.started - s.scheduled for s in samples]
+    return {
+        "offered_rate": rate,
+        "requests": len(samples),
+        # How closely the client kept its schedule (the load generator shares the 2 cores).
+        "achieved_send_rate": round(len(samples) / max(max(starts) - first, 1e-9), 1) if len(samples) > 1 else None,
+        "client_lag_p99_ms": round((pct(lag, 0.99) or 0) * 1000, 1),
+        "ok": len(ok),
+        "answers": dict(codes),
+        "ok_per_second": round(len(ok) / max(last_done - first, 1e-9), 1),
+        "latency": summary([s.latency for s in ok]),
+    }
+
+
+def end_to_end(samples: list[Sample], timings: list[dict[str, Any]], duration: float) -> dict[str, Any]:
+    """Match each request to the first create for its recipient at the simulator.
+
+    Returns the request -> handed-to-Twilio latency, how many arrived, the sustained rate at which
+    they left (messages / time from the first scheduled request to the last create), and how long
+    after the load stopped the last one left (the backlog the load built up).
+    """
+    first_create: dict[str, float] = {}
+    for t in timings:
+        first_create.setdefault(t["to"], t["received_at"])
+    matched = [(s, first_create[s.key]) for s in samples if s.key in first_create]
+    start = min(s.scheduled for s in samples)
+    end_of_load = start + duration
+    if not matched:
+        return {"delivered": 0, "expected": len(samples)}
+    last = max(at for _, at in matched)
+    return {
+        "expected": len(samples),
+        "delivered": len(matched),
+        "messages_per_second": round(len(matched) / max(last - start, 1e-9), 1),
+        "last_left_after_load_s": round(last - end_of_load, 1),
+        "latency": summary([at - s.scheduled for s, at in matched]),
+    }
+
+
+def wait_for_creates(sim: TwilioSimulator, recipients: set[str], timeout: float) -> bool:
+    """Block until every recipient got a create at the simulator (True), or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = {t["to"] for t in sim.timings}
+        if recipients <= seen:
+            return True
+        time.sleep(0.5)
+    log(f"  gave up waiting: {len(recipients - {t['to'] for t in sim.timings})} message(s) had not reached "
+        f"Twilio {timeout:.0f} s after the load; the next scenario starts with that backlog")
+    return False
+
+
+def callback_stats(sim: TwilioSimulator) -> dict[str, Any]:
+    """The status callbacks the simulator posted (to the web's webhook) during one scenario."""
+    hooks = [w for w in sim.webhooks if w["kind"] == "status"]
+    if not hooks:
+        return {"count": 0}
+    span = max(w["posted_at"] + (w["duration"] or 0) for w in hooks) - min(w["posted_at"] for w in hooks)
+    codes = collections.Counter(str(w["status_code"]) if w["status_code"] is not None else "error" for w in hooks)
+    return {
+        "count": len(hooks),
+        "per_second": round(len(hooks) / max(span, 1e-9), 1),
+        "answers": dict(codes),
+        "per_message": round(len(hooks) / max(len(sim.timings), 1), 2),
+        "latency": summary([w["duration"] for w in hooks if w["status_code"] == 200]),
+    }
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+def signed_form(url: str, form: dict[str, str]) -> dict[str, Any]:
+    """aiohttp kwargs for a form POST signed the way Twilio signs its webhooks."""
+    return {"data": form, "headers": {"X-Twilio-Signature": sign(AUTH_TOKEN, url, form),
+                                      "User-Agent": "TwilioProxy/1.1"}}
+
+
+def inbound_form(from_: str, body: str) -> dict[str, str]:
+    sid = "SM" + uuid.uuid4().hex
+    return {"MessageSid": sid, "SmsSid": sid, "SmsMessageSid": sid, "AccountSid": ACCOUNT_SID,
+            "From": "whatsapp:" + from_, "To": SENDER, "Body": body, "NumMedia": "0", "NumSegments": "1",
+            "SmsStatus": "received", "ApiVersion": "2010-04-01", "WaId": from_.lstrip("+"),
+            "ProfileName": "Bench", "MessageType": "text"}
+
+
+def seed_contacts(database_url: str, phones: list[str]) -> None:
+    """Opted-in contacts who wrote a minute ago (inside WhatsApp's 24-hour window), in one insert."""
+    import sqlalchemy as sa
+
+    from bot.clock import utcnow
+    from bot.config import database_uri
+    from bot.models import Contact
+
+    engine = sa.create_engine(database_uri(database_url, "."))
+    now = utcnow()
+    with engine.begin() as conn:
+        conn.execute(sa.insert(Contact.__table__), [
+            {"phone": p, "wa_id": p.lstrip("+"), "consent": "opted_in", "last_inbound_at": now - dt.timedelta(minutes=1),
+             "created_at": now, "updated_at": now} for p in phones])
+    engine.dispose()
+
+
+# ----------------------------------------------------------------------------- profiling
+
+
+def py_spy() -> str | None:
+    exe = Path(sys.executable).parent / "py-spy"
+    return str(exe) if exe.exists() else shutil.which("py-spy")
+
+
+def start_profiles(pids: dict[str, int], seconds: int, out_dir: Path) -> list[tuple[str, subprocess.Popen, Path]]:
+    """py-spy, non-blocking (it never pauses the process): an SVG flame graph of on-CPU stacks, and
+    raw collapsed stacks with idle threads included (to see where wall time goes: waiting on Twilio)."""
+    exe = py_spy()
+    if exe is None:
+        return []
+    started = []
+    for label, pid in pids.items():
+        for fmt, idle, out in (("flamegraph", False, out_dir / f"profile-{label}.svg"),
+                               ("raw", True, out_dir / f"profile-{label}-wall.txt"),
+                               ("raw", False, out_dir / f"profile-{label}-cpu.txt")):
+            cmd = [exe, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "25",
+                   "--nonblocking", "--format", fmt, "-o", str(out)]
+            if label == "web":
+                cmd.append("--subprocesses")
+            if idle:
+                cmd.append("--idle")
+            started.append((f"{label}:{fmt}:{'wall' if idle else 'cpu'}",
+                            subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                             start_new_session=True), out))
+    return started
+
+
+def top_frames(collapsed: Path, limit: int = 12) -> dict[str, Any]:
+    """Top frames of py-spy's raw (collapsed) output: by self samples and by inclusive samples."""
+    self_counts: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        self_counts[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    share = lambda n: round(100 * n / max(total, 1), 1)  # noqa: E731
+    return {"samples": total,
+            "self": [[f, share(n)] for f, n in self_counts.most_common(limit)],
+            "inclusive": [[f, share(n)] for f, n in inclusive.most_common(limit)]}
+
+
+# ----------------------------------------------------------------------------- queries per operation
+
+
+def count_queries(config: dict[str, Any], base: str, sim: TwilioSimulator, n: int) -> dict[str, Any]:
+    """SQL statements per operation, counted in this process with a before_cursor_execute listener.
+
+    create_app with the benchmark's settings but its own queue name; requests go through Flask's
+    test client (the same view code gunicorn runs), tasks are dequeued and executed here one by
+    one (what huey_consumer does), so every statement is attributed to exactly one operation.
+    """
+    import logging
+
+    import sqlalchemy as sa
+
+    from bot import create_app
+    from bot.delivery.queue import huey
+    from bot.extensions import db
+
+    # The status callbacks are posted below through the test client, so they are counted here;
+    # the simulator's own would go to the gunicorn web process instead.
+    sim.auto_callbacks = False
+    logging.disable(logging.INFO)  # the app's per-send log lines would flood the benchmark's output
+    app = create_app({**config, "QUEUE_NAME": config["QUEUE_NAME"] + "-queries",
+                      "HUEY_STORAGE_OPTIONS": {"blocking": False}})
+    counter = {"n": 0}
+    client = app.test_client()
+    webhook = base + "/twilio/webhook"
+    notify_phones = [phone("queries", 1, i) for i in range(n)]
+    turn_phones = [phone("queries", 2, i) for i in range(n)]
+    seed_contacts(config["DATABASE_URL"], notify_phones + turn_phones)
+
+    def drain() -> dict[str, list[int]]:
+        """Run queued tasks here until the queue is empty; statements per task, by task name."""
+        per_task: dict[str, list[int]] = collections.defaultdict(list)
+        while (task := huey.dequeue()) is not None:
+            before = counter["n"]
+            huey.execute(task)
+            per_task[task.name].append(counter["n"] - before)
+        return per_task
+
+    with app.app_context():
+        sa.event.listen(db.engine, "before_cursor_execute", lambda *a: counter.__setitem__("n", counter["n"] + 1))
+        sim.reset()
+        before = counter["n"]
+        for p in notify_phones:
+            r = client.post("/notify", json={"to": p, "body": "Your order shipped"},
+                            headers={"Authorization": f"Bearer {API_TOKEN}"})
+            assert r.status_code == 202, r.get_data(as_text=True)
+        notify_q = (counter["n"] - before) / n
+        sends = drain()
+        sids = [t["sid"] for t in sim.timings]
+
+        before = counter["n"]
+        for sid, p in zip(sids, notify_phones):
+            for status in ("sent", "delivered", "read"):
+                form = {"MessageSid": sid, "SmsSid": sid, "MessageStatus": status, "SmsStatus": status,
+                        "AccountSid": ACCOUNT_SID, "From": SENDER, "To": "whatsapp:" + p,
+                        "ApiVersion": "2010-04-01", "ChannelPrefix": "whatsapp"}
+                r = client.post("/twilio/webhook", data=form, base_url=base,
+                                headers={"X-Twilio-Signature": sign(AUTH_TOKEN, webhook, form)})
+                assert r.status_code == 200, r.get_data(as_text=True)
+        status_q = (counter["n"] - before) / (3 * len(sids))
+
+        before = counter["n"]
+        for p in turn_phones:
+            form = inbound_form(p, "feedback")
+            r = client.post("/twilio/webhook", data=form, base_url=base,
+                            headers={"X-Twilio-Signature": sign(AUTH_TOKEN, webhook, form)})
+            assert r.status_code == 200, r.get_data(as_text=True)
+        inbound_q = (counter["n"] - before) / n
+        turns = drain()
+        db.session.remove()
+        db.engine.dispose()
+    huey.flush()
+    turn_total = sum(sum(v) for v in turns.values())
+    mean = lambda xs: round(sum(xs) / len(xs), 1) if xs else None  # noqa: E731
+    return {
+        "operations": n,
+        "web_per_notify_request": round(notify_q, 1),
+        "web_per_inbound_webhook": round(inbound_q, 1),
+        "web_per_status_callback": round(status_q, 1),
+        "worker_per_send": mean(sends.get(next((k for k in sends if k.endswith("send_message")), ""), [])),
+        "worker_per_turn": round(turn_total / n, 1),
+        "worker_per_turn_by_task": {k.rsplit(".", 1)[-1]: {"tasks": len(v), "per_task": mean(v)} for k, v in turns.items()},
+        "how": "SQLAlchemy before_cursor_execute listener on the app's engine, in the benchmark process "
+               "(create_app with the benchmark's settings); web counts via Flask's test client, worker "
+               "counts by executing each dequeued task here; divided by the number of operations.",
+    }
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Stack:
+    """The running system under test and where to reach it."""
+
+    base: str
+    webhook: str
+    config: dict[str, Any]
+    env: dict[str, str]
+    sim: TwilioSimulator
+    processes: Processes
+    rss: RssSampler
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def run_notify(stack: Stack, rate: int, duration: float, drain_timeout: float, profile: bool,
+               out_dir: Path) -> dict[str, Any]:
+    phones = [phone("notify", rate, i) for i in range(int(rate * duration))]
+    seed_contacts(stack.config["DATABASE_URL"], phones)
+    stack.sim.reset()
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+
+    def make(i: int) -> tuple[str, dict[str, Any], str]:
+        return (stack.base + "/notify",
+                {"json": {"to": phones[i], "body": f"Your order {i} shipped"}, "headers": auth},
+                "whatsapp:" + phones[i])
+
+    profiles = []
+    if profile:
+        pids = {"worker": stack.processes.started["worker"].pid, "web": stack.processes.started["web"].pid}
+        profiles = start_profiles(pids, int(duration) + 10, out_dir)
+    samples = open_loop(rate, duration, make)
+    drained = wait_for_creates(stack.sim, {s.key for s in samples if s.status == 202}, drain_timeout)
+    time.sleep(CALLBACK_DELAY * 3 + 1)  # the last sends' callbacks
+    result = {"acceptance": load_stats(samples, rate, duration, 202),
+              "handed_to_twilio": {**end_to_end(samples, stack.sim.timings, duration), "drained": drained},
+              "status_callbacks": callback_stats(stack.sim)}
+    for label, process, out in profiles:
+        _, err = process.communicate(timeout=120)
+        if process.returncode != 0:
+            result.setdefault("profile_errors", {})[label] = err.decode(errors="replace")[-500:]
+        elif out.suffix == ".txt" and out.exists():
+            result.setdefault("profile", {})[label] = top_frames(out)
+    return result
+
+
+def run_turns(stack: Stack, rate: int, duration: float, drain_timeout: float) -> dict[str, Any]:
+    phones = [phone("turns", rate, i) for i in range(int(rate * duration))]
+    seed_contacts(stack.config["DATABASE_URL"], phones)
+    stack.sim.reset()
+
+    def make(i: int) -> tuple[str, dict[str, Any], str]:
+        return stack.webhook, signed_form(stack.webhook, inbound_form(phones[i], "feedback")), "whatsapp:" + phones[i]
+
+    samples = open_loop(rate, duration, make)
+    drained = wait_for_creates(stack.sim, {s.key for s in samples if s.status == 200}, drain_timeout)
+    time.sleep(CALLBACK_DELAY * 3 + 1)
+    return {"inbound_webhook": load_stats(samples, rate, duration, 200),
+            "reply_handed_to_twilio": {**end_to_end(samples, stack.sim.timings, duration), "drained": drained},
+            "status_callbacks": callback_stats(stack.sim)}
+
+
+def run_baselines(stack: Stack, rates: list[int], ceiling_rates: list[int], duration: float,
+                  workdir: Path) -> dict[str, Any]:
+    """bench/bare_app.py on the Procfile's gunicorn line (only the app module differs)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    web_line = procfile()["web"]
+    command = web_line.replace("wsgi:app", "bare_app:app", 1)
+    env = {**stack.env, "PORT": str(port), "BENCH_PUBLIC_BASE": base, "TWILIO_API_URL": stack.sim.url,
+           "PYTHONPATH": str(ROOT / "bench")}
+    stack.processes.start("bare", command, env)
+    stack.rss.watch("bare web", stack.processes.started["bare"].pid)
+    out: dict[str, Any] = {"command": command, "bare": {}, "naive": {}}
+    try:
+        wait_healthy(base + "/")  # 404 is an answer: the server is up
+        for rate in sorted(set(rates + ceiling_rates)):
+            url = base + "/twilio/webhook"
+            log(f"baseline bare webhook at {rate}/s")
+            samples = open_loop(rate, duration, lambda i: (url, signed_form(url, inbound_form(phone("turns", 99, i), "hi")), ""))
+            out["bare"][str(rate)] = load_stats(samples, rate, duration, 200)
+        for rate in rates:
+            url = base + "/naive"
+            log(f"baseline naive (Twilio inside the request) at {rate}/s")
+            stack.sim.reset()
+            samples = open_loop(rate, duration, lambda i: (url, signed_form(url, inbound_form(phone("turns", 98, i), "hi")), ""))
+            out["naive"][str(rate)] = load_stats(samples, rate, duration, 200)
+            out["naive"][str(rate)]["handed_to_twilio"] = len(stack.sim.timings)
+    finally:
+        stack.processes.stop("bare")
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    versions = {}
+    for dist in ("flask", "gunicorn", "huey", "twilio", "sqlalchemy", "psycopg", "redis", "aiohttp", "py-spy"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[dist] = importlib.metadata.version(dist)
+
+    def git(*args: str) -> str:
+        with contextlib.suppress(Exception):
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        return ""
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "versions": versions, "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def recreate_database(url: str) -> None:
+    """DROP and CREATE the benchmark database (connecting to the server's `postgres` database)."""
+    import psycopg
+
+    name = urlsplit(url).path.lstrip("/")
+    if not name or name in ("postgres", "test", "template0", "template1"):
+        raise SystemExit(f"refusing to drop database {name!r}: give --database-url a dedicated database")
+    with psycopg.connect(with_db(url, "postgres"), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def clean_redis(url: str, queue: str) -> int:
+    import redis
+
+    r = redis.Redis.from_url(url)
+    # Huey strips everything but [a-z0-9] from the queue name in its key names.
+    clean = "".join(c for c in queue.lower() if c.isalnum())
+    keys = list({*r.scan_iter(match=f"*{queue}*"), *r.scan_iter(match=f"*{clean}*")})
+    if keys:
+        r.delete(*keys)
+    return len(keys)
+
+
+@contextlib.contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt, so `finally:` blocks stop what was started."""
+    def handler(*_: object) -> None:
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--latency-ms", type=float, default=150, help="simulated Twilio API latency (default 150)")
+    parser.add_argument("--rates", default="80,200", help="offered rates, requests per second (default 80,200)")
+    parser.add_argument("--ceiling-rates", default="400,800",
+                        help="extra rates for the bare baseline, to find its ceiling (default 400,800)")
+    parser.add_argument("--duration", type=float, default=10, help="seconds of load per scenario and rate")
+    parser.add_argument("--drain-timeout", type=float, default=240,
+                        help="seconds to wait for the backlog to reach Twilio after each run")
+    parser.add_argument("--query-count-ops", type=int, default=20, help="operations for the statement counts")
+    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/bench",
+                        help="a dedicated database: it is DROPPED and recreated")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/5")
+    parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip py-spy")
+    parser.add_argument("--out", default=str(ROOT / "bench"), help="where results.json and THROUGHPUT.md go")
+    args = parser.parse_args(argv)
+    rates = [int(r) for r in args.rates.split(",") if r.strip()]
+    ceiling = [int(r) for r in args.ceiling_rates.split(",") if r.strip()]
+    out_dir = Path(args.out)
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
+    queue = "bench-" + uuid.uuid4().hex[:8]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    webhook = base + "/twilio/webhook"
+    results: dict[str, Any] = {"machine": machine_info(), "settings": {
+        "latency_ms": args.latency_ms, "rates": rates, "ceiling_rates": ceiling, "duration_s": args.duration,
+        "callback_delay_s": CALLBACK_DELAY, "procfile": procfile(), "workdir": str(workdir)}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"workdir {workdir} (process logs), queue {queue}")
+    recreate_database(args.database_url)
+
+    sim = TwilioSimulator(ACCOUNT_SID, AUTH_TOKEN, webhook_url=webhook, auto_callbacks=True,
+                          callback_delay=CALLBACK_DELAY, latency=args.latency_ms / 1000).start()
+    config = {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+              "TWILIO_WHATSAPP_NUMBER": SENDER, "TWILIO_WEBHOOK_URL": webhook, "TWILIO_API_URL": sim.url,
+              "NOTIFY_API_TOKEN": API_TOKEN, "DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url,
+              "QUEUE_NAME": queue, "INSTANCE_PATH": str(workdir)}
+    # Like tests/test_processes.py: no inherited TWILIO_*/DATABASE_URL/REDIS_URL, the venv's bin first.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TWILIO_", "DATABASE_URL", "REDIS_URL", "WEB_CONCURRENCY", "WORKER_THREADS"))}
+    env.pop("PYTHONPATH", None)
+    env.update({k: str(v) for k, v in config.items()})
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["PORT"] = str(port)
+    processes = Processes(workdir)
+    rss = RssSampler()
+    stack = Stack(base=base, webhook=webhook, config=config, env=env, sim=sim, processes=processes, rss=rss)
+    try:
+        with terminate_on_sigterm():
+            commands = procfile()
+            subprocess.run(["bash", "-c", commands["release"]], env=env, cwd=workdir, check=True,
+                           capture_output=True, timeout=120)
+            web = processes.start("web", commands["web"], env)
+            worker = processes.start("worker", commands["worker"], env)
+            rss.watch("web", web.pid)
+            rss.watch("worker", worker.pid)
+            rss.start()
+            wait_healthy(base + "/healthz")
+            time.sleep(1)  # let the consumer's threads start polling
+
+            results["notify"], results["turns"] = {}, {}
+            for rate in rates:
+                log(f"/notify at {rate}/s for {args.duration:.0f} s")
+                results["notify"][str(rate)] = run_notify(stack, rate, args.duration, args.drain_timeout,
+                                                          args.profile and rate == max(rates), out_dir)
+            for rate in rates:
+                log(f"conversation turns (inbound 'feedback') at {rate}/s for {args.duration:.0f} s")
+                results["turns"][str(rate)] = run_turns(stack, rate, args.duration, args.drain_timeout)
+            log("baselines")
+            results["baselines"] = run_baselines(stack, rates, ceiling, args.duration, workdir)
+            log("statement counts")
+            results["queries"] = count_queries(config, base, sim, args.query_count_ops)
+            results["rss"] = rss.report()
+    finally:
+        rss.stop()
+        processes.stop_all()
+        sim.stop()
+        removed = clean_redis(args.redis_url, queue)
+        log(f"stopped everything; removed {removed} Redis key(s) of queue {queue}")
+
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from report import write_report  # bench/report.py, next to this file
+
+    write_report(results, out_dir / "THROUGHPUT.md")
+    log(f"wrote {out_dir / 'results.json'} and {out_dir / 'THROUGHPUT.md'}")
+
+
+if __name__ == "__main__":
+    main()
