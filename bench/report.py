@@ -22,6 +22,16 @@ def _num(value: Any) -> str:
     return "–" if value is None else f"{value:g}"
 
 
+def _pipeline_row(rate: str, answered: dict, handed: dict, ok_status: str) -> str:
+    """One table row: the requests as the web answered them, then their messages reaching Twilio."""
+    return (f"| {rate} | {_num(answered['achieved_send_rate'])} | {answered['ok']}/{answered['requests']} "
+            f"| {_answers(answered['answers'], ok_status)} "
+            f"| {_ms(answered['latency'], 'p50_ms')} | {_ms(answered['latency'], 'p99_ms')} "
+            f"| {handed['delivered']}/{handed['expected']} "
+            f"| {_num(handed.get('messages_per_second'))} | {_ms(handed.get('latency'), 'p50_ms')} "
+            f"| {_ms(handed.get('latency'), 'p99_ms')} | {_num(handed.get('last_left_after_load_s'))} s |")
+
+
 def _answers(answers: dict[str, int], ok: str) -> str:
     others = {k: v for k, v in answers.items() if k != ok}
     return ", ".join(f"{k}: {v}" for k, v in sorted(others.items())) or "none"
@@ -59,11 +69,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "notify → Twilio p50 | p99 | last left after load |")
     add("|---|---|---|---|---|---|---|---|---|---|---|")
     for rate, r in results.get("notify", {}).items():
-        a, h = r["acceptance"], r["handed_to_twilio"]
-        add(f"| {rate} | {_num(a['achieved_send_rate'])} | {a['ok']}/{a['requests']} | {_answers(a['answers'], '202')} "
-            f"| {_ms(a['latency'], 'p50_ms')} | {_ms(a['latency'], 'p99_ms')} | {h['delivered']}/{h['expected']} "
-            f"| {_num(h.get('messages_per_second'))} | {_ms(h.get('latency'), 'p50_ms')} | {_ms(h.get('latency'), 'p99_ms')} "
-            f"| {_num(h.get('last_left_after_load_s'))} s |")
+        add(_pipeline_row(rate, r["acceptance"], r["handed_to_twilio"], "202"))
     add("")
 
     add("## Conversation turns: signed inbound webhook → reply handed to Twilio")
@@ -75,11 +81,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "inbound → reply p50 | p99 | last left after load |")
     add("|---|---|---|---|---|---|---|---|---|---|---|")
     for rate, r in results.get("turns", {}).items():
-        a, h = r["inbound_webhook"], r["reply_handed_to_twilio"]
-        add(f"| {rate} | {_num(a['achieved_send_rate'])} | {a['ok']}/{a['requests']} | {_answers(a['answers'], '200')} "
-            f"| {_ms(a['latency'], 'p50_ms')} | {_ms(a['latency'], 'p99_ms')} | {h['delivered']}/{h['expected']} "
-            f"| {_num(h.get('messages_per_second'))} | {_ms(h.get('latency'), 'p50_ms')} | {_ms(h.get('latency'), 'p99_ms')} "
-            f"| {_num(h.get('last_left_after_load_s'))} s |")
+        add(_pipeline_row(rate, r["inbound_webhook"], r["reply_handed_to_twilio"], "200"))
     add("")
 
     add("## Status callbacks (posted by the simulator during the runs above)")
