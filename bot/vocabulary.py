@@ -36,10 +36,6 @@ class MessageStatus(StrEnum):
         """The order statuses may move in: a callback only ever raises the rank."""
         return RANK[self]
 
-    @property
-    def is_final(self) -> bool:
-        return RANK[self] >= RANK[MessageStatus.DELIVERED]
-
 
 #: pending < dispatching/retrying < accepted/scheduled < queued < sending < sent < final < read.
 #: Inbound statuses rank 0: status callbacks never touch inbound rows.

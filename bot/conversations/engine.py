@@ -19,8 +19,8 @@ from bot.clock import utcnow
 from bot.conversations.consent import Keywords, change_consent, opt_out_source
 from bot.conversations.stages import Turn, obey_opt_out, run_stages
 from bot.conversations.contacts import lock_contact
-from bot.conversations.store import (apply_step, end_conversation, end_open_conversations, open_conversation,
-                                     send_replies, start_flow)
+from bot.conversations.store import (answer_consent_questions, apply_step, end_conversation,
+                                     end_open_conversations, open_conversation, send_replies, start_flow)
 from bot.extensions import db
 from bot.models import Contact, Conversation, Message
 from bot.vocabulary import Consent, ConversationStatus, Direction, Kind, MessageStatus, StartedBy
@@ -99,7 +99,7 @@ def set_consent_from_api(contact: Contact, consent: Consent, note: str | None) -
     if consent == Consent.OPTED_OUT:
         end_open_conversations(contact.id, ConversationStatus.CANCELLED, error="contact opted out (API)")
     else:
-        end_open_conversations(contact.id, ConversationStatus.COMPLETED, asking_consent_only=True, flows=registry())
+        answer_consent_questions(contact.id, registry())
     change_consent(contact, consent, source="api", words=note)
 
 

@@ -13,8 +13,9 @@ from typing import Any, Callable, Mapping
 
 from bot.conversations.consent import (UNAMBIGUOUS_OPT_IN, Keywords, change_consent, is_sandbox_join,
                                        opt_out_source, typed_words)
-from bot.conversations.store import (apply_step, end_conversation, end_open_conversations, has_run,
-                                     new_conversation, open_conversation, send_replies, start_flow)
+from bot.conversations.store import (answer_consent_question, answer_consent_questions, apply_step,
+                                     end_conversation, end_open_conversations, has_run, new_conversation,
+                                     open_conversation, send_replies, start_flow)
 from bot.models import Contact, Conversation, Message
 from bot.vocabulary import Consent, ConversationStatus, Kind, StartedBy
 from flows import registry
@@ -121,8 +122,7 @@ def opt_in(turn: Turn, source: str) -> list[Message]:
     """Opt in; a flow asking for consent has its answer. A repeated YES needs no confirmation."""
     changed = change_consent(turn.contact, Consent.OPTED_IN, source=source, words=turn.message.body,
                              message_sid=turn.message.twilio_sid)
-    end_open_conversations(turn.contact.id, ConversationStatus.COMPLETED, asking_consent_only=True,
-                           flows=turn.flows)
+    answer_consent_questions(turn.contact.id, turn.flows)
     if not changed and source == "keyword":
         return []
     return turn.reply("subscription/opted_in", name=turn.contact.profile_name)
@@ -139,7 +139,7 @@ def the_open_conversation(turn: Turn) -> list[Message] | None:
     if flow is not None and flow.asks_consent and turn.contact.consent == Consent.OPTED_IN:
         # Consent arrived another way (the API, a backend-opened question): the question is
         # answered, and this message is for the stages after this one.
-        end_conversation(conversation, ConversationStatus.COMPLETED, outcome={"consent": Consent.OPTED_IN.value})
+        answer_consent_question(conversation)
         return None
     if flow is not None and flow.yields_to_entry_points and not flow.expects(conversation.state, turn.inbound):
         started = entry_points(turn)

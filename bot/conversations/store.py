@@ -67,17 +67,24 @@ def end_conversation(conversation: Conversation, status: ConversationStatus, *, 
         conversation.error = error
 
 
-def end_open_conversations(contact_id: int, status: ConversationStatus, *, error: str | None = None,
-                           asking_consent_only: bool = False, flows: Mapping[str, Flow] | None = None) -> None:
-    """End the contact's open conversations (only those whose flow asks for consent, if said)."""
+def end_open_conversations(contact_id: int, status: ConversationStatus, *, error: str | None = None) -> None:
+    """End every open conversation of the contact."""
     for conversation in open_conversations(contact_id):
-        if asking_consent_only:
-            flow = (flows or {}).get(conversation.flow)
-            if flow is None or not flow.asks_consent:
-                continue
-            end_conversation(conversation, status, outcome={"consent": Consent.OPTED_IN.value})
-        else:
-            end_conversation(conversation, status, error=error)
+        end_conversation(conversation, status, error=error)
+
+
+def answer_consent_question(conversation: Conversation) -> None:
+    """The contact opted in (a keyword, the API, before it even began): the flow that asks for
+    consent has its answer and ends."""
+    end_conversation(conversation, ConversationStatus.COMPLETED, outcome={"consent": Consent.OPTED_IN.value})
+
+
+def answer_consent_questions(contact_id: int, flows: Mapping[str, Flow]) -> None:
+    """End each of the contact's open conversations whose flow asks for consent, answered."""
+    for conversation in open_conversations(contact_id):
+        flow = flows.get(conversation.flow)
+        if flow is not None and flow.asks_consent:
+            answer_consent_question(conversation)
 
 
 def start_flow(contact: Contact, flow: Flow, variables: dict[str, Any], *, started_by: StartedBy,
@@ -93,7 +100,7 @@ def start_flow(contact: Contact, flow: Flow, variables: dict[str, Any], *, start
     if conversation is None:
         conversation = new_conversation(contact, flow, started_by=started_by, variables=variables)
     if flow.asks_consent and contact.consent == Consent.OPTED_IN:
-        end_conversation(conversation, ConversationStatus.COMPLETED, outcome={"consent": Consent.OPTED_IN.value})
+        answer_consent_question(conversation)
         return []
     return apply_step(contact, conversation, flow, flow.begin(variables))
 
