@@ -186,15 +186,24 @@ def wait_for_turn(message_id: str) -> bool:
 def release_next(message_id: str) -> None:
     """Hand the contact's turn to their next message, if it waits (this one was accepted or failed)."""
     contact_id = db.session.scalar(sa.select(Message.contact_id).where(Message.id == message_id))
+    # Most sends have nobody behind them, and then the lock is not needed: a message created after
+    # this one was accepted (or failed) finds nothing older unsent and is claimed at once.
+    if _next_pending(contact_id, message_id) is None:
+        return
     lock_contact(contact_id)
-    next_row = db.session.execute(
+    waiting = _next_pending(contact_id, message_id)
+    if waiting is not None and waiting.next_attempt_at is not None:
+        outbox.defer_send(waiting.id)  # its own task found it waiting (or it is on the queue again)
+    db.session.commit()
+
+
+def _next_pending(contact_id: int, after_id: str) -> sa.Row | None:
+    """The contact's oldest pending outbound message other than `after_id` (its id, next_attempt_at)."""
+    return db.session.execute(
         sa.select(Message.id, Message.next_attempt_at)
         .where(Message.contact_id == contact_id, Message.direction == Direction.OUTBOUND,
-               Message.status == MessageStatus.PENDING, Message.id != message_id)
+               Message.status == MessageStatus.PENDING, Message.id != after_id)
         .order_by(Message.created_at, Message.id).limit(1)).first()
-    if next_row is not None and next_row.next_attempt_at is not None:
-        outbox.defer_send(next_row.id)  # its own task found it waiting (or it is on the queue again)
-    db.session.commit()
 
 
 def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False) -> Outcome:
