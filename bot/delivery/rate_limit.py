@@ -10,6 +10,7 @@ meeting a 429; a 429 or 63018 from Twilio drains the rest of the current second 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from flask import Flask, current_app
@@ -19,6 +20,8 @@ from limits.strategies import MovingWindowRateLimiter
 
 log = logging.getLogger(__name__)
 
+#: Worker threads build the limiter once between them: two in-memory budgets would each allow the rate.
+_build_lock = threading.Lock()
 #: The longest a send waits for a slot before it gives up and is retried later.
 MAX_WAIT_SECONDS = 30.0
 
@@ -52,16 +55,23 @@ class SendRateLimit:
 
 
 def init_app(app: Flask) -> None:
-    """Build the app's limiter from TWILIO_MESSAGES_PER_SECOND and the queue's Redis (if any)."""
-    redis_url = app.config.get("REDIS_URL")
-    app.extensions["send_rate_limit"] = SendRateLimit(
-        per_second=int(app.config["TWILIO_MESSAGES_PER_SECOND"]),
-        storage_uri=redis_url if redis_url else "memory://",
-        # Two bots can share one Redis (different QUEUE_NAME); their budgets must not mix.
-        namespace=f"{app.config.get('QUEUE_NAME') or 'whatsapp-bot'}:send-rate",
-    )
+    """The limiter is built on first use (only workers send; web processes never need it)."""
+    app.extensions["send_rate_limit"] = None
 
 
 def send_rate_limit() -> SendRateLimit:
-    """The current app's limiter."""
-    return current_app.extensions["send_rate_limit"]
+    """The current app's limiter, from TWILIO_MESSAGES_PER_SECOND and the queue's Redis (if any)."""
+    limit = current_app.extensions.get("send_rate_limit")
+    if limit is None:
+        with _build_lock:
+            limit = current_app.extensions.get("send_rate_limit")
+            if limit is None:
+                cfg = current_app.config
+                limit = SendRateLimit(
+                    per_second=int(cfg["TWILIO_MESSAGES_PER_SECOND"]),
+                    storage_uri=cfg.get("REDIS_URL") or "memory://",
+                    # Two bots can share one Redis (different QUEUE_NAME); their budgets must not mix.
+                    namespace=f"{cfg.get('QUEUE_NAME') or 'whatsapp-bot'}:send-rate",
+                )
+                current_app.extensions["send_rate_limit"] = limit
+    return limit
