@@ -21,6 +21,8 @@ from bot.phone import InvalidNumber, normalize_whatsapp_address
 REQUIRED_SECRETS = ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_WHATSAPP_NUMBER", "NOTIFY_API_TOKEN")
 #: Largest request body accepted; Twilio's webhooks and /notify bodies are a few kilobytes.
 MAX_CONTENT_LENGTH = 256 * 1024
+#: The Procfile's `${WORKER_THREADS:-…}` default, the same number (tests/test_packaging.py checks).
+WORKER_THREADS_DEFAULT = 4
 
 
 class ConfigError(RuntimeError):
@@ -62,6 +64,15 @@ class Settings(BaseSettings):
     instance_path: str | None = None
     #: Huey queue name; two bots can share one Redis with different names.
     queue_name: str = "whatsapp-bot"
+    #: The worker's threads (the Procfile passes the same variable to huey_consumer); each runs
+    #: one task, so this is how many sends a worker process has in flight at once. It also sizes
+    #: the process's keep-alive connections to Twilio. The default is measured: bench/THROUGHPUT.md.
+    worker_threads: int = Field(default=WORKER_THREADS_DEFAULT, ge=1, le=1024)
+    #: Database connections each process keeps (plus DATABASE_MAX_OVERFLOW at peaks). A send
+    #: holds one only while it reads or records, never while it waits for Twilio, so far fewer
+    #: connections than threads suffice.
+    database_pool_size: int = Field(default=5, ge=1, le=200)
+    database_max_overflow: int = Field(default=5, ge=0, le=200)
 
     def flask_config(self, instance_path: str) -> dict[str, Any]:
         """The app's config: every setting under its variable's name, secrets unwrapped, and
@@ -72,7 +83,8 @@ class Settings(BaseSettings):
             config[name.upper()] = value.get_secret_value() if isinstance(value, SecretStr) else value
         config.update(
             SQLALCHEMY_DATABASE_URI=database_uri(self.database_url, instance_path),
-            SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True},
+            SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True, "pool_size": self.database_pool_size,
+                                       "max_overflow": self.database_max_overflow},
             MAX_CONTENT_LENGTH=MAX_CONTENT_LENGTH,
         )
         return config

@@ -228,8 +228,9 @@ def test_callback_before_the_sid_is_recorded_is_applied_later(app, client, auth,
         assert event.message_id is None
         # The send now records that very SID (as if Twilio's answer arrived after the callback).
         from bot.delivery.sender import _record_accepted, claim
-        assert claim(message_id)
-        _record_accepted(message_id, early_sid, "queued")
+        claimed = claim(message_id)
+        assert claimed is not None
+        _record_accepted(message_id, claimed.contact_id, early_sid, "queued")
     row = stored(app, message_id)
     assert row.status == "delivered"
     with app.app_context():

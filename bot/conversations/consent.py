@@ -71,11 +71,15 @@ def opt_out_waiting(contact_id: int) -> bool:
     engine applies it a moment later; until then the send path and /notify treat the contact as
     opted out, so nothing slips through the gap.
     """
-    return db.session.scalar(
-        sa.select(Message.id).where(
-            Message.contact_id == contact_id, Message.direction == Direction.INBOUND,
-            Message.status == MessageStatus.RECEIVED, Message.kind == Kind.OPT_OUT_REQUEST).limit(1)
-    ) is not None
+    return bool(db.session.scalar(sa.select(opt_out_waiting_clause(contact_id))))
+
+
+def opt_out_waiting_clause(contact_id: Any) -> sa.Exists:
+    """SQL: `opt_out_waiting` for a contact id or column, to fold into a query that reads the
+    contact anyway (the send path reads both in one statement)."""
+    return sa.exists().where(
+        Message.contact_id == contact_id, Message.direction == Direction.INBOUND,
+        Message.status == MessageStatus.RECEIVED, Message.kind == Kind.OPT_OUT_REQUEST)
 
 
 def change_consent(contact: Contact, new_state: str, *, source: str, words: str | None = None,

@@ -5,6 +5,11 @@ many copies of the send task run (huey retries, the outbox sweep, a re-delivered
 reaches Twilio. The one duplicate left is a crash after Twilio accepted the message and before we
 committed its SID: the lease then expires and the sweep sends again. That window is one HTTP
 response long.
+
+A send holds no database connection while it waits for the rate limit or for Twilio (the session
+is closed before, and a new transaction records the answer), so a worker runs many more sends at
+once than it has connections (docs/ARCHITECTURE.md, "How many sends at once"). Five statements per
+send: claim (returning the row), contact with its pending STOP, record, early callbacks, next in line.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from twilio.base.exceptions import TwilioException
 
 from bot.clock import utcnow
-from bot.conversations.consent import opt_out_waiting
+from bot.conversations.consent import opt_out_waiting_clause
 from bot.conversations.contacts import lock_contact
 from bot.delivery import outbox
 from bot.delivery.rate_limit import send_rate_limit
@@ -87,11 +92,15 @@ def _earlier_unsent_message():
     )
 
 
-def claim(message_id: str, *, early: bool = False) -> bool:
+def claim(message_id: str, *, early: bool = False) -> sa.Row | None:
     """Atomically take a message for sending: pending, retrying once its next attempt is due
     (`early`: the task's own retry, whose delay already is the backoff), or dispatching with an
     expired lease (its worker died) — and none of its contact's older messages still unsent
-    (an opt-out confirmation excepted: it is the one message that must not wait)."""
+    (an opt-out confirmation excepted: it is the one message that must not wait).
+
+    Returns the claimed row as it is after the claim (None if not claimed): the UPDATE returns it,
+    so the send reads nothing more of the message.
+    """
     now = utcnow()
     due = sa.true() if early else Message.next_attempt_at <= now
     claimed = db.session.execute(
@@ -112,18 +121,30 @@ def claim(message_id: str, *, early: bool = False) -> bool:
             attempts=Message.attempts + 1,
             updated_at=now,
         )
+        .returning(*Message.__table__.c)
         .execution_options(synchronize_session=False)
-    ).rowcount
+    ).first()
     db.session.commit()
-    return claimed == 1
+    return claimed
 
 
-def refusal_reason(message: Message, contact: Contact) -> tuple[int, str] | None:
-    """Why this message must not reach Twilio now (opt-out, 24-hour window), or None."""
+def load_recipient(contact_id: int) -> tuple[Contact, bool]:
+    """The contact and whether an opt-out of theirs waits for the engine, in one statement."""
+    contact, stop_waiting = db.session.execute(
+        sa.select(Contact, opt_out_waiting_clause(contact_id)).where(Contact.id == contact_id)).one()
+    return contact, bool(stop_waiting)
+
+
+def refusal_reason(message: Message | sa.Row, contact: Contact, stop_waiting: bool) -> tuple[int, str] | None:
+    """Why this message must not reach Twilio now (opt-out, 24-hour window), or None.
+
+    `stop_waiting`: the contact has sent an opt-out the engine has not handled yet (see
+    consent.opt_out_waiting).
+    """
     if message.kind != Kind.OPT_OUT_CONFIRMATION:
         if contact.consent == Consent.OPTED_OUT:
             return OPTED_OUT_CODE, "Recipient has opted out; not sent."
-        if opt_out_waiting(contact.id):
+        if stop_waiting:
             # Their STOP is stored but not yet handled by the engine: it is an opt-out all the same.
             return OPTED_OUT_CODE, "Recipient has sent an opt-out (not yet processed); not sent."
     if message.content_sid is None and not within_window(contact.last_inbound_at):
@@ -131,7 +152,7 @@ def refusal_reason(message: Message, contact: Contact) -> tuple[int, str] | None
     return None
 
 
-def twilio_params(message: Message, contact: Contact) -> dict:
+def twilio_params(message: Message | sa.Row, contact: Contact) -> dict:
     """The keyword arguments of client.messages.create() for this message."""
     cfg = current_app.config
     params: dict = {"to": contact.whatsapp_address, "from_": cfg["TWILIO_WHATSAPP_NUMBER"]}
@@ -149,7 +170,8 @@ def twilio_params(message: Message, contact: Contact) -> dict:
     return params
 
 
-def finish(message_id: str, status: MessageStatus, code: int | None, text: str | None) -> None:
+def finish(message_id: str, status: MessageStatus, code: int | None, text: str | None,
+           contact_id: int | None = None) -> None:
     """Record a final outcome of ours (refused or failed) and release the claim; commits.
 
     Our outcome replaces what an earlier transient attempt noted: it is the reason now.
@@ -159,7 +181,7 @@ def finish(message_id: str, status: MessageStatus, code: int | None, text: str |
                        .execution_options(synchronize_session=False))
     raise_status(message_id, status, code, text)
     db.session.commit()
-    release_next(message_id)
+    release_next(message_id, contact_id)
 
 
 def wait_for_turn(message_id: str) -> bool:
@@ -183,9 +205,10 @@ def wait_for_turn(message_id: str) -> bool:
     return bool(marked)
 
 
-def release_next(message_id: str) -> None:
+def release_next(message_id: str, contact_id: int | None = None) -> None:
     """Hand the contact's turn to their next message, if it waits (this one was accepted or failed)."""
-    contact_id = db.session.scalar(sa.select(Message.contact_id).where(Message.id == message_id))
+    if contact_id is None:
+        contact_id = db.session.scalar(sa.select(Message.contact_id).where(Message.id == message_id))
     # Most sends have nobody behind them, and then the lock is not needed: a message created after
     # this one was accepted (or failed) finds nothing older unsent and is claimed at once.
     if _next_pending(contact_id, message_id) is None:
@@ -213,27 +236,32 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
     `can_retry` (the task has retries left) and few attempts so far, it also raises
     TransientSendError so the task retries within seconds. `is_retry`: this is that retry.
     """
-    if not claim(message_id, early=is_retry):
+    message = claim(message_id, early=is_retry)
+    if message is None:
         if wait_for_turn(message_id):
             log.info("message %s waits for an older message to the same contact", message_id)
             return Outcome.WAITING
-        if not claim(message_id, early=is_retry):  # its turn came while it looked
+        message = claim(message_id, early=is_retry)
+        if message is None:  # its turn came while it looked
             log.info("message %s not claimable (already sent or in flight); skipping", message_id)
             return Outcome.NOT_CLAIMED
-    message = db.session.get(Message, message_id)
-    contact = db.session.get(Contact, message.contact_id)
+    contact_id = message.contact_id
     if message.attempts > MAX_ATTEMPTS:  # a worker kept dying mid-send: stop, say so
-        finish(message_id, MessageStatus.FAILED, None, f"gave up after {MAX_ATTEMPTS} attempts")
+        finish(message_id, MessageStatus.FAILED, None, f"gave up after {MAX_ATTEMPTS} attempts", contact_id)
         return Outcome.FAILED
     can_retry = can_retry and message.attempts < FAST_ATTEMPTS
 
-    refusal = refusal_reason(message, contact)
+    contact, stop_waiting = load_recipient(contact_id)
+    refusal = refusal_reason(message, contact, stop_waiting)
     if refusal:
         log.info("message %s refused before Twilio: %s", message_id, refusal[1])
-        finish(message_id, MessageStatus.FAILED, *refusal)
+        finish(message_id, MessageStatus.FAILED, *refusal, contact_id)
         return Outcome.REFUSED
 
     params = twilio_params(message, contact)
+    # Give the connection back while waiting for a rate slot and for Twilio: the claim holds the
+    # row, and the objects read so far stay usable, detached (docs/ARCHITECTURE.md).
+    db.session.close()
     if not send_rate_limit().acquire(params["from_"]):
         return _failed_attempt(message, None, None, "the sender's rate limit stayed full", can_retry,
                                transient=True)
@@ -248,7 +276,7 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
             return _failed_attempt(message, None, None, "ReadTimeout talking to Twilio", can_retry,
                                    transient=True)
         log.warning("message %s: Twilio answered too slowly but had accepted it as %s", message_id, sid)
-        return _record_accepted(message_id, sid, MessageStatus.QUEUED)
+        return _record_accepted(message_id, contact_id, sid, MessageStatus.QUEUED)
     except TwilioException as exc:  # TwilioRestException and (since 9.10) TwilioServiceException
         http_status = getattr(exc, "status", None)
         code = getattr(exc, "code", None)
@@ -262,25 +290,28 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
     except Exception as exc:  # a bug or unsendable content: fail it rather than hold the claim forever
         log.exception("message %s: unexpected error while sending", message_id)
         db.session.rollback()
-        finish(message_id, MessageStatus.FAILED, None, f"not sent: unexpected {type(exc).__name__} (see the worker's log)")
+        finish(message_id, MessageStatus.FAILED, None,
+               f"not sent: unexpected {type(exc).__name__} (see the worker's log)", contact_id)
         return Outcome.FAILED
 
     log.info("message %s accepted by Twilio as %s", message_id, created.sid)
-    return _record_accepted(message_id, created.sid, (created.status or "").lower())
+    return _record_accepted(message_id, contact_id, created.sid, (created.status or "").lower())
 
 
-def _record_accepted(message_id: str, sid: str, twilio_status: str) -> Outcome:
+def _record_accepted(message_id: str, contact_id: int, sid: str, twilio_status: str) -> Outcome:
     # Twilio answers a create() with its starting status (queued, accepted, scheduled).
     status = MessageStatus(twilio_status) if twilio_status in OUTBOUND_STATUSES else MessageStatus.QUEUED
+    moves = Message.status_rank < status.rank  # as raise_status does, in the same statement
 
     def record(**values: object) -> None:
         now = utcnow()
         db.session.execute(
             sa.update(Message).where(Message.id == message_id)
-            .values(sent_at=now, updated_at=now, next_attempt_at=None, **values)
+            .values(sent_at=now, updated_at=now, next_attempt_at=None, claimed_until=None,
+                    status=sa.case((moves, status.value), else_=Message.status),
+                    status_rank=sa.case((moves, status.rank), else_=Message.status_rank), **values)
             .execution_options(synchronize_session=False)
         )
-        raise_status(message_id, status)
         db.session.commit()
 
     try:
@@ -294,14 +325,14 @@ def _record_accepted(message_id: str, sid: str, twilio_status: str) -> Outcome:
         db.session.rollback()
         log.error("message %s: Twilio SID %s is already recorded on another message", message_id, sid)
         record(error_message=f"Twilio SID {sid} is recorded on another message")
-        release_next(message_id)
+        release_next(message_id, contact_id)
         return Outcome.SENT
-    apply_pending_events(sid)
-    release_next(message_id)
+    apply_pending_events(sid, message_id)
+    release_next(message_id, contact_id)
     return Outcome.SENT
 
 
-def find_accepted_send(message: Message, params: dict, since: datetime) -> str | None:
+def find_accepted_send(message: Message | sa.Row, params: dict, since: datetime) -> str | None:
     """The SID of a message Twilio accepted for this send although we never got its answer.
 
     Candidates: messages from our sender to this recipient created since the attempt began (with
@@ -335,7 +366,7 @@ def find_accepted_send(message: Message, params: dict, since: datetime) -> str |
     return None
 
 
-def _failed_attempt(message: Message, http_status: int | None, code: int | None, text: str,
+def _failed_attempt(message: Message | sa.Row, http_status: int | None, code: int | None, text: str,
                     can_retry: bool, transient: bool | None = None) -> Outcome:
     message_id, attempts = message.id, message.attempts
     retry = is_retryable(http_status, code) if transient is None else transient
@@ -358,5 +389,5 @@ def _failed_attempt(message: Message, http_status: int | None, code: int | None,
             raise TransientSendError(f"HTTP {http_status}, code {code}: {text}")
         return Outcome.RETRY
     log.warning("message %s failed (HTTP %s, code %s): %s", message_id, http_status, code, text)
-    finish(message_id, MessageStatus.FAILED, code, text)
+    finish(message_id, MessageStatus.FAILED, code, text, message.contact_id)
     return Outcome.FAILED
