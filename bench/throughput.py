@@ -74,7 +74,7 @@ SENDER = "whatsapp:+14155238886"
 CALLBACK_DELAY = 0.5
 #: Twilio gives a webhook 15 s; a request slower than that is a failure, as Twilio would count it.
 CLIENT_TIMEOUT = 15.0
-CONTACTS_PER_RUN_PREFIX = {"notify": "+1555", "turns": "+1556", "queries": "+1557"}
+CONTACTS_PER_RUN_PREFIX = {"notify": "+1555", "turns": "+1556", "queries": "+1557", "backlog": "+1558"}
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -417,6 +417,55 @@ def seed_contacts(database_url: str, phones: list[str]) -> None:
     engine.dispose()
 
 
+def cpu_seconds(root: int) -> float:
+    """User + system CPU time used so far by a process and its children (from /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+def seed_backlog(config: dict[str, Any], phones: list[str], body: str) -> list[str]:
+    """Pending outbound messages, one per phone, and their send tasks on the worker's queue:
+    what a burst of /notify leaves behind, without the web in the way."""
+    import logging
+
+    from bot import create_app
+    from bot.delivery import outbox
+    from bot.extensions import db
+    from bot.models import Contact, Message
+    from bot.vocabulary import Direction, Kind, MessageStatus
+
+    logging.disable(logging.INFO)
+    app = create_app(dict(config))
+    ids: list[str] = []
+    with app.app_context():
+        contacts = db.session.execute(sa_select_contacts(phones)).all()
+        for contact_id, phone_number in contacts:
+            message = Message(direction=Direction.OUTBOUND, kind=Kind.NOTIFICATION, contact_id=contact_id,
+                              body=f"{body} {phone_number}", status=MessageStatus.PENDING,
+                              status_rank=MessageStatus.PENDING.rank)
+            db.session.add(message)
+            outbox.defer_send(message)
+            ids.append(message.id)
+        db.session.commit()  # the outbox enqueues every send task now
+        db.session.remove()
+        db.engine.dispose()
+    logging.disable(logging.NOTSET)
+    return ids
+
+
+def sa_select_contacts(phones: list[str]):
+    import sqlalchemy as sa
+
+    from bot.models import Contact
+
+    return sa.select(Contact.id, Contact.phone).where(Contact.phone.in_(phones))
+
+
 # ----------------------------------------------------------------------------- profiling
 
 
@@ -609,6 +658,32 @@ def run_notify(stack: Stack, rate: int, duration: float, drain_timeout: float, p
     return result
 
 
+def run_backlog(stack: Stack, size: int, drain_timeout: float, profile: bool, out_dir: Path) -> dict[str, Any]:
+    """The send path on its own: `size` messages already pending, how fast the worker drains them."""
+    phones = [phone("backlog", size, i) for i in range(size)]
+    seed_contacts(stack.config["DATABASE_URL"], phones)
+    stack.sim.reset()
+    worker = stack.processes.started["worker"].pid
+    profiles = start_profiles({"worker": worker}, 20, out_dir) if profile else []
+    cpu_before, started = cpu_seconds(worker), time.time()
+    seed_backlog(stack.config, phones, "Backlog")
+    drained = wait_for_creates(stack.sim, {"whatsapp:" + p for p in phones}, drain_timeout)
+    creates = [t["received_at"] for t in stack.sim.timings]
+    cpu = cpu_seconds(worker) - cpu_before
+    result: dict[str, Any] = {"size": size, "drained": drained, "handed_to_twilio": len(creates)}
+    if creates:
+        result.update({
+            "messages_per_second": round(len(creates) / max(max(creates) - started, 1e-9), 1),
+            "worker_cpu_s": round(cpu, 2), "worker_cpu_ms_per_send": round(1000 * cpu / len(creates), 2),
+            "worker_cpu_share": round(cpu / max(max(creates) - started, 1e-9), 2),
+        })
+    for label, process, out in profiles:
+        process.communicate(timeout=120)
+        if out.suffix == ".txt" and out.exists():
+            result.setdefault("profile", {})[label] = top_frames(out)
+    return result
+
+
 def run_turns(stack: Stack, rate: int, duration: float, drain_timeout: float) -> dict[str, Any]:
     phones = [phone("turns", rate, i) for i in range(int(rate * duration))]
     seed_contacts(stack.config["DATABASE_URL"], phones)
@@ -724,7 +799,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/5")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip py-spy")
     parser.add_argument("--out", default=str(ROOT / "bench"), help="where results.json and THROUGHPUT.md go")
+    parser.add_argument("--only", default="notify,turns,baselines,queries",
+                        help="scenarios to run, comma-separated (default all: notify,turns,baselines,queries)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for web and worker, e.g. WORKER_THREADS=64 (repeatable)")
+    parser.add_argument("--backlog", type=int, default=2000, help="messages in the backlog scenario")
+    parser.add_argument("--no-callbacks", dest="callbacks", action="store_false",
+                        help="the simulator posts no status callbacks (the send path on its own)")
     args = parser.parse_args(argv)
+    only = {name.strip() for name in args.only.split(",") if name.strip()}
+    overrides = dict(item.split("=", 1) for item in args.settings)
     rates = [int(r) for r in args.rates.split(",") if r.strip()]
     ceiling = [int(r) for r in args.ceiling_rates.split(",") if r.strip()]
     out_dir = Path(args.out)
@@ -736,12 +820,13 @@ def main(argv: list[str] | None = None) -> None:
     webhook = base + "/twilio/webhook"
     results: dict[str, Any] = {"machine": machine_info(), "settings": {
         "latency_ms": args.latency_ms, "rates": rates, "ceiling_rates": ceiling, "duration_s": args.duration,
-        "callback_delay_s": CALLBACK_DELAY, "procfile": procfile(), "workdir": str(workdir)}}
+        "callback_delay_s": CALLBACK_DELAY, "procfile": procfile(), "workdir": str(workdir),
+        "scenarios": sorted(only), "environment": overrides, "status_callbacks": args.callbacks}}
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"workdir {workdir} (process logs), queue {queue}")
     recreate_database(args.database_url)
 
-    sim = TwilioSimulator(ACCOUNT_SID, AUTH_TOKEN, webhook_url=webhook, auto_callbacks=True,
+    sim = TwilioSimulator(ACCOUNT_SID, AUTH_TOKEN, webhook_url=webhook, auto_callbacks=args.callbacks,
                           callback_delay=CALLBACK_DELAY, latency=args.latency_ms / 1000).start()
     config = {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
               "TWILIO_WHATSAPP_NUMBER": SENDER, "TWILIO_WEBHOOK_URL": webhook, "TWILIO_API_URL": sim.url,
@@ -754,6 +839,7 @@ def main(argv: list[str] | None = None) -> None:
     env.update({k: str(v) for k, v in config.items()})
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["PORT"] = str(port)
+    env.update(overrides)
     processes = Processes(workdir)
     rss = RssSampler()
     stack = Stack(base=base, webhook=webhook, config=config, env=env, sim=sim, processes=processes, rss=rss)
@@ -770,18 +856,26 @@ def main(argv: list[str] | None = None) -> None:
             wait_healthy(base + "/healthz")
             time.sleep(1)  # let the consumer's threads start polling
 
-            results["notify"], results["turns"] = {}, {}
-            for rate in rates:
-                log(f"/notify at {rate}/s for {args.duration:.0f} s")
-                results["notify"][str(rate)] = run_notify(stack, rate, args.duration, args.drain_timeout,
-                                                          args.profile and rate == max(rates), out_dir)
-            for rate in rates:
-                log(f"conversation turns (inbound 'feedback') at {rate}/s for {args.duration:.0f} s")
-                results["turns"][str(rate)] = run_turns(stack, rate, args.duration, args.drain_timeout)
-            log("baselines")
-            results["baselines"] = run_baselines(stack, rates, ceiling, args.duration, workdir)
-            log("statement counts")
-            results["queries"] = count_queries(config, base, sim, args.query_count_ops)
+            if "backlog" in only:
+                log(f"backlog: {args.backlog} pending sends drained by the worker")
+                results["backlog"] = run_backlog(stack, args.backlog, args.drain_timeout, args.profile, out_dir)
+            if "notify" in only:
+                results["notify"] = {}
+                for rate in rates:
+                    log(f"/notify at {rate}/s for {args.duration:.0f} s")
+                    results["notify"][str(rate)] = run_notify(stack, rate, args.duration, args.drain_timeout,
+                                                              args.profile and rate == max(rates), out_dir)
+            if "turns" in only:
+                results["turns"] = {}
+                for rate in rates:
+                    log(f"conversation turns (inbound 'feedback') at {rate}/s for {args.duration:.0f} s")
+                    results["turns"][str(rate)] = run_turns(stack, rate, args.duration, args.drain_timeout)
+            if "baselines" in only:
+                log("baselines")
+                results["baselines"] = run_baselines(stack, rates, ceiling, args.duration, workdir)
+            if "queries" in only:
+                log("statement counts")
+                results["queries"] = count_queries(config, base, sim, args.query_count_ops)
             results["rss"] = rss.report()
     finally:
         rss.stop()

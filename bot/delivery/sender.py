@@ -13,6 +13,7 @@ send: claim (returning the row), contact with its pending STOP, record, early ca
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from datetime import datetime, timedelta, timezone
@@ -92,21 +93,16 @@ def _earlier_unsent_message():
     )
 
 
-def claim(message_id: str, *, early: bool = False) -> sa.Row | None:
-    """Atomically take a message for sending: pending, retrying once its next attempt is due
-    (`early`: the task's own retry, whose delay already is the backoff), or dispatching with an
-    expired lease (its worker died) — and none of its contact's older messages still unsent
-    (an opt-out confirmation excepted: it is the one message that must not wait).
-
-    Returns the claimed row as it is after the claim (None if not claimed): the UPDATE returns it,
-    so the send reads nothing more of the message.
-    """
-    now = utcnow()
+@functools.cache
+def _claim_statement(early: bool) -> sa.Update:
+    # Built once: composing this statement costs more CPU than running it (bench/THROUGHPUT.md,
+    # "Profile"); the values that change per call are bound parameters.
+    now = sa.bindparam("now")
     due = sa.true() if early else Message.next_attempt_at <= now
-    claimed = db.session.execute(
+    return (
         sa.update(Message)
         .where(
-            Message.id == message_id,
+            Message.id == sa.bindparam("message_id"),
             sa.or_(Message.kind == Kind.OPT_OUT_CONFIRMATION, ~_earlier_unsent_message()),
             sa.or_(
                 Message.status == MessageStatus.PENDING,
@@ -117,21 +113,40 @@ def claim(message_id: str, *, early: bool = False) -> sa.Row | None:
         .values(
             status=MessageStatus.DISPATCHING,
             status_rank=MessageStatus.DISPATCHING.rank,
-            claimed_until=now + CLAIM_LEASE,
+            claimed_until=sa.bindparam("lease_until"),
             attempts=Message.attempts + 1,
             updated_at=now,
         )
         .returning(*Message.__table__.c)
         .execution_options(synchronize_session=False)
-    ).first()
+    )
+
+
+def claim(message_id: str, *, early: bool = False) -> sa.Row | None:
+    """Atomically take a message for sending: pending, retrying once its next attempt is due
+    (`early`: the task's own retry, whose delay already is the backoff), or dispatching with an
+    expired lease (its worker died) — and none of its contact's older messages still unsent
+    (an opt-out confirmation excepted: it is the one message that must not wait).
+
+    Returns the claimed row as it is after the claim (None if not claimed): the UPDATE returns it,
+    so the send reads nothing more of the message.
+    """
+    now = utcnow()
+    claimed = db.session.execute(_claim_statement(early), {
+        "message_id": message_id, "now": now, "lease_until": now + CLAIM_LEASE}).first()
     db.session.commit()
     return claimed
 
 
+@functools.cache
+def _recipient_statement() -> sa.Select:
+    contact_id = sa.bindparam("contact_id")
+    return sa.select(Contact, opt_out_waiting_clause(contact_id)).where(Contact.id == contact_id)
+
+
 def load_recipient(contact_id: int) -> tuple[Contact, bool]:
     """The contact and whether an opt-out of theirs waits for the engine, in one statement."""
-    contact, stop_waiting = db.session.execute(
-        sa.select(Contact, opt_out_waiting_clause(contact_id)).where(Contact.id == contact_id)).one()
+    contact, stop_waiting = db.session.execute(_recipient_statement(), {"contact_id": contact_id}).one()
     return contact, bool(stop_waiting)
 
 
@@ -220,13 +235,17 @@ def release_next(message_id: str, contact_id: int | None = None) -> None:
     db.session.commit()
 
 
+@functools.cache
+def _next_pending_statement() -> sa.Select:
+    return (sa.select(Message.id, Message.next_attempt_at)
+            .where(Message.contact_id == sa.bindparam("contact_id"), Message.direction == Direction.OUTBOUND,
+                   Message.status == MessageStatus.PENDING, Message.id != sa.bindparam("after_id"))
+            .order_by(Message.created_at, Message.id).limit(1))
+
+
 def _next_pending(contact_id: int, after_id: str) -> sa.Row | None:
     """The contact's oldest pending outbound message other than `after_id` (its id, next_attempt_at)."""
-    return db.session.execute(
-        sa.select(Message.id, Message.next_attempt_at)
-        .where(Message.contact_id == contact_id, Message.direction == Direction.OUTBOUND,
-               Message.status == MessageStatus.PENDING, Message.id != after_id)
-        .order_by(Message.created_at, Message.id).limit(1)).first()
+    return db.session.execute(_next_pending_statement(), {"contact_id": contact_id, "after_id": after_id}).first()
 
 
 def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False) -> Outcome:
@@ -298,33 +317,40 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
     return _record_accepted(message_id, contact_id, created.sid, (created.status or "").lower())
 
 
+@functools.cache
+def _accepted_statement() -> sa.Update:
+    rank = sa.bindparam("rank")
+    moves = Message.status_rank < rank  # as raise_status does, in the same statement
+    return (sa.update(Message).where(Message.id == sa.bindparam("message_id"))
+            .values(sent_at=sa.bindparam("now"), updated_at=sa.bindparam("now"), next_attempt_at=None,
+                    claimed_until=None, twilio_sid=sa.bindparam("sid"), error_code=None,
+                    error_message=sa.bindparam("error_message"),
+                    status=sa.case((moves, sa.bindparam("status")), else_=Message.status),
+                    status_rank=sa.case((moves, rank), else_=Message.status_rank))
+            .execution_options(synchronize_session=False))
+
+
 def _record_accepted(message_id: str, contact_id: int, sid: str, twilio_status: str) -> Outcome:
     # Twilio answers a create() with its starting status (queued, accepted, scheduled).
     status = MessageStatus(twilio_status) if twilio_status in OUTBOUND_STATUSES else MessageStatus.QUEUED
-    moves = Message.status_rank < status.rank  # as raise_status does, in the same statement
 
-    def record(**values: object) -> None:
-        now = utcnow()
-        db.session.execute(
-            sa.update(Message).where(Message.id == message_id)
-            .values(sent_at=now, updated_at=now, next_attempt_at=None, claimed_until=None,
-                    status=sa.case((moves, status.value), else_=Message.status),
-                    status_rank=sa.case((moves, status.rank), else_=Message.status_rank), **values)
-            .execution_options(synchronize_session=False)
-        )
+    def record(sid: str | None, error_message: str | None = None) -> None:
+        db.session.execute(_accepted_statement(), {
+            "message_id": message_id, "now": utcnow(), "sid": sid, "error_message": error_message,
+            "status": status.value, "rank": status.rank})
         db.session.commit()
 
     try:
         # Commit the SID first, then look for callbacks that beat us here (see
         # status.record_callback). Accepted: what an earlier transient attempt noted is history
         # (it is in the worker's log).
-        record(twilio_sid=sid, error_code=None, error_message=None)
+        record(sid)
     except IntegrityError:
         # Another row already holds this SID (it can only come from a mistaken timeout lookup).
         # Twilio did accept a message for this row, so record it as sent rather than resend.
         db.session.rollback()
         log.error("message %s: Twilio SID %s is already recorded on another message", message_id, sid)
-        record(error_message=f"Twilio SID {sid} is recorded on another message")
+        record(None, f"Twilio SID {sid} is recorded on another message")
         release_next(message_id, contact_id)
         return Outcome.SENT
     apply_pending_events(sid, message_id)

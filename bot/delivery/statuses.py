@@ -7,6 +7,7 @@ event twice, or in any order, ends in the same row.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Mapping
 
@@ -21,6 +22,27 @@ from bot.vocabulary import Direction, MessageStatus, parse_outbound_status
 log = logging.getLogger(__name__)
 
 
+@functools.cache
+def _statements() -> dict[str, sa.Executable]:
+    # Built once, run with bound parameters: composing a statement costs more CPU than running it
+    # (bench/THROUGHPUT.md, "Profile"), and these run for every status callback.
+    message_id, now = sa.bindparam("message_id"), sa.bindparam("now")
+    return {
+        "raise": sa.update(Message)
+        .where(Message.id == message_id, Message.status_rank < sa.bindparam("rank"))
+        .values(status=sa.bindparam("status"), status_rank=sa.bindparam("rank"), updated_at=now, claimed_until=None)
+        .execution_options(synchronize_session=False),
+        "error": sa.update(Message)
+        .where(Message.id == message_id, Message.error_code.is_(None), Message.error_message.is_(None))
+        .values(error_code=sa.bindparam("error_code"), error_message=sa.bindparam("error_message"), updated_at=now)
+        .execution_options(synchronize_session=False),
+        "outbound_by_sid": sa.select(Message.id).where(
+            Message.twilio_sid == sa.bindparam("sid"), Message.direction == Direction.OUTBOUND),
+        "events_by_sid": sa.select(StatusEvent).where(StatusEvent.twilio_sid == sa.bindparam("sid"))
+        .order_by(StatusEvent.id),
+    }
+
+
 def raise_status(message_id: str, status: MessageStatus, error_code: int | None = None,
                  error_message: str | None = None) -> bool:
     """Move a message to `status` if that ranks above its current one; keep any error code.
@@ -28,23 +50,15 @@ def raise_status(message_id: str, status: MessageStatus, error_code: int | None 
     Returns whether the status moved. Does not commit: the caller owns the transaction.
     """
     status = MessageStatus(status)
-    rank = status.rank
     now = utcnow()
-    moved = db.session.execute(
-        sa.update(Message)
-        .where(Message.id == message_id, Message.status_rank < rank)
-        .values(status=status, status_rank=rank, updated_at=now, claimed_until=None)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+    statements = _statements()
+    moved = db.session.execute(statements["raise"], {
+        "message_id": message_id, "rank": status.rank, "status": status.value, "now": now}).rowcount
     if error_code is not None or error_message:
         # An error is kept even when the status cannot move (e.g. 'failed' after 'read'), and the
         # first one wins: it is the one that explains what went wrong.
-        db.session.execute(
-            sa.update(Message)
-            .where(Message.id == message_id, Message.error_code.is_(None), Message.error_message.is_(None))
-            .values(error_code=error_code, error_message=error_message, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
+        db.session.execute(statements["error"], {
+            "message_id": message_id, "error_code": error_code, "error_message": error_message, "now": now})
     return bool(moved)
 
 
@@ -92,13 +106,10 @@ def apply_pending_events(sid: str, message_id: str | None = None) -> int:
     if message_id is None:
         # Outbound only: a status callback naming an inbound message's SID must not move that
         # message out of "received" (the engine would never process it).
-        message_id = db.session.scalar(
-            sa.select(Message.id).where(Message.twilio_sid == sid, Message.direction == Direction.OUTBOUND))
+        message_id = db.session.scalar(_statements()["outbound_by_sid"], {"sid": sid})
     if message_id is None:
         return 0
-    events = db.session.scalars(
-        sa.select(StatusEvent).where(StatusEvent.twilio_sid == sid).order_by(StatusEvent.id)
-    ).all()
+    events = db.session.scalars(_statements()["events_by_sid"], {"sid": sid}).all()
     for event in events:
         status = parse_outbound_status(event.status)
         if status is None:
