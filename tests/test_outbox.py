@@ -76,3 +76,36 @@ def test_a_queue_that_is_down_does_not_fail_the_commit(app, monkeypatch):
         row = _deferred_send()
         db.session.commit()  # logged; the sweep sends it later
         assert db.session.get(Message, row.id).status == MessageStatus.PENDING
+
+
+def test_a_person_writing_goes_ahead_of_a_broadcast(app, client, auth, post_webhook):
+    """Invariant 13: with bulk notifications already queued, someone's message and the bot's
+    reply to it are taken first (two lanes, on SQLite and on Redis alike)."""
+    from tests.conftest import inbound_form
+
+    with app.app_context():
+        for i in range(5):
+            make_contact(f"+1555000100{i}")
+        make_contact("+15551234567")
+    for i in range(5):
+        assert client.post("/notify", json={"to": f"+1555000100{i}", "body": "Sale!"}, headers=auth).status_code == 202
+    assert post_webhook(inbound_form("+15551234567", "HELP")).status_code == 200
+
+    turn = huey.dequeue()
+    assert turn.name.endswith("process_inbound")
+    huey.execute(turn)  # the engine answers HELP: its reply is queued behind five notifications
+    reply = huey.dequeue()
+    assert reply.name.endswith("send_message")
+    with app.app_context():
+        row = db.session.get(Message, reply.args[0])
+        assert (row.kind, row.contact.phone) == ("reply", "+15551234567")
+    rest = [huey.dequeue() for _ in range(5)]
+    with app.app_context():
+        assert {db.session.get(Message, task.args[0]).kind for task in rest} == {"notification"}
+    assert huey.dequeue() is None
+
+
+def test_send_priority_follows_the_kind():
+    assert outbox.send_priority("reply") > outbox.send_priority("notification")
+    assert outbox.send_priority("opt_out_confirm") == outbox.Priority.CONVERSATION
+    assert outbox.send_priority(None) == outbox.Priority.BULK

@@ -201,13 +201,22 @@ def test_a_conversation_with_a_button_and_stop_through_real_processes(stack):
 def test_a_timeout_is_not_lost_when_the_worker_restarts(stack, app):
     """Timeouts are rows in the database, not timers in a process: a new worker runs them."""
     from bot.clock import utcnow
-    from bot.models import Conversation, PeriodicRun
+    from bot.models import Conversation, Message, PeriodicRun
 
     base, simulator = stack["base"], stack["simulator"]
     auth = {"Authorization": f"Bearer {API_TOKEN}"}
     phone = "+15551238888"
     response = start_appointment(stack, phone)
     conversation_url = f"{base}/conversations/{response.json()['id']}"
+    # Twilio has the reminder; let the worker record that (a restart *during* a send is another
+    # matter: the send's lease, not this test's).
+    def reminder_recorded() -> bool:
+        with app.app_context():
+            db.session.remove()
+            return not db.session.scalar(sa.select(sa.func.count()).select_from(Message).where(
+                Message.status.in_(("pending", "dispatching"))))
+
+    wait_until(reminder_recorded, timeout=20, what="the reminder's send to be recorded")
 
     stack["stop_worker"]()  # a deploy restarts the worker while the reminder waits for an answer
     with app.app_context():

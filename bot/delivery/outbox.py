@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Any, Callable
 
 import sqlalchemy as sa
@@ -23,7 +23,7 @@ from bot.clock import utcnow
 from bot.extensions import db
 from bot.models import Conversation, Message, PeriodicRun, StatusEvent, new_id
 from bot.delivery.statuses import apply_pending_events
-from bot.vocabulary import ConversationStatus, Direction, MessageStatus
+from bot.vocabulary import ConversationStatus, Direction, Kind, MessageStatus
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +42,34 @@ class Work(StrEnum):
     CONVERSATION_START = "start_conversation"
 
 
-_enqueuers: dict[Work, Callable[[str], Any]] = {}
+class Priority(IntEnum):
+    """Two lanes on the queue (higher first): someone in a conversation waits for the bot, a bulk
+    notification can wait for them (docs/ARCHITECTURE.md, invariant 13)."""
+
+    BULK = 0
+    CONVERSATION = 10
+
+
+#: Outbound kinds that answer someone who just wrote; every other outbound message is bulk.
+CONVERSATION_KINDS = frozenset({Kind.REPLY, Kind.OPT_OUT_CONFIRMATION})
+
+
+def send_priority(kind: str | None) -> Priority:
+    """The queue lane of an outbound message of this kind."""
+    return Priority.CONVERSATION if kind in CONVERSATION_KINDS else Priority.BULK
+
+
+_enqueuers: dict[Work, Callable[..., Any]] = {}
 #: Key in `Session.info` of the work waiting for the session's commit.
 _DEFERRED = "outbox_deferred"
 
 
-def register(work: Work, enqueue: Callable[[str], Any]) -> None:
+def register(work: Work, enqueue: Callable[..., Any]) -> None:
     """Tell the outbox how to enqueue `work` (bot.delivery.tasks registers its tasks here)."""
     _enqueuers[work] = enqueue
 
 
-def defer(work: Work, row: Any) -> None:
+def defer(work: Work, row: Any, priority: Priority = Priority.BULK) -> None:
     """Enqueue `work` for `row` when the current transaction commits; never if it rolls back.
 
     `row` is a model instance in the session (its id is assigned now if it has none yet) or the
@@ -64,32 +81,35 @@ def defer(work: Work, row: Any) -> None:
         if row.id is None:
             row.id = new_id()  # known before the flush, so the work can name it
         row_id, state = row.id, sa.inspect(row)
-    db.session().info.setdefault(_DEFERRED, []).append((work, row_id, state))
+    db.session().info.setdefault(_DEFERRED, []).append((work, row_id, state, priority))
 
 
-def defer_send(message: Message | str) -> None:
-    """Send an outbound message once it is committed."""
-    defer(Work.SEND, message)
+def defer_send(message: Message | str, kind: str | None = None) -> None:
+    """Send an outbound message once it is committed (ahead of bulk ones if it is a reply).
+
+    `kind`: the message's kind, when `message` is only its id.
+    """
+    defer(Work.SEND, message, send_priority(kind if isinstance(message, str) else message.kind))
 
 
 def defer_inbound(message: Message | str) -> None:
-    """Run an inbound message through the engine once it is committed."""
-    defer(Work.INBOUND, message)
+    """Run an inbound message through the engine once it is committed: someone waits for it."""
+    defer(Work.INBOUND, message, Priority.CONVERSATION)
 
 
 def defer_conversation_start(conversation: Conversation | str) -> None:
-    """Start a backend-started conversation once it is committed."""
-    defer(Work.CONVERSATION_START, conversation)
+    """Start a backend-started conversation once it is committed (bulk: nobody wrote yet)."""
+    defer(Work.CONVERSATION_START, conversation, Priority.BULK)
 
 
-def enqueue(work: Work, row_id: str) -> bool:
+def enqueue(work: Work, row_id: str, priority: Priority = Priority.BULK) -> bool:
     """Enqueue a task for a committed row now; False (logged) if the queue is down.
 
     Any broker failure is swallowed on purpose: the row is safe in the database and the sweep
     enqueues it later, so the caller can still answer its request.
     """
     try:
-        _enqueuers[work](row_id)
+        _enqueuers[work](row_id, priority=int(priority))
         return True
     except Exception:
         log.exception("could not enqueue %s(%s); the outbox sweep will retry", work.value, row_id)
@@ -101,10 +121,10 @@ def _enqueue_committed(session: Session) -> None:
     # The event fires for savepoints too; only the outermost commit makes the rows visible.
     if session.in_nested_transaction():
         return
-    for work, row_id, state in session.info.pop(_DEFERRED, ()):
+    for work, row_id, state, priority in session.info.pop(_DEFERRED, ()):
         if state is not None and not _committed(state):
             continue  # added in a savepoint that rolled back
-        enqueue(work, row_id)
+        enqueue(work, row_id, priority)
 
 
 @sa.event.listens_for(Session, "after_rollback")
@@ -150,8 +170,8 @@ def sweep(now=None) -> dict[str, int]:
     """Re-enqueue stuck rows and apply orphaned status events. Returns counts, for logs and tests."""
     now = now or utcnow()
     stale = now - STALE_AFTER
-    pending = db.session.scalars(
-        sa.select(Message.id).where(
+    pending = db.session.execute(
+        sa.select(Message.id, Message.kind).where(
             Message.direction == Direction.OUTBOUND,
             sa.or_(
                 # never enqueued, or the queue lost it
@@ -167,6 +187,7 @@ def sweep(now=None) -> dict[str, int]:
             ),
         ).order_by(Message.created_at).limit(1000)
     ).all()
+    pending_ids = [row.id for row in pending]
     inbound = db.session.scalars(
         sa.select(Message.id).where(
             Message.direction == Direction.INBOUND, Message.status == MessageStatus.RECEIVED,
@@ -189,13 +210,13 @@ def sweep(now=None) -> dict[str, int]:
         # time must stay (its task may claim it only once due), so its claim column, unused while
         # retrying, notes the enqueue instead.
         db.session.execute(
-            sa.update(Message).where(Message.id.in_(pending), Message.status == MessageStatus.PENDING)
+            sa.update(Message).where(Message.id.in_(pending_ids), Message.status == MessageStatus.PENDING)
             .values(next_attempt_at=now + REENQUEUE_AFTER).execution_options(synchronize_session=False))
         db.session.execute(
-            sa.update(Message).where(Message.id.in_(pending), Message.status == MessageStatus.RETRYING)
+            sa.update(Message).where(Message.id.in_(pending_ids), Message.status == MessageStatus.RETRYING)
             .values(claimed_until=now + REENQUEUE_AFTER).execution_options(synchronize_session=False))
-    for message_id in pending:
-        defer_send(message_id)
+    for row in pending:
+        defer_send(row.id, row.kind)
     for message_id in inbound:
         defer_inbound(message_id)
     for conversation_id in starting:

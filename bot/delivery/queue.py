@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask
 from huey import Huey
-from huey.storage import BaseStorage, RedisStorage, SqliteStorage
+from huey.storage import BaseStorage, PriorityRedisStorage, RedisStorage, SqliteStorage
 
 from bot.config import queue_file
 
@@ -26,15 +26,28 @@ class UnconfiguredStorage(BaseStorage):
         raise RuntimeError("the task queue is not configured: call bot.create_app() first")
 
 
+class PriorityQueueStorage(PriorityRedisStorage):
+    """Redis with two lanes (huey's sorted-set queue, higher priority first; docs/ARCHITECTURE.md,
+    invariant 13), under its own key: the plain list of earlier versions cannot turn into a sorted
+    set in place, and whatever was left in it is put back on the queue by the outbox sweep."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue_key = self.queue_key + ".priority"
+
+
 huey = Huey(QUEUE_NAME, results=False, storage_class=UnconfiguredStorage)
 
 
 def init_app(app: Flask) -> None:
-    """Bind the queue to Redis when REDIS_URL is set, else to a SQLite file under instance/."""
+    """Bind the queue to Redis when REDIS_URL is set, else to a SQLite file under instance/.
+
+    Both keep tasks in priority order (SQLite's table is ordered by priority too).
+    """
     name = app.config.get("QUEUE_NAME", QUEUE_NAME)
     redis_url = app.config.get("REDIS_URL")
     if redis_url:
-        storage_class, kwargs = RedisStorage, {"url": redis_url}
+        storage_class, kwargs = PriorityQueueStorage, {"url": redis_url}
     else:
         storage_class, kwargs = SqliteStorage, {"filename": queue_file(app.instance_path), "timeout": 30}
     # Extra storage options, e.g. tests turn off Redis's blocking pop to drain the queue quickly.

@@ -231,20 +231,20 @@ def release_next(message_id: str, contact_id: int | None = None) -> None:
     lock_contact(contact_id)
     waiting = _next_pending(contact_id, message_id)
     if waiting is not None and waiting.next_attempt_at is not None:
-        outbox.defer_send(waiting.id)  # its own task found it waiting (or it is on the queue again)
+        outbox.defer_send(waiting.id, waiting.kind)  # its own task found it waiting (or it is queued again)
     db.session.commit()
 
 
 @functools.cache
 def _next_pending_statement() -> sa.Select:
-    return (sa.select(Message.id, Message.next_attempt_at)
+    return (sa.select(Message.id, Message.kind, Message.next_attempt_at)
             .where(Message.contact_id == sa.bindparam("contact_id"), Message.direction == Direction.OUTBOUND,
                    Message.status == MessageStatus.PENDING, Message.id != sa.bindparam("after_id"))
             .order_by(Message.created_at, Message.id).limit(1))
 
 
 def _next_pending(contact_id: int, after_id: str) -> sa.Row | None:
-    """The contact's oldest pending outbound message other than `after_id` (its id, next_attempt_at)."""
+    """The contact's oldest pending outbound message other than `after_id` (id, kind, next_attempt_at)."""
     return db.session.execute(_next_pending_statement(), {"contact_id": contact_id, "after_id": after_id}).first()
 
 
