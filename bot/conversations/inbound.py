@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 from typing import Mapping
 
-import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from bot.clock import utcnow
@@ -35,8 +34,8 @@ def store_inbound(form: Mapping[str, str]) -> Message | None:
     Raises ValueError (from the phone parser) when `From` is not a phone number.
     """
     sid = form["MessageSid"]
-    if db.session.scalar(sa.select(Message.id).where(Message.twilio_sid == sid)) is not None:
-        return None
+    # No lookup first: a repeat is rare (Twilio retrying a webhook) and the SID's unique index
+    # refuses it below, so every first delivery saves a statement.
     phone = normalize_e164(form["From"])
     now = utcnow()
     contact = get_or_create_contact(phone)
@@ -64,8 +63,8 @@ def store_inbound(form: Mapping[str, str]) -> Message | None:
     outbox.defer_inbound(message)
     try:
         db.session.commit()
-    except IntegrityError:  # the same MessageSid raced in on another web process
+    except IntegrityError:  # this MessageSid is stored already (a repeat, or a race with another web process)
         db.session.rollback()
-        log.info("inbound %s already stored by a concurrent request", sid)
+        log.info("inbound %s already stored; the repeat is ignored", sid)
         return None
     return message
