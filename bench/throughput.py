@@ -74,7 +74,8 @@ SENDER = "whatsapp:+14155238886"
 CALLBACK_DELAY = 0.5
 #: Twilio gives a webhook 15 s; a request slower than that is a failure, as Twilio would count it.
 CLIENT_TIMEOUT = 15.0
-CONTACTS_PER_RUN_PREFIX = {"notify": "+1555", "turns": "+1556", "queries": "+1557", "backlog": "+1558"}
+CONTACTS_PER_RUN_PREFIX = {"notify": "+1555", "turns": "+1556", "queries": "+1557", "backlog": "+1558",
+                           "two": "+1554", "limited": "+1553", "history-backlog": "+1552", "history-turns": "+1551"}
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -523,7 +524,7 @@ def top_frames(collapsed: Path, limit: int = 12) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- queries per operation
 
 
-def count_queries(config: dict[str, Any], base: str, sim: TwilioSimulator, n: int) -> dict[str, Any]:
+def count_queries(config: dict[str, Any], base: str, sim: TwilioSimulator, n: int, run: int = 0) -> dict[str, Any]:
     """SQL statements per operation, counted in this process with a before_cursor_execute listener.
 
     create_app with the benchmark's settings but its own queue name; requests go through Flask's
@@ -547,8 +548,8 @@ def count_queries(config: dict[str, Any], base: str, sim: TwilioSimulator, n: in
     counter = {"n": 0}
     client = app.test_client()
     webhook = base + "/twilio/webhook"
-    notify_phones = [phone("queries", 1, i) for i in range(n)]
-    turn_phones = [phone("queries", 2, i) for i in range(n)]
+    notify_phones = [phone("queries", 2 * run + 1, i) for i in range(n)]  # `run`: a second count, new contacts
+    turn_phones = [phone("queries", 2 * run + 2, i) for i in range(n)]
     seed_contacts(config["DATABASE_URL"], notify_phones + turn_phones)
 
     def drain() -> dict[str, list[int]]:
@@ -658,24 +659,37 @@ def run_notify(stack: Stack, rate: int, duration: float, drain_timeout: float, p
     return result
 
 
-def run_backlog(stack: Stack, size: int, drain_timeout: float, profile: bool, out_dir: Path) -> dict[str, Any]:
-    """The send path on its own: `size` messages already pending, how fast the worker drains them."""
-    phones = [phone("backlog", size, i) for i in range(size)]
+def worker_pids(stack: Stack) -> list[int]:
+    return [p.pid for name, p in stack.processes.started.items() if name.startswith("worker")]
+
+
+def run_backlog(stack: Stack, size: int, drain_timeout: float, profile: bool, out_dir: Path,
+                label: str = "backlog") -> dict[str, Any]:
+    """The send path on its own: `size` messages already pending, how fast the worker(s) drain them."""
+    phones = [phone(label, size, i) for i in range(size)]
     seed_contacts(stack.config["DATABASE_URL"], phones)
     stack.sim.reset()
-    worker = stack.processes.started["worker"].pid
-    profiles = start_profiles({"worker": worker}, 20, out_dir) if profile else []
-    cpu_before, started = cpu_seconds(worker), time.time()
-    seed_backlog(stack.config, phones, "Backlog")
-    drained = wait_for_creates(stack.sim, {"whatsapp:" + p for p in phones}, drain_timeout)
-    creates = [t["received_at"] for t in stack.sim.timings]
-    cpu = cpu_seconds(worker) - cpu_before
-    result: dict[str, Any] = {"size": size, "drained": drained, "handed_to_twilio": len(creates)}
+    workers = worker_pids(stack)
+    profiles = start_profiles({"sender": workers[0]}, 20, out_dir) if profile else []
+    callbacks, stack.sim.auto_callbacks = stack.sim.auto_callbacks, False  # the send path on its own
+    try:
+        cpu_before, started = sum(map(cpu_seconds, workers)), time.time()
+        seed_backlog(stack.config, phones, "Backlog")
+        drained = wait_for_creates(stack.sim, {"whatsapp:" + p for p in phones}, drain_timeout)
+        creates = sorted(t["received_at"] for t in stack.sim.timings)
+        cpu = sum(map(cpu_seconds, workers)) - cpu_before
+    finally:
+        stack.sim.auto_callbacks = callbacks
+    result: dict[str, Any] = {"size": size, "workers": len(workers), "drained": drained,
+                              "handed_to_twilio": len(creates)}
     if creates:
+        # The steady rate: between the first and the last create (a rate limit shows here).
+        steady = (len(creates) - 1) / max(creates[-1] - creates[0], 1e-9)
         result.update({
-            "messages_per_second": round(len(creates) / max(max(creates) - started, 1e-9), 1),
+            "messages_per_second": round(len(creates) / max(creates[-1] - started, 1e-9), 1),
+            "steady_messages_per_second": round(steady, 1),
             "worker_cpu_s": round(cpu, 2), "worker_cpu_ms_per_send": round(1000 * cpu / len(creates), 2),
-            "worker_cpu_share": round(cpu / max(max(creates) - started, 1e-9), 2),
+            "worker_cpu_share": round(cpu / max(creates[-1] - started, 1e-9), 2),
         })
     for label, process, out in profiles:
         process.communicate(timeout=120)
@@ -684,8 +698,68 @@ def run_backlog(stack: Stack, size: int, drain_timeout: float, profile: bool, ou
     return result
 
 
-def run_turns(stack: Stack, rate: int, duration: float, drain_timeout: float) -> dict[str, Any]:
-    phones = [phone("turns", rate, i) for i in range(int(rate * duration))]
+def start_worker(stack: Stack, name: str, **env: str) -> None:
+    process = stack.processes.start(name, procfile()["worker"], {**stack.env, **env})
+    stack.rss.watch(name, process.pid)
+    time.sleep(2)  # its threads start polling
+
+
+def run_two_workers(stack: Stack, size: int, rate: int, duration: float, drain_timeout: float,
+                    limited_rate: int) -> dict[str, Any]:
+    """A second `worker` line beside the first: sends and turns again, then the shared rate limit
+    with both workers draining one backlog at TWILIO_MESSAGES_PER_SECOND=`limited_rate`."""
+    out: dict[str, Any] = {}
+    start_worker(stack, "worker-2")
+    try:
+        out["backlog"] = run_backlog(stack, size, drain_timeout, False, Path("."), label="two")
+        out["turns"] = run_turns(stack, rate, duration, drain_timeout, label="two")
+    finally:
+        stack.processes.stop("worker-2")
+    stack.processes.stop("worker")
+    start_worker(stack, "worker-limited-1", TWILIO_MESSAGES_PER_SECOND=str(limited_rate))
+    start_worker(stack, "worker-limited-2", TWILIO_MESSAGES_PER_SECOND=str(limited_rate))
+    try:
+        out["rate_limit"] = {"setting": limited_rate, **run_backlog(
+            stack, limited_rate * 10, drain_timeout, False, Path("."), label="limited")}
+    finally:
+        stack.processes.stop("worker-limited-1")
+        stack.processes.stop("worker-limited-2")
+        start_worker(stack, "worker")
+    return out
+
+
+def seed_history(database_url: str, messages: int) -> dict[str, Any]:
+    """`messages` old messages (half inbound, half outbound, delivered or received) over 10,000
+    contacts, written by PostgreSQL itself in one statement per table."""
+    import psycopg
+
+    url = database_url.replace("postgresql+psycopg://", "postgresql://")
+    started = time.monotonic()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("""
+            INSERT INTO contacts (phone, wa_id, consent, last_inbound_at, created_at, updated_at)
+            SELECT '+1559' || lpad(g::text, 7, '0'), '1559' || lpad(g::text, 7, '0'), 'opted_in',
+                   now() - interval '3 days', now() - interval '30 days', now() - interval '3 days'
+            FROM generate_series(1, 10000) g""")
+        conn.execute("""
+            INSERT INTO messages (id, direction, kind, contact_id, body, twilio_sid, status, status_rank,
+                                  attempts, created_at, updated_at, sent_at)
+            SELECT md5('history' || g), CASE WHEN g %% 2 = 0 THEN 'outbound' ELSE 'inbound' END,
+                   CASE WHEN g %% 2 = 0 THEN 'notification' ELSE 'inbound' END,
+                   c.id, 'old message ' || g, 'SM' || md5('history-sid' || g),
+                   CASE WHEN g %% 2 = 0 THEN 'delivered' ELSE 'processed' END,
+                   CASE WHEN g %% 2 = 0 THEN 6 ELSE 0 END, 1,
+                   now() - (g || ' seconds')::interval, now() - (g || ' seconds')::interval,
+                   now() - (g || ' seconds')::interval
+            FROM generate_series(1, %s) g
+            JOIN contacts c ON c.phone = '+1559' || lpad((g %% 10000 + 1)::text, 7, '0')""", (messages,))
+        conn.execute("ANALYZE")
+        count = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+    return {"messages_in_database": count, "seed_seconds": round(time.monotonic() - started, 1)}
+
+
+def run_turns(stack: Stack, rate: int, duration: float, drain_timeout: float, label: str = "turns") -> dict[str, Any]:
+    phones = [phone(label, rate, i) for i in range(int(rate * duration))]
     seed_contacts(stack.config["DATABASE_URL"], phones)
     stack.sim.reset()
 
@@ -799,8 +873,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/5")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip py-spy")
     parser.add_argument("--out", default=str(ROOT / "bench"), help="where results.json and THROUGHPUT.md go")
-    parser.add_argument("--only", default="notify,turns,baselines,queries",
-                        help="scenarios to run, comma-separated (default all: notify,turns,baselines,queries)")
+    parser.add_argument("--only", default="backlog,notify,turns,baselines,two_workers,queries,history",
+                        help="scenarios to run, comma-separated (default all: "
+                             "backlog,notify,turns,baselines,two_workers,queries,history)")
+    parser.add_argument("--history", type=int, default=1_000_000,
+                        help="historical messages stored before the last scenarios rerun (0: skip)")
+    parser.add_argument("--limited-rate", type=int, default=80,
+                        help="TWILIO_MESSAGES_PER_SECOND for the two-worker rate limit check")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable for web and worker, e.g. WORKER_THREADS=64 (repeatable)")
     parser.add_argument("--backlog", type=int, default=2000, help="messages in the backlog scenario")
@@ -873,9 +952,21 @@ def main(argv: list[str] | None = None) -> None:
             if "baselines" in only:
                 log("baselines")
                 results["baselines"] = run_baselines(stack, rates, ceiling, args.duration, workdir)
+            if "two_workers" in only:
+                log("two worker processes: backlog, turns, and the shared rate limit")
+                results["two_workers"] = run_two_workers(stack, args.backlog, max(rates), args.duration,
+                                                         args.drain_timeout, args.limited_rate)
             if "queries" in only:
                 log("statement counts")
                 results["queries"] = count_queries(config, base, sim, args.query_count_ops)
+            if "history" in only and args.history:
+                log(f"{args.history:,} historical messages, then the backlog and turns again")
+                results["history"] = {"seed": seed_history(args.database_url, args.history)}
+                results["history"]["backlog"] = run_backlog(stack, args.backlog, args.drain_timeout, False,
+                                                            out_dir, label="history-backlog")
+                results["history"]["turns"] = run_turns(stack, max(rates), args.duration, args.drain_timeout,
+                                                        label="history-turns")
+                results["history"]["queries"] = count_queries(config, base, sim, args.query_count_ops, run=1)
             results["rss"] = rss.report()
     finally:
         rss.stop()

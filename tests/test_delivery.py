@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from datetime import timedelta
 
 import sqlalchemy as sa
@@ -462,3 +463,31 @@ def test_an_unreachable_handset_is_retried_once_not_for_hours(app, client, auth,
     with app.app_context():
         row = message(message_id)
         assert (row.status, row.error_code, row.attempts) == ("failed", 30003, 2)
+
+
+def test_a_send_waiting_for_twilio_holds_no_database_connection(app, client, auth, twilio):
+    """Many sends in flight, few connections: while Twilio is answering, the send's connection is
+    back in the pool (docs/ARCHITECTURE.md, "How many sends at once")."""
+    with app.app_context():
+        make_contact()
+    message_id = notify(client, auth, to="+15551234567", body="slow answer")
+    huey.flush()
+    twilio.hang_next(1.0)
+    outcome: list[str] = []
+
+    def send() -> None:
+        with app.app_context():
+            outcome.append(sender.deliver(message_id).value)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not twilio.messages and time.monotonic() < deadline:  # Twilio has it, the answer is late
+            time.sleep(0.01)
+        assert twilio.messages, "the send never reached the simulator"
+        with app.app_context():
+            assert db.engine.pool.checkedout() == 0
+    finally:
+        thread.join()
+    assert outcome == ["sent"]

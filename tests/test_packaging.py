@@ -191,3 +191,31 @@ def test_flask_chat_is_found_by_the_flask_command(tmp_path: Path, where: str) ->
     assert "--as" in result.stdout and "--name" in result.stdout, (
         "no `chat` command: is the project installed (pip install -e .)? It registers through pyproject's "
         '[project.entry-points."flask.commands"]')
+
+
+# --- the Procfile and the settings agree on the worker's concurrency ---------------------------------
+
+
+def test_the_procfile_worker_threads_default_is_the_settings_default() -> None:
+    """WORKER_THREADS sizes huey's threads (Procfile) and the Twilio keep-alive pool (settings):
+    unset, both must mean the same number, or the pool is smaller than the sends in flight."""
+    from bot.config import WORKER_THREADS_DEFAULT, load_settings
+
+    worker_line = next(line for line in (PROJECT_ROOT / "Procfile").read_text().splitlines()
+                       if line.startswith("worker:"))
+    match = re.search(r"--workers \$\{WORKER_THREADS:-(\d+)\}", worker_line)
+    assert match, worker_line
+    assert int(match.group(1)) == WORKER_THREADS_DEFAULT
+    assert load_settings({}, env_file=None).worker_threads == WORKER_THREADS_DEFAULT
+
+
+def test_sends_in_flight_share_the_keep_alive_pool_to_twilio(app) -> None:
+    """The SDK keeps at most 32 connections (https only): every thread beyond would open a new one."""
+    from bot.twilio.client import get_client
+
+    with app.app_context():
+        app.config["WORKER_THREADS"] = 48
+        app.extensions["twilio_client"] = None
+        session = get_client().http_client.session
+        for scheme in ("https://", "http://"):
+            assert session.get_adapter(scheme + "api.twilio.com")._pool_maxsize == 48
