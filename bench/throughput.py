@@ -75,7 +75,7 @@ CALLBACK_DELAY = 0.5
 #: Twilio gives a webhook 15 s; a request slower than that is a failure, as Twilio would count it.
 CLIENT_TIMEOUT = 15.0
 CONTACTS_PER_RUN_PREFIX = {"notify": "+1555", "turns": "+1556", "queries": "+1557", "backlog": "+1558",
-                           "two": "+1554", "limited": "+1553", "history-backlog": "+1552", "history-turns": "+1551"}
+                           "two": "+1554", "two-turns": "+1550", "limited": "+1553", "history-backlog": "+1552", "history-turns": "+1551"}
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -429,6 +429,48 @@ def cpu_seconds(root: int) -> float:
     return total
 
 
+def _proc_cpu(pid: int, ticks: float) -> tuple[str, float] | None:
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        text = Path(f"/proc/{pid}/stat").read_text()
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        return comm, (int(fields[11]) + int(fields[12])) / ticks
+    return None
+
+
+def cpu_snapshot(stack: "Stack") -> dict[str, float]:
+    """CPU seconds used so far by each part of the run: web, worker(s), this process (load
+    generator and simulator), PostgreSQL, Redis, and the whole machine (from /proc/stat)."""
+    import resource
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = collections.defaultdict(float)
+    ours: set[int] = set()
+    for name, process in stack.processes.started.items():
+        part = "worker" if name.startswith("worker") else name
+        for pid in process_tree(process.pid):
+            ours.add(pid)
+            got = _proc_cpu(pid, ticks)
+            if got:
+                out[part] += got[1]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in ours:
+            got = _proc_cpu(int(entry), ticks)
+            if got and got[0].startswith(("postgres", "redis-server")):
+                out["postgresql" if got[0].startswith("postgres") else "redis"] += got[1]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["load generator + simulator"] = usage.ru_utime + usage.ru_stime
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    out["machine"] = (sum(map(int, fields)) - int(fields[3]) - int(fields[4])) / ticks  # all but idle, iowait
+    return dict(out)
+
+
+def cpu_split(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Cores each part used on average between two snapshots."""
+    return {k: round((after.get(k, 0) - before.get(k, 0)) / max(seconds, 1e-9), 2) for k in after}
+
+
 def seed_backlog(config: dict[str, Any], phones: list[str], body: str) -> list[str]:
     """Pending outbound messages, one per phone, and their send tasks on the worker's queue:
     what a burst of /notify leaves behind, without the web in the way."""
@@ -644,10 +686,12 @@ def run_notify(stack: Stack, rate: int, duration: float, drain_timeout: float, p
     if profile:
         pids = {"worker": stack.processes.started["worker"].pid, "web": stack.processes.started["web"].pid}
         profiles = start_profiles(pids, int(duration) + 10, out_dir)
+    cpu_before, started = cpu_snapshot(stack), time.monotonic()
     samples = open_loop(rate, duration, make)
+    cpu_load = cpu_split(cpu_before, cpu_snapshot(stack), time.monotonic() - started)
     drained = wait_for_creates(stack.sim, {s.key for s in samples if s.status == 202}, drain_timeout)
     time.sleep(CALLBACK_DELAY * 3 + 1)  # the last sends' callbacks
-    result = {"acceptance": load_stats(samples, rate, duration, 202),
+    result = {"cores_during_load": cpu_load, "acceptance": load_stats(samples, rate, duration, 202),
               "handed_to_twilio": {**end_to_end(samples, stack.sim.timings, duration), "drained": drained},
               "status_callbacks": callback_stats(stack.sim)}
     for label, process, out in profiles:
@@ -674,14 +718,16 @@ def run_backlog(stack: Stack, size: int, drain_timeout: float, profile: bool, ou
     callbacks, stack.sim.auto_callbacks = stack.sim.auto_callbacks, False  # the send path on its own
     try:
         cpu_before, started = sum(map(cpu_seconds, workers)), time.time()
+        split_before = cpu_snapshot(stack)
         seed_backlog(stack.config, phones, "Backlog")
         drained = wait_for_creates(stack.sim, {"whatsapp:" + p for p in phones}, drain_timeout)
         creates = sorted(t["received_at"] for t in stack.sim.timings)
         cpu = sum(map(cpu_seconds, workers)) - cpu_before
+        split = cpu_split(split_before, cpu_snapshot(stack), time.time() - started)
     finally:
         stack.sim.auto_callbacks = callbacks
     result: dict[str, Any] = {"size": size, "workers": len(workers), "drained": drained,
-                              "handed_to_twilio": len(creates)}
+                              "handed_to_twilio": len(creates), "cores": split}
     if creates:
         # The steady rate: between the first and the last create (a rate limit shows here).
         steady = (len(creates) - 1) / max(creates[-1] - creates[0], 1e-9)
@@ -712,7 +758,7 @@ def run_two_workers(stack: Stack, size: int, rate: int, duration: float, drain_t
     start_worker(stack, "worker-2")
     try:
         out["backlog"] = run_backlog(stack, size, drain_timeout, False, Path("."), label="two")
-        out["turns"] = run_turns(stack, rate, duration, drain_timeout, label="two")
+        out["turns"] = run_turns(stack, rate, duration, drain_timeout, label="two-turns")
     finally:
         stack.processes.stop("worker-2")
     stack.processes.stop("worker")
@@ -766,10 +812,12 @@ def run_turns(stack: Stack, rate: int, duration: float, drain_timeout: float, la
     def make(i: int) -> tuple[str, dict[str, Any], str]:
         return stack.webhook, signed_form(stack.webhook, inbound_form(phones[i], "feedback")), "whatsapp:" + phones[i]
 
+    cpu_before, started = cpu_snapshot(stack), time.monotonic()
     samples = open_loop(rate, duration, make)
+    cpu_load = cpu_split(cpu_before, cpu_snapshot(stack), time.monotonic() - started)
     drained = wait_for_creates(stack.sim, {s.key for s in samples if s.status == 200}, drain_timeout)
     time.sleep(CALLBACK_DELAY * 3 + 1)
-    return {"inbound_webhook": load_stats(samples, rate, duration, 200),
+    return {"cores_during_load": cpu_load, "inbound_webhook": load_stats(samples, rate, duration, 200),
             "reply_handed_to_twilio": {**end_to_end(samples, stack.sim.timings, duration), "drained": drained},
             "status_callbacks": callback_stats(stack.sim)}
 
@@ -968,6 +1016,13 @@ def main(argv: list[str] | None = None) -> None:
                                                         label="history-turns")
                 results["history"]["queries"] = count_queries(config, base, sim, args.query_count_ops, run=1)
             results["rss"] = rss.report()
+    except BaseException as exc:
+        # Keep what was measured: a late failure must not throw away a long run.
+        results["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        results.setdefault("rss", rss.report())
+        (out_dir / "results-partial.json").write_text(json.dumps(results, indent=2) + "\n")
+        log(f"failed ({results['error']}); what was measured is in {out_dir / 'results-partial.json'}")
+        raise
     finally:
         rss.stop()
         processes.stop_all()

@@ -23,6 +23,8 @@ REQUIRED_SECRETS = ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_WHATSAPP_
 MAX_CONTENT_LENGTH = 256 * 1024
 #: The Procfile's `${WORKER_THREADS:-…}` default, the same number (tests/test_packaging.py checks).
 WORKER_THREADS_DEFAULT = 32
+SEND_CONCURRENCY_DEFAULT = 64
+SEND_BATCH_DEFAULT = 50
 
 
 class ConfigError(RuntimeError):
@@ -64,10 +66,14 @@ class Settings(BaseSettings):
     instance_path: str | None = None
     #: Huey queue name; two bots can share one Redis with different names.
     queue_name: str = "whatsapp-bot"
-    #: The worker's threads (the Procfile passes the same variable to huey_consumer); each runs
-    #: one task, so this is how many sends a worker process has in flight at once. It also sizes
-    #: the process's keep-alive connections to Twilio. The default is measured: bench/THROUGHPUT.md.
+    #: The worker's threads (the Procfile passes the same variable to huey_consumer): tasks run
+    #: at once (turns, send batches). The default is measured: bench/THROUGHPUT.md.
     worker_threads: int = Field(default=WORKER_THREADS_DEFAULT, ge=1, le=1024)
+    #: Twilio calls in flight at once per worker process (a pool shared by its threads; also its
+    #: keep-alive connections to Twilio), and how many due messages one send task claims and
+    #: sends together. Measured defaults: bench/THROUGHPUT.md.
+    send_concurrency: int = Field(default=SEND_CONCURRENCY_DEFAULT, ge=1, le=1000)
+    send_batch: int = Field(default=SEND_BATCH_DEFAULT, ge=1, le=500)
     #: Database connections each process keeps (plus DATABASE_MAX_OVERFLOW at peaks). A send
     #: holds one only while it reads or records, never while it waits for Twilio, so far fewer
     #: connections than threads suffice.

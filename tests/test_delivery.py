@@ -491,3 +491,55 @@ def test_a_send_waiting_for_twilio_holds_no_database_connection(app, client, aut
     finally:
         thread.join()
     assert outcome == ["sent"]
+
+
+def test_batches_racing_send_each_message_once(app, client, auth, twilio):
+    """Invariant 2 with batches: consumers claiming batches at the same time (threads with their
+    own connections, as separate processes have; SKIP LOCKED on PostgreSQL) hand each message to
+    Twilio exactly once."""
+    app.config["SEND_BATCH"] = 10
+    phones = [f"+1555200{i:04d}" for i in range(40)]
+    with app.app_context():
+        for phone in phones:
+            make_contact(phone)
+    ids = [notify(client, auth, to=phone, body=f"m{i}") for i, phone in enumerate(phones)]
+    huey.flush()
+    outcomes: list[str] = []
+
+    def consume(chunk: list[str]) -> None:
+        with app.app_context():
+            for message_id in chunk:
+                outcomes.append(sender.deliver(message_id).value)
+
+    threads = [threading.Thread(target=consume, args=(ids[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(m["body"] for m in twilio.messages) == sorted(f"m{i}" for i in range(40))
+    assert "not_claimed" in outcomes  # batches took messages along before their own tasks ran
+    with app.app_context():
+        rows = [message(i) for i in ids]
+        assert {(row.status, row.attempts) for row in rows} == {("queued", 1)}
+
+
+def test_a_batch_takes_replies_first_and_one_message_per_contact(app):
+    from bot.delivery.sender import claim_along
+
+    with app.app_context():
+        ada, bob, cy = (make_contact(p) for p in ("+15551230001", "+15551230002", "+15551230003"))
+
+        def pending(contact, kind: str, body: str) -> str:
+            row = Message(direction="outbound", kind=kind, contact_id=contact.id, body=body,
+                          status="pending", status_rank=0)
+            db.session.add(row)
+            db.session.commit()
+            return row.id
+
+        first_to_ada = pending(ada, "notification", "ada 1")
+        pending(ada, "notification", "ada 2")  # waits for "ada 1"
+        to_bob = pending(bob, "notification", "bob")
+        reply_to_cy = pending(cy, "reply", "cy")  # newest, but someone waits for it
+        assert [row.id for row in claim_along("none", 1)] == [reply_to_cy]
+        assert sorted(row.id for row in claim_along("none", 10)) == sorted([first_to_ada, to_bob])
+        assert claim_along("none", 10) == []  # "ada 2" waits until "ada 1" is accepted

@@ -58,8 +58,9 @@ def test_the_send_tasks_own_retries_wait_2_4_8_16_32_seconds(app, client, auth, 
         if not due:
             break
         [retry] = due
-        # huey set eta = (the moment of the failure) + delay, the failure being within [before, after].
-        waits.append((retry.eta - before).total_seconds())
+        # huey set eta = (the moment of the failure) + delay, the failure being within [before, after]
+        # (and nearer `after`: the failure is the end of the task).
+        waits.append((retry.eta - after).total_seconds())
         expected = timedelta(seconds=2 ** len(waits))
         assert retry.eta - after <= expected <= retry.eta - before, (
             f"retry {len(waits)} waits {waits[-1]:.1f} s, not {expected.seconds} s "
@@ -197,8 +198,8 @@ def test_flask_chat_is_found_by_the_flask_command(tmp_path: Path, where: str) ->
 
 
 def test_the_procfile_worker_threads_default_is_the_settings_default() -> None:
-    """WORKER_THREADS sizes huey's threads (Procfile) and the Twilio keep-alive pool (settings):
-    unset, both must mean the same number, or the pool is smaller than the sends in flight."""
+    """WORKER_THREADS is read twice, by huey_consumer (the Procfile) and by the app (settings):
+    unset, both must mean the same number."""
     from bot.config import WORKER_THREADS_DEFAULT, load_settings
 
     worker_line = next(line for line in (PROJECT_ROOT / "Procfile").read_text().splitlines()
@@ -214,7 +215,7 @@ def test_sends_in_flight_share_the_keep_alive_pool_to_twilio(app) -> None:
     from bot.twilio.client import get_client
 
     with app.app_context():
-        app.config["WORKER_THREADS"] = 48
+        app.config["SEND_CONCURRENCY"] = 48
         app.extensions["twilio_client"] = None
         session = get_client().http_client.session
         for scheme in ("https://", "http://"):

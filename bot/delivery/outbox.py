@@ -116,6 +116,17 @@ def enqueue(work: Work, row_id: str, priority: Priority = Priority.BULK) -> bool
         return False
 
 
+def enqueue_later(work: Work, row_id: str, delay: timedelta, priority: Priority = Priority.BULK) -> bool:
+    """Enqueue a task for a committed row after `delay` (a retry's backoff); False if the queue
+    is down (the sweep picks the row up when it is due)."""
+    try:
+        _enqueuers[work].schedule(args=(row_id,), delay=max(delay.total_seconds(), 0), priority=int(priority))
+        return True
+    except Exception:
+        log.exception("could not schedule %s(%s); the outbox sweep will retry", work.value, row_id)
+        return False
+
+
 @sa.event.listens_for(Session, "after_commit")
 def _enqueue_committed(session: Session) -> None:
     # The event fires for savepoints too; only the outermost commit makes the rows visible.

@@ -18,6 +18,7 @@ import json
 import logging
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
+from typing import Any
 
 import requests
 import sqlalchemy as sa
@@ -28,11 +29,11 @@ from twilio.base.exceptions import TwilioException
 from bot.clock import utcnow
 from bot.conversations.consent import opt_out_waiting_clause
 from bot.conversations.contacts import lock_contact
-from bot.delivery import outbox
+from bot.delivery import in_flight, outbox
 from bot.delivery.rate_limit import send_rate_limit
 from bot.delivery.statuses import apply_pending_events, raise_status
 from bot.extensions import db
-from bot.models import Contact, Message
+from bot.models import Contact, Message, StatusEvent
 from bot.twilio.client import get_client
 from bot.twilio.errors import OPTED_OUT_CODE, OUTSIDE_WINDOW_CODE, attempt_limit, is_retryable, is_too_fast
 from bot.twilio.whatsapp import within_window
@@ -76,20 +77,31 @@ def retry_backoff(attempts: int) -> timedelta:
 UNSENT = (MessageStatus.PENDING, MessageStatus.DISPATCHING, MessageStatus.RETRYING)
 
 
-def _earlier_unsent_message():
-    """SQL: an older outbound message of the same contact that Twilio has not accepted yet.
+def batch_size() -> int:
+    """Messages one send task claims and sends at once: its own and others due (SEND_BATCH)."""
+    return max(1, int(current_app.config.get("SEND_BATCH", 1)))
+
+
+def concurrency() -> int:
+    """Twilio calls in flight at once in this worker process (SEND_CONCURRENCY)."""
+    return max(1, int(current_app.config.get("SEND_CONCURRENCY", 1)))
+
+
+def _earlier_unsent_message(of: Any = Message) -> sa.Exists:
+    """SQL: an older outbound message of the same contact as `of` (Message or an alias of it)
+    that Twilio has not accepted yet.
 
     Messages to one contact leave one at a time, in the order they were created (invariant 9):
     the claim of the next waits until Twilio took the one before it (or it failed for good).
     """
     prior = sa.orm.aliased(Message)
     return sa.exists().where(
-        prior.contact_id == Message.contact_id,
+        prior.contact_id == of.contact_id,
         prior.direction == Direction.OUTBOUND,
         prior.status.in_(UNSENT),
-        prior.id != Message.id,
-        sa.or_(prior.created_at < Message.created_at,
-               sa.and_(prior.created_at == Message.created_at, prior.id < Message.id)),
+        prior.id != of.id,
+        sa.or_(prior.created_at < of.created_at,
+               sa.and_(prior.created_at == of.created_at, prior.id < of.id)),
     )
 
 
@@ -139,15 +151,61 @@ def claim(message_id: str, *, early: bool = False) -> sa.Row | None:
 
 
 @functools.cache
-def _recipient_statement() -> sa.Select:
-    contact_id = sa.bindparam("contact_id")
-    return sa.select(Contact, opt_out_waiting_clause(contact_id)).where(Contact.id == contact_id)
+def _claim_along_statement() -> sa.Update:
+    # The other due messages, replies first, then oldest first; on PostgreSQL rows another
+    # consumer is claiming right now are skipped (SKIP LOCKED), not waited for. SQLite has one
+    # writer at a time, and no FOR UPDATE.
+    candidate = sa.orm.aliased(Message, name="candidate")
+    now = sa.bindparam("now")
+    ids = (
+        sa.select(candidate.id)
+        .where(
+            candidate.direction == Direction.OUTBOUND,
+            candidate.id != sa.bindparam("exclude_id"),
+            sa.or_(
+                candidate.status == MessageStatus.PENDING,
+                sa.and_(candidate.status == MessageStatus.RETRYING, candidate.next_attempt_at <= now),
+                sa.and_(candidate.status == MessageStatus.DISPATCHING, candidate.claimed_until < now),
+            ),
+            sa.or_(candidate.kind == Kind.OPT_OUT_CONFIRMATION, ~_earlier_unsent_message(candidate)),
+        )
+        .order_by(sa.case((candidate.kind.in_(sorted(outbox.CONVERSATION_KINDS)), 0), else_=1),
+                  candidate.created_at)
+        .limit(sa.bindparam("limit"))
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        sa.update(Message)
+        .where(Message.id.in_(ids), Message.status.in_(UNSENT))
+        .values(status=MessageStatus.DISPATCHING, status_rank=MessageStatus.DISPATCHING.rank,
+                claimed_until=sa.bindparam("lease_until"), attempts=Message.attempts + 1, updated_at=now)
+        .returning(*Message.__table__.c)
+        .execution_options(synchronize_session=False)
+    )
 
 
-def load_recipient(contact_id: int) -> tuple[Contact, bool]:
-    """The contact and whether an opt-out of theirs waits for the engine, in one statement."""
-    contact, stop_waiting = db.session.execute(_recipient_statement(), {"contact_id": contact_id}).one()
-    return contact, bool(stop_waiting)
+def claim_along(exclude_id: str, limit: int) -> list[sa.Row]:
+    """Claim up to `limit` other due messages, each the oldest unsent of its contact, in one
+    statement: the send that claimed `exclude_id` sends them at the same time."""
+    if limit <= 0:
+        return []
+    now = utcnow()
+    rows = db.session.execute(_claim_along_statement(), {
+        "exclude_id": exclude_id, "now": now, "lease_until": now + CLAIM_LEASE, "limit": limit}).all()
+    db.session.commit()
+    return rows
+
+
+@functools.cache
+def _recipients_statement() -> sa.Select:
+    return (sa.select(Contact, opt_out_waiting_clause(Contact.id))
+            .where(Contact.id.in_(sa.bindparam("contact_ids", expanding=True))))
+
+
+def load_recipients(contact_ids: set[int]) -> dict[int, tuple[Contact, bool]]:
+    """Each contact and whether an opt-out of theirs waits for the engine, in one statement."""
+    rows = db.session.execute(_recipients_statement(), {"contact_ids": sorted(contact_ids)}).all()
+    return {contact.id: (contact, bool(stop_waiting)) for contact, stop_waiting in rows}
 
 
 def refusal_reason(message: Message | sa.Row, contact: Contact, stop_waiting: bool) -> tuple[int, str] | None:
@@ -249,11 +307,14 @@ def _next_pending(contact_id: int, after_id: str) -> sa.Row | None:
 
 
 def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False) -> Outcome:
-    """Send one message if it can be claimed.
+    """Send one message if it can be claimed, and with it up to SEND_BATCH - 1 other due ones.
 
-    A transient failure leaves the message `retrying` with a due time for the sweep; with
-    `can_retry` (the task has retries left) and few attempts so far, it also raises
-    TransientSendError so the task retries within seconds. `is_retry`: this is that retry.
+    The others (each the next of its own contact, replies first) are claimed in one statement
+    and all of them go to Twilio at once through the worker's pool (bot.delivery.in_flight); their
+    own tasks, when they run, find them sent. A transient failure leaves a message `retrying`
+    with a due time; for this task's own message, with `can_retry` (the task has retries left)
+    and few attempts so far, it also raises TransientSendError so huey retries within seconds
+    (the others are scheduled for their due time). `is_retry`: this is that retry.
     """
     message = claim(message_id, early=is_retry)
     if message is None:
@@ -264,57 +325,85 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
         if message is None:  # its turn came while it looked
             log.info("message %s not claimable (already sent or in flight); skipping", message_id)
             return Outcome.NOT_CLAIMED
-    contact_id = message.contact_id
-    if message.attempts > MAX_ATTEMPTS:  # a worker kept dying mid-send: stop, say so
-        finish(message_id, MessageStatus.FAILED, None, f"gave up after {MAX_ATTEMPTS} attempts", contact_id)
-        return Outcome.FAILED
-    can_retry = can_retry and message.attempts < FAST_ATTEMPTS
+    batch = [message, *claim_along(message_id, batch_size() - 1)]
+    outcomes = send_claimed(batch)
+    outcome = outcomes[message_id]
+    if outcome == Outcome.RETRY and can_retry and message.attempts < FAST_ATTEMPTS:
+        raise TransientSendError(f"message {message_id}: attempt {message.attempts} failed; huey retries it")
+    for row in batch[1:]:
+        if outcomes[row.id] == Outcome.RETRY:
+            outbox.enqueue_later(outbox.Work.SEND, row.id, retry_backoff(row.attempts), outbox.send_priority(row.kind))
+    return outcome
 
-    contact, stop_waiting = load_recipient(contact_id)
-    refusal = refusal_reason(message, contact, stop_waiting)
-    if refusal:
-        log.info("message %s refused before Twilio: %s", message_id, refusal[1])
-        finish(message_id, MessageStatus.FAILED, *refusal, contact_id)
-        return Outcome.REFUSED
 
-    params = twilio_params(message, contact)
-    # Give the connection back while waiting for a rate slot and for Twilio: the claim holds the
-    # row, and the objects read so far stay usable, detached (docs/ARCHITECTURE.md).
+def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
+    """Send claimed messages (at most one per contact) at once; record every outcome. By id."""
+    outcomes: dict[str, Outcome] = {}
+    ready: list[tuple[sa.Row, dict]] = []
+    recipients = load_recipients({row.contact_id for row in batch})
+    for row in batch:
+        if row.attempts > MAX_ATTEMPTS:  # a worker kept dying mid-send: stop, say so
+            finish(row.id, MessageStatus.FAILED, None, f"gave up after {MAX_ATTEMPTS} attempts", row.contact_id)
+            outcomes[row.id] = Outcome.FAILED
+            continue
+        contact, stop_waiting = recipients[row.contact_id]
+        refusal = refusal_reason(row, contact, stop_waiting)
+        if refusal:
+            log.info("message %s refused before Twilio: %s", row.id, refusal[1])
+            finish(row.id, MessageStatus.FAILED, *refusal, row.contact_id)
+            outcomes[row.id] = Outcome.REFUSED
+            continue
+        ready.append((row, twilio_params(row, contact)))
+    if not ready:
+        return outcomes
+    # Give the connection back while waiting for rate slots and for Twilio: the claims hold the
+    # rows, and what was read stays usable, detached (docs/ARCHITECTURE.md).
     db.session.close()
-    if not send_rate_limit().acquire(params["from_"]):
-        return _failed_attempt(message, None, None, "the sender's rate limit stayed full", can_retry,
-                               transient=True)
-    started = utcnow()
-    try:
-        created = get_client().messages.create(**params)
-    except requests.ReadTimeout:
+    granted = send_rate_limit().acquire(ready[0][1]["from_"], count=len(ready))
+    for row, _ in ready[granted:]:
+        outcomes[row.id] = _failed_attempt(row, None, None, "the sender's rate limit stayed full", transient=True)
+    ready = ready[:granted]
+    calls = in_flight.call_all(get_client().messages.create, [params for _, params in ready], concurrency())
+    accepted: list[tuple[sa.Row, str, str]] = []
+    for (row, params), call in zip(ready, calls):
+        result = _settle(row, params, call)
+        if isinstance(result, tuple):
+            accepted.append((row, *result))
+        else:
+            outcomes[row.id] = result
+    outcomes.update(_record_accepted_many(accepted))
+    return outcomes
+
+
+def _settle(row: sa.Row, params: dict, call: in_flight.Call) -> Outcome | tuple[str, str]:
+    """What one call's answer means: (sid, Twilio's status) if accepted, else the recorded outcome."""
+    exc = call.error
+    if exc is None:
+        log.info("message %s accepted by Twilio as %s", row.id, call.result.sid)
+        return call.result.sid, (call.result.status or "").lower()
+    if isinstance(exc, requests.ReadTimeout):
         # The request reached Twilio but the answer did not reach us: Twilio may well have
         # accepted it. Look before retrying, so a slow answer does not become a second message.
-        sid = find_accepted_send(message, params, since=started)
+        sid = find_accepted_send(row, params, since=call.started)
         if sid is None:
-            return _failed_attempt(message, None, None, "ReadTimeout talking to Twilio", can_retry,
-                                   transient=True)
-        log.warning("message %s: Twilio answered too slowly but had accepted it as %s", message_id, sid)
-        return _record_accepted(message_id, contact_id, sid, MessageStatus.QUEUED)
-    except TwilioException as exc:  # TwilioRestException and (since 9.10) TwilioServiceException
+            return _failed_attempt(row, None, None, "ReadTimeout talking to Twilio", transient=True)
+        log.warning("message %s: Twilio answered too slowly but had accepted it as %s", row.id, sid)
+        return sid, MessageStatus.QUEUED.value
+    if isinstance(exc, TwilioException):  # TwilioRestException and (since 9.10) TwilioServiceException
         http_status = getattr(exc, "status", None)
         code = getattr(exc, "code", None)
         text = getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", None) or str(exc)
         if is_too_fast(http_status, code):
             send_rate_limit().slow_down(params["from_"])
-        return _failed_attempt(message, http_status, code, text, can_retry)
-    except requests.RequestException as exc:  # timeouts and connection errors
-        return _failed_attempt(message, None, None, f"{type(exc).__name__} talking to Twilio", can_retry,
-                               transient=True)
-    except Exception as exc:  # a bug or unsendable content: fail it rather than hold the claim forever
-        log.exception("message %s: unexpected error while sending", message_id)
-        db.session.rollback()
-        finish(message_id, MessageStatus.FAILED, None,
-               f"not sent: unexpected {type(exc).__name__} (see the worker's log)", contact_id)
-        return Outcome.FAILED
-
-    log.info("message %s accepted by Twilio as %s", message_id, created.sid)
-    return _record_accepted(message_id, contact_id, created.sid, (created.status or "").lower())
+        return _failed_attempt(row, http_status, code, text)
+    if isinstance(exc, requests.RequestException):  # timeouts and connection errors
+        return _failed_attempt(row, None, None, f"{type(exc).__name__} talking to Twilio", transient=True)
+    # A bug or unsendable content: fail it rather than hold the claim forever.
+    log.error("message %s: unexpected error while sending", row.id, exc_info=exc)
+    db.session.rollback()
+    finish(row.id, MessageStatus.FAILED, None, f"not sent: unexpected {type(exc).__name__} (see the worker's log)",
+           row.contact_id)
+    return Outcome.FAILED
 
 
 @functools.cache
@@ -330,9 +419,58 @@ def _accepted_statement() -> sa.Update:
             .execution_options(synchronize_session=False))
 
 
-def _record_accepted(message_id: str, contact_id: int, sid: str, twilio_status: str) -> Outcome:
+def _accepted_status(twilio_status: str) -> MessageStatus:
     # Twilio answers a create() with its starting status (queued, accepted, scheduled).
-    status = MessageStatus(twilio_status) if twilio_status in OUTBOUND_STATUSES else MessageStatus.QUEUED
+    return MessageStatus(twilio_status) if twilio_status in OUTBOUND_STATUSES else MessageStatus.QUEUED
+
+
+@functools.cache
+def _early_events_statement() -> sa.Select:
+    return (sa.select(StatusEvent.twilio_sid)
+            .where(StatusEvent.twilio_sid.in_(sa.bindparam("sids", expanding=True))).distinct())
+
+
+@functools.cache
+def _waiting_contacts_statement() -> sa.Select:
+    return (sa.select(Message.contact_id)
+            .where(Message.contact_id.in_(sa.bindparam("contact_ids", expanding=True)),
+                   Message.direction == Direction.OUTBOUND, Message.status == MessageStatus.PENDING,
+                   Message.id.not_in(sa.bindparam("ids", expanding=True))).distinct())
+
+
+def _record_accepted_many(accepted: list[tuple[sa.Row, str, str]]) -> dict[str, Outcome]:
+    """Record the SIDs of a batch in one round trip, then its early callbacks and who is next."""
+    if not accepted:
+        return {}
+    if len(accepted) == 1:
+        row, sid, twilio_status = accepted[0]
+        return {row.id: _record_accepted(row.id, row.contact_id, sid, twilio_status)}
+    now = utcnow()
+    try:
+        # Commit the SIDs first, then look for callbacks that beat us here (see
+        # statuses.record_callback). One executemany: a single round trip on psycopg 3.
+        db.session.connection().execute(_accepted_statement(), [
+            {"message_id": row.id, "now": now, "sid": sid, "error_message": None,
+             "status": _accepted_status(status).value, "rank": _accepted_status(status).rank}
+            for row, sid, status in accepted])
+        db.session.commit()
+    except IntegrityError:  # a SID already on another row (a mistaken timeout lookup): one by one
+        db.session.rollback()
+        return {row.id: _record_accepted(row.id, row.contact_id, sid, status) for row, sid, status in accepted}
+    by_sid = {sid: row.id for row, sid, _ in accepted}
+    for sid in db.session.scalars(_early_events_statement(), {"sids": sorted(by_sid)}).all():
+        apply_pending_events(sid, by_sid[sid])
+    contacts = {row.contact_id: row.id for row, _, _ in accepted}
+    waiting = db.session.scalars(_waiting_contacts_statement(), {
+        "contact_ids": sorted(contacts), "ids": [row.id for row, _, _ in accepted]}).all()
+    db.session.commit()
+    for contact_id in waiting:  # most contacts have nobody behind them (release_next's lock is rare)
+        release_next(contacts[contact_id], contact_id)
+    return {row.id: Outcome.SENT for row, _, _ in accepted}
+
+
+def _record_accepted(message_id: str, contact_id: int, sid: str, twilio_status: str) -> Outcome:
+    status = _accepted_status(twilio_status)
 
     def record(sid: str | None, error_message: str | None = None) -> None:
         db.session.execute(_accepted_statement(), {
@@ -393,7 +531,7 @@ def find_accepted_send(message: Message | sa.Row, params: dict, since: datetime)
 
 
 def _failed_attempt(message: Message | sa.Row, http_status: int | None, code: int | None, text: str,
-                    can_retry: bool, transient: bool | None = None) -> Outcome:
+                    transient: bool | None = None) -> Outcome:
     message_id, attempts = message.id, message.attempts
     retry = is_retryable(http_status, code) if transient is None else transient
     if retry and attempts < attempt_limit(code, MAX_ATTEMPTS):
@@ -411,8 +549,6 @@ def _failed_attempt(message: Message | sa.Row, http_status: int | None, code: in
         db.session.commit()
         log.warning("message %s: transient Twilio failure (HTTP %s, code %s), attempt %d of %d; will retry",
                     message_id, http_status, code, attempts, MAX_ATTEMPTS)
-        if can_retry:
-            raise TransientSendError(f"HTTP {http_status}, code {code}: {text}")
         return Outcome.RETRY
     log.warning("message %s failed (HTTP %s, code %s): %s", message_id, http_status, code, text)
     finish(message_id, MessageStatus.FAILED, code, text, message.contact_id)

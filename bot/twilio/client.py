@@ -45,7 +45,7 @@ def get_client() -> Client:
         cfg = current_app.config
         client = build_client(
             cfg["TWILIO_ACCOUNT_SID"], cfg["TWILIO_AUTH_TOKEN"], cfg["TWILIO_API_URL"], cfg["TWILIO_TIMEOUT"],
-            connections=int(cfg["WORKER_THREADS"]),
+            connections=int(cfg["SEND_CONCURRENCY"]),
         )
         current_app.extensions["twilio_client"] = client
     return client
