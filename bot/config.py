@@ -22,7 +22,7 @@ REQUIRED_SECRETS = ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_WHATSAPP_
 #: Largest request body accepted; Twilio's webhooks and /notify bodies are a few kilobytes.
 MAX_CONTENT_LENGTH = 256 * 1024
 #: The Procfile's `${WORKER_THREADS:-…}` default, the same number (tests/test_packaging.py checks).
-WORKER_THREADS_DEFAULT = 32
+WORKER_THREADS_DEFAULT = 8
 SEND_CONCURRENCY_DEFAULT = 64
 SEND_BATCH_DEFAULT = 50
 

@@ -306,6 +306,11 @@ def _next_pending(contact_id: int, after_id: str) -> sa.Row | None:
     return db.session.execute(_next_pending_statement(), {"contact_id": contact_id, "after_id": after_id}).first()
 
 
+@functools.cache
+def _status_statement() -> sa.Select:
+    return sa.select(Message.status).where(Message.id == sa.bindparam("message_id"))
+
+
 def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False) -> Outcome:
     """Send one message if it can be claimed, and with it up to SEND_BATCH - 1 other due ones.
 
@@ -316,6 +321,12 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
     and few attempts so far, it also raises TransientSendError so huey retries within seconds
     (the others are scheduled for their due time). `is_retry`: this is that retry.
     """
+    if db.session.scalar(_status_statement(), {"message_id": message_id}) not in UNSENT:
+        # Sent already, most often by a batch that took it along before this task ran: one read,
+        # no claim, no lock (the claim below still decides any race). Debug: at a batch's rate
+        # this line would outnumber the sends.
+        log.debug("message %s already sent or in flight; skipping", message_id)
+        return Outcome.NOT_CLAIMED
     message = claim(message_id, early=is_retry)
     if message is None:
         if wait_for_turn(message_id):
