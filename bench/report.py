@@ -50,8 +50,11 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         f"`{m['git_commit'][:10]}`{' with uncommitted changes' if m.get('git_dirty') else ''}; "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".")
     add("")
+    env = s.get("environment") or {}
     add(f"Shape: the Procfile's lines as they are — `web: {procfile['web']}`, `worker: {procfile['worker']}` "
-        f"(defaults: 2 gunicorn processes × 4 threads, 4 huey threads) — on PostgreSQL and Redis, local. "
+        f"(their defaults; environment for web and worker: "
+        + (", ".join(f"`{k}={v}`" for k, v in env.items()) or "none beyond the services")
+        + ") — on PostgreSQL and Redis, local. "
         f"Twilio is the bundled simulator with **{latency:g} ms** of API latency per create, posting signed "
         f"status callbacks (sent, delivered, read; {s['callback_delay_s']} s apart) back to the webhook. "
         f"Load is open-loop: each rate is offered for {s['duration_s']:g} s on a fixed schedule whatever the "
@@ -60,8 +63,14 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "are floors for a dedicated host, not promises.")
     add("")
     add("Reproduce: `.venv/bin/python bench/throughput.py --latency-ms "
-        f"{latency:g} --rates {','.join(map(str, s['rates']))} --duration {s['duration_s']:g}`")
+        f"{latency:g} --rates {','.join(map(str, s['rates']))} --duration {s['duration_s']:g}"
+        + "".join(f" --set {k}={v}" for k, v in env.items()) + "`")
     add("")
+    if results.get("error"):
+        add(f"**This run stopped early** ({results['error']}); the sections below hold what it measured.")
+        add("")
+    _targets(results, add)
+    _send_path(results, add)
 
     add("## /notify: accepted, then handed to Twilio")
     add("")
@@ -82,7 +91,13 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     add("|---|---|---|---|---|---|---|---|---|---|---|")
     for rate, r in results.get("turns", {}).items():
         add(_pipeline_row(rate, r["inbound_webhook"], r["reply_handed_to_twilio"], "200"))
+    for label, r in (("two workers", (results.get("two_workers") or {}).get("turns")),
+                     ("1M stored", (results.get("history") or {}).get("turns"))):
+        if r:
+            add(_pipeline_row(f"{r['inbound_webhook']['offered_rate']} ({label})", r["inbound_webhook"],
+                              r["reply_handed_to_twilio"], "200"))
     add("")
+    _cpu_split(results, add)
 
     add("## Status callbacks (posted by the simulator during the runs above)")
     add("")
@@ -153,16 +168,26 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         add(f"| worker: one conversation turn (all its tasks: {tasks}) | {q['worker_per_turn']} |")
         add("")
         add(f"Counted, not estimated: {q['how']} ({q['operations']} of each).")
+        h = (results.get("history") or {}).get("queries")
+        if h:
+            add("")
+            add(f"With {results['history']['seed']['messages_in_database']:,} messages stored: /notify "
+                f"{h['web_per_notify_request']}, inbound webhook {h['web_per_inbound_webhook']}, status callback "
+                f"{h['web_per_status_callback']}, send {h['worker_per_send']}, turn {h['worker_per_turn']} "
+                "(the same statements, whatever the history).")
         add("")
 
     profiles = {k: v for r in results.get("notify", {}).values() for k, v in r.get("profile", {}).items()}
+    profiles.update((results.get("backlog") or {}).get("profile", {}))
     errors = {k: v for r in results.get("notify", {}).values() for k, v in r.get("profile_errors", {}).items()}
     if profiles or errors:
-        add(f"## Profile (py-spy, during /notify at {max(s['rates'])}/s)")
+        add(f"## Profile (py-spy: the sender draining the backlog; web and worker during /notify at {max(s['rates'])}/s)")
         add("")
-        add("Flame graphs of on-CPU stacks: `bench/profile-worker.svg`, `bench/profile-web.svg`. Below, top frames "
-            "of the raw stacks: *wall* includes idle threads (where the worker's threads spend their time), "
-            "*cpu* only running ones. Percentages are of all samples.")
+        add("Flame graphs of on-CPU stacks: `bench/profile-sender.svg` (the backlog), `bench/profile-worker.svg`, "
+            "`bench/profile-web.svg` (/notify). Below, top frames of the raw stacks: *wall* includes idle threads "
+            "(where the threads spend their time), *cpu* only running ones (py-spy counts a thread waiting for "
+            "the GIL or in a C call as running). Percentages are of all samples. The CPU per send in the "
+            "send-path table comes from /proc, not from these samples.")
         add("")
         for label, top in sorted(profiles.items()):
             add(f"### {label.split(':')[0]} ({label.split(':')[2]}, {top['samples']} samples)")
@@ -188,7 +213,10 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "produces (three per send); an inbound message's reply also gets its three.")
     add("- Statement counts come from an in-process replay (same code, test client, tasks executed by hand), "
         "not from the gunicorn and huey processes themselves.")
-    add("- py-spy samples at 25 Hz, non-blocking, for the whole /notify run at the top rate and its drain.")
+    add("- py-spy samples at 25 Hz, non-blocking, for the whole /notify run at the top rate and its drain, "
+        "and for 20 s of the backlog.")
+    add("- 429s: the simulator does not enforce a rate, so \"no 429s\" cannot be observed here; what is "
+        "measured is the rate the sender kept (the two-worker rate-limit row).")
     add("- Scenarios run one after another on the same stack. The wait between them covers the requests "
         "that were answered; a request the client gave up on (15 s) may still have been accepted by the "
         "server, and that backlog drains into the next scenario (e.g. /notify at the top rate into the "
@@ -204,53 +232,170 @@ def write_report(results: dict[str, Any], path: Path) -> None:
 
 def _reading(results: dict[str, Any]) -> str:
     """The headline arithmetic, from the numbers only (no claim the data does not carry)."""
-    latency_s = results["settings"]["latency_ms"] / 1000
-    threads = 4  # the Procfile's WORKER_THREADS default
-    notify = results.get("notify", {})
-    best = max((r["handed_to_twilio"].get("messages_per_second") or 0 for r in notify.values()), default=0)
-    ceiling = threads / latency_s if latency_s else float("inf")
-    parts = [
-        f"**Sender**: the worker handed at most {best:g} messages/s to Twilio. {threads} huey threads blocked "
-        f"for one {latency_s * 1000:g} ms API round trip per send cap it at {threads} ÷ {latency_s:g} s = "
-        f"{ceiling:.0f}/s even with free CPU and database; measured, each send occupies a thread for "
-        f"{threads / best * 1000:.0f} ms ({threads} ÷ {best:g}/s), i.e. about "
-        f"{threads / best * 1000 - latency_s * 1000:.0f} ms of database work, logging and CPU queueing on "
-        "top of the API call (the worker profile's wall-clock view: time in `SocketIO.readinto` is the "
-        "wait for Twilio, in psycopg's `Connection.wait` the wait for PostgreSQL). Everything offered "
-        "above that rate becomes backlog in Redis: the notify → Twilio latency grows with the length of "
-        "the run (\"last left after load\")." if best else "**Sender**: no message reached Twilio."]
+    parts = []
+    one = results.get("backlog") or {}
+    two = (results.get("two_workers") or {}).get("backlog") or {}
+    if one.get("messages_per_second"):
+        parts.append(
+            f"**Sender**: one worker process handed {_num(one['messages_per_second'])} messages/s to Twilio "
+            f"draining a backlog ({_num(one.get('worker_cpu_ms_per_send'))} ms of worker CPU per send, the "
+            f"worker using {_num(one.get('cores', {}).get('worker'))} of a core: a Python process runs on one core at "
+            "a time, so that is its ceiling)"
+            + (f"; two worker processes {_num(two['messages_per_second'])}/s, with "
+               f"{_num(two.get('cores', {}).get('machine'))} of the machine's 2 cores busy in all (the simulator and the "
+               "load generator share them)." if two.get("messages_per_second") else ".")
+            + " The sends in flight are not the limit any more (SEND_CONCURRENCY calls wait on Twilio at once, "
+            "holding no database connection); CPU per send is: the twilio SDK's request and response handling "
+            "and huey's per-task overhead are most of it (profile above), the database a small part since "
+            "batches claim, read and record together.")
     turns = results.get("turns", {})
     if turns:
-        best_turns = max((r["reply_handed_to_twilio"].get("messages_per_second") or 0 for r in turns.values()),
-                         default=0)
-        parts.append(f"**Turns** share those threads and add the engine's task (process_inbound, then "
-                     f"send_message): at most {best_turns:g} turns/s.")
+        best = max((r["reply_handed_to_twilio"].get("messages_per_second") or 0 for r in turns.values()), default=0)
+        parts.append(f"**Turns**: at most {best:g} turns/s with one worker, three status callbacks per reply "
+                     "flowing into the same web. A turn costs the engine's statements (the table above) on top "
+                     "of its send; the CPU split shows where the two cores go.")
     b = results.get("baselines") or {}
-    rows = []
-    for rate, bot in ((r, t["inbound_webhook"]) for r, t in turns.items()):
-        bare = b.get("bare", {}).get(rate)
-        if bare:
-            rows.append(f"at {rate}/s the bare endpoint answers in {_ms(bare['latency'], 'p50_ms')} (p50) / "
-                        f"{_ms(bare['latency'], 'p99_ms')} (p99), the bot's inbound webhook in "
-                        f"{_ms(bot['latency'], 'p50_ms')} / {_ms(bot['latency'], 'p99_ms')}")
-    if rows:
+    if b.get("bare") and turns:
         top = max(b["bare"].values(), key=lambda r: r["ok_per_second"])
-        parts.append("**Web**: on this 2-core machine, with the worker, PostgreSQL, Redis, the simulator and the "
-                     "load generator all competing for the CPU, the web process is *not* answering in "
-                     "milliseconds under these rates: " + "; ".join(rows) + f". The bare endpoint peaked at "
-                     f"{top['ok_per_second']:g} req/s (offered {top['offered_rate']}/s), so the framework is "
-                     "not the ceiling; the bot's own request path (its statements per request, above) and "
-                     "the CPU it shares with the busy worker are. Caveat: the baselines ran after the backlog "
-                     "had drained, with the worker idle, while the bot's webhook ran next to a busy worker. "
-                     "Status callbacks time out (the simulator gives up after 5 s) when the web falls that "
-                     "far behind.")
+        rows = []
+        for rate, t in turns.items():
+            bare = b["bare"].get(rate)
+            if bare:
+                bot = t["inbound_webhook"]
+                rows.append(f"at {rate}/s the bare endpoint answers in {_ms(bare['latency'], 'p50_ms')} / "
+                            f"{_ms(bare['latency'], 'p99_ms')} (p50 / p99), the bot's webhook in "
+                            f"{_ms(bot['latency'], 'p50_ms')} / {_ms(bot['latency'], 'p99_ms')}")
+        parts.append("**Web**: " + "; ".join(rows) + f". The bare endpoint peaked at {top['ok_per_second']:g} req/s "
+                     f"(offered {top['offered_rate']}/s) with the worker idle; the bot's webhook runs its "
+                     "statements and shares the cores with a busy worker, PostgreSQL, the simulator and the "
+                     "load generator.")
     if b.get("naive"):
+        latency_s = results["settings"]["latency_ms"] / 1000
         naive = ", ".join(f"{r['ok_per_second']:g}/s at {rate}/s offered (p99 {_ms(r['latency'], 'p99_ms')}, "
                           f"failures: {_answers(r['answers'], '200')})" for rate, r in b["naive"].items())
         parts.append(f"**Naive design** (Twilio inside the request): bounded by gunicorn's 2 × 4 threads ÷ "
-                     f"{latency_s:g} s ≈ {8 / latency_s:.0f} req/s; measured {naive}. It holds every webhook "
-                     "open for the whole API call, so past that rate Twilio's 15 s timeout is what answers.")
+                     f"{latency_s:g} s ≈ {8 / latency_s:.0f} req/s; measured {naive}.")
     return "\n\n".join(parts)
+
+
+def _send_path(results: dict[str, Any], add) -> None:
+    rows = [("one worker", results.get("backlog")),
+            ("two workers", (results.get("two_workers") or {}).get("backlog")),
+            ("one worker, 1M messages stored", (results.get("history") or {}).get("backlog"))]
+    limited = (results.get("two_workers") or {}).get("rate_limit")
+    if not any(r for _, r in rows) and not limited:
+        return
+    add("## The send path on its own: a backlog drained (status callbacks off)")
+    add("")
+    add("Pending messages to distinct contacts, their send tasks on the queue (what a burst of /notify leaves "
+        "behind), drained by the `worker` line(s). *msgs/s*: all of them over the time from the first enqueue "
+        "to the last create at the simulator; *steady*: between the first and the last create. Worker CPU "
+        "from /proc (user + system), cores = CPU seconds ÷ wall seconds.")
+    add("")
+    add("| run | messages | msgs/s to Twilio | steady | worker CPU per send | worker cores | machine cores busy |")
+    add("|---|---|---|---|---|---|---|")
+    for label, r in rows + [(f"two workers at TWILIO_MESSAGES_PER_SECOND={limited['setting']}" if limited else "",
+                             limited)]:
+        if not r or not r.get("handed_to_twilio"):
+            continue
+        add(f"| {label} | {r['handed_to_twilio']}/{r['size']} | {_num(r.get('messages_per_second'))} "
+            f"| {_num(r.get('steady_messages_per_second'))} | {_num(r.get('worker_cpu_ms_per_send'))} ms "
+            f"| {_num(r.get('cores', {}).get('worker'))} | {_num(r.get('cores', {}).get('machine'))} |")
+    add("")
+
+
+def _cpu_split(results: dict[str, Any], add) -> None:
+    runs = [(f"/notify {rate}/s", r.get("cores_during_load")) for rate, r in results.get("notify", {}).items()]
+    runs += [(f"turns {rate}/s", r.get("cores_during_load")) for rate, r in results.get("turns", {}).items()]
+    runs = [(label, cores) for label, cores in runs if cores]
+    if not runs:
+        return
+    parts = ["web", "worker", "postgresql", "redis", "load generator + simulator", "machine"]
+    add("### Where the two cores went during the load (cores used on average)")
+    add("")
+    add("| run | " + " | ".join(parts) + " |")
+    add("|---|" + "---|" * len(parts))
+    for label, cores in runs:
+        add(f"| {label} | " + " | ".join(_num(cores.get(p)) for p in parts) + " |")
+    add("")
+
+
+def _targets(results: dict[str, Any], add) -> None:
+    """Issue 8's targets beside the figures of this run."""
+    rows: list[tuple[str, str, str]] = []
+
+    def row(target: str, figure: str, met: bool | None) -> None:
+        rows.append((target, figure, "–" if met is None else ("met" if met else "**not met**")))
+
+    one = results.get("backlog") or {}
+    two = (results.get("two_workers") or {}).get("backlog") or {}
+    best = max(one.get("messages_per_second") or 0, two.get("messages_per_second") or 0)
+    if best:
+        row("send path ≥ 400 msg/s (TWILIO_MESSAGES_PER_SECOND=1000, callbacks off)",
+            f"{_num(one.get('messages_per_second'))}/s one worker, {_num(two.get('messages_per_second'))}/s two",
+            best >= 400)
+    limited = (results.get("two_workers") or {}).get("rate_limit") or {}
+    if limited.get("steady_messages_per_second"):
+        rate, setting = limited["steady_messages_per_second"], limited["setting"]
+        row(f"at {setting}/s: within ±10% across two worker processes", f"{rate:g}/s", abs(rate - setting) <= 0.1 * setting)
+    turns = results.get("turns", {})
+    if turns:
+        best_turns = max((r["reply_handed_to_twilio"].get("messages_per_second") or 0 for r in turns.values()), default=0)
+        row("≥ 150 turns/s with callbacks flowing", f"{best_turns:g}/s", best_turns >= 150)
+        for rate, bound in (("80", 1000), ("200", 2000)):
+            r = turns.get(rate)
+            if r:
+                p99 = (r["reply_handed_to_twilio"].get("latency") or {}).get("p99_ms")
+                row(f"inbound → reply p99 < {bound // 1000} s at {rate} turns/s offered", _ms({"p": p99}, "p"),
+                    p99 is not None and p99 < bound)
+    bare = (results.get("baselines") or {}).get("bare") or {}
+    for rate, r in turns.items():
+        w, b = r["inbound_webhook"], bare.get(rate)
+        p99 = (w.get("latency") or {}).get("p99_ms")
+        ratio = (w["ok_per_second"] / b["ok_per_second"]) if b and b["ok_per_second"] else None
+        row(f"inbound webhook at {rate}/s: p99 < 100 ms, ≥ 0.4× bare", f"p99 {_ms(w.get('latency'), 'p99_ms')}, "
+            f"{w['ok_per_second']:g}/s = {ratio:.2f}× bare" if ratio else f"p99 {_ms(w.get('latency'), 'p99_ms')}",
+            p99 is not None and p99 < 100 and (ratio or 0) >= 0.4)
+    for scenario in ("notify", "turns"):
+        for rate, r in results.get(scenario, {}).items():
+            c = r.get("status_callbacks") or {}
+            if c.get("count"):
+                p99 = (c.get("latency") or {}).get("p99_ms")
+                row(f"status callbacks during {scenario} {rate}/s: p99 < 100 ms", f"{c['per_second']:g}/s, p99 "
+                    f"{_ms(c.get('latency'), 'p99_ms')}, non-200: {_answers(c['answers'], '200')}",
+                    p99 is not None and p99 < 100)
+    row("≥ 1,000 req/s into the webhook", "not offered in this run (rates above)", None)
+    history = results.get("history") or {}
+    if history.get("backlog") and one.get("messages_per_second"):
+        ratio = history["backlog"]["messages_per_second"] / one["messages_per_second"]
+        row("1M stored: send path ≥ 0.9× empty", f"{ratio:.2f}×", ratio >= 0.9)
+    if history.get("turns") and turns:
+        top = str(max(map(int, turns)))
+        empty = turns[top]["reply_handed_to_twilio"].get("messages_per_second") or 0
+        full = history["turns"]["reply_handed_to_twilio"].get("messages_per_second") or 0
+        if empty:
+            row(f"1M stored: turns at {top}/s ≥ 0.9× empty", f"{full:g} vs {empty:g}/s = {full / empty:.2f}×",
+                full / empty >= 0.9)
+    q, hq = results.get("queries"), history.get("queries")
+    if q and hq:
+        row("1M stored: statements per turn constant", f"{q['worker_per_turn']} → {hq['worker_per_turn']}",
+            q["worker_per_turn"] == hq["worker_per_turn"])
+    rss = results.get("rss") or {}
+    web = [v for k, v in (rss.get("web") or {}).get("peak_rss_mib_by_process", {}).items() if k != "master"]
+    if web:
+        row("RSS web ≤ 80 MB per process", f"{max(web):g} MiB", max(web) <= 80)
+    if rss.get("worker"):
+        worker = rss["worker"]["peak_rss_mib_tree"]
+        row("RSS worker ≤ 150 MB", f"{worker:g} MiB", worker <= 150)
+    if not rows:
+        return
+    add("## Targets (issue 8) and this run's figures")
+    add("")
+    add("| target | measured | |")
+    add("|---|---|---|")
+    for target, figure, met in rows:
+        add(f"| {target} | {figure} | {met} |")
+    add("")
 
 
 if __name__ == "__main__":

@@ -49,11 +49,15 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     from bot import cli, database, http
     from bot.delivery import queue, rate_limit, tasks
-    from bot.extensions import migrate
     from bot.twilio import client as twilio_client
 
     database.init_app(app)
-    migrate.init_app(app, database.db, directory=database.MIGRATIONS_DIR, render_as_batch=True)
+    if os.environ.get("FLASK_RUN_FROM_CLI") == "true" or app.testing:
+        # `flask db upgrade` (the release line) and tests need Alembic; gunicorn and huey_consumer
+        # never do, and importing it costs each of their processes 11 MB (bench/THROUGHPUT.md, RSS).
+        from flask_migrate import Migrate
+
+        Migrate(app, database.db, directory=database.MIGRATIONS_DIR, render_as_batch=True)
     queue.init_app(app)
     rate_limit.init_app(app)
     tasks.init_app(app)

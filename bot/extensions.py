@@ -1,7 +1,9 @@
-"""Flask extensions, created unbound here and bound in create_app (no circular imports)."""
+"""Flask extensions, created unbound here and bound in create_app (no circular imports).
+
+Flask-Migrate is not here: create_app binds it only for the `flask` command (see there).
+"""
 from __future__ import annotations
 
-from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase
 
@@ -11,4 +13,3 @@ class Base(DeclarativeBase):
 
 
 db = SQLAlchemy(model_class=Base)
-migrate = Migrate()

@@ -132,7 +132,8 @@ def test_the_installed_wheel_finds_its_copy_and_migrations_from_any_directory(si
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = """if True:
-        import json, sys
+        import json, os, sys
+        os.environ["FLASK_RUN_FROM_CLI"] = "true"  # what the flask command sets: Flask-Migrate is bound
         import wsgi
         from bot.conversations import replies
         from flask_migrate import upgrade
@@ -169,9 +170,12 @@ def test_the_installed_wheel_finds_its_copy_and_migrations_from_any_directory(si
 
 @pytest.mark.parametrize("variables", [SECRETS, {}], ids=["configured", "development-mode"])
 def test_the_web_and_worker_entry_point_does_not_import_the_dev_tools(tmp_path: Path, variables: dict) -> None:
-    """gunicorn wsgi:app and huey_consumer wsgi.huey import wsgi, which runs create_app()."""
+    """gunicorn wsgi:app and huey_consumer wsgi.huey import wsgi, which runs create_app(). Nor
+    do they import Alembic (only `flask db`) or Twilio's REST client (only a send): every web
+    process would carry 17 MB it never uses (bench/THROUGHPUT.md, RSS)."""
     code = ("import sys, wsgi; assert wsgi.app and wsgi.huey; "
-            "print(sorted(m for m in sys.modules if m.split('.')[:2] == ['bot', 'devtools']))")
+            "print(sorted(m for m in sys.modules if m.split('.')[:2] == ['bot', 'devtools'] "
+            "or m.split('.')[0] in ('alembic', 'flask_migrate') or m.startswith('twilio.rest')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                             env=clean_env(tmp_path, PYTHONPATH=str(PROJECT_ROOT), **variables))
     assert result.returncode == 0, result.stderr
