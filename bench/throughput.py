@@ -466,6 +466,28 @@ def cpu_snapshot(stack: "Stack") -> dict[str, float]:
     return dict(out)
 
 
+def machine_busy_cores(interval: float = 1.0) -> float:
+    """Cores the whole machine kept busy over the next `interval` seconds."""
+    def busy() -> tuple[float, float]:
+        with open("/proc/stat") as f:
+            fields = list(map(int, f.readline().split()[1:]))
+        return sum(fields) - fields[3] - fields[4], time.monotonic()
+    (b0, t0) = busy()
+    time.sleep(interval)
+    (b1, t1) = busy()
+    return (b1 - b0) / os.sysconf("SC_CLK_TCK") / (t1 - t0)
+
+
+def wait_for_quiet(threshold: float = 0.3, timeout: float = 120.0) -> float:
+    """Wait until the machine is nearly idle (what the last scenario left behind has drained: late
+    callbacks, a backlog, autovacuum), so one scenario's figures are not the previous one's."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = machine_busy_cores()
+        if busy < threshold or time.monotonic() > deadline:
+            return round(busy, 2)
+
+
 def cpu_split(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
     """Cores each part used on average between two snapshots."""
     return {k: round((after.get(k, 0) - before.get(k, 0)) / max(seconds, 1e-9), 2) for k in after}
@@ -672,6 +694,7 @@ class Stack:
 
 def run_notify(stack: Stack, rate: int, duration: float, drain_timeout: float, profile: bool,
                out_dir: Path) -> dict[str, Any]:
+    quiet = wait_for_quiet()
     phones = [phone("notify", rate, i) for i in range(int(rate * duration))]
     seed_contacts(stack.config["DATABASE_URL"], phones)
     stack.sim.reset()
@@ -691,7 +714,8 @@ def run_notify(stack: Stack, rate: int, duration: float, drain_timeout: float, p
     cpu_load = cpu_split(cpu_before, cpu_snapshot(stack), time.monotonic() - started)
     drained = wait_for_creates(stack.sim, {s.key for s in samples if s.status == 202}, drain_timeout)
     time.sleep(CALLBACK_DELAY * 3 + 1)  # the last sends' callbacks
-    result = {"cores_during_load": cpu_load, "acceptance": load_stats(samples, rate, duration, 202),
+    result = {"busy_cores_before": quiet, "cores_during_load": cpu_load,
+              "acceptance": load_stats(samples, rate, duration, 202),
               "handed_to_twilio": {**end_to_end(samples, stack.sim.timings, duration), "drained": drained},
               "status_callbacks": callback_stats(stack.sim)}
     for label, process, out in profiles:
@@ -710,6 +734,7 @@ def worker_pids(stack: Stack) -> list[int]:
 def run_backlog(stack: Stack, size: int, drain_timeout: float, profile: bool, out_dir: Path,
                 label: str = "backlog") -> dict[str, Any]:
     """The send path on its own: `size` messages already pending, how fast the worker(s) drain them."""
+    quiet = wait_for_quiet()
     phones = [phone(label, size, i) for i in range(size)]
     seed_contacts(stack.config["DATABASE_URL"], phones)
     stack.sim.reset()
@@ -727,7 +752,7 @@ def run_backlog(stack: Stack, size: int, drain_timeout: float, profile: bool, ou
     finally:
         stack.sim.auto_callbacks = callbacks
     result: dict[str, Any] = {"size": size, "workers": len(workers), "drained": drained,
-                              "handed_to_twilio": len(creates), "cores": split}
+                              "handed_to_twilio": len(creates), "cores": split, "busy_cores_before": quiet}
     if creates:
         # The steady rate: between the first and the last create (a rate limit shows here).
         steady = (len(creates) - 1) / max(creates[-1] - creates[0], 1e-9)
@@ -805,6 +830,7 @@ def seed_history(database_url: str, messages: int) -> dict[str, Any]:
 
 
 def run_turns(stack: Stack, rate: int, duration: float, drain_timeout: float, label: str = "turns") -> dict[str, Any]:
+    quiet = wait_for_quiet()
     phones = [phone(label, rate, i) for i in range(int(rate * duration))]
     seed_contacts(stack.config["DATABASE_URL"], phones)
     stack.sim.reset()
@@ -817,7 +843,8 @@ def run_turns(stack: Stack, rate: int, duration: float, drain_timeout: float, la
     cpu_load = cpu_split(cpu_before, cpu_snapshot(stack), time.monotonic() - started)
     drained = wait_for_creates(stack.sim, {s.key for s in samples if s.status == 200}, drain_timeout)
     time.sleep(CALLBACK_DELAY * 3 + 1)
-    return {"cores_during_load": cpu_load, "inbound_webhook": load_stats(samples, rate, duration, 200),
+    return {"busy_cores_before": quiet, "cores_during_load": cpu_load,
+            "inbound_webhook": load_stats(samples, rate, duration, 200),
             "reply_handed_to_twilio": {**end_to_end(samples, stack.sim.timings, duration), "drained": drained},
             "status_callbacks": callback_stats(stack.sim)}
 

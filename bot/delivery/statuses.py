@@ -40,6 +40,17 @@ def _statements() -> dict[str, sa.Executable]:
             Message.twilio_sid == sa.bindparam("sid"), Message.direction == Direction.OUTBOUND),
         "events_by_sid": sa.select(StatusEvent).where(StatusEvent.twilio_sid == sa.bindparam("sid"))
         .order_by(StatusEvent.id),
+        # The event, linked to its outbound message if that is known (a status callback naming an
+        # inbound message's SID must never move it out of "received").
+        "insert_event": sa.insert(StatusEvent.__table__).values(
+            twilio_sid=sa.bindparam("sid"), status=sa.bindparam("status"),
+            error_code=sa.bindparam("error_code"), error_message=sa.bindparam("error_message"),
+            payload=sa.bindparam("payload", type_=StatusEvent.__table__.c.payload.type),
+            received_at=sa.bindparam("received_at"),
+            message_id=sa.select(Message.id).where(
+                Message.twilio_sid == sa.bindparam("sid"), Message.direction == Direction.OUTBOUND)
+            .scalar_subquery(),
+        ).returning(StatusEvent.__table__.c.message_id),
     }
 
 
@@ -73,26 +84,36 @@ def parse_error_code(value: Any) -> int | None:
 
 
 def record_callback(form: Mapping[str, str]) -> bool:
-    """Store a status callback as an event and apply it. Returns False for a repeat."""
+    """Store a status callback as an event and apply it. Returns False for a repeat.
+
+    Two statements when the message is known (most callbacks): the event's INSERT links it to
+    its message in the same statement, and only this event is applied. When the SID is not
+    recorded yet, the sender applies the event once it is (`apply_pending_events`).
+    """
     sid = form["MessageSid"]
     status = form["MessageStatus"].strip().lower()
-    event = StatusEvent(
-        twilio_sid=sid,
-        status=status,
-        error_code=parse_error_code(form.get("ErrorCode")),
-        error_message=form.get("ErrorMessage") or form.get("ChannelStatusMessage") or None,
-        payload=dict(form),
-    )
-    db.session.add(event)
+    error_code = parse_error_code(form.get("ErrorCode"))
+    error_message = form.get("ErrorMessage") or form.get("ChannelStatusMessage") or None
     try:
-        # Committed before the message lookup: with the sender committing its SID before looking
+        # Committed before anything is applied: with the sender committing its SID before looking
         # for early events (apply_pending_events), one of the two always sees the other.
+        message_id = db.session.execute(_statements()["insert_event"], {
+            "sid": sid, "status": status, "error_code": error_code, "error_message": error_message,
+            "payload": dict(form), "received_at": utcnow()}).scalar()
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
         log.info("repeated status callback %s %s ignored", sid, status)
         return False
-    apply_pending_events(sid)
+    if message_id is None:  # the send has not recorded this SID yet (or it is not ours)
+        apply_pending_events(sid)
+        return True
+    parsed = parse_outbound_status(status)
+    if parsed is None:
+        log.warning("status callback with unknown status %r for %s kept, not applied", status, sid)
+        return True
+    raise_status(message_id, parsed, error_code, error_message)
+    db.session.commit()
     return True
 
 
