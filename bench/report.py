@@ -292,14 +292,16 @@ def _send_path(results: dict[str, Any], add) -> None:
         "to the last create at the simulator; *steady*: between the first and the last create. Worker CPU "
         "from /proc (user + system), cores = CPU seconds ÷ wall seconds.")
     add("")
-    add("| run | messages | msgs/s to Twilio | steady | worker CPU per send | worker cores | machine cores busy |")
-    add("|---|---|---|---|---|---|---|")
+    add("| run | messages | msgs/s to Twilio | steady | busiest second | worker CPU per send | worker cores "
+        "| machine cores busy |")
+    add("|---|---|---|---|---|---|---|---|")
     for label, r in rows + [(f"two workers at TWILIO_MESSAGES_PER_SECOND={limited['setting']}" if limited else "",
                              limited)]:
         if not r or not r.get("handed_to_twilio"):
             continue
         add(f"| {label} | {r['handed_to_twilio']}/{r['size']} | {_num(r.get('messages_per_second'))} "
-            f"| {_num(r.get('steady_messages_per_second'))} | {_num(r.get('worker_cpu_ms_per_send'))} ms "
+            f"| {_num(r.get('steady_messages_per_second'))} | {_num(r.get('busiest_second'))} "
+            f"| {_num(r.get('worker_cpu_ms_per_send'))} ms "
             f"| {_num(r.get('cores', {}).get('worker'))} | {_num(r.get('cores', {}).get('machine'))} |")
     add("")
 
@@ -310,7 +312,7 @@ def _cpu_split(results: dict[str, Any], add) -> None:
     runs = [(label, cores) for label, cores in runs if cores]
     if not runs:
         return
-    parts = ["web", "worker", "postgresql", "redis", "load generator + simulator", "machine"]
+    parts = ["web", "worker", "postgresql", "redis", "load generator + simulator", "machine", "steal"]
     add("### Where the two cores went during the load (cores used on average)")
     add("")
     add("| run | " + " | ".join(parts) + " |")
@@ -335,9 +337,12 @@ def _targets(results: dict[str, Any], add) -> None:
             f"{_num(one.get('messages_per_second'))}/s one worker, {_num(two.get('messages_per_second'))}/s two",
             best >= 400)
     limited = (results.get("two_workers") or {}).get("rate_limit") or {}
-    if limited.get("steady_messages_per_second"):
-        rate, setting = limited["steady_messages_per_second"], limited["setting"]
-        row(f"at {setting}/s: within ±10% across two worker processes", f"{rate:g}/s", abs(rate - setting) <= 0.1 * setting)
+    if limited.get("messages_per_second"):
+        rate, setting = limited["messages_per_second"], limited["setting"]
+        busiest = limited.get("busiest_second")
+        row(f"TWILIO_MESSAGES_PER_SECOND={setting}: within ±10% across two worker processes",
+            f"{rate:g}/s over the run, busiest second {busiest}",
+            abs(rate - setting) <= 0.1 * setting and (busiest or 0) <= 1.1 * setting)
     turns = results.get("turns", {})
     if turns:
         best_turns = max((r["reply_handed_to_twilio"].get("messages_per_second") or 0 for r in turns.values()), default=0)
