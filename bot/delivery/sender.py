@@ -67,6 +67,10 @@ class TransientSendError(Exception):
     """Twilio could not take the message now; the task retries with backoff."""
 
 
+class RateLimitFull(Exception):
+    """No slot in the sender's rate budget came free in time; the message is retried later."""
+
+
 def retry_backoff(attempts: int) -> timedelta:
     """How long after a transiently failed attempt number `attempts` the next one is due:
     1, 2, 4, 8, 16 s (under the task's own retry delays), then 32 s doubling to 30 minutes."""
@@ -370,11 +374,16 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
     # Give the connection back while waiting for rate slots and for Twilio: the claims hold the
     # rows, and what was read stays usable, detached (docs/ARCHITECTURE.md).
     db.session.close()
-    granted = send_rate_limit().acquire(ready[0][1]["from_"], count=len(ready))
-    for row, _ in ready[granted:]:
-        outcomes[row.id] = _failed_attempt(row, None, None, "the sender's rate limit stayed full", transient=True)
-    ready = ready[:granted]
-    calls = in_flight.call_all(get_client().messages.create, [params for _, params in ready], concurrency())
+    limit, create = send_rate_limit(), get_client().messages.create
+
+    def send(**params: Any) -> Any:
+        # The slot is taken right before the request leaves, in the pool's thread: taken for the
+        # whole batch up front, calls queued in the pool would reach Twilio in bursts.
+        if not limit.acquire(params["from_"]):
+            raise RateLimitFull()
+        return create(**params)
+
+    calls = in_flight.call_all(send, [params for _, params in ready], concurrency())
     accepted: list[tuple[sa.Row, str, str]] = []
     for (row, params), call in zip(ready, calls):
         result = _settle(row, params, call)
@@ -389,6 +398,8 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
 def _settle(row: sa.Row, params: dict, call: in_flight.Call) -> Outcome | tuple[str, str]:
     """What one call's answer means: (sid, Twilio's status) if accepted, else the recorded outcome."""
     exc = call.error
+    if isinstance(exc, RateLimitFull):
+        return _failed_attempt(row, None, None, "the sender's rate limit stayed full", transient=True)
     if exc is None:
         log.info("message %s accepted by Twilio as %s", row.id, call.result.sid)
         return call.result.sid, (call.result.status or "").lower()
