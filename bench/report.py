@@ -220,6 +220,10 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "budget can arrive hundreds of milliseconds later, next to the next second's. The budget "
         "itself is the `limits` library's moving window in Redis (its two-process test: "
         "`tests/test_rate_limit.py::test_two_workers_share_one_budget_through_redis`).")
+    add("- *Machine cores busy* far above the sum of the parts (worker, PostgreSQL, Redis, load generator) "
+        "means something outside the measured processes held the CPU during that drain; such a row measures "
+        "the machine more than the sender. Each scenario starts only once the machine is idle "
+        "(`busy_cores_before` in results.json).")
     add("- 429s: the simulator does not enforce a rate, so \"no 429s\" cannot be observed here; what is "
         "measured is the rate the sender kept (the two-worker rate-limit row).")
     add("- Scenarios run one after another on the same stack. The wait between them covers the requests "
@@ -250,9 +254,11 @@ def _reading(results: dict[str, Any]) -> str:
                f"{_num(two.get('cores', {}).get('machine'))} of the machine's 2 cores busy in all (the simulator and the "
                "load generator share them)." if two.get("messages_per_second") else ".")
             + " The sends in flight are not the limit any more (SEND_CONCURRENCY calls wait on Twilio at once, "
-            "holding no database connection); CPU per send is: the twilio SDK's request and response handling "
-            "and huey's per-task overhead are most of it (profile above), the database a small part since "
-            "batches claim, read and record together.")
+            "holding no database connection); CPU per send is. In the sender's profile the Twilio calls on the "
+            "pool (`in_flight._run`: the twilio SDK and requests) and huey's task execution (`Huey.execute`, "
+            "most of whose tasks find their message already sent by a batch) hold most samples; the batch "
+            "statements are 1.3 per send (the table below). More throughput takes more worker processes on "
+            "more cores, which the rate limit and SKIP LOCKED claims already allow.")
     turns = results.get("turns", {})
     if turns:
         best = max((r["reply_handed_to_twilio"].get("messages_per_second") or 0 for r in turns.values()), default=0)
