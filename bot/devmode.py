@@ -9,6 +9,7 @@ Setting any of those leaves this mode for good: every real secret is then requir
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -74,7 +75,12 @@ def with_dev_defaults(settings: "Settings", instance_path: str) -> "Settings":
 def is_loopback_url(url: str) -> bool:
     """Whether `url` points at this machine (localhost, 127.x.x.x, ::1)."""
     host = (urlsplit(url).hostname or "").lower()
-    return host in ("localhost", "::1") or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:  # an address, parsed: "127.db.example.com" is a name, not 127.0.0.0/8
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def default_instance_path() -> str:

@@ -1,6 +1,7 @@
 """The data model: contacts, messages (both directions) and the append-only status events."""
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,16 @@ from bot.vocabulary import Consent, ConversationStatus, Direction, Kind
 def new_id() -> str:
     """A random public id: ids given to backends should not reveal how many rows exist."""
     return uuid.uuid4().hex
+
+
+#: What `new_id` makes: 32 lowercase hex digits, nothing after them.
+PUBLIC_ID = re.compile(r"[0-9a-f]{32}\Z")
+
+
+def is_public_id(value: str) -> bool:
+    """Whether `value` can be one of our ids. A route checks it before any query: a NUL or a
+    megabyte of text in the path is a 404, never a database error."""
+    return bool(PUBLIC_ID.match(value))
 
 
 class Contact(db.Model):

@@ -10,7 +10,7 @@ from bot.conversations.engine import set_consent_from_api
 from bot.extensions import db
 from bot.http.notify import read_json_body
 from bot.http.schemas import InvalidRequest, check_json_values
-from bot.models import ConsentEvent, Contact, Conversation
+from bot.models import ConsentEvent, Contact, Conversation, is_public_id
 from bot.phone import InvalidNumber, normalize_e164
 from bot.http.auth import require_api_token
 from bot.clock import isoformat
@@ -79,6 +79,8 @@ def set_consent(phone: str):
 @require_api_token
 def get_conversation(conversation_id: str):
     """A conversation's flow, state, status and outcome (what the user answered)."""
+    if not is_public_id(conversation_id):
+        abort(404, description=f"no conversation with id {conversation_id[:64]!r}")
     conversation = db.session.get(Conversation, conversation_id)
     if conversation is None:
         abort(404, description=f"no conversation with id {conversation_id!r}")

@@ -12,7 +12,7 @@ from bot.delivery import outbox
 from bot.conversations.consent import opt_out_waiting
 from bot.conversations.contacts import get_or_create_contact
 from bot.extensions import db
-from bot.models import Conversation, Message, StatusEvent
+from bot.models import Conversation, Message, StatusEvent, is_public_id
 from bot.http.schemas import InvalidRequest, NotifyRequest, parse_notify
 from bot.twilio.whatsapp import within_window
 from bot.vocabulary import Consent, ConversationStatus, Direction, MessageStatus, StartedBy
@@ -189,6 +189,8 @@ def _new_outbound(notification: NotifyRequest, contact_id: int, key: str | None)
 @require_api_token
 def get_message(message_id: str):
     """A message's status, error, Twilio SID and the history of status callbacks."""
+    if not is_public_id(message_id):
+        abort(404, description=f"no message with id {message_id[:64]!r}")
     message = db.session.scalar(
         sa.select(Message).options(selectinload(Message.contact)).where(Message.id == message_id)
     )

@@ -15,7 +15,7 @@ bp = Blueprint("webhook", __name__)
 
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 #: A Message SID: two letters (SM, MM) and 32 hex digits.
-SID_PATTERN = re.compile(r"^[A-Z]{2}[0-9a-f]{32}$")
+SID_PATTERN = re.compile(r"[A-Z]{2}[0-9a-f]{32}\Z")  # \Z, not $: "$" lets a trailing newline through
 MAX_STATUS_LENGTH = 32
 
 

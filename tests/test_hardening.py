@@ -1,0 +1,122 @@
+"""Small holes found by trying the server from outside (issue 9, items 7 and 9), each closed here."""
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from bot.devmode import is_loopback_url
+from bot.extensions import db
+from bot.models import Conversation, Message, StatusEvent, new_id
+from bot.vocabulary import ConversationStatus, Direction, MessageStatus, StartedBy
+from tests.conftest import inbound_form, make_contact, status_form
+from tests.test_webhook import sent_message, stored
+
+
+@pytest.mark.parametrize("path", ["/messages/%00", "/conversations/%00", "/messages/" + "a" * 5000,
+                                  "/conversations/ABC", "/messages/" + new_id() + "%0A"])
+def test_an_id_that_cannot_be_ours_is_a_404_before_any_query(app, client, auth, path):
+    """On PostgreSQL a NUL in the path used to reach the query and answer 500."""
+    statements: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:
+        statements.append(statement)
+
+    with app.app_context():
+        sa.event.listen(db.engine, "before_cursor_execute", count)
+        try:
+            response = client.get(path, headers=auth)
+        finally:
+            sa.event.remove(db.engine, "before_cursor_execute", count)
+    assert response.status_code == 404
+    assert response.get_json()["error"]
+    assert statements == []
+
+
+def test_an_unknown_id_of_the_right_shape_is_still_a_404(client, auth):
+    assert client.get(f"/messages/{new_id()}", headers=auth).status_code == 404
+    assert client.get(f"/conversations/{new_id()}", headers=auth).status_code == 404
+
+
+def test_a_sid_with_a_trailing_newline_is_refused(app, post_webhook):
+    """`$` matched before a final newline; the SID then reached PostgreSQL and failed there."""
+    form = inbound_form()
+    form["MessageSid"] = form["MessageSid"] + "\n"
+    response = post_webhook(form)
+    assert response.status_code == 400 and "MessageSid" in response.get_json()["error"]
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(Message)) == 0
+
+
+@pytest.mark.parametrize("url, local", [
+    ("postgresql://u@127.0.0.1:5432/db", True),
+    ("redis://localhost:6379/0", True),
+    ("http://[::1]:8081", True),
+    ("postgresql://u@127.db.example.com/prod", False),  # a name that starts like a loopback address
+    ("postgresql://u@10.0.0.5/prod", False),
+    ("redis://cache.internal:6379", False),
+])
+def test_loopback_urls_are_parsed_not_prefix_matched(url, local):
+    assert is_loopback_url(url) is local
+
+
+def test_a_second_final_status_of_the_same_rank_does_not_replace_the_first(app, client, auth, post_webhook):
+    """`undelivered` and `failed` rank alike: the first one Twilio reported stays (strictly `<`)."""
+    message_id, sid = sent_message(app, client, auth)
+    assert post_webhook(status_form(sid, "undelivered", 30003)).status_code == 200
+    assert post_webhook(status_form(sid, "failed", 30008)).status_code == 200
+    row = stored(app, message_id)
+    assert (row.status, row.error_code) == ("undelivered", 30003)
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(StatusEvent)) == 2  # both kept
+
+
+def test_the_sweep_re_enqueues_unprocessed_inbound_and_starting_conversations(app):
+    from datetime import timedelta
+
+    from bot.clock import utcnow
+    from bot.delivery import outbox
+    from bot.delivery.queue import huey
+
+    with app.app_context():
+        contact = make_contact()
+        long_ago = utcnow() - outbox.STALE_AFTER - timedelta(seconds=5)
+        inbound = Message(direction=Direction.INBOUND, contact_id=contact.id, body="hi", twilio_sid="SM" + new_id(),
+                          status=MessageStatus.RECEIVED, status_rank=0, created_at=long_ago, updated_at=long_ago)
+        starting = Conversation(contact_id=contact.id, flow="feedback", state="start",
+                                status=ConversationStatus.STARTING, started_by=StartedBy.BACKEND,
+                                started_at=long_ago, updated_at=long_ago)
+        db.session.add_all([inbound, starting])
+        db.session.commit()
+        inbound_id, starting_id = inbound.id, starting.id
+        huey.flush()
+        counts = outbox.sweep()
+        assert (counts["inbound"], counts["conversations"]) == (1, 1)
+    queued = []
+    while (task := huey.dequeue()) is not None:
+        queued.append((task.name.rsplit(".", 1)[-1], task.args[0]))
+    assert sorted(queued) == sorted([("process_inbound", inbound_id), ("start_conversation", starting_id)])
+
+
+def _placeholder(argument: str) -> str:
+    return {"phone": "+15551234567"}.get(argument, new_id())
+
+
+#: Routes anyone may call: Twilio's (verified by its signature instead) and the health check.
+PUBLIC_ENDPOINTS = {"webhook.twilio_webhook", "health.healthz", "static"}
+
+
+def test_every_backend_route_refuses_a_request_without_the_token(app, client):
+    """Walks the app's URL map, so a route added later without @require_api_token fails here."""
+    checked = []
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint in PUBLIC_ENDPOINTS:
+            continue
+        path = rule.rule
+        for argument in rule.arguments:
+            path = path.replace(f"<{argument}>", _placeholder(argument))
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            response = client.open(path, method=method, json={})
+            assert response.status_code == 401, f"{method} {rule.rule} answered {response.status_code} without a token"
+            assert response.get_json()["error"]
+            checked.append(f"{method} {rule.rule}")
+    assert {"POST /notify", "PUT /contacts/<phone>/consent", "GET /messages/<message_id>"} <= set(checked)
