@@ -10,6 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from bot.config import ConfigError, load_settings, missing_secrets
 from bot.devmode import TWILIO_IDENTITY, dev_mode_requested, production_signals, with_dev_defaults
+from bot.logmask import MaskPhoneNumbers
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
@@ -81,7 +82,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
 
 def _configure_logging(app: Flask) -> None:
-    """Our INFO logs on stderr, once, in every process.
+    """Our INFO logs on stderr, once, in every process, phone numbers masked (bot/logmask.py).
 
     The handler sits on the "bot" logger, not the root: huey_consumer adds its own root handler
     after importing the app, and a root handler of ours would print every line twice.
@@ -90,6 +91,7 @@ def _configure_logging(app: Flask) -> None:
     if not any(getattr(h, "_bot_handler", False) for h in logger.handlers):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(MaskPhoneNumbers())
         handler._bot_handler = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)

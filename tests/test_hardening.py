@@ -120,3 +120,43 @@ def test_every_backend_route_refuses_a_request_without_the_token(app, client):
             assert response.get_json()["error"]
             checked.append(f"{method} {rule.rule}")
     assert {"POST /notify", "PUT /contacts/<phone>/consent", "GET /messages/<message_id>"} <= set(checked)
+
+
+def test_phone_numbers_are_masked_in_log_text():
+    from bot.logmask import mask_phone
+
+    assert mask_phone("reply to +15551234567 skipped") == "reply to +1555•••4567 skipped"
+    assert mask_phone("whatsapp:+447700900123") == "whatsapp:+4477•••0123"
+    assert mask_phone("PUT /contacts/%2B15551234567/consent HTTP/1.1") == "PUT /contacts/%2B1555•••4567/consent HTTP/1.1"
+    assert mask_phone("message 0123456789abcdef took 12 ms") == "message 0123456789abcdef took 12 ms"
+
+
+def test_our_log_lines_and_database_errors_carry_no_full_number(app):
+    import logging
+
+    from bot.logmask import MaskPhoneNumbers
+
+    record = logging.LogRecord("bot.x", logging.INFO, __file__, 1, "reply %s to %s skipped", ("help", "+15551234567"), None)
+    assert MaskPhoneNumbers().filter(record) and record.getMessage() == "reply help to +1555•••4567 skipped"
+    with app.app_context():
+        assert db.engine.hide_parameters  # an IntegrityError's text names no values
+
+
+def test_the_access_log_masks_numbers_in_paths():
+    from types import SimpleNamespace
+
+    from gunicorn.config import Config
+
+    from bot.gunicorn_logging import MaskingLogger
+
+    logger = MaskingLogger(Config())
+    request = SimpleNamespace(method="PUT", path="/contacts/+15551234567/consent", query="", uri="/contacts/+15551234567/consent",
+                              version=(1, 1), headers=[])
+    response = SimpleNamespace(status="200 OK", sent=10, headers=[], status_code=200)
+    environ = {"REQUEST_METHOD": "PUT", "RAW_URI": "/contacts/+15551234567/consent", "SERVER_PROTOCOL": "HTTP/1.1",
+               "PATH_INFO": "/contacts/+15551234567/consent", "QUERY_STRING": "", "REMOTE_ADDR": "127.0.0.1"}
+    import datetime
+
+    atoms = logger.atoms(response, request, environ, datetime.timedelta(milliseconds=3))
+    assert "+15551234567" not in atoms["r"] and "+1555•••4567" in atoms["r"]
+    assert "+15551234567" not in atoms["U"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -110,8 +111,10 @@ def stack(base_config, _schema, app, tmp_path) -> Iterator[dict[str, Any]]:
         for name, log in logs.items():
             log.close()
             text = (tmp_path / f"{name}.log").read_text()
-            # Secrets never reach the logs.
+            # Secrets never reach the logs, nor full phone numbers (the access log's paths included).
             assert AUTH_TOKEN not in text and API_TOKEN not in text, f"secret leaked in {name} log"
+            full_numbers = re.findall(r"(?:\+|%2[Bb])\d{11}", text)
+            assert not full_numbers, f"full phone numbers in the {name} log: {full_numbers[:3]}"
 
 
 def _healthy(base: str) -> bool:
