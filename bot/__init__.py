@@ -45,7 +45,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config.update({k: v for k, v in test_config.items() if k.lower() not in type(settings).model_fields})
 
     # Behind Heroku's router (or any TLS proxy) the app sees http://; Twilio signed https://.
-    app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)  # type: ignore[method-assign]
+    # X-Forwarded-Host is not trusted: Heroku's router does not set it, so a client could, and
+    # choose the URL whose signature is checked (one signed for another app on the account).
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=0)  # type: ignore[method-assign]
     _configure_logging(app)
 
     from bot import cli, database, http

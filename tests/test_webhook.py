@@ -67,7 +67,8 @@ def test_status_callbacks_are_verified_too(app, client):
 
 
 def test_signature_behind_a_tls_proxy_without_configured_url(base_config, _schema):
-    """With no TWILIO_WEBHOOK_URL, ProxyFix rebuilds the public https URL Twilio signed."""
+    """With no TWILIO_WEBHOOK_URL, ProxyFix rebuilds the public https URL Twilio signed from the
+    router's X-Forwarded-Proto and the Host it forwards; X-Forwarded-Host is not trusted."""
     from bot import create_app
 
     app = create_app({**base_config, "TWILIO_WEBHOOK_URL": None, "TESTING": True})
@@ -75,11 +76,17 @@ def test_signature_behind_a_tls_proxy_without_configured_url(base_config, _schem
     public = "https://bot.example.org/twilio/webhook"
     signature = sign(AUTH_TOKEN, public, form)
     client = app.test_client()
-    # The proxy talks plain http to the app on an internal host name.
-    proxied = {"X-Twilio-Signature": signature, "X-Forwarded-Proto": "https", "X-Forwarded-Host": "bot.example.org"}
-    assert client.post("/twilio/webhook", data=form, headers=proxied, base_url="http://10.0.0.5:5000").status_code == 200
+    # The router talks plain http to the app and forwards the public Host (as Heroku's does).
+    proxied = {"X-Twilio-Signature": signature, "X-Forwarded-Proto": "https"}
+    assert client.post("/twilio/webhook", data=form, headers=proxied, base_url="http://bot.example.org").status_code == 200
     direct = {"X-Twilio-Signature": signature}
-    assert client.post("/twilio/webhook", data=form, headers=direct, base_url="http://10.0.0.5:5000").status_code == 403
+    assert client.post("/twilio/webhook", data=form, headers=direct, base_url="http://bot.example.org").status_code == 403
+    # A request signed for another app of the same Twilio account, its host named in
+    # X-Forwarded-Host, is checked against this app's URL and refused.
+    other = "https://other-app.example.org/twilio/webhook"
+    forged = {"X-Twilio-Signature": sign(AUTH_TOKEN, other, form), "X-Forwarded-Proto": "https",
+              "X-Forwarded-Host": "other-app.example.org"}
+    assert client.post("/twilio/webhook", data=form, headers=forged, base_url="http://bot.example.org").status_code == 403
     with app.app_context():
         db.engine.dispose()
 
