@@ -83,12 +83,12 @@ UNSENT = (MessageStatus.PENDING, MessageStatus.DISPATCHING, MessageStatus.RETRYI
 
 def batch_size() -> int:
     """Messages one send task claims and sends at once: its own and others due (SEND_BATCH)."""
-    return max(1, int(current_app.config.get("SEND_BATCH", 1)))
+    return int(current_app.config["SEND_BATCH"])
 
 
 def concurrency() -> int:
     """Twilio calls in flight at once in this worker process (SEND_CONCURRENCY)."""
-    return max(1, int(current_app.config.get("SEND_CONCURRENCY", 1)))
+    return int(current_app.config["SEND_CONCURRENCY"])
 
 
 def _earlier_unsent_message(of: Any = Message) -> sa.Exists:
@@ -109,33 +109,39 @@ def _earlier_unsent_message(of: Any = Message) -> sa.Exists:
     )
 
 
+def _claimable(of: Any, now: sa.BindParameter, *, early: bool = False) -> sa.ColumnElement[bool]:
+    """SQL: `of` (Message or an alias) may be claimed now — pending, retrying and due (`early`:
+    due or not, the task's own retry), or dispatching with an expired lease — and is the oldest
+    unsent message of its contact (an opt-out confirmation never waits)."""
+    due = sa.true() if early else of.next_attempt_at <= now
+    return sa.and_(
+        sa.or_(
+            of.status == MessageStatus.PENDING,
+            sa.and_(of.status == MessageStatus.RETRYING, due),
+            sa.and_(of.status == MessageStatus.DISPATCHING, of.claimed_until < now),
+        ),
+        sa.or_(of.kind == Kind.OPT_OUT_CONFIRMATION, ~_earlier_unsent_message(of)),
+    )
+
+
+def _claiming(statement: sa.Update, now: sa.BindParameter) -> sa.Update:
+    """The claim's writes, for one row or a batch: dispatching, a lease, one more attempt."""
+    return (
+        statement
+        .values(status=MessageStatus.DISPATCHING, status_rank=MessageStatus.DISPATCHING.rank,
+                claimed_until=sa.bindparam("lease_until"), attempts=Message.attempts + 1, updated_at=now)
+        .returning(*Message.__table__.c)
+        .execution_options(synchronize_session=False)
+    )
+
+
 @functools.cache
 def _claim_statement(early: bool) -> sa.Update:
     # Built once: composing this statement costs more CPU than running it (bench/THROUGHPUT.md,
     # "Profile"); the values that change per call are bound parameters.
     now = sa.bindparam("now")
-    due = sa.true() if early else Message.next_attempt_at <= now
-    return (
-        sa.update(Message)
-        .where(
-            Message.id == sa.bindparam("message_id"),
-            sa.or_(Message.kind == Kind.OPT_OUT_CONFIRMATION, ~_earlier_unsent_message()),
-            sa.or_(
-                Message.status == MessageStatus.PENDING,
-                sa.and_(Message.status == MessageStatus.RETRYING, due),
-                sa.and_(Message.status == MessageStatus.DISPATCHING, Message.claimed_until < now),
-            ),
-        )
-        .values(
-            status=MessageStatus.DISPATCHING,
-            status_rank=MessageStatus.DISPATCHING.rank,
-            claimed_until=sa.bindparam("lease_until"),
-            attempts=Message.attempts + 1,
-            updated_at=now,
-        )
-        .returning(*Message.__table__.c)
-        .execution_options(synchronize_session=False)
-    )
+    return _claiming(sa.update(Message).where(Message.id == sa.bindparam("message_id"),
+                                              _claimable(Message, now, early=early)), now)
 
 
 def claim(message_id: str, *, early: bool = False) -> sa.Row | None:
@@ -163,29 +169,14 @@ def _claim_along_statement() -> sa.Update:
     now = sa.bindparam("now")
     ids = (
         sa.select(candidate.id)
-        .where(
-            candidate.direction == Direction.OUTBOUND,
-            candidate.id != sa.bindparam("exclude_id"),
-            sa.or_(
-                candidate.status == MessageStatus.PENDING,
-                sa.and_(candidate.status == MessageStatus.RETRYING, candidate.next_attempt_at <= now),
-                sa.and_(candidate.status == MessageStatus.DISPATCHING, candidate.claimed_until < now),
-            ),
-            sa.or_(candidate.kind == Kind.OPT_OUT_CONFIRMATION, ~_earlier_unsent_message(candidate)),
-        )
+        .where(candidate.direction == Direction.OUTBOUND, candidate.id != sa.bindparam("exclude_id"),
+               _claimable(candidate, now))
         .order_by(sa.case((candidate.kind.in_(sorted(outbox.CONVERSATION_KINDS)), 0), else_=1),
                   candidate.created_at)
         .limit(sa.bindparam("limit"))
         .with_for_update(skip_locked=True)
     )
-    return (
-        sa.update(Message)
-        .where(Message.id.in_(ids), Message.status.in_(UNSENT))
-        .values(status=MessageStatus.DISPATCHING, status_rank=MessageStatus.DISPATCHING.rank,
-                claimed_until=sa.bindparam("lease_until"), attempts=Message.attempts + 1, updated_at=now)
-        .returning(*Message.__table__.c)
-        .execution_options(synchronize_session=False)
-    )
+    return _claiming(sa.update(Message).where(Message.id.in_(ids), Message.status.in_(UNSENT)), now)
 
 
 def claim_along(exclude_id: str, limit: int) -> list[sa.Row]:
