@@ -32,6 +32,12 @@ def _pipeline_row(rate: str, answered: dict, handed: dict, ok_status: str) -> st
             f"| {_ms(handed.get('latency'), 'p99_ms')} | {_num(handed.get('last_left_after_load_s'))} s |")
 
 
+def _header(add, *columns: str) -> None:
+    """A Markdown table's header row and its separator."""
+    add("| " + " | ".join(columns) + " |")
+    add("|" + "---|" * len(columns))
+
+
 def _answers(answers: dict[str, int], ok: str) -> str:
     others = {k: v for k, v in answers.items() if k != ok}
     return ", ".join(f"{k}: {v}" for k, v in sorted(others.items())) or "none"
@@ -74,9 +80,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
 
     add("## /notify: accepted, then handed to Twilio")
     add("")
-    add("| offered /s | sent /s | 202s | other answers | 202 p50 | 202 p99 | handed to Twilio | msgs/s to Twilio | "
-        "notify → Twilio p50 | p99 | last left after load |")
-    add("|---|---|---|---|---|---|---|---|---|---|---|")
+    _header(add, "offered /s", "sent /s", "202s", "other answers", "202 p50", "202 p99", "handed to Twilio",
+            "msgs/s to Twilio", "notify → Twilio p50", "p99", "last left after load")
     for rate, r in results.get("notify", {}).items():
         add(_pipeline_row(rate, r["acceptance"], r["handed_to_twilio"], "202"))
     add("")
@@ -86,9 +91,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     add("Each request is a distinct opted-in contact writing `feedback`; the turn ends when the flow's first "
         "question reaches the simulator.")
     add("")
-    add("| offered /s | sent /s | 200s | other answers | webhook p50 | webhook p99 | replies | turns/s | "
-        "inbound → reply p50 | p99 | last left after load |")
-    add("|---|---|---|---|---|---|---|---|---|---|---|")
+    _header(add, "offered /s", "sent /s", "200s", "other answers", "webhook p50", "webhook p99", "replies",
+            "turns/s", "inbound → reply p50", "p99", "last left after load")
     for rate, r in results.get("turns", {}).items():
         add(_pipeline_row(rate, r["inbound_webhook"], r["reply_handed_to_twilio"], "200"))
     for label, r in (("two workers", (results.get("two_workers") or {}).get("turns")),
@@ -104,8 +108,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     add("Their rate follows the sends (three per message), so it is what the sender lets through, not an "
         "offered rate. Latency is the simulator's POST, answer included.")
     add("")
-    add("| during | callbacks | per message | callbacks/s | non-200 | p50 | p99 |")
-    add("|---|---|---|---|---|---|---|")
+    _header(add, "during", "callbacks", "per message", "callbacks/s", "non-200", "p50", "p99")
     for scenario in ("notify", "turns"):
         for rate, r in results.get(scenario, {}).items():
             c = r["status_callbacks"]
@@ -124,9 +127,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
             "(the framework's ceiling). *naive*: verify, call `messages.create` inside the request (the "
             "tutorial design), answer. The bot's column is its inbound webhook from the turns runs.")
         add("")
-        add("| offered /s | bare: sent /s | bare: 200/s | bare p50 | bare p99 | naive: 200/s | naive p50 | naive p99 "
-            "| naive failures | bot webhook: 200/s | bot p50 | bot p99 |")
-        add("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        _header(add, "offered /s", "bare: sent /s", "bare: 200/s", "bare p50", "bare p99", "naive: 200/s",
+                "naive p50", "naive p99", "naive failures", "bot webhook: 200/s", "bot p50", "bot p99")
         for rate in sorted({*map(int, b["bare"]), *map(int, b["naive"])}):
             bare, naive = b["bare"].get(str(rate)), b["naive"].get(str(rate))
             bot = results.get("turns", {}).get(str(rate), {}).get("inbound_webhook")
@@ -144,8 +146,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     if rss:
         add("## Peak resident memory (sampled every 0.5 s)")
         add("")
-        add("| process tree | peak of the tree | per process |")
-        add("|---|---|---|")
+        _header(add, "process tree", "peak of the tree", "per process")
         for label, r in rss.items():
             per = ", ".join(f"{k} {v} MiB" for k, v in r["peak_rss_mib_by_process"].items())
             add(f"| {label} | {r['peak_rss_mib_tree']} MiB | {per} |")
@@ -158,8 +159,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     if q:
         add("## SQL statements per operation")
         add("")
-        add("| operation | statements |")
-        add("|---|---|")
+        _header(add, "operation", "statements")
         add(f"| web: POST /notify | {q['web_per_notify_request']} |")
         add(f"| web: inbound webhook | {q['web_per_inbound_webhook']} |")
         add(f"| web: status callback | {q['web_per_status_callback']} |")
@@ -192,8 +192,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         for label, top in sorted(profiles.items()):
             add(f"### {label.split(':')[0]} ({label.split(':')[2]}, {top['samples']} samples)")
             add("")
-            add("| inclusive | frame | | self | frame |")
-            add("|---|---|---|---|---|")
+            _header(add, "inclusive", "frame", "", "self", "frame")
             for (fi, si), (fs, ss) in zip(top["inclusive"], top["self"]):
                 add(f"| {si}% | `{fi}` | | {ss}% | `{fs}` |")
             add("")
@@ -303,9 +302,8 @@ def _send_path(results: dict[str, Any], add) -> None:
         "to the last create at the simulator; *steady*: between the first and the last create. Worker CPU "
         "from /proc (user + system), cores = CPU seconds ÷ wall seconds.")
     add("")
-    add("| run | messages | msgs/s to Twilio | steady | busiest second | worker CPU per send | worker cores "
-        "| machine cores busy |")
-    add("|---|---|---|---|---|---|---|---|")
+    _header(add, "run", "messages", "msgs/s to Twilio", "steady", "busiest second", "worker CPU per send",
+            "worker cores", "machine cores busy")
     for label, r in rows + [(f"two workers at TWILIO_MESSAGES_PER_SECOND={limited['setting']}" if limited else "",
                              limited)]:
         if not r or not r.get("handed_to_twilio"):
@@ -326,8 +324,7 @@ def _cpu_split(results: dict[str, Any], add) -> None:
     parts = ["web", "worker", "postgresql", "redis", "load generator + simulator", "machine", "steal"]
     add("### Where the two cores went during the load (cores used on average)")
     add("")
-    add("| run | " + " | ".join(parts) + " |")
-    add("|---|" + "---|" * len(parts))
+    _header(add, "run", *parts)
     for label, cores in runs:
         add(f"| {label} | " + " | ".join(_num(cores.get(p)) for p in parts) + " |")
     add("")
@@ -406,8 +403,7 @@ def _targets(results: dict[str, Any], add) -> None:
         return
     add("## Targets (issue 8) and this run's figures")
     add("")
-    add("| target | measured | |")
-    add("|---|---|---|")
+    _header(add, "target", "measured", "")
     for target, figure, met in rows:
         add(f"| {target} | {figure} | {met} |")
     add("")

@@ -418,17 +418,6 @@ def seed_contacts(database_url: str, phones: list[str]) -> None:
     engine.dispose()
 
 
-def cpu_seconds(root: int) -> float:
-    """User + system CPU time used so far by a process and its children (from /proc)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in process_tree(root):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-    return total
-
-
 def _proc_cpu(pid: int, ticks: float) -> tuple[str, float] | None:
     with contextlib.suppress(OSError, IndexError, ValueError):
         text = Path(f"/proc/{pid}/stat").read_text()
@@ -499,6 +488,8 @@ def seed_backlog(config: dict[str, Any], phones: list[str], body: str) -> list[s
     what a burst of /notify leaves behind, without the web in the way."""
     import logging
 
+    import sqlalchemy as sa
+
     from bot import create_app
     from bot.delivery import outbox
     from bot.extensions import db
@@ -509,7 +500,7 @@ def seed_backlog(config: dict[str, Any], phones: list[str], body: str) -> list[s
     app = create_app(dict(config))
     ids: list[str] = []
     with app.app_context():
-        contacts = db.session.execute(sa_select_contacts(phones)).all()
+        contacts = db.session.execute(sa.select(Contact.id, Contact.phone).where(Contact.phone.in_(phones))).all()
         for contact_id, phone_number in contacts:
             message = Message(direction=Direction.OUTBOUND, kind=Kind.NOTIFICATION, contact_id=contact_id,
                               body=f"{body} {phone_number}", status=MessageStatus.PENDING,
@@ -522,14 +513,6 @@ def seed_backlog(config: dict[str, Any], phones: list[str], body: str) -> list[s
         db.engine.dispose()
     logging.disable(logging.NOTSET)
     return ids
-
-
-def sa_select_contacts(phones: list[str]):
-    import sqlalchemy as sa
-
-    from bot.models import Contact
-
-    return sa.select(Contact.id, Contact.phone).where(Contact.phone.in_(phones))
 
 
 # ----------------------------------------------------------------------------- profiling
@@ -743,13 +726,13 @@ def run_backlog(stack: Stack, size: int, drain_timeout: float, profile: bool, ou
     profiles = start_profiles({"sender": workers[0]}, 20, out_dir) if profile else []
     callbacks, stack.sim.auto_callbacks = stack.sim.auto_callbacks, False  # the send path on its own
     try:
-        cpu_before, started = sum(map(cpu_seconds, workers)), time.time()
-        split_before = cpu_snapshot(stack)
+        before, started = cpu_snapshot(stack), time.time()
         seed_backlog(stack.config, phones, "Backlog")
         drained = wait_for_creates(stack.sim, {"whatsapp:" + p for p in phones}, drain_timeout)
         creates = sorted(t["received_at"] for t in stack.sim.timings)
-        cpu = sum(map(cpu_seconds, workers)) - cpu_before
-        split = cpu_split(split_before, cpu_snapshot(stack), time.time() - started)
+        after = cpu_snapshot(stack)
+        cpu = after["worker"] - before["worker"]  # every "worker…" process, as worker_pids
+        split = cpu_split(before, after, time.time() - started)
     finally:
         stack.sim.auto_callbacks = callbacks
     result: dict[str, Any] = {"size": size, "workers": len(workers), "drained": drained,

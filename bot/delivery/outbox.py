@@ -102,28 +102,22 @@ def defer_conversation_start(conversation: Conversation | str) -> None:
     defer(Work.CONVERSATION_START, conversation, Priority.BULK)
 
 
-def enqueue(work: Work, row_id: str, priority: Priority = Priority.BULK) -> bool:
-    """Enqueue a task for a committed row now; False (logged) if the queue is down.
+def enqueue(work: Work, row_id: str, priority: Priority = Priority.BULK, delay: timedelta | None = None) -> bool:
+    """Enqueue a task for a committed row, now or after `delay` (a retry's backoff); False
+    (logged) if the queue is down.
 
     Any broker failure is swallowed on purpose: the row is safe in the database and the sweep
     enqueues it later, so the caller can still answer its request.
     """
+    task = _enqueuers[work]
     try:
-        _enqueuers[work](row_id, priority=int(priority))
+        if delay is None:
+            task(row_id, priority=int(priority))
+        else:
+            task.schedule(args=(row_id,), delay=max(delay.total_seconds(), 0), priority=int(priority))
         return True
     except Exception:
         log.exception("could not enqueue %s(%s); the outbox sweep will retry", work.value, row_id)
-        return False
-
-
-def enqueue_later(work: Work, row_id: str, delay: timedelta, priority: Priority = Priority.BULK) -> bool:
-    """Enqueue a task for a committed row after `delay` (a retry's backoff); False if the queue
-    is down (the sweep picks the row up when it is due)."""
-    try:
-        _enqueuers[work].schedule(args=(row_id,), delay=max(delay.total_seconds(), 0), priority=int(priority))
-        return True
-    except Exception:
-        log.exception("could not schedule %s(%s); the outbox sweep will retry", work.value, row_id)
         return False
 
 

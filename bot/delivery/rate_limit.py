@@ -34,23 +34,16 @@ class SendRateLimit:
         self.limiter = MovingWindowRateLimiter(storage_from_string(storage_uri))
         self.namespace = namespace
 
-    def acquire(self, sender: str, count: int = 1, max_wait: float = MAX_WAIT_SECONDS) -> int:
-        """Take `count` slots for `sender`, waiting as long as the window needs; returns how many
-        it got (all of them, or fewer once `max_wait` ran out). A batch takes what is free in one
-        hit and waits only for the rest."""
+    def acquire(self, sender: str, max_wait: float = MAX_WAIT_SECONDS) -> bool:
+        """Take one slot for `sender`, waiting as long as the window needs; False after `max_wait`."""
         deadline = time.monotonic() + max_wait
-        got = 0
         while True:
-            if self.limiter.hit(self.item, self.namespace, sender, cost=count - got):
-                return count
-            stats = self.limiter.get_window_stats(self.item, self.namespace, sender)
-            take = min(stats.remaining, count - got)
-            if take > 0 and self.limiter.hit(self.item, self.namespace, sender, cost=take):
-                got += take
-                continue
-            wait = min(max(stats.reset_time - time.time(), 0.001), 0.25)  # re-check often: others free slots too
+            if self.limiter.hit(self.item, self.namespace, sender):
+                return True
+            reset_at = self.limiter.get_window_stats(self.item, self.namespace, sender).reset_time
+            wait = min(max(reset_at - time.time(), 0.001), 0.25)  # re-check often: others free slots too
             if time.monotonic() + wait > deadline:
-                return got
+                return False
             time.sleep(wait)
 
     def slow_down(self, sender: str) -> None:

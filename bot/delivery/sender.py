@@ -338,7 +338,7 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
         raise TransientSendError(f"message {message_id}: attempt {message.attempts} failed; huey retries it")
     for row in batch[1:]:
         if outcomes[row.id] == Outcome.RETRY:
-            outbox.enqueue_later(outbox.Work.SEND, row.id, retry_backoff(row.attempts), outbox.send_priority(row.kind))
+            outbox.enqueue(outbox.Work.SEND, row.id, outbox.send_priority(row.kind), delay=retry_backoff(row.attempts))
     return outcome
 
 
