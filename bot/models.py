@@ -85,6 +85,14 @@ class Message(db.Model):
     attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
     claimed_until: Mapped[datetime | None] = mapped_column(sa.DateTime)
     next_attempt_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    #: When the current (or last) send attempt began: the lookup's "since" if its fate is unknown.
+    attempt_started_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    #: Set when an earlier attempt may have been accepted by Twilio (a lease that expired, a
+    #: connection dropped after the request was written, a 502/504, a failed commit of the SID):
+    #: the next attempt first looks Twilio up for a message sent since then (invariant 2).
+    unsure_since: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    #: When the reconciliation job last asked Twilio for this message's status.
+    reconciled_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
     created_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow, onupdate=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
@@ -189,6 +197,9 @@ class Conversation(db.Model):
     updated_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow, onupdate=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
     ended_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    #: Failed starts so far, and when the sweep may enqueue it again (a hold-off, as for messages).
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
 
     contact: Mapped[Contact] = relationship()
 
