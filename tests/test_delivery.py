@@ -332,8 +332,8 @@ def test_killed_worker_lease_expires_and_sweep_resends(app, client, auth, twilio
     huey.flush()  # the worker took the task and died
     with app.app_context():
         assert sender.claim(message_id)
-        assert outbox.sweep(now=utcnow() + timedelta(minutes=1))["outbound"] == 0  # lease still held
-        # Time passes beyond the lease: age the claim instead of sleeping five minutes.
+        assert outbox.sweep(now=utcnow() + timedelta(seconds=5))["outbound"] == 0  # lease still held
+        # Time passes beyond the lease: age the claim instead of sleeping through it.
         db.session.execute(sa.update(Message).values(claimed_until=utcnow() - timedelta(seconds=1)))
         db.session.commit()
         assert outbox.sweep()["outbound"] == 1

@@ -8,7 +8,7 @@ own thread reads before and records after (docs/ARCHITECTURE.md, "How many sends
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Sequence
@@ -40,15 +40,23 @@ def pool(size: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def call_all(function: Callable[..., Any], calls: Sequence[dict[str, Any]], size: int) -> list[Call]:
+def call_all(function: Callable[..., Any], calls: Sequence[dict[str, Any]], size: int, *,
+             every: float | None = None, while_waiting: Callable[[], None] | None = None) -> list[Call]:
     """`function(**kwargs)` for every kwargs in `calls`, all at once on the pool; in order.
 
     Exceptions are caught and returned, one per call, so one failure never hides the others'
-    results (each of which is a message Twilio may have accepted).
+    results (each of which is a message Twilio may have accepted). While calls are still running,
+    `while_waiting()` runs in the caller's thread every `every` seconds: the sender renews its
+    claims' lease there, so a slow batch is never taken over and a dead one is soon (invariant 2).
+    Even a single call goes to the pool, which keeps the caller's thread free for that.
     """
-    if len(calls) == 1:  # nothing to overlap: no hand-off to another thread
-        return [_run(function, calls[0])]
     futures = [pool(size).submit(_run, function, kwargs) for kwargs in calls]
+    while True:
+        _, running = wait(futures, timeout=every)
+        if not running:
+            break
+        if while_waiting is not None:
+            while_waiting()
     return [future.result() for future in futures]
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask
-from huey import Huey
 from huey.storage import BaseStorage, PriorityRedisStorage, RedisStorage, SqliteStorage
 
 from bot.config import queue_file
+from bot.delivery.shutdown import DrainingHuey
 
 QUEUE_NAME = "whatsapp-bot"
 
@@ -36,7 +36,7 @@ class PriorityQueueStorage(PriorityRedisStorage):
         self.queue_key = self.queue_key + ".priority"
 
 
-huey = Huey(QUEUE_NAME, results=False, storage_class=UnconfiguredStorage)
+huey = DrainingHuey(QUEUE_NAME, results=False, storage_class=UnconfiguredStorage)
 
 
 def init_app(app: Flask) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 from flask import Flask, current_app
 from limits import RateLimitItemPerSecond
@@ -34,10 +35,14 @@ class SendRateLimit:
         self.limiter = MovingWindowRateLimiter(storage_from_string(storage_uri))
         self.namespace = namespace
 
-    def acquire(self, sender: str, max_wait: float = MAX_WAIT_SECONDS) -> bool:
-        """Take one slot for `sender`, waiting as long as the window needs; False after `max_wait`."""
+    def acquire(self, sender: str, max_wait: float = MAX_WAIT_SECONDS,
+                cancelled: Callable[[], bool] | None = None) -> bool:
+        """Take one slot for `sender`, waiting as long as the window needs; False after `max_wait`,
+        or as soon as `cancelled()` says the wait is pointless (the worker is stopping)."""
         deadline = time.monotonic() + max_wait
         while True:
+            if cancelled is not None and cancelled():
+                return False
             if self.limiter.hit(self.item, self.namespace, sender):
                 return True
             reset_at = self.limiter.get_window_stats(self.item, self.namespace, sender).reset_time

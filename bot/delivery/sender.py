@@ -2,20 +2,27 @@
 
 The claim (`pending` -> `dispatching` with a lease) is a single conditional UPDATE, so however
 many copies of the send task run (huey retries, the outbox sweep, a re-delivered task) only one
-reaches Twilio. The one duplicate left is a crash after Twilio accepted the message and before we
-committed its SID: the lease then expires and the sweep sends again. That window is one HTTP
-response long.
+reaches Twilio. An attempt whose fate is unknown "may have been accepted" (one state, one rule;
+docs/ARCHITECTURE.md, invariant 2): a lease that ran out (the worker died), a connection dropped
+after the request was written, a read timeout, a 502/504 from a proxy. The row keeps
+`unsure_since`, and every later attempt first asks Twilio for the recipient's messages since
+then; only when none is ours does it send again. Errors that prove the request never left (a
+refused connection, a connect timeout, no rate slot, a worker stopping) retry without a lookup.
+A SID Twilio gave us is kept in memory while its commit is retried (a database error after the
+201), and the lease is renewed while a batch is in flight, so it can be short: a dead worker's
+claims are re-taken within a minute or so.
 
 A send holds no database connection while it waits for the rate limit or for Twilio (the session
 is closed before, and a new transaction records the answer), so a worker runs many more sends at
-once than it has connections (docs/ARCHITECTURE.md, "How many sends at once"). Five statements per
-send: claim (returning the row), contact with its pending STOP, record, early callbacks, next in line.
+once than it has connections (docs/ARCHITECTURE.md, "How many sends at once").
 """
 from __future__ import annotations
 
 import functools
 import json
 import logging
+import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Any
@@ -23,26 +30,38 @@ from typing import Any
 import requests
 import sqlalchemy as sa
 from flask import current_app
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from twilio.base.exceptions import TwilioException
 
 from bot.clock import utcnow
 from bot.conversations.consent import opt_out_waiting_clause
 from bot.conversations.contacts import lock_contact
 from bot.delivery import in_flight, outbox
+from bot.delivery.shutdown import is_stopping
 from bot.delivery.rate_limit import send_rate_limit
 from bot.delivery.statuses import apply_pending_events, raise_status
 from bot.extensions import db
 from bot.models import Contact, Message, StatusEvent
 from bot.twilio.client import get_client
-from bot.twilio.errors import OPTED_OUT_CODE, OUTSIDE_WINDOW_CODE, attempt_limit, is_retryable, is_too_fast
+from bot.twilio.errors import (OPTED_OUT_CODE, OUTSIDE_WINDOW_CODE, attempt_limit, is_retryable, is_too_fast,
+                               request_never_left)
 from bot.twilio.whatsapp import within_window
 from bot.vocabulary import Consent, Direction, Kind, MessageStatus, OUTBOUND_STATUSES
 
 log = logging.getLogger(__name__)
 
-#: How long a claim holds. Far longer than the SDK timeout, so a slow send is never taken over.
-CLAIM_LEASE = timedelta(minutes=5)
+#: A claim's lease beyond the Twilio client's timeout. The lease is renewed every third of its
+#: length while a batch is in flight, so it only has to outlast one renewal (and a slow commit);
+#: short, a worker killed mid-batch holds its messages for half a minute, not five.
+LEASE_MARGIN = timedelta(seconds=20)
+#: Twilio HTTP answers that say nothing of whether the message was accepted: a proxy between us
+#: and Twilio lost the answer (502) or gave up waiting for it (504).
+AMBIGUOUS_HTTP_STATUSES = frozenset({502, 504})
+#: Recent messages asked for when looking up a send whose fate is unknown.
+LOOKUP_LIMIT = 50
+#: Retries of the commit that records Twilio's answers (a database error after the 201): delays
+#: 0.25 s doubling to 4 s, about 8 s in all, well under the worker's shutdown timeout.
+RECORD_RETRIES = 5
 #: Attempts made in quick succession by the send task's own retries (huey: 2, 4, 8, 16, 32 s).
 FAST_ATTEMPTS = 6
 #: Sends attempted per message in all. After the fast ones, the outbox sweep tries again at
@@ -61,6 +80,29 @@ class Outcome(StrEnum):
     FAILED = "failed"
     RETRY = "retry"
     WAITING = "waiting"  # an older message to the same contact goes first
+    RELEASED = "released"  # the worker is stopping: back on the queue, not attempted
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Twilio took the message: its SID and the status it answered (or we found it had)."""
+
+    sid: str
+    status: str
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """The attempt may have been accepted: Twilio must be asked before another one."""
+
+    reason: str
+    since: datetime
+    http_status: int | None = None
+    code: int | None = None
+
+
+class ShuttingDown(Exception):
+    """The worker is stopping: this call did not start (it goes back to the queue)."""
 
 
 class TransientSendError(Exception):
@@ -79,6 +121,11 @@ def retry_backoff(attempts: int) -> timedelta:
 
 #: Outbound messages not yet handed to Twilio: a later message of the same contact waits for them.
 UNSENT = (MessageStatus.PENDING, MessageStatus.DISPATCHING, MessageStatus.RETRYING)
+
+
+def claim_lease() -> timedelta:
+    """How long a claim holds without renewal: the client's timeout and `LEASE_MARGIN`."""
+    return timedelta(seconds=float(current_app.config["TWILIO_TIMEOUT"])) + LEASE_MARGIN
 
 
 def batch_size() -> int:
@@ -125,11 +172,20 @@ def _claimable(of: Any, now: sa.BindParameter, *, early: bool = False) -> sa.Col
 
 
 def _claiming(statement: sa.Update, now: sa.BindParameter) -> sa.Update:
-    """The claim's writes, for one row or a batch: dispatching, a lease, one more attempt."""
+    """The claim's writes, for one row or a batch: dispatching, a lease, one more attempt.
+
+    Re-taking a row whose lease ran out makes its fate unknown: the worker that held it may have
+    died after Twilio accepted it. `unsure_since` then keeps when that attempt began (the values
+    on the right of SET are the row's values before the UPDATE).
+    """
+    expired_since = sa.func.coalesce(Message.unsure_since, Message.attempt_started_at, Message.updated_at)
     return (
         statement
         .values(status=MessageStatus.DISPATCHING, status_rank=MessageStatus.DISPATCHING.rank,
-                claimed_until=sa.bindparam("lease_until"), attempts=Message.attempts + 1, updated_at=now)
+                claimed_until=sa.bindparam("lease_until"), attempts=Message.attempts + 1, updated_at=now,
+                attempt_started_at=now,
+                unsure_since=sa.case((Message.status == MessageStatus.DISPATCHING, expired_since),
+                                     else_=Message.unsure_since))
         .returning(*Message.__table__.c)
         .execution_options(synchronize_session=False)
     )
@@ -155,7 +211,7 @@ def claim(message_id: str, *, early: bool = False) -> sa.Row | None:
     """
     now = utcnow()
     claimed = db.session.execute(_claim_statement(early), {
-        "message_id": message_id, "now": now, "lease_until": now + CLAIM_LEASE}).first()
+        "message_id": message_id, "now": now, "lease_until": now + claim_lease()}).first()
     db.session.commit()
     return claimed
 
@@ -186,7 +242,7 @@ def claim_along(exclude_id: str, limit: int) -> list[sa.Row]:
         return []
     now = utcnow()
     rows = db.session.execute(_claim_along_statement(), {
-        "exclude_id": exclude_id, "now": now, "lease_until": now + CLAIM_LEASE, "limit": limit}).all()
+        "exclude_id": exclude_id, "now": now, "lease_until": now + claim_lease(), "limit": limit}).all()
     db.session.commit()
     return rows
 
@@ -322,6 +378,11 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
         # this line would outnumber the sends.
         log.debug("message %s already sent or in flight; skipping", message_id)
         return Outcome.NOT_CLAIMED
+    if is_stopping():
+        # Told to stop between dequeuing this task and running it: leave it for the next worker.
+        kind = db.session.scalar(sa.select(Message.kind).where(Message.id == message_id))
+        outbox.enqueue(outbox.Work.SEND, message_id, outbox.send_priority(kind))
+        return Outcome.RELEASED
     message = claim(message_id, early=is_retry)
     if message is None:
         if wait_for_turn(message_id):
@@ -343,7 +404,12 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
 
 
 def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
-    """Send claimed messages (at most one per contact) at once; record every outcome. By id."""
+    """Send claimed messages (at most one per contact) at once; record every outcome. By id.
+
+    Three rounds, all on the pool with the lease renewed while they run: messages whose earlier
+    attempt may have been accepted are looked up first (found: recorded, not sent); the rest are
+    sent; any send whose fate this attempt left unknown is looked up at once.
+    """
     outcomes: dict[str, Outcome] = {}
     ready: list[tuple[sa.Row, dict]] = []
     recipients = load_recipients({row.contact_id for row in batch})
@@ -365,52 +431,105 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
     # Give the connection back while waiting for rate slots and for Twilio: the claims hold the
     # rows, and what was read stays usable, detached (docs/ARCHITECTURE.md).
     db.session.close()
+    renew = _lease_renewer([row.id for row, _ in ready])
+    accepted: list[tuple[sa.Row, Accepted]] = []
+
+    # 1. An earlier attempt may have been accepted: ask Twilio before sending again.
+    unsure = [(row, params, row.unsure_since) for row, params in ready if row.unsure_since is not None]
+    found = _look_up(unsure, renew, outcomes)
+    accepted += [(row, found[row.id]) for row, _, _ in unsure if row.id in found]
+    to_send = [(row, params) for row, params in ready if row.id not in found and row.id not in outcomes]
+
+    # 2. Send.
     limit, create = send_rate_limit(), get_client().messages.create
 
     def send(**params: Any) -> Any:
         # The slot is taken right before the request leaves, in the pool's thread: taken for the
-        # whole batch up front, calls queued in the pool would reach Twilio in bursts.
-        if not limit.acquire(params["from_"]):
-            raise RateLimitFull()
+        # whole batch up front, calls queued in the pool would reach Twilio in bursts. A worker
+        # told to stop starts no new call (bot/delivery/shutdown.py).
+        if is_stopping():
+            raise ShuttingDown()
+        if not limit.acquire(params["from_"], cancelled=is_stopping):
+            raise ShuttingDown() if is_stopping() else RateLimitFull()
         return create(**params)
 
-    calls = in_flight.call_all(send, [params for _, params in ready], concurrency())
-    accepted: list[tuple[sa.Row, str, str]] = []
-    for (row, params), call in zip(ready, calls):
+    calls = in_flight.call_all(send, [params for _, params in to_send], concurrency(),
+                               every=renew.every, while_waiting=renew)
+    unknown: list[tuple[sa.Row, dict, Unknown]] = []
+    for (row, params), call in zip(to_send, calls):
         result = _settle(row, params, call)
-        if isinstance(result, tuple):
-            accepted.append((row, *result))
+        if isinstance(result, Accepted):
+            accepted.append((row, result))
+        elif isinstance(result, Unknown):
+            unknown.append((row, params, result))
         else:
             outcomes[row.id] = result
+
+    # 3. This attempt's fate is unknown: look at once (most often Twilio has it already).
+    found = _look_up([(row, params, fate.since) for row, params, fate in unknown], renew, outcomes)
+    for row, params, fate in unknown:
+        if row.id in found:
+            log.warning("message %s: %s, but Twilio had accepted it as %s", row.id, fate.reason, found[row.id].sid)
+            accepted.append((row, found[row.id]))
+        elif row.id not in outcomes:
+            outcomes[row.id] = _failed_attempt(row, fate.http_status, fate.code, fate.reason, transient=True,
+                                               unsure_since=fate.since)
     outcomes.update(_record_accepted_many(accepted))
     return outcomes
 
 
-def _settle(row: sa.Row, params: dict, call: in_flight.Call) -> Outcome | tuple[str, str]:
-    """What one call's answer means: (sid, Twilio's status) if accepted, else the recorded outcome."""
+class _LeaseRenewer:
+    """Pushes the claims' lease forward while a batch waits on Twilio (called by in_flight)."""
+
+    def __init__(self, message_ids: list[str], lease: timedelta) -> None:
+        self.message_ids, self.lease = message_ids, lease
+        self.every = lease.total_seconds() / 3
+
+    def __call__(self) -> None:
+        now = utcnow()
+        try:
+            db.session.execute(
+                sa.update(Message)
+                .where(Message.id.in_(self.message_ids), Message.status == MessageStatus.DISPATCHING)
+                .values(claimed_until=now + self.lease)
+                .execution_options(synchronize_session=False))
+            db.session.commit()
+        except DBAPIError:
+            # The lease may run out and another worker re-take a row; it will look Twilio up first.
+            db.session.rollback()
+            log.warning("could not renew the lease of %d messages in flight", len(self.message_ids))
+        finally:
+            db.session.close()
+
+
+def _lease_renewer(message_ids: list[str]) -> _LeaseRenewer:
+    return _LeaseRenewer(message_ids, claim_lease())
+
+
+def _settle(row: sa.Row, params: dict, call: in_flight.Call) -> Outcome | Accepted | Unknown:
+    """What one call's answer means: accepted, unknown (look Twilio up), or the recorded outcome."""
     exc = call.error
-    if isinstance(exc, RateLimitFull):
-        return _failed_attempt(row, None, None, "the sender's rate limit stayed full", transient=True)
     if exc is None:
         log.info("message %s accepted by Twilio as %s", row.id, call.result.sid)
-        return call.result.sid, (call.result.status or "").lower()
-    if isinstance(exc, requests.ReadTimeout):
-        # The request reached Twilio but the answer did not reach us: Twilio may well have
-        # accepted it. Look before retrying, so a slow answer does not become a second message.
-        sid = find_accepted_send(row, params, since=call.started)
-        if sid is None:
-            return _failed_attempt(row, None, None, "ReadTimeout talking to Twilio", transient=True)
-        log.warning("message %s: Twilio answered too slowly but had accepted it as %s", row.id, sid)
-        return sid, MessageStatus.QUEUED.value
+        return Accepted(call.result.sid, (call.result.status or "").lower())
+    if isinstance(exc, ShuttingDown):
+        return _release(row)
+    if isinstance(exc, RateLimitFull):
+        return _failed_attempt(row, None, None, "the sender's rate limit stayed full", transient=True)
     if isinstance(exc, TwilioException):  # TwilioRestException and (since 9.10) TwilioServiceException
         http_status = getattr(exc, "status", None)
         code = getattr(exc, "code", None)
         text = getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", None) or str(exc)
+        if http_status in AMBIGUOUS_HTTP_STATUSES:
+            return Unknown(f"HTTP {http_status} from Twilio: {text}", call.started, http_status, code)
         if is_too_fast(http_status, code):
             send_rate_limit().slow_down(params["from_"])
         return _failed_attempt(row, http_status, code, text)
-    if isinstance(exc, requests.RequestException):  # timeouts and connection errors
-        return _failed_attempt(row, None, None, f"{type(exc).__name__} talking to Twilio", transient=True)
+    if isinstance(exc, requests.RequestException):
+        if request_never_left(exc):
+            return _failed_attempt(row, None, None, f"{type(exc).__name__} connecting to Twilio", transient=True)
+        # The request may have reached Twilio and only the answer been lost.
+        return Unknown(f"{type(exc).__name__} talking to Twilio", call.started)
     # A bug or unsendable content: fail it rather than hold the claim forever.
     log.error("message %s: unexpected error while sending", row.id, exc_info=exc)
     db.session.rollback()
@@ -419,13 +538,114 @@ def _settle(row: sa.Row, params: dict, call: in_flight.Call) -> Outcome | tuple[
     return Outcome.FAILED
 
 
+def _release(row: sa.Row) -> Outcome:
+    """Give a claimed message that never reached Twilio back to the queue: the worker is stopping.
+
+    `retrying` ranks with `dispatching` (the status never moves back), due now, the attempt not
+    counted; its task is enqueued again for the next worker.
+    """
+    db.session.execute(
+        sa.update(Message).where(Message.id == row.id, Message.status == MessageStatus.DISPATCHING)
+        .values(status=MessageStatus.RETRYING, claimed_until=None, next_attempt_at=utcnow(),
+                attempts=Message.attempts - 1)
+        .execution_options(synchronize_session=False))
+    outbox.defer_send(row.id, row.kind)
+    db.session.commit()
+    return Outcome.RELEASED
+
+
+def recent_sends(client: Any, params: dict) -> list[Any]:
+    """Twilio's most recent messages from our sender to this recipient (no database, no app
+    context: safe on the pool's threads)."""
+    return list(client.messages.list(to=params["to"], from_=params["from_"], limit=LOOKUP_LIMIT))
+
+
+def _look_up(rows: list[tuple[sa.Row, dict, datetime]], renew: _LeaseRenewer,
+             outcomes: dict[str, Outcome]) -> dict[str, Accepted]:
+    """For each (row, params, since): Twilio's message that is this send, if Twilio has one.
+
+    The lists are fetched on the pool; a lookup that fails leaves its row `retrying` (still
+    unsure) in `outcomes`, and it is never sent blind.
+    """
+    if not rows:
+        return {}
+    client = get_client()
+    calls = in_flight.call_all(recent_sends, [{"client": client, "params": params} for _, params, _ in rows],
+                               concurrency(),
+                               every=renew.every, while_waiting=renew)
+    found: dict[str, Accepted] = {}
+    taken: set[str] = set()
+    for (row, params, since), call in zip(rows, calls):
+        if call.error is not None:
+            log.warning("message %s: could not ask Twilio whether an earlier attempt was accepted (%s); "
+                        "it will ask again before sending", row.id, type(call.error).__name__)
+            outcomes[row.id] = _failed_attempt(row, None, None, "could not look Twilio up before resending",
+                                               transient=True, unsure_since=since)
+            continue
+        match = match_accepted_send(row, params, call.result, since, exclude=taken)
+        if match is not None:
+            taken.add(match.sid)
+            found[row.id] = match
+    return found
+
+
+def find_accepted_send(message: Message | sa.Row, params: dict, since: datetime) -> str | None:
+    """The SID of a message Twilio accepted for this send although we never got its answer."""
+    try:
+        recent = recent_sends(get_client(), params)
+    except (TwilioException, requests.RequestException):
+        log.warning("could not list recent messages to check a send of unknown fate")
+        return None
+    match = match_accepted_send(message, params, recent, since)
+    return match.sid if match else None
+
+
+def match_accepted_send(message: Message | sa.Row, params: dict, recent: list[Any], since: datetime,
+                        exclude: set[str] = frozenset()) -> Accepted | None:
+    """Which of Twilio's `recent` messages is this send, if any.
+
+    Candidates: messages from our sender to this recipient created since the attempt began (with
+    a minute of slack for clock skew), whose SID no row of ours holds, with the same body when
+    the send had one. A template's text is Twilio's to render, so for a template (or media
+    alone) the lookup only answers when no other message to this contact is in flight (it could
+    be that one's); then the send is retried: a possible duplicate rather than a lost message.
+    """
+    sent_body = params.get("body")
+    if not sent_body:
+        in_flight_beside = db.session.scalar(
+            sa.select(sa.func.count()).select_from(Message).where(
+                Message.contact_id == message.contact_id, Message.direction == Direction.OUTBOUND,
+                Message.id != message.id, Message.status == MessageStatus.DISPATCHING))
+        if in_flight_beside:
+            return None
+    earliest = since - timedelta(minutes=1)
+    candidates = []
+    for candidate in recent:
+        created = candidate.date_created
+        if created is None or created.astimezone(timezone.utc).replace(tzinfo=None) < earliest:
+            continue
+        if sent_body and (candidate.body or "") != sent_body:
+            continue
+        if candidate.sid not in exclude:
+            candidates.append(candidate)
+    if not candidates:
+        return None
+    held = set(db.session.scalars(sa.select(Message.twilio_sid).where(
+        Message.twilio_sid.in_([c.sid for c in candidates]))))
+    db.session.commit()
+    for candidate in reversed(candidates):  # Twilio lists newest first: take the earliest of ours
+        if candidate.sid not in held:
+            return Accepted(candidate.sid, (candidate.status or MessageStatus.QUEUED.value).lower())
+    return None
+
+
 @functools.cache
 def _accepted_statement() -> sa.Update:
     rank = sa.bindparam("rank")
     moves = Message.status_rank < rank  # as raise_status does, in the same statement
     return (sa.update(Message).where(Message.id == sa.bindparam("message_id"))
             .values(sent_at=sa.bindparam("now"), updated_at=sa.bindparam("now"), next_attempt_at=None,
-                    claimed_until=None, twilio_sid=sa.bindparam("sid"), error_code=None,
+                    claimed_until=None, unsure_since=None, twilio_sid=sa.bindparam("sid"), error_code=None,
                     error_message=sa.bindparam("error_message"),
                     status=sa.case((moves, sa.bindparam("status")), else_=Message.status),
                     status_rank=sa.case((moves, rank), else_=Message.status_rank))
@@ -433,7 +653,8 @@ def _accepted_statement() -> sa.Update:
 
 
 def _accepted_status(twilio_status: str) -> MessageStatus:
-    # Twilio answers a create() with its starting status (queued, accepted, scheduled).
+    # Twilio answers a create() with its starting status (queued, accepted, scheduled); a lookup
+    # may find a later one (sent, delivered...).
     return MessageStatus(twilio_status) if twilio_status in OUTBOUND_STATUSES else MessageStatus.QUEUED
 
 
@@ -451,35 +672,62 @@ def _waiting_contacts_statement() -> sa.Select:
                    Message.id.not_in(sa.bindparam("ids", expanding=True))).distinct())
 
 
-def _record_accepted_many(accepted: list[tuple[sa.Row, str, str]]) -> dict[str, Outcome]:
-    """Record the SIDs of a batch in one round trip, then its early callbacks and who is next."""
+def _record_accepted_many(accepted: list[tuple[sa.Row, Accepted]]) -> dict[str, Outcome]:
+    """Record what Twilio accepted; the SIDs stay in memory while the commit is retried.
+
+    A database error right after Twilio's 201 (a failover, a dropped connection, SQLite's
+    "database is locked") must not turn into a second message: the commit is retried with
+    backoff (RECORD_RETRIES). Should the database stay away longer, the rows keep their claims;
+    when the lease runs out, whoever re-takes them looks Twilio up and finds these SIDs.
+    """
     if not accepted:
         return {}
+    for attempt in range(RECORD_RETRIES + 1):
+        try:
+            return _record_accepted_rows(accepted)
+        except DBAPIError as exc:
+            if isinstance(exc, IntegrityError):
+                raise  # not the database's health: _record_accepted_rows handles a SID seen twice
+            db.session.rollback()
+            if attempt == RECORD_RETRIES:
+                log.error("could not record %d messages Twilio accepted (%s); their lease will run out and "
+                          "the next attempt finds them at Twilio", len(accepted),
+                          ", ".join(f"{row.id}={result.sid}" for row, result in accepted))
+                return {row.id: Outcome.RETRY for row, _ in accepted}
+            delay = 0.25 * 2 ** attempt
+            log.warning("database error recording %d accepted sends; retrying in %.2f s", len(accepted), delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _record_accepted_rows(accepted: list[tuple[sa.Row, Accepted]]) -> dict[str, Outcome]:
+    """Record the SIDs of a batch in one round trip, then its early callbacks and who is next."""
     if len(accepted) == 1:
-        row, sid, twilio_status = accepted[0]
-        return {row.id: _record_accepted(row.id, row.contact_id, sid, twilio_status)}
+        row, result = accepted[0]
+        return {row.id: _record_accepted(row.id, row.contact_id, result.sid, result.status)}
     now = utcnow()
     try:
         # Commit the SIDs first, then look for callbacks that beat us here (see
         # statuses.record_callback). One executemany: a single round trip on psycopg 3.
         db.session.connection().execute(_accepted_statement(), [
-            {"message_id": row.id, "now": now, "sid": sid, "error_message": None,
-             "status": _accepted_status(status).value, "rank": _accepted_status(status).rank}
-            for row, sid, status in accepted])
+            {"message_id": row.id, "now": now, "sid": result.sid, "error_message": None,
+             "status": _accepted_status(result.status).value, "rank": _accepted_status(result.status).rank}
+            for row, result in accepted])
         db.session.commit()
-    except IntegrityError:  # a SID already on another row (a mistaken timeout lookup): one by one
+    except IntegrityError:  # a SID already on another row (a mistaken lookup): one by one
         db.session.rollback()
-        return {row.id: _record_accepted(row.id, row.contact_id, sid, status) for row, sid, status in accepted}
-    by_sid = {sid: row.id for row, sid, _ in accepted}
+        return {row.id: _record_accepted(row.id, row.contact_id, result.sid, result.status)
+                for row, result in accepted}
+    by_sid = {result.sid: row.id for row, result in accepted}
     for sid in db.session.scalars(_early_events_statement(), {"sids": sorted(by_sid)}).all():
         apply_pending_events(sid, by_sid[sid])
-    contacts = {row.contact_id: row.id for row, _, _ in accepted}
+    contacts = {row.contact_id: row.id for row, _ in accepted}
     waiting = db.session.scalars(_waiting_contacts_statement(), {
-        "contact_ids": sorted(contacts), "ids": [row.id for row, _, _ in accepted]}).all()
+        "contact_ids": sorted(contacts), "ids": [row.id for row, _ in accepted]}).all()
     db.session.commit()
     for contact_id in waiting:  # most contacts have nobody behind them (release_next's lock is rare)
         release_next(contacts[contact_id], contact_id)
-    return {row.id: Outcome.SENT for row, _, _ in accepted}
+    return {row.id: Outcome.SENT for row, _ in accepted}
 
 
 def _record_accepted(message_id: str, contact_id: int, sid: str, twilio_status: str) -> Outcome:
@@ -497,8 +745,8 @@ def _record_accepted(message_id: str, contact_id: int, sid: str, twilio_status: 
         # (it is in the worker's log).
         record(sid)
     except IntegrityError:
-        # Another row already holds this SID (it can only come from a mistaken timeout lookup).
-        # Twilio did accept a message for this row, so record it as sent rather than resend.
+        # Another row already holds this SID (it can only come from a mistaken lookup). Twilio
+        # did accept a message for this row, so record it as sent rather than resend.
         db.session.rollback()
         log.error("message %s: Twilio SID %s is already recorded on another message", message_id, sid)
         record(None, f"Twilio SID {sid} is recorded on another message")
@@ -509,42 +757,13 @@ def _record_accepted(message_id: str, contact_id: int, sid: str, twilio_status: 
     return Outcome.SENT
 
 
-def find_accepted_send(message: Message | sa.Row, params: dict, since: datetime) -> str | None:
-    """The SID of a message Twilio accepted for this send although we never got its answer.
-
-    Candidates: messages from our sender to this recipient created since the attempt began (with
-    a minute of slack for clock skew), whose SID no other row of ours holds, with the same body
-    when the send had one. A template's text is Twilio's to render, so for a template (or media
-    alone) the lookup only answers when no other message to this contact is in flight (it could
-    be that one's); then the send is retried: a possible duplicate rather than a lost message.
-    """
-    sent_body = params.get("body")
-    if not sent_body:
-        in_flight = db.session.scalar(
-            sa.select(sa.func.count()).select_from(Message).where(
-                Message.contact_id == message.contact_id, Message.direction == Direction.OUTBOUND,
-                Message.id != message.id, Message.status == MessageStatus.DISPATCHING))
-        if in_flight:
-            return None
-    try:
-        recent = get_client().messages.list(to=params["to"], from_=params["from_"], limit=20)
-    except (TwilioException, requests.RequestException):
-        log.warning("could not list recent messages to check a timed-out send; it will be retried")
-        return None
-    earliest = since - timedelta(minutes=1)
-    for candidate in recent:
-        created = candidate.date_created
-        if created is None or created.astimezone(timezone.utc).replace(tzinfo=None) < earliest:
-            continue
-        if sent_body and (candidate.body or "") != sent_body:
-            continue
-        if db.session.scalar(sa.select(Message.id).where(Message.twilio_sid == candidate.sid)) is None:
-            return candidate.sid
-    return None
-
-
 def _failed_attempt(message: Message | sa.Row, http_status: int | None, code: int | None, text: str,
-                    transient: bool | None = None) -> Outcome:
+                    transient: bool | None = None, unsure_since: datetime | None = None) -> Outcome:
+    """Record a failed attempt: `retrying` with a backoff, or `failed` once retries are spent.
+
+    `unsure_since`: the attempt may have been accepted (its fate is unknown); the row keeps the
+    earliest such time, and its next attempt looks Twilio up before sending.
+    """
     message_id, attempts = message.id, message.attempts
     retry = is_retryable(http_status, code) if transient is None else transient
     if retry and attempts < attempt_limit(code, MAX_ATTEMPTS):
@@ -552,16 +771,21 @@ def _failed_attempt(message: Message | sa.Row, http_status: int | None, code: in
         # released and the next attempt is due after a backoff (the sweep's safety net). The
         # error says why, so a backend polling the message sees the reason while it waits.
         now = utcnow()
+        values: dict[str, Any] = dict(
+            status=MessageStatus.RETRYING, claimed_until=None, updated_at=now,
+            next_attempt_at=now + retry_backoff(attempts), error_code=code,
+            error_message=f"attempt {attempts} failed, retrying: {text}"[:1000])
+        if unsure_since is not None:
+            values["unsure_since"] = sa.func.coalesce(Message.unsure_since, unsure_since)
         db.session.execute(
             sa.update(Message).where(Message.id == message_id, Message.status == MessageStatus.DISPATCHING)
-            .values(status=MessageStatus.RETRYING, claimed_until=None, updated_at=now,
-                    next_attempt_at=now + retry_backoff(attempts), error_code=code,
-                    error_message=f"attempt {attempts} failed, retrying: {text}"[:1000])
+            .values(**values)
             .execution_options(synchronize_session=False)
         )
         db.session.commit()
-        log.warning("message %s: transient Twilio failure (HTTP %s, code %s), attempt %d of %d; will retry",
-                    message_id, http_status, code, attempts, MAX_ATTEMPTS)
+        log.warning("message %s: transient Twilio failure (HTTP %s, code %s), attempt %d of %d; will retry%s",
+                    message_id, http_status, code, attempts, MAX_ATTEMPTS,
+                    " after looking Twilio up" if unsure_since is not None else "")
         return Outcome.RETRY
     log.warning("message %s failed (HTTP %s, code %s): %s", message_id, http_status, code, text)
     finish(message_id, MessageStatus.FAILED, code, text, message.contact_id)

@@ -28,6 +28,7 @@ import math
 import os
 import re
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -254,6 +255,7 @@ class TwilioSimulator:
         self._timings: list[dict[str, Any]] = []
         self._failures: list[tuple[int, int, str]] = []
         self._hangs: list[float] = []
+        self._lost_answers: list[str | int] = []
 
         base = f"/{API_VERSION}/Accounts/<account_sid>"
         self._routes = Map(
@@ -356,6 +358,15 @@ class TwilioSimulator:
         with self._cond:
             self._hangs.extend([seconds] * times)
 
+    def lose_answer_next(self, how: str | int = "drop", times: int = 1) -> None:
+        """Accept the next ``times`` creates, then lose the answer on the way back: ``"drop"``
+        closes the connection without a response (a proxy or a network failing after the request
+        arrived), 502 or 504 answer as a proxy in front of Twilio would. The message *is* sent:
+        a client that simply retries sends it twice.
+        """
+        with self._cond:
+            self._lost_answers.extend([how] * times)
+
     def reset(self) -> None:
         """Forget messages, requests, webhooks and any scripted failures or hangs."""
         with self._cond:
@@ -365,6 +376,7 @@ class TwilioSimulator:
             self._timings.clear()
             self._failures.clear()
             self._hangs.clear()
+            self._lost_answers.clear()
 
     def wait_for_messages(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Block until at least ``count`` sends were accepted and return them (as :attr:`messages`).
@@ -585,6 +597,7 @@ class TwilioSimulator:
         with self._cond:
             hang = self._hangs.pop(0) if self._hangs else None
             failure = self._failures.pop(0) if self._failures else None
+            lost = self._lost_answers.pop(0) if self._lost_answers and failure is None else None
         self._check_auth(request, account_sid)
         if failure is not None:
             if hang is not None:
@@ -610,6 +623,15 @@ class TwilioSimulator:
                  record["to"], record["body"] if record["body"] else form.get("ContentSid"))
         if self.auto_callbacks:
             threading.Thread(target=self._auto_callbacks, args=(record["sid"],), daemon=True).start()
+        if lost == "drop":
+            # Close the connection under the server: the client reads no status line at all.
+            sock = request.environ.get("werkzeug.socket")
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        elif lost is not None:
+            # A proxy's page, not Twilio's JSON: nothing in it says whether the message was taken.
+            return Response(f"<html><body><h1>{lost} proxy error</h1></body></html>", status=int(lost),
+                            mimetype="text/html")
         return _json_response(self._resource(record), 201)
 
     def _handle_message(self, request: Request, account_sid: str, sid: str) -> Response:

@@ -53,3 +53,21 @@ def attempt_limit(code: int | None, default: int) -> int:
 OPTED_OUT_CODE = 21610
 OUTSIDE_WINDOW_CODE = 63016
 TOO_LONG_CODE = 21617
+
+
+def request_never_left(exc: BaseException) -> bool:
+    """Whether a failed HTTP call to Twilio provably never reached it: no connection was made
+    (refused, unresolvable, the connect timed out). Anything else after the connection opened
+    (a read timeout, a dropped connection, a reset) may have been accepted, and must be looked
+    up before another attempt (docs/ARCHITECTURE.md, invariant 2)."""
+    import requests
+    from urllib3.exceptions import ConnectTimeoutError
+
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    if not isinstance(exc, requests.ConnectionError):
+        return False
+    reason = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError names the cause
+    # NewConnectionError and NameResolutionError are ConnectTimeoutErrors in urllib3 2.
+    return isinstance(reason, ConnectTimeoutError)

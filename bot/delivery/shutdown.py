@@ -1,0 +1,44 @@
+"""The worker's graceful stop: told to stop (SIGTERM on every deploy, restart and daily cycle),
+it finishes the sends already in flight, records them, and starts no new one.
+
+huey's consumer learns of the signal in its main thread; `DrainingConsumer.stop` raises the
+process-wide `stopping` flag before huey waits for its workers (`--graceful-signal TERM
+--shutdown-timeout` in the Procfile). The sender reads the flag: a call that has not left yet is
+released back to the queue (`sender.Outcome.RELEASED`), one already on the wire is waited for and
+its answer committed (docs/ARCHITECTURE.md, "Bad days").
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from huey import Huey
+from huey.consumer import Consumer
+
+log = logging.getLogger(__name__)
+
+#: Set once this process has been told to stop; never cleared (the process exits).
+stopping = threading.Event()
+
+
+def is_stopping() -> bool:
+    """Whether this worker process is draining: no new Twilio call may start."""
+    return stopping.is_set()
+
+
+class DrainingConsumer(Consumer):
+    """huey's consumer, raising `stopping` as soon as a stop begins (graceful or not)."""
+
+    def stop(self, graceful: bool = False) -> None:
+        if not stopping.is_set():
+            log.info("worker stopping: sends in flight finish, the rest go back to the queue")
+        stopping.set()
+        super().stop(graceful=graceful)
+
+
+class DrainingHuey(Huey):
+    """Huey whose consumer (`huey_consumer wsgi.huey`) drains sends on stop."""
+
+    def create_consumer(self, **options: Any) -> Consumer:
+        return DrainingConsumer(self, **options)
