@@ -5,6 +5,7 @@ and posts signed status callbacks back to the web process. Nothing runs in immed
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -64,13 +65,17 @@ def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture
-def stack(base_config, _schema, app, tmp_path) -> Iterator[dict[str, Any]]:
-    """release, then web + worker from the Procfile, against a simulator that calls back."""
+@contextlib.contextmanager
+def running_stack(base_config: dict[str, Any], tmp_path: Path, **simulator_options: Any) -> Iterator[dict[str, Any]]:
+    """release, then web + worker from the Procfile, against a simulator that calls back.
+
+    Yields the web's base URL, the simulator, and controls for the worker: `stop_worker(sig)`
+    (SIGTERM by default, as a deploy does; returns the exit code), `start_worker()`, `worker_log()`.
+    """
     port = free_port()
     webhook_url = f"http://127.0.0.1:{port}/twilio/webhook"
-    simulator = TwilioSimulator(ACCOUNT_SID, AUTH_TOKEN, webhook_url=webhook_url, auto_callbacks=True,
-                                callback_delay=0.05).start()
+    options = {"auto_callbacks": True, "callback_delay": 0.05, **simulator_options}
+    simulator = TwilioSimulator(ACCOUNT_SID, AUTH_TOKEN, webhook_url=webhook_url, **options).start()
     config = {**base_config, "TWILIO_API_URL": simulator.url, "TWILIO_WEBHOOK_URL": webhook_url}
     env = env_for(config, PORT=str(port), WEB_CONCURRENCY="2", WORKER_THREADS="2")
     commands = procfile()
@@ -83,19 +88,21 @@ def stack(base_config, _schema, app, tmp_path) -> Iterator[dict[str, Any]]:
         return subprocess.Popen(["bash", "-c", "exec " + commands[name].strip()], env=env, cwd=tmp_path,
                                 stdout=logs[name], stderr=subprocess.STDOUT, start_new_session=True)
 
-    def stop(process: subprocess.Popen) -> None:
+    def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
+            os.killpg(process.pid, sig)
         try:
-            process.wait(timeout=15)
+            # Heroku's grace: 30 s between SIGTERM and SIGKILL.
+            return process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=5)
+            raise AssertionError("the process outlived the 30 s a host gives between SIGTERM and SIGKILL")
 
     processes = {name: start(name) for name in ("web", "worker")}
 
-    def stop_worker() -> None:
-        stop(processes["worker"])
+    def stop_worker(sig: int = signal.SIGTERM) -> int:
+        return stop(processes["worker"], sig)
 
     def start_worker() -> None:
         processes["worker"] = start("worker")
@@ -103,7 +110,8 @@ def stack(base_config, _schema, app, tmp_path) -> Iterator[dict[str, Any]]:
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _healthy(base), what="gunicorn to answer /healthz")
-        yield {"base": base, "simulator": simulator, "stop_worker": stop_worker, "start_worker": start_worker}
+        yield {"base": base, "simulator": simulator, "stop_worker": stop_worker, "start_worker": start_worker,
+               "worker_log": lambda: (tmp_path / "worker.log").read_text()}
     finally:
         for process in processes.values():
             stop(process)
@@ -115,6 +123,13 @@ def stack(base_config, _schema, app, tmp_path) -> Iterator[dict[str, Any]]:
             assert AUTH_TOKEN not in text and API_TOKEN not in text, f"secret leaked in {name} log"
             full_numbers = re.findall(r"(?:\+|%2[Bb])\d{11}", text)
             assert not full_numbers, f"full phone numbers in the {name} log: {full_numbers[:3]}"
+
+
+@pytest.fixture
+def stack(base_config, _schema, app, tmp_path) -> Iterator[dict[str, Any]]:
+    """The Procfile's processes against a simulator that calls back (see running_stack)."""
+    with running_stack(base_config, tmp_path) as running:
+        yield running
 
 
 def _healthy(base: str) -> bool:
