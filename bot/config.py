@@ -41,7 +41,9 @@ class Settings(BaseSettings):
     twilio_whatsapp_number: str | None = None
     twilio_webhook_url: str | None = None
     twilio_api_url: str = "https://api.twilio.com"
-    twilio_timeout: float = Field(default=10.0, gt=0, le=60)
+    #: Seconds per Twilio API call (connect, then read). At most 10: a send on the wire when the
+    #: worker is told to stop must end inside its shutdown timeout (the Procfile's 25 s).
+    twilio_timeout: float = Field(default=10.0, gt=0, le=10)
     #: The sender's allowed rate (80 by default; 400 for an upgraded text sender), shared by
     #: every worker process through Redis.
     twilio_messages_per_second: int = Field(default=80, ge=1, le=1000)

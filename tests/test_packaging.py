@@ -214,6 +214,24 @@ def test_the_procfile_worker_threads_default_is_the_settings_default() -> None:
     assert load_settings({}, env_file=None).worker_threads == WORKER_THREADS_DEFAULT
 
 
+def test_a_stopping_worker_and_web_fit_in_the_hosts_grace() -> None:
+    """Heroku sends SIGTERM on every deploy and SIGKILL 30 s later. huey stops at once on SIGTERM
+    unless told it is the graceful signal; then it waits --shutdown-timeout for sends in flight,
+    which must fit the slowest send the settings allow (connect + read, each up to TWILIO_TIMEOUT)
+    and the retries of its commit. gunicorn's graceful timeout fits the same 30 s."""
+    from bot.config import Settings
+    from bot.delivery import sender
+
+    lines = dict(line.split(":", 1) for line in (PROJECT_ROOT / "Procfile").read_text().splitlines() if ":" in line)
+    assert "--graceful-signal TERM" in lines["worker"]
+    shutdown = int(re.search(r"--shutdown-timeout (\d+)", lines["worker"]).group(1))
+    longest_timeout = next(m.le for m in Settings.model_fields["twilio_timeout"].metadata if hasattr(m, "le"))
+    record_retries = sum(0.25 * 2 ** attempt for attempt in range(sender.RECORD_RETRIES))
+    assert 2 * longest_timeout + record_retries <= shutdown < 30
+    graceful = int(re.search(r"--graceful-timeout (\d+)", lines["web"]).group(1))
+    assert graceful < 30
+
+
 def test_sends_in_flight_share_the_keep_alive_pool_to_twilio(app) -> None:
     """The SDK keeps at most 32 connections (https only): every thread beyond would open a new one."""
     from bot.twilio.client import get_client

@@ -60,8 +60,9 @@ AMBIGUOUS_HTTP_STATUSES = frozenset({502, 504})
 #: Recent messages asked for when looking up a send whose fate is unknown.
 LOOKUP_LIMIT = 50
 #: Retries of the commit that records Twilio's answers (a database error after the 201): delays
-#: 0.25 s doubling to 4 s, about 8 s in all, well under the worker's shutdown timeout.
-RECORD_RETRIES = 5
+#: 0.25 s doubling to 2 s, about 4 s in all; with a send on the wire (2 x TWILIO_TIMEOUT at
+#: most) it fits the worker's shutdown timeout (tests/test_packaging.py checks).
+RECORD_RETRIES = 4
 #: Attempts made in quick succession by the send task's own retries (huey: 2, 4, 8, 16, 32 s).
 FAST_ATTEMPTS = 6
 #: Sends attempted per message in all. After the fast ones, the outbox sweep tries again at
@@ -465,8 +466,10 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
         else:
             outcomes[row.id] = result
 
-    # 3. This attempt's fate is unknown: look at once (most often Twilio has it already).
-    found = _look_up([(row, params, fate.since) for row, params, fate in unknown], renew, outcomes)
+    # 3. This attempt's fate is unknown: look at once (most often Twilio has it already), unless
+    # the worker is stopping: then the row stays unsure and the next worker looks.
+    found = {} if is_stopping() else _look_up([(row, params, fate.since) for row, params, fate in unknown],
+                                              renew, outcomes)
     for row, params, fate in unknown:
         if row.id in found:
             log.warning("message %s: %s, but Twilio had accepted it as %s", row.id, fate.reason, found[row.id].sid)
