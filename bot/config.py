@@ -82,6 +82,28 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(default=5, ge=1, le=200)
     database_max_overflow: int = Field(default=5, ge=0, le=200)
 
+    # --- events to the backend (README, "Events to your backend") ---
+    #: Where the worker POSTs events, signed per Standard Webhooks. Unset: events are stored and
+    #: readable (GET /events), not pushed.
+    events_webhook_url: str | None = None
+    #: The signing secret: "whsec_" + base64 of 24 to 64 random bytes (any Standard Webhooks
+    #: library generates one). Required with EVENTS_WEBHOOK_URL.
+    events_webhook_secret: SecretStr | None = None
+    #: Only these types are pushed (comma-separated, e.g. "message.status,message.received");
+    #: empty: all. Every event is stored whatever this says.
+    events_types: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    events_timeout: float = Field(default=5.0, gt=0, le=15)
+    #: Deliveries talking to the receiver at once per worker process: a slow receiver holds at
+    #: most these threads, never the ones that send and run turns.
+    events_concurrency: int = Field(default=2, ge=1, le=64)
+    #: Delivered (and stored) events older than this are deleted; failed ones stay for replay.
+    events_retention_days: int = Field(default=30, ge=1, le=3650)
+    # --- human handoff ---
+    #: How long a handoff lasts unless DELETE /contacts/<phone>/handoff ends it first.
+    handoff_hours: float = Field(default=24.0, gt=0, le=24 * 30)
+    #: Words that ask for a person (the whole message, case-folded, without punctuation).
+    handoff_keywords: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["AGENT", "HUMAN"])
+
     def flask_config(self, instance_path: str) -> dict[str, Any]:
         """The app's config: every setting under its variable's name, secrets unwrapped, and
         what Flask and its extensions read (the SQLAlchemy URI, the request size limit)."""
@@ -123,8 +145,43 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL")
         return value.rstrip("/") if value and value.endswith("//") else value
 
+    @field_validator("events_webhook_url")
+    @classmethod
+    def _events_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return value or None
+
+    @field_validator("events_webhook_secret")
+    @classmethod
+    def _events_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        from standardwebhooks.webhooks import Webhook
+
+        raw = value.get_secret_value()
+        try:
+            if not raw.startswith("whsec_"):
+                raise ValueError
+            Webhook(raw)
+        except Exception:
+            raise ValueError("must be a Standard Webhooks secret: 'whsec_' followed by base64") from None
+        return value
+
+    @field_validator("events_types", mode="before")
+    @classmethod
+    def _event_types(cls, value: Any) -> Any:
+        from bot.vocabulary import EventType
+
+        if isinstance(value, str):
+            value = [word.strip() for word in value.split(",") if word.strip()]
+        unknown = [name for name in value or [] if name not in set(EventType)]
+        if unknown:
+            raise ValueError(f"unknown event types {unknown}; known: {', '.join(EventType)}")
+        return value
+
     @field_validator("opt_out_keywords", "opt_in_keywords", "help_keywords", "opt_out_button_payloads",
-                     mode="before")
+                     "handoff_keywords", mode="before")
     @classmethod
     def _keyword_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -173,6 +230,8 @@ def missing_secrets(settings: Settings) -> list[str]:
             value = value.get_secret_value()
         if not value:
             missing.append(name)
+    if settings.events_webhook_url and settings.events_webhook_secret is None:
+        missing.append("EVENTS_WEBHOOK_SECRET")  # unsigned events would be forgeable
     return missing
 
 

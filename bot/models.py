@@ -11,7 +11,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from bot.clock import isoformat, utcnow
 from bot.extensions import db
-from bot.vocabulary import Consent, ConversationStatus, Direction, Kind
+from bot.vocabulary import Consent, ConversationStatus, Direction, EventStatus, Kind
 
 
 def new_id() -> str:
@@ -40,6 +40,9 @@ class Contact(db.Model):
     profile_name: Mapped[str | None] = mapped_column(sa.String(256))
     consent: Mapped[str] = mapped_column(sa.String(16), default=Consent.UNKNOWN, server_default=Consent.UNKNOWN.value)
     last_inbound_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    #: While set and in the future, a person answers this contact, not the bot (human handoff).
+    handoff_until: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    handoff_reason: Mapped[str | None] = mapped_column(sa.String(500))
     created_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow, onupdate=utcnow)
 
@@ -87,6 +90,9 @@ class Message(db.Model):
     next_attempt_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
     #: When the current (or last) send attempt began: the lookup's "since" if its fate is unknown.
     attempt_started_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    #: The backend's own object (POST /notify "metadata", at most 4 KB), echoed in its events.
+    #: ("metadata" is the column; the attribute name is taken by SQLAlchemy.)
+    backend_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", sa.JSON)
     #: Set when an earlier attempt may have been accepted by Twilio (a lease that expired, a
     #: connection dropped after the request was written, a 502/504, a failed commit of the SID):
     #: the next attempt first looks Twilio up for a message sent since then (invariant 2).
@@ -120,6 +126,7 @@ class Message(db.Model):
             "variables": self.variables,
             "media_urls": self.media_urls or [],
             "attempts": self.attempts,
+            "metadata": self.backend_metadata,
             "created_at": isoformat(self.created_at),
             "updated_at": isoformat(self.updated_at),
             "sent_at": isoformat(self.sent_at),
@@ -197,6 +204,8 @@ class Conversation(db.Model):
     updated_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow, onupdate=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
     ended_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    #: The backend's metadata from the POST /notify that started it, echoed in its events.
+    backend_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", sa.JSON)
     #: Failed starts so far, and when the sweep may enqueue it again (a hold-off, as for messages).
     attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     next_attempt_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
@@ -214,6 +223,7 @@ class Conversation(db.Model):
             "outcome": self.outcome,
             "data": self.data,
             "started_by": self.started_by,
+            "metadata": self.backend_metadata,
             "error": self.error,
             "started_at": isoformat(self.started_at),
             "updated_at": isoformat(self.updated_at),
@@ -244,4 +254,54 @@ class ConsentEvent(db.Model):
             "words": self.words,
             "message_sid": self.message_sid,
             "at": isoformat(self.created_at),
+        }
+
+
+class Event(db.Model):
+    """A fact for the backend (invariant 12): written in the same transaction as the change it
+    reports, then delivered at least once to EVENTS_WEBHOOK_URL, signed, in per-contact order.
+
+    `seq` orders events (the cursor of GET /events); `id` is the public id, the `webhook-id`
+    header of every delivery attempt, so receivers deduplicate retries.
+    """
+
+    __tablename__ = "events"
+    __table_args__ = (
+        sa.Index("ix_events_contact_seq", "contact_id", "seq"),
+        sa.Index("ix_events_status_next", "status", "next_attempt_at"),
+        sa.Index("ix_events_type_seq", "type", "seq"),
+    )
+
+    seq: Mapped[int] = mapped_column(primary_key=True)
+    id: Mapped[str] = mapped_column(sa.String(32), unique=True, default=new_id)
+    type: Mapped[str] = mapped_column(sa.String(40))  # EventType
+    contact_id: Mapped[int | None] = mapped_column(sa.ForeignKey("contacts.id"))
+    message_id: Mapped[str | None] = mapped_column(sa.String(32), index=True)
+    conversation_id: Mapped[str | None] = mapped_column(sa.String(32))
+    data: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow)
+    status: Mapped[str] = mapped_column(sa.String(16), default=EventStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    claimed_until: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    #: Why the last attempt failed ("HTTP 500", "ConnectTimeout"), for GET /events.
+    last_error: Mapped[str | None] = mapped_column(sa.String(200))
+
+    def body(self) -> dict[str, Any]:
+        """What the receiver gets: the Standard Webhooks shape {type, timestamp, data}."""
+        return {"type": self.type, "timestamp": isoformat(self.created_at), "data": self.data}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of GET /events: the body, its id, and how its delivery went."""
+        return {
+            "id": self.id,
+            **self.body(),
+            "delivery": {
+                "status": self.status,
+                "attempts": self.attempts,
+                "last_error": self.last_error,
+                "next_attempt_at": isoformat(self.next_attempt_at) if self.status == EventStatus.PENDING else None,
+                "delivered_at": isoformat(self.delivered_at),
+            },
         }

@@ -100,6 +100,8 @@ class Kind(StrEnum):
     NOTIFICATION = "notification"
     REPLY = "reply"
     OPT_OUT_CONFIRMATION = "opt_out_confirm"
+    #: Written by a person during a human handoff (POST /notify with "agent").
+    AGENT = "agent"
     #: Inbound: any message, or one that asks to opt out (marked when stored, so the send path
     #: can honour a STOP the engine has not processed yet with one indexed lookup).
     INBOUND = "inbound"
@@ -122,3 +124,34 @@ OPEN_CONVERSATION = (ConversationStatus.STARTING, ConversationStatus.ACTIVE)
 class StartedBy(StrEnum):
     USER = "user"
     BACKEND = "backend"
+
+
+class EventType(StrEnum):
+    """What an event to the backend reports (README, "Events to your backend")."""
+
+    MESSAGE_STATUS = "message.status"
+    MESSAGE_RECEIVED = "message.received"
+    CONVERSATION_STARTED = "conversation.started"
+    CONVERSATION_COMPLETED = "conversation.completed"
+    CONVERSATION_EXPIRED = "conversation.expired"
+    CONVERSATION_CANCELLED = "conversation.cancelled"
+    CONVERSATION_FAILED = "conversation.failed"
+    CONTACT_OPTED_IN = "contact.opted_in"
+    CONTACT_OPTED_OUT = "contact.opted_out"
+    CONTACT_HANDOFF_STARTED = "contact.handoff_started"
+    CONTACT_HANDOFF_ENDED = "contact.handoff_ended"
+
+
+class EventStatus(StrEnum):
+    """Where an event's delivery to EVENTS_WEBHOOK_URL is."""
+
+    PENDING = "pending"  # to be delivered (now, or at next_attempt_at after a failed attempt)
+    DELIVERING = "delivering"  # claimed by one delivery, with a lease
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    FAILED = "failed"  # the retry schedule ran out: replay with POST /events/<id>/retry
+    STORED = "stored"  # kept, not pushed: no EVENTS_WEBHOOK_URL, or EVENTS_TYPES leaves it out
+
+
+#: The message statuses a backend hears of (message.status): Twilio's progress, not our own steps.
+REPORTED_STATUSES = frozenset({MessageStatus.QUEUED, MessageStatus.SENT, MessageStatus.DELIVERED,
+                               MessageStatus.READ, MessageStatus.UNDELIVERED, MessageStatus.FAILED})

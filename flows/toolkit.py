@@ -114,6 +114,9 @@ class Step:
     data: Mapping[str, Any] = field(default_factory=dict)
     #: Stored on the conversation and readable through the API (e.g. {"answer": "confirmed"}).
     outcome: Mapping[str, Any] | None = None
+    #: Hand the contact over to a person, with this reason (the conversation ends; the bot is
+    #: silent until the handoff ends). Tell the user in `replies`.
+    handoff: str | None = None
 
 
 #: A bare predicate: what `Matcher` wraps, and what `route()` and the operators also accept.

@@ -245,7 +245,7 @@ def test_callback_before_the_sid_is_recorded_is_applied_later(app, client, auth,
 
 
 def test_sweep_applies_events_a_race_left_unlinked(app, client, auth, post_webhook):
-    from bot.delivery import outbox
+    from bot.delivery import statuses
 
     message_id, sid = sent_message(app, client, auth)
     post_webhook(status_form(sid, "delivered"))
@@ -253,7 +253,7 @@ def test_sweep_applies_events_a_race_left_unlinked(app, client, auth, post_webho
         db.session.execute(sa.update(StatusEvent).values(message_id=None))
         db.session.execute(sa.update(Message).values(status="queued", status_rank=STATUS_RANK["queued"]))
         db.session.commit()
-        assert outbox.sweep()["events"] == 1
+        assert statuses.apply_orphan_events() == 1
     assert stored(app, message_id).status == "delivered"
 
 

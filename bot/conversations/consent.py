@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from flask import current_app
 
 from bot.extensions import db
+from bot.delivery import events
 from bot.models import ConsentEvent, Contact, Message
 from bot.twilio.whatsapp import SANDBOX_JOIN, SANDBOX_NUMBER
 from bot.vocabulary import Consent, ConsentAction, Direction, Kind, MessageStatus
@@ -26,6 +27,8 @@ class Keywords:
     help: frozenset[str]
     #: Quick-reply payloads that opt out, upper-cased (payloads are ids, not words).
     opt_out_payloads: frozenset[str] = frozenset()
+    #: Words that ask for a person (human handoff).
+    handoff: frozenset[str] = frozenset()
 
     @classmethod
     def from_config(cls) -> "Keywords":
@@ -33,7 +36,8 @@ class Keywords:
         opt_out, opt_in, help_ = (frozenset(normalize(w) for w in cfg[key])
                                   for key in ("OPT_OUT_KEYWORDS", "OPT_IN_KEYWORDS", "HELP_KEYWORDS"))
         payloads = frozenset(p.strip().upper() for p in cfg.get("OPT_OUT_BUTTON_PAYLOADS") or ())
-        return cls(opt_out, opt_in, help_, payloads)
+        handoff = frozenset(normalize(w) for w in cfg.get("HANDOFF_KEYWORDS") or ())
+        return cls(opt_out, opt_in, help_, payloads, handoff)
 
 
 def typed_words(payload: Mapping[str, Any]) -> str:
@@ -93,6 +97,9 @@ def change_consent(contact: Contact, new_state: str, *, source: str, words: str 
     action = ConsentAction.OPT_OUT if new_state == Consent.OPTED_OUT else ConsentAction.OPT_IN
     db.session.add(ConsentEvent(contact_id=contact.id, action=action, previous=contact.consent,
                                 source=source, words=words, message_sid=message_sid))
+    # The backend hears of it in the same transaction (invariant 12).
+    events.consent_changed(contact, action == ConsentAction.OPT_IN, previous=contact.consent, source=source,
+                           words=words, message_sid=message_sid)
     contact.consent = new_state
     return True
 

@@ -21,6 +21,8 @@ from bot.conversations.stages import Turn, obey_opt_out, run_stages
 from bot.conversations.contacts import lock_contact
 from bot.conversations.store import (answer_consent_questions, apply_step, end_conversation,
                                      end_open_conversations, open_conversation, send_replies, start_flow)
+from bot.conversations.handoff import in_handoff
+from bot.delivery import events
 from bot.extensions import db
 from bot.models import Contact, Conversation, Message
 from bot.vocabulary import Consent, ConversationStatus, Direction, Kind, MessageStatus, StartedBy
@@ -64,6 +66,7 @@ def _handle_safely(message: Message) -> list[Message]:
         with db.session.begin_nested():
             outgoing = handle_message(contact, message)
             message.status = MessageStatus.PROCESSED
+            _report_received(contact, message, outgoing)
             return outgoing
     except DBAPIError:
         # The database, not the flow: a deadlock, a lost connection, "database is locked". The
@@ -79,12 +82,25 @@ def _handle_safely(message: Message) -> list[Message]:
             # Whatever broke (the confirmation's copy, say), a STOP is obeyed: consent first,
             # and then silence rather than an apology.
             obey_opt_out(contact, message, opt_out_source(message.payload or {}, Keywords.from_config()) or "keyword")
+            _report_received(contact, message, [])
             return []
         conversation = open_conversation(contact.id)
         if conversation is not None:
             # End it, so the contact's next message starts fresh instead of failing again.
             end_conversation(conversation, ConversationStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
-        return send_replies(contact, [Reply("common/error")])
+        apology = send_replies(contact, [Reply("common/error")])
+        _report_received(contact, message, apology)
+        return apology
+
+
+def _report_received(contact: Contact, message: Message, outgoing: list[Message]) -> None:
+    """message.received, in the turn's transaction: where the message went and whether the bot
+    answered it (during a handoff: unanswered, for an agent's inbox)."""
+    conversation_id = next((row.conversation_id for row in outgoing if row.conversation_id), None)
+    conversation = db.session.get(Conversation, conversation_id) if conversation_id else open_conversation(contact.id)
+    events.message_received(message, contact, conversation=conversation,
+                            answered=any(row.status != MessageStatus.FAILED for row in outgoing),
+                            handoff=in_handoff(contact))
 
 
 def set_consent_from_api(contact: Contact, consent: Consent, note: str | None) -> None:

@@ -13,13 +13,14 @@ from typing import Any, Callable, Mapping
 
 from bot.conversations.consent import (UNAMBIGUOUS_OPT_IN, Keywords, change_consent, is_sandbox_join,
                                        opt_out_source, typed_words)
+from bot.conversations.handoff import HandoffBy, end_handoff, in_handoff, start_handoff
 from bot.conversations.store import (answer_consent_question, answer_consent_questions, apply_step,
                                      end_conversation, end_open_conversations, has_run, new_conversation,
                                      open_conversation, send_replies, start_flow)
 from bot.models import Contact, Conversation, Message
 from bot.vocabulary import Consent, ConversationStatus, Kind, StartedBy
 from flows import registry
-from flows.toolkit import Flow, Inbound, Reply, UndeclaredTarget, UnknownState
+from flows.toolkit import Flow, Inbound, Reply, Step, UndeclaredTarget, UnknownState
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,23 @@ def opt_in(turn: Turn, source: str) -> list[Message]:
     return turn.reply("subscription/opted_in", name=turn.contact.profile_name)
 
 
-# --- 2. the open conversation ---------------------------------------------------------------
+# --- 2. human handoff: a person answers, the bot is silent --------------------------------------
+
+def human_handoff(turn: Turn) -> list[Message] | None:
+    """During a handoff the bot answers nothing (the engine pushes the message to the backend for
+    an agent); one that ran out ends here and the bot answers again. The handoff keywords start one."""
+    contact = turn.contact
+    if contact.handoff_until is not None:
+        if in_handoff(contact):
+            return []
+        end_handoff(contact, by=HandoffBy.EXPIRY)
+    if turn.words and turn.words in turn.keywords.handoff:
+        start_handoff(contact, reason=f"the user asked for a person ({turn.words!r})", by=HandoffBy.USER)
+        return turn.reply("handoff/started", name=contact.profile_name)
+    return None
+
+
+# --- 3. the open conversation ---------------------------------------------------------------
 
 def the_open_conversation(turn: Turn) -> list[Message] | None:
     """The contact's open conversation takes the message (or yields it to an entry point)."""
@@ -157,7 +174,16 @@ def the_open_conversation(turn: Turn) -> list[Message] | None:
         return _restart(turn, conversation, flow, str(exc))
     if step is None:
         return turn.reply("common/not_understood", conversation)
-    return apply_step(turn.contact, conversation, flow, step)
+    return _take_step(turn, conversation, flow, step)
+
+
+def _take_step(turn: Turn, conversation: Conversation, flow: Flow, step: Step) -> list[Message]:
+    """Persist a step a message caused; one that says `handoff` gives the contact to a person
+    (the conversation ends, and the bot is silent until the handoff ends)."""
+    replies = apply_step(turn.contact, conversation, flow, step)
+    if step.handoff:
+        start_handoff(turn.contact, reason=step.handoff, by=HandoffBy.FLOW)
+    return replies
 
 
 def _restart(turn: Turn, stale: Conversation, flow: Flow | None, reason: str) -> list[Message]:
@@ -173,12 +199,12 @@ def _restart(turn: Turn, stale: Conversation, flow: Flow | None, reason: str) ->
     if flow is not None:
         step = flow.handle(None, turn.inbound, {})
         if step is not None:
-            return replies + apply_step(turn.contact, new_conversation(turn.contact, flow, started_by=StartedBy.USER),
+            return replies + _take_step(turn, new_conversation(turn.contact, flow, started_by=StartedBy.USER),
                                         flow, step)
     return replies
 
 
-# --- 3. entry points --------------------------------------------------------------------------
+# --- 4. entry points --------------------------------------------------------------------------
 
 def entry_points(turn: Turn) -> list[Message] | None:
     """Start the first flow whose entry point takes this message."""
@@ -186,11 +212,11 @@ def entry_points(turn: Turn) -> list[Message] | None:
         step = flow.handle(None, turn.inbound, {})
         if step is not None:
             conversation = new_conversation(turn.contact, flow, started_by=StartedBy.USER)
-            return apply_step(turn.contact, conversation, flow, step)
+            return _take_step(turn, conversation, flow, step)
     return None
 
 
-# --- 4. first contact -------------------------------------------------------------------------
+# --- 5. first contact -------------------------------------------------------------------------
 
 def first_contact(turn: Turn) -> list[Message] | None:
     """A flow declared `on_first_contact` runs once, on a contact's first message.
@@ -209,7 +235,7 @@ def first_contact(turn: Turn) -> list[Message] | None:
     return None
 
 
-# --- 5. default replies -----------------------------------------------------------------------
+# --- 6. default replies -----------------------------------------------------------------------
 
 def default_replies(turn: Turn) -> list[Message]:
     """Nothing else answered: 'already subscribed', a hello back, or 'didn't get that'."""
@@ -221,7 +247,8 @@ def default_replies(turn: Turn) -> list[Message]:
 
 
 #: The order matters: consent words pre-empt every flow; an open conversation goes before new ones.
-STAGES: tuple[Stage, ...] = (consent_keywords, the_open_conversation, entry_points, first_contact, default_replies)
+STAGES: tuple[Stage, ...] = (consent_keywords, human_handoff, the_open_conversation, entry_points, first_contact,
+                             default_replies)
 
 
 def run_stages(turn: Turn, stages: tuple[Stage, ...] = STAGES) -> list[Message]:

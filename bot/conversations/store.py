@@ -14,10 +14,10 @@ import sqlalchemy as sa
 from bot.clock import utcnow
 from bot.conversations.consent import record_decline
 from bot.conversations.replies import build_messages
-from bot.delivery import outbox
+from bot.delivery import events, outbox
 from bot.extensions import db
 from bot.models import Contact, Conversation, Message
-from bot.vocabulary import (OPEN_CONVERSATION, Consent, ConsentAction, ConversationStatus, Kind,
+from bot.vocabulary import (OPEN_CONVERSATION, Consent, ConsentAction, ConversationStatus, EventType, Kind,
                             MessageStatus, StartedBy)
 from flows.toolkit import END, Flow, Reply, Step
 
@@ -51,12 +51,14 @@ def new_conversation(contact: Contact, flow: Flow, *, started_by: StartedBy,
                                 started_by=started_by, variables=variables, data={})
     db.session.add(conversation)
     db.session.flush()
+    events.conversation_event(EventType.CONVERSATION_STARTED, conversation, contact.phone)
     return conversation
 
 
 def end_conversation(conversation: Conversation, status: ConversationStatus, *, error: str | None = None,
                      outcome: dict[str, Any] | None = None, now: datetime | None = None) -> None:
-    """Close a conversation: its final status, the END state, no more timeout."""
+    """Close a conversation: its final status, the END state, no more timeout; the backend hears
+    of it (conversation.completed / expired / cancelled / failed) in the same transaction."""
     conversation.status = status
     conversation.state = END
     conversation.expires_at = None
@@ -65,6 +67,11 @@ def end_conversation(conversation: Conversation, status: ConversationStatus, *, 
         conversation.outcome = outcome
     if error:
         conversation.error = error
+    events.conversation_event(events.CONVERSATION_ENDED[status], conversation, _phone_of(conversation))
+
+
+def _phone_of(conversation: Conversation) -> str:
+    return db.session.scalar(sa.select(Contact.phone).where(Contact.id == conversation.contact_id))
 
 
 def end_open_conversations(contact_id: int, status: ConversationStatus, *, error: str | None = None) -> None:
@@ -99,6 +106,8 @@ def start_flow(contact: Contact, flow: Flow, variables: dict[str, Any], *, start
             end_conversation(other, ConversationStatus.CANCELLED, error="replaced by a newer conversation")
     if conversation is None:
         conversation = new_conversation(contact, flow, started_by=started_by, variables=variables)
+    else:  # started by the backend: it leaves STARTING now
+        events.conversation_event(EventType.CONVERSATION_STARTED, conversation, contact.phone)
     if flow.asks_consent and contact.consent == Consent.OPTED_IN:
         answer_consent_question(conversation)
         return []

@@ -21,8 +21,7 @@ from sqlalchemy.orm import InstanceState, Session
 
 from bot.clock import utcnow
 from bot.extensions import db
-from bot.models import Conversation, Message, PeriodicRun, StatusEvent, new_id
-from bot.delivery.statuses import apply_pending_events
+from bot.models import Conversation, Message, PeriodicRun, new_id
 from bot.vocabulary import ConversationStatus, Direction, Kind, MessageStatus
 
 log = logging.getLogger(__name__)
@@ -40,6 +39,7 @@ class Work(StrEnum):
     SEND = "send_message"
     INBOUND = "process_inbound"
     CONVERSATION_START = "start_conversation"
+    EVENT = "deliver_event"
 
 
 class Priority(IntEnum):
@@ -51,7 +51,7 @@ class Priority(IntEnum):
 
 
 #: Outbound kinds that answer someone who just wrote; every other outbound message is bulk.
-CONVERSATION_KINDS = frozenset({Kind.REPLY, Kind.OPT_OUT_CONFIRMATION})
+CONVERSATION_KINDS = frozenset({Kind.REPLY, Kind.OPT_OUT_CONFIRMATION, Kind.AGENT})
 
 
 def send_priority(kind: str | None) -> Priority:
@@ -172,7 +172,8 @@ def take_periodic_turn(name: str, interval_seconds: int) -> bool:
 
 
 def sweep(now=None) -> dict[str, int]:
-    """Re-enqueue stuck rows and apply orphaned status events. Returns counts, for logs and tests."""
+    """Re-enqueue stuck rows. Returns counts, for logs and tests. (Status events a race left
+    unlinked are applied by `statuses.apply_orphan_events`, run by the same periodic task.)"""
     now = now or utcnow()
     stale = now - STALE_AFTER
     pending = db.session.execute(
@@ -204,12 +205,6 @@ def sweep(now=None) -> dict[str, int]:
             Conversation.status == ConversationStatus.STARTING, Conversation.updated_at <= stale
         ).order_by(Conversation.started_at).limit(1000)
     ).all()
-    orphan_sids = db.session.scalars(
-        # A day bounds the search: callbacks for messages some other system sent never match.
-        sa.select(StatusEvent.twilio_sid)
-        .where(StatusEvent.message_id.is_(None), StatusEvent.received_at >= now - timedelta(days=1))
-        .distinct().limit(1000)
-    ).all()
     if pending:
         # Leave them alone for a while. A pending row's due time moves on; a retrying row's due
         # time must stay (its task may claim it only once due), so its claim column, unused while
@@ -227,8 +222,7 @@ def sweep(now=None) -> dict[str, int]:
     for conversation_id in starting:
         defer_conversation_start(conversation_id)
     db.session.commit()
-    applied = sum(1 for sid in orphan_sids if apply_pending_events(sid))
-    counts = {"outbound": len(pending), "inbound": len(inbound), "conversations": len(starting), "events": applied}
+    counts = {"outbound": len(pending), "inbound": len(inbound), "conversations": len(starting)}
     if any(counts.values()):
         log.info("outbox sweep: %s", counts)
     return counts

@@ -39,7 +39,7 @@ from bot.conversations.contacts import lock_contact
 from bot.delivery import in_flight, outbox
 from bot.delivery.shutdown import is_stopping
 from bot.delivery.rate_limit import send_rate_limit
-from bot.delivery.statuses import apply_pending_events, raise_status
+from bot.delivery.statuses import apply_pending_events, raise_status, report_statuses
 from bot.extensions import db
 from bot.models import Contact, Message, StatusEvent
 from bot.twilio.client import get_client
@@ -716,6 +716,9 @@ def _record_accepted_rows(accepted: list[tuple[sa.Row, Accepted]]) -> dict[str, 
             {"message_id": row.id, "now": now, "sid": result.sid, "error_message": None,
              "status": _accepted_status(result.status).value, "rank": _accepted_status(result.status).rank}
             for row, result in accepted])
+        # Each row was `dispatching` (callbacks wait for its SID), so each moved: the backend
+        # hears of it in the same commit (invariant 12).
+        report_statuses({row.id: _accepted_status(result.status) for row, result in accepted})
         db.session.commit()
     except IntegrityError:  # a SID already on another row (a mistaken lookup): one by one
         db.session.rollback()
@@ -737,9 +740,11 @@ def _record_accepted(message_id: str, contact_id: int, sid: str, twilio_status: 
     status = _accepted_status(twilio_status)
 
     def record(sid: str | None, error_message: str | None = None) -> None:
-        db.session.execute(_accepted_statement(), {
+        moved = db.session.execute(_accepted_statement(), {
             "message_id": message_id, "now": utcnow(), "sid": sid, "error_message": error_message,
-            "status": status.value, "rank": status.rank})
+            "status": status.value, "rank": status.rank}).rowcount
+        if moved:
+            report_statuses({message_id: status})
         db.session.commit()
 
     try:

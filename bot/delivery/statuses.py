@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from datetime import datetime, timedelta
 from typing import Any, Mapping
 
 import sqlalchemy as sa
@@ -16,8 +17,9 @@ from sqlalchemy.exc import IntegrityError
 
 from bot.clock import utcnow
 from bot.extensions import db
-from bot.models import Message, StatusEvent
-from bot.vocabulary import Direction, MessageStatus, parse_outbound_status
+from bot.delivery import events
+from bot.models import Contact, Message, StatusEvent
+from bot.vocabulary import REPORTED_STATUSES, Direction, MessageStatus, parse_outbound_status
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,26 @@ def raise_status(message_id: str, status: MessageStatus, error_code: int | None 
         # first one wins: it is the one that explains what went wrong.
         db.session.execute(statements["error"], {
             "message_id": message_id, "error_code": error_code, "error_message": error_message, "now": now})
+    if moved and status in REPORTED_STATUSES:
+        report_status(message_id, status)
     return bool(moved)
+
+
+def report_status(message_id: str, status: MessageStatus) -> None:
+    """message.status for a move that just happened, in its transaction (invariant 12): one event
+    per transition, never one per repeated callback (only a move that raised the rank reports)."""
+    report_statuses({message_id: status})
+
+
+def report_statuses(moves: Mapping[str, MessageStatus]) -> None:
+    """message.status for each message that just moved to the status given (one read for all)."""
+    rows = db.session.execute(
+        sa.select(Message, Contact.phone).join(Contact, Contact.id == Message.contact_id)
+        .where(Message.id.in_(list(moves))).execution_options(populate_existing=True)).all()
+    for message, phone in rows:
+        status = moves[message.id]
+        if status in REPORTED_STATUSES:
+            events.message_status(message, phone, status.value, message.error_code, message.error_message)
 
 
 def parse_error_code(value: Any) -> int | None:
@@ -140,3 +161,19 @@ def apply_pending_events(sid: str, message_id: str | None = None) -> int:
         raise_status(message_id, status, event.error_code, event.error_message)
     db.session.commit()
     return len(events)
+
+
+def apply_orphan_events(now: datetime | None = None, limit: int = 1000) -> int:
+    """Apply callbacks a race left unlinked (the safety net behind `apply_pending_events`);
+    returns how many events were applied. A day bounds the search: callbacks for messages some
+    other system sent never match."""
+    now = now or utcnow()
+    sids = db.session.scalars(
+        sa.select(StatusEvent.twilio_sid)
+        .where(StatusEvent.message_id.is_(None), StatusEvent.received_at >= now - timedelta(days=1))
+        .distinct().limit(limit)).all()
+    db.session.commit()
+    applied = sum(apply_pending_events(sid) for sid in sids)
+    if applied:
+        log.info("applied %d status events a race had left unlinked", applied)
+    return applied

@@ -13,7 +13,7 @@ from flask import Flask
 from huey import crontab
 
 from bot.conversations import engine
-from bot.delivery import outbox, sender
+from bot.delivery import event_delivery, outbox, sender, statuses
 from bot.delivery.queue import huey
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,34 @@ def sweep_outbox() -> None:
     """Once a minute: re-enqueue what a dead queue or a killed worker left behind."""
     if outbox.take_periodic_turn("sweep_outbox", interval_seconds=50):
         outbox.sweep()
+        statuses.apply_orphan_events()
+
+
+@huey.task(retries=3, retry_delay=5)
+@in_app_context
+def deliver_event(event_id: str) -> str:
+    """POST one event to EVENTS_WEBHOOK_URL (signed); failures follow event_delivery.SCHEDULE."""
+    return event_delivery.deliver(event_id)
+
+
+@huey.periodic_task(crontab(minute="*"))
+@in_app_context
+def sweep_events() -> None:
+    """Once a minute: re-enqueue event deliveries a dead queue or a killed worker lost."""
+    if outbox.take_periodic_turn("sweep_events", interval_seconds=50):
+        event_delivery.sweep()
+
+
+@huey.periodic_task(crontab(minute="17"))
+@in_app_context
+def prune_events() -> None:
+    """Hourly: delete delivered events past EVENTS_RETENTION_DAYS."""
+    if outbox.take_periodic_turn("prune_events", interval_seconds=3000):
+        event_delivery.prune()
 
 
 # How the outbox enqueues each kind of work it defers (it never imports this module).
 outbox.register(outbox.Work.SEND, send_message)
 outbox.register(outbox.Work.INBOUND, process_inbound)
 outbox.register(outbox.Work.CONVERSATION_START, start_conversation)
+outbox.register(outbox.Work.EVENT, deliver_event)

@@ -1,0 +1,131 @@
+"""Events to the backend: facts written in the same transaction as the change they report.
+
+`emit` adds an `Event` row to the current session and defers its delivery with the outbox, so a
+rolled-back change leaves no event and a committed one always has its event (invariant 12; the
+same transactional outbox as sends). What each type carries is built here, from the rows, so
+every caller reports a message, a conversation or a contact the same way. Delivery is
+`bot.delivery.event_delivery`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app
+
+from bot.clock import isoformat, utcnow
+from bot.delivery import outbox
+from bot.extensions import db
+from bot.models import Contact, Conversation, Event, Message
+from bot.vocabulary import ConversationStatus, EventStatus, EventType
+
+#: A conversation's end status -> the event that reports it.
+CONVERSATION_ENDED = {
+    ConversationStatus.COMPLETED: EventType.CONVERSATION_COMPLETED,
+    ConversationStatus.EXPIRED: EventType.CONVERSATION_EXPIRED,
+    ConversationStatus.CANCELLED: EventType.CONVERSATION_CANCELLED,
+    ConversationStatus.FAILED: EventType.CONVERSATION_FAILED,
+}
+
+
+def pushed(event_type: str) -> bool:
+    """Whether events of this type go to EVENTS_WEBHOOK_URL (set, and not filtered by EVENTS_TYPES)."""
+    cfg = current_app.config
+    if not cfg.get("EVENTS_WEBHOOK_URL"):
+        return False
+    wanted = cfg.get("EVENTS_TYPES") or []
+    return not wanted or event_type in wanted
+
+
+def emit(event_type: EventType, data: dict[str, Any], *, contact_id: int | None,
+         message_id: str | None = None, conversation_id: str | None = None) -> Event:
+    """Record an event in the current transaction; its delivery is enqueued once it commits.
+
+    Does not commit: the caller's commit is the change's and the event's at once.
+    """
+    push = pushed(event_type)
+    event = Event(type=event_type, data=data, contact_id=contact_id, message_id=message_id,
+                  conversation_id=conversation_id, created_at=utcnow(),
+                  status=EventStatus.PENDING if push else EventStatus.STORED,
+                  next_attempt_at=utcnow() if push else None, attempts=0)
+    db.session.add(event)
+    if push:
+        outbox.defer(outbox.Work.EVENT, event)
+    return event
+
+
+def message_status(message: Message | Any, phone: str, status: str, error_code: int | None,
+                   error_message: str | None) -> Event:
+    """message.status: an outbound message moved to `status` (one event per transition)."""
+    return emit(EventType.MESSAGE_STATUS, {
+        "message_id": message.id,
+        "to": phone,
+        "status": status,
+        "error_code": error_code,
+        "error_message": error_message,
+        "twilio_sid": message.twilio_sid,
+        "kind": message.kind,
+        "conversation_id": message.conversation_id,
+        "metadata": message.backend_metadata,
+    }, contact_id=message.contact_id, message_id=message.id, conversation_id=message.conversation_id)
+
+
+def message_received(message: Message, contact: Contact, *, conversation: Conversation | None,
+                     answered: bool, handoff: bool) -> Event:
+    """message.received: what a person wrote, where it went, and whether the bot answered it."""
+    payload = message.payload or {}
+    media = [{"url": url, "content_type": payload.get(f"MediaContentType{i}")}
+             for i, url in enumerate(message.media_urls or [])]
+    location = None
+    if payload.get("Latitude") and payload.get("Longitude"):
+        location = {"latitude": payload["Latitude"], "longitude": payload["Longitude"],
+                    "address": payload.get("Address"), "label": payload.get("Label")}
+    button = None
+    if payload.get("ButtonPayload") or payload.get("ButtonText"):
+        button = {"payload": payload.get("ButtonPayload"), "text": payload.get("ButtonText")}
+    return emit(EventType.MESSAGE_RECEIVED, {
+        "message_id": message.id,
+        "from": contact.phone,
+        "profile_name": contact.profile_name,
+        "body": message.body,
+        "media": media,
+        "location": location,
+        "button": button,
+        "twilio_sid": message.twilio_sid,
+        "received_at": isoformat(message.created_at),
+        "conversation_id": conversation.id if conversation else None,
+        "flow": conversation.flow if conversation else None,
+        "answered": answered,
+        "handoff": handoff,
+    }, contact_id=contact.id, message_id=message.id, conversation_id=conversation.id if conversation else None)
+
+
+def conversation_event(event_type: EventType, conversation: Conversation, phone: str) -> Event:
+    """conversation.started / completed / expired / cancelled / failed, with flow, state, outcome."""
+    return emit(event_type, {
+        "conversation_id": conversation.id,
+        "contact": phone,
+        "flow": conversation.flow,
+        "state": conversation.state,
+        "status": conversation.status,
+        "outcome": conversation.outcome,
+        "error": conversation.error,
+        "started_by": conversation.started_by,
+        "metadata": conversation.backend_metadata,
+    }, contact_id=conversation.contact_id, conversation_id=conversation.id)
+
+
+def consent_changed(contact: Contact, opted_in: bool, *, previous: str, source: str, words: str | None,
+                    message_sid: str | None) -> Event:
+    """contact.opted_in / contact.opted_out, with source and words as in the consent ledger."""
+    return emit(EventType.CONTACT_OPTED_IN if opted_in else EventType.CONTACT_OPTED_OUT, {
+        "contact": contact.phone, "previous": previous, "source": source, "words": words,
+        "message_sid": message_sid,
+    }, contact_id=contact.id)
+
+
+def handoff_changed(contact: Contact, started: bool, *, reason: str | None, by: str) -> Event:
+    """contact.handoff_started / contact.handoff_ended: who (api, flow, expiry) and why."""
+    return emit(EventType.CONTACT_HANDOFF_STARTED if started else EventType.CONTACT_HANDOFF_ENDED, {
+        "contact": contact.phone, "reason": reason, "by": by,
+        "until": isoformat(contact.handoff_until) if started else None,
+    }, contact_id=contact.id)

@@ -1,0 +1,115 @@
+"""The backend reads and replays its events: GET /events, POST /events/<id>/retry, POST /events/retry.
+
+A backend that was down catches up by polling `GET /events?after=<the last id it saw>`: events come
+oldest first, whatever became of their push (invariant 12).
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+from flask import Blueprint, abort, current_app, jsonify, request
+
+from bot.delivery import event_delivery
+from bot.extensions import db
+from bot.http.auth import require_api_token
+from bot.models import Contact, Event, is_public_id
+from bot.phone import InvalidNumber, normalize_e164
+from bot.vocabulary import EventStatus, EventType
+
+bp = Blueprint("events_api", __name__)
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 500
+#: How many failed events one POST /events/retry replays at most (call again for more).
+MAX_REPLAY = 10_000
+
+
+def _after_seq(value: str | None) -> int:
+    if not value:
+        return 0
+    if not is_public_id(value):
+        abort(400, description="after: an event id (32 hex digits) from an earlier answer")
+    seq = db.session.scalar(sa.select(Event.seq).where(Event.id == value))
+    if seq is None:
+        abort(400, description="after: no such event (it may have been pruned; start without `after`)")
+    return seq
+
+
+def _choices(name: str, allowed: type[EventType] | type[EventStatus]) -> list[str]:
+    values = [v.strip() for v in request.args.get(name, "").split(",") if v.strip()]
+    unknown = [v for v in values if v not in set(allowed)]
+    if unknown:
+        abort(400, description=f"{name}: unknown {unknown[0]!r}; one of {', '.join(allowed)}")
+    return values
+
+
+def _limit() -> int:
+    raw = request.args.get("limit", str(DEFAULT_LIMIT))
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        abort(400, description=f"limit: a whole number from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+@bp.get("/events")
+@require_api_token
+def list_events():
+    """Events oldest first after a cursor, filtered by type, delivery status and contact."""
+    query = sa.select(Event).where(Event.seq > _after_seq(request.args.get("after"))).order_by(Event.seq)
+    types, statuses = _choices("type", EventType), _choices("status", EventStatus)
+    if types:
+        query = query.where(Event.type.in_(types))
+    if statuses:
+        query = query.where(Event.status.in_(statuses))
+    if request.args.get("contact"):
+        try:
+            phone = normalize_e164(request.args["contact"])
+        except InvalidNumber as exc:
+            abort(400, description=f"contact {exc}")
+        query = query.where(Event.contact_id == sa.select(Contact.id).where(Contact.phone == phone).scalar_subquery())
+    limit = _limit()
+    rows = db.session.scalars(query.limit(limit + 1)).all()
+    page = rows[:limit]
+    return jsonify(events=[event.to_dict() for event in page], has_more=len(rows) > limit,
+                   next_after=page[-1].id if page else request.args.get("after"))
+
+
+def _needs_receiver() -> None:
+    if not current_app.config.get("EVENTS_WEBHOOK_URL"):
+        abort(409, description="EVENTS_WEBHOOK_URL is not set: there is nowhere to deliver to (read GET /events)")
+
+
+@bp.post("/events/<event_id>/retry")
+@require_api_token
+def retry_event(event_id: str):
+    """Deliver one event again (failed, or already delivered: a receiver that lost it)."""
+    event = db.session.scalar(sa.select(Event).where(Event.id == event_id)) if is_public_id(event_id) else None
+    if event is None:
+        abort(404, description="no such event")
+    _needs_receiver()
+    event_delivery.retry(event)
+    db.session.commit()
+    return jsonify(id=event.id, status=event.status), 202
+
+
+@bp.post("/events/retry")
+@require_api_token
+def retry_failed_events():
+    """Deliver again every event that failed since a time: {"since": "2026-12-05T10:00:00Z"}."""
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict) or not isinstance(payload.get("since"), str):
+        abort(400, description='the body must be {"since": "<ISO 8601 time>"}')
+    try:
+        since = datetime.fromisoformat(payload["since"].replace("Z", "+00:00"))
+    except ValueError:
+        abort(400, description="since: an ISO 8601 time such as 2026-12-05T10:00:00Z")
+    if since.tzinfo is not None:  # stored times are naive UTC (bot.clock)
+        since = since.astimezone(timezone.utc).replace(tzinfo=None)
+    _needs_receiver()
+    failed = db.session.scalars(
+        sa.select(Event).where(Event.status == EventStatus.FAILED, Event.created_at >= since)
+        .order_by(Event.seq).limit(MAX_REPLAY)).all()
+    for event in failed:
+        event_delivery.retry(event)
+    db.session.commit()
+    return jsonify(retried=len(failed)), 202
