@@ -21,7 +21,7 @@ from bot.conversations.stages import Turn, obey_opt_out, run_stages
 from bot.conversations.contacts import lock_contact
 from bot.conversations.store import (answer_consent_questions, apply_step, end_conversation,
                                      end_open_conversations, open_conversation, send_replies, start_flow)
-from bot.conversations.handoff import in_handoff
+from bot.conversations.handoff import HandoffBy, end_handoff, expired_handoffs, in_handoff
 from bot.delivery import events
 from bot.extensions import db
 from bot.models import Contact, Conversation, Message
@@ -191,3 +191,17 @@ def expire_conversations(now: datetime | None = None, limit: int = 200, contact_
         db.session.commit()
         expired += 1
     return expired
+
+
+def expire_handoffs(now: datetime | None = None) -> int:
+    """Give back to the bot every contact whose handoff ran out (contact.handoff_ended, by expiry)."""
+    ended = 0
+    for contact_id in expired_handoffs(now):
+        lock_contact(contact_id)
+        contact = db.session.get(Contact, contact_id)
+        db.session.refresh(contact)
+        if contact.handoff_until is not None and not in_handoff(contact, now):
+            end_handoff(contact, by=HandoffBy.EXPIRY)
+            ended += 1
+        db.session.commit()
+    return ended

@@ -100,6 +100,14 @@ def sweep_events() -> None:
         event_delivery.sweep()
 
 
+@huey.periodic_task(crontab(minute="*"))
+@in_app_context
+def expire_handoffs() -> None:
+    """Once a minute: give back to the bot the contacts whose handoff ran out."""
+    if outbox.take_periodic_turn("expire_handoffs", interval_seconds=50):
+        engine.expire_handoffs()
+
+
 @huey.periodic_task(crontab(minute="17"))
 @in_app_context
 def prune_events() -> None:
