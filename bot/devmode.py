@@ -12,6 +12,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import base64
+import hashlib
 import secrets
 import tempfile
 from pathlib import Path
@@ -69,7 +71,22 @@ def with_dev_defaults(settings: "Settings", instance_path: str) -> "Settings":
         updates["twilio_api_url"] = simulator_url()
     if not settings.notify_api_token:
         updates["notify_api_token"] = SecretStr(secrets_["NOTIFY_API_TOKEN"])
+    if not settings.events_webhook_url:
+        # Events go to the simulator, which verifies each signature as a receiver would.
+        updates["events_webhook_url"] = simulator_url() + SIMULATOR_EVENTS_PATH
+        updates["events_webhook_secret"] = SecretStr(dev_events_secret(secrets_["TWILIO_AUTH_TOKEN"]))
     return settings.model_copy(update=updates)
+
+
+#: Where the simulator receives events in development mode.
+SIMULATOR_EVENTS_PATH = "/_events"
+
+
+def dev_events_secret(auth_token: str) -> str:
+    """The development events secret, derived from the development auth token: the simulator
+    (which knows that token) verifies with the same one, and no secrets file needs a new key."""
+    digest = hashlib.sha256(b"events-webhook:" + auth_token.encode()).digest()
+    return "whsec_" + base64.b64encode(digest).decode()
 
 
 def is_loopback_url(url: str) -> bool:

@@ -389,3 +389,27 @@ def test_after_a_failed_attempt_this_process_holds_back_instead_of_waiting_on_a_
         assert event_delivery.deliver(ids[1]) == event_delivery.Outcome.BUSY
         assert db.session.get(Event, db.session.scalar(sa.select(Event.seq).where(Event.id == ids[1]))).attempts == 0
     assert len(receiver.verified) == 1
+
+
+def test_development_mode_pushes_events_to_the_simulator_which_verifies_them(tmp_path):
+    """No EVENTS_WEBHOOK_URL in development mode: events go to the bundled simulator, signed with
+    a secret derived from the development auth token, and it verifies them as a receiver would."""
+    import requests
+
+    from bot.config import load_settings
+    from bot.devmode import SIMULATOR_EVENTS_PATH, dev_events_secret, dev_secrets, simulator_url, with_dev_defaults
+    from bot.devtools.simulator import TwilioSimulator
+
+    settings = with_dev_defaults(load_settings({}, env_file=None), str(tmp_path))
+    token = dev_secrets(str(tmp_path))["TWILIO_AUTH_TOKEN"]
+    assert settings.events_webhook_url == simulator_url() + SIMULATOR_EVENTS_PATH
+    assert settings.events_webhook_secret.get_secret_value() == dev_events_secret(token)
+
+    event = Event(id="e" * 32, type="contact.opted_in", data={"contact": "+15551234567"}, created_at=utcnow())
+    body, headers = event_delivery.signed_request(event, dev_events_secret(token))
+    with TwilioSimulator("AC" + "0" * 32, token) as simulator:
+        assert requests.post(simulator.url + SIMULATOR_EVENTS_PATH, data=body, headers=headers, timeout=5).status_code == 204
+        forged = {**headers, "webhook-signature": "v1," + base64.b64encode(b"x" * 32).decode()}
+        assert requests.post(simulator.url + SIMULATOR_EVENTS_PATH, data=body, headers=forged, timeout=5).status_code == 400
+        [received] = simulator.events
+    assert received["id"] == "e" * 32 and received["type"] == "contact.opted_in"

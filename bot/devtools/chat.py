@@ -52,6 +52,7 @@ Type a line and press Enter to send it as a WhatsApp message. An empty line chec
   /location LAT LON [address...]        share a location
   /media URL [content-type] [caption]   send a picture or document by URL
   /wait                                 wait out the conversation's timeout (no real waiting)
+  /events [N]                           the last N (10) events your typing caused for the backend
   /help                                 this help
   /quit                                 leave (Ctrl-D works too)"""
 
@@ -291,6 +292,24 @@ class ChatSession:
             time.sleep(interval)
 
     # ------------------------------------------------------------------ time travel
+
+    def recent_events(self, limit: int = 10) -> list[dict[str, Any]]:
+        """This contact's latest events to the backend, oldest first (GET /events' shape).
+
+        Needs the Flask app context: read from the server's database, whatever became of their push.
+        """
+        import sqlalchemy as sa
+
+        from bot.extensions import db
+        from bot.models import Contact, Event
+
+        db.session.rollback()
+        rows = db.session.scalars(
+            sa.select(Event).join(Contact, Contact.id == Event.contact_id).where(Contact.phone == self.phone)
+            .order_by(Event.seq.desc()).limit(limit)).all()
+        answer = [event.to_dict() for event in reversed(rows)]
+        db.session.rollback()
+        return answer
 
     def expire_timeouts(self) -> int:
         """Run this contact's conversation timeouts as if they had all passed; returns how many.
@@ -563,7 +582,22 @@ def _cmd_wait(session: ChatSession, rest: str, write: Callable[[str], Any]) -> b
     return True
 
 
+def _cmd_events(session: ChatSession, rest: str, write: Callable[[str], Any]) -> bool:
+    if rest and not (rest.isdigit() and 1 <= int(rest) <= 200):
+        raise _Usage("/events [N]   the last N events (1-200), e.g. /events 20")
+    events = session.recent_events(int(rest) if rest else 10)
+    if not events:
+        write("(no events for you yet)")
+    for event in events:
+        data = event["data"]
+        detail = data.get("status") or data.get("body") or data.get("outcome") or data.get("source") or ""
+        write(f"   {event['timestamp']} {event['type']:<24} {str(detail)[:50]:<50} "
+              f"[{event['delivery']['status']}]")
+    return False
+
+
 _COMMANDS: dict[str, Callable[[ChatSession, str, Callable[[str], Any]], bool]] = {
+    "/events": _cmd_events,
     "/button": _cmd_button,
     "/location": _cmd_location,
     "/media": _cmd_media,

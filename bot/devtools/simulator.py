@@ -43,6 +43,8 @@ from werkzeug.routing import Map, Rule
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
+from bot.devmode import SIMULATOR_EVENTS_PATH, dev_events_secret
+
 try:  # phonenumbers is a project dependency, but keep the simulator usable without it.
     import phonenumbers
 except ImportError:  # pragma: no cover - exercised only where phonenumbers is missing
@@ -256,6 +258,7 @@ class TwilioSimulator:
         self._failures: list[tuple[int, int, str]] = []
         self._hangs: list[float] = []
         self._lost_answers: list[str | int] = []
+        self._events: list[dict[str, Any]] = []
 
         base = f"/{API_VERSION}/Accounts/<account_sid>"
         self._routes = Map(
@@ -263,6 +266,8 @@ class TwilioSimulator:
                 Rule(f"/{API_VERSION}/Accounts/<account_sid>.json", endpoint="account", methods=["GET"]),
                 Rule(f"{base}/Messages.json", endpoint="messages", methods=["GET", "POST"]),
                 Rule(f"{base}/Messages/<sid>.json", endpoint="message", methods=["GET"]),
+                # Development mode's receiver of the bot's events (not Twilio's: the backend's).
+                Rule(SIMULATOR_EVENTS_PATH, endpoint="events", methods=["GET", "POST"]),
             ]
         )
 
@@ -633,6 +638,29 @@ class TwilioSimulator:
             return Response(f"<html><body><h1>{lost} proxy error</h1></body></html>", status=int(lost),
                             mimetype="text/html")
         return _json_response(self._resource(record), 201)
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Events the bot pushed here (development mode), each verified as a receiver would."""
+        with self._cond:
+            return copy.deepcopy(self._events)
+
+    def _handle_events(self, request: Request) -> Response:
+        """Receive the bot's events as a backend would: verify the Standard Webhooks signature with
+        the `standardwebhooks` library (secret derived from the auth token: bot.devmode), keep them."""
+        if request.method == "GET":
+            return _json_response({"events": self.events})
+        from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+        try:
+            payload = Webhook(dev_events_secret(self.auth_token)).verify(request.get_data(), dict(request.headers))
+        except (WebhookVerificationError, ValueError):
+            log.warning("event with a bad signature refused")
+            return _json_response({"error": "bad signature"}, 400)
+        with self._cond:
+            self._events.append({"id": request.headers.get("webhook-id"), **payload})
+        log.info("event %s %s", payload.get("type"), request.headers.get("webhook-id"))
+        return Response(status=204)
 
     def _handle_message(self, request: Request, account_sid: str, sid: str) -> Response:
         self._check_auth(request, account_sid)
