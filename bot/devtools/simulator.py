@@ -156,8 +156,10 @@ def sign(auth_token: str, url: str, params: Mapping[str, Any] | list[tuple[str, 
 def _post_signed(auth_token: str, url: str, params: Mapping[str, Any] | list[tuple[str, str]]) -> requests.Response:
     """POST form ``params`` to ``url`` with a valid Twilio signature, as Twilio's webhooks do."""
     pairs = _normalize_params(params)
+    # Twilio signs the URL without its connection overrides (`#rc=3&rp=5xx`), which it reads
+    # itself and never sends.
     headers = {
-        "X-Twilio-Signature": sign(auth_token, url, pairs),
+        "X-Twilio-Signature": sign(auth_token, url.split("#", 1)[0], pairs),
         "User-Agent": "TwilioProxy/1.1",
         "I-Twilio-Idempotency-Token": str(uuid.uuid4()),
     }
