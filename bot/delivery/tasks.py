@@ -116,3 +116,14 @@ def store_webhook(form: dict[str, str], received_at: float) -> str:
 
 
 webhook_fallback.register(store_webhook)
+
+
+from bot.delivery import reconcile  # noqa: E402  (appended: see above)
+
+
+@huey.periodic_task(crontab(minute="*/5"))
+@in_app_context
+def reconcile_statuses() -> None:
+    """Every 5 minutes: ask Twilio about messages whose status callbacks seem lost (invariant 3)."""
+    if outbox.take_periodic_turn("reconcile_statuses", interval_seconds=240):
+        reconcile.reconcile()
