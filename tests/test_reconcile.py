@@ -16,7 +16,7 @@ from bot.extensions import db
 from bot.models import Message, PeriodicRun, StatusEvent
 from tests.conftest import make_contact, run_queue
 
-#: Past RECONCILE_AFTER_MINUTES (180) for a message sent now.
+#: Past RECONCILE_AFTER_MINUTES (180 by default) for a message sent now.
 LATER = timedelta(hours=4)
 
 
@@ -97,9 +97,9 @@ def test_only_messages_that_sat_long_enough_and_are_not_too_old_are_asked(app, c
     assert message(app, young).status == message(app, recent).status == "queued"
 
 
-def test_a_run_asks_at_most_the_batch_and_the_rest_next_time(app, client, auth, twilio):
+def test_a_run_asks_at_most_the_batch_and_the_rest_next_time(app, client, auth, twilio, monkeypatch):
     rows = send(app, client, auth, count=3)
-    app.config["RECONCILE_BATCH"] = 2
+    monkeypatch.setattr(reconcile, "BATCH", 2)
     for _, sid in rows:
         twilio.set_status(sid, "delivered")
     assert run(app)["asked"] == 2
@@ -148,3 +148,11 @@ def test_final_statuses_twilio_reports_end_the_asking(app, client, auth, twilio,
     run(app)
     assert (message(app, message_id).status, message(app, message_id).error_code) == (status, code)
     assert run(app, utcnow() + 2 * LATER)["asked"] == 0  # final: never asked again
+
+
+def test_the_wait_before_asking_is_a_setting(app, client, auth, twilio):
+    app.config["RECONCILE_AFTER_MINUTES"] = 10
+    [(message_id, sid)] = send(app, client, auth)
+    twilio.set_status(sid, "delivered")
+    assert run(app, utcnow() + timedelta(minutes=5))["asked"] == 0
+    assert run(app, utcnow() + timedelta(minutes=11))["asked"] == 1

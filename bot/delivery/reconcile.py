@@ -7,7 +7,7 @@ than RECONCILE_AFTER_MINUTES (`client.messages(sid).fetch()`), and applies what 
 through the very path a callback takes (`statuses.record_callback`): kept as a status event whose
 payload says it came from reconciliation, the rank only moving up, the error code kept
 (docs/ARCHITECTURE.md, invariant 3). A message is asked about again at most every
-RECONCILE_AFTER_MINUTES, and no more once it is RECONCILE_MAX_AGE_HOURS old.
+RECONCILE_AFTER_MINUTES, up to BATCH messages a run, and no more once it is MAX_AGE old.
 """
 from __future__ import annotations
 
@@ -36,6 +36,11 @@ SOURCE_FIELD, SOURCE = "source", "reconciliation"
 #: After a failed fetch the message is asked about again this much later (not at the next
 #: RECONCILE_AFTER_MINUTES), behind the messages never asked about.
 RETRY_AFTER_ERROR = timedelta(minutes=10)
+#: Messages asked about per run (a run every 5 minutes: 1,200 an hour, a fraction of what
+#: Twilio's API allows, one thread of one worker for ~20 s at Twilio's 200 ms).
+BATCH = 100
+#: A message this old is no longer asked about: Twilio has long told what it will.
+MAX_AGE = timedelta(days=3)
 #: This many failed fetches in a row end the run: Twilio (or the way to it) is down.
 MAX_ERRORS_IN_A_ROW = 3
 
@@ -61,10 +66,8 @@ def reconcile(now: datetime | None = None) -> dict[str, int]:
     errors (failed fetches, asked again in a later run).
     """
     now = now or utcnow()
-    config = current_app.config
-    after = timedelta(minutes=config["RECONCILE_AFTER_MINUTES"])
-    rows = due_messages(now, after, timedelta(hours=config["RECONCILE_MAX_AGE_HOURS"]),
-                        config["RECONCILE_BATCH"])
+    after = timedelta(minutes=current_app.config["RECONCILE_AFTER_MINUTES"])
+    rows = due_messages(now, after, MAX_AGE, BATCH)
     db.session.commit()  # no transaction held open across the calls to Twilio
     counts = {"asked": 0, "learnt": 0, "errors": 0}
     errors_in_a_row = 0
