@@ -27,6 +27,10 @@ class TcpProxy:
         #: Connections accepted since the start, and how many `cut` reset.
         self.accepted = 0
         self.reset = 0
+        #: While set, new connections are accepted and then hear nothing (a host that vanished
+        #: without a reset: packets dropped by a firewall, a network partition).
+        self._silent = False
+        self._held: list[socket.socket] = []
 
     @classmethod
     def for_url(cls, url: str) -> "TcpProxy":
@@ -74,8 +78,17 @@ class TcpProxy:
             for sock in pair:
                 _reset(sock)
 
+    def go_silent(self) -> None:
+        """Accept new connections but forward nothing on them, answering nothing, until `restore`."""
+        self._silent = True
+
     def restore(self) -> None:
-        """Listen again, on the same port."""
+        """Listen again, on the same port (and forward again after `go_silent`)."""
+        self._silent = False
+        with self._lock:
+            held, self._held = self._held, []
+        for sock in held:
+            _reset(sock)
         if self._listener is None:
             self._listen()
 
@@ -99,6 +112,10 @@ class TcpProxy:
                 continue
             except OSError:
                 return
+            if self._silent:
+                with self._lock:
+                    self._held.append(client)
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:

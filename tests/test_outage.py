@@ -7,7 +7,9 @@ PostgreSQL, is in tests/test_outage_processes.py.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +26,7 @@ from bot.extensions import db
 from bot.models import Contact, Message, StatusEvent
 from bot.devtools.simulator import sign
 from tests.conftest import AUTH_TOKEN, PUBLIC_BASE, WEBHOOK_URL, inbound_form, run_queue, status_form
+from tests.tcp_proxy import TcpProxy
 from tests.test_webhook import count, sent_message, stored
 
 
@@ -219,3 +222,32 @@ def test_the_status_callback_url_keeps_its_overrides(app_with_overrides, twilio)
     run_queue()
     [reply] = twilio.messages
     assert reply["form"]["StatusCallback"] == WEBHOOK_URL + OVERRIDES
+
+
+@pytest.mark.skipif(not (os.environ.get("TEST_DATABASE_URL") or "").startswith("postgres"),
+                    reason="PostgreSQL only: a connection attempt to a silent host (SQLite has no host)")
+def test_a_database_host_that_went_silent_is_given_up_on_in_seconds(app, base_config):
+    """No reset, no answer (a partition): the connection attempt times out instead of holding the
+    webhook past Twilio's 15 s, and the webhook is queued."""
+    with TcpProxy.for_url(base_config["DATABASE_URL"]) as proxy:
+        silent_app = create_app({**base_config, "TESTING": True,
+                                 "DATABASE_URL": proxy.url_through(base_config["DATABASE_URL"])})
+        try:
+            with silent_app.app_context():
+                db.engine.dispose()
+            proxy.go_silent()
+            form = inbound_form("+15557770007")
+            answers: list[int] = []
+            client = silent_app.test_client()
+            request = threading.Thread(target=lambda: answers.append(client.post(
+                "/twilio/webhook", data=form, base_url=PUBLIC_BASE,
+                headers={"X-Twilio-Signature": sign(AUTH_TOKEN, WEBHOOK_URL, form)}).status_code))
+            request.start()
+            request.join(timeout=60)  # a liveness bound, far above the 5 s connect timeout
+            assert answers == [200]
+            assert queued_task_names() == ["store_webhook"]
+        finally:
+            proxy.restore()
+            with silent_app.app_context():
+                db.session.remove()
+                db.engine.dispose()
