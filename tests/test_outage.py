@@ -20,6 +20,7 @@ from flask import Flask
 from huey.storage import RedisStorage
 
 from bot import create_app
+from bot.clock import utcnow
 from bot.delivery import webhook_fallback
 from bot.delivery.queue import huey
 from bot.extensions import db
@@ -83,12 +84,17 @@ def test_inbound_with_the_database_down_is_queued_acknowledged_and_stored_once_w
         assert len(huey.scheduled()) == 1
     assert (first.status_code, repeat.status_code) == (200, 200)
     assert b"<Response/>" in first.data
+    back_at = utcnow()
 
     run_queue()  # the database is back: the stores, then the turn they enqueue, then the reply
     with app.app_context():
         [message] = db.session.scalars(sa.select(Message).where(Message.direction == "inbound")).all()
         assert (message.twilio_sid, message.body, message.status) == (form["MessageSid"], "hello", "processed")
-        assert db.session.scalar(sa.select(Contact.phone)) == "+15557770001"
+        contact = db.session.scalar(sa.select(Contact))
+        assert contact.phone == "+15557770001"
+        # Stored as of when the user wrote, not when the database came back: the 24-hour window
+        # and the contact's order run from then.
+        assert message.created_at < back_at and contact.last_inbound_at < back_at
     [reply] = twilio.messages
     assert reply["to"] == "whatsapp:+15557770001"  # the conversation went on: the bot answered
 

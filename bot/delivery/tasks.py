@@ -102,7 +102,7 @@ def store_webhook(form: dict[str, str], received_at: float) -> str:
     """Store a webhook the web could not, its database being down (invariant 11). While the
     database stays unreachable, try again (sooner after a blip, once a minute in a long outage)."""
     try:
-        return webhook_fallback.store(form)
+        return webhook_fallback.store(form, received_at)
     except Exception as exc:
         if not webhook_fallback.database_unavailable(exc):
             raise  # a bug, not an outage: huey's own few retries, then the traceback in the log

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
 import sqlalchemy as sa
@@ -95,9 +96,10 @@ def retry_delay(received_at: float, now: float | None = None) -> float | None:
     return min(MAX_RETRY_SECONDS, max(MIN_RETRY_SECONDS, waited / 2))
 
 
-def store(form: Mapping[str, str]) -> str:
-    """Store a queued webhook as the web would have; idempotent. Returns what happened:
-    "stored", "repeat" (it was stored already), or "refused" (bad input, logged).
+def store(form: Mapping[str, str], received_at: float | None = None) -> str:
+    """Store a queued webhook as the web would have, as of `received_at` (epoch seconds, when the
+    web received it); idempotent. Returns what happened: "stored", "repeat" (it was stored
+    already), or "refused" (bad input, logged).
 
     Raises the database's error when it is still unreachable (the task retries).
     """
@@ -110,7 +112,8 @@ def store(form: Mapping[str, str]) -> str:
         apply_pending_events(sid)
         return "repeat"
     try:
-        message = store_inbound(form)
+        arrived = None if received_at is None else datetime.fromtimestamp(received_at, timezone.utc).replace(tzinfo=None)
+        message = store_inbound(form, received_at=arrived)
     except InvalidNumber:
         log.warning("queued inbound %s has an unusable From; dropped", sid)
         return "refused"
