@@ -193,7 +193,8 @@ def test_queued_webhooks_are_retried_sooner_after_a_blip_than_in_a_long_outage()
 
 # --- connection overrides on the webhook URL (README: making Twilio retry a 503) -------------
 
-OVERRIDES = "#rc=3&rp=5xx,ct,rt&ct=3000&rt=12000"
+#: Up to 3 retries on a refused or slow connection or a 5xx, each within 15 s of the first try.
+OVERRIDES = "#rc=3&rp=ct,rt,5xx&ct=2000&rt=4000&tt=15000"
 
 
 @pytest.fixture
