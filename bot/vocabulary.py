@@ -122,6 +122,13 @@ class ConversationStatus(StrEnum):
 OPEN_CONVERSATION = (ConversationStatus.STARTING, ConversationStatus.ACTIVE)
 
 
+class IdempotentKind(StrEnum):
+    """What an Idempotency-Key created: one key space for messages and flows (invariant 2)."""
+
+    MESSAGE = "message"
+    CONVERSATION = "conversation"
+
+
 class StartedBy(StrEnum):
     USER = "user"
     BACKEND = "backend"
