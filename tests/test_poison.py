@@ -242,3 +242,28 @@ def test_the_sweep_holds_off_inbound_rows_and_starting_conversations(ctx, client
     counts = outbox.sweep(first + outbox.REENQUEUE_AFTER)
     assert (counts["inbound"], counts["conversations"]) == (1, 1)
     assert _queued() == expected
+
+
+def test_a_timeout_failing_on_the_database_does_not_hold_the_other_timeouts_back(ctx, client, auth, monkeypatch):
+    """The expiry run goes oldest first: a timeout that fails on an IntegrityError every time would
+    be first again on every run, and no later conversation would ever time out."""
+    first, second = make_contact(PHONE), make_contact("+15557654321")
+    for phone in (PHONE, "+15557654321"):
+        assert client.post("/notify", headers=auth, json={
+            "to": phone, "flow": "appointment", "variables": {"date": "Monday", "time": "08:00"}}).status_code == 202
+        run_queue()
+    real = engine.apply_step
+
+    def apply_step(contact, conversation, *args, **kwargs):
+        if contact.id == first.id:
+            violate_a_constraint(contact.id)
+        return real(contact, conversation, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "apply_step", apply_step)
+    assert engine.expire_conversations(now=utcnow() + timedelta(days=2)) == 2
+    db.session.expire_all()
+    ended = {c.contact_id: c for c in db.session.scalars(sa.select(Conversation))}
+    assert ended[first.id].status == ConversationStatus.EXPIRED
+    assert "IntegrityError" in ended[first.id].error
+    assert ended[second.id].status == ConversationStatus.EXPIRED and ended[second.id].error is None
+    assert ended[second.id].outcome["answer"] == "no_response"

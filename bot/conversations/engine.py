@@ -275,9 +275,17 @@ def expire_conversations(now: datetime | None = None, limit: int = 200, contact_
                 else:
                     apply_step(contact, conversation, flow, flow.expire(conversation.data or {}),
                                final_status=ConversationStatus.EXPIRED)
-        except DBAPIError:
+        except DBAPIError as exc:
             db.session.rollback()
-            raise  # still ACTIVE and due: the next sweep runs its timeout
+            if is_transient(exc):
+                raise  # still ACTIVE and due: the next run takes its timeout again
+            # Retrying cannot fix it, and the next run would start with this conversation again,
+            # holding every later timeout back: end it as a failing handler is ended (below).
+            log.error("timeout handler of conversation %s failed: %s", conversation_id, type(exc).__name__)
+            lock_contact(conversation.contact_id)
+            db.session.refresh(conversation)
+            if conversation.status == ConversationStatus.ACTIVE:
+                end_conversation(conversation, ConversationStatus.EXPIRED, error=f"timeout handler: {_db_error_reason(exc)}")
         except Exception as exc:
             log.exception("timeout handler of conversation %s failed", conversation_id)
             end_conversation(conversation, ConversationStatus.EXPIRED, error=f"timeout handler: {type(exc).__name__}")
