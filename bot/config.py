@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     #: connections than threads suffice.
     database_pool_size: int = Field(default=5, ge=1, le=200)
     database_max_overflow: int = Field(default=5, ge=0, le=200)
+    #: Reconciliation (bot/delivery/reconcile.py): an outbound message that has sat this long in a
+    #: status short of final (its callback lost) has its status fetched from Twilio, and again
+    #: at most this often while it stays there (for 3 days).
+    reconcile_after_minutes: int = Field(default=180, ge=1, le=7 * 24 * 60)
 
     # --- events to the backend (README, "Events to your backend") ---
     #: Where the worker POSTs events, signed per Standard Webhooks. Unset: events are stored and

@@ -1,4 +1,5 @@
-"""Database setup: Flask-SQLAlchemy binding, and SQLite settings for web + worker on one file."""
+"""Database setup: Flask-SQLAlchemy binding, SQLite settings for web + worker on one file, and a
+PostgreSQL connection attempt that gives up in seconds."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +11,8 @@ from bot.extensions import db
 
 #: The Alembic migrations (`flask db upgrade`, the Procfile's release line).
 MIGRATIONS_DIR = str(Path(__file__).parent / "migrations")
+#: How long a new PostgreSQL connection may take before the attempt fails.
+CONNECT_TIMEOUT_SECONDS = 5
 
 
 def init_app(app: Flask) -> None:
@@ -19,6 +22,13 @@ def init_app(app: Flask) -> None:
         options = dict(app.config.get("SQLALCHEMY_ENGINE_OPTIONS", {}))
         # The web and the worker write the same file: wait for the lock instead of failing.
         options.setdefault("connect_args", {"timeout": 30})
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
+    elif uri.startswith("postgresql"):
+        options = dict(app.config.get("SQLALCHEMY_ENGINE_OPTIONS", {}))
+        # A database host that vanished without a reset would hold a connection attempt for
+        # minutes, longer than Twilio waits for a webhook (15 s): give up soon, so the webhook
+        # hands its form to the queue instead (invariant 11).
+        options["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS, **options.get("connect_args", {})}
         app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
     db.init_app(app)
     if uri.startswith("sqlite"):

@@ -232,6 +232,23 @@ class Conversation(db.Model):
         }
 
 
+class IdempotencyKey(db.Model):
+    """One Idempotency-Key of POST /notify and what its first request created.
+
+    The one key space for messages and flows: written in the same transaction as the message or
+    conversation, so two concurrent requests with one key create one thing whatever they ask for
+    (the primary key decides; the loser answers with the winner's answer or a 422).
+    """
+
+    __tablename__ = "idempotency_keys"
+
+    key: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    kind: Mapped[str] = mapped_column(sa.String(16))  # IdempotentKind
+    target_id: Mapped[str] = mapped_column(sa.String(32))  # the message's or conversation's id
+    request_hash: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow)
+
+
 class ConsentEvent(db.Model):
     """The append-only consent ledger: every opt-in and opt-out, who, when, how, which words."""
 

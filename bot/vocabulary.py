@@ -27,7 +27,9 @@ class MessageStatus(StrEnum):
     FAILED = "failed"
     CANCELED = "canceled"  # Twilio's spelling (Messaging Service scheduling)
     READ = "read"
-    # Inbound messages: stored by the webhook, then handled by the engine.
+    # Inbound messages: stored by the webhook, then handled by the engine. An inbound message
+    # whose turn kept failing on a database error retrying cannot fix ends FAILED instead (the
+    # reason in error_message), so the contact's next message can go on (invariant 6).
     RECEIVED = "received"
     PROCESSED = "processed"
 
@@ -38,7 +40,8 @@ class MessageStatus(StrEnum):
 
 
 #: pending < dispatching/retrying < accepted/scheduled < queued < sending < sent < final < read.
-#: Inbound statuses rank 0: status callbacks never touch inbound rows.
+#: Inbound received/processed rank 0: status callbacks never touch inbound rows. An inbound row
+#: given up on takes FAILED's final rank, like any message that will not move again.
 RANK: dict[MessageStatus, int] = {
     MessageStatus.PENDING: 0,
     MessageStatus.DISPATCHING: 1,
@@ -119,6 +122,13 @@ class ConversationStatus(StrEnum):
 
 #: A conversation that is still running (at most one per contact).
 OPEN_CONVERSATION = (ConversationStatus.STARTING, ConversationStatus.ACTIVE)
+
+
+class IdempotentKind(StrEnum):
+    """What an Idempotency-Key created: one key space for messages and flows (invariant 2)."""
+
+    MESSAGE = "message"
+    CONVERSATION = "conversation"
 
 
 class StartedBy(StrEnum):

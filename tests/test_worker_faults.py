@@ -50,7 +50,8 @@ def test_sigterm_mid_send_finishes_the_send_and_sends_it_once(base_config, _sche
     """A deploy's SIGTERM arrives while Twilio takes 4 s to answer: the worker waits for the
     answer, records the SID, and exits well inside the host's 30 s; nothing is sent again."""
     [phone] = add_contacts(app, 1)
-    with running_stack(base_config, tmp_path) as stack:
+    # The production timeout (the tests' 2 s would give up on the 4 s answer before the signal).
+    with running_stack({**base_config, "TWILIO_TIMEOUT": 10}, tmp_path) as stack:
         simulator = stack["simulator"]
         simulator.hang_next(4)
         response = requests.post(stack["base"] + "/notify", json={"to": phone, "body": "deploy-proof"},

@@ -13,12 +13,13 @@ import logging
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from bot.clock import utcnow
 from bot.conversations.consent import Keywords, change_consent, opt_out_source
 from bot.conversations.stages import Turn, obey_opt_out, run_stages
 from bot.conversations.contacts import lock_contact
+from bot.delivery import outbox
 from bot.conversations.store import (answer_consent_questions, apply_step, end_conversation,
                                      end_open_conversations, open_conversation, send_replies, start_flow)
 from bot.conversations.handoff import HandoffBy, end_handoff, expired_handoffs, in_handoff
@@ -30,6 +31,20 @@ from flows import registry
 from flows.toolkit import Reply
 
 log = logging.getLogger(__name__)
+
+#: Turns of one inbound message (or starts of one conversation) that may fail on a database error
+#: retrying cannot fix before it is given up on (`failed`, with the reason), so the contact's next
+#: message goes on (invariant 6). Three fit inside one task's huey retries.
+MAX_TURN_ATTEMPTS = 3
+#: After a failed turn, the sweep leaves the row alone this long: the task's own retries come first.
+TURN_HOLD_OFF = outbox.REENQUEUE_AFTER
+
+
+def is_transient(exc: DBAPIError) -> bool:
+    """Whether retrying can fix this database error: a lost connection, a deadlock or a
+    serialization failure, a lock timeout, "database is locked". A `DataError`,
+    `IntegrityError` or `ProgrammingError` comes back on every retry of the same turn."""
+    return isinstance(exc, (OperationalError, InterfaceError)) or bool(exc.connection_invalidated)
 
 
 def process_inbound(message_id: str) -> None:
@@ -49,8 +64,68 @@ def process_inbound(message_id: str) -> None:
                    Message.status == MessageStatus.RECEIVED)
             .order_by(Message.created_at, Message.id).limit(1)
         )
-        _handle_safely(message)
-        db.session.commit()  # consent, conversation and replies land together, before any send
+        oldest_id = message.id
+        try:
+            _handle_safely(message)
+            db.session.commit()  # consent, conversation and replies land together, before any send
+        except DBAPIError as exc:
+            db.session.rollback()  # the turn's transaction is broken: nothing more can go in it
+            if is_transient(exc) or not _count_failed_turn(oldest_id, contact_id, exc):
+                raise  # still received: the task's retry (or the sweep) runs the turn again
+            # Given up on: the loop goes on with the contact's next message.
+
+
+def _count_failed_turn(message_id: str, contact_id: int, exc: DBAPIError) -> bool:
+    """Count a turn that failed on a database error retrying cannot fix, in a fresh transaction
+    (under the contact's lock); at MAX_TURN_ATTEMPTS the message is `failed` with the reason.
+    True when it was given up on (or is no longer waiting), False when it should be retried."""
+    lock_contact(contact_id)
+    message = db.session.get(Message, message_id, populate_existing=True)
+    if message is None or message.status != MessageStatus.RECEIVED:
+        db.session.commit()
+        return True
+    message.attempts = (message.attempts or 0) + 1
+    reason = _db_error_reason(exc)
+    if message.attempts < MAX_TURN_ATTEMPTS:
+        message.error_message = f"turn {message.attempts} failed: {reason}"
+        message.next_attempt_at = utcnow() + TURN_HOLD_OFF
+        db.session.commit()
+        log.warning("turn of inbound message %s failed (%d of %d): %s", message_id, message.attempts,
+                    MAX_TURN_ATTEMPTS, type(exc).__name__)
+        return False
+    log.error("inbound message %s given up after %d failed turns: %s", message_id, message.attempts,
+              type(exc).__name__)
+    if message.kind == Kind.OPT_OUT_REQUEST and not _obey_given_up_opt_out(message):
+        # Not even the consent change goes in: the row stays waiting (it still holds sends
+        # back) rather than lose the STOP, and the task's retry or the sweep tries again.
+        message.next_attempt_at = utcnow() + TURN_HOLD_OFF
+        db.session.commit()
+        return False
+    message.status, message.status_rank = MessageStatus.FAILED, MessageStatus.FAILED.rank
+    message.error_message = f"gave up after {message.attempts} failed turns: {reason}"
+    message.next_attempt_at = None
+    db.session.commit()
+    return True
+
+
+def _obey_given_up_opt_out(message: Message) -> bool:
+    """A STOP is obeyed even when its turn could not run (invariant 4): consent first, no reply.
+    Once the row is `failed` it no longer holds sends back as a waiting opt-out, so this must land
+    first; False (logged) when it could not."""
+    contact = db.session.get(Contact, message.contact_id, populate_existing=True)
+    try:
+        with db.session.begin_nested():
+            obey_opt_out(contact, message, opt_out_source(message.payload or {}, Keywords.from_config()) or "keyword")
+        return True
+    except DBAPIError:
+        log.exception("could not apply the opt-out of inbound message %s", message.id)
+        return False
+
+
+def _db_error_reason(exc: DBAPIError) -> str:
+    """The error's class and first line, short: the database's own words, never the parameters."""
+    detail = str(exc.orig).strip().splitlines()[0] if exc.orig is not None and str(exc.orig).strip() else ""
+    return f"{type(exc).__name__}: {detail}"[:300] if detail else type(exc).__name__
 
 
 def handle_message(contact: Contact, message: Message) -> list[Message]:
@@ -69,9 +144,8 @@ def _handle_safely(message: Message) -> list[Message]:
             _report_received(contact, message, outgoing)
             return outgoing
     except DBAPIError:
-        # The database, not the flow: a deadlock, a lost connection, "database is locked". The
-        # message stays unprocessed and the task's retry (or the sweep) runs the turn again.
-        db.session.rollback()
+        # The database, not the flow: process_inbound rolls back and decides (is_transient)
+        # whether the turn is retried as it is or counted towards giving the message up.
         raise
     except Exception as exc:
         log.exception("flow failed on inbound message %s", message.id)
@@ -129,6 +203,18 @@ def start_conversation(conversation_id: str) -> None:
     if conversation.status != ConversationStatus.STARTING:
         db.session.commit()
         return
+    contact_id = conversation.contact_id
+    try:
+        _start(conversation)
+        db.session.commit()
+    except DBAPIError as exc:
+        db.session.rollback()  # the start's transaction is broken: count it in a fresh one
+        if is_transient(exc) or not _count_failed_start(conversation_id, contact_id, exc):
+            raise  # still STARTING: the task's retry or the sweep starts it again
+
+
+def _start(conversation: Conversation) -> None:
+    """Run the flow's start for a `starting` conversation (the contact is locked); no commit."""
     contact = db.session.get(Contact, conversation.contact_id)
     db.session.refresh(contact)
     flow = registry().get(conversation.flow)
@@ -142,12 +228,35 @@ def start_conversation(conversation_id: str) -> None:
                 start_flow(contact, flow, conversation.variables or {}, started_by=StartedBy.BACKEND,
                            conversation=conversation)
         except DBAPIError:
-            db.session.rollback()
-            raise  # still STARTING: the task's retry or the sweep starts it again
+            raise  # the database, not the flow: start_conversation decides
         except Exception as exc:
-            log.exception("starting conversation %s failed", conversation_id)
+            log.exception("starting conversation %s failed", conversation.id)
             end_conversation(conversation, ConversationStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
+
+
+def _count_failed_start(conversation_id: str, contact_id: int, exc: DBAPIError) -> bool:
+    """`_count_failed_turn` for a backend-started conversation: at MAX_TURN_ATTEMPTS it is ended
+    `failed` with the reason. True when given up on (or no longer starting)."""
+    lock_contact(contact_id)
+    conversation = db.session.get(Conversation, conversation_id, populate_existing=True)
+    if conversation is None or conversation.status != ConversationStatus.STARTING:
+        db.session.commit()
+        return True
+    conversation.attempts = (conversation.attempts or 0) + 1
+    reason = _db_error_reason(exc)
+    if conversation.attempts < MAX_TURN_ATTEMPTS:
+        conversation.next_attempt_at = utcnow() + TURN_HOLD_OFF
+        db.session.commit()
+        log.warning("start of conversation %s failed (%d of %d): %s", conversation_id, conversation.attempts,
+                    MAX_TURN_ATTEMPTS, type(exc).__name__)
+        return False
+    log.error("conversation %s given up after %d failed starts: %s", conversation_id, conversation.attempts,
+              type(exc).__name__)
+    conversation.next_attempt_at = None
+    end_conversation(conversation, ConversationStatus.FAILED,
+                     error=f"gave up after {conversation.attempts} failed starts: {reason}")
     db.session.commit()
+    return True
 
 
 def expire_conversations(now: datetime | None = None, limit: int = 200, contact_id: int | None = None) -> int:
@@ -182,9 +291,17 @@ def expire_conversations(now: datetime | None = None, limit: int = 200, contact_
                 else:
                     apply_step(contact, conversation, flow, flow.expire(conversation.data or {}),
                                final_status=ConversationStatus.EXPIRED)
-        except DBAPIError:
+        except DBAPIError as exc:
             db.session.rollback()
-            raise  # still ACTIVE and due: the next sweep runs its timeout
+            if is_transient(exc):
+                raise  # still ACTIVE and due: the next run takes its timeout again
+            # Retrying cannot fix it, and the next run would start with this conversation again,
+            # holding every later timeout back: end it as a failing handler is ended (below).
+            log.error("timeout handler of conversation %s failed: %s", conversation_id, type(exc).__name__)
+            lock_contact(conversation.contact_id)
+            db.session.refresh(conversation)
+            if conversation.status == ConversationStatus.ACTIVE:
+                end_conversation(conversation, ConversationStatus.EXPIRED, error=f"timeout handler: {_db_error_reason(exc)}")
         except Exception as exc:
             log.exception("timeout handler of conversation %s failed", conversation_id)
             end_conversation(conversation, ConversationStatus.EXPIRED, error=f"timeout handler: {type(exc).__name__}")

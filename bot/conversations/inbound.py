@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Mapping
 
 from sqlalchemy.exc import IntegrityError
@@ -28,16 +29,18 @@ def media_urls(form: Mapping[str, str]) -> list[str]:
     return [form[f"MediaUrl{i}"] for i in range(min(max(count, 0), MAX_MEDIA)) if form.get(f"MediaUrl{i}")]
 
 
-def store_inbound(form: Mapping[str, str]) -> Message | None:
+def store_inbound(form: Mapping[str, str], received_at: datetime | None = None) -> Message | None:
     """Store the message and update its contact; None when this MessageSid was already stored.
 
+    `received_at`: when the webhook arrived, for one the worker stores later (the database was
+    down, invariant 11): the 24-hour window and the contact's order run from when the user wrote.
     Raises ValueError (from the phone parser) when `From` is not a phone number.
     """
     sid = form["MessageSid"]
     # No lookup first: a repeat is rare (Twilio retrying a webhook) and the SID's unique index
     # refuses it below, so every first delivery saves a statement.
     phone = normalize_e164(form["From"])
-    now = utcnow()
+    now = received_at or utcnow()
     contact = get_or_create_contact(phone)
     # The window runs from the latest message; a late retry of an old one must not move it back.
     if contact.last_inbound_at is None or contact.last_inbound_at < now:
@@ -58,6 +61,7 @@ def store_inbound(form: Mapping[str, str]) -> Message | None:
         twilio_sid=sid,
         status=MessageStatus.RECEIVED,
         status_rank=MessageStatus.RECEIVED.rank,
+        created_at=now,
     )
     db.session.add(message)
     outbox.defer_inbound(message)

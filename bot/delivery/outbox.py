@@ -194,15 +194,20 @@ def sweep(now=None) -> dict[str, int]:
         ).order_by(Message.created_at).limit(1000)
     ).all()
     pending_ids = [row.id for row in pending]
+    # Inbound rows and starting conversations get the same hold-off as pending messages: never
+    # enqueued (or lost) and a minute old, or due again after an earlier sweep or a failed turn.
     inbound = db.session.scalars(
         sa.select(Message.id).where(
             Message.direction == Direction.INBOUND, Message.status == MessageStatus.RECEIVED,
-            Message.updated_at <= stale,
+            sa.or_(sa.and_(Message.next_attempt_at.is_(None), Message.updated_at <= stale),
+                   Message.next_attempt_at <= now),
         ).order_by(Message.created_at).limit(1000)
     ).all()
     starting = db.session.scalars(
         sa.select(Conversation.id).where(
-            Conversation.status == ConversationStatus.STARTING, Conversation.updated_at <= stale
+            Conversation.status == ConversationStatus.STARTING,
+            sa.or_(sa.and_(Conversation.next_attempt_at.is_(None), Conversation.updated_at <= stale),
+                   Conversation.next_attempt_at <= now),
         ).order_by(Conversation.started_at).limit(1000)
     ).all()
     if pending:
@@ -215,6 +220,15 @@ def sweep(now=None) -> dict[str, int]:
         db.session.execute(
             sa.update(Message).where(Message.id.in_(pending_ids), Message.status == MessageStatus.RETRYING)
             .values(claimed_until=now + REENQUEUE_AFTER).execution_options(synchronize_session=False))
+    if inbound:
+        db.session.execute(
+            sa.update(Message).where(Message.id.in_(inbound), Message.status == MessageStatus.RECEIVED)
+            .values(next_attempt_at=now + REENQUEUE_AFTER).execution_options(synchronize_session=False))
+    if starting:
+        db.session.execute(
+            sa.update(Conversation)
+            .where(Conversation.id.in_(starting), Conversation.status == ConversationStatus.STARTING)
+            .values(next_attempt_at=now + REENQUEUE_AFTER).execution_options(synchronize_session=False))
     for row in pending:
         defer_send(row.id, row.kind)
     for message_id in inbound:

@@ -11,9 +11,10 @@ from typing import Any, Callable, TypeVar
 
 from flask import Flask
 from huey import crontab
+from huey.exceptions import RetryTask
 
 from bot.conversations import engine
-from bot.delivery import event_delivery, outbox, sender, statuses
+from bot.delivery import event_delivery, outbox, reconcile, sender, statuses, webhook_fallback
 from bot.delivery.queue import huey
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,37 @@ def prune_events() -> None:
         event_delivery.prune()
 
 
-# How the outbox enqueues each kind of work it defers (it never imports this module).
+@huey.task(retries=3, retry_delay=10)
+@in_app_context
+def store_webhook(form: dict[str, str], received_at: float) -> str:
+    """Store a webhook the web could not, its database being down (invariant 11). While the
+    database stays unreachable, try again (sooner after a blip, once a minute in a long outage)."""
+    try:
+        return webhook_fallback.store(form, received_at)
+    except Exception as exc:
+        if not webhook_fallback.database_unavailable(exc):
+            raise  # a bug, not an outage: huey's own few retries, then the traceback in the log
+        delay = webhook_fallback.retry_delay(received_at)
+        if delay is None:
+            log.error("gave up storing queued webhook %s: the database stayed unreachable", form.get("MessageSid"))
+            return "abandoned"
+        log.warning("database still unavailable (%s); webhook %s tried again in %.0f s",
+                    type(exc).__name__, form.get("MessageSid"), delay)
+        raise RetryTask(delay=delay) from None
+
+
+@huey.periodic_task(crontab(minute="*/5"))
+@in_app_context
+def reconcile_statuses() -> None:
+    """Every 5 minutes: ask Twilio about messages whose status callbacks seem lost (invariant 3)."""
+    if outbox.take_periodic_turn("reconcile_statuses", interval_seconds=240):
+        reconcile.reconcile()
+
+
+# How the outbox (and the webhook's fallback) enqueue each kind of work they defer: neither
+# imports this module.
 outbox.register(outbox.Work.SEND, send_message)
 outbox.register(outbox.Work.INBOUND, process_inbound)
 outbox.register(outbox.Work.CONVERSATION_START, start_conversation)
 outbox.register(outbox.Work.EVENT, deliver_event)
+webhook_fallback.register(store_webhook)

@@ -159,8 +159,10 @@ def sign(auth_token: str, url: str, params: Mapping[str, Any] | list[tuple[str, 
 def _post_signed(auth_token: str, url: str, params: Mapping[str, Any] | list[tuple[str, str]]) -> requests.Response:
     """POST form ``params`` to ``url`` with a valid Twilio signature, as Twilio's webhooks do."""
     pairs = _normalize_params(params)
+    # Twilio signs the URL without its connection overrides (`#rc=3&rp=5xx`), which it reads
+    # itself and never sends.
     headers = {
-        "X-Twilio-Signature": sign(auth_token, url, pairs),
+        "X-Twilio-Signature": sign(auth_token, url.split("#", 1)[0], pairs),
         "User-Agent": "TwilioProxy/1.1",
         "I-Twilio-Idempotency-Token": str(uuid.uuid4()),
     }
@@ -256,6 +258,7 @@ class TwilioSimulator:
         self._webhooks: list[dict[str, Any]] = []
         self._timings: list[dict[str, Any]] = []
         self._failures: list[tuple[int, int, str]] = []
+        self._fetch_failures: list[tuple[int, int, str]] = []
         self._hangs: list[float] = []
         self._lost_answers: list[str | int] = []
         self._events: list[dict[str, Any]] = []
@@ -372,6 +375,18 @@ class TwilioSimulator:
         with self._cond:
             self._lost_answers.extend([how] * times)
 
+    def set_status(self, sid: str, status: str, *, error_code: int | None = None) -> None:
+        """Move message ``sid`` to ``status`` without posting a callback, as if Twilio's callback
+        were lost: only a fetch (``GET .../Messages/<sid>.json``) tells. KeyError for an unknown sid."""
+        with self._cond:
+            self._set_status(self._messages[sid], status, error_code)
+
+    def fail_next_fetch(self, status: int, code: int, message: str = "simulated failure", times: int = 1) -> None:
+        """Make the next ``times`` fetches of one message (``GET .../Messages/<sid>.json``) answer
+        with a Twilio error (e.g. 500/20500, 429/20429), as :meth:`fail_next` does for creates."""
+        with self._cond:
+            self._fetch_failures.extend([(status, code, message)] * times)
+
     def reset(self) -> None:
         """Forget messages, requests, webhooks and any scripted failures or hangs."""
         with self._cond:
@@ -380,6 +395,7 @@ class TwilioSimulator:
             self._webhooks.clear()
             self._timings.clear()
             self._failures.clear()
+            self._fetch_failures.clear()
             self._hangs.clear()
             self._lost_answers.clear()
 
@@ -665,6 +681,8 @@ class TwilioSimulator:
     def _handle_message(self, request: Request, account_sid: str, sid: str) -> Response:
         self._check_auth(request, account_sid)
         with self._cond:
+            if self._fetch_failures:
+                raise _ApiError(*self._fetch_failures.pop(0))
             record = self._messages.get(sid)
             if record is None:
                 raise _ApiError(404, 20404, _ERROR_MESSAGES[20404].format(path=request.path))

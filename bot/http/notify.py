@@ -12,10 +12,10 @@ from bot.delivery import outbox
 from bot.conversations.consent import opt_out_waiting
 from bot.conversations.contacts import get_or_create_contact
 from bot.extensions import db
-from bot.models import Conversation, Message, StatusEvent, is_public_id
+from bot.models import Conversation, IdempotencyKey, Message, StatusEvent, is_public_id, new_id
 from bot.http.schemas import InvalidRequest, NotifyRequest, parse_notify
 from bot.twilio.whatsapp import within_window
-from bot.vocabulary import Consent, ConversationStatus, Direction, MessageStatus, StartedBy
+from bot.vocabulary import Consent, ConversationStatus, Direction, IdempotentKind, MessageStatus, StartedBy
 from bot.http.auth import require_api_token
 from flows import registry
 
@@ -69,17 +69,22 @@ def _conversation_accepted(conversation: Conversation, replayed: bool = False):
 
 
 def _replay(key: str, fingerprint: str):
-    """The first answer for a reused Idempotency-Key, a 422 if the payload differs, or None."""
-    previous: Message | Conversation | None = db.session.scalar(
-        sa.select(Message).options(selectinload(Message.contact)).where(Message.idempotency_key == key)
-    ) or db.session.scalar(sa.select(Conversation).where(Conversation.idempotency_key == key))
-    if previous is None:
+    """The first answer for a reused Idempotency-Key, a 422 if the payload differs, or None.
+
+    One key space for messages and flows (`IdempotencyKey`): a key first used for a flow and
+    then for a message (or the other way round) is a different payload."""
+    used = db.session.get(IdempotencyKey, key)
+    if used is None:
         return None
-    if previous.request_hash != fingerprint:
+    if used.request_hash != fingerprint:
         return _error(422, "this Idempotency-Key was already used with a different payload")
-    if isinstance(previous, Conversation):
-        return _conversation_accepted(previous, replayed=True)
-    return _accepted(previous, replayed=True)
+    if used.kind == IdempotentKind.CONVERSATION:
+        conversation = db.session.scalar(
+            sa.select(Conversation).options(selectinload(Conversation.contact)).where(Conversation.id == used.target_id))
+        return _conversation_accepted(conversation, replayed=True)
+    message = db.session.scalar(
+        sa.select(Message).options(selectinload(Message.contact)).where(Message.id == used.target_id))
+    return _accepted(message, replayed=True)
 
 
 @bp.post("/notify")
@@ -129,9 +134,15 @@ def notify():
 
 
 def _commit_new_row(row: Message | Conversation, key: str | None, notification: NotifyRequest):
-    """Commit a new row; if a concurrent request with the same Idempotency-Key won the race,
-    return that request's answer instead (None when the commit went through)."""
+    """Commit a new row, and its Idempotency-Key in the same transaction; if a concurrent request
+    with the same key won the race (for a message or a flow alike), return that request's answer
+    instead (None when the commit went through)."""
     db.session.add(row)
+    if key:
+        if row.id is None:
+            row.id = new_id()  # the key names it before the flush
+        kind = IdempotentKind.CONVERSATION if isinstance(row, Conversation) else IdempotentKind.MESSAGE
+        db.session.add(IdempotencyKey(key=key, kind=kind, target_id=row.id, request_hash=notification.fingerprint()))
     try:
         db.session.commit()
         return None

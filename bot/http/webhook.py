@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import re
+from typing import Callable, Mapping
 
 from flask import Blueprint, Response, current_app, jsonify, request
+from sqlalchemy.exc import SQLAlchemyError
 
 from bot.conversations.inbound import store_inbound
+from bot.delivery import webhook_fallback
 from bot.phone import InvalidNumber
 from bot.http.auth import validate_twilio_request
 from bot.delivery.statuses import record_callback
@@ -17,6 +20,8 @@ EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 #: A Message SID: two letters (SM, MM) and 32 hex digits.
 SID_PATTERN = re.compile(r"[A-Z]{2}[0-9a-f]{32}\Z")  # \Z, not $: "$" lets a trailing newline through
 MAX_STATUS_LENGTH = 32
+#: Seconds a client is asked to wait when neither the database nor the queue can take a webhook.
+RETRY_AFTER_SECONDS = 5
 
 
 def form_fields() -> dict[str, str]:
@@ -53,15 +58,41 @@ def _status_callback():
     if parse_outbound_status(status) is None:
         # Twilio adds statuses without notice; keep the event, never fail the callback.
         current_app.logger.warning("unknown MessageStatus %r kept as an event", status)
-    record_callback(form_fields())
-    return twiml_ok()
+    return _store_or_queue(record_callback, form_fields())
 
 
 def _inbound_message():
     if not request.form.get("From"):
         return jsonify(error="From is required"), 400
     try:
-        store_inbound(form_fields())  # its processing is enqueued once it is committed
+        # Its processing is enqueued once it is committed. The number is parsed before any query,
+        # so a bad From is a 400 even with the database down.
+        return _store_or_queue(store_inbound, form_fields())
     except InvalidNumber as exc:
         return jsonify(error=f"From {exc}"), 400
-    return twiml_ok()
+
+
+def _store_or_queue(store: Callable[[Mapping[str, str]], object], form: dict[str, str]):
+    """Store the webhook now; with the database unreachable, hand it to the queue for the worker
+    to store later, and acknowledge it either way (invariant 11). Only when the queue cannot take
+    it either is the answer a 503, which Twilio retries if the URL's overrides ask for it
+    (`#rp=5xx`, README)."""
+    try:
+        store(form)
+        return twiml_ok()
+    except SQLAlchemyError as exc:
+        if not webhook_fallback.database_unavailable(exc):
+            raise
+        # The exception text may name the database host; its kind is enough here.
+        error = type(exc).__name__
+    webhook_fallback.forget_failed_session()
+    if webhook_fallback.hand_to_queue(form):
+        current_app.logger.warning("database unavailable (%s): webhook %s queued for the worker to store",
+                                   error, form["MessageSid"])
+        return twiml_ok()
+    current_app.logger.error("database (%s) and queue both unavailable: webhook %s refused with 503",
+                             error, form["MessageSid"])
+    response = jsonify(error="temporarily unavailable: the database and the queue are both down; retry later")
+    response.status_code = 503
+    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response

@@ -1,7 +1,7 @@
 """events to the backend, human handoff, the backend's metadata
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-05 22:00:00
 
 The events table (invariant 12: written with the change it reports, delivered at least once,
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 
 revision = '0005'
-down_revision = '0003'
+down_revision = '0004'
 branch_labels = None
 depends_on = None
 
