@@ -111,7 +111,8 @@ def test_the_repl_shows_replies_ticks_and_handles_commands(stack, app):  # noqa:
     chat = session_for(stack, phone, name="Grace")
     lines = ["/help", "hi", "yes", "/nope", "/button", "/location north south", "feedback",
              "/button 4 Four stars", "/location 51.5034 -0.1276 10 Downing Street, London",
-             "/media https://example.com/cat.png", "Lovely", "feedback", "/wait", "/quit", "never sent"]
+             "/media https://example.com/cat.png", "Lovely", "feedback", "/wait", "/events 50", "/events x",
+             "/quit", "never sent"]
     output: list[str] = []
 
     def read_line(prompt: str) -> str:
@@ -136,6 +137,9 @@ def test_the_repl_shows_replies_ticks_and_handles_commands(stack, app):  # noqa:
     assert text.count("I can only read text") == 2  # the location and the picture are not a comment
     assert "Thank you for your feedback" in text
     assert "(1 conversation timed out)" in text
+    # /events: what the typing caused for the backend, read from the server's database.
+    assert "contact.opted_in" in text and "conversation.completed" in text and "message.received" in text
+    assert "usage: /events [N]" in text
     # Ticks: replies carry one, and status lines follow them.
     bot_lines = [line for line in output if line.startswith("bot: ")]
     assert len(bot_lines) == 8
