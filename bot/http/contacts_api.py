@@ -14,7 +14,6 @@ from bot.models import ConsentEvent, Contact, Conversation, is_public_id
 from bot.phone import InvalidNumber, normalize_e164
 from bot.http.auth import require_api_token
 from bot.clock import isoformat
-from bot.vocabulary import Consent
 
 bp = Blueprint("contacts_api", __name__)
 
@@ -64,7 +63,7 @@ def set_consent(phone: str):
     except InvalidRequest as exc:
         abort(400, description=str(exc))
     contact = get_or_create_contact(_phone_or_400(phone))
-    set_consent_from_api(contact, Consent(body.consent), (body.note or "")[:MAX_CONSENT_NOTE_CHARS] or None)
+    set_consent_from_api(contact, body.consent, (body.note or "")[:MAX_CONSENT_NOTE_CHARS] or None)
     db.session.commit()
     return jsonify(_contact_dict(contact))
 
