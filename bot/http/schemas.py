@@ -128,7 +128,8 @@ class RequestBody(BaseModel):
     """A JSON request body: strict types (no "1" for 1, no true for 1), and no value that JSON
     allows but no message or database can hold (see `check_json_values`)."""
 
-    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+    # Python's re, so that "\S" means what str.strip() means (the Rust engine's \s lacks \x1c-\x1f).
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, regex_engine="python-re")
 
     @model_validator(mode="before")
     @classmethod
