@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import settings
 
 from bot import create_app
 from bot.clock import utcnow
@@ -207,3 +208,11 @@ def status_form(sid: str, status: str, error_code: int | None = None, to: str = 
     if error_code is not None:
         form["ErrorCode"] = str(error_code)
     return form
+
+
+# Hypothesis profiles (tests/test_fuzz.py, tests/test_openapi.py): `thorough` is the default and
+# what CI runs; HYPOTHESIS_PROFILE=quick bin/test for a fast local loop. No example database:
+# CI starts from a fresh clone, and a failure prints the example and its reproduce blob.
+settings.register_profile("thorough", max_examples=2500, deadline=None, database=None, print_blob=True)
+settings.register_profile("quick", max_examples=100, deadline=None, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "thorough"))

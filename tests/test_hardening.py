@@ -101,8 +101,9 @@ def _placeholder(argument: str) -> str:
     return {"phone": "+15551234567"}.get(argument, new_id())
 
 
-#: Routes anyone may call: Twilio's (verified by its signature instead) and the health check.
-PUBLIC_ENDPOINTS = {"webhook.twilio_webhook", "health.healthz", "static"}
+#: Routes anyone may call: Twilio's (verified by its signature instead), the health check and the
+#: API's description (its shape only, no data).
+PUBLIC_ENDPOINTS = {"webhook.twilio_webhook", "health.healthz", "openapi.openapi_json", "static"}
 
 
 def test_every_backend_route_refuses_a_request_without_the_token(app, client):

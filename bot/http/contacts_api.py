@@ -9,12 +9,11 @@ from bot.conversations.contacts import get_or_create_contact
 from bot.conversations.engine import set_consent_from_api
 from bot.extensions import db
 from bot.http.notify import read_json_body
-from bot.http.schemas import InvalidRequest, check_json_values
+from bot.http.schemas import MAX_CONSENT_NOTE_CHARS, ConsentBody, InvalidRequest, validate
 from bot.models import ConsentEvent, Contact, Conversation, is_public_id
 from bot.phone import InvalidNumber, normalize_e164
 from bot.http.auth import require_api_token
 from bot.clock import isoformat
-from bot.vocabulary import Consent
 
 bp = Blueprint("contacts_api", __name__)
 
@@ -59,18 +58,12 @@ def set_consent(phone: str):
 
     Only opt-in and opt-out; opting someone out through the API sends them nothing.
     """
-    payload = read_json_body()
-    if not isinstance(payload, dict) or payload.get("consent") not in (Consent.OPTED_IN, Consent.OPTED_OUT):
-        abort(400, description="JSON body must be {\"consent\": \"opted_in\" | \"opted_out\", \"note\": optional}")
-    note = payload.get("note")
-    if note is not None and not isinstance(note, str):
-        abort(400, description="'note' must be a string")
     try:
-        check_json_values(payload, "")
+        body = validate(ConsentBody, read_json_body())
     except InvalidRequest as exc:
         abort(400, description=str(exc))
     contact = get_or_create_contact(_phone_or_400(phone))
-    set_consent_from_api(contact, Consent(payload["consent"]), (note or "")[:1000] or None)
+    set_consent_from_api(contact, body.consent, (body.note or "")[:MAX_CONSENT_NOTE_CHARS] or None)
     db.session.commit()
     return jsonify(_contact_dict(contact))
 

@@ -5,7 +5,6 @@ oldest first, whatever became of their push (invariant 12).
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
 
 import sqlalchemy as sa
 from flask import Blueprint, abort, current_app, jsonify, request
@@ -13,6 +12,8 @@ from flask import Blueprint, abort, current_app, jsonify, request
 from bot.delivery import event_delivery
 from bot.extensions import db
 from bot.http.auth import require_api_token
+from bot.http.notify import read_json_body
+from bot.http.schemas import InvalidRequest, ReplayBody, validate
 from bot.models import Contact, Event, is_public_id
 from bot.phone import InvalidNumber, normalize_e164
 from bot.vocabulary import EventStatus, EventType
@@ -21,6 +22,7 @@ bp = Blueprint("events_api", __name__)
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 500
+QUERY_PARAMETERS = frozenset({"after", "type", "status", "contact", "limit"})
 #: How many failed events one POST /events/retry replays at most (call again for more).
 MAX_REPLAY = 10_000
 
@@ -55,6 +57,9 @@ def _limit() -> int:
 @require_api_token
 def list_events():
     """Events oldest first after a cursor, filtered by type, delivery status and contact."""
+    unknown = sorted(set(request.args) - QUERY_PARAMETERS)
+    if unknown:  # a typo (`?typ=`) would otherwise silently list everything
+        abort(400, description=f"unknown parameter {unknown[0]!r}; allowed: {', '.join(sorted(QUERY_PARAMETERS))}")
     query = sa.select(Event).where(Event.seq > _after_seq(request.args.get("after"))).order_by(Event.seq)
     types, statuses = _choices("type", EventType), _choices("status", EventStatus)
     if types:
@@ -71,7 +76,7 @@ def list_events():
     rows = db.session.scalars(query.limit(limit + 1)).all()
     page = rows[:limit]
     return jsonify(events=[event.to_dict() for event in page], has_more=len(rows) > limit,
-                   next_after=page[-1].id if page else request.args.get("after"))
+                   next_after=page[-1].id if page else (request.args.get("after") or None))
 
 
 def _needs_receiver() -> None:
@@ -96,15 +101,10 @@ def retry_event(event_id: str):
 @require_api_token
 def retry_failed_events():
     """Deliver again every event that failed since a time: {"since": "2026-12-05T10:00:00Z"}."""
-    payload = request.get_json(silent=True)
-    if not isinstance(payload, dict) or not isinstance(payload.get("since"), str):
-        abort(400, description='the body must be {"since": "<ISO 8601 time>"}')
     try:
-        since = datetime.fromisoformat(payload["since"].replace("Z", "+00:00"))
-    except ValueError:
-        abort(400, description="since: an ISO 8601 time such as 2026-12-05T10:00:00Z")
-    if since.tzinfo is not None:  # stored times are naive UTC (bot.clock)
-        since = since.astimezone(timezone.utc).replace(tzinfo=None)
+        since = validate(ReplayBody, read_json_body()).since_utc()
+    except InvalidRequest as exc:
+        abort(400, description=str(exc))
     _needs_receiver()
     failed = db.session.scalars(
         sa.select(Event).where(Event.status == EventStatus.FAILED, Event.created_at >= since)

@@ -10,14 +10,12 @@ from bot.conversations.contacts import get_or_create_contact, lock_contact
 from bot.conversations.handoff import HandoffBy, end_handoff, in_handoff, start_handoff
 from bot.extensions import db
 from bot.http.auth import require_api_token
+from bot.http.notify import read_json_body
+from bot.http.schemas import HandoffBody, InvalidRequest, validate
 from bot.models import Contact
 from bot.phone import InvalidNumber, normalize_e164
 
 bp = Blueprint("handoff_api", __name__)
-
-MAX_REASON = 500
-MAX_HOURS = 24 * 30
-
 
 def _phone(raw: str) -> str:
     try:
@@ -35,23 +33,15 @@ def _answer(contact: Contact):
 @require_api_token
 def start(phone: str):
     """Pause the bot for this contact: {"reason": "...", "hours": 24} (both optional)."""
-    payload = request.get_json(silent=True) if request.data else {}
-    if not isinstance(payload, dict):
-        abort(400, description='the body must be a JSON object: {"reason": "...", "hours": 24}')
-    unknown = sorted(set(payload) - {"reason", "hours"})
-    if unknown:
-        abort(400, description=f"unknown field {unknown[0]!r}: only reason and hours")
-    reason = payload.get("reason")
-    if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON or "\x00" in reason):
-        abort(400, description=f"reason: text of at most {MAX_REASON} characters")
-    hours = payload.get("hours")
-    if hours is not None and (isinstance(hours, bool) or not isinstance(hours, (int, float))
-                              or not 0 < hours <= MAX_HOURS):
-        abort(400, description=f"hours: a number above 0 and at most {MAX_HOURS}")
+    payload = read_json_body() if request.data else {}
+    try:
+        body = validate(HandoffBody, payload)
+    except InvalidRequest as exc:
+        abort(400, description=str(exc))
     contact = get_or_create_contact(_phone(phone))
     lock_contact(contact.id)  # not in the middle of a turn of theirs (invariant 6)
     db.session.refresh(contact)
-    start_handoff(contact, reason=reason, by=HandoffBy.API, hours=hours)
+    start_handoff(contact, reason=body.reason, by=HandoffBy.API, hours=body.hours)
     db.session.commit()
     return _answer(contact)
 

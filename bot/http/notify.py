@@ -11,11 +11,12 @@ from sqlalchemy.orm import selectinload
 from bot.delivery import outbox
 from bot.conversations.consent import opt_out_waiting
 from bot.conversations.contacts import get_or_create_contact
+from bot.conversations.handoff import in_handoff
 from bot.extensions import db
 from bot.models import Conversation, IdempotencyKey, Message, StatusEvent, is_public_id, new_id
 from bot.http.schemas import InvalidRequest, NotifyRequest, parse_notify
 from bot.twilio.whatsapp import within_window
-from bot.vocabulary import Consent, ConversationStatus, Direction, IdempotentKind, MessageStatus, StartedBy
+from bot.vocabulary import Consent, ConversationStatus, Direction, IdempotentKind, Kind, MessageStatus, StartedBy
 from bot.http.auth import require_api_token
 from flows import registry
 
@@ -123,6 +124,10 @@ def notify():
             templates=sorted(current_app.config["TWILIO_CONTENT_SIDS"]),
         )
     if notification.flow is not None:
+        if in_handoff(contact):
+            db.session.commit()
+            return _error(409, f"{contact.phone} is with a person (human handoff): the bot starts no flow until "
+                               f"DELETE /contacts/{contact.phone}/handoff or the handoff ends")
         return _start_flow(notification, contact, key)
 
     message = _new_outbound(notification, contact.id, key)
@@ -171,7 +176,7 @@ def _start_flow(notification: NotifyRequest, contact, key: str | None):
     conversation = Conversation(
         contact_id=contact.id, flow=flow.name, status=ConversationStatus.STARTING, started_by=StartedBy.BACKEND,
         variables=notification.variables, data={}, idempotency_key=key,
-        request_hash=notification.fingerprint() if key else None,
+        request_hash=notification.fingerprint() if key else None, backend_metadata=notification.metadata,
     )
     outbox.defer_conversation_start(conversation)
     race = _commit_new_row(conversation, key, notification)
@@ -193,6 +198,8 @@ def _new_outbound(notification: NotifyRequest, contact_id: int, key: str | None)
         status_rank=MessageStatus.PENDING.rank,
         idempotency_key=key,
         request_hash=notification.fingerprint() if key else None,
+        backend_metadata=notification.metadata,
+        kind=Kind.AGENT if notification.agent else Kind.NOTIFICATION,
     )
 
 

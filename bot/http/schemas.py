@@ -1,23 +1,38 @@
-"""Validation of POST /notify bodies into a normalised request (no Flask, no database)."""
+"""The backend API's JSON request bodies as pydantic models (no Flask, no database).
+
+The same models validate requests and describe them in the OpenAPI document (bot/http/openapi.py),
+so the description cannot drift from what is enforced. Every refusal is an `InvalidRequest` whose
+text names the field and says why; pydantic's own errors (missing, unknown or mistyped fields) are
+put into those words by `explain`, so a backend never sees pydantic's wording.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from datetime import datetime, timezone
+from typing import Annotated, Any, Callable, Literal, Mapping, Self, TypeVar
 from urllib.parse import urlparse
+
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
+                      ValidationInfo, WrapValidator, model_validator)
+from pydantic_core import ErrorDetails
 
 from bot.phone import InvalidNumber, normalize_e164
 from bot.twilio.whatsapp import MAX_BODY_CHARS, MAX_TEMPLATE_VARIABLES_CHARS
+from bot.vocabulary import Consent
 from flows.toolkit import Flow
 
-ALLOWED_FIELDS = frozenset({"to", "body", "template", "variables", "media_url", "flow"})
 MAX_FLOW_VARIABLE_CHARS = 1024  # a flow's variables land in message copy of at most 1600 characters
+MAX_CONSENT_NOTE_CHARS = 1000  # a longer note is kept cut to this length
 
 
 class InvalidRequest(ValueError):
     """The payload is wrong; the message says which field and why."""
+
+
+# ---------------------------------------------------------------- the normalised /notify request
 
 
 @dataclass(frozen=True)
@@ -32,6 +47,10 @@ class NotifyRequest:
     variables: dict[str, Any] = field(default_factory=dict)
     #: A conversation flow to start (with `variables`) instead of a single message.
     flow: str | None = None
+    #: The backend's own object, echoed in the events about this message or conversation.
+    metadata: dict[str, Any] | None = None
+    #: The person writing (human handoff): the message is an agent's, not the bot's.
+    agent: str | None = None
 
     @property
     def is_free_form(self) -> bool:
@@ -39,126 +58,353 @@ class NotifyRequest:
         return self.content_sid is None and self.flow is None
 
     def fingerprint(self) -> str:
-        """A hash of the normalised request, to tell a replay from a reused Idempotency-Key."""
-        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        """A hash of the normalised request, to tell a replay from a reused Idempotency-Key.
+
+        Stored with every keyed row, so its input (this dataclass's fields) must not change shape:
+        a replay after a deploy must still match."""
+        fields = asdict(self)
+        for added_later in ("metadata", "agent"):  # absent: the shape keys were stored with
+            if fields[added_later] is None:
+                del fields[added_later]
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _is_http_url(value: Any) -> bool:
-    if not isinstance(value, str):
-        return False
-    parsed = urlparse(value)
-    return parsed.scheme in ("http", "https") and bool(parsed.netloc)
+@dataclass(frozen=True)
+class NotifyContext:
+    """The runtime configuration /notify validates against: template names and flows."""
+
+    content_sids: Mapping[str, str]
+    flows: Mapping[str, Flow]
 
 
-def parse_notify(payload: Any, content_sids: dict[str, str], flows: Mapping[str, Flow] | None = None) -> NotifyRequest:
-    """Validate a decoded JSON payload against the HTTP contract (README, "Sending a notification").
+# ---------------------------------------------------------------- field building blocks
 
-    Raises InvalidRequest naming the field."""
-    if not isinstance(payload, dict):
-        raise InvalidRequest("the JSON body must be an object")
-    check_json_values(payload, "")
-    unknown = sorted(set(payload) - ALLOWED_FIELDS)
-    if unknown:
-        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(ALLOWED_FIELDS))}")
 
-    if "to" not in payload:
-        raise InvalidRequest("'to' is required: the recipient's number in E.164, e.g. +15551234567")
+def refuse_as(message: str | Callable[[Any, list[ErrorDetails]], str]) -> WrapValidator:
+    """Replace pydantic's complaint about a field with ours (a fixed text, or one built from the
+    value and pydantic's errors); an `InvalidRequest` raised inside already says it our way."""
+
+    def validate(value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            ours = _our_message(errors[0])
+            raise InvalidRequest(ours or (message(value, errors) if callable(message) else message)) from None
+
+    return WrapValidator(validate)
+
+
+def _e164(value: str) -> str:
     try:
-        to = normalize_e164(payload["to"])
+        return normalize_e164(value)
     except InvalidNumber as exc:
         raise InvalidRequest(f"'to' {exc}") from None
 
-    body = payload.get("body")
-    template = payload.get("template")
-    media = payload.get("media_url")
-    if body is not None and (not isinstance(body, str) or not body.strip()):
-        raise InvalidRequest("'body' must be a non-empty string")
-    if body is not None and len(body) > MAX_BODY_CHARS:
-        raise InvalidRequest(f"'body' is {len(body)} characters; WhatsApp allows at most {MAX_BODY_CHARS}")
 
-    media_urls: tuple[str, ...] = ()
-    if media is not None:
-        items = media if isinstance(media, list) else [media]
-        if len(items) != 1 or not _is_http_url(items[0]):
-            raise InvalidRequest("'media_url' must be one http(s) URL (WhatsApp carries one media item per message)")
-        media_urls = (items[0],)
+def _http_url(value: str) -> str:
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError("not an http(s) URL")
+    return value
 
-    if payload.get("flow") is not None:
-        if body is not None or media is not None or template is not None:
-            raise InvalidRequest("send either 'flow' (with 'variables') or a message, not both")
-        return _flow_request(to, payload["flow"], payload.get("variables"), flows or {})
-    if template is not None:
-        if body is not None or media is not None:
-            raise InvalidRequest("send either 'template' (with 'variables') or 'body'/'media_url', not both")
-        return _template_request(to, template, payload.get("variables"), content_sids)
-    if "variables" in payload:
-        raise InvalidRequest("'variables' only goes with 'template'")
-    if body is None and not media_urls:
-        raise InvalidRequest("one of 'body', 'media_url', 'template' or 'flow' is required")
-    return NotifyRequest(to=to, body=body, media_urls=media_urls)
+
+def _body_refusal(value: Any, errors: list[ErrorDetails]) -> str:
+    if isinstance(value, str) and len(value) > MAX_BODY_CHARS:
+        return f"'body' is {len(value)} characters; WhatsApp allows at most {MAX_BODY_CHARS}"
+    return "'body' must be a non-empty string"
+
+
+def _variables_refusal(value: Any, errors: list[ErrorDetails]) -> str:
+    if not isinstance(value, dict):
+        return "'variables' must be an object, e.g. {\"1\": \"Ada\"}"
+    key = errors[0]["loc"][0]
+    item = value.get(key)
+    if isinstance(item, str) and len(item) > MAX_FLOW_VARIABLE_CHARS:
+        return f"variable {key!r} in 'variables' is {len(item)} characters; at most {MAX_FLOW_VARIABLE_CHARS}"
+    return f"variable {key!r} must be a string or a number"
+
+
+NonBlank = Annotated[str, Field(pattern=r"\S")]
+HttpUrlText = Annotated[str, AfterValidator(_http_url), Field(json_schema_extra={"format": "uri"})]
+VariableValue = Annotated[str, Field(max_length=MAX_FLOW_VARIABLE_CHARS)] | int | float | None
+
+#: The backend's metadata on /notify, as compact JSON (DESIGN: "metadata (object ≤ 4 KB)").
+MAX_METADATA_BYTES = 4096
+MAX_AGENT_CHARS = 100
+
+
+def _small_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None:
+        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+        if size > MAX_METADATA_BYTES:
+            raise InvalidRequest(f"'metadata' is {size} bytes as JSON; at most {MAX_METADATA_BYTES}")
+    return value
+
+
+def _metadata_refusal(value: Any, errors: list[ErrorDetails]) -> str:
+    return "'metadata' must be a JSON object, e.g. {\"order_id\": \"A-17\"}"
+
+
+MEDIA_URL_REFUSAL = "'media_url' must be one http(s) URL (WhatsApp carries one media item per message)"
+
+
+class RequestBody(BaseModel):
+    """A JSON request body: strict types (no "1" for 1, no true for 1), and no value that JSON
+    allows but no message or database can hold (see `check_json_values`)."""
+
+    # Python's re, so that "\S" means what str.strip() means (the Rust engine's \s lacks \x1c-\x1f).
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, regex_engine="python-re")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            check_json_values(data, "")
+        return data
+
+
+# ---------------------------------------------------------------- POST /notify
+
+
+class NotifyBody(RequestBody):
+    """POST /notify: `to` and exactly one of a message (`body` and/or `media_url`), a `template`
+    (with `variables`) or a `flow` (with `variables`)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"to": "+15551234567", "body": "Your order has shipped"},
+        {"to": "+15551234567", "body": "Your receipt", "media_url": "https://example.com/receipt.pdf"},
+        {"to": "+15551234567", "template": "order_update", "variables": {"1": "Ada", "2": 42}},
+        {"to": "+15551234567", "flow": "appointment",
+         "variables": {"name": "Ada", "date": "Tue 3 March", "time": "10:30", "appointment_id": "A-17"}},
+    ]})
+
+    to: Annotated[str, AfterValidator(_e164), refuse_as("'to' must be a string"), Field(
+        description="the recipient's number in E.164, e.g. +15551234567 (a `whatsapp:` prefix, spaces "
+                    "and a leading 00 are accepted)", examples=["+15551234567"])]
+    body: Annotated[Annotated[str, Field(max_length=MAX_BODY_CHARS, pattern=r"\S")] | None, refuse_as(_body_refusal),
+                    Field(description="free-form text; WhatsApp allows it only within 24 hours of the "
+                                      "contact's last message")] = None
+    media_url: Annotated[HttpUrlText | Annotated[list[HttpUrlText], Field(min_length=1, max_length=1)] | None,
+                         refuse_as(MEDIA_URL_REFUSAL),
+                         Field(description="one http(s) URL of an image or document, with or without `body`")] = None
+    template: Annotated[NonBlank | None, refuse_as("'template' must be a template name"), Field(
+        description="an approved template's name in TWILIO_CONTENT_SIDS, or its HX… ContentSid")] = None
+    variables: Annotated[dict[str, VariableValue] | None, refuse_as(_variables_refusal), Field(
+        description=f"the template's or the flow's variables; a template's add up to at most "
+                    f"{MAX_TEMPLATE_VARIABLES_CHARS} characters and take no null")] = None
+    flow: Annotated[str | None, refuse_as("'flow' must be a flow's name (a string)"), Field(
+        description="a conversation flow to start instead of sending a message")] = None
+    metadata: Annotated[dict[str, Any] | None, AfterValidator(_small_metadata),
+                        refuse_as(_metadata_refusal), Field(
+        description=f"your own JSON object (at most {MAX_METADATA_BYTES} bytes as JSON), echoed in every "
+                    "event about this message or conversation and in GET /messages/<id>",
+        examples=[{"order_id": "A-17"}])] = None
+    agent: Annotated[str | None, Field(min_length=1, max_length=MAX_AGENT_CHARS, pattern=r"\S"),
+                     refuse_as(f"'agent' must be the name or id of the person writing (1 to {MAX_AGENT_CHARS} characters)"),
+                     Field(description="the person writing during a human handoff; the message is marked "
+                                       "as an agent's (kind `agent`)")] = None
+
+    _content_sid: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _one_kind_of_message(self, info: ValidationInfo) -> Self:
+        """Exactly one of message, template or flow; templates and flows that exist here."""
+        context = info.context
+        if not isinstance(context, NotifyContext):
+            raise TypeError("validate NotifyBody with context=NotifyContext(...) (templates and flows)")
+        message_given = self.body is not None or self.media_url is not None
+        if self.flow is not None:
+            if message_given or self.template is not None:
+                raise InvalidRequest("send either 'flow' (with 'variables') or a message, not both")
+            self._check_flow(context.flows)
+        elif self.template is not None:
+            if message_given:
+                raise InvalidRequest("send either 'template' (with 'variables') or 'body'/'media_url', not both")
+            self._content_sid = self._check_template(context.content_sids)
+        elif "variables" in self.model_fields_set:
+            raise InvalidRequest("'variables' only goes with 'template'")
+        elif not message_given:
+            raise InvalidRequest("one of 'body', 'media_url', 'template' or 'flow' is required")
+        return self
+
+    def _check_flow(self, flows: Mapping[str, Flow]) -> None:
+        flow = flows.get(self.flow)
+        if flow is None or not flow.backend_can_start:
+            startable = sorted(name for name, f in flows.items() if f.backend_can_start)
+            raise InvalidRequest(f"unknown flow {self.flow!r}; flows a backend can start: {', '.join(startable) or 'none'}")
+        variables = self.variables or {}
+        missing = [name for name in flow.required_variables if not str(variables.get(name) or "").strip()]
+        if missing:
+            raise InvalidRequest(f"flow {self.flow!r} needs variables: {', '.join(missing)}")
+
+    def _check_template(self, content_sids: Mapping[str, str]) -> str:
+        """The template's ContentSid (a configured name, or an HX… SID given directly)."""
+        if self.template in content_sids:
+            content_sid = content_sids[self.template]
+        elif self.template.startswith("HX") and len(self.template) == 34:
+            content_sid = self.template
+        else:
+            known = ", ".join(sorted(content_sids)) or "none configured (TWILIO_CONTENT_SIDS)"
+            raise InvalidRequest(f"unknown template {self.template!r}; known templates: {known}")
+        for key, value in (self.variables or {}).items():
+            if value is None:
+                raise InvalidRequest(f"variable {key!r} must be a string or a number")
+        if sum(len(str(value)) for value in (self.variables or {}).values()) > MAX_TEMPLATE_VARIABLES_CHARS:
+            raise InvalidRequest(f"'variables' exceed WhatsApp's {MAX_TEMPLATE_VARIABLES_CHARS}-character template limit")
+        return content_sid
+
+    def normalised(self) -> NotifyRequest:
+        """The request the route stores: E.164 `to`, media as a tuple, template variables as text."""
+        extra = {"metadata": self.metadata, "agent": self.agent.strip() if self.agent else None}
+        if self.flow is not None:
+            return NotifyRequest(to=self.to, flow=self.flow, variables=dict(self.variables or {}), **extra)
+        if self.template is not None:
+            variables = {key: str(value) for key, value in (self.variables or {}).items()}
+            return NotifyRequest(to=self.to, template=self.template, content_sid=self._content_sid,
+                                 variables=variables, **extra)
+        media = self.media_url
+        media_urls = tuple(media) if isinstance(media, list) else (media,) if media is not None else ()
+        return NotifyRequest(to=self.to, body=self.body, media_urls=media_urls, **extra)
+
+
+def parse_notify(payload: Any, content_sids: Mapping[str, str], flows: Mapping[str, Flow] | None = None) -> NotifyRequest:
+    """Validate a decoded JSON payload against the HTTP contract (README, "Sending a notification").
+
+    Raises InvalidRequest naming the field."""
+    context = NotifyContext(content_sids=content_sids, flows=flows or {})
+    return validate(NotifyBody, payload, context=context).normalised()
+
+
+# ---------------------------------------------------------------- PUT /contacts/<phone>/consent
+
+
+class ConsentBody(RequestBody):
+    """PUT /contacts/<phone>/consent: consent the backend collected elsewhere (e.g. a checkbox)."""
+
+    # Unknown fields are ignored here, as they always were: refusing them now would break callers.
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"consent": Consent.OPTED_IN, "note": "web signup form"}]})
+
+    consent: Annotated[Literal[Consent.OPTED_IN, Consent.OPTED_OUT],
+                       refuse_as("'consent' must be \"opted_in\" or \"opted_out\""),
+                       Field(description="\"opted_in\" or \"opted_out\" (opting out sends the contact nothing)")]
+    note: Annotated[str | None, refuse_as("'note' must be a string"), Field(
+        description=f"where the consent came from; kept up to {MAX_CONSENT_NOTE_CHARS} characters")] = None
+
+
+# ---------------------------------------------------------------- POST /contacts/<phone>/handoff
+
+
+MAX_HANDOFF_REASON_CHARS = 500
+MAX_HANDOFF_HOURS = 24 * 30
+
+
+class HandoffBody(RequestBody):
+    """POST /contacts/<phone>/handoff: a person takes over the contact (both fields optional)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"reason": "billing question", "hours": 24}, {}]})
+
+    reason: Annotated[str | None, Field(max_length=MAX_HANDOFF_REASON_CHARS),
+                      refuse_as(f"'reason' must be text of at most {MAX_HANDOFF_REASON_CHARS} characters"),
+                      Field(description="why (shown in the handoff events)")] = None
+    hours: Annotated[float | None, Field(gt=0, le=MAX_HANDOFF_HOURS),
+                     refuse_as(f"'hours' must be a number above 0 and at most {MAX_HANDOFF_HOURS}"),
+                     Field(description="how long before the bot takes over again by itself (default HANDOFF_HOURS)")] = None
+
+
+# ---------------------------------------------------------------- POST /events/retry
+
+
+def _iso_time(value: str) -> str:
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest("'since' must be an ISO 8601 time such as 2026-12-05T10:00:00Z") from None
+    return value
+
+
+class ReplayBody(RequestBody):
+    """POST /events/retry: deliver again every event that failed since a time."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"since": "2026-12-05T00:00:00Z"}]})
+
+    since: Annotated[str, AfterValidator(_iso_time),
+                     refuse_as("'since' must be an ISO 8601 time such as 2026-12-05T10:00:00Z"),
+                     Field(description="events created at or after this time (UTC if no offset)",
+                           json_schema_extra={"format": "date-time"})]
+
+    def since_utc(self) -> datetime:
+        """`since` as the naive UTC the database stores (bot.clock)."""
+        moment = datetime.fromisoformat(self.since.replace("Z", "+00:00"))
+        return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
+
+
+# ---------------------------------------------------------------- validation and its wording
+
+Body = TypeVar("Body", bound=RequestBody)
+
+
+def validate(model: type[Body], payload: Any, context: Any = None) -> Body:
+    """`payload` as `model`, or InvalidRequest naming the field and saying why."""
+    try:
+        return model.model_validate(payload, context=context)
+    except ValidationError as exc:
+        raise InvalidRequest(explain(model, exc)) from None
+
+
+def explain(model: type[BaseModel], exc: ValidationError) -> str:
+    """One sentence for a backend developer: the first thing wrong, in the order a person reads
+    the body (unknown fields, then the fields in order, then how they combine)."""
+    errors = exc.errors(include_url=False)
+    unknown = sorted(str(error["loc"][0]) for error in errors if error["type"] == "extra_forbidden")
+    if unknown:
+        return f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(model.model_fields))}"
+    error = errors[0]
+    ours = _our_message(error)
+    if ours:
+        return ours
+    where = error["loc"][0] if error["loc"] else None
+    if error["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        return "the JSON body must be an object"
+    if error["type"] == "missing" and isinstance(where, str) and where in model.model_fields:
+        description = model.model_fields[where].description
+        return f"'{where}' is required" + (f": {description}" if description else "")
+    return f"'{where}': {error['msg']}" if where is not None else error["msg"]
+
+
+def _our_message(error: ErrorDetails) -> str | None:
+    """The text of an InvalidRequest raised inside a validator, if that is what this error is."""
+    cause = error.get("ctx", {}).get("error")
+    return str(cause) if isinstance(cause, InvalidRequest) else None
 
 
 def check_json_values(value: Any, where: str) -> None:
     """Refuse what JSON parsers accept but no message or database can hold: NaN and Infinity
     (Python's parser takes them), NUL characters (PostgreSQL text cannot store them) and lone
-    surrogates (no encoding can)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InvalidRequest(f"{where or 'the body'} must be a finite number, not {value}")
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise InvalidRequest(f"{where or 'the body'} contains a NUL character")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate ("\ud800"): valid JSON, not valid text
-            raise InvalidRequest(f"{where or 'the body'} is not valid Unicode text (a lone surrogate)") from None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            check_json_values(key, f"a key of {where or 'the body'}")
-            check_json_values(item, f"{where}.{key}" if where else f"'{key}'")
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            check_json_values(item, f"{where}[{index}]")
+    surrogates (no encoding can).
 
-
-def _flow_request(to: str, name: Any, variables: Any, flows: Mapping[str, Flow]) -> NotifyRequest:
-    startable = sorted(n for n, f in flows.items() if f.backend_can_start)
-    if not isinstance(name, str) or name not in flows or not flows[name].backend_can_start:
-        raise InvalidRequest(f"unknown flow {name!r}; flows a backend can start: {', '.join(startable) or 'none'}")
-    if variables is None:
-        variables = {}
-    if not isinstance(variables, dict):
-        raise InvalidRequest("'variables' must be an object")
-    for key, value in variables.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
-            raise InvalidRequest(f"variable {key!r} must be a string or a number")
-        if isinstance(value, str) and len(value) > MAX_FLOW_VARIABLE_CHARS:
-            raise InvalidRequest(f"variable {key!r} is {len(value)} characters; at most {MAX_FLOW_VARIABLE_CHARS}")
-    missing = [v for v in flows[name].required_variables if not str(variables.get(v) or "").strip()]
-    if missing:
-        raise InvalidRequest(f"flow {name!r} needs variables: {', '.join(missing)}")
-    return NotifyRequest(to=to, flow=name, variables=dict(variables))
-
-
-def _template_request(to: str, template: Any, variables: Any, content_sids: dict[str, str]) -> NotifyRequest:
-    if not isinstance(template, str) or not template.strip():
-        raise InvalidRequest("'template' must be a template name")
-    if template in content_sids:
-        content_sid = content_sids[template]
-    elif template.startswith("HX") and len(template) == 34:
-        content_sid = template  # a ContentSid given directly
-    else:
-        known = ", ".join(sorted(content_sids)) or "none configured (TWILIO_CONTENT_SIDS)"
-        raise InvalidRequest(f"unknown template {template!r}; known templates: {known}")
-    if variables is None:
-        variables = {}
-    if not isinstance(variables, dict):
-        raise InvalidRequest("'variables' must be an object, e.g. {\"1\": \"Ada\"}")
-    clean: dict[str, str] = {}
-    for key, value in variables.items():
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise InvalidRequest(f"variable {key!r} must be a string or a number")
-        clean[str(key)] = str(value)
-    if sum(len(v) for v in clean.values()) > MAX_TEMPLATE_VARIABLES_CHARS:
-        raise InvalidRequest(f"'variables' exceed WhatsApp's {MAX_TEMPLATE_VARIABLES_CHARS}-character template limit")
-    return NotifyRequest(to=to, template=template, content_sid=content_sid, variables=clean)
+    Walks with its own stack, not recursion: a body nested as deep as the JSON parser allows must
+    be a 400, not a RecursionError."""
+    pending: list[tuple[Any, str]] = [(value, where)]
+    while pending:
+        value, where = pending.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidRequest(f"{where or 'the body'} must be a finite number, not {value}")
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise InvalidRequest(f"{where or 'the body'} contains a NUL character")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800"): valid JSON, not valid text
+                raise InvalidRequest(f"{where or 'the body'} is not valid Unicode text (a lone surrogate)") from None
+        children: list[tuple[Any, str]] = []
+        if isinstance(value, dict):
+            for key, item in value.items():
+                children.append((key, f"a key of {where or 'the body'}"))
+                children.append((item, f"{where}.{key}" if where else f"'{key}'"))
+        elif isinstance(value, list):
+            children = [(item, f"{where}[{index}]") for index, item in enumerate(value)]
+        pending.extend(reversed(children))  # depth first, in document order, as a reader would

@@ -1,0 +1,341 @@
+"""GET /openapi.json: the backend API described as OpenAPI 3.1, generated from the request models.
+
+Request bodies are the pydantic models that validate them (bot/http/schemas.py), so the
+description cannot drift from what is enforced; the answers are described by the response models
+below, which the schema-driven fuzz test (tests/test_openapi.py) checks every answer against. The
+paths table is written out here: ten routes do not need a framework that owns the routing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from flask import Blueprint, jsonify
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+from bot.http.notify import MAX_IDEMPOTENCY_KEY
+from bot.http.events_api import DEFAULT_LIMIT, MAX_LIMIT
+from bot.http.schemas import ConsentBody, HandoffBody, NotifyBody, ReplayBody
+from bot.vocabulary import Consent, ConversationStatus, EventStatus, EventType, MessageStatus
+
+bp = Blueprint("openapi", __name__)
+
+
+# ---------------------------------------------------------------- what the routes answer
+
+
+class Error(BaseModel):
+    """Every refusal: `error` says what is wrong (for a 400, which field and why)."""
+
+    error: str
+    templates: list[str] | None = Field(None, description="with a 422 outside the 24-hour window: the "
+                                                          "configured templates to send instead")
+
+
+class MessageAccepted(BaseModel):
+    """202 from POST /notify for a message (Location: its GET /messages/<id>)."""
+
+    id: str
+    status: MessageStatus
+    to: str
+    created_at: str | None
+    url: str
+
+
+class ConversationAccepted(BaseModel):
+    """202 from POST /notify for a flow (Location: its GET /conversations/<id>)."""
+
+    id: str
+    status: ConversationStatus
+    to: str
+    flow: str
+    created_at: str | None
+    url: str
+
+
+class StatusEvent(BaseModel):
+    """One status callback from Twilio."""
+
+    status: str
+    error_code: int | None
+    error_message: str | None
+    received_at: str | None
+
+
+class Message(BaseModel):
+    """GET /messages/<id>: a message, its status and every status callback so far."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    id: str
+    direction: str
+    kind: str | None
+    conversation_id: str | None
+    to: str | None
+    from_: str | None = Field(alias="from")
+    status: MessageStatus
+    error_code: int | None = Field(description="Twilio's error code (also 21610 and 63016 when the "
+                                               "server refuses to send itself)")
+    error_message: str | None
+    twilio_sid: str | None
+    body: str | None
+    template: str | None
+    variables: dict[str, Any] | None
+    media_urls: list[str]
+    attempts: int
+    metadata: dict[str, Any] | None = Field(description="the object the backend sent with POST /notify")
+    created_at: str | None
+    updated_at: str | None
+    sent_at: str | None
+    events: list[StatusEvent]
+
+
+class Conversation(BaseModel):
+    """GET /conversations/<id>: a flow's run with one contact, and what the contact answered."""
+
+    id: str
+    contact: str
+    flow: str
+    state: str | None
+    status: ConversationStatus
+    outcome: dict[str, Any] | None
+    data: dict[str, Any] | None
+    started_by: str
+    metadata: dict[str, Any] | None = None
+    error: str | None
+    started_at: str | None
+    updated_at: str | None
+    expires_at: str | None
+    ended_at: str | None
+
+
+class ConsentEvent(BaseModel):
+    """One entry of the consent ledger."""
+
+    action: str
+    previous: str
+    source: str
+    words: str | None
+    message_sid: str | None
+    at: str | None
+
+
+class Contact(BaseModel):
+    """GET /contacts/<phone>: consent, its ledger and the latest conversations."""
+
+    phone: str
+    profile_name: str | None
+    consent: Consent
+    last_inbound_at: str | None
+    consent_history: list[ConsentEvent]
+    conversations: list[Conversation]
+
+
+class EventDelivery(BaseModel):
+    """How an event's push to EVENTS_WEBHOOK_URL went."""
+
+    status: EventStatus
+    attempts: int
+    last_error: str | None
+    next_attempt_at: str | None
+    delivered_at: str | None
+
+
+class Event(BaseModel):
+    """One event (README, "Events to your backend"): the pushed body, its id, its delivery."""
+
+    id: str = Field(description="the webhook-id header of every push of this event")
+    type: EventType
+    timestamp: str | None
+    data: dict[str, Any]
+    delivery: EventDelivery
+
+
+class EventPage(BaseModel):
+    """GET /events: oldest first; pass `next_after` as `after` while `has_more`."""
+
+    events: list[Event]
+    has_more: bool
+    next_after: str | None
+
+
+class EventReplay(BaseModel):
+    """202 from POST /events/<id>/retry."""
+
+    id: str
+    status: EventStatus
+
+
+class EventsReplayed(BaseModel):
+    """202 from POST /events/retry."""
+
+    retried: int
+
+
+class Handoff(BaseModel):
+    """POST / DELETE /contacts/<phone>/handoff: whether a person answers the contact, until when."""
+
+    phone: str
+    handoff: bool
+    until: str | None
+    reason: str | None
+
+
+# ---------------------------------------------------------------- the paths table
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One route as a backend calls it: what it takes and what it may answer."""
+
+    method: str
+    path: str  # OpenAPI style: /messages/{message_id}
+    summary: str
+    answers: dict[int, tuple[str, type[BaseModel] | None]]
+    body: type[BaseModel] | None = None
+    headers: list[dict[str, Any]] = field(default_factory=list)
+    query: list[dict[str, Any]] = field(default_factory=list)
+    #: POST routes whose body may be left out (an empty request means all defaults).
+    body_optional: bool = False
+
+
+PHONE = {"name": "phone", "in": "path", "required": True, "description": "E.164, e.g. +15551234567",
+         "schema": {"type": "string"}, "example": "+15551234567"}
+IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
+                   "description": "the same key returns the first answer; with a different payload, 422",
+                   "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY}}
+UNAUTHORIZED = (401, ("missing or invalid bearer token", Error))
+NO_RECEIVER = (409, ("EVENTS_WEBHOOK_URL is not set: nowhere to deliver to", Error))
+
+
+def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+EVENT_FILTERS = [
+    _query("after", "an event id from an earlier page: only events after it (empty: from the start)",
+           {"type": "string", "pattern": "^([0-9a-f]{32})?$"}),
+    _query("type", "comma-separated event types", {"type": "string"}),
+    _query("status", "comma-separated delivery statuses", {"type": "string"}),
+    _query("contact", "a contact's number, E.164", {"type": "string"}),
+    _query("limit", f"events per page, default {DEFAULT_LIMIT}",
+           {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+]
+TOO_LARGE = (413, ("the body is larger than MAX_CONTENT_LENGTH", Error))
+
+OPERATIONS = [
+    Operation("post", "/notify", "Queue a WhatsApp message, or start a conversation flow", body=NotifyBody,
+              headers=[IDEMPOTENCY_KEY], answers=dict([
+                  (202, ("queued (a replay of the same Idempotency-Key has Idempotent-Replayed: true)", None)),
+                  (400, ("a field is wrong; `error` says which and why", Error)), UNAUTHORIZED,
+                  (409, ("the contact opted out", Error)), TOO_LARGE,
+                  (415, ("Content-Type is not application/json", Error)),
+                  (422, ("free-form outside the 24-hour window, or an Idempotency-Key reused with another "
+                         "payload", Error))])),
+    Operation("get", "/messages/{message_id}", "A message's status, error code and status callbacks",
+              answers=dict([(200, ("the message", Message)), UNAUTHORIZED, (404, ("no such message", Error))])),
+    Operation("get", "/conversations/{conversation_id}", "A conversation's flow, status and outcome",
+              answers=dict([(200, ("the conversation", Conversation)), UNAUTHORIZED,
+                            (404, ("no such conversation", Error))])),
+    Operation("get", "/contacts/{phone}", "A contact's consent, its ledger and recent conversations",
+              answers=dict([(200, ("the contact", Contact)), (400, ("not a phone number", Error)), UNAUTHORIZED,
+                            (404, ("no such contact", Error))])),
+    Operation("put", "/contacts/{phone}/consent", "Record consent the backend collected elsewhere",
+              body=ConsentBody,
+              answers=dict([(200, ("the contact, with the new ledger entry", Contact)),
+                            (400, ("a field, or the phone number, is wrong", Error)), UNAUTHORIZED,
+                            (404, ("not a path of this API (e.g. a phone number with a slash)", Error)),
+                            TOO_LARGE])),
+    Operation("get", "/events", "Events oldest first, after a cursor, filtered by type, delivery status, contact",
+              query=EVENT_FILTERS,
+              answers=dict([(200, ("a page of events", EventPage)), (400, ("a filter is wrong", Error)),
+                            UNAUTHORIZED])),
+    Operation("post", "/events/{event_id}/retry", "Deliver one event again",
+              answers=dict([(202, ("queued for delivery", EventReplay)), UNAUTHORIZED,
+                            (404, ("no such event", Error)), NO_RECEIVER])),
+    Operation("post", "/events/retry", "Deliver again every event that failed since a time", body=ReplayBody,
+              answers=dict([(202, ("how many were queued", EventsReplayed)), (400, ("`since` is wrong", Error)),
+                            UNAUTHORIZED, NO_RECEIVER, TOO_LARGE])),
+    Operation("post", "/contacts/{phone}/handoff", "A person takes over the contact: the bot pauses",
+              body=HandoffBody, body_optional=True,
+              answers=dict([(200, ("the handoff", Handoff)), (400, ("a field, or the phone number, is wrong", Error)),
+                            UNAUTHORIZED, (404, ("not a path of this API", Error)), TOO_LARGE])),
+    Operation("delete", "/contacts/{phone}/handoff", "Give the contact back to the bot",
+              answers=dict([(200, ("the contact, no longer in a handoff", Handoff)),
+                            (400, ("not a phone number", Error)), UNAUTHORIZED, (404, ("no such contact", Error))])),
+]
+
+
+def _path_parameters(path: str) -> list[dict[str, Any]]:
+    names = [part[1:-1] for part in path.split("/") if part.startswith("{")]
+    return [PHONE if name == "phone" else {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in names]
+
+
+def _content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _operation(operation: Operation) -> dict[str, Any]:
+    responses: dict[str, Any] = {}
+    for status, (description, model) in operation.answers.items():
+        if status == 202 and model is None:  # a message or a conversation, by what was asked
+            schema: dict[str, Any] = {"oneOf": [_ref(MessageAccepted), _ref(ConversationAccepted)]}
+        else:
+            schema = _ref(model)
+        responses[str(status)] = {"description": description, "content": _content(schema)}
+    described: dict[str, Any] = {
+        "summary": operation.summary,
+        "operationId": f"{operation.method}_{operation.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
+        "security": [{"bearer": []}],
+        "parameters": _path_parameters(operation.path) + operation.headers + operation.query,
+        "responses": responses,
+    }
+    if operation.body is not None:
+        described["requestBody"] = {"required": not operation.body_optional, "content": _content(_ref(operation.body))}
+    return described
+
+
+@lru_cache(maxsize=1)
+def document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document (built once: it depends on code, not on configuration)."""
+    bodies = (NotifyBody, ConsentBody, HandoffBody, ReplayBody)
+    models = [*bodies, Error, MessageAccepted, ConversationAccepted, Message, Conversation, Contact, EventPage,
+              EventReplay, EventsReplayed, Handoff]
+    # Request bodies as they are validated, answers as they are serialised (`from`, not `from_`).
+    _, schemas = models_json_schema(
+        [(model, "validation" if model in bodies else "serialization") for model in models],
+        ref_template="#/components/schemas/{model}")
+    paths: dict[str, dict[str, Any]] = {}
+    for operation in OPERATIONS:
+        paths.setdefault(operation.path, {})[operation.method] = _operation(operation)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "WhatsApp bot server: backend API", "version": _version(),
+                 "description": "Send WhatsApp notifications, start conversation flows and read what "
+                                "happened. Every answer is JSON; every refusal has an `error`."},
+        "paths": paths,
+        "components": {"schemas": schemas["$defs"],
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                                      "description": "Authorization: Bearer $NOTIFY_API_TOKEN"}}},
+    }
+
+
+def _version() -> str:
+    try:
+        return version("whatsapp-bot-server")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "0.0.0"
+
+
+@bp.get("/openapi.json")
+def openapi_json():
+    """The OpenAPI document; public, like /healthz: it holds no data, only the API's shape."""
+    return jsonify(document())

@@ -1,0 +1,250 @@
+"""Property tests: whatever a signed webhook or a backend sends, the answer is never a 5xx, and
+every refusal is JSON with an `error` (docs/ARCHITECTURE.md, "HTTP contract").
+
+Each test runs the examples of the hypothesis profile loaded in tests/conftest.py (`thorough`
+by default, which CI runs: four tests, 10,000 cases in all; HYPOTHESIS_PROFILE=quick for a fast
+loop). The examples of one test share one app and its tables as they fill up, as a real server
+would: the property holds whatever is stored already, so nothing is reset between examples.
+"""
+from __future__ import annotations
+
+import json
+import operator
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bot.config import MAX_CONTENT_LENGTH
+from bot.extensions import db
+from bot.models import Contact, Message, StatusEvent
+from bot.vocabulary import Direction, MessageStatus
+from tests.conftest import ACCOUNT_SID, PUBLIC_BASE, SENDER, WEBHOOK_URL, AUTH_TOKEN, make_contact, sign
+
+#: The `app` and `client` fixtures are built once per test and shared by its examples, on purpose.
+shared_app = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+PHONE = "+15551234567"  # wrote 5 minutes ago: free-form messages are accepted
+OUTSIDE_WINDOW = "+15557654321"  # wrote 2 days ago: free-form is a 422, templates pass
+OPTED_OUT = "+15550001111"  # a 409 whatever is asked
+
+# ---------------------------------------------------------------- building blocks
+
+#: Text as it comes: any Unicode (emoji, right-to-left marks, combining characters), NULs, the
+#: words the bot reacts to, and values past the column sizes and past MAX_CONTENT_LENGTH.
+ODD_TEXT = st.sampled_from([
+    "", " ", "STOP", "stop ", "YES", "START", "HELP", "1", "0", "-1", "a\x00b", "\x00", "\u202eevil", "e\u0301",
+    "😀" * 50, "\ufeff", "null", "[]", "{}",
+])
+LONG_TEXT = st.builds(operator.mul, st.sampled_from(["x", "é", "😀"]),
+                      st.sampled_from([1601, 5000, MAX_CONTENT_LENGTH // 2 + 10]))
+TEXT = st.one_of(st.text(max_size=40), ODD_TEXT)
+
+
+def weighted(*choices: tuple[int, st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]:
+    """One of the strategies, chosen in proportion to its weight (st.one_of flattens nested
+    one_ofs and picks a branch evenly, so the weights would be lost)."""
+    return st.sampled_from([strategy for weight, strategy in choices for _ in range(weight)]).flatmap(lambda s: s)
+
+
+def mostly(usual: st.SearchStrategy[Any], odd: st.SearchStrategy[Any] = TEXT) -> st.SearchStrategy[Any]:
+    """Usually `usual`, now and then `odd`: most cases must get past the first check to test the rest."""
+    return weighted((3, usual), (1, odd))
+
+
+#: For the one field of a form where a long value is plausible (signing and parsing a 100 kB form
+#: takes ~10 ms: long values everywhere would make the cases few or the run long).
+ANY_LENGTH_TEXT = weighted((4, TEXT), (1, LONG_TEXT))
+
+HEX32 = st.text(alphabet="0123456789abcdef", min_size=32, max_size=32)
+SID = mostly(st.one_of(HEX32.map(lambda h: "SM" + h), HEX32.map(lambda h: "MM" + h)),
+             st.one_of(TEXT, st.just("SM" + "a" * 32 + "\n")))
+WHATSAPP_FROM = mostly(st.sampled_from(["whatsapp:" + PHONE, "whatsapp:+447911123456", "whatsapp:+15551234567 ",
+                                        "+15551234567"]),
+                       st.one_of(st.sampled_from(["whatsapp:", "whatsapp:+1555", "whatsapp:+99912345678",
+                                                  "whatsapp:+1" + "5" * 40]), TEXT))
+NUMBER_TEXT = st.one_of(st.integers(-10, 20).map(str), st.sampled_from(["", "x", "1e3", "9" * 40, "٣"]), TEXT)
+EXTRA_FIELDS = st.dictionaries(TEXT, TEXT, max_size=4)
+
+
+def _form(required: dict[str, Any], optional: dict[str, Any]) -> st.SearchStrategy[dict[str, str]]:
+    """A form with `required`, some of `optional`, and unknown fields mixed in (Twilio adds fields)."""
+    known = st.fixed_dictionaries(required, optional=optional)
+    return st.builds(lambda extra, form: {**extra, **form}, EXTRA_FIELDS, known)
+
+
+INBOUND_FORMS = _form(
+    {"MessageSid": SID, "From": WHATSAPP_FROM},
+    {"Body": ANY_LENGTH_TEXT, "To": st.just(SENDER) | TEXT, "NumMedia": NUMBER_TEXT, "MediaUrl0": TEXT,
+     "MediaContentType0": TEXT, "MediaUrl1": TEXT, "ProfileName": TEXT, "WaId": TEXT, "ButtonText": TEXT,
+     "ButtonPayload": TEXT, "AccountSid": st.just(ACCOUNT_SID) | TEXT, "NumSegments": NUMBER_TEXT,
+     "MessageType": st.sampled_from(["text", "image", "button", "interactive"]) | TEXT,
+     "OptOutType": st.sampled_from(["STOP", "START", "HELP"]) | TEXT})
+
+STATUS_NAMES = st.sampled_from([status.value for status in MessageStatus] + ["SENT", " delivered ", "read\n"])
+ERROR_CODES = st.one_of(st.sampled_from(["63016", "21610", "30008", "0", "-5", "2147483648", "9" * 40, " 63016 "]),
+                        NUMBER_TEXT)
+
+
+def assert_answered_well(response) -> None:
+    """Never a 5xx; a refusal is JSON with a non-empty `error` (never Werkzeug's HTML page)."""
+    detail = (response.status_code, response.content_type, response.get_data(as_text=True)[:300])
+    assert response.status_code < 500, detail
+    if response.status_code >= 400:
+        assert response.is_json, detail
+        error = response.get_json().get("error")
+        assert isinstance(error, str) and error, detail
+
+
+def post_signed(client: FlaskClient, form: dict[str, str]):
+    """POST the form to the webhook, signed as Twilio signs it; the signature must be accepted
+    (a 403 would mean the handler was never reached, and nothing was tested)."""
+    response = client.post("/twilio/webhook", data=form, base_url=PUBLIC_BASE,
+                           headers={"X-Twilio-Signature": sign(AUTH_TOKEN, WEBHOOK_URL, form)})
+    assert response.status_code != 403, form
+    return response
+
+
+# ---------------------------------------------------------------- webhooks
+
+
+@shared_app
+@given(form=INBOUND_FORMS)
+def test_signed_inbound_messages_never_get_a_5xx(client, form):
+    assert_answered_well(post_signed(client, form))
+
+
+@pytest.fixture
+def recipients(app) -> None:
+    """One contact inside the 24-hour window, one outside it, one opted out."""
+    with app.app_context():
+        make_contact(PHONE)
+        make_contact(OUTSIDE_WINDOW, inbound_ago=timedelta(days=2))
+        make_contact(OPTED_OUT, consent="opted_out")
+
+
+@pytest.fixture
+def sent_sids(app, recipients) -> list[str]:
+    """SIDs of outbound messages Twilio accepted, so that callbacks also land on real rows."""
+    sids = ["SM" + uuid.uuid4().hex for _ in range(3)]
+    with app.app_context():
+        contact = db.session.scalar(sa.select(Contact).where(Contact.phone == PHONE))
+        for sid in sids:
+            db.session.add(Message(direction=Direction.OUTBOUND, contact_id=contact.id, body="hi", twilio_sid=sid,
+                                   status=MessageStatus.ACCEPTED, status_rank=MessageStatus.ACCEPTED.rank))
+        db.session.commit()
+    return sids
+
+
+@shared_app
+@given(data=st.data())
+def test_signed_status_callbacks_never_get_a_5xx(client, sent_sids, data):
+    form = data.draw(_form(
+        {"MessageSid": st.sampled_from(sent_sids) | SID, "MessageStatus": mostly(STATUS_NAMES)},
+        {"ErrorCode": ERROR_CODES, "ErrorMessage": ANY_LENGTH_TEXT, "ChannelStatusMessage": TEXT, "To": WHATSAPP_FROM,
+         "From": st.just(SENDER) | TEXT, "SmsStatus": STATUS_NAMES | TEXT, "ChannelPrefix": st.just("whatsapp"),
+         "AccountSid": st.just(ACCOUNT_SID) | TEXT}))
+    assert_answered_well(post_signed(client, form))
+
+
+# ---------------------------------------------------------------- POST /notify
+
+
+#: Any JSON value: nested arrays and objects, NaN and ±Infinity (Python's parser takes them),
+#: huge integers, NULs and odd Unicode in keys and values.
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | TEXT,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(TEXT, children, max_size=4),
+    max_leaves=12)
+#: Bodies that are not JSON, or JSON no parser should be trusted with.
+RAW_BODIES = st.one_of(
+    st.text(max_size=60), st.binary(max_size=60).map(lambda b: b.decode("latin-1")),
+    st.integers(1, 6).map(lambda n: "[" * 10 ** n + "]" * 10 ** n),
+    st.sampled_from(['{"to": "\\ud800", "body": "hi"}', '{"to": "+15551234567", "body": "\\u0000"}',
+                     '{"to": "+15551234567", "body": "hi", "body": 1}', "\ufeff{}", "{" * 100]))
+
+
+def post_notify(client: FlaskClient, auth: dict[str, str], raw: str, headers: dict[str, str] | None = None):
+    return client.post("/notify", data=raw.encode("utf-8", "surrogatepass"), content_type="application/json",
+                       headers={**auth, **(headers or {})})
+
+
+@shared_app
+@given(raw=st.one_of(JSON_VALUES.map(json.dumps), RAW_BODIES))
+def test_any_json_or_non_json_body_to_notify_never_gets_a_5xx(client, auth, recipients, raw):
+    assert_answered_well(post_notify(client, auth, raw))
+
+
+def _near(valid: list[Any]) -> st.SearchStrategy[Any]:
+    """Mostly a valid value, sometimes anything at all."""
+    return weighted((3, st.sampled_from(valid)), (1, JSON_VALUES))
+
+
+NOTIFY_FIELDS = {
+    "body": _near(["Your order has shipped", "é" * 1600, "x" * 1601, " ", ""]),
+    "media_url": _near(["https://example.com/a.jpg", ["https://example.com/a.jpg"], "ftp://x", "https://", []]),
+    "template": _near(["order_update", "HX" + "0" * 32, "nope", ""]),
+    "variables": _near([{"1": "Ada", "2": 42}, {"1": "x" * 1024}, {"1": None}, {}, {"date": "Tue", "time": "9"}]),
+    "flow": _near(["appointment", "feedback", "welcome", "nope"]),
+}
+TO = {"to": _near([PHONE, "whatsapp:" + PHONE, OUTSIDE_WINDOW, OPTED_OUT, "+1 (555) 123-4567", "0015551234567",
+                   "+1555"])}
+
+
+def _shape(*required: str, optional: tuple[str, ...] = ()) -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries({**TO, **{name: NOTIFY_FIELDS[name] for name in required}},
+                                 optional={name: NOTIFY_FIELDS[name] for name in optional})
+
+
+#: The three kinds of request (message, template, flow), and any mix of their fields.
+NEAR_VALID_NOTIFY = st.one_of(_shape("body", optional=("media_url",)), _shape("media_url"),
+                              _shape("template", optional=("variables",)), _shape("flow", optional=("variables",)),
+                              _shape(optional=tuple(NOTIFY_FIELDS)))
+IDEMPOTENCY_KEYS = st.one_of(st.none(), st.sampled_from(["k1", "k2", " ", "", "k" * 256]),
+                             st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=20))
+
+
+@shared_app
+@given(payload=st.one_of(NEAR_VALID_NOTIFY, NEAR_VALID_NOTIFY.flatmap(
+    lambda body: st.dictionaries(TEXT, JSON_VALUES, max_size=2).map(lambda extra: {**extra, **body}))),
+    key=IDEMPOTENCY_KEYS)
+def test_near_valid_notify_bodies_never_get_a_5xx(app, client, auth, recipients, payload, key):
+    """Bodies a backend could plausibly send (with a reused Idempotency-Key now and then): each is
+    accepted (202) or refused with a 4xx that says why, never a 5xx."""
+    headers = {"Idempotency-Key": key} if key is not None else {}
+    response = post_notify(client, auth, json.dumps(payload), headers)
+    assert_answered_well(response)
+    if response.status_code == 202:
+        assert response.get_json()["id"]
+
+
+def _answers(strategy: st.SearchStrategy[Any], send) -> set[int]:
+    """The statuses 300 examples of `strategy` get (a quick run of its own, outside the profile)."""
+    seen: set[int] = set()
+
+    @settings(max_examples=300, database=None)
+    @given(example=strategy)
+    def collect(example):
+        seen.add(send(example).status_code)
+
+    collect()
+    return seen
+
+
+def test_the_generators_reach_past_validation(app, client, auth, recipients, sent_sids):
+    """The cases above are worth their number only if most get past the first check: each
+    generator reaches acceptance as well as refusal, and stores rows."""
+    # /notify first: inbound messages saying STOP would make the contact opted out (409).
+    assert {202, 400, 409, 422} <= _answers(NEAR_VALID_NOTIFY, lambda body: post_notify(client, auth, json.dumps(body)))
+    assert {200, 400} <= _answers(INBOUND_FORMS, lambda form: post_signed(client, form))
+    status_forms = _form({"MessageSid": st.sampled_from(sent_sids), "MessageStatus": STATUS_NAMES}, {})
+    assert 200 in _answers(status_forms, lambda form: post_signed(client, form))
+    with app.app_context():
+        directions = db.session.execute(sa.select(Message.direction, sa.func.count()).group_by(Message.direction)).all()
+        events = db.session.scalar(sa.select(sa.func.count()).select_from(StatusEvent))
+    assert dict(directions).keys() == {Direction.INBOUND, Direction.OUTBOUND} and events > 0
