@@ -413,3 +413,103 @@ def test_development_mode_pushes_events_to_the_simulator_which_verifies_them(tmp
         assert requests.post(simulator.url + SIMULATOR_EVENTS_PATH, data=body, headers=forged, timeout=5).status_code == 400
         [received] = simulator.events
     assert received["id"] == "e" * 32 and received["type"] == "contact.opted_in"
+
+
+def test_a_flow_step_can_hand_over(events_app, receiver, twilio, monkeypatch):
+    """A flow's step that says `handoff` ends its conversation and gives the contact to a person."""
+    import flows
+    from flows.toolkit import END, Flow, Reply, Step, keyword, route
+
+    def ask_for_help(message, data):
+        return Step(END, replies=(Reply("handoff/started", {"name": None}),), handoff="billing flow asked for a person")
+
+    billing = Flow(name="billing", description="test flow", entry_points=(route(keyword("billing"), ask_for_help, to=END),),
+                   states={})
+    real_registry = flows.registry
+    monkeypatch.setattr("bot.conversations.stages.registry", lambda: {**real_registry(), "billing": billing})
+    with events_app.app_context():
+        make_contact()
+    post_webhook(events_app, inbound_form(body="billing"))
+    run_queue()
+    assert "a person from our team" in bot_replies(twilio)[-1]
+    types = [e["type"] for e in receiver.delivered()]
+    assert types.index("conversation.completed") < types.index("contact.handoff_started")
+    started = next(e for e in receiver.delivered() if e["type"] == "contact.handoff_started")
+    assert started["data"] == {**started["data"], "by": "flow", "reason": "billing flow asked for a person"}
+    post_webhook(events_app, inbound_form(body="hello?"))
+    run_queue()
+    assert len(bot_replies(twilio)) == 1  # silent: a person answers now
+
+
+def test_metadata_is_echoed_by_get_messages_and_flows_are_refused_during_a_handoff(events_app, receiver):
+    client = events_app.test_client()
+    with events_app.app_context():
+        make_contact()
+    message_id = notify(events_app, to="+15551234567", body="hi", metadata={"order_id": "A-17", "n": [1, 2]})
+    assert client.get(f"/messages/{message_id}", headers=AUTH).get_json()["metadata"] == {"order_id": "A-17", "n": [1, 2]}
+    too_big = client.post("/notify", json={"to": "+15551234567", "body": "hi", "metadata": {"x": "y" * 5000}},
+                          headers=AUTH)
+    assert too_big.status_code == 400 and "metadata" in too_big.get_json()["error"]
+    assert client.post("/notify", json={"to": "+15551234567", "body": "hi", "metadata": [1]},
+                       headers=AUTH).status_code == 400
+    client.post("/contacts/+15551234567/handoff", json={}, headers=AUTH)
+    flow = client.post("/notify", json={"to": "+15551234567", "flow": "feedback"}, headers=AUTH)
+    assert flow.status_code == 409 and "handoff" in flow.get_json()["error"]
+
+
+def test_old_delivered_events_are_pruned_failed_ones_kept(events_app):
+    with events_app.app_context():
+        contact = make_contact(consent="unknown")
+        change_consent(contact, "opted_in", source="api")
+        change_consent(contact, "opted_out", source="api")
+        db.session.commit()
+        old, failed = db.session.scalars(sa.select(Event).order_by(Event.seq)).all()
+        old.status, old.created_at = "delivered", utcnow() - timedelta(days=31)
+        failed.status, failed.created_at = "failed", utcnow() - timedelta(days=31)
+        db.session.commit()
+        assert event_delivery.prune() == 1
+        assert db.session.scalars(sa.select(Event.status)).all() == ["failed"]
+
+
+def test_figures_a_receiver_down_for_a_while_loses_nothing(events_app, receiver, twilio, record_property):
+    """40 contacts, a notification each and Twilio's callbacks; the receiver answers 503 to its
+    first 60 requests (down for a while), then recovers. Every event arrives, once per id when
+    answered 2xx, in per-contact order."""
+    phones = [f"+1555800{i:04d}" for i in range(40)]
+    with events_app.app_context():
+        for phone in phones:
+            make_contact(phone)
+    receiver.answers = [503] * 60
+    for phone in phones:
+        notify(events_app, to=phone, body="order shipped")
+    run_queue()
+    rank = {"queued": 3, "sent": 5, "delivered": 6, "read": 7}
+    moves = 0  # what the backend must hear: queued, then each callback that raised the rank
+    for message in twilio.messages:
+        highest = rank["queued"]
+        moves += 1
+        for status in random.sample(["sent", "delivered", "read", "sent"], 4):
+            post_webhook(events_app, status_form(message["sid"], status, to=message["to"].removeprefix("whatsapp:")))
+            if rank[status] > highest:
+                highest, moves = rank[status], moves + 1
+    run_queue()
+    rounds = 0
+    while any(e.status == "pending" for e in stored_events(events_app)) and rounds < 10:
+        retries_come_due(events_app)
+        rounds += 1
+    stored = stored_events(events_app)
+    delivered = receiver.delivered()
+    ids = [e["id"] for e in delivered]
+    by_contact: dict[str, list[int]] = {}
+    seq_of = {e.id: e.seq for e in stored}
+    for e in delivered:
+        by_contact.setdefault(e["data"]["to"], []).append(seq_of[e["id"]])
+    figures = {"events": len(stored), "delivered": len(set(ids)), "duplicated": len(ids) - len(set(ids)),
+               "lost": len(stored) - len(set(ids)), "refused_attempts": 60, "rounds_of_retries": rounds,
+               "attempts": sum(e.attempts for e in stored)}
+    record_property("receiver_down", figures)
+    print("receiver down for a while:", figures)
+    assert figures["lost"] == 0 and figures["duplicated"] == 0
+    assert all(e.status == "delivered" for e in stored)
+    assert all(seqs == sorted(seqs) for seqs in by_contact.values())  # per-contact order
+    assert len(stored) == moves  # one event per transition, none for a repeat or a step back
