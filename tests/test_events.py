@@ -513,3 +513,24 @@ def test_figures_a_receiver_down_for_a_while_loses_nothing(events_app, receiver,
     assert all(e.status == "delivered" for e in stored)
     assert all(seqs == sorted(seqs) for seqs in by_contact.values())  # per-contact order
     assert len(stored) == moves  # one event per transition, none for a repeat or a step back
+
+
+def test_a_slow_receiver_holds_at_most_events_concurrency_threads(events_app, receiver):
+    """While EVENTS_CONCURRENCY deliveries are talking to the receiver, another delivery task does
+    not wait beside them: it reschedules itself and ends, its event unclaimed, so the worker's
+    threads stay free for sends and turns."""
+    with events_app.app_context():
+        change_consent(make_contact(consent="unknown"), "opted_in", source="api")
+        db.session.commit()
+        [event_id] = db.session.scalars(sa.select(Event.id)).all()
+        huey.flush()
+        slots = event_delivery._delivery_slots()
+        held = [slots.acquire(blocking=False) for _ in range(events_app.config["EVENTS_CONCURRENCY"])]
+        try:
+            assert all(held)
+            assert event_delivery.deliver(event_id) == event_delivery.Outcome.BUSY
+            assert db.session.scalar(sa.select(Event.attempts)) == 0 and huey.pending_count() + len(huey.scheduled()) == 1
+        finally:
+            for _ in held:
+                slots.release()
+    assert receiver.verified == []
