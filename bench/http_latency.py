@@ -9,11 +9,9 @@ enqueue, answer. Prints latency percentiles and throughput; see bench/REPORT.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile

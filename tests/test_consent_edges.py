@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from bot.conversations import engine
-from bot.delivery import sender
 from bot.twilio.errors import OPTED_OUT_CODE
 from bot.extensions import db
 from bot.models import Consent, ConsentEvent, Contact, Conversation, Message

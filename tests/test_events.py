@@ -6,7 +6,6 @@ backend would (docs/ARCHITECTURE.md, invariant 12).
 from __future__ import annotations
 
 import base64
-import json
 import random
 import threading
 from collections.abc import Iterator

@@ -27,7 +27,7 @@ from bot.clock import utcnow
 from bot.delivery import outbox
 from bot.devtools.simulator import TwilioSimulator
 from bot.extensions import db
-from bot.models import Contact, Message, StatusEvent
+from bot.models import Message, StatusEvent
 from tests.conftest import ACCOUNT_SID, API_TOKEN, AUTH_TOKEN
 from tests.tcp_proxy import TcpProxy
 from tests.test_processes import _healthy, env_for, free_port, procfile, wait_until

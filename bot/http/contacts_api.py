@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from flask import Blueprint, abort, jsonify, request
+from flask import Blueprint, abort, jsonify
 
-from bot.conversations.consent import change_consent
 from bot.conversations.contacts import get_or_create_contact
 from bot.conversations.engine import set_consent_from_api
 from bot.extensions import db
