@@ -231,7 +231,8 @@ OPERATIONS = [
               headers=[IDEMPOTENCY_KEY], answers=dict([
                   (202, ("queued (a replay of the same Idempotency-Key has Idempotent-Replayed: true)", None)),
                   (400, ("a field is wrong; `error` says which and why", Error)), UNAUTHORIZED,
-                  (409, ("the contact opted out", Error)), TOO_LARGE,
+                  (409, ("the contact opted out; or, for a flow, a person is handling the contact (handoff)", Error)),
+                  TOO_LARGE,
                   (415, ("Content-Type is not application/json", Error)),
                   (422, ("free-form outside the 24-hour window, or an Idempotency-Key reused with another "
                          "payload", Error))])),
