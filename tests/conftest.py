@@ -106,7 +106,7 @@ def drop_everything() -> None:
 def app(base_config: dict[str, Any], _schema: None, twilio: TwilioSimulator) -> Iterator[Flask]:
     app = create_app({**base_config, "TESTING": True, "HUEY_STORAGE_OPTIONS": in_process_queue_options(base_config)})
     with app.app_context():
-        _empty_tables()
+        empty_tables()
     huey.flush()
     twilio.reset()
     yield app
@@ -121,7 +121,8 @@ def in_process_queue_options(config: dict[str, Any]) -> dict[str, Any]:
     return {"blocking": False} if config.get("REDIS_URL") else {}
 
 
-def _empty_tables() -> None:
+def empty_tables() -> None:
+    """Delete every row, children first: each test starts from empty tables."""
     for table in reversed(db.metadata.sorted_tables):
         db.session.execute(table.delete())
     db.session.commit()

@@ -396,13 +396,14 @@ def test_a_timed_out_template_send_adopts_no_sid_while_another_send_is_in_flight
         row = message(template_id)
         params = sender.twilio_params(row, db.session.get(type(contact), contact.id))
         assert "body" not in params and params["content_sid"]
-        assert sender.find_accepted_send(row, params, since=started) is None
+        assert sender.match_accepted_send(row, params, sender.recent_sends(twilio_client, params), started) is None
         # With nothing else in flight, a message Twilio took since the attempt began is ours.
         db.session.execute(sa.update(Message).where(Message.id == other_id).values(status="failed", status_rank=6))
         db.session.commit()
         row = message(template_id)
         [recent] = [m for m in twilio.messages if m["body"] == "in flight"]
-        assert sender.find_accepted_send(row, params, since=started) == recent["sid"]
+        assert sender.match_accepted_send(row, params, sender.recent_sends(twilio_client, params), started).sid \
+            == recent["sid"]
 
 
 def test_a_flow_template_reply_that_timed_out_is_not_sent_twice(app, twilio):

@@ -26,7 +26,7 @@ from bot.delivery import event_delivery
 from bot.extensions import db
 from bot.models import Contact, Event, Message
 from bot.delivery.queue import huey
-from tests.conftest import API_TOKEN, in_process_queue_options, inbound_form, make_contact, run_queue, status_form
+from tests.conftest import API_TOKEN, empty_tables, in_process_queue_options, inbound_form, make_contact, run_queue, status_form
 
 SECRET = "whsec_" + base64.b64encode(b"events-test-secret-0123456789ab").decode()
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -87,9 +87,7 @@ def events_app(base_config, _schema, twilio, receiver, monkeypatch) -> Iterator[
     app = create_app({**base_config, "TESTING": True, "HUEY_STORAGE_OPTIONS": in_process_queue_options(base_config),
                       "EVENTS_WEBHOOK_URL": receiver.url, "EVENTS_WEBHOOK_SECRET": SECRET})
     with app.app_context():
-        for table in reversed(db.metadata.sorted_tables):
-            db.session.execute(table.delete())
-        db.session.commit()
+        empty_tables()
     huey.flush()
     twilio.reset()
     event_delivery._receiver_down_until = 0.0
@@ -262,9 +260,7 @@ def test_events_types_filters_what_is_pushed_but_everything_is_stored(base_confi
                       "EVENTS_WEBHOOK_SECRET": SECRET, "EVENTS_TYPES": "message.received",
                       "HUEY_STORAGE_OPTIONS": in_process_queue_options(base_config)})
     with app.app_context():
-        for table in reversed(db.metadata.sorted_tables):
-            db.session.execute(table.delete())
-        db.session.commit()
+        empty_tables()
     huey.flush()
     post_webhook(app, inbound_form(body="hello"))
     run_queue()

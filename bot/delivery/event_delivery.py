@@ -76,17 +76,13 @@ def signed_request(event: Event, secret: str, now: datetime | None = None) -> tu
     signature = Webhook(secret).sign(msg_id=event.id, timestamp=timestamp, data=body)
     headers = {
         "webhook-id": event.id,
-        "webhook-timestamp": str(int(_posix(timestamp))),
+        # Our datetimes are naive UTC (bot.clock), as the library reads naive ones too.
+        "webhook-timestamp": str(int(timestamp.replace(tzinfo=timezone.utc).timestamp())),
         "webhook-signature": signature,
         "content-type": "application/json",
         "user-agent": "whatsapp-bot-server-events/1",
     }
     return body, headers
-
-
-def _posix(moment: datetime) -> float:
-    # Our datetimes are naive UTC (bot.clock); the library reads naive ones as UTC too.
-    return moment.replace(tzinfo=timezone.utc).timestamp() if moment.tzinfo is None else moment.timestamp()
 
 
 def _older_unfinished() -> sa.Exists:

@@ -592,17 +592,6 @@ def _look_up(rows: list[tuple[sa.Row, dict, datetime]], renew: _LeaseRenewer,
     return found
 
 
-def find_accepted_send(message: Message | sa.Row, params: dict, since: datetime) -> str | None:
-    """The SID of a message Twilio accepted for this send although we never got its answer."""
-    try:
-        recent = recent_sends(get_client(), params)
-    except (TwilioException, requests.RequestException):
-        log.warning("could not list recent messages to check a send of unknown fate")
-        return None
-    match = match_accepted_send(message, params, recent, since)
-    return match.sid if match else None
-
-
 def match_accepted_send(message: Message | sa.Row, params: dict, recent: list[Any], since: datetime,
                         exclude: set[str] = frozenset()) -> Accepted | None:
     """Which of Twilio's `recent` messages is this send, if any.
@@ -740,11 +729,11 @@ def _record_accepted(message_id: str, contact_id: int, sid: str, twilio_status: 
     status = _accepted_status(twilio_status)
 
     def record(sid: str | None, error_message: str | None = None) -> None:
-        moved = db.session.execute(_accepted_statement(), {
+        db.session.execute(_accepted_statement(), {
             "message_id": message_id, "now": utcnow(), "sid": sid, "error_message": error_message,
-            "status": status.value, "rank": status.rank}).rowcount
-        if moved:
-            report_statuses({message_id: status})
+            "status": status.value, "rank": status.rank})
+        # The row was `dispatching` (callbacks wait for its SID), so it moved (invariant 12).
+        report_statuses({message_id: status})
         db.session.commit()
 
     try:

@@ -73,18 +73,14 @@ def raise_status(message_id: str, status: MessageStatus, error_code: int | None 
         db.session.execute(statements["error"], {
             "message_id": message_id, "error_code": error_code, "error_message": error_message, "now": now})
     if moved and status in REPORTED_STATUSES:
-        report_status(message_id, status)
+        report_statuses({message_id: status})
     return bool(moved)
 
 
-def report_status(message_id: str, status: MessageStatus) -> None:
-    """message.status for a move that just happened, in its transaction (invariant 12): one event
-    per transition, never one per repeated callback (only a move that raised the rank reports)."""
-    report_statuses({message_id: status})
-
-
 def report_statuses(moves: Mapping[str, MessageStatus]) -> None:
-    """message.status for each message that just moved to the status given (one read for all)."""
+    """message.status for each message that just moved to the status given, in the move's
+    transaction (invariant 12), with one read for all: one event per transition, never one per
+    repeated callback (only a move that raised the rank reports)."""
     rows = db.session.execute(
         sa.select(Message, Contact.phone).join(Contact, Contact.id == Message.contact_id)
         .where(Message.id.in_(list(moves))).execution_options(populate_existing=True)).all()

@@ -17,11 +17,12 @@ from bot.clock import isoformat
 bp = Blueprint("contacts_api", __name__)
 
 
-def _phone_or_400(raw: str) -> str:
+def phone_or_400(raw: str, field: str = "phone") -> str:
+    """`raw` in E.164, or a 400 that names `field` and says what is wrong with the number."""
     try:
         return normalize_e164(raw)
     except InvalidNumber as exc:
-        abort(400, description=f"phone {exc}")
+        abort(400, description=f"{field} {exc}")
 
 
 def _contact_dict(contact: Contact) -> dict:
@@ -44,7 +45,7 @@ def _contact_dict(contact: Contact) -> dict:
 @require_api_token
 def get_contact(phone: str):
     """A contact's consent, its ledger and recent conversations with their outcomes."""
-    contact = db.session.scalar(sa.select(Contact).where(Contact.phone == _phone_or_400(phone)))
+    contact = db.session.scalar(sa.select(Contact).where(Contact.phone == phone_or_400(phone)))
     if contact is None:
         abort(404, description=f"no contact {phone!r}")
     return jsonify(_contact_dict(contact))
@@ -61,7 +62,7 @@ def set_consent(phone: str):
         body = validate(ConsentBody, read_json_body())
     except InvalidRequest as exc:
         abort(400, description=str(exc))
-    contact = get_or_create_contact(_phone_or_400(phone))
+    contact = get_or_create_contact(phone_or_400(phone))
     set_consent_from_api(contact, body.consent, (body.note or "")[:MAX_CONSENT_NOTE_CHARS] or None)
     db.session.commit()
     return jsonify(_contact_dict(contact))

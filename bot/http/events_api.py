@@ -12,10 +12,10 @@ from flask import Blueprint, abort, current_app, jsonify, request
 from bot.delivery import event_delivery
 from bot.extensions import db
 from bot.http.auth import require_api_token
+from bot.http.contacts_api import phone_or_400
 from bot.http.notify import read_json_body
 from bot.http.schemas import InvalidRequest, ReplayBody, validate
 from bot.models import Contact, Event, is_public_id
-from bot.phone import InvalidNumber, normalize_e164
 from bot.vocabulary import EventStatus, EventType
 
 bp = Blueprint("events_api", __name__)
@@ -67,10 +67,7 @@ def list_events():
     if statuses:
         query = query.where(Event.status.in_(statuses))
     if request.args.get("contact"):
-        try:
-            phone = normalize_e164(request.args["contact"])
-        except InvalidNumber as exc:
-            abort(400, description=f"contact {exc}")
+        phone = phone_or_400(request.args["contact"], field="contact")
         query = query.where(Event.contact_id == sa.select(Contact.id).where(Contact.phone == phone).scalar_subquery())
     limit = _limit()
     rows = db.session.scalars(query.limit(limit + 1)).all()

@@ -10,18 +10,12 @@ from bot.conversations.contacts import get_or_create_contact, lock_contact
 from bot.conversations.handoff import HandoffBy, end_handoff, in_handoff, start_handoff
 from bot.extensions import db
 from bot.http.auth import require_api_token
+from bot.http.contacts_api import phone_or_400
 from bot.http.notify import read_json_body
 from bot.http.schemas import HandoffBody, InvalidRequest, validate
 from bot.models import Contact
-from bot.phone import InvalidNumber, normalize_e164
 
 bp = Blueprint("handoff_api", __name__)
-
-def _phone(raw: str) -> str:
-    try:
-        return normalize_e164(raw)
-    except InvalidNumber as exc:
-        abort(400, description=f"phone {exc}")
 
 
 def _answer(contact: Contact):
@@ -38,7 +32,7 @@ def start(phone: str):
         body = validate(HandoffBody, payload)
     except InvalidRequest as exc:
         abort(400, description=str(exc))
-    contact = get_or_create_contact(_phone(phone))
+    contact = get_or_create_contact(phone_or_400(phone))
     lock_contact(contact.id)  # not in the middle of a turn of theirs (invariant 6)
     db.session.refresh(contact)
     start_handoff(contact, reason=body.reason, by=HandoffBy.API, hours=body.hours)
@@ -50,7 +44,7 @@ def start(phone: str):
 @require_api_token
 def end(phone: str):
     """Give the contact back to the bot (200 whether or not a handoff was running)."""
-    contact = db.session.scalar(sa.select(Contact).where(Contact.phone == _phone(phone)))
+    contact = db.session.scalar(sa.select(Contact).where(Contact.phone == phone_or_400(phone)))
     if contact is None:
         abort(404, description="no such contact")
     lock_contact(contact.id)
