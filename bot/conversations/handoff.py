@@ -43,7 +43,7 @@ def start_handoff(contact: Contact, *, reason: str | None, by: str, hours: float
     now = utcnow()
     running = in_handoff(contact, now)
     contact.handoff_until = now + timedelta(hours=hours or float(current_app.config["HANDOFF_HOURS"]))
-    contact.handoff_reason = (reason or None) and reason[:500]
+    contact.handoff_reason = reason[:500] if reason else None
     if running:
         return
     end_open_conversations(contact.id, ConversationStatus.CANCELLED, error="handed over to a person")
