@@ -11,7 +11,8 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from bot.clock import isoformat, utcnow
 from bot.extensions import db
-from bot.vocabulary import Consent, ConversationStatus, Direction, EventStatus, Kind
+from bot.vocabulary import (DEFAULT_CHANNELS, Channel, Consent, ConversationStatus, Direction, EventStatus,
+                            Kind)
 
 
 def new_id() -> str:
@@ -30,12 +31,28 @@ def is_public_id(value: str) -> bool:
 
 
 class Contact(db.Model):
-    """A WhatsApp user, keyed by E.164 number."""
+    """A person: a user of the backend (`user_id`, with a phone, an email or both), or a WhatsApp
+    user who wrote first (a phone, no `user_id` yet). One person, one row: a phone or an email
+    belongs to at most one contact (docs/ARCHITECTURE.md, "Users and channels").
+    """
 
     __tablename__ = "contacts"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    phone: Mapped[str] = mapped_column(sa.String(16), unique=True)  # E.164, e.g. +15551234567
+    #: E.164, e.g. +15551234567; empty for a user known only by email.
+    phone: Mapped[str | None] = mapped_column(sa.String(16), unique=True)
+    #: The backend's own id of this person (PUT /users/<user_id>); empty for a phone-only contact.
+    user_id: Mapped[str | None] = mapped_column(sa.String(128), unique=True)
+    #: Lowercased, so one address is one person however the backend spells it.
+    email: Mapped[str | None] = mapped_column(sa.String(254), unique=True)
+    name: Mapped[str | None] = mapped_column(sa.String(256))
+    locale: Mapped[str | None] = mapped_column(sa.String(35))  # BCP 47, e.g. pt-BR
+    timezone: Mapped[str | None] = mapped_column(sa.String(64))  # IANA, e.g. America/Sao_Paulo
+    #: The order of channels to try (["whatsapp", "email"]); empty: vocabulary.DEFAULT_CHANNELS.
+    channels: Mapped[list[str] | None] = mapped_column(sa.JSON)
+    #: Email consent, apart from WhatsApp's (`consent`): invariant 14.
+    email_consent: Mapped[str] = mapped_column(sa.String(16), default=Consent.UNKNOWN,
+                                               server_default=Consent.UNKNOWN.value)
     wa_id: Mapped[str | None] = mapped_column(sa.String(32))
     profile_name: Mapped[str | None] = mapped_column(sa.String(256))
     consent: Mapped[str] = mapped_column(sa.String(16), default=Consent.UNKNOWN, server_default=Consent.UNKNOWN.value)
@@ -50,11 +67,24 @@ class Contact(db.Model):
 
     @property
     def whatsapp_address(self) -> str:
-        return "whatsapp:" + self.phone
+        return "whatsapp:" + (self.phone or "")
+
+    @property
+    def channel_order(self) -> list[str]:
+        """The channels to try, in the user's order (the default order when they set none)."""
+        return list(self.channels or DEFAULT_CHANNELS)
+
+    def consent_on(self, channel: str) -> str:
+        """This person's consent on one channel (invariant 14: each channel has its own)."""
+        return self.email_consent if channel == Channel.EMAIL else self.consent
+
+    def address_on(self, channel: str) -> str | None:
+        """Where a message on `channel` goes: the phone for WhatsApp, the email address for email."""
+        return self.email if channel == Channel.EMAIL else self.phone
 
 
 class Message(db.Model):
-    """One WhatsApp message, outbound (a notification or a reply) or inbound (from the user).
+    """One message, outbound (a notification or a reply) or inbound (from the user), on one channel.
 
     Outbound rows are the outbox: committed as `pending` before their send task is enqueued, then
     claimed (`dispatching`, with a lease until `claimed_until`) by exactly one send.
@@ -71,6 +101,10 @@ class Message(db.Model):
     kind: Mapped[str] = mapped_column(sa.String(16), default=Kind.NOTIFICATION, server_default=Kind.NOTIFICATION.value)
     contact_id: Mapped[int] = mapped_column(sa.ForeignKey("contacts.id"))
     conversation_id: Mapped[str | None] = mapped_column(sa.ForeignKey("conversations.id"), index=True)
+    channel: Mapped[str] = mapped_column(sa.String(16), default=Channel.WHATSAPP,
+                                         server_default=Channel.WHATSAPP.value)
+    #: The email's subject (also kept on a WhatsApp message, for the email its fallback would be).
+    subject: Mapped[str | None] = mapped_column(sa.String(998))
     body: Mapped[str | None] = mapped_column(sa.Text)
     template: Mapped[str | None] = mapped_column(sa.String(128))
     content_sid: Mapped[str | None] = mapped_column(sa.String(34))
@@ -79,6 +113,11 @@ class Message(db.Model):
     #: Inbound only: every form field Twilio sent (media, location, buttons, referral...).
     payload: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     twilio_sid: Mapped[str | None] = mapped_column(sa.String(34), unique=True)
+    #: The email provider's id of an accepted email (SendGrid's X-Message-Id).
+    provider_message_id: Mapped[str | None] = mapped_column(sa.String(128), index=True)
+    #: The message this one replaces on another channel (invariant 13: unique, so at most one
+    #: fallback per message; a fallback never has one of its own).
+    fallback_of: Mapped[str | None] = mapped_column(sa.ForeignKey("messages.id"), unique=True)
     status: Mapped[str] = mapped_column(sa.String(16))  # MessageStatus
     status_rank: Mapped[int] = mapped_column(sa.SmallInteger, default=0)
     error_code: Mapped[int | None] = mapped_column(sa.Integer)
@@ -115,12 +154,18 @@ class Message(db.Model):
             "direction": self.direction,
             "kind": self.kind,
             "conversation_id": self.conversation_id,
-            "to": self.contact.phone if self.direction == Direction.OUTBOUND else None,
-            "from": self.contact.phone if self.direction == Direction.INBOUND else None,
+            "channel": self.channel,
+            "user_id": self.contact.user_id,
+            "to": self.contact.address_on(self.channel) if self.direction == Direction.OUTBOUND else None,
+            "from": self.contact.address_on(self.channel) if self.direction == Direction.INBOUND else None,
+            "subject": self.subject,
+            "fallback_of": self.fallback_of,
+            "fallback": None,  # the replacing message's id: GET /messages/<id> looks it up
             "status": self.status,
             "error_code": self.error_code,
             "error_message": self.error_message,
             "twilio_sid": self.twilio_sid,
+            "provider_message_id": self.provider_message_id,
             "body": self.body,
             "template": self.template,
             "variables": self.variables,
@@ -256,6 +301,8 @@ class ConsentEvent(db.Model):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     contact_id: Mapped[int] = mapped_column(sa.ForeignKey("contacts.id"), index=True)
+    channel: Mapped[str] = mapped_column(sa.String(16), default=Channel.WHATSAPP,
+                                         server_default=Channel.WHATSAPP.value)
     action: Mapped[str] = mapped_column(sa.String(16))  # ConsentAction
     previous: Mapped[str] = mapped_column(sa.String(16))  # the consent state before
     source: Mapped[str] = mapped_column(sa.String(32))  # keyword / api / sandbox_join / twilio_opt_out
@@ -265,6 +312,7 @@ class ConsentEvent(db.Model):
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "channel": self.channel,
             "action": self.action,
             "previous": self.previous,
             "source": self.source,
@@ -322,3 +370,24 @@ class Event(db.Model):
                 "delivered_at": isoformat(self.delivered_at),
             },
         }
+
+
+class EmailEvent(db.Model):
+    """One event of SendGrid's Event Webhook, kept once (its `sg_event_id`; SendGrid repeats
+    events routinely and retries a batch for 24 h). `message_id` is ours, from the email's
+    `custom_args`; empty for an email this server does not know (acknowledged and counted)."""
+
+    __tablename__ = "email_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sg_event_id: Mapped[str] = mapped_column(sa.String(100), unique=True)
+    message_id: Mapped[str | None] = mapped_column(sa.String(32), index=True)
+    event: Mapped[str] = mapped_column(sa.String(32))
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    occurred_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    received_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.event, "error_code": None, "error_message": self.reason,
+                "received_at": isoformat(self.received_at)}

@@ -84,6 +84,18 @@ class Consent(StrEnum):
     OPTED_OUT = "opted_out"
 
 
+class Channel(StrEnum):
+    """How a message reaches a person: one package per channel in bot/channels (and bot/twilio)."""
+
+    WHATSAPP = "whatsapp"
+    EMAIL = "email"
+
+
+#: A user's channel order when they have none of their own: WhatsApp first, as the system this
+#: server replaces did, then email.
+DEFAULT_CHANNELS = (Channel.WHATSAPP, Channel.EMAIL)
+
+
 class ConsentAction(StrEnum):
     """What one entry of the consent ledger records."""
 
@@ -150,6 +162,8 @@ class EventType(StrEnum):
     CONTACT_OPTED_OUT = "contact.opted_out"
     CONTACT_HANDOFF_STARTED = "contact.handoff_started"
     CONTACT_HANDOFF_ENDED = "contact.handoff_ended"
+    #: A message failed for good on its channel: the fallback made on the next one, or why none.
+    MESSAGE_FALLBACK = "message.fallback"
 
 
 class EventStatus(StrEnum):

@@ -11,12 +11,13 @@ from werkzeug.exceptions import HTTPException
 
 def init_app(app: Flask) -> None:
     """Register every blueprint, and JSON bodies for every HTTP error."""
-    from bot.http import contacts_api, events_api, handoff_api, health, notify, openapi, webhook
+    from bot.http import contacts_api, events_api, handoff_api, health, notify, openapi, users_api, webhook
 
     app.register_blueprint(notify.bp)
     app.register_blueprint(contacts_api.bp)
     app.register_blueprint(events_api.bp)
     app.register_blueprint(handoff_api.bp)
+    app.register_blueprint(users_api.bp)
     app.register_blueprint(webhook.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)

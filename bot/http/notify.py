@@ -12,17 +12,28 @@ from bot.delivery import outbox
 from bot.conversations.consent import opt_out_waiting
 from bot.conversations.contacts import get_or_create_contact
 from bot.conversations.handoff import in_handoff
+from bot.conversations.users import UserConflict, find_user, upsert_user
+from bot.delivery import routing
+from bot.delivery.routing import Content, Unusable
 from bot.extensions import db
-from bot.models import Conversation, IdempotencyKey, Message, StatusEvent, is_public_id, new_id
+from bot.models import Contact, Conversation, IdempotencyKey, Message, StatusEvent, is_public_id, new_id
+from bot.conversations.replies import TEMPLATES_DIR
 from bot.http.schemas import InvalidRequest, NotifyRequest, parse_notify
 from bot.twilio.whatsapp import within_window
-from bot.vocabulary import Consent, ConversationStatus, Direction, IdempotentKind, Kind, MessageStatus, StartedBy
+from bot.vocabulary import Channel, Consent, ConversationStatus, Direction, IdempotentKind, Kind, MessageStatus, StartedBy
 from bot.http.auth import require_api_token
 from flows import registry
 
 bp = Blueprint("notify", __name__)
 
 MAX_IDEMPOTENCY_KEY = 255
+
+
+def email_templates() -> frozenset[str]:
+    """The templates with email copy (templates/email/<name>/subject.txt): a user's notification
+    may name one even when WhatsApp has no approved template of that name."""
+    folder = TEMPLATES_DIR / "email"
+    return frozenset(path.parent.name for path in folder.glob("*/subject.txt")) if folder.is_dir() else frozenset()
 
 
 def read_json_body() -> Any:
@@ -41,7 +52,9 @@ def _accepted(message: Message, replayed: bool = False):
     response = jsonify(
         id=message.id,
         status=message.status,
-        to=message.contact.phone,
+        channel=message.channel,
+        user_id=message.contact.user_id,
+        to=message.contact.address_on(message.channel),
         created_at=message.to_dict()["created_at"],
         url=url_for("notify.get_message", message_id=message.id),
     )
@@ -98,7 +111,8 @@ def notify():
     if payload is None:
         return _error(400, "the body is not valid JSON")
     try:
-        notification = parse_notify(payload, current_app.config["TWILIO_CONTENT_SIDS"], registry())
+        notification = parse_notify(payload, current_app.config["TWILIO_CONTENT_SIDS"], registry(),
+                                    email_templates())
     except InvalidRequest as exc:
         return _error(400, str(exc))
 
@@ -111,26 +125,32 @@ def notify():
         if replay is not None:
             return replay
 
+    if notification.user_id is not None:
+        return _notify_user(notification, key)
     contact = get_or_create_contact(notification.to)
     if contact.consent == Consent.OPTED_OUT or opt_out_waiting(contact.id):
         db.session.commit()
-        return _error(409, f"{contact.phone} has opted out; nothing is sent until they opt back in")
+        return _error(409, "the recipient has opted out of WhatsApp; nothing is sent until they opt back in")
     if notification.is_free_form and not within_window(contact.last_inbound_at):
         db.session.commit()
-        return _error(
-            422,
-            f"{contact.phone} has not written in the last 24 hours, so WhatsApp allows no free-form "
-            "message; send an approved template instead: {\"to\", \"template\", \"variables\"}",
-            templates=sorted(current_app.config["TWILIO_CONTENT_SIDS"]),
-        )
+        return _window_closed()
     if notification.flow is not None:
-        if in_handoff(contact):
-            db.session.commit()
-            return _error(409, f"{contact.phone} is with a person (human handoff): the bot starts no flow until "
-                               f"DELETE /contacts/{contact.phone}/handoff or the handoff ends")
         return _start_flow(notification, contact, key)
+    return _queue(notification, contact, Channel.WHATSAPP, key)
 
-    message = _new_outbound(notification, contact.id, key)
+
+def _window_closed():
+    return _error(
+        422,
+        "the recipient has not written in the last 24 hours, so WhatsApp allows no free-form "
+        "message; send an approved template instead: {\"to\", \"template\", \"variables\"}",
+        templates=sorted(current_app.config["TWILIO_CONTENT_SIDS"]),
+    )
+
+
+def _queue(notification: NotifyRequest, contact: Contact, channel: str, key: str | None):
+    """Store the message (the outbox) and answer 202; its send is enqueued after the commit."""
+    message = _new_outbound(notification, contact.id, key, channel)
     outbox.defer_send(message)  # enqueued once the row is committed
     race = _commit_new_row(message, key, notification)
     if race is not None:
@@ -159,18 +179,61 @@ def _commit_new_row(row: Message | Conversation, key: str | None, notification: 
         return replay
 
 
+def _notify_user(notification: NotifyRequest, key: str | None):
+    """/notify by the backend's user id: store the inline `user`, then the first usable channel
+    in the user's order (or the pinned one) carries the message (bot.delivery.routing)."""
+    try:
+        if notification.user is not None:
+            contact, _ = upsert_user(notification.user_id, notification.user)
+        else:
+            contact = find_user(notification.user_id)
+    except UserConflict as exc:
+        db.session.rollback()
+        return _error(409, str(exc))
+    if contact is None:
+        return _error(404, "no such user: store it first with PUT /users/<user_id>, or send its fields in 'user'")
+    db.session.flush()
+    if notification.flow is not None:
+        if not contact.phone:
+            db.session.commit()
+            return _error(422, "flows run on WhatsApp and this user has no phone")
+        if contact.consent == Consent.OPTED_OUT or opt_out_waiting(contact.id):
+            db.session.commit()
+            return _error(409, "the user has opted out of WhatsApp; nothing is sent until they opt back in")
+        return _start_flow(notification, contact, key)
+    content = Content(body=notification.body, subject=notification.subject, template=notification.template,
+                      has_media=bool(notification.media_urls), whatsapp_template=notification.content_sid is not None,
+                      email_template=notification.template in email_templates())
+    stop_waiting = bool(contact.phone) and opt_out_waiting(contact.id)
+    channel, skipped = routing.choose(contact, content, pinned=notification.channel, stop_waiting=stop_waiting)
+    if channel is None:
+        db.session.commit()  # the inline user is stored all the same
+        reasons = {name: str(reason) for name, reason in skipped.items()}
+        if Unusable.OPTED_OUT in skipped.values() and set(skipped.values()) <= {Unusable.OPTED_OUT, Unusable.NO_ADDRESS}:
+            return _error(409, "the user has opted out of every channel that could reach them", skipped=reasons)
+        if skipped == {Channel.WHATSAPP: Unusable.WINDOW_CLOSED}:
+            return _window_closed()
+        return _error(422, "no channel can carry this message to this user: "
+                           + ", ".join(f"{name}: {reason}" for name, reason in reasons.items()), skipped=reasons)
+    return _queue(notification, contact, channel, key)
+
+
 def _start_flow(notification: NotifyRequest, contact, key: str | None):
     """Queue a backend-started conversation; the worker runs the flow (none of it runs here)."""
+    if in_handoff(contact):
+        db.session.commit()
+        return _error(409, "the recipient is with a person (human handoff): the bot starts no flow until "
+                           "DELETE /contacts/<phone>/handoff or the handoff ends")
     flow = registry()[notification.flow]
     template = flow.start_content_template
     if not within_window(contact.last_inbound_at) and template not in current_app.config["TWILIO_CONTENT_SIDS"]:
         db.session.commit()
         return _error(
             422,
-            f"{contact.phone} has not written in the last 24 hours; flow {flow.name!r} can open the "
+            f"the recipient has not written in the last 24 hours; flow {flow.name!r} can open the "
             f"conversation outside the window only with its approved template "
             f"{template!r} configured in TWILIO_CONTENT_SIDS" if template else
-            f"{contact.phone} has not written in the last 24 hours and flow {flow.name!r} has no "
+            f"the recipient has not written in the last 24 hours and flow {flow.name!r} has no "
             "approved template to open the conversation with",
         )
     conversation = Conversation(
@@ -185,10 +248,13 @@ def _start_flow(notification: NotifyRequest, contact, key: str | None):
     return _conversation_accepted(conversation)
 
 
-def _new_outbound(notification: NotifyRequest, contact_id: int, key: str | None) -> Message:
+def _new_outbound(notification: NotifyRequest, contact_id: int, key: str | None,
+                  channel: str = Channel.WHATSAPP) -> Message:
     return Message(
         direction=Direction.OUTBOUND,
         contact_id=contact_id,
+        channel=channel,
+        subject=notification.subject,
         body=notification.body,
         media_urls=list(notification.media_urls) or None,
         template=notification.template,
@@ -217,4 +283,6 @@ def get_message(message_id: str):
     events = db.session.scalars(
         sa.select(StatusEvent).where(StatusEvent.message_id == message.id).order_by(StatusEvent.id)
     ).all()
-    return jsonify(message.to_dict(events=list(events)))
+    data = message.to_dict(events=list(events))
+    data["fallback"] = db.session.scalar(sa.select(Message.id).where(Message.fallback_of == message.id))
+    return jsonify(data)

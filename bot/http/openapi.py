@@ -18,8 +18,8 @@ from pydantic.json_schema import models_json_schema
 
 from bot.http.notify import MAX_IDEMPOTENCY_KEY
 from bot.http.events_api import DEFAULT_LIMIT, MAX_LIMIT
-from bot.http.schemas import ConsentBody, HandoffBody, NotifyBody, ReplayBody
-from bot.vocabulary import Consent, ConversationStatus, EventStatus, EventType, MessageStatus
+from bot.http.schemas import ConsentBody, HandoffBody, NotifyBody, ReplayBody, UserBody
+from bot.vocabulary import Channel, Consent, ConversationStatus, EventStatus, EventType, MessageStatus
 
 bp = Blueprint("openapi", __name__)
 
@@ -33,6 +33,8 @@ class Error(BaseModel):
     error: str
     templates: list[str] | None = Field(None, description="with a 422 outside the 24-hour window: the "
                                                           "configured templates to send instead")
+    skipped: dict[str, str] | None = Field(None, description="with a 409 or 422 for a user: why each channel "
+                                                             "could not carry the message")
 
 
 class MessageAccepted(BaseModel):
@@ -40,7 +42,9 @@ class MessageAccepted(BaseModel):
 
     id: str
     status: MessageStatus
-    to: str
+    channel: Channel
+    user_id: str | None = Field(description="your user's id, when the message went to a user")
+    to: str = Field(description="the phone number (WhatsApp) or email address the message goes to")
     created_at: str | None
     url: str
 
@@ -74,13 +78,19 @@ class Message(BaseModel):
     direction: str
     kind: str | None
     conversation_id: str | None
+    channel: Channel
+    user_id: str | None = Field(description="your user's id, when the message is a user's")
     to: str | None
     from_: str | None = Field(alias="from")
+    subject: str | None = Field(description="the email's subject")
+    fallback_of: str | None = Field(description="the message this one replaces on another channel")
+    fallback: str | None = Field(description="the message that replaced this one on another channel")
     status: MessageStatus
     error_code: int | None = Field(description="Twilio's error code (also 21610 and 63016 when the "
                                                "server refuses to send itself)")
     error_message: str | None
     twilio_sid: str | None
+    provider_message_id: str | None = Field(description="the email provider's id (SendGrid's X-Message-Id)")
     body: str | None
     template: str | None
     variables: dict[str, Any] | None
@@ -187,6 +197,28 @@ class Handoff(BaseModel):
 # ---------------------------------------------------------------- the paths table
 
 
+class UserConsent(BaseModel):
+    """Consent per channel: STOP on WhatsApp and an email unsubscribe are separate (invariant 14)."""
+
+    whatsapp: Consent
+    email: Consent
+
+
+class User(BaseModel):
+    """A user by your own id (PUT /users/<user_id>)."""
+
+    user_id: str
+    phone: str | None
+    email: str | None
+    name: str | None
+    locale: str | None
+    timezone: str | None
+    channels: list[Channel] = Field(description="the order of channels to try")
+    consent: UserConsent
+    created_at: str | None
+    updated_at: str | None
+
+
 @dataclass(frozen=True)
 class Operation:
     """One route as a backend calls it: what it takes and what it may answer."""
@@ -250,6 +282,15 @@ OPERATIONS = [
                             (400, ("a field, or the phone number, is wrong", Error)), UNAUTHORIZED,
                             (404, ("not a path of this API (e.g. a phone number with a slash)", Error)),
                             TOO_LARGE])),
+    Operation("put", "/users/{user_id}", "Store a user by your own id: omitted fields kept, null clears",
+              body=UserBody,
+              answers=dict([(200, ("the user, updated", User)), (201, ("the user, created", User)),
+                            (400, ("a field, or the user id, is wrong", Error)), UNAUTHORIZED,
+                            (404, ("not a path of this API (e.g. an id with a slash)", Error)),
+                            (409, ("the phone or email belongs to another user", Error)), TOO_LARGE])),
+    Operation("get", "/users/{user_id}", "A user, with consent per channel",
+              answers=dict([(200, ("the user", User)), (400, ("the user id is wrong", Error)), UNAUTHORIZED,
+                            (404, ("no such user", Error))])),
     Operation("get", "/events", "Events oldest first, after a cursor, filtered by type, delivery status, contact",
               query=EVENT_FILTERS,
               answers=dict([(200, ("a page of events", EventPage)), (400, ("a filter is wrong", Error)),
@@ -307,9 +348,9 @@ def _operation(operation: Operation) -> dict[str, Any]:
 @lru_cache(maxsize=1)
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document (built once: it depends on code, not on configuration)."""
-    bodies = (NotifyBody, ConsentBody, HandoffBody, ReplayBody)
+    bodies = (NotifyBody, ConsentBody, HandoffBody, ReplayBody, UserBody)
     models = [*bodies, Error, MessageAccepted, ConversationAccepted, Message, Conversation, Contact, EventPage,
-              EventReplay, EventsReplayed, Handoff]
+              EventReplay, EventsReplayed, Handoff, User]
     # Request bodies as they are validated, answers as they are serialised (`from`, not `from_`).
     _, schemas = models_json_schema(
         [(model, "validation" if model in bodies else "serialization") for model in models],

@@ -7,9 +7,11 @@ put into those words by `explain`, so a backend never sees pydantic's wording.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import zoneinfo
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Annotated, Any, Callable, Literal, Mapping, Self, TypeVar
@@ -18,14 +20,17 @@ from urllib.parse import urlparse
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
                       ValidationInfo, WrapValidator, model_validator)
 from pydantic_core import ErrorDetails
+from babel import Locale, UnknownLocaleError
+from email_validator import EmailNotValidError, validate_email
 
 from bot.phone import InvalidNumber, normalize_e164
 from bot.twilio.whatsapp import MAX_BODY_CHARS, MAX_TEMPLATE_VARIABLES_CHARS
-from bot.vocabulary import Consent
+from bot.vocabulary import Channel, Consent
 from flows.toolkit import Flow
 
 MAX_FLOW_VARIABLE_CHARS = 1024  # a flow's variables land in message copy of at most 1600 characters
 MAX_CONSENT_NOTE_CHARS = 1000  # a longer note is kept cut to this length
+MAX_SUBJECT_CHARS = 998  # RFC 5322's line limit: a longer subject header would be folded or refused
 
 
 class InvalidRequest(ValueError):
@@ -37,9 +42,9 @@ class InvalidRequest(ValueError):
 
 @dataclass(frozen=True)
 class NotifyRequest:
-    """A validated notification: exactly one of body/media or template."""
+    """A validated notification: exactly one of body/media or template, to `to` or `user_id`."""
 
-    to: str  # E.164
+    to: str | None = None  # E.164; None when addressed by user_id
     body: str | None = None
     media_urls: tuple[str, ...] = ()
     template: str | None = None
@@ -51,11 +56,18 @@ class NotifyRequest:
     metadata: dict[str, Any] | None = None
     #: The person writing (human handoff): the message is an agent's, not the bot's.
     agent: str | None = None
+    #: The backend's user id instead of `to`, with the user's fields to store first (`user`).
+    user_id: str | None = None
+    user: dict[str, Any] | None = None
+    #: A pinned channel; None: the user's channel order decides.
+    channel: str | None = None
+    #: The email's subject (free text by email needs one).
+    subject: str | None = None
 
     @property
     def is_free_form(self) -> bool:
         """Free-form text or media, which WhatsApp allows only inside the 24-hour window."""
-        return self.content_sid is None and self.flow is None
+        return self.content_sid is None and self.flow is None and self.template is None
 
     def fingerprint(self) -> str:
         """A hash of the normalised request, to tell a replay from a reused Idempotency-Key.
@@ -63,7 +75,7 @@ class NotifyRequest:
         Stored with every keyed row, so its input (this dataclass's fields) must not change shape:
         a replay after a deploy must still match."""
         fields = asdict(self)
-        for added_later in ("metadata", "agent"):  # absent: the shape keys were stored with
+        for added_later in ("metadata", "agent", "user_id", "user", "channel", "subject"):  # absent: the shape keys were stored with
             if fields[added_later] is None:
                 del fields[added_later]
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
@@ -76,6 +88,8 @@ class NotifyContext:
 
     content_sids: Mapping[str, str]
     flows: Mapping[str, Flow]
+    #: Templates that have email copy (templates/email/<name>/): a user's notification may name one.
+    email_templates: frozenset[str] = frozenset()
 
 
 # ---------------------------------------------------------------- field building blocks
@@ -180,9 +194,23 @@ class NotifyBody(RequestBody):
          "variables": {"name": "Ada", "date": "Tue 3 March", "time": "10:30", "appointment_id": "A-17"}},
     ]})
 
-    to: Annotated[str, AfterValidator(_e164), refuse_as("'to' must be a string"), Field(
+    to: Annotated[str | None, AfterValidator(lambda v: v if v is None else _e164(v)),
+                  refuse_as("'to' must be a string"), Field(
         description="the recipient's number in E.164, e.g. +15551234567 (a `whatsapp:` prefix, spaces "
-                    "and a leading 00 are accepted)", examples=["+15551234567"])]
+                    "and a leading 00 are accepted); or give `user_id` instead", examples=["+15551234567"])] = None
+    user_id: Annotated[str | None, AfterValidator(lambda v: v if v is None else check_user_id(v)),
+                       refuse_as("'user_id' must be a string"), Field(
+        description="your own id of the user (PUT /users/<user_id>) instead of `to`",
+        examples=["123"])] = None
+    user: Annotated[dict[str, Any] | None, refuse_as("'user' must be an object of the user's fields"), Field(
+        description="the user's fields (phone, email, name, locale, timezone, channels: as PUT "
+                    "/users/<user_id>), stored before sending; only with `user_id`")] = None
+    channel: Annotated[Literal["whatsapp", "email"] | None,
+                       refuse_as("'channel' must be \"whatsapp\" or \"email\""), Field(
+        description="send on this channel only; without it the user's `channels` order decides")] = None
+    subject: Annotated[Annotated[str, Field(min_length=1, max_length=MAX_SUBJECT_CHARS, pattern=r"\S")] | None,
+                       refuse_as(f"'subject' must be text of 1 to {MAX_SUBJECT_CHARS} characters"), Field(
+        description="the email's subject (needed for free text by email)")] = None
     body: Annotated[Annotated[str, Field(max_length=MAX_BODY_CHARS, pattern=r"\S")] | None, refuse_as(_body_refusal),
                     Field(description="free-form text; WhatsApp allows it only within 24 hours of the "
                                       "contact's last message")] = None
@@ -207,6 +235,7 @@ class NotifyBody(RequestBody):
                                        "as an agent's (kind `agent`)")] = None
 
     _content_sid: str | None = PrivateAttr(default=None)
+    _user_changes: dict[str, Any] | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _one_kind_of_message(self, info: ValidationInfo) -> Self:
@@ -214,6 +243,7 @@ class NotifyBody(RequestBody):
         context = info.context
         if not isinstance(context, NotifyContext):
             raise TypeError("validate NotifyBody with context=NotifyContext(...) (templates and flows)")
+        self._check_recipient()
         message_given = self.body is not None or self.media_url is not None
         if self.flow is not None:
             if message_given or self.template is not None:
@@ -222,7 +252,7 @@ class NotifyBody(RequestBody):
         elif self.template is not None:
             if message_given:
                 raise InvalidRequest("send either 'template' (with 'variables') or 'body'/'media_url', not both")
-            self._content_sid = self._check_template(context.content_sids)
+            self._content_sid = self._check_template(context)
         elif "variables" in self.model_fields_set:
             raise InvalidRequest("'variables' only goes with 'template'")
         elif not message_given:
@@ -239,14 +269,33 @@ class NotifyBody(RequestBody):
         if missing:
             raise InvalidRequest(f"flow {self.flow!r} needs variables: {', '.join(missing)}")
 
-    def _check_template(self, content_sids: Mapping[str, str]) -> str:
-        """The template's ContentSid (a configured name, or an HX… SID given directly)."""
+    def _check_recipient(self) -> None:
+        """Exactly one of `to` or `user_id`; `user` only with `user_id`; `to` is WhatsApp only."""
+        for name in ("to", "user_id"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise InvalidRequest(f"'{name}' must be a string")
+        if (self.to is None) == (self.user_id is None):
+            raise InvalidRequest("'to' (a phone number) or 'user_id' (your user's id) is required, not both")
+        if self.user is not None:
+            if self.user_id is None:
+                raise InvalidRequest("'user' goes with 'user_id' (the user it stores)")
+            self._user_changes = validate(UserBody, self.user).changes()
+        if self.to is not None and self.channel not in (None, "whatsapp"):
+            raise InvalidRequest("'to' is a phone number: only \"whatsapp\" reaches it; use 'user_id' for email")
+
+    def _check_template(self, context: NotifyContext) -> str | None:
+        """The template's ContentSid (a configured name, or an HX… SID given directly); None for
+        a user's template that exists only as email copy."""
+        content_sids = context.content_sids
         if self.template in content_sids:
             content_sid = content_sids[self.template]
         elif self.template.startswith("HX") and len(self.template) == 34:
             content_sid = self.template
+        elif self.user_id is not None and self.template in context.email_templates:
+            content_sid = None
         else:
-            known = ", ".join(sorted(content_sids)) or "none configured (TWILIO_CONTENT_SIDS)"
+            names = set(content_sids) | (set(context.email_templates) if self.user_id is not None else set())
+            known = ", ".join(sorted(names)) or "none configured (TWILIO_CONTENT_SIDS)"
             raise InvalidRequest(f"unknown template {self.template!r}; known templates: {known}")
         for key, value in (self.variables or {}).items():
             if value is None:
@@ -257,7 +306,9 @@ class NotifyBody(RequestBody):
 
     def normalised(self) -> NotifyRequest:
         """The request the route stores: E.164 `to`, media as a tuple, template variables as text."""
-        extra = {"metadata": self.metadata, "agent": self.agent.strip() if self.agent else None}
+        extra = {"metadata": self.metadata, "agent": self.agent.strip() if self.agent else None,
+                 "user_id": self.user_id, "user": self._user_changes, "channel": self.channel,
+                 "subject": self.subject}
         if self.flow is not None:
             return NotifyRequest(to=self.to, flow=self.flow, variables=dict(self.variables or {}), **extra)
         if self.template is not None:
@@ -269,11 +320,12 @@ class NotifyBody(RequestBody):
         return NotifyRequest(to=self.to, body=self.body, media_urls=media_urls, **extra)
 
 
-def parse_notify(payload: Any, content_sids: Mapping[str, str], flows: Mapping[str, Flow] | None = None) -> NotifyRequest:
+def parse_notify(payload: Any, content_sids: Mapping[str, str], flows: Mapping[str, Flow] | None = None,
+                 email_templates: frozenset[str] = frozenset()) -> NotifyRequest:
     """Validate a decoded JSON payload against the HTTP contract (README, "Sending a notification").
 
     Raises InvalidRequest naming the field."""
-    context = NotifyContext(content_sids=content_sids, flows=flows or {})
+    context = NotifyContext(content_sids=content_sids, flows=flows or {}, email_templates=email_templates)
     return validate(NotifyBody, payload, context=context).normalised()
 
 
@@ -340,6 +392,108 @@ class ReplayBody(RequestBody):
         """`since` as the naive UTC the database stores (bot.clock)."""
         moment = datetime.fromisoformat(self.since.replace("Z", "+00:00"))
         return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
+
+
+# ---------------------------------------------------------------- PUT /users/<user_id> and /notify's `user`
+# An omitted field is kept and `null` clears it, so a model's `model_fields_set` says which fields
+# the request touched. Every value is normalised here (E.164 phone, lowercased email, BCP 47
+# locale, IANA timezone), so what is stored compares equal however the backend spelled it.
+
+MAX_USER_ID_CHARS = 128
+MAX_NAME_CHARS = 256
+MAX_EMAIL_CHARS = 254  # RFC 5321's path limit, less the angle brackets
+
+
+def check_user_id(user_id: str) -> str:
+    """A backend's user id as a route takes it: 1 to 128 printable characters; else InvalidRequest."""
+    if not 0 < len(user_id) <= MAX_USER_ID_CHARS:
+        raise InvalidRequest(f"'user_id' must be 1 to {MAX_USER_ID_CHARS} characters")
+    if not user_id.isprintable() or user_id != user_id.strip():
+        raise InvalidRequest("'user_id' must be printable text without leading or trailing spaces")
+    return user_id
+
+
+def _phone(value: str) -> str:
+    try:
+        return normalize_e164(value)
+    except InvalidNumber as exc:
+        raise InvalidRequest(f"'phone' {exc}") from None
+
+
+def _email(value: str) -> str:
+    if len(value) > MAX_EMAIL_CHARS:
+        raise InvalidRequest(f"'email' is longer than {MAX_EMAIL_CHARS} characters")
+    try:
+        # No DNS lookup: a request must not wait on the network, and a backend's address book
+        # is its own; only the syntax is checked (email-validator, RFC 5322/6531).
+        normalized = validate_email(value, check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise InvalidRequest(f"'email' is not a valid address: {exc}") from None
+    return normalized.lower()
+
+
+def _locale(value: str) -> str:
+    try:
+        locale = Locale.parse(value.strip().replace("_", "-"), sep="-")
+    except (UnknownLocaleError, ValueError, TypeError):
+        raise InvalidRequest(f"'locale' {value[:40]!r} is not a known BCP 47 locale, e.g. pt-BR or en") from None
+    return "-".join(part for part in (locale.language, locale.script, locale.territory) if part)
+
+
+@functools.cache
+def _timezones() -> frozenset[str]:
+    # The IANA names zoneinfo knows (tzdata on a machine without a system database); a set lookup
+    # rather than ZoneInfo(value), which would also read a file path a request names.
+    return frozenset(zoneinfo.available_timezones())
+
+
+def _timezone(value: str) -> str:
+    if value not in _timezones():
+        raise InvalidRequest(f"'timezone' {value[:64]!r} is not an IANA timezone, e.g. America/Sao_Paulo")
+    return value
+
+
+def _channels(value: list[str]) -> list[str]:
+    if len(set(value)) != len(value):
+        raise InvalidRequest("'channels' names a channel twice")
+    return value
+
+
+CHANNELS_REFUSAL = f"'channels' must be a list of channels in order of preference, from: {', '.join(Channel)}"
+
+
+class UserBody(RequestBody):
+    """A user's fields. Omitted: kept as stored; null: cleared."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"phone": "+5511912345678", "email": "ada@example.com", "name": "Ada", "locale": "pt-BR",
+         "timezone": "America/Sao_Paulo", "channels": ["whatsapp", "email"]},
+        {"email": "grace@example.com", "channels": ["email"]},
+    ]})
+
+    phone: Annotated[str | None, AfterValidator(lambda v: v if v is None else _phone(v)),
+                     refuse_as("'phone' must be a string"),
+                     Field(description="E.164, e.g. +15551234567 (spaces, a leading 00 or `whatsapp:` accepted)")] = None
+    email: Annotated[str | None, AfterValidator(lambda v: v if v is None else _email(v)),
+                     refuse_as("'email' must be a string"), Field(description="an email address")] = None
+    name: Annotated[Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS, pattern=r"\S")] | None,
+                    refuse_as(f"'name' must be text of 1 to {MAX_NAME_CHARS} characters"),
+                    Field(description="how to address the person (available to templates as `name`)")] = None
+    locale: Annotated[str | None, AfterValidator(lambda v: v if v is None else _locale(v)),
+                      refuse_as("'locale' must be a string such as pt-BR"),
+                      Field(description="BCP 47, e.g. pt-BR")] = None
+    timezone: Annotated[str | None, AfterValidator(lambda v: v if v is None else _timezone(v)),
+                        refuse_as("'timezone' must be a string such as America/Sao_Paulo"),
+                        Field(description="IANA, e.g. America/Sao_Paulo")] = None
+    channels: Annotated[Annotated[list[Literal[Channel.WHATSAPP.value, Channel.EMAIL.value]], Field(min_length=1, max_length=len(Channel))] | None,
+                        AfterValidator(lambda v: v if v is None else _channels([str(c) for c in v])),
+                        refuse_as(CHANNELS_REFUSAL),
+                        Field(description="the order of channels to try, e.g. [\"whatsapp\", \"email\"]; "
+                                          "null: the default order")] = None
+
+    def changes(self) -> dict[str, Any]:
+        """The fields the request named, normalised (None where it asked to clear one)."""
+        return {name: getattr(self, name) for name in self.model_fields_set}
 
 
 # ---------------------------------------------------------------- validation and its wording
