@@ -7,6 +7,7 @@ simulator's URL exactly as SENDGRID_API_URL does.
 """
 from __future__ import annotations
 
+import logging
 import socket
 from datetime import datetime, timezone
 
@@ -62,6 +63,13 @@ def test_an_accepted_email_carries_our_id_and_the_one_click_headers(client, send
     assert email["headers"]["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     # text/plain first (SendGrid refuses the other order).
     assert [block["type"] for block in email["body"]["content"]] == ["text/plain", "text/html"]
+
+
+def test_neither_the_api_key_nor_the_address_reaches_the_log(client, sendgrid, caplog):
+    """python_http_client logs each request's headers and payload at DEBUG; build_client quiets it."""
+    caplog.set_level(logging.DEBUG)
+    assert isinstance(send(client, a_mail(), STARTED), Accepted)
+    assert sendgrid.api_key not in caplog.text and "ada@example.com" not in caplog.text
 
 
 def test_a_text_only_email_has_one_content_block(client, sendgrid):

@@ -49,7 +49,8 @@ def test_user_text_is_never_evaluated_as_a_template():
 
 @pytest.mark.parametrize("name, expected", [
     ("login", True), ("order_update", True), ("welcome", False), ("nope", False),
-    ("../email/login", False), ("login/../../common", False), ("", False), ("a b", False),
+    ("../email/login", False), ("login/../../common", False), ("", False), ("a b", False), ("/login", False),
+    ("login/", False), ("order-update", False), (None, False),
 ])
 def test_has_email_copy(name, expected):
     assert has_email_copy(name) is expected

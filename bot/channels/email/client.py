@@ -10,6 +10,7 @@ hangs). urllib's timeout bounds the connect and each socket read, not the whole 
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,6 +35,10 @@ def build_client(api_key: str, api_url: str = DEFAULT_API_URL, timeout: float = 
         raise ValueError("timeout must be > 0 seconds")
     # Imported here, as the Twilio SDK is (bot/twilio/client.py): only the worker sends.
     from sendgrid import SendGridAPIClient
+
+    # python_http_client logs every request at DEBUG with its headers (the API key) and its
+    # payload (the recipient's address): never in our logs, whatever the root level.
+    logging.getLogger("python_http_client").setLevel(logging.WARNING)
 
     client = SendGridAPIClient(api_key, host=api_url.rstrip("/"))
     # The SDK builds its python_http_client.Client in the constructor with timeout=None; its

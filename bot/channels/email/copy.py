@@ -11,6 +11,7 @@ bot/templates first, then the checkout's templates/, then the working directory'
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -56,9 +57,12 @@ def environment() -> Environment:
                        keep_trailing_newline=False, trim_blocks=True, lstrip_blocks=True)
 
 
+_NAME = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
+
+
 def _valid_name(template: str) -> bool:
     # A template name comes from a request: never let it climb out of templates/email/.
-    return bool(template) and all(part.isidentifier() for part in template.split("/"))
+    return isinstance(template, str) and _NAME.fullmatch(template) is not None
 
 
 def has_email_copy(template: str) -> bool:
