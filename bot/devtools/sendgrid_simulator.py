@@ -145,6 +145,7 @@ class SendGridSimulator:
         self._failures: list[tuple[int, str, str | None]] = []
         self._hangs: list[float] = []
         self._lost_answers: list[str | int] = []
+        self._generation = 0  # bumped by reset(): automatic events of an older send are dropped
 
     # ------------------------------------------------------------------ lifecycle (driven by TwilioSimulator)
 
@@ -203,8 +204,10 @@ class SendGridSimulator:
             self._lost_answers.extend([how] * times)
 
     def reset(self) -> None:
-        """Forget emails, attempts, event posts and scripted failures."""
+        """Forget emails, attempts, event posts and scripted failures; automatic events still
+        pending for earlier sends are never posted."""
         with self._cond:
+            self._generation += 1
             for state in (self._emails, self._attempts, self._posts, self._failures, self._hangs,
                           self._lost_answers):
                 state.clear()
@@ -282,14 +285,14 @@ class SendGridSimulator:
             return [("processed", {}), ("dropped", {"reason": reason.removeprefix("dropped:").strip()})]
         return [("processed", {}), ("bounce", {"reason": reason, "status": "5.1.1", "type": "bounce"})]
 
-    def _auto_events(self, email: dict[str, Any]) -> None:
-        """Background thread body: post one email's events, `event_delay` apart."""
+    def _auto_events(self, email: dict[str, Any], url: str, generation: int) -> None:
+        """Background thread body: post one email's events to `url`, `event_delay` apart."""
         for name, fields in self._event_plan(email):
             # Wait first, so the bot has recorded the 202 before hearing about it.
-            if self._stopping.wait(self.event_delay):
+            if self._stopping.wait(self.event_delay) or generation != self._generation:
                 return
             try:
-                self.post_events([self.event(email, name, **fields)])
+                self.post_events([self.event(email, name, **fields)], url)
             except Exception as exc:  # a dead receiver must never break the simulator
                 log.warning("event %s for an email failed: %s", name, exc)
 
@@ -340,13 +343,16 @@ class SendGridSimulator:
             return Response(status=200)  # sandbox mode: valid, not sent, no events
         email = self._store(payload, received_at)
         self._record_attempt(request, 202, payload)
+        # Decided on acceptance, as SendGrid's events follow the email whether or not its answer
+        # reaches the client (a hung or lost answer still produces them).
+        url, generation = self.events_url, self._generation
+        if url and self.auto_events:
+            threading.Thread(target=self._auto_events, args=(email, url, generation), daemon=True).start()
         if self.latency:
             self._stopping.wait(self.latency)  # accepted on arrival, answered later
         if hang is not None:
             self._stopping.wait(hang)  # a slow SendGrid: accepted, only the answer is late
         log.info("email %s accepted: %r", email["x_message_id"], email["subject"])
-        if self.events_url and self.auto_events:
-            threading.Thread(target=self._auto_events, args=(email,), daemon=True).start()
         if lost == "drop":
             sock = request.environ.get("werkzeug.socket")
             if sock is not None:
