@@ -44,6 +44,7 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from bot.devmode import SIMULATOR_EVENTS_PATH, dev_events_secret
+from bot.devtools.sendgrid_simulator import SendGridSimulator, dev_api_key, dev_private_key
 
 try:  # phonenumbers is a project dependency, but keep the simulator usable without it.
     import phonenumbers
@@ -224,6 +225,8 @@ class TwilioSimulator:
         callback_delay: float = 0.2,
         failing_numbers: Mapping[str, int] | None = None,
         latency: float = 0.0,
+        sendgrid_api_key: str | None = None,
+        sendgrid_events_url: str | None = None,
     ) -> None:
         """Configure the simulator; nothing listens until :meth:`start`.
 
@@ -233,6 +236,11 @@ class TwilioSimulator:
         seconds apart, posted to that send's ``StatusCallback``. ``latency`` (seconds)
         is how long every Messages create takes to answer, as the real API's round trip
         does; other requests are served meanwhile (one thread per request).
+
+        The same server plays SendGrid (`/v3/...`, :attr:`sendgrid`): it accepts
+        ``sendgrid_api_key`` (default: derived from ``auth_token``, ``dev_api_key``), signs its
+        events with a key derived from ``auth_token`` (``dev_private_key``: a server started
+        apart computes the public half) and posts them to ``sendgrid_events_url``.
         """
         if latency < 0:
             raise ValueError("latency must be >= 0 seconds")
@@ -262,6 +270,9 @@ class TwilioSimulator:
         self._hangs: list[float] = []
         self._lost_answers: list[str | int] = []
         self._events: list[dict[str, Any]] = []
+        #: SendGrid's side, answered by this same server (bot/devtools/sendgrid_simulator.py).
+        self.sendgrid = SendGridSimulator(sendgrid_api_key or dev_api_key(auth_token),
+                                          private_key=dev_private_key(auth_token), events_url=sendgrid_events_url)
 
         base = f"/{API_VERSION}/Accounts/<account_sid>"
         self._routes = Map(
@@ -281,6 +292,7 @@ class TwilioSimulator:
         if self._server is not None:
             return self
         self._stopping.clear()
+        self.sendgrid.open()
         self._server = make_server(self.host, self.port, self._wsgi_app, threaded=True, request_handler=_QuietHandler)
         self.port = self._server.server_port
         # A short poll interval keeps stop() (which waits for the serve loop) fast in test teardowns.
@@ -294,6 +306,7 @@ class TwilioSimulator:
     def stop(self) -> None:
         """Stop serving; wakes any scripted hang and cancels pending automatic callbacks."""
         self._stopping.set()
+        self.sendgrid.close()
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
@@ -388,7 +401,7 @@ class TwilioSimulator:
             self._fetch_failures.extend([(status, code, message)] * times)
 
     def reset(self) -> None:
-        """Forget messages, requests, webhooks and any scripted failures or hangs."""
+        """Forget messages, requests, webhooks and any scripted failures or hangs (SendGrid's side too)."""
         with self._cond:
             self._messages.clear()
             self._requests.clear()
@@ -398,6 +411,7 @@ class TwilioSimulator:
             self._fetch_failures.clear()
             self._hangs.clear()
             self._lost_answers.clear()
+        self.sendgrid.reset()
 
     def wait_for_messages(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Block until at least ``count`` sends were accepted and return them (as :attr:`messages`).
@@ -565,6 +579,8 @@ class TwilioSimulator:
 
     def _wsgi_app(self, environ: dict[str, Any], start_response: Any) -> Any:
         request = Request(environ)
+        if request.path.startswith("/v3/"):  # SendGrid's API, on the same port
+            return self.sendgrid.handle(request)(environ, start_response)
         try:
             endpoint, values = self._routes.bind_to_environ(environ).match()
             self._record_request(request)
