@@ -102,6 +102,22 @@ class Settings(BaseSettings):
     events_concurrency: int = Field(default=2, ge=1, le=64)
     #: Delivered (and stored) events older than this are deleted; failed ones stay for replay.
     events_retention_days: int = Field(default=30, ge=1, le=3650)
+    # --- email through SendGrid (docs/ARCHITECTURE.md, "Users and channels") ---
+    #: Unset: no email is sent; a user's email channel is skipped as if they had no address.
+    sendgrid_api_key: SecretStr | None = None
+    sendgrid_api_url: str = "https://api.sendgrid.com"
+    #: The sender, "Name <address>" (a verified sender or domain at SendGrid).
+    email_from: str | None = None
+    #: The Event Webhook's verification key as SendGrid's settings page shows it (base64 DER).
+    sendgrid_webhook_public_key: str | None = None
+    #: Emails sent per second (a moving window shared by every worker, as for WhatsApp).
+    email_messages_per_second: int = Field(default=100, ge=1, le=10000)
+    #: Signs the one-click unsubscribe links: keep it stable, or links in old emails stop working.
+    #: Required with SENDGRID_API_KEY.
+    secret_key: SecretStr | None = None
+    #: The server's public base URL (the unsubscribe links); default: TWILIO_WEBHOOK_URL's origin.
+    public_url: str | None = None
+
     # --- human handoff ---
     #: How long a handoff lasts unless DELETE /contacts/<phone>/handoff ends it first.
     handoff_hours: float = Field(default=24.0, gt=0, le=24 * 30)
@@ -236,6 +252,10 @@ def missing_secrets(settings: Settings) -> list[str]:
             missing.append(name)
     if settings.events_webhook_url and settings.events_webhook_secret is None:
         missing.append("EVENTS_WEBHOOK_SECRET")  # unsigned events would be forgeable
+    if settings.sendgrid_api_key is not None:
+        for name in ("EMAIL_FROM", "SECRET_KEY"):  # no sender; unsubscribe links nobody can verify
+            if not getattr(settings, name.lower()):
+                missing.append(name)
     return missing
 
 

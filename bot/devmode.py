@@ -75,6 +75,9 @@ def with_dev_defaults(settings: "Settings", instance_path: str) -> "Settings":
         # Events go to the simulator, which verifies each signature as a receiver would.
         updates["events_webhook_url"] = simulator_url() + SIMULATOR_EVENTS_PATH
         updates["events_webhook_secret"] = SecretStr(dev_events_secret(secrets_["TWILIO_AUTH_TOKEN"]))
+    if not settings.secret_key:
+        digest = hashlib.sha256(b"secret-key:" + secrets_["TWILIO_AUTH_TOKEN"].encode()).hexdigest()
+        updates["secret_key"] = SecretStr(digest)
     return settings.model_copy(update=updates)
 
 

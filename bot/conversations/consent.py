@@ -11,7 +11,7 @@ from bot.extensions import db
 from bot.delivery import events
 from bot.models import ConsentEvent, Contact, Message
 from bot.twilio.whatsapp import SANDBOX_JOIN, SANDBOX_NUMBER
-from bot.vocabulary import Consent, ConsentAction, Direction, Kind, MessageStatus
+from bot.vocabulary import Channel, Consent, ConsentAction, Direction, Kind, MessageStatus
 from flows.toolkit import normalize
 
 #: Opt-in words that mean nothing else. "YES" also answers questions ("Reply YES to confirm").
@@ -111,3 +111,20 @@ def record_decline(contact: Contact, *, words: str | None = None, message_sid: s
     """
     db.session.add(ConsentEvent(contact_id=contact.id, action=ConsentAction.DECLINED, previous=contact.consent,
                                 source="flow", words=words, message_sid=message_sid))
+
+
+def change_email_consent(contact: Contact, new_state: str, *, source: str, words: str | None = None) -> bool:
+    """Set the contact's email consent and record it in the ledger; False when nothing changed.
+
+    Email consent is the contact's own, apart from WhatsApp's (invariant 14): an unsubscribe or
+    a spam report never touches `consent`, and STOP never touches `email_consent`. Does not commit.
+    """
+    if contact.email_consent == new_state:
+        return False
+    action = ConsentAction.OPT_OUT if new_state == Consent.OPTED_OUT else ConsentAction.OPT_IN
+    db.session.add(ConsentEvent(contact_id=contact.id, channel=Channel.EMAIL, action=action,
+                                previous=contact.email_consent, source=source, words=words))
+    events.consent_changed(contact, action == ConsentAction.OPT_IN, previous=contact.email_consent, source=source,
+                           words=words, message_sid=None, channel=Channel.EMAIL)
+    contact.email_consent = new_state
+    return True

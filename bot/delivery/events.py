@@ -16,7 +16,7 @@ from bot.clock import isoformat, utcnow
 from bot.delivery import outbox
 from bot.extensions import db
 from bot.models import Contact, Conversation, Event, Message
-from bot.vocabulary import ConversationStatus, EventStatus, EventType
+from bot.vocabulary import Channel, ConversationStatus, EventStatus, EventType
 
 #: A conversation's end status -> the event that reports it.
 CONVERSATION_ENDED = {
@@ -53,12 +53,16 @@ def emit(event_type: EventType, data: dict[str, Any], *, contact_id: int | None,
     return event
 
 
-def message_status(message: Message | Any, phone: str, status: str, error_code: int | None,
-                   error_message: str | None) -> Event:
-    """message.status: an outbound message moved to `status` (one event per transition)."""
+def message_status(message: Message | Any, to: str | None, status: str, error_code: int | None,
+                   error_message: str | None, user_id: str | None = None) -> Event:
+    """message.status: an outbound message moved to `status` (one event per transition); `to` is
+    the phone number or the email address, as the message's channel has it."""
     return emit(EventType.MESSAGE_STATUS, {
         "message_id": message.id,
-        "to": phone,
+        "channel": message.channel,
+        "user_id": user_id,
+        "to": to,
+        "fallback_of": message.fallback_of,
         "status": status,
         "error_code": error_code,
         "error_message": error_message,
@@ -115,11 +119,11 @@ def conversation_event(event_type: EventType, conversation: Conversation, phone:
 
 
 def consent_changed(contact: Contact, opted_in: bool, *, previous: str, source: str, words: str | None,
-                    message_sid: str | None) -> Event:
-    """contact.opted_in / contact.opted_out, with source and words as in the consent ledger."""
+                    message_sid: str | None, channel: str = Channel.WHATSAPP) -> Event:
+    """contact.opted_in / contact.opted_out on one channel, with source and words as in the ledger."""
     return emit(EventType.CONTACT_OPTED_IN if opted_in else EventType.CONTACT_OPTED_OUT, {
-        "contact": contact.phone, "previous": previous, "source": source, "words": words,
-        "message_sid": message_sid,
+        "contact": contact.phone, "user_id": contact.user_id, "channel": channel, "previous": previous,
+        "source": source, "words": words, "message_sid": message_sid,
     }, contact_id=contact.id)
 
 

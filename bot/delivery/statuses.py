@@ -17,9 +17,9 @@ from sqlalchemy.exc import IntegrityError
 
 from bot.clock import utcnow
 from bot.extensions import db
-from bot.delivery import events
+from bot.delivery import events, fallback
 from bot.models import Contact, Message, StatusEvent
-from bot.vocabulary import REPORTED_STATUSES, Direction, MessageStatus, parse_outbound_status
+from bot.vocabulary import REPORTED_STATUSES, Channel, Direction, MessageStatus, parse_outbound_status
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,16 @@ def report_statuses(moves: Mapping[str, MessageStatus]) -> None:
     transaction (invariant 12), with one read for all: one event per transition, never one per
     repeated callback (only a move that raised the rank reports)."""
     rows = db.session.execute(
-        sa.select(Message, Contact.phone).join(Contact, Contact.id == Message.contact_id)
+        sa.select(Message, Contact.phone, Contact.email, Contact.user_id).join(Contact, Contact.id == Message.contact_id)
         .where(Message.id.in_(list(moves))).execution_options(populate_existing=True)).all()
-    for message, phone in rows:
+    for message, phone, email, user_id in rows:
         status = moves[message.id]
         if status in REPORTED_STATUSES:
-            events.message_status(message, phone, status.value, message.error_code, message.error_message)
+            to = email if message.channel == Channel.EMAIL else phone
+            events.message_status(message, to, status.value, message.error_code, message.error_message, user_id)
+    # A final failure may hand the notification to the user's next channel, in this same
+    # transaction (invariant 13).
+    fallback.after_failures([message for message, *_ in rows if moves[message.id] in fallback.FINAL_FAILURES])
 
 
 def parse_error_code(value: Any) -> int | None:

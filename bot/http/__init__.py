@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException
 
 def init_app(app: Flask) -> None:
     """Register every blueprint, and JSON bodies for every HTTP error."""
-    from bot.http import contacts_api, events_api, handoff_api, health, notify, openapi, users_api, webhook
+    from bot.http import contacts_api, email_hooks, events_api, handoff_api, health, notify, openapi, users_api, webhook
 
     app.register_blueprint(notify.bp)
     app.register_blueprint(contacts_api.bp)
@@ -19,6 +19,7 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(handoff_api.bp)
     app.register_blueprint(users_api.bp)
     app.register_blueprint(webhook.bp)
+    app.register_blueprint(email_hooks.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
     app.register_error_handler(HTTPException, _json_http_error)
