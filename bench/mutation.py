@@ -1,5 +1,6 @@
-"""A small mutation run over the checks that must not break quietly: the send claim, the status
-rank, the consent and window checks, and the webhook's signature check.
+"""A small mutation run over the checks that must not break quietly: the send claim, the lookup
+and the lease, the status rank, which Twilio errors retry, the consent and window checks, and the
+webhook's signature check.
 
 Each mutant is one small change to a stable snippet of source (a comparison flipped, a condition
 dropped). The script copies the tracked tree to a temporary directory once, applies one mutant at a
@@ -230,10 +231,11 @@ def render(results) -> str:
     lines = [
         "# Mutation run",
         "",
-        "`bench/mutation.py`: each mutant is one small change to the claim, the status rank, the",
-        "consent and window checks or the signature check; the tests guarding that file run on SQLite",
-        "(`-x`) in a temporary copy of the tree. Killed: a test failed. Survived: every test passed,",
-        "so nothing would catch that bug. Skipped: the snippet is no longer in the source.",
+        "`bench/mutation.py`: each mutant is one small change to the claim, the lookup, the lease, the",
+        "status rank, the retry rule, the consent and window checks or the signature check; the tests",
+        "guarding that file run on SQLite (`-x`) in a temporary copy of the tree. Killed: a test",
+        "failed. Survived: every test passed, so nothing would catch that bug. Skipped: the snippet",
+        "is no longer in the source.",
         "",
         f"Totals: {counts['killed'] + counts['timeout']} killed ({counts['timeout']} by a timeout), "
         f"{counts['survived']} survived, {counts['skipped']} skipped, {counts['error']} errors.",
