@@ -1,5 +1,6 @@
-"""A small mutation run over the checks that must not break quietly: the send claim, the status
-rank, the consent and window checks, and the webhook's signature check.
+"""A small mutation run over the checks that must not break quietly: the send claim, the lookup
+and the lease, the status rank, which Twilio errors retry, the consent and window checks, and the
+webhook's signature check.
 
 Each mutant is one small change to a stable snippet of source (a comparison flipped, a condition
 dropped). The script copies the tracked tree to a temporary directory once, applies one mutant at a
@@ -34,6 +35,7 @@ STATUSES = "bot/delivery/statuses.py"
 WHATSAPP = "bot/twilio/whatsapp.py"
 CONSENT = "bot/conversations/consent.py"
 AUTH = "bot/http/auth.py"
+ERRORS = "bot/twilio/errors.py"
 
 #: The tests that guard each file (what a change there must break).
 GUARDS = {
@@ -46,6 +48,7 @@ GUARDS = {
               "tests/test_conversations.py"],
     AUTH: ["tests/test_mutation_gaps.py", "tests/test_webhook.py", "tests/test_hardening.py",
            "tests/test_notify_api.py"],
+    ERRORS: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_unknown_fate.py"],
 }
 #: Survivors that no test should kill, and why (reported beside the table).
 ACCEPTED = {
@@ -82,11 +85,25 @@ MUTANTS = [
            "~_earlier_unsent_message(of)", "an opt-out confirmation waits behind older messages"),
     Mutant("claim-order-reversed", SENDER, "sa.or_(prior.created_at < of.created_at,",
            "sa.or_(prior.created_at > of.created_at,", "newer messages hold older ones back"),
+    # (the next five survived an independent run: issue 15)
+    Mutant("unsent-retrying-ignored", SENDER, "prior.status.in_(UNSENT),",
+           "prior.status.in_((MessageStatus.PENDING, MessageStatus.DISPATCHING)),",
+           "a retrying message no longer holds its contact's later ones back"),
+    Mutant("lookup-body-ignored", SENDER, 'if sent_body and (candidate.body or "") != sent_body:', "if False:",
+           "a lookup adopts another message to the same recipient and ours is never sent"),
+    Mutant("lease-renewal-now", SENDER, ".values(claimed_until=now + self.lease)", ".values(claimed_until=now)",
+           "a batch slower than its lease is re-taken while its calls are on the wire"),
     # --- the status rank (invariant 3) ---
     Mutant("rank-equal-moves", STATUSES, 'Message.status_rank < sa.bindparam("rank")',
            'Message.status_rank <= sa.bindparam("rank")', "a status of the same rank replaces the one stored"),
     Mutant("rank-goes-back", STATUSES, 'Message.status_rank < sa.bindparam("rank")',
            'Message.status_rank != sa.bindparam("rank")', "a late callback moves the status backwards"),
+    Mutant("error-dropped-when-status-stays", STATUSES, "    if error_code is not None or error_message:\n",
+           "    if moved and (error_code is not None or error_message):\n",
+           "a failed 63016 after read loses its error code"),
+    # --- which Twilio errors retry ---
+    Mutant("retry-500-excluded", ERRORS, "http_status == 429 or http_status >= 500",
+           "http_status == 429 or http_status > 500", "a plain 500 (20500) fails a message for good"),
     # --- consent and the window in the send path (invariants 4 and 5) ---
     Mutant("refusal-confirmation-blocked", SENDER, "if message.kind != Kind.OPT_OUT_CONFIRMATION:", "if True:",
            "the opt-out confirmation itself is refused"),
@@ -214,10 +231,11 @@ def render(results) -> str:
     lines = [
         "# Mutation run",
         "",
-        "`bench/mutation.py`: each mutant is one small change to the claim, the status rank, the",
-        "consent and window checks or the signature check; the tests guarding that file run on SQLite",
-        "(`-x`) in a temporary copy of the tree. Killed: a test failed. Survived: every test passed,",
-        "so nothing would catch that bug. Skipped: the snippet is no longer in the source.",
+        "`bench/mutation.py`: each mutant is one small change to the claim, the lookup, the lease, the",
+        "status rank, the retry rule, the consent and window checks or the signature check; the tests",
+        "guarding that file run on SQLite (`-x`) in a temporary copy of the tree. Killed: a test",
+        "failed. Survived: every test passed, so nothing would catch that bug. Skipped: the snippet",
+        "is no longer in the source.",
         "",
         f"Totals: {counts['killed'] + counts['timeout']} killed ({counts['timeout']} by a timeout), "
         f"{counts['survived']} survived, {counts['skipped']} skipped, {counts['error']} errors.",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 
@@ -13,7 +14,7 @@ from bot.delivery.tasks import send_message
 from bot.extensions import db
 from bot.models import Message
 from bot.vocabulary import MessageStatus
-from tests.conftest import SENDER, make_contact
+from tests.conftest import SENDER, make_contact, run_queue
 
 SENDER_KEY = "whatsapp:+15550001111"
 
@@ -91,3 +92,93 @@ def test_a_429_from_twilio_slows_every_sender_down(app, twilio):
         assert db.session.get(Message, row.id).status == MessageStatus.RETRYING
         # The rest of this second's budget is gone for every worker of this sender.
         assert not send_rate_limit().acquire(SENDER, max_wait=0)
+
+
+def notify(client, auth, body: str, to: str = "+15551234567") -> str:
+    response = client.post("/notify", json={"to": to, "body": body}, headers=auth)
+    assert response.status_code == 202, response.get_json()
+    return response.get_json()["id"]
+
+
+def test_an_unreachable_limiter_leaves_the_message_retrying_and_it_is_sent_once_back(app, client, auth, twilio):
+    """Issue 15, item 0: the limiter's Redis refuses connections while a send waits for its slot.
+    The message is accepted (202) and must never fail for it: it waits, then stays `retrying`;
+    once the limiter answers again it is sent, once."""
+    with app.app_context():
+        make_contact()
+        # Nothing listens on the discard port: every call to this "Redis" is refused.
+        app.extensions["send_rate_limit"] = SendRateLimit(80, "redis://127.0.0.1:9/0", namespace="test-down",
+                                                          max_wait=1)
+    message_id = notify(client, auth, "wait for the limiter")
+    run_queue(include_scheduled=False)  # the first attempt; its huey retry stays scheduled
+    assert twilio.requests == []
+    with app.app_context():
+        row = db.session.get(Message, message_id)
+        assert (row.status, row.attempts) == (MessageStatus.RETRYING, 1), row.error_message
+        assert "rate limit" in row.error_message
+        # The limiter answers again (an in-memory budget stands in for Redis back: the SQLite
+        # default has no Redis; the Redis run cuts a real one in the next test).
+        app.extensions["send_rate_limit"] = SendRateLimit(80, "memory://", namespace="test-back")
+    run_queue()
+    assert [m["body"] for m in twilio.messages] == ["wait for the limiter"]
+    with app.app_context():
+        db.session.expire_all()
+        row = db.session.get(Message, message_id)
+        assert (row.status, row.twilio_sid, row.attempts) == (MessageStatus.QUEUED, twilio.messages[0]["sid"], 2)
+
+
+@pytest.mark.skipif(not os.environ.get("TEST_REDIS_URL"), reason="cuts a real Redis (TEST_REDIS_URL)")
+def test_a_redis_blip_while_a_send_waits_for_its_slot_only_delays_it(app, client, auth, twilio, caplog):
+    """Redis cut (open connections reset, new ones refused) while the send waits for a slot, and
+    back 1.5 s later: the same attempt takes its slot and sends, once."""
+    from tests.tcp_proxy import TcpProxy
+
+    proxy = TcpProxy.for_url(os.environ["TEST_REDIS_URL"]).start()
+    try:
+        with app.app_context():
+            make_contact()
+            limit = SendRateLimit(80, proxy.url_through(os.environ["TEST_REDIS_URL"]),
+                                  namespace="test-" + uuid.uuid4().hex)
+            assert limit.acquire(SENDER_KEY, max_wait=0)  # connected: the cut resets a live connection
+            app.extensions["send_rate_limit"] = limit
+        message_id = notify(client, auth, "through the blip")
+        proxy.cut()
+        restore = threading.Timer(1.5, proxy.restore)
+        restore.start()
+        run_queue(include_scheduled=False)
+        restore.join()
+    finally:
+        proxy.stop()
+    assert [m["body"] for m in twilio.messages] == ["through the blip"]
+    with app.app_context():
+        row = db.session.get(Message, message_id)
+        assert (row.status, row.attempts) == (MessageStatus.QUEUED, 1)
+    assert "rate limit's Redis is unreachable" in caplog.text  # the send did meet the cut
+
+
+def test_slowing_down_with_the_limiter_unreachable_does_not_raise():
+    """A 429 while Redis is away: the answer is still recorded (the sender calls slow_down from
+    _settle, where an exception would leave the whole batch unrecorded)."""
+    limit = SendRateLimit(5, "redis://127.0.0.1:9/0", namespace="test-down")
+    limit.slow_down(SENDER_KEY)
+    assert not limit.acquire(SENDER_KEY, max_wait=0.2)
+
+
+def test_a_limiter_error_the_sender_does_not_know_leaves_the_message_retrying(app, client, auth, twilio):
+    """Whatever goes wrong before the request leaves (here a limiter broken outright) is a reason
+    to retry, counted (MAX_ATTEMPTS bounds it), never to fail a message that can still be sent."""
+    with app.app_context():
+        make_contact()
+        broken = SendRateLimit(80, "memory://", namespace="test-broken")
+        broken.limiter = None  # every acquire raises AttributeError
+        app.extensions["send_rate_limit"] = broken
+    message_id = notify(client, auth, "after the bug")
+    run_queue(include_scheduled=False)
+    assert twilio.requests == []  # never left: no lookup either
+    with app.app_context():
+        row = db.session.get(Message, message_id)
+        assert (row.status, row.attempts) == (MessageStatus.RETRYING, 1), row.error_message
+        assert "AttributeError" in row.error_message
+        app.extensions["send_rate_limit"] = SendRateLimit(80, "memory://", namespace="test-fixed")
+    run_queue()
+    assert [m["body"] for m in twilio.messages] == ["after the bug"]

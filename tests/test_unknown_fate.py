@@ -43,10 +43,12 @@ def lookups(twilio) -> int:
     return len([r for r in twilio.requests if r["method"] == "GET" and r["path"].endswith("/Messages.json")])
 
 
-@pytest.mark.parametrize("lost", ["drop", 502, 504])
+@pytest.mark.parametrize("lost", ["drop", 502, 504, 500, "garbled"])
 def test_an_answer_lost_after_twilio_accepted_is_looked_up_not_resent(app, client, auth, twilio, lost):
-    """A connection dropped after the request was written, or a proxy's 502/504: Twilio has the
-    message. The worker asks before sending again, so the user gets it once."""
+    """A connection dropped after the request was written, a proxy's 502/504, Twilio's own 500
+    (20500: its docs warn a retried send may reach the user twice), or a 201 the client cannot
+    read (an error the sender does not recognise): Twilio has the message. The worker asks before
+    sending again, so the user gets it once."""
     with app.app_context():
         make_contact()
     twilio.lose_answer_next(lost)

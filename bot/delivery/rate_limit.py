@@ -6,6 +6,13 @@ default, 400 for text on request) and answers a burst beyond its REST concurrenc
 so every consumer on every dyno draws from the same budget; in process memory on the embedded
 SQLite default, where one worker process is the deployment. A send waits for a slot rather than
 meeting a 429; a 429 or 63018 from Twilio drains the rest of the current second for everyone.
+
+Redis unreachable (a blip, a failover, the network) is a reason to wait, never to fail a message:
+`acquire` keeps asking until Redis answers or its wait runs out (then the sender leaves the
+message `retrying`; docs/ARCHITECTURE.md, "Retries"). A local budget would keep sends going, but
+no process knows how many others share the sender, so no share of the rate it could pick is
+provably safe (invariant 10); and Redis down stops the queue too, so only the sends already
+claimed are waiting, and only for the outage.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from typing import Callable
 
 from flask import Flask, current_app
 from limits import RateLimitItemPerSecond
+from limits.errors import StorageError
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
@@ -25,38 +33,76 @@ log = logging.getLogger(__name__)
 _build_lock = threading.Lock()
 #: The longest a send waits for a slot before it gives up and is retried later.
 MAX_WAIT_SECONDS = 30.0
+#: How often a send waiting for an unreachable Redis asks again.
+UNAVAILABLE_RETRY_SECONDS = 0.5
+#: Redis calls time out rather than hang: a send stuck in a call to a vanished host would hold its
+#: claim (renewed while it waits) for ever.
+REDIS_TIMEOUT_SECONDS = 5.0
 
 
 class SendRateLimit:
     """A moving-window limit of `per_second` sends for each sender."""
 
-    def __init__(self, per_second: int, storage_uri: str, namespace: str) -> None:
+    def __init__(self, per_second: int, storage_uri: str, namespace: str,
+                 max_wait: float = MAX_WAIT_SECONDS) -> None:
         self.item = RateLimitItemPerSecond(per_second)
-        self.limiter = MovingWindowRateLimiter(storage_from_string(storage_uri))
+        # Every storage error comes out as limits' StorageError, whatever the backend's own type.
+        options: dict = {"wrap_exceptions": True}
+        if storage_uri.startswith(("redis", "rediss")):
+            options.update(socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
+        self.limiter = MovingWindowRateLimiter(storage_from_string(storage_uri, **options))
         self.namespace = namespace
+        self.max_wait = max_wait
 
-    def acquire(self, sender: str, max_wait: float = MAX_WAIT_SECONDS,
+    def acquire(self, sender: str, max_wait: float | None = None,
                 cancelled: Callable[[], bool] | None = None) -> bool:
-        """Take one slot for `sender`, waiting as long as the window needs; False after `max_wait`,
-        or as soon as `cancelled()` says the wait is pointless (the worker is stopping)."""
-        deadline = time.monotonic() + max_wait
+        """Take one slot for `sender`, waiting as long as the window needs; False after `max_wait`
+        (default: the limiter's), or as soon as `cancelled()` says the wait is pointless (the
+        worker is stopping). An unreachable Redis is waited for, never raised: no slot can be
+        proven free while the shared budget cannot be read."""
+        deadline = time.monotonic() + (self.max_wait if max_wait is None else max_wait)
+        unavailable = False
         while True:
             if cancelled is not None and cancelled():
                 return False
-            if self.limiter.hit(self.item, self.namespace, sender):
-                return True
-            reset_at = self.limiter.get_window_stats(self.item, self.namespace, sender).reset_time
-            wait = min(max(reset_at - time.time(), 0.001), 0.25)  # re-check often: others free slots too
+            try:
+                if self.limiter.hit(self.item, self.namespace, sender):
+                    if unavailable:
+                        log.info("the send rate limit's Redis answers again; sends from %s go on", _masked(sender))
+                    return True
+                reset_at = self.limiter.get_window_stats(self.item, self.namespace, sender).reset_time
+                wait = min(max(reset_at - time.time(), 0.001), 0.25)  # re-check often: others free slots too
+            except StorageError as exc:
+                if not unavailable:
+                    log.warning("the send rate limit's Redis is unreachable (%s); sends from %s wait for it",
+                                type(exc.storage_error).__name__, _masked(sender))
+                unavailable, wait = True, UNAVAILABLE_RETRY_SECONDS
             if time.monotonic() + wait > deadline:
+                if unavailable:
+                    log.warning("the send rate limit's Redis stayed unreachable for %.0f s; the send is retried later",
+                                self.max_wait if max_wait is None else max_wait)
                 return False
             time.sleep(wait)
 
     def slow_down(self, sender: str) -> None:
-        """Twilio said "too fast" (429, 63018): spend what is left of this second, for every worker."""
-        remaining = self.limiter.get_window_stats(self.item, self.namespace, sender).remaining
-        if remaining > 0:
-            self.limiter.hit(self.item, self.namespace, sender, cost=remaining)
-        log.warning("Twilio asked us to slow down: sends from %s pause for the rest of this second", sender)
+        """Twilio said "too fast" (429, 63018): spend what is left of this second, for every worker.
+
+        With Redis unreachable nothing is spent: no send can take a slot from it either.
+        """
+        try:
+            remaining = self.limiter.get_window_stats(self.item, self.namespace, sender).remaining
+            if remaining > 0:
+                self.limiter.hit(self.item, self.namespace, sender, cost=remaining)
+        except StorageError as exc:
+            log.warning("Twilio asked us to slow down, and the send rate limit's Redis is unreachable (%s)",
+                        type(exc.storage_error).__name__)
+            return
+        log.warning("Twilio asked us to slow down: sends from %s pause for the rest of this second", _masked(sender))
+
+
+def _masked(sender: str) -> str:
+    """A sender address for the log: its last four digits (no phone numbers in logs)."""
+    return "…" + sender[-4:]
 
 
 def init_app(app: Flask) -> None:

@@ -4,7 +4,8 @@ The claim (`pending` -> `dispatching` with a lease) is a single conditional UPDA
 many copies of the send task run (huey retries, the outbox sweep, a re-delivered task) only one
 reaches Twilio. An attempt whose fate is unknown "may have been accepted" (one state, one rule;
 docs/ARCHITECTURE.md, invariant 2): a lease that ran out (the worker died), a connection dropped
-after the request was written, a read timeout, a 502/504 from a proxy. The row keeps
+after the request was written, a read timeout, a 502/504 from a proxy or a 500 from Twilio (see
+`AMBIGUOUS_HTTP_STATUSES`), an error from the client we do not recognise. The row keeps
 `unsure_since`, and every later attempt first asks Twilio for the recipient's messages since
 then; only when none is ours does it send again. Errors that prove the request never left (a
 refused connection, a connect timeout, no rate slot, a worker stopping) retry without a lookup.
@@ -55,8 +56,13 @@ log = logging.getLogger(__name__)
 #: short, a worker killed mid-batch holds its messages for half a minute, not five.
 LEASE_MARGIN = timedelta(seconds=20)
 #: Twilio HTTP answers that say nothing of whether the message was accepted: a proxy between us
-#: and Twilio lost the answer (502) or gave up waiting for it (504).
-AMBIGUOUS_HTTP_STATUSES = frozenset({502, 504})
+#: and Twilio lost the answer (502) or gave up waiting for it (504), or Twilio's own 500. Its
+#: error 20500 ("an error in the server handling logic or a timeout in the API") says a
+#: non-idempotent POST such as sending a message may have taken effect: retried blindly, "it is
+#: possible for a customer to receive multiple messages" (twilio.com/docs/api/errors/20500). So a
+#: 500 is looked up before another attempt, as a 502/504 is. A 503 (20503, "temporarily
+#: unavailable, try again with back-off") refused the request: it retries without a lookup.
+AMBIGUOUS_HTTP_STATUSES = frozenset({500, 502, 504})
 #: Recent messages asked for when looking up a send whose fate is unknown.
 LOOKUP_LIMIT = 50
 #: Retries of the commit that records Twilio's answers (a database error after the 201): delays
@@ -111,7 +117,12 @@ class TransientSendError(Exception):
 
 
 class RateLimitFull(Exception):
-    """No slot in the sender's rate budget came free in time; the message is retried later."""
+    """No slot in the sender's rate budget came free in time (or its Redis stayed unreachable);
+    the message is retried later."""
+
+
+class NotSent(Exception):
+    """Something failed before the request to Twilio was made: retried without a lookup."""
 
 
 def retry_backoff(attempts: int) -> timedelta:
@@ -450,7 +461,11 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
         # told to stop starts no new call (bot/delivery/shutdown.py).
         if is_stopping():
             raise ShuttingDown()
-        if not limit.acquire(params["from_"], cancelled=is_stopping):
+        try:
+            acquired = limit.acquire(params["from_"], cancelled=is_stopping)
+        except Exception as exc:  # a limiter bug, or an error it does not know: nothing has left
+            raise NotSent(f"{type(exc).__name__} from the send rate limit") from exc
+        if not acquired:
             raise ShuttingDown() if is_stopping() else RateLimitFull()
         return create(**params)
 
@@ -518,7 +533,11 @@ def _settle(row: sa.Row, params: dict, call: in_flight.Call) -> Outcome | Accept
     if isinstance(exc, ShuttingDown):
         return _release(row)
     if isinstance(exc, RateLimitFull):
-        return _failed_attempt(row, None, None, "the sender's rate limit stayed full", transient=True)
+        return _failed_attempt(row, None, None, "no slot in the sender's rate limit came free in time "
+                               "(full, or its Redis unreachable)", transient=True)
+    if isinstance(exc, NotSent):
+        log.error("message %s: unexpected error before calling Twilio", row.id, exc_info=exc)
+        return _failed_attempt(row, None, None, f"not sent: unexpected {exc}", transient=True)
     if isinstance(exc, TwilioException):  # TwilioRestException and (since 9.10) TwilioServiceException
         http_status = getattr(exc, "status", None)
         code = getattr(exc, "code", None)
@@ -533,12 +552,21 @@ def _settle(row: sa.Row, params: dict, call: in_flight.Call) -> Outcome | Accept
             return _failed_attempt(row, None, None, f"{type(exc).__name__} connecting to Twilio", transient=True)
         # The request may have reached Twilio and only the answer been lost.
         return Unknown(f"{type(exc).__name__} talking to Twilio", call.started)
-    # A bug or unsendable content: fail it rather than hold the claim forever.
-    log.error("message %s: unexpected error while sending", row.id, exc_info=exc)
-    db.session.rollback()
-    finish(row.id, MessageStatus.FAILED, None, f"not sent: unexpected {type(exc).__name__} (see the worker's log)",
-           row.contact_id)
-    return Outcome.FAILED
+    if isinstance(exc, UnicodeEncodeError):
+        # The request could not be encoded (a lone surrogate in a field): it never left, and this
+        # content never will leave: the one unexpected error certain to recur, so it fails now.
+        log.error("message %s: its content cannot be encoded for Twilio", row.id, exc_info=exc)
+        db.session.rollback()
+        finish(row.id, MessageStatus.FAILED, None, f"not sent: unexpected {type(exc).__name__} (see the worker's log)",
+               row.contact_id)
+        return Outcome.FAILED
+    # Raised by the client itself, which we do not recognise: it may have come after the request
+    # was written (an answer it could not read), so the attempt may have been accepted: Twilio is
+    # looked up before another. Never `failed` here: nothing unrecognised proves the message can
+    # never be sent, and MAX_ATTEMPTS bounds the retries should it be a bug (docs/ARCHITECTURE.md,
+    # "Retries").
+    log.error("message %s: unexpected error from the Twilio client", row.id, exc_info=exc)
+    return Unknown(f"unexpected {type(exc).__name__} from the Twilio client (see the worker's log)", call.started)
 
 
 def _release(row: sa.Row) -> Outcome:

@@ -75,6 +75,7 @@ _ERROR_MESSAGES = {
     21604: "A 'To' phone number is required.",
     21617: "The concatenated message body exceeds the 1600 character limit.",
     21656: "The ContentVariables Parameter is invalid.",
+    20500: "Internal Server Error",
 }
 
 
@@ -382,7 +383,8 @@ class TwilioSimulator:
     def lose_answer_next(self, how: str | int = "drop", times: int = 1) -> None:
         """Accept the next ``times`` creates, then lose the answer on the way back: ``"drop"``
         closes the connection without a response (a proxy or a network failing after the request
-        arrived), 502 or 504 answer as a proxy in front of Twilio would. The message *is* sent:
+        arrived), 502 or 504 answer as a proxy in front of Twilio would, 500 as Twilio's own
+        error 20500 does, ``"garbled"`` is a 201 whose body is not JSON. The message *is* sent:
         a client that simply retries sends it twice.
         """
         with self._cond:
@@ -665,6 +667,11 @@ class TwilioSimulator:
             sock = request.environ.get("werkzeug.socket")
             if sock is not None:
                 sock.shutdown(socket.SHUT_RDWR)
+        elif lost == 500:
+            # Twilio's own "Internal Server Error" after the message was stored.
+            return _ApiError(500, 20500).response()
+        elif lost == "garbled":
+            return Response("<html><body>accepted</body></html>", status=201, mimetype="text/html")
         elif lost is not None:
             # A proxy's page, not Twilio's JSON: nothing in it says whether the message was taken.
             return Response(f"<html><body><h1>{lost} proxy error</h1></body></html>", status=int(lost),
