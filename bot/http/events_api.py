@@ -48,7 +48,8 @@ def _choices(name: str, allowed: type[EventType] | type[EventStatus]) -> list[st
 
 def _limit() -> int:
     raw = request.args.get("limit", str(DEFAULT_LIMIT))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    # ASCII digits only: str.isdigit() also takes "²" and "①", which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
         abort(400, description=f"limit: a whole number from 1 to {MAX_LIMIT}")
     return int(raw)
 
