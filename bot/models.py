@@ -7,7 +7,10 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from bot.clock import isoformat, utcnow
 from bot.extensions import db
@@ -322,22 +325,72 @@ class ConsentEvent(db.Model):
         }
 
 
+class current_txid(FunctionElement):  # noqa: N801 (an SQL function, named as one)
+    """The writing transaction's id on PostgreSQL (`pg_current_xact_id()`, a 64-bit xid8); 0 on
+    SQLite, whose single writer already commits in the order rows are inserted."""
+
+    type = sa.BigInteger()
+    inherit_cache = True
+
+
+class finished_txid_horizon(FunctionElement):  # noqa: N801
+    """Every transaction id below this has ended (committed or rolled back): on PostgreSQL the
+    xmin of the current snapshot (`pg_snapshot_xmin(pg_current_snapshot())`), the oldest
+    transaction still running anywhere in the cluster; on SQLite above every `current_txid`."""
+
+    type = sa.BigInteger()
+    inherit_cache = True
+
+
+@compiles(current_txid)
+def _txid_elsewhere(element: current_txid, compiler: SQLCompiler, **kw: Any) -> str:
+    return "0"
+
+
+@compiles(current_txid, "postgresql")
+def _txid_postgresql(element: current_txid, compiler: SQLCompiler, **kw: Any) -> str:
+    return "CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT)"
+
+
+@compiles(finished_txid_horizon)
+def _horizon_elsewhere(element: finished_txid_horizon, compiler: SQLCompiler, **kw: Any) -> str:
+    return "1"
+
+
+@compiles(finished_txid_horizon, "postgresql")
+def _horizon_postgresql(element: finished_txid_horizon, compiler: SQLCompiler, **kw: Any) -> str:
+    return "CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS TEXT) AS BIGINT)"
+
+
+_UNFINISHED = sa.text("status IN ('pending', 'delivering')")
+
+
 class Event(db.Model):
     """A fact for the backend (invariant 12): written in the same transaction as the change it
     reports, then delivered at least once to EVENTS_WEBHOOK_URL, signed, in per-contact order.
 
-    `seq` orders events (the cursor of GET /events); `id` is the public id, the `webhook-id`
-    header of every delivery attempt, so receivers deduplicate retries.
+    Events are ordered by (`txid`, `seq`): the id of the transaction that wrote the event, then
+    its insert order. Only events whose transaction is older than every transaction still
+    running are served or pushed (`finished_txid_horizon`), so no event can later appear before
+    one already served: the cursor of GET /events is safe whatever order transactions commit in
+    (docs/ARCHITECTURE.md, invariant 12). `id` is the public id, the `webhook-id` header of every
+    delivery attempt, so receivers deduplicate retries.
     """
 
     __tablename__ = "events"
     __table_args__ = (
-        sa.Index("ix_events_contact_seq", "contact_id", "seq"),
+        sa.Index("ix_events_order", "txid", "seq"),
+        sa.Index("ix_events_contact_order", "contact_id", "txid", "seq"),
         sa.Index("ix_events_status_next", "status", "next_attempt_at"),
-        sa.Index("ix_events_type_seq", "type", "seq"),
+        sa.Index("ix_events_type_order", "type", "txid", "seq"),
+        # The few events still to deliver, in order: what the claims and the sweep look through
+        # (the table holds EVENTS_RETENTION_DAYS of delivered ones).
+        sa.Index("ix_events_unfinished_order", "txid", "seq", postgresql_where=_UNFINISHED, sqlite_where=_UNFINISHED),
     )
 
     seq: Mapped[int] = mapped_column(primary_key=True)
+    #: The writing transaction (see `current_txid`), set by the INSERT itself.
+    txid: Mapped[int] = mapped_column(sa.BigInteger, default=current_txid())
     id: Mapped[str] = mapped_column(sa.String(32), unique=True, default=new_id)
     type: Mapped[str] = mapped_column(sa.String(40))  # EventType
     contact_id: Mapped[int | None] = mapped_column(sa.ForeignKey("contacts.id"))
@@ -349,6 +402,8 @@ class Event(db.Model):
     attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     next_attempt_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
     claimed_until: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    #: Who holds the delivery claim: an attempt settles the event only if it still holds it.
+    claim_token: Mapped[str | None] = mapped_column(sa.String(32))
     delivered_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
     #: Why the last attempt failed ("HTTP 500", "ConnectTimeout"), for GET /events.
     last_error: Mapped[str | None] = mapped_column(sa.String(200))

@@ -1,7 +1,9 @@
 """The backend reads and replays its events: GET /events, POST /events/<id>/retry, POST /events/retry.
 
 A backend that was down catches up by polling `GET /events?after=<the last id it saw>`: events come
-oldest first, whatever became of their push (invariant 12).
+oldest first, whatever became of their push (invariant 12). The order is `event_delivery.in_order`
+and a page holds only final events (`event_delivery.is_final`): an event that commits after a
+poll can never sort before what that poll served, so the cursor skips nothing.
 """
 from __future__ import annotations
 
@@ -27,15 +29,16 @@ QUERY_PARAMETERS = frozenset({"after", "type", "status", "contact", "limit"})
 MAX_REPLAY = 10_000
 
 
-def _after_seq(value: str | None) -> int:
+def _after(value: str | None) -> sa.ColumnElement[bool]:
+    """The events after the cursor, in `event_delivery.in_order`."""
     if not value:
-        return 0
+        return sa.true()
     if not is_public_id(value):
         abort(400, description="after: an event id (32 hex digits) from an earlier answer")
-    seq = db.session.scalar(sa.select(Event.seq).where(Event.id == value))
-    if seq is None:
+    position = db.session.execute(sa.select(*event_delivery.in_order()).where(Event.id == value)).one_or_none()
+    if position is None:
         abort(400, description="after: no such event (it may have been pruned; start without `after`)")
-    return seq
+    return sa.tuple_(*event_delivery.in_order()) > sa.tuple_(*position)
 
 
 def _choices(name: str, allowed: type[EventType] | type[EventStatus]) -> list[str]:
@@ -48,7 +51,8 @@ def _choices(name: str, allowed: type[EventType] | type[EventStatus]) -> list[st
 
 def _limit() -> int:
     raw = request.args.get("limit", str(DEFAULT_LIMIT))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    # ASCII digits only: str.isdigit() also takes "²" and "①", which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
         abort(400, description=f"limit: a whole number from 1 to {MAX_LIMIT}")
     return int(raw)
 
@@ -60,7 +64,8 @@ def list_events():
     unknown = sorted(set(request.args) - QUERY_PARAMETERS)
     if unknown:  # a typo (`?typ=`) would otherwise silently list everything
         abort(400, description=f"unknown parameter {unknown[0]!r}; allowed: {', '.join(sorted(QUERY_PARAMETERS))}")
-    query = sa.select(Event).where(Event.seq > _after_seq(request.args.get("after"))).order_by(Event.seq)
+    query = (sa.select(Event).where(_after(request.args.get("after")), event_delivery.is_final())
+             .order_by(*event_delivery.in_order()))
     types, statuses = _choices("type", EventType), _choices("status", EventStatus)
     if types:
         query = query.where(Event.type.in_(types))
@@ -89,7 +94,11 @@ def retry_event(event_id: str):
     if event is None:
         abort(404, description="no such event")
     _needs_receiver()
-    event_delivery.retry(event)
+    try:
+        event_delivery.retry(event)
+    except event_delivery.InFlight:
+        abort(409, description="the event is being delivered right now; replay it once this attempt "
+                               "is over (GET /events shows its delivery)")
     db.session.commit()
     return jsonify(id=event.id, status=event.status), 202
 
@@ -105,8 +114,13 @@ def retry_failed_events():
     _needs_receiver()
     failed = db.session.scalars(
         sa.select(Event).where(Event.status == EventStatus.FAILED, Event.created_at >= since)
-        .order_by(Event.seq).limit(MAX_REPLAY)).all()
+        .order_by(*event_delivery.in_order()).limit(MAX_REPLAY)).all()
+    retried = 0
     for event in failed:
-        event_delivery.retry(event)
+        try:
+            event_delivery.retry(event)
+            retried += 1
+        except event_delivery.InFlight:  # replayed one by one meanwhile, and already on the wire
+            pass
     db.session.commit()
-    return jsonify(retried=len(failed)), 202
+    return jsonify(retried=retried), 202

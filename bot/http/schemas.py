@@ -370,11 +370,22 @@ class HandoffBody(RequestBody):
 # ---------------------------------------------------------------- POST /events/retry
 
 
-def _iso_time(value: str) -> str:
+SINCE_REFUSAL = "'since' must be an ISO 8601 time such as 2026-12-05T10:00:00Z"
+
+
+def _utc_moment(value: str) -> datetime:
+    """`value` as the naive UTC the database stores (bot.clock). A time whose offset carries it
+    past year 1 or 9999 ("0001-01-01T00:00:00+01:00") is refused like any other bad time: Python
+    raises OverflowError for it, not ValueError."""
     try:
-        datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidRequest("'since' must be an ISO 8601 time such as 2026-12-05T10:00:00Z") from None
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
+    except (ValueError, OverflowError):
+        raise InvalidRequest(SINCE_REFUSAL) from None
+
+
+def _iso_time(value: str) -> str:
+    _utc_moment(value)
     return value
 
 
@@ -383,15 +394,13 @@ class ReplayBody(RequestBody):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"since": "2026-12-05T00:00:00Z"}]})
 
-    since: Annotated[str, AfterValidator(_iso_time),
-                     refuse_as("'since' must be an ISO 8601 time such as 2026-12-05T10:00:00Z"),
+    since: Annotated[str, AfterValidator(_iso_time), refuse_as(SINCE_REFUSAL),
                      Field(description="events created at or after this time (UTC if no offset)",
                            json_schema_extra={"format": "date-time"})]
 
     def since_utc(self) -> datetime:
         """`since` as the naive UTC the database stores (bot.clock)."""
-        moment = datetime.fromisoformat(self.since.replace("Z", "+00:00"))
-        return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
+        return _utc_moment(self.since)
 
 
 # ---------------------------------------------------------------- PUT /users/<user_id> and /notify's `user`
