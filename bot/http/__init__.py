@@ -10,8 +10,8 @@ from werkzeug.exceptions import HTTPException
 
 
 def init_app(app: Flask) -> None:
-    """Register every blueprint, and JSON bodies for every HTTP error."""
-    from bot.http import contacts_api, events_api, handoff_api, health, notify, openapi, webhook
+    """Register every blueprint, JSON bodies for every HTTP error, and a 503 for a database outage."""
+    from bot.http import contacts_api, errors, events_api, handoff_api, health, notify, openapi, webhook
 
     app.register_blueprint(notify.bp)
     app.register_blueprint(contacts_api.bp)
@@ -21,6 +21,7 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
     app.register_error_handler(HTTPException, _json_http_error)
+    errors.init_app(app)
 
 
 def _json_http_error(exc: HTTPException):
