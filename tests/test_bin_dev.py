@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc"),
-    pytest.mark.skipif(not (Path(sys.prefix) / "bin" / "honcho").exists(), reason="needs honcho (pip install -e '.[dev]')"),
+    pytest.mark.skipif(not (Path(sys.prefix) / "bin" / "honcho").exists(), reason="needs honcho (the test extra has it)"),
 ]
 
 
