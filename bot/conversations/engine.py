@@ -22,7 +22,7 @@ from bot.conversations.contacts import lock_contact
 from bot.delivery import outbox
 from bot.conversations.store import (answer_consent_questions, apply_step, end_conversation,
                                      end_open_conversations, open_conversation, send_replies, start_flow)
-from bot.conversations.handoff import HandoffBy, end_handoff, expired_handoffs, in_handoff
+from bot.conversations.handoff import HANDED_OVER, HandoffBy, end_handoff, expired_handoffs, in_handoff
 from bot.delivery import events
 from bot.extensions import db
 from bot.models import Contact, Conversation, Message
@@ -220,6 +220,12 @@ def _start(conversation: Conversation) -> None:
     flow = registry().get(conversation.flow)
     if contact.consent == Consent.OPTED_OUT:
         end_conversation(conversation, ConversationStatus.CANCELLED, error="contact opted out")
+    elif in_handoff(contact):
+        # /notify checked the handoff without the contact's lock: one committed between that check
+        # and the conversation's commit found nothing to cancel. Checked again here, under the
+        # lock, it ends the conversation as the handoff would have (docs/ARCHITECTURE.md, "Human
+        # handoff"): the bot never writes to a contact a person is answering.
+        end_conversation(conversation, ConversationStatus.CANCELLED, error=HANDED_OVER)
     elif flow is None:
         end_conversation(conversation, ConversationStatus.FAILED, error=f"flow {conversation.flow!r} no longer exists")
     else:

@@ -23,6 +23,11 @@ from bot.models import Contact
 from bot.vocabulary import ConversationStatus
 
 
+#: Why a conversation ended because a person took the contact over: the handoff's start and a
+#: backend-started flow that reaches the worker during a handoff end theirs with the same words.
+HANDED_OVER = "handed over to a person"
+
+
 class HandoffBy:
     """Who started or ended a handoff (the events' `by`)."""
 
@@ -46,7 +51,7 @@ def start_handoff(contact: Contact, *, reason: str | None, by: str, hours: float
     contact.handoff_reason = reason[:500] if reason else None
     if running:
         return
-    end_open_conversations(contact.id, ConversationStatus.CANCELLED, error="handed over to a person")
+    end_open_conversations(contact.id, ConversationStatus.CANCELLED, error=HANDED_OVER)
     events.handoff_changed(contact, True, reason=contact.handoff_reason, by=by)
 
 

@@ -6,6 +6,7 @@ under instance/ (the embedded default).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Flask
@@ -13,6 +14,7 @@ from huey.storage import BaseStorage, PriorityRedisStorage, RedisStorage, Sqlite
 
 from bot.config import queue_file
 from bot.delivery.shutdown import DrainingHuey
+from bot.logmask import mask_handlers
 
 QUEUE_NAME = "whatsapp-bot"
 
@@ -36,7 +38,19 @@ class PriorityQueueStorage(PriorityRedisStorage):
         self.queue_key = self.queue_key + ".priority"
 
 
-huey = DrainingHuey(QUEUE_NAME, results=False, storage_class=UnconfiguredStorage)
+class MaskedLogHuey(DrainingHuey):
+    """The worker's Huey: its consumer's own log lines (task failures with their tracebacks, huey's
+    warnings) go through the phone-number mask like ours (bot/logmask.py)."""
+
+    def create_consumer(self, **options: Any) -> Any:
+        # `huey_consumer` adds its handler to the "huey" logger (or the root, from a script of
+        # one's own) after importing the app and right before this call: the first moment
+        # there is a handler to mask.
+        mask_handlers(logging.getLogger("huey"), logging.getLogger())
+        return super().create_consumer(**options)
+
+
+huey = MaskedLogHuey(QUEUE_NAME, results=False, storage_class=UnconfiguredStorage)
 
 
 def init_app(app: Flask) -> None:

@@ -10,8 +10,9 @@ from werkzeug.exceptions import HTTPException
 
 
 def init_app(app: Flask) -> None:
-    """Register every blueprint, and JSON bodies for every HTTP error."""
-    from bot.http import contacts_api, email_hooks, events_api, handoff_api, health, notify, openapi, users_api, webhook
+    """Register every blueprint, JSON bodies for every HTTP error, and a 503 for a database outage."""
+    from bot.http import (contacts_api, email_hooks, errors, events_api, handoff_api, health, notify, openapi,
+                          users_api, webhook)
 
     app.register_blueprint(notify.bp)
     app.register_blueprint(contacts_api.bp)
@@ -23,6 +24,7 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
     app.register_error_handler(HTTPException, _json_http_error)
+    errors.init_app(app)
 
 
 def _json_http_error(exc: HTTPException):

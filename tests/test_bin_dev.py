@@ -1,0 +1,121 @@
+"""bin/dev stops everything it started on Ctrl-C, piped or not (issue 15, "also seen").
+
+`bin/dev 2>&1 | tail -n 40`, then Ctrl-C, used to leave honcho, gunicorn, the consumer and the
+simulator running: the terminal's SIGINT killed `tail` too, honcho's "SIGINT received" then hit a
+broken pipe, and honcho died before it stopped its processes (each in a session of its own).
+The test plays the terminal: bin/dev in a session of its own behind a pipe, SIGINT to the whole
+foreground process group once the web answers, then every process it started must be gone.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.test_processes import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc"),
+    pytest.mark.skipif(not (Path(sys.prefix) / "bin" / "honcho").exists(), reason="needs honcho (the test extra has it)"),
+]
+
+
+def _stat(pid: int) -> tuple[int, str, str] | None:
+    """(parent pid, state, start time) of a live process, None once it is gone (or a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    state, ppid, start = fields[0], int(fields[1]), fields[19]
+    return None if state in ("Z", "X") else (ppid, state, start)
+
+
+def descendants(root: int) -> dict[int, str]:
+    """Every live process below `root` (any session), by pid, with its start time."""
+    parents: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            parents.setdefault(stat[0], []).append(int(entry.name))
+            starts[int(entry.name)] = stat[2]
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        for child in parents.get(frontier.pop(), []):
+            if child not in found:
+                found[child] = starts[child]
+                frontier.append(child)
+    return found
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:100]
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def survivors(started: dict[int, str]) -> list[str]:
+    """The processes of `started` still running (the same process: same start time)."""
+    alive = []
+    for pid, start in started.items():
+        stat = _stat(pid)
+        if stat is not None and stat[2] == start:
+            alive.append(f"{pid} {_command(pid)}")
+    return alive
+
+
+@pytest.mark.parametrize("pipeline", ["bin/dev 2>&1 | tail -n 5", "bin/dev 2>&1 | tee dev.log >/dev/null", "bin/dev"])
+def test_ctrl_c_stops_everything_bin_dev_started(pipeline, tmp_path):
+    web_port, simulator_port = free_port(), free_port()
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("DATABASE_URL", "REDIS_URL", "TWILIO_", "TEST_", "NOTIFY_", "EVENTS_", "SENDGRID_"))}
+    env.update(VENV=sys.prefix, PORT=str(web_port), SIMULATOR_PORT=str(simulator_port),
+               INSTANCE_PATH=str(tmp_path / "instance"), WEB_CONCURRENCY="1", WORKER_THREADS="2",
+               PIP_DISABLE_PIP_VERSION_CHECK="1")
+    # A session of its own, as a terminal's shell gives each pipeline a process group of its own.
+    shell = subprocess.Popen(["bash", "-c", f"cd {ROOT} && {pipeline.replace('dev.log', str(tmp_path / 'dev.log'))}"],
+                             env=env, cwd=tmp_path, start_new_session=True,
+                             stdout=open(tmp_path / "out.log", "wb"), stderr=subprocess.STDOUT)
+    started: dict[int, str] = {}
+    try:
+        def web_answers() -> bool:
+            started.update(descendants(shell.pid))
+            try:
+                return requests.get(f"http://127.0.0.1:{web_port}/healthz", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(web_answers, timeout=240, what="bin/dev's web to answer /healthz")
+        time.sleep(1)
+        started.update(descendants(shell.pid))
+        names = " ".join(_command(pid) for pid in started)
+        assert "honcho" in names and "gunicorn" in names and "huey_consumer" in names and "simulator" in names
+
+        os.killpg(shell.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the foreground group
+
+        deadline = time.monotonic() + 60  # generous: gunicorn and the consumer drain before they exit
+        while survivors(started) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not survivors(started), f"still running after Ctrl-C ({pipeline}): {survivors(started)}"
+        shell.wait(timeout=30)
+    finally:
+        for pid in started:  # never leave a stray server behind, whatever the outcome
+            stat = _stat(pid)
+            if stat is not None and stat[2] == started[pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if shell.poll() is None:
+            os.killpg(shell.pid, signal.SIGKILL)
+            shell.wait(timeout=10)
