@@ -24,6 +24,7 @@ from bot.clock import utcnow
 from bot.extensions import db
 from bot.models import Contact
 from bot.delivery.queue import huey
+from bot.devtools.sendgrid_simulator import public_key_text
 from bot.devtools.simulator import TwilioSimulator, sign
 
 ACCOUNT_SID = "AC" + "a1" * 16
@@ -33,6 +34,7 @@ SENDER = "whatsapp:+14155238886"
 PUBLIC_BASE = "https://bot.example.test"
 WEBHOOK_URL = PUBLIC_BASE + "/twilio/webhook"
 CONTENT_SIDS = {"order_update": "HX" + "b2" * 16}
+EMAIL_FROM = "The Bot <bot@example.test>"
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +80,12 @@ def base_config(data_dir: str, database_url: str, redis_url: str | None, queue_n
         "NOTIFY_API_TOKEN": API_TOKEN,
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
+        # Email through the same simulator's SendGrid side (bot/devtools/sendgrid_simulator.py).
+        "SENDGRID_API_KEY": twilio.sendgrid.api_key,
+        "SENDGRID_API_URL": twilio.url,
+        "EMAIL_FROM": EMAIL_FROM,
+        "SENDGRID_WEBHOOK_PUBLIC_KEY": public_key_text(twilio.sendgrid.private_key),
+        "SECRET_KEY": "test-secret-key-for-unsubscribe-links",
         "INSTANCE_PATH": data_dir,
         "QUEUE_NAME": queue_name,
     }

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
-from typing import Any
+from typing import Any, Callable
 
 import requests
 import sqlalchemy as sa
@@ -415,14 +415,32 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
     return outcome
 
 
+#: The batch senders of channels other than WhatsApp (email), registered by the tasks module,
+#: the composition root: this module names no other provider.
+CHANNEL_SENDERS: dict[str, Callable[[list[sa.Row]], dict[str, "Outcome"]]] = {}
+
+
+def register_channel(channel: str, send_batch: Callable[[list[sa.Row]], dict[str, "Outcome"]]) -> None:
+    """Send the claimed rows of `channel` with `send_batch` (it records their outcomes)."""
+    CHANNEL_SENDERS[channel] = send_batch
+
+
 def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
     """Send claimed messages (at most one per contact) at once; record every outcome. By id.
 
-    Three rounds, all on the pool with the lease renewed while they run: messages whose earlier
-    attempt may have been accepted are looked up first (found: recorded, not sent); the rest are
-    sent; any send whose fate this attempt left unknown is looked up at once.
+    Rows of another channel go to its registered sender. For WhatsApp, three rounds, all on the
+    pool with the lease renewed while they run: messages whose earlier attempt may have been
+    accepted are looked up first (found: recorded, not sent); the rest are sent; any send whose
+    fate this attempt left unknown is looked up at once.
     """
     outcomes: dict[str, Outcome] = {}
+    for channel, send_batch in CHANNEL_SENDERS.items():
+        rows = [row for row in batch if row.channel == channel]
+        if rows:
+            outcomes.update(send_batch(rows))
+    batch = [row for row in batch if row.channel not in CHANNEL_SENDERS]
+    if not batch:
+        return outcomes
     ready: list[tuple[sa.Row, dict]] = []
     recipients = load_recipients({row.contact_id for row in batch})
     for row in batch:

@@ -14,8 +14,9 @@ from huey import crontab
 from huey.exceptions import RetryTask
 
 from bot.conversations import engine
-from bot.delivery import event_delivery, outbox, reconcile, sender, statuses, webhook_fallback
+from bot.delivery import email_sender, event_delivery, outbox, reconcile, sender, statuses, webhook_fallback
 from bot.delivery.queue import huey
+from bot.vocabulary import Channel
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +152,4 @@ outbox.register(outbox.Work.INBOUND, process_inbound)
 outbox.register(outbox.Work.CONVERSATION_START, start_conversation)
 outbox.register(outbox.Work.EVENT, deliver_event)
 webhook_fallback.register(store_webhook)
+sender.register_channel(Channel.EMAIL, email_sender.send_emails)

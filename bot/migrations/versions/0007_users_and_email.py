@@ -1,7 +1,7 @@
 """users by the backend's id, email beside WhatsApp, fallbacks
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-06 15:00:00
 
 A contact becomes a user of the backend (`user_id`, email, name, locale, timezone, channel
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 
 revision = '0007'
-down_revision = '0005'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 
