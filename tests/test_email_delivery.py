@@ -53,6 +53,7 @@ def test_events_move_the_status_up_once_each(app, client, auth, twilio) -> None:
     assert answers[0]["applied"] == 3 and answers[1]["duplicates"] == 3 and answers[2]["duplicates"] == 3
     message = client.get(accepted["url"], headers=auth).get_json()
     assert message["status"] == "read"  # open ranks above delivered: never back down
+    assert [e["status"] for e in message["events"]] == ["processed", "open", "delivered"]
     with app.app_context():
         statuses = db.session.scalars(sa.select(Event.data).where(Event.type == "message.status")).all()
         assert [s["status"] for s in statuses].count("read") == 1

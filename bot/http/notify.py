@@ -16,7 +16,8 @@ from bot.conversations.users import UserConflict, find_user, upsert_user
 from bot.delivery import routing
 from bot.delivery.routing import Content, Unusable
 from bot.extensions import db
-from bot.models import Contact, Conversation, IdempotencyKey, Message, StatusEvent, is_public_id, new_id
+from bot.models import (Contact, Conversation, EmailEvent, IdempotencyKey, Message, StatusEvent, is_public_id,
+                        new_id)
 from bot.conversations.replies import TEMPLATES_DIR
 from bot.http.schemas import InvalidRequest, NotifyRequest, parse_notify
 from bot.twilio.whatsapp import within_window
@@ -280,8 +281,10 @@ def get_message(message_id: str):
     )
     if message is None:
         abort(404, description=f"no message with id {message_id!r}")
+    # The provider's callbacks about it: Twilio's status callbacks, or SendGrid's events.
+    history = EmailEvent if message.channel == Channel.EMAIL else StatusEvent
     events = db.session.scalars(
-        sa.select(StatusEvent).where(StatusEvent.message_id == message.id).order_by(StatusEvent.id)
+        sa.select(history).where(history.message_id == message.id).order_by(history.id)
     ).all()
     data = message.to_dict(events=list(events))
     data["fallback"] = db.session.scalar(sa.select(Message.id).where(Message.fallback_of == message.id))
