@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     sendgrid_webhook_public_key: str | None = None
     #: Emails sent per second (a moving window shared by every worker, as for WhatsApp).
     email_messages_per_second: int = Field(default=100, ge=1, le=10000)
+    #: An email whose send may have been accepted (a timeout, a 502/504, a worker killed mid-send)
+    #: waits this long for SendGrid's first event about it before it is sent again.
+    email_unsure_grace_seconds: float = Field(default=600, ge=1, le=24 * 3600)
     #: Signs the one-click unsubscribe links: keep it stable, or links in old emails stop working.
     #: Required with SENDGRID_API_KEY.
     secret_key: SecretStr | None = None

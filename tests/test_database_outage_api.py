@@ -21,7 +21,7 @@ from tests.conftest import make_contact
 from tests.tcp_proxy import TcpProxy
 from tests.test_hardening import PUBLIC_ENDPOINTS
 from tests.test_outage import database_down
-from tests.test_outage_processes import proxied_stack  # noqa: F401  (a fixture, used below)
+from tests.test_outage_processes import proxied_stack, stack_settings  # noqa: F401  (fixtures, used below)
 
 PHONE = "+15557770101"
 

@@ -159,3 +159,50 @@ def test_whatsapp_63024_falls_back_to_exactly_one_email_and_its_bounce_to_nothin
     with app.app_context():
         made = db.session.scalars(sa.select(Event.data).where(Event.type == "message.fallback")).all()
         assert [m["fallback_channel"] for m in made] == ["email"]
+
+
+def _make_due(app: Flask) -> None:
+    with app.app_context():
+        db.session.execute(sa.update(Message).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+        db.session.commit()
+
+
+def test_a_lost_answer_is_never_resent_blind_and_an_event_settles_it(app, client, auth, twilio) -> None:
+    _email_user(client, auth)
+    twilio.sendgrid.lose_answer_next(502)
+    accepted = client.post("/notify", json={"user_id": "u1", **RECEIPT}, headers=auth).get_json()
+    run_queue()
+    [email] = twilio.sendgrid.wait_for_emails(1)  # SendGrid took it; we never heard
+    unsure = client.get(accepted["url"], headers=auth).get_json()
+    assert unsure["status"] == "retrying"
+    _make_due(app)
+    run_queue()  # inside the grace: it waits for SendGrid's events, it does not send again
+    assert len(twilio.sendgrid.emails) == 1
+    _post_events(client, twilio, [twilio.sendgrid.event(email, "processed")])
+    _make_due(app)
+    from bot.delivery import outbox
+    with app.app_context():
+        outbox.sweep()
+    run_queue()
+    assert len(twilio.sendgrid.emails) == 1
+    settled = client.get(accepted["url"], headers=auth).get_json()
+    assert settled["status"] == "accepted" and settled["provider_message_id"] == email["x_message_id"]
+
+
+def test_after_the_grace_with_no_event_an_unsure_email_is_sent_again(app, client, auth, twilio) -> None:
+    app.config["EMAIL_UNSURE_GRACE_SECONDS"] = 1
+    _email_user(client, auth)
+    twilio.sendgrid.lose_answer_next("drop")
+    accepted = client.post("/notify", json={"user_id": "u1", **RECEIPT}, headers=auth).get_json()
+    run_queue()
+    assert len(twilio.sendgrid.wait_for_emails(1)) == 1
+    with app.app_context():  # the attempt was more than the grace ago
+        db.session.execute(sa.update(Message).values(unsure_since=utcnow() - timedelta(seconds=5),
+                                                     next_attempt_at=utcnow() - timedelta(seconds=1)))
+        db.session.commit()
+    from bot.delivery import outbox
+    with app.app_context():
+        outbox.sweep()
+    run_queue()
+    assert len(twilio.sendgrid.wait_for_emails(2)) == 2  # the documented duplicate: no event ever came
+    assert client.get(accepted["url"], headers=auth).get_json()["status"] == "accepted"

@@ -103,7 +103,10 @@ def _placeholder(argument: str) -> str:
 
 #: Routes anyone may call: Twilio's (verified by its signature instead), the health check and the
 #: API's description (its shape only, no data).
-PUBLIC_ENDPOINTS = {"webhook.twilio_webhook", "health.healthz", "openapi.openapi_json", "static"}
+#: Routes authenticated otherwise: Twilio's and SendGrid's signatures, the unsubscribe link's own
+#: signed token (tests/test_email_delivery.py), or none (health, the API description).
+PUBLIC_ENDPOINTS = {"webhook.twilio_webhook", "health.healthz", "openapi.openapi_json", "static",
+                    "email_hooks.sendgrid_events", "email_hooks.unsubscribe"}
 
 
 def test_every_backend_route_refuses_a_request_without_the_token(app, client):

@@ -5,7 +5,7 @@ Registered by the tasks module (the composition root) as the sender for `Channel
 sender.py names no email provider. SendGrid offers no lookup by our id, so "may have been
 accepted" (invariant 2) is settled by SendGrid's own events instead (docs/ARCHITECTURE.md,
 "Email: when a send's fate is unknown"): every email carries our message id in `custom_args`,
-and an event naming it proves SendGrid took it. Until one arrives, or for EMAIL_UNSURE_GRACE
+and an event naming it proves SendGrid took it. Until one arrives, or for EMAIL_UNSURE_GRACE_SECONDS
 after the attempt, the message waits; after that it is sent again — the one duplicate email
 still possible, and only when SendGrid took the first attempt but no event of it reached us.
 """
@@ -38,12 +38,15 @@ from bot.vocabulary import Consent, MessageStatus
 
 log = logging.getLogger(__name__)
 
-#: How long an email whose send may have been accepted waits for SendGrid's first event about it
-#: (processed arrives within seconds) before it is sent again.
-EMAIL_UNSURE_GRACE = timedelta(minutes=10)
 #: SendGrid's 401 (a bad key, or "Maximum credits exceeded"): the account, not the message, is
 #: at fault; the message is held and tried this often, never failed for it.
 HOLD_DELAY = timedelta(minutes=5)
+
+
+def unsure_grace() -> timedelta:
+    """How long an email whose send may have been accepted waits for SendGrid's first event about
+    it (`processed` arrives within seconds) before it is sent again (EMAIL_UNSURE_GRACE_SECONDS)."""
+    return timedelta(seconds=float(current_app.config.get("EMAIL_UNSURE_GRACE_SECONDS") or 600))
 
 
 def public_url() -> str:
@@ -87,8 +90,9 @@ def send_emails(batch: list[sa.Row]) -> dict[str, Outcome]:
             if seen is not None:
                 outcomes[row.id] = _record(row, seen)
                 continue
-            if utcnow() - row.unsure_since < EMAIL_UNSURE_GRACE:
-                outcomes[row.id] = _wait(row, row.unsure_since + EMAIL_UNSURE_GRACE)
+            grace = unsure_grace()
+            if utcnow() - row.unsure_since < grace:
+                outcomes[row.id] = _wait(row, row.unsure_since + grace)
                 continue
         try:
             ready.append((row, build(row, contact)))

@@ -80,6 +80,13 @@ def _apply(event: EmailEvent) -> str:
         return "duplicates"
     if message is not None and event.status is not None:
         raise_status(message.id, event.status, None, event.reason if event.status.rank >= 6 else None)
+    if message is not None and message.provider_message_id is None and event.sg_message_id:
+        # SendGrid had it, though our send never heard its 202 (a lost answer): this event is the
+        # proof, so the message is settled here and never sent again (invariant 2).
+        db.session.execute(sa.update(Message).where(Message.id == message.id).values(
+            provider_message_id=event.sg_message_id.split(".", 1)[0][:128], unsure_since=None,
+            next_attempt_at=None, sent_at=sa.func.coalesce(Message.sent_at, utcnow()))
+            .execution_options(synchronize_session=False))
     if event.opt_out:
         contact = db.session.get(Contact, message.contact_id) if message is not None else None
         if contact is None and event.email:
@@ -99,8 +106,9 @@ def _store_once(event: EmailEvent, message: Message | None) -> bool:
                     "bounce_type": event.bounce_type},
         "received_at": utcnow(),
     }
-    statement = insert(StoredEmailEvent).values(**values).on_conflict_do_nothing(index_elements=["sg_event_id"])
-    return bool(db.session.execute(statement).rowcount)
+    statement = (insert(StoredEmailEvent).values(**values).on_conflict_do_nothing(index_elements=["sg_event_id"])
+                 .returning(StoredEmailEvent.id))  # a row back means it was new (rowcount is -1 on psycopg)
+    return db.session.execute(statement).first() is not None
 
 
 UNSUBSCRIBE_PAGE = """<!doctype html><html lang="en"><meta charset="utf-8">
