@@ -47,7 +47,7 @@ def get_contact(phone: str):
     """A contact's consent, its ledger and recent conversations with their outcomes."""
     contact = db.session.scalar(sa.select(Contact).where(Contact.phone == phone_or_400(phone)))
     if contact is None:
-        abort(404, description=f"no contact {phone!r}")
+        abort(404, description="no such contact")  # never the number itself in an error body
     return jsonify(_contact_dict(contact))
 
 

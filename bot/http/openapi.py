@@ -334,6 +334,10 @@ def _operation(operation: Operation) -> dict[str, Any]:
         else:
             schema = _ref(model)
         responses[str(status)] = {"description": description, "content": _content(schema)}
+    # Every route behind the token answers 503 while the database is unreachable (bot/http/errors.py).
+    responses.setdefault("503", {"description": "the database is unreachable: retry after `Retry-After` seconds",
+                                 "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                                 "content": _content(_ref(Error))})
     described: dict[str, Any] = {
         "summary": operation.summary,
         "operationId": f"{operation.method}_{operation.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
