@@ -2,7 +2,7 @@
 every refusal is JSON with an `error` (docs/ARCHITECTURE.md, "HTTP contract").
 
 Each test runs the examples of the hypothesis profile loaded in tests/conftest.py (`thorough`
-by default, which CI runs: four tests, 10,000 cases in all; HYPOTHESIS_PROFILE=quick for a fast
+by default, which CI runs: the webhook, /notify, user and SendGrid tests, 2,500 cases each; HYPOTHESIS_PROFILE=quick for a fast
 loop). The examples of one test share one app and its tables as they fill up, as a real server
 would: the property holds whatever is stored already, so nothing is reset between examples.
 """
@@ -251,3 +251,75 @@ def test_the_generators_reach_past_validation(app, client, auth, recipients, sen
         directions = db.session.execute(sa.select(Message.direction, sa.func.count()).group_by(Message.direction)).all()
         events = db.session.scalar(sa.select(sa.func.count()).select_from(StatusEvent))
     assert dict(directions).keys() == {Direction.INBOUND, Direction.OUTBOUND} and events > 0
+
+
+# ---------------------------------------------------------------- users and email
+
+
+USER_FIELDS = st.fixed_dictionaries({}, optional={
+    "phone": _near([PHONE, "+447911123456", "+1555", None]),
+    "email": _near(["ada@example.com", "ADA@Example.com", "not-an-address", "a@b", None, "x" * 300 + "@e.com"]),
+    "name": _near(["Ada", "", None]),
+    "locale": _near(["pt-BR", "pt_br", "en", "xx-YY", None]),
+    "timezone": _near(["America/Sao_Paulo", "UTC", "Mars/Base", "../etc/passwd", None]),
+    "channels": _near([["whatsapp", "email"], ["email"], ["sms"], [], ["email", "email"], None]),
+})
+USER_NOTIFY = st.fixed_dictionaries(
+    {"user_id": _near(["u1", "u1", "u1", "u2", "x" * 129, "", " u1", None])},
+    optional={"user": weighted((3, USER_FIELDS), (1, JSON_VALUES)), "channel": _near(["whatsapp", "email", "sms"]),
+              "subject": _near(["Your receipt", "Your receipt", "", " ", "s" * 999]), "body": NOTIFY_FIELDS["body"],
+              "template": _near(["login", "order_update", "nope"]), "variables": NOTIFY_FIELDS["variables"],
+              "to": TO["to"]})
+
+
+@pytest.fixture
+def users(client, auth, recipients) -> None:
+    """User u1: the contact inside the window, with an email; u2 is created inline by the cases."""
+    assert client.put("/users/u1", json={"phone": PHONE, "email": "ada@example.com"}, headers=auth).status_code == 201
+
+
+@shared_app
+@given(payload=USER_NOTIFY, key=IDEMPOTENCY_KEYS)
+def test_notify_by_user_never_gets_a_5xx(client, auth, users, payload, key):
+    """/notify by the backend's user id, with inline users, pinned channels and subjects: a 202
+    or a 4xx that says why."""
+    headers = {"Idempotency-Key": key} if key is not None else {}
+    assert_answered_well(post_notify(client, auth, json.dumps(payload), headers))
+
+
+@shared_app
+@given(user_id=st.sampled_from(["u1", "u2", "x" * 129, " x", "a%2Fb"]), body=weighted((3, USER_FIELDS), (1, JSON_VALUES)))
+def test_put_users_never_gets_a_5xx(client, auth, user_id, body):
+    assert_answered_well(client.put(f"/users/{user_id}", json=body, headers=auth))
+
+
+SENDGRID_EVENT = st.fixed_dictionaries(
+    {"sg_event_id": mostly(HEX32), "event": mostly(st.sampled_from(
+        ["processed", "delivered", "open", "click", "bounce", "dropped", "deferred", "spamreport", "unsubscribe",
+         "group_unsubscribe"]))},
+    optional={"email": mostly(st.sampled_from(["ada@example.com", "nobody@example.com"])),
+              "message_id": mostly(HEX32), "timestamp": st.integers(-2 ** 40, 2 ** 40) | TEXT,
+              "reason": ANY_LENGTH_TEXT, "sg_message_id": TEXT, "type": TEXT, "status": TEXT})
+
+
+@shared_app
+@given(batch=st.one_of(st.lists(weighted((4, SENDGRID_EVENT), (1, JSON_VALUES)), max_size=6), JSON_VALUES))
+def test_signed_sendgrid_batches_never_get_a_5xx_and_apply_once(client, twilio, batch):
+    body = json.dumps(batch).encode()
+    first = client.post("/sendgrid/events", data=body, headers=twilio.sendgrid.signed_headers(body))
+    assert_answered_well(first)
+    if first.status_code == 200:
+        again = client.post("/sendgrid/events", data=body, headers=twilio.sendgrid.signed_headers(body))
+        assert again.get_json()["applied"] == 0  # SendGrid repeats batches: nothing changes twice
+
+
+def test_the_user_generators_reach_past_validation(app, client, auth, users, twilio):
+    """As above, for the user and email cases: acceptance as well as refusal."""
+    assert {202, 400, 404} <= _answers(USER_NOTIFY, lambda body: post_notify(client, auth, json.dumps(body)))
+    assert {200, 201, 400} <= _answers(USER_FIELDS, lambda body: client.put("/users/u3", json=body, headers=auth))
+
+    def post_batch(batch):
+        body = json.dumps(batch).encode()
+        return client.post("/sendgrid/events", data=body, headers=twilio.sendgrid.signed_headers(body))
+
+    assert {200, 400} <= _answers(st.one_of(st.lists(SENDGRID_EVENT, max_size=3), JSON_VALUES), post_batch)

@@ -88,6 +88,8 @@ def message_received(message: Message, contact: Contact, *, conversation: Conver
         button = {"payload": payload.get("ButtonPayload"), "text": payload.get("ButtonText")}
     return emit(EventType.MESSAGE_RECEIVED, {
         "message_id": message.id,
+        "channel": message.channel,
+        "user_id": contact.user_id,
         "from": contact.phone,
         "profile_name": contact.profile_name,
         "body": message.body,
