@@ -44,7 +44,7 @@ class Work(StrEnum):
 
 class Priority(IntEnum):
     """Two lanes on the queue (higher first): someone in a conversation waits for the bot, a bulk
-    notification can wait for them (docs/ARCHITECTURE.md, invariant 13)."""
+    notification can wait for them (docs/ARCHITECTURE.md, invariant 16)."""
 
     BULK = 0
     CONVERSATION = 10

@@ -30,7 +30,7 @@ class UnconfiguredStorage(BaseStorage):
 
 class PriorityQueueStorage(PriorityRedisStorage):
     """Redis with two lanes (huey's sorted-set queue, higher priority first; docs/ARCHITECTURE.md,
-    invariant 13), under its own key: the plain list of earlier versions cannot turn into a sorted
+    invariant 16), under its own key: the plain list of earlier versions cannot turn into a sorted
     set in place, and whatever was left in it is put back on the queue by the outbox sweep."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
