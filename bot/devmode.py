@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import SecretStr
 
 if TYPE_CHECKING:
@@ -90,6 +92,27 @@ def dev_events_secret(auth_token: str) -> str:
     (which knows that token) verifies with the same one, and no secrets file needs a new key."""
     digest = hashlib.sha256(b"events-webhook:" + auth_token.encode()).digest()
     return "whsec_" + base64.b64encode(digest).decode()
+
+
+def dev_api_key(seed: str) -> str:
+    """The development SENDGRID_API_KEY derived from `seed` (the development Twilio auth token):
+    the server and a simulator started apart agree on it without another secret."""
+    return "SG." + hashlib.sha256(b"sendgrid-api-key\x00" + seed.encode()).hexdigest()
+
+
+def dev_private_key(seed: str) -> ec.EllipticCurvePrivateKey:
+    """A deterministic P-256 key from `seed`, so the server (which needs only the public half,
+    `public_key_text`) and a simulator started apart agree on it in development mode."""
+    digest = hashlib.sha256(b"sendgrid-event-webhook-key\x00" + seed.encode()).digest()
+    order = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # P-256's group order
+    return ec.derive_private_key(int.from_bytes(digest, "big") % (order - 1) + 1, ec.SECP256R1())
+
+
+def public_key_text(private_key: ec.EllipticCurvePrivateKey) -> str:
+    """The public half as SendGrid's settings page shows it: base64 DER SubjectPublicKeyInfo."""
+    der = private_key.public_key().public_bytes(serialization.Encoding.DER,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(der).decode("ascii")
 
 
 def is_loopback_url(url: str) -> bool:
