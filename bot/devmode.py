@@ -1,11 +1,16 @@
-"""Zero-configuration development: no Twilio account, the bundled simulator instead.
+"""Zero-configuration development: no Twilio or SendGrid account, the bundled simulator instead.
 
 With no Twilio account configured (no TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN or
 TWILIO_WHATSAPP_NUMBER, no public webhook or API URL, not on a Heroku dyno: see
 `production_signals`), the server talks to `python -m bot.devtools.simulator` on 127.0.0.1 and uses
 development secrets generated once and kept in instance/dev-secrets.json, shared by web,
-worker, simulator and chat.
+worker, simulator and chat. The simulator also plays SendGrid: with no SENDGRID_API_KEY, email
+goes there too, with a key and an Event Webhook key pair derived from the development auth
+token (so no secrets file needs new entries, and a simulator started apart agrees on them).
 Setting any of those leaves this mode for good: every real secret is then required.
+
+Nothing here imports bot.devtools: the servers never load the development tools
+(tests/test_packaging.py); the simulator imports the derivations from here instead.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import SecretStr
 
 if TYPE_CHECKING:
@@ -27,6 +34,10 @@ if TYPE_CHECKING:
 
 DEV_SENDER = "whatsapp:+14155238886"  # the Twilio sandbox's number, so copy reads the same
 DEV_WEBHOOK_URL = "http://127.0.0.1:5000/twilio/webhook"
+#: The development email sender: example.com is reserved (RFC 2606), so no real mailbox is named.
+DEV_EMAIL_FROM = "The Bot (development) <bot@example.com>"
+#: Where SendGrid's Event Webhook posts, on the web (bot/http/email_hooks.py).
+SENDGRID_EVENTS_PATH = "/sendgrid/events"
 SECRETS_FILE = "dev-secrets.json"
 
 #: The variables that name a Twilio account: any one of them means "talk to Twilio".
@@ -65,7 +76,7 @@ def with_dev_defaults(settings: "Settings", instance_path: str) -> "Settings":
         "twilio_account_sid": secrets_["TWILIO_ACCOUNT_SID"],
         "twilio_auth_token": SecretStr(secrets_["TWILIO_AUTH_TOKEN"]),
         "twilio_whatsapp_number": settings.twilio_whatsapp_number or DEV_SENDER,
-        "twilio_webhook_url": settings.twilio_webhook_url or DEV_WEBHOOK_URL,
+        "twilio_webhook_url": settings.twilio_webhook_url or dev_webhook_url(),
     }
     if "twilio_api_url" not in settings.model_fields_set:
         updates["twilio_api_url"] = simulator_url()
@@ -78,6 +89,17 @@ def with_dev_defaults(settings: "Settings", instance_path: str) -> "Settings":
     if not settings.secret_key:
         digest = hashlib.sha256(b"secret-key:" + secrets_["TWILIO_AUTH_TOKEN"].encode()).hexdigest()
         updates["secret_key"] = SecretStr(digest)
+    if settings.sendgrid_api_key is None:
+        # Email through the simulator's SendGrid side, as a group: a SendGrid key of your own
+        # keeps every email setting as you gave it (a real key sent to the simulator would only
+        # be refused, and the emails held).
+        seed = secrets_["TWILIO_AUTH_TOKEN"]
+        updates["sendgrid_api_key"] = SecretStr(dev_api_key(seed))
+        if "sendgrid_api_url" not in settings.model_fields_set:
+            updates["sendgrid_api_url"] = simulator_url()
+        updates["email_from"] = settings.email_from or DEV_EMAIL_FROM
+        updates["sendgrid_webhook_public_key"] = (settings.sendgrid_webhook_public_key
+                                                  or public_key_text(dev_private_key(seed)))
     return settings.model_copy(update=updates)
 
 
@@ -90,6 +112,27 @@ def dev_events_secret(auth_token: str) -> str:
     (which knows that token) verifies with the same one, and no secrets file needs a new key."""
     digest = hashlib.sha256(b"events-webhook:" + auth_token.encode()).digest()
     return "whsec_" + base64.b64encode(digest).decode()
+
+
+def dev_api_key(seed: str) -> str:
+    """The development SENDGRID_API_KEY derived from `seed` (the development Twilio auth token):
+    the server and a simulator started apart agree on it without another secret."""
+    return "SG." + hashlib.sha256(b"sendgrid-api-key\x00" + seed.encode()).hexdigest()
+
+
+def dev_private_key(seed: str) -> ec.EllipticCurvePrivateKey:
+    """A deterministic P-256 key from `seed`, so the server (which needs only the public half,
+    `public_key_text`) and a simulator started apart agree on it in development mode."""
+    digest = hashlib.sha256(b"sendgrid-event-webhook-key\x00" + seed.encode()).digest()
+    order = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # P-256's group order
+    return ec.derive_private_key(int.from_bytes(digest, "big") % (order - 1) + 1, ec.SECP256R1())
+
+
+def public_key_text(private_key: ec.EllipticCurvePrivateKey) -> str:
+    """The public half as SendGrid's settings page shows it: base64 DER SubjectPublicKeyInfo."""
+    der = private_key.public_key().public_bytes(serialization.Encoding.DER,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(der).decode("ascii")
 
 
 def is_loopback_url(url: str) -> bool:
@@ -120,7 +163,22 @@ def simulator_port() -> int:
 
 
 def simulator_url() -> str:
+    """The simulator's base URL (Twilio's and SendGrid's APIs both): http://127.0.0.1:<port>."""
     return f"http://127.0.0.1:{simulator_port()}"
+
+
+def dev_web_url() -> str:
+    """The web's base URL in development mode: DEV_WEB_URL, else http://127.0.0.1:5000.
+
+    bin/dev sets DEV_WEB_URL from PORT: honcho gives each Procfile process a PORT of its own
+    (web 5000, worker 5100, simulator 5200), so the simulator cannot read the web's from PORT.
+    """
+    return (os.environ.get("DEV_WEB_URL") or "http://127.0.0.1:5000").rstrip("/")
+
+
+def dev_webhook_url() -> str:
+    """The web's /twilio/webhook in development mode (DEV_WEBHOOK_URL on the default port)."""
+    return dev_web_url() + "/twilio/webhook"
 
 
 def dev_secrets(instance_path: str) -> dict[str, str]:

@@ -378,13 +378,13 @@ def test_development_mode_keeps_a_local_api_url_and_webhook_url(tmp_path: Path) 
     assert result.stdout.split() == ["True", "http://127.0.0.1:9999", "http://localhost:5001/twilio/webhook"]
 
 
-def test_every_setting_is_documented_in_env_example_and_the_readme() -> None:
+def test_every_setting_is_documented_in_env_example_and_the_configuration_page() -> None:
     env_example = (PROJECT_ROOT / ".env.example").read_text()
-    readme = (PROJECT_ROOT / "README.md").read_text()
+    reference = (PROJECT_ROOT / "docs" / "configuration.md").read_text()
     for name in Settings.model_fields:
         variable = name.upper()
         assert variable in env_example, f"{variable} is missing from .env.example"
-        assert f"`{variable}`" in readme, f"{variable} is missing from the README's configuration table"
+        assert f"`{variable}`" in reference, f"{variable} is missing from docs/configuration.md's table"
 
 
 def test_a_remote_database_or_redis_is_never_development_mode(tmp_path: Path) -> None:
@@ -397,7 +397,7 @@ def test_a_remote_database_or_redis_is_never_development_mode(tmp_path: Path) ->
 
 
 def test_a_copied_env_example_keeps_development_mode() -> None:
-    """The README's first step for going live is `cp .env.example .env`; untouched, it must not
+    """The first step for going live (docs/deploying.md) is `cp .env.example .env`; untouched, it must not
     turn a laptop into a half-configured production server."""
     from bot.devmode import production_signals
 

@@ -71,7 +71,8 @@ def test_diagram_follows_declared_routes():
     assert "[*] --> rating: feedback|survey" in text
 
 
-def test_readme_shows_each_flows_current_diagram():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_the_conversations_page_shows_each_flows_current_diagram():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "conversations.md").read_text()
     for name, flow in registry().items():
-        assert mermaid(flow) in readme, f"README's diagram of {name} is stale: paste `flask flows graph {name}`"
+        assert mermaid(flow) in page, (f"docs/conversations.md's diagram of {name} is stale: paste "
+                                       f"`flask flows graph {name}`")

@@ -3,7 +3,8 @@
 Each line becomes a signed inbound webhook, posted to the bot exactly as Twilio posts it; the
 bot's replies are read back from the Twilio Messages API (the simulator in development mode)
 with the official SDK, and shown with WhatsApp's delivery ticks as the status callbacks move
-them on.
+them on. In development mode the emails the bot sends (to anyone) are shown as they reach the
+simulator's SendGrid side, and `/emails` prints them in full.
 
 The core (:class:`ChatSession`) does no terminal I/O, so tests drive it directly; :func:`run_repl`
 is the read-send-show loop, and :data:`chat_command` the click command around it.
@@ -29,7 +30,7 @@ from twilio.rest import Client
 
 from bot.devmode import is_loopback_url
 from bot.phone import InvalidNumber, normalize_e164
-from bot.devtools.simulator import API_VERSION, sign
+from bot.devtools.simulator import API_VERSION, SIMULATOR_EMAILS_PATH, sign
 
 __all__ = ["ChatError", "ChatEvent", "ChatSession", "ticks", "run_repl", "chat_command", "HELP"]
 
@@ -79,7 +80,8 @@ def ticks(status: str | None, error_code: int | str | None = None) -> str:
 
 @dataclass(frozen=True)
 class ChatEvent:
-    """What a poll found: a new bot message (kind "message") or a new status of one ("status")."""
+    """What a poll found: a new bot message (kind "message"), a new status of one ("status"), or
+    an email the bot sent to anyone (kind "email", development mode)."""
 
     kind: str
     sid: str
@@ -87,9 +89,13 @@ class ChatEvent:
     body: str | None = None
     error_code: int | None = None
     num_media: int = 0
+    #: An email's recipient (kind "email": `body` is its subject).
+    to: str | None = None
 
     def render(self) -> str:
         """One line (a multi-line body continues indented): "bot: ... ✓✓" or "   ↳ read ✓✓"."""
+        if self.kind == "email":
+            return f"📧 email to {self.to}: {self.body or '(no subject)'}   (/emails shows it)"
         if self.kind == "status":
             mark = ticks(self.status, self.error_code).removesuffix(" (read)")
             return f"   ↳ {self.status} {mark}".rstrip()
@@ -107,7 +113,8 @@ class ChatSession:
     """
 
     def __init__(self, *, phone: str, profile_name: str | None, webhook_url: str, auth_token: str,
-                 account_sid: str, bot_number: str, client: Client) -> None:
+                 account_sid: str, bot_number: str, client: Client, emails_url: str | None = None) -> None:
+        """`emails_url`: the simulator's `/_emails` (development mode); None shows no email."""
         try:
             self.phone = normalize_e164(phone)
         except InvalidNumber as exc:
@@ -125,6 +132,10 @@ class ChatSession:
         # The REPL polls from a background thread too (messages that arrive while you type).
         self._poll_lock = threading.Lock()
         self._ignored: set[str] = {m.sid for m in self._list()}  # there before the session started
+        self.emails_url = emails_url
+        self._emails_http = requests.Session()
+        self._emails_http.trust_env = False  # the simulator is local: never through a proxy
+        self._emails_seen: set[str] = {e["id"] for e in self.emails()} if emails_url else set()
 
     def __repr__(self) -> str:  # never shows the auth token
         return f"<ChatSession {self.phone} -> {self.webhook_url}>"
@@ -136,6 +147,10 @@ class ChatSession:
         from bot.twilio.client import get_client
 
         config = current_app.config if app_config is None else app_config
+        emails_url = None
+        sendgrid_url = config.get("SENDGRID_API_URL") or ""
+        if config.get("DEV_MODE") and config.get("SENDGRID_API_KEY") and is_loopback_url(sendgrid_url):
+            emails_url = sendgrid_url.rstrip("/") + SIMULATOR_EMAILS_PATH  # the simulator plays SendGrid
         return cls(
             phone=phone,
             profile_name=profile_name,
@@ -144,6 +159,7 @@ class ChatSession:
             account_sid=config["TWILIO_ACCOUNT_SID"],
             bot_number=config["TWILIO_WHATSAPP_NUMBER"],
             client=get_client(),
+            emails_url=emails_url,
         )
 
     @property
@@ -239,6 +255,20 @@ class ChatSession:
                 f"cannot read messages from the Twilio API at {self.api_url}: {exc}")) from None
         return list(reversed(newest_first))
 
+    def emails(self) -> list[dict[str, Any]]:
+        """Every email the simulator's SendGrid side accepted, oldest first (`GET /_emails`);
+        [] without an `emails_url`."""
+        if not self.emails_url:
+            return []
+        try:
+            response = self._emails_http.get(self.emails_url, timeout=POST_TIMEOUT,
+                                             headers={"Accept": "application/json"})
+            response.raise_for_status()
+            return list(response.json()["emails"])
+        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+            raise ChatError(f"cannot read the emails at {self.emails_url} ({type(exc).__name__}): "
+                            "is the simulator running? (bin/dev starts it)") from None
+
     def poll(self) -> list[ChatEvent]:
         """New bot messages and new statuses of messages already shown, oldest first.
 
@@ -263,6 +293,10 @@ class ChatSession:
             elif self._statuses[sid] != status:
                 events.append(ChatEvent("status", sid, status, error_code=error_code))
             self._statuses[sid] = status
+        for email in self.emails():
+            if email["id"] not in self._emails_seen:
+                self._emails_seen.add(email["id"])
+                events.append(ChatEvent("email", email["id"], None, email.get("subject"), to=email.get("to")))
         return events
 
     def wait_for(self, predicate_or_count: int | Callable[[list[ChatEvent]], Any] = 1,
@@ -596,8 +630,27 @@ def _cmd_events(session: ChatSession, rest: str, write: Callable[[str], Any]) ->
     return False
 
 
+def _cmd_emails(session: ChatSession, rest: str, write: Callable[[str], Any]) -> bool:
+    if rest and not (rest.isdigit() and 1 <= int(rest) <= 200):
+        raise _Usage("/emails [N]   the last N emails (1-200), e.g. /emails 3")
+    if not session.emails_url:
+        write("(emails are shown in development mode only: the simulator plays SendGrid there)")
+        return False
+    emails = session.emails()[-(int(rest) if rest else 5):]
+    if not emails:
+        write("(no email yet)")
+    for email in emails:
+        events = ", ".join(email.get("events") or []) or "no event yet"
+        write(f"📧 {email['received_at']} to {email['to']} from {email.get('from_name') or ''} <{email['from']}>")
+        write(f"   Subject: {email.get('subject') or '(no subject)'}   [{events}]")
+        for line in (email.get("text") or "").splitlines():
+            write(f"   | {line}")
+    return False
+
+
 _COMMANDS: dict[str, Callable[[ChatSession, str, Callable[[str], Any]], bool]] = {
     "/events": _cmd_events,
+    "/emails": _cmd_emails,
     "/button": _cmd_button,
     "/location": _cmd_location,
     "/media": _cmd_media,
@@ -637,6 +690,8 @@ def chat_command(phone: str, profile_name: str) -> None:
     click.echo(f"  messages go to   {session.webhook_url} (signed like Twilio's webhooks)")
     click.echo(f"  replies read at  {session.api_url}"
                + (" (the local Twilio simulator)" if dev else " (the Twilio API)"))
+    if session.emails_url:
+        click.echo(f"  emails shown from {session.emails_url} (the local SendGrid simulator)")
     if not dev:
         click.secho("  Not in development mode: the bot's replies are real WhatsApp messages to "
                     f"{session.phone}.", fg="yellow")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import hashlib
 import json
 import logging
 import secrets
@@ -37,9 +36,11 @@ from email.utils import parseaddr
 from typing import Any, Iterable, Mapping
 
 import requests
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from werkzeug.wrappers import Request, Response
+
+from bot.devmode import dev_api_key, dev_private_key, public_key_text
 
 __all__ = ["SendGridSimulator", "sign", "dev_api_key", "dev_private_key", "public_key_text",
            "SIGNATURE_HEADER", "TIMESTAMP_HEADER"]
@@ -72,27 +73,6 @@ class _SendGridError(Exception):
     def response(self) -> Response:
         payload = {"errors": [{"message": self.message, "field": self.field, "help": None}]}
         return Response(json.dumps(payload), status=self.status, mimetype="application/json")
-
-
-def dev_api_key(seed: str) -> str:
-    """The development SENDGRID_API_KEY derived from `seed` (the development Twilio auth token):
-    the server and a simulator started apart agree on it without another secret."""
-    return "SG." + hashlib.sha256(b"sendgrid-api-key\x00" + seed.encode()).hexdigest()
-
-
-def dev_private_key(seed: str) -> ec.EllipticCurvePrivateKey:
-    """A deterministic P-256 key from `seed`, so the server (which needs only the public half,
-    `public_key_text`) and a simulator started apart agree on it in development mode."""
-    digest = hashlib.sha256(b"sendgrid-event-webhook-key\x00" + seed.encode()).digest()
-    order = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # P-256's group order
-    return ec.derive_private_key(int.from_bytes(digest, "big") % (order - 1) + 1, ec.SECP256R1())
-
-
-def public_key_text(private_key: ec.EllipticCurvePrivateKey) -> str:
-    """The public half as SendGrid's settings page shows it: base64 DER SubjectPublicKeyInfo."""
-    der = private_key.public_key().public_bytes(serialization.Encoding.DER,
-                                                serialization.PublicFormat.SubjectPublicKeyInfo)
-    return base64.b64encode(der).decode("ascii")
 
 
 def sign(private_key: ec.EllipticCurvePrivateKey, timestamp: str | int, body: bytes) -> str:

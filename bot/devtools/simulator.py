@@ -32,8 +32,11 @@ import socket
 import threading
 import time
 import uuid
+from datetime import datetime, timezone
 from email.utils import formatdate
+from html import escape
 from typing import Any, Iterable, Mapping
+from urllib.parse import urlsplit
 
 import requests
 from twilio.request_validator import RequestValidator
@@ -43,8 +46,8 @@ from werkzeug.routing import Map, Rule
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
-from bot.devmode import SIMULATOR_EVENTS_PATH, dev_events_secret
-from bot.devtools.sendgrid_simulator import SendGridSimulator, dev_api_key, dev_private_key
+from bot.devmode import SIMULATOR_EVENTS_PATH, dev_api_key, dev_events_secret, dev_private_key
+from bot.devtools.sendgrid_simulator import SendGridSimulator
 
 try:  # phonenumbers is a project dependency, but keep the simulator usable without it.
     import phonenumbers
@@ -56,6 +59,8 @@ __all__ = ["TwilioSimulator", "SimulatorTimeout", "sign", "main", "parse_args"]
 log = logging.getLogger(__name__)
 
 API_VERSION = "2010-04-01"
+#: The emails the SendGrid side accepted, for people: JSON, or a page in a browser (bin/dev).
+SIMULATOR_EMAILS_PATH = "/_emails"
 DEFAULT_WHATSAPP_SENDER = "whatsapp:+14155238886"  # Twilio's WhatsApp sandbox number
 MAX_BODY_CHARS = 1600
 WEBHOOK_TIMEOUT = 5.0  # seconds; outgoing webhook posts must never block forever
@@ -283,6 +288,8 @@ class TwilioSimulator:
                 Rule(f"{base}/Messages/<sid>.json", endpoint="message", methods=["GET"]),
                 # Development mode's receiver of the bot's events (not Twilio's: the backend's).
                 Rule(SIMULATOR_EVENTS_PATH, endpoint="events", methods=["GET", "POST"]),
+                # What a newcomer looks at to see an email arrive (`flask chat`'s /emails reads it too).
+                Rule(SIMULATOR_EMAILS_PATH, endpoint="emails", methods=["GET"]),
             ]
         )
 
@@ -701,6 +708,36 @@ class TwilioSimulator:
         log.info("event %s %s", payload.get("type"), request.headers.get("webhook-id"))
         return Response(status=204)
 
+    def received_emails(self) -> list[dict[str, Any]]:
+        """The emails the SendGrid side accepted, oldest first, as `GET /_emails` lists them: id
+        (X-Message-Id), our `message_id` (custom_args), to, from, subject, text, html,
+        received_at (ISO 8601, UTC) and `events`: the event names posted back and answered 2xx."""
+        delivered: dict[str, list[str]] = {}
+        for post in self.sendgrid.event_posts:
+            if post["status_code"] is not None and 200 <= post["status_code"] < 300:
+                for event in post["events"]:
+                    x_message_id = str(event.get("sg_message_id", "")).split(".", 1)[0]
+                    delivered.setdefault(x_message_id, []).append(str(event.get("event")))
+        return [{
+            "id": email["x_message_id"],
+            "message_id": email["custom_args"].get("message_id"),
+            "to": email["to"],
+            "from": email["from"],
+            "from_name": email["from_name"],
+            "subject": email["subject"],
+            "text": email["text"],
+            "html": email["html"],
+            "received_at": datetime.fromtimestamp(email["received_at"], timezone.utc).isoformat(timespec="seconds"),
+            "events": delivered.get(email["x_message_id"], []),
+        } for email in self.sendgrid.emails]
+
+    def _handle_emails(self, request: Request) -> Response:
+        """`GET /_emails`: the accepted emails as JSON, or as a page for a browser."""
+        emails = self.received_emails()
+        if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
+            return Response(_emails_page(emails), mimetype="text/html")
+        return _json_response({"emails": emails})
+
     def _handle_message(self, request: Request, account_sid: str, sid: str) -> Response:
         self._check_auth(request, account_sid)
         with self._cond:
@@ -804,25 +841,61 @@ class TwilioSimulator:
         return {k: v for k, v in record.items() if k != "form"}
 
 
+_EMAILS_PAGE = """<!doctype html><html lang="en"><meta charset="utf-8"><meta http-equiv="refresh" content="5">
+<title>Emails (SendGrid simulator)</title>
+<body style="font-family: sans-serif; max-width: 50rem; margin: 2rem auto; padding: 0 1rem">
+<h1>Emails the bot sent</h1><p>The local SendGrid simulator received these (newest first; the page
+refreshes itself). Nothing left this machine.</p>{items}</body></html>"""
+
+
+def _emails_page(emails: list[dict[str, Any]]) -> str:
+    """The `/_emails` page: each email's subject, addresses, events, text, and its HTML in a
+    sandboxed frame (the copy is the bot's, but a page of ours never runs an email's markup)."""
+    if not emails:
+        return _EMAILS_PAGE.format(items="<p><em>No email yet.</em></p>")
+    items = []
+    for email in reversed(emails):
+        events = ", ".join(email["events"]) or "none yet"
+        html = (f'<iframe sandbox="" style="width: 100%; height: 14rem; border: 1px solid #ccc" '
+                f'srcdoc="{escape(email["html"])}"></iframe>' if email["html"] else "")
+        items.append(
+            f'<article style="border-top: 1px solid #ccc; padding: .5rem 0">'
+            f'<h2 style="margin-bottom: .2rem">{escape(email["subject"] or "(no subject)")}</h2>'
+            f'<div>to {escape(email["to"])} · from {escape(email["from_name"] or "")} '
+            f'&lt;{escape(email["from"])}&gt; · {escape(email["received_at"])} · events: {escape(events)}</div>'
+            f'<pre style="white-space: pre-wrap">{escape(email["text"] or "")}</pre>{html}</article>')
+    return _EMAILS_PAGE.format(items="".join(items))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line (exits with status 2 on a bad option, as argparse does).
 
     Besides the options, the namespace carries ``failing_numbers`` (E.164 -> error code, from
-    ``--fail``) and ``callback_statuses`` (a tuple, from ``--statuses``). Reads no secrets.
+    ``--fail``), ``bouncing`` (address -> bounce reason, from ``--bounce``) and
+    ``callback_statuses`` (a tuple, from ``--statuses``). Reads no secrets.
     """
-    from bot.devmode import DEV_WEBHOOK_URL, simulator_port
+    from bot.devmode import SENDGRID_EVENTS_PATH, dev_webhook_url, simulator_port
     from bot.phone import InvalidNumber, normalize_e164
 
     env = os.environ
-    parser = argparse.ArgumentParser(prog="python -m bot.devtools.simulator", description="Local fake of Twilio's Messages API.")
+    parser = argparse.ArgumentParser(prog="python -m bot.devtools.simulator",
+                                     description="Local fake of Twilio's Messages API and SendGrid's mail/send.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=simulator_port())
     parser.add_argument("--account-sid", default=env.get("TWILIO_ACCOUNT_SID"),
                         help="default: TWILIO_ACCOUNT_SID, else the server's development secrets")
     parser.add_argument("--auth-token", default=env.get("TWILIO_AUTH_TOKEN"),
                         help="default: TWILIO_AUTH_TOKEN, else the server's development secrets")
-    parser.add_argument("--webhook-url", default=env.get("TWILIO_WEBHOOK_URL") or DEV_WEBHOOK_URL,
+    parser.add_argument("--webhook-url", default=env.get("TWILIO_WEBHOOK_URL") or dev_webhook_url(),
                         help="the bot's /twilio/webhook (status callbacks go to each send's StatusCallback)")
+    parser.add_argument("--sendgrid-events-url", default=None,
+                        help="where signed SendGrid events go (default: the bot's /sendgrid/events, on "
+                             "--webhook-url's host)")
+    parser.add_argument("--no-email-events", dest="email_events", action="store_false",
+                        help="post no SendGrid events (processed, delivered, bounce...)")
+    parser.add_argument("--bounce", action="append", default=[], metavar="ADDRESS[=REASON]",
+                        help="emails to ADDRESS are accepted, then bounce (a REASON starting 'dropped:' "
+                             "gives a dropped event instead)")
     parser.add_argument("--no-auto-callbacks", dest="auto_callbacks", action="store_false",
                         help="do not post sent/delivered/read status callbacks")
     parser.add_argument("--callback-delay", type=float, default=float(env.get("SIMULATOR_CALLBACK_DELAY", "0.5")),
@@ -852,6 +925,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--statuses: unknown status {', '.join(unknown)}; choose from {', '.join(CALLBACK_STATUSES)}")
     if args.latency_ms < 0:
         parser.error("--latency-ms must be >= 0")
+    bouncing = {}
+    for rule in args.bounce:
+        address, _, reason = rule.partition("=")
+        address = address.strip().lower()
+        if "@" not in address or any(c.isspace() for c in address):
+            parser.error(f"--bounce wants ADDRESS[=REASON], got {rule!r}")
+        bouncing[address] = reason.strip() or "550 5.1.1 The email account that you tried to reach does not exist"
+    if args.sendgrid_events_url is None:
+        origin = urlsplit(args.webhook_url)
+        args.sendgrid_events_url = f"{origin.scheme}://{origin.netloc}{SENDGRID_EVENTS_PATH}"
+    elif not args.sendgrid_events_url.startswith(("http://", "https://")):
+        parser.error("--sendgrid-events-url must be an http(s) URL")
+    args.bouncing = bouncing
     args.failing_numbers = failing
     args.callback_statuses = statuses
     return args
@@ -860,9 +946,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Run the simulator in the foreground until Ctrl-C or SIGTERM, logging one line per send.
 
-    Defaults come from TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, TWILIO_WEBHOOK_URL and SIMULATOR_PORT;
-    with no Twilio credentials in the environment it uses the server's development secrets
-    (instance/dev-secrets.json), so `bin/dev` needs no configuration at all.
+    Defaults come from TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, TWILIO_WEBHOOK_URL (else DEV_WEB_URL,
+    which bin/dev sets) and SIMULATOR_PORT; with no Twilio credentials in the environment it uses
+    the server's development secrets (instance/dev-secrets.json), so `bin/dev` needs no
+    configuration at all. SendGrid's side accepts the development key and signs its events with
+    the development key pair, both derived from the auth token (bot.devmode), and posts them to
+    the web's /sendgrid/events.
     """
     from bot.devmode import default_instance_path, dev_secrets
 
@@ -885,8 +974,13 @@ def main(argv: list[str] | None = None) -> None:
         callback_statuses=args.callback_statuses,
         failing_numbers=args.failing_numbers,
         latency=args.latency_ms / 1000,
-    ).start()
+        sendgrid_events_url=args.sendgrid_events_url if args.email_events else None,
+    )
+    sim.sendgrid.bouncing = args.bouncing
+    sim.sendgrid.event_delay = args.callback_delay
+    sim.start()
     log.info("Twilio simulator on %s (account %s); point client.api.base_url here", sim.url, args.account_sid)
+    log.info("SendGrid simulator on the same port; emails it received: %s%s", sim.url, SIMULATOR_EMAILS_PATH)
     # Stop cleanly on Ctrl-C and on SIGTERM (what honcho/foreman send to Procfile processes).
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
