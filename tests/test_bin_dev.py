@@ -79,7 +79,7 @@ def test_ctrl_c_stops_everything_bin_dev_started(pipeline, tmp_path):
     web_port, simulator_port = free_port(), free_port()
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("DATABASE_URL", "REDIS_URL", "TWILIO_", "TEST_", "NOTIFY_", "EVENTS_", "SENDGRID_"))}
-    env.update(VENV=sys.prefix, PORT=str(web_port), SIMULATOR_PORT=str(simulator_port),
+    env.update(VENV=sys.prefix, BIN_DEV_SKIP_INSTALL="1", PORT=str(web_port), SIMULATOR_PORT=str(simulator_port),
                INSTANCE_PATH=str(tmp_path / "instance"), WEB_CONCURRENCY="1", WORKER_THREADS="2",
                PIP_DISABLE_PIP_VERSION_CHECK="1")
     # A session of its own, as a terminal's shell gives each pipeline a process group of its own.

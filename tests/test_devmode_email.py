@@ -175,7 +175,7 @@ def test_bin_dev_delivers_the_login_email_and_the_chat_shows_it(tmp_path):
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("DATABASE_URL", "REDIS_URL", "TWILIO_", "TEST_", "NOTIFY_", "EVENTS_", "SENDGRID_",
                                   "EMAIL_", "DEV_WEB_URL", "SECRET_KEY", "PUBLIC_URL"))}
-    env.update(VENV=sys.prefix, PORT=str(web_port), SIMULATOR_PORT=str(simulator_port), INSTANCE_PATH=str(instance),
+    env.update(VENV=sys.prefix, BIN_DEV_SKIP_INSTALL="1", PORT=str(web_port), SIMULATOR_PORT=str(simulator_port), INSTANCE_PATH=str(instance),
                WEB_CONCURRENCY="1", WORKER_THREADS="2", PIP_DISABLE_PIP_VERSION_CHECK="1",
                SIMULATOR_ARGS="--callback-delay 0.2")
     shell = subprocess.Popen(["bash", "-c", f"cd {ROOT} && bin/dev"], env=env, cwd=tmp_path, start_new_session=True,
