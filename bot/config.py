@@ -1,6 +1,6 @@
 """Settings: one typed object read from the environment (and `.env` in development).
 
-The variable names are the README's (Configuration), so a Heroku-style host configures the app with
+The variable names are docs/configuration.md's, so a Heroku-style host configures the app with
 nothing but environment variables. Secrets are `SecretStr`, so printing the settings never prints
 them, and validation errors are rewritten to name the variable without echoing its value.
 """
@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     #: at most this often while it stays there (for 3 days).
     reconcile_after_minutes: int = Field(default=180, ge=1, le=7 * 24 * 60)
 
-    # --- events to the backend (README, "Events to your backend") ---
+    # --- events to the backend (docs/api.md, "Events to your backend") ---
     #: Where the worker POSTs events, signed per Standard Webhooks. Unset: events are stored and
     #: readable (GET /events), not pushed.
     events_webhook_url: str | None = None

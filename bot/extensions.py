@@ -9,7 +9,7 @@ from sqlalchemy.orm import DeclarativeBase
 
 
 class Base(DeclarativeBase):
-    """Declarative base for every model (plain typed mappings, no MappedAsDataclass: see README)."""
+    """Declarative base for every model (plain typed mappings, no MappedAsDataclass: see docs/libraries.md)."""
 
 
 db = SQLAlchemy(model_class=Base)

@@ -149,7 +149,7 @@ class StartedBy(StrEnum):
 
 
 class EventType(StrEnum):
-    """What an event to the backend reports (README, "Events to your backend")."""
+    """What an event to the backend reports (docs/api.md, "Events to your backend")."""
 
     MESSAGE_STATUS = "message.status"
     MESSAGE_RECEIVED = "message.received"

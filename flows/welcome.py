@@ -46,7 +46,7 @@ def ask_again(message: Inbound, data: dict) -> Step:
 
 flow = Flow(
     name=NAME,
-    # README prints this description above the diagram (`flask flows graph`): change both together.
+    # docs/conversations.md prints this description above the diagram (`flask flows graph`): change both together.
     description="Asks a new contact for opt-in (YES is handled by the engine's consent keywords).",
     start=start,
     start_to=("awaiting_consent",),

@@ -20,7 +20,7 @@ def webhook_url_for_request() -> str:
     configured = current_app.config.get("TWILIO_WEBHOOK_URL")
     if not configured:
         return request.url
-    # Connection overrides (`#rc=3&rp=5xx`, README) tell Twilio how to retry; Twilio signs the
+    # Connection overrides (`#rc=3&rp=5xx`, docs/deploying.md) tell Twilio how to retry; Twilio signs the
     # URL without them, and the configured URL keeps them for every send's StatusCallback.
     configured = configured.split("#", 1)[0]
     if request.query_string and "?" not in configured:

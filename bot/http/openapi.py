@@ -155,7 +155,7 @@ class EventDelivery(BaseModel):
 
 
 class Event(BaseModel):
-    """One event (README, "Events to your backend"): the pushed body, its id, its delivery."""
+    """One event (docs/api.md, "Events to your backend"): the pushed body, its id, its delivery."""
 
     id: str = Field(description="the webhook-id header of every push of this event")
     type: EventType

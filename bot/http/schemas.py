@@ -322,7 +322,7 @@ class NotifyBody(RequestBody):
 
 def parse_notify(payload: Any, content_sids: Mapping[str, str], flows: Mapping[str, Flow] | None = None,
                  email_templates: frozenset[str] = frozenset()) -> NotifyRequest:
-    """Validate a decoded JSON payload against the HTTP contract (README, "Sending a notification").
+    """Validate a decoded JSON payload against the HTTP contract (docs/api.md, "Sending a notification").
 
     Raises InvalidRequest naming the field."""
     context = NotifyContext(content_sids=content_sids, flows=flows or {}, email_templates=email_templates)
