@@ -209,3 +209,12 @@ def test_a_batch_keeps_its_order_and_its_odd_events():
 def test_a_body_that_is_not_a_json_array_is_a_bad_batch(body):
     with pytest.raises(BadBatch):
         parse_batch(body)
+
+
+def test_text_no_database_can_hold_is_dropped_from_an_event() -> None:
+    from bot.channels.email.webhook_events import parse_event
+
+    event = parse_event({"sg_event_id": "a\x00b", "event": "bounce\x00", "reason": "bad\x00\ud800 box",
+                         "email": "x@example.com"})
+    assert event.usable and event.sg_event_id == "ab" and event.event == "bounce"
+    assert "\x00" not in event.reason and "\ud800" not in event.reason

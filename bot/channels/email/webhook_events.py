@@ -95,7 +95,7 @@ def parse_event(item: Any) -> EmailEvent:
         return _unusable(None, "", "not an object")
     event = item.get("event")
     sg_event_id = _text(item.get("sg_event_id"))
-    name = event.strip().lower()[:MAX_TEXT] if isinstance(event, str) else ""
+    name = (_text(event) or "").lower() if isinstance(event, str) else ""
     if not sg_event_id:
         return _unusable(None, name, "no sg_event_id")
     if not name:
@@ -136,7 +136,9 @@ def _text(value: Any) -> str | None:
         value = str(value)
     if not isinstance(value, str):
         return None
-    value = value.strip()
+    # NULs and lone surrogates are valid JSON but no database text can hold them (PostgreSQL
+    # refuses a NUL): dropped here, so an odd event is stored, never a 500.
+    value = value.replace("\x00", "").encode("utf-8", "replace").decode("utf-8").strip()
     return value[:MAX_TEXT] or None
 
 
