@@ -32,10 +32,10 @@ PER_TEST_TIMEOUT = 60
 
 SENDER = "bot/delivery/sender.py"
 STATUSES = "bot/delivery/statuses.py"
-WHATSAPP = "bot/twilio/whatsapp.py"
+WHATSAPP = "bot/channels/whatsapp/whatsapp.py"
 CONSENT = "bot/conversations/consent.py"
 AUTH = "bot/http/auth.py"
-ERRORS = "bot/twilio/errors.py"
+ERRORS = "bot/channels/whatsapp/errors.py"
 
 #: The tests that guard each file (what a change there must break).
 GUARDS = {

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from huey import signals
 
 from bot.delivery import outbox, sender
-from bot.twilio.errors import OPTED_OUT_CODE, OUTSIDE_WINDOW_CODE
+from bot.channels.whatsapp.errors import OPTED_OUT_CODE, OUTSIDE_WINDOW_CODE
 from bot.clock import utcnow
 from bot.extensions import db
 from bot.models import Message

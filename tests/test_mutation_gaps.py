@@ -13,9 +13,9 @@ from bot.delivery import sender
 from bot.delivery.queue import huey
 from bot.extensions import db
 from bot.models import Contact, Message, StatusEvent
-from bot.twilio.client import build_client
-from bot.twilio.errors import is_retryable
-from bot.twilio.whatsapp import SESSION_WINDOW, within_window
+from bot.channels.whatsapp.client import build_client
+from bot.channels.whatsapp.errors import is_retryable
+from bot.channels.whatsapp.whatsapp import SESSION_WINDOW, within_window
 from bot.vocabulary import Consent, Kind, MessageStatus
 from bot.devtools.simulator import sign
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, SENDER, inbound_form, make_contact, run_queue, status_form

@@ -19,8 +19,8 @@ from bot.delivery import outbox, sender, shutdown
 from bot.delivery.queue import huey
 from bot.extensions import db
 from bot.models import Message
-from bot.twilio.client import build_client
-from bot.twilio.errors import request_never_left
+from bot.channels.whatsapp.client import build_client
+from bot.channels.whatsapp.errors import request_never_left
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, SENDER, make_contact, run_queue
 
 

@@ -10,7 +10,7 @@ from flask import current_app
 from bot.extensions import db
 from bot.delivery import events
 from bot.models import ConsentEvent, Contact, Message
-from bot.twilio.whatsapp import SANDBOX_JOIN, SANDBOX_NUMBER
+from bot.channels.whatsapp.whatsapp import SANDBOX_JOIN, SANDBOX_NUMBER
 from bot.vocabulary import Channel, Consent, ConsentAction, Direction, Kind, MessageStatus
 from flows.toolkit import normalize
 

@@ -33,7 +33,7 @@ from bot.delivery.sender import Outcome, _failed_attempt, concurrency, finish, l
 from bot.delivery.statuses import report_statuses
 from bot.extensions import db
 from bot.models import Contact, EmailEvent, Message
-from bot.twilio.errors import OPTED_OUT_CODE
+from bot.channels.whatsapp.errors import OPTED_OUT_CODE
 from bot.vocabulary import Consent, MessageStatus
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from bot.clock import utcnow
 from bot.delivery.statuses import record_callback
 from bot.extensions import db
 from bot.models import Message
-from bot.twilio.client import get_client
+from bot.channels.whatsapp.client import get_client
 from bot.vocabulary import Direction, MessageStatus
 
 log = logging.getLogger(__name__)

@@ -43,10 +43,10 @@ from bot.delivery.rate_limit import send_rate_limit
 from bot.delivery.statuses import apply_pending_events, raise_status, report_statuses
 from bot.extensions import db
 from bot.models import Contact, Message, StatusEvent
-from bot.twilio.client import get_client
-from bot.twilio.errors import (OPTED_OUT_CODE, OUTSIDE_WINDOW_CODE, attempt_limit, is_retryable, is_too_fast,
+from bot.channels.whatsapp.client import get_client
+from bot.channels.whatsapp.errors import (OPTED_OUT_CODE, OUTSIDE_WINDOW_CODE, attempt_limit, is_retryable, is_too_fast,
                                request_never_left)
-from bot.twilio.whatsapp import within_window
+from bot.channels.whatsapp.whatsapp import within_window
 from bot.vocabulary import Consent, Direction, Kind, MessageStatus, OUTBOUND_STATUSES
 
 log = logging.getLogger(__name__)

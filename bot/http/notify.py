@@ -20,7 +20,7 @@ from bot.models import (Contact, Conversation, EmailEvent, IdempotencyKey, Messa
                         new_id)
 from bot.conversations.replies import TEMPLATES_DIR
 from bot.http.schemas import InvalidRequest, NotifyRequest, parse_notify
-from bot.twilio.whatsapp import within_window
+from bot.channels.whatsapp.whatsapp import within_window
 from bot.vocabulary import Channel, Consent, ConversationStatus, Direction, IdempotentKind, Kind, MessageStatus, StartedBy
 from bot.http.auth import require_api_token
 from flows import registry
