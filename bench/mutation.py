@@ -10,6 +10,7 @@ exactly once (the code was rewritten) is skipped and reported, never guessed at.
 
     .venv/bin/python bench/mutation.py                # all mutants, report to bench/MUTATION.md
     .venv/bin/python bench/mutation.py claim-lease    # only the named mutants, report to stdout
+    .venv/bin/python bench/mutation.py --check        # only that every snippet is found once (seconds)
 
 Not run by CI: about five minutes on two cores.
 """
@@ -31,6 +32,7 @@ RUN_TIMEOUT = 300
 PER_TEST_TIMEOUT = 60
 
 SENDER = "bot/delivery/sender.py"
+CLAIMS = "bot/delivery/claims.py"
 STATUSES = "bot/delivery/statuses.py"
 WHATSAPP = "bot/channels/whatsapp/whatsapp.py"
 CONSENT = "bot/conversations/consent.py"
@@ -41,6 +43,8 @@ ERRORS = "bot/channels/whatsapp/errors.py"
 GUARDS = {
     SENDER: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_contact_order.py",
              "tests/test_consent_edges.py"],
+    CLAIMS: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_contact_order.py",
+             "tests/test_unknown_fate.py"],
     STATUSES: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_webhook.py"],
     WHATSAPP: ["tests/test_mutation_gaps.py", "tests/test_notify_api.py", "tests/test_delivery.py",
                "tests/test_conversations.py"],
@@ -68,30 +72,30 @@ class Mutant:
 
 MUTANTS = [
     # --- the claim (invariants 2 and 9) ---
-    Mutant("claim-pending", SENDER, "of.status == MessageStatus.PENDING,", "of.status != MessageStatus.PENDING,",
+    Mutant("claim-pending", CLAIMS, "of.status == MessageStatus.PENDING,", "of.status != MessageStatus.PENDING,",
            "a pending message is never claimed, anything else is"),
-    Mutant("claim-retry-not-due", SENDER, "sa.and_(of.status == MessageStatus.RETRYING, due)",
+    Mutant("claim-retry-not-due", CLAIMS, "sa.and_(of.status == MessageStatus.RETRYING, due)",
            "of.status == MessageStatus.RETRYING", "a retrying message is claimed before its backoff is over"),
-    Mutant("claim-early-ignored", SENDER, "due = sa.true() if early else of.next_attempt_at <= now",
+    Mutant("claim-early-ignored", CLAIMS, "due = sa.true() if early else of.next_attempt_at <= now",
            "due = of.next_attempt_at <= now", "the task's own retry cannot claim before the due time"),
-    Mutant("claim-lease-ignored", SENDER, "sa.and_(of.status == MessageStatus.DISPATCHING, of.claimed_until < now)",
+    Mutant("claim-lease-ignored", CLAIMS, "sa.and_(of.status == MessageStatus.DISPATCHING, of.claimed_until < now)",
            "of.status == MessageStatus.DISPATCHING", "a message being sent is claimed again (double send)"),
-    Mutant("claim-lease-boundary", SENDER, "of.claimed_until < now", "of.claimed_until <= now",
+    Mutant("claim-lease-boundary", CLAIMS, "of.claimed_until < now", "of.claimed_until <= now",
            "a lease is taken over at the very instant it ends"),
-    Mutant("claim-order-ignored", SENDER, "sa.or_(of.kind == Kind.OPT_OUT_CONFIRMATION, ~_earlier_unsent_message(of))",
+    Mutant("claim-order-ignored", CLAIMS, "sa.or_(of.kind == Kind.OPT_OUT_CONFIRMATION, ~_earlier_unsent_message(of))",
            "sa.true()", "a later message overtakes an earlier one of the same contact"),
-    Mutant("claim-confirmation-waits", SENDER,
+    Mutant("claim-confirmation-waits", CLAIMS,
            "sa.or_(of.kind == Kind.OPT_OUT_CONFIRMATION, ~_earlier_unsent_message(of))",
            "~_earlier_unsent_message(of)", "an opt-out confirmation waits behind older messages"),
-    Mutant("claim-order-reversed", SENDER, "sa.or_(prior.created_at < of.created_at,",
+    Mutant("claim-order-reversed", CLAIMS, "sa.or_(prior.created_at < of.created_at,",
            "sa.or_(prior.created_at > of.created_at,", "newer messages hold older ones back"),
     # (the next five survived an independent run: issue 15)
-    Mutant("unsent-retrying-ignored", SENDER, "prior.status.in_(UNSENT),",
+    Mutant("unsent-retrying-ignored", CLAIMS, "prior.status.in_(UNSENT),",
            "prior.status.in_((MessageStatus.PENDING, MessageStatus.DISPATCHING)),",
            "a retrying message no longer holds its contact's later ones back"),
     Mutant("lookup-body-ignored", SENDER, 'if sent_body and (candidate.body or "") != sent_body:', "if False:",
            "a lookup adopts another message to the same recipient and ours is never sent"),
-    Mutant("lease-renewal-now", SENDER, ".values(claimed_until=now + self.lease)", ".values(claimed_until=now)",
+    Mutant("lease-renewal-now", CLAIMS, ".values(claimed_until=now + self.lease)", ".values(claimed_until=now)",
            "a batch slower than its lease is re-taken while its calls are on the wire"),
     # --- the status rank (invariant 3) ---
     Mutant("rank-equal-moves", STATUSES, 'Message.status_rank < sa.bindparam("rank")',
@@ -131,8 +135,10 @@ MUTANTS = [
     Mutant("consent-no-change-recorded", CONSENT, "    if contact.consent == new_state:\n        return False\n",
            "", "a repeated opt-out or opt-in adds a ledger entry and reports a change"),
     Mutant("consent-action-swapped", CONSENT,
-           "ConsentAction.OPT_OUT if new_state == Consent.OPTED_OUT else ConsentAction.OPT_IN",
-           "ConsentAction.OPT_IN if new_state == Consent.OPTED_OUT else ConsentAction.OPT_OUT",
+           "    if contact.consent == new_state:\n        return False\n"
+           "    action = ConsentAction.OPT_OUT if new_state == Consent.OPTED_OUT else ConsentAction.OPT_IN",
+           "    if contact.consent == new_state:\n        return False\n"
+           "    action = ConsentAction.OPT_IN if new_state == Consent.OPTED_OUT else ConsentAction.OPT_OUT",
            "the ledger records the opposite action"),
     Mutant("consent-stop-keywords-ignored", CONSENT, "if typed_words(payload) in keywords.opt_out:",
            "if typed_words(payload) in keywords.opt_in:", "typed STOP is not an opt-out"),
@@ -192,7 +198,23 @@ def run_tests(tree: Path, tests: list[str]) -> tuple[str, float, str]:
     return "error", seconds, (result.stdout + result.stderr)[-300:]
 
 
+def check_anchors() -> list[str]:
+    """Mutants whose snippet is not found exactly once in their file (moved or rewritten code)."""
+    problems = []
+    for mutant in MUTANTS:
+        path = ROOT / mutant.path
+        found = path.read_text().count(mutant.snippet) if path.is_file() else -1
+        if found != 1:
+            where = "file missing" if found < 0 else f"snippet found {found} times"
+            problems.append(f"{mutant.name}: {mutant.path}: {where}")
+    return problems
+
+
 def main(names: list[str]) -> int:
+    if names == ["--check"]:
+        problems = check_anchors()
+        print("\n".join(problems) or f"all {len(MUTANTS)} mutants' snippets found once")
+        return 1 if problems else 0
     chosen = [m for m in MUTANTS if not names or m.name in names]
     results = []
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:

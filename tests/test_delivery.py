@@ -9,7 +9,7 @@ from datetime import timedelta
 import sqlalchemy as sa
 from huey import signals
 
-from bot.delivery import outbox, sender
+from bot.delivery import claims, outbox, sender
 from bot.channels.whatsapp.errors import OPTED_OUT_CODE, OUTSIDE_WINDOW_CODE
 from bot.clock import utcnow
 from bot.extensions import db
@@ -331,7 +331,7 @@ def test_killed_worker_lease_expires_and_sweep_resends(app, client, auth, twilio
     message_id = notify(client, auth, to="+15551234567", body="orphaned")
     huey.flush()  # the worker took the task and died
     with app.app_context():
-        assert sender.claim(message_id)
+        assert claims.claim(message_id)
         assert outbox.sweep(now=utcnow() + timedelta(seconds=5))["outbound"] == 0  # lease still held
         # Time passes beyond the lease: age the claim instead of sleeping through it.
         db.session.execute(sa.update(Message).values(claimed_until=utcnow() - timedelta(seconds=1)))
@@ -525,7 +525,7 @@ def test_batches_racing_send_each_message_once(app, client, auth, twilio):
 
 
 def test_a_batch_takes_replies_first_and_one_message_per_contact(app):
-    from bot.delivery.sender import claim_along
+    from bot.delivery.claims import claim_along
 
     with app.app_context():
         ada, bob, cy = (make_contact(p) for p in ("+15551230001", "+15551230002", "+15551230003"))

@@ -15,7 +15,7 @@ import requests
 import sqlalchemy as sa
 
 from bot.clock import utcnow
-from bot.delivery import outbox, sender, shutdown
+from bot.delivery import claims, outbox, sender, shutdown
 from bot.delivery.queue import huey
 from bot.extensions import db
 from bot.models import Message
@@ -82,7 +82,7 @@ def test_a_lease_that_ran_out_after_twilio_accepted_is_not_sent_again(app, clien
         contact = make_contact()
         message_id = notify(client, auth, "sent by a worker that died")
         huey.flush()  # that worker had taken the task
-        claimed = sender.claim(message_id)
+        claimed = claims.claim(message_id)
         assert claimed is not None and claimed.unsure_since is None
         # It reached Twilio (the real SDK, as the dead worker would have called it) ...
         accepted = sender.get_client().messages.create(to=contact.whatsapp_address, from_=SENDER,
@@ -103,7 +103,7 @@ def test_a_lease_that_ran_out_before_the_send_is_sent_after_the_lookup(app, clie
         make_contact()
         message_id = notify(client, auth, "never left")
         huey.flush()
-        assert sender.claim(message_id)
+        assert claims.claim(message_id)
         db.session.execute(sa.update(Message).values(claimed_until=utcnow() - timedelta(seconds=1)))
         db.session.commit()
         assert outbox.sweep()["outbound"] == 1
@@ -237,7 +237,7 @@ def test_a_stopping_worker_starts_no_new_send_and_gives_the_message_back(app, cl
         try:
             assert sender.deliver(message_id) == sender.Outcome.RELEASED
             # Claimed along by a batch that started before the stop: released, attempt not counted.
-            claimed = sender.claim(message_id)
+            claimed = claims.claim(message_id)
             assert claimed is not None
             outcomes = sender.send_claimed([claimed])
             assert outcomes[message_id] == sender.Outcome.RELEASED

@@ -29,7 +29,8 @@ from bot.channels.outcomes import Accepted, Failed
 from bot.clock import utcnow
 from bot.delivery import in_flight
 from bot.delivery.rate_limit import send_rate_limit
-from bot.delivery.sender import Outcome, _failed_attempt, concurrency, finish, load_recipients, release_next
+from bot.delivery.claims import release_next
+from bot.delivery.sender import Outcome, _failed_attempt, concurrency, finish, load_recipients
 from bot.delivery.statuses import report_statuses
 from bot.extensions import db
 from bot.models import Contact, EmailEvent, Message
