@@ -36,6 +36,7 @@ CLAIMS = "bot/delivery/claims.py"
 STATUSES = "bot/delivery/statuses.py"
 WHATSAPP = "bot/channels/whatsapp/whatsapp.py"
 CONSENT = "bot/conversations/consent.py"
+CONTACTS = "bot/contacts.py"
 AUTH = "bot/http/auth.py"
 ERRORS = "bot/channels/whatsapp/errors.py"
 
@@ -50,6 +51,8 @@ GUARDS = {
                "tests/test_conversations.py"],
     CONSENT: ["tests/test_mutation_gaps.py", "tests/test_consent_edges.py", "tests/test_webhook.py",
               "tests/test_conversations.py"],
+    CONTACTS: ["tests/test_mutation_gaps.py", "tests/test_consent_edges.py", "tests/test_webhook.py",
+               "tests/test_conversations.py"],
     AUTH: ["tests/test_mutation_gaps.py", "tests/test_webhook.py", "tests/test_hardening.py",
            "tests/test_notify_api.py"],
     ERRORS: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_unknown_fate.py"],
@@ -128,7 +131,7 @@ MUTANTS = [
     Mutant("window-48h", WHATSAPP, "SESSION_WINDOW = timedelta(hours=24)", "SESSION_WINDOW = timedelta(hours=48)",
            "a window twice as long"),
     # --- consent (invariant 4) ---
-    Mutant("consent-waiting-stop-wrong-status", CONSENT,
+    Mutant("consent-waiting-stop-wrong-status", CONTACTS,
            "Message.status == MessageStatus.RECEIVED, Message.kind == Kind.OPT_OUT_REQUEST)",
            "Message.status == MessageStatus.PROCESSED, Message.kind == Kind.OPT_OUT_REQUEST)",
            "an unprocessed STOP is not seen as waiting"),

@@ -20,7 +20,7 @@ from flask import current_app
 from sqlalchemy.exc import DBAPIError
 
 from bot.clock import utcnow
-from bot.conversations.contacts import lock_contact
+from bot.contacts import lock_contact
 from bot.delivery import outbox
 from bot.extensions import db
 from bot.models import Message

@@ -35,7 +35,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from twilio.base.exceptions import TwilioException
 
 from bot.clock import utcnow
-from bot.conversations.consent import opt_out_waiting_clause
+from bot.contacts import opt_out_waiting_clause
 from bot.delivery import claims, in_flight, outbox
 from bot.delivery.claims import UNSENT, claim, claim_along, release_next, wait_for_turn
 from bot.delivery.shutdown import is_stopping
@@ -153,7 +153,7 @@ def refusal_reason(message: Message | sa.Row, contact: Contact, stop_waiting: bo
     """Why this message must not reach Twilio now (opt-out, 24-hour window), or None.
 
     `stop_waiting`: the contact has sent an opt-out the engine has not handled yet (see
-    consent.opt_out_waiting).
+    bot.contacts.opt_out_waiting).
     """
     if message.kind != Kind.OPT_OUT_CONFIRMATION:
         if contact.consent == Consent.OPTED_OUT:

@@ -13,7 +13,7 @@ from flask import Flask
 from huey import crontab
 from huey.exceptions import RetryTask
 
-from bot.conversations import engine
+from bot.conversations import engine, inbound
 from bot.delivery import email_sender, event_delivery, outbox, reconcile, sender, statuses, webhook_fallback
 from bot.delivery.queue import huey
 from bot.vocabulary import Channel
@@ -124,7 +124,7 @@ def store_webhook(form: dict[str, str], received_at: float) -> str:
     """Store a webhook the web could not, its database being down (invariant 11). While the
     database stays unreachable, try again (sooner after a blip, once a minute in a long outage)."""
     try:
-        return webhook_fallback.store(form, received_at)
+        return webhook_fallback.store(form, received_at, inbound.store_inbound)
     except Exception as exc:
         if not webhook_fallback.database_unavailable(exc):
             raise  # a bug, not an outage: huey's own few retries, then the traceback in the log

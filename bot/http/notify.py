@@ -9,8 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
 from bot.delivery import outbox
-from bot.conversations.consent import opt_out_waiting
-from bot.conversations.contacts import get_or_create_contact
+from bot.contacts import get_or_create_contact, opt_out_waiting
 from bot.conversations.handoff import in_handoff
 from bot.conversations.users import UserConflict, find_user, upsert_user
 from bot.delivery import routing
