@@ -39,11 +39,13 @@ CONSENT = "bot/conversations/consent.py"
 CONTACTS = "bot/contacts.py"
 AUTH = "bot/http/auth.py"
 ERRORS = "bot/channels/whatsapp/errors.py"
+WA_CHANNEL = "bot/channels/whatsapp/channel.py"
+WA_LOOKUP = "bot/channels/whatsapp/lookup.py"
 
 #: The tests that guard each file (what a change there must break).
 GUARDS = {
     SENDER: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_contact_order.py",
-             "tests/test_consent_edges.py"],
+             "tests/test_consent_edges.py", "tests/test_unknown_fate.py", "tests/test_email_delivery.py"],
     CLAIMS: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_contact_order.py",
              "tests/test_unknown_fate.py"],
     STATUSES: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_webhook.py"],
@@ -56,6 +58,9 @@ GUARDS = {
     AUTH: ["tests/test_mutation_gaps.py", "tests/test_webhook.py", "tests/test_hardening.py",
            "tests/test_notify_api.py"],
     ERRORS: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_unknown_fate.py"],
+    WA_CHANNEL: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_contact_order.py",
+                 "tests/test_consent_edges.py"],
+    WA_LOOKUP: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_unknown_fate.py"],
 }
 #: Survivors that no test should kill, and why (reported beside the table).
 ACCEPTED = {
@@ -96,10 +101,19 @@ MUTANTS = [
     Mutant("unsent-retrying-ignored", CLAIMS, "prior.status.in_(UNSENT),",
            "prior.status.in_((MessageStatus.PENDING, MessageStatus.DISPATCHING)),",
            "a retrying message no longer holds its contact's later ones back"),
-    Mutant("lookup-body-ignored", SENDER, 'if sent_body and (candidate.body or "") != sent_body:', "if False:",
+    Mutant("lookup-body-ignored", WA_LOOKUP, 'if sent_body and (candidate.body or "") != sent_body:', "if False:",
            "a lookup adopts another message to the same recipient and ours is never sent"),
     Mutant("lease-renewal-now", CLAIMS, ".values(claimed_until=now + self.lease)", ".values(claimed_until=now)",
            "a batch slower than its lease is re-taken while its calls are on the wire"),
+    # --- the channel-neutral sender: retries, unknown fates, holds (invariant 2) ---
+    Mutant("retry-limit-ignored", SENDER, "if transient and attempts < (max_attempts or MAX_ATTEMPTS):",
+           "if transient:", "a transient failure is retried for ever, never failed with its last code"),
+    Mutant("channel-attempt-limit-ignored", SENDER, "attempts < (max_attempts or MAX_ATTEMPTS)",
+           "attempts < MAX_ATTEMPTS", "an unreachable handset (30003) is retried for hours, not once"),
+    Mutant("unknown-sent-blind", SENDER, "fate.reason, transient=True,\n                                               unsure_since=fate.since)",
+           "fate.reason, transient=True)", "a send whose answer was lost is sent again without a lookup"),
+    Mutant("hold-counted", SENDER, "        if result.hold:\n            return _hold(row, result)\n", "",
+           "SendGrid's 401 (credits exhausted) fails the email instead of holding it"),
     # --- the status rank (invariant 3) ---
     Mutant("rank-equal-moves", STATUSES, 'Message.status_rank < sa.bindparam("rank")',
            'Message.status_rank <= sa.bindparam("rank")', "a status of the same rank replaces the one stored"),
@@ -112,16 +126,16 @@ MUTANTS = [
     Mutant("retry-500-excluded", ERRORS, "http_status == 429 or http_status >= 500",
            "http_status == 429 or http_status > 500", "a plain 500 (20500) fails a message for good"),
     # --- consent and the window in the send path (invariants 4 and 5) ---
-    Mutant("refusal-confirmation-blocked", SENDER, "if message.kind != Kind.OPT_OUT_CONFIRMATION:", "if True:",
+    Mutant("refusal-confirmation-blocked", WA_CHANNEL, "if message.kind != Kind.OPT_OUT_CONFIRMATION:", "if True:",
            "the opt-out confirmation itself is refused"),
-    Mutant("refusal-opted-out-sent", SENDER, "if contact.consent == Consent.OPTED_OUT:\n            return OPTED_OUT_CODE",
+    Mutant("refusal-opted-out-sent", WA_CHANNEL, "if contact.consent == Consent.OPTED_OUT:\n            return OPTED_OUT_CODE",
            "if False:\n            return OPTED_OUT_CODE", "an opted-out contact is sent to"),
-    Mutant("refusal-waiting-stop-ignored", SENDER, "        if stop_waiting:\n", "        if False:\n",
+    Mutant("refusal-waiting-stop-ignored", WA_CHANNEL, "        if stop_waiting:\n", "        if False:\n",
            "a STOP stored but not yet processed does not hold sends back"),
-    Mutant("refusal-window-ignored", SENDER,
+    Mutant("refusal-window-ignored", WA_CHANNEL,
            "if message.content_sid is None and not within_window(contact.last_inbound_at):",
            "if False:", "free-form text is sent outside the 24-hour window"),
-    Mutant("refusal-template-refused", SENDER,
+    Mutant("refusal-template-refused", WA_CHANNEL,
            "if message.content_sid is None and not within_window(contact.last_inbound_at):",
            "if not within_window(contact.last_inbound_at):", "an approved template is refused outside the window"),
     Mutant("window-boundary", WHATSAPP, "now - last_inbound_at < SESSION_WINDOW", "now - last_inbound_at <= SESSION_WINDOW",

@@ -9,6 +9,9 @@ from datetime import timedelta
 import sqlalchemy as sa
 from huey import signals
 
+from bot.channels.whatsapp.channel import twilio_params
+from bot.channels.whatsapp.client import get_client
+from bot.channels.whatsapp.lookup import match_accepted_send, recent_sends
 from bot.delivery import claims, outbox, sender
 from bot.channels.whatsapp.errors import OPTED_OUT_CODE, OUTSIDE_WINDOW_CODE
 from bot.clock import utcnow
@@ -387,22 +390,22 @@ def test_a_timed_out_template_send_adopts_no_sid_while_another_send_is_in_flight
         huey.flush()
         started = utcnow()
         # The other send reached Twilio; its answer (and SID) is not recorded yet.
-        twilio_client = sender.get_client()
+        twilio_client = get_client()
         twilio_client.messages.create(to=contact.whatsapp_address, from_=SENDER, body="in flight")
         # In flight beside it: per-contact order makes this rare (an opt-out confirmation, which
         # never waits, or a send whose lease ran out), so put it there directly.
         db.session.execute(sa.update(Message).where(Message.id == other_id).values(status="dispatching", status_rank=1))
         db.session.commit()
         row = message(template_id)
-        params = sender.twilio_params(row, db.session.get(type(contact), contact.id))
+        params = twilio_params(row, db.session.get(type(contact), contact.id))
         assert "body" not in params and params["content_sid"]
-        assert sender.match_accepted_send(row, params, sender.recent_sends(twilio_client, params), started) is None
+        assert match_accepted_send(row, params, recent_sends(twilio_client, params), started) is None
         # With nothing else in flight, a message Twilio took since the attempt began is ours.
         db.session.execute(sa.update(Message).where(Message.id == other_id).values(status="failed", status_rank=6))
         db.session.commit()
         row = message(template_id)
         [recent] = [m for m in twilio.messages if m["body"] == "in flight"]
-        assert sender.match_accepted_send(row, params, sender.recent_sends(twilio_client, params), started).sid \
+        assert match_accepted_send(row, params, recent_sends(twilio_client, params), started).provider_id \
             == recent["sid"]
 
 

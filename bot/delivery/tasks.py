@@ -14,9 +14,10 @@ from huey import crontab
 from huey.exceptions import RetryTask
 
 from bot.conversations import engine, inbound
-from bot.delivery import email_sender, event_delivery, outbox, reconcile, sender, statuses, webhook_fallback
+from bot.channels.email.channel import EmailChannel
+from bot.channels.whatsapp.channel import WhatsAppChannel
+from bot.delivery import event_delivery, outbox, reconcile, sender, statuses, webhook_fallback
 from bot.delivery.queue import huey
-from bot.vocabulary import Channel
 
 log = logging.getLogger(__name__)
 
@@ -152,4 +153,6 @@ outbox.register(outbox.Work.INBOUND, process_inbound)
 outbox.register(outbox.Work.CONVERSATION_START, start_conversation)
 outbox.register(outbox.Work.EVENT, deliver_event)
 webhook_fallback.register(store_webhook)
-sender.register_channel(Channel.EMAIL, email_sender.send_emails)
+# The channels the sender sends through (bot/channels/base.py): the sender names no provider.
+sender.register_channel(WhatsAppChannel())
+sender.register_channel(EmailChannel())
