@@ -18,11 +18,12 @@ Two kinds of method, by the thread they run on:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Protocol
 
 from bot.channels.outcomes import Accepted, Outcome
+from bot.vocabulary import MessageStatus
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,24 @@ class Wait:
     neither record nor send it before `until` (email: SendGrid's events get a grace period)."""
 
     until: datetime
+
+
+@dataclass(frozen=True)
+class StatusCallback:
+    """One status report about one of our sends, parsed by its channel (the provider's field
+    names stay at the edge; bot.delivery.statuses stores and applies it).
+
+    `provider_id`: the provider's id of the message (Twilio's SID). `status`: its status name as
+    the provider sent it (lowercased), kept in the event even when unknown. `mapped`: that name in
+    our vocabulary, or None (kept, not applied). `payload`: every field, kept.
+    """
+
+    provider_id: str
+    status: str
+    mapped: MessageStatus | None
+    error_code: int | None = None
+    error_message: str | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
 
 
 #: What a lookup matched for a send whose answer was lost: the provider's message (accepted),

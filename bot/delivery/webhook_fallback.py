@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
+from bot.channels.whatsapp.callbacks import parse_status_callback
 from bot.delivery.outbox import Priority
 from bot.delivery.statuses import apply_pending_events, record_callback
 from bot.extensions import db
@@ -108,7 +109,7 @@ def store(form: Mapping[str, str], received_at: float | None,
     """
     sid = form["MessageSid"]
     if form.get("MessageStatus"):
-        if record_callback(form):
+        if record_callback(parse_status_callback(form)):
             return "stored"
         # Kept already: maybe by the web, whose second statement (applying it) then failed.
         # Applying every event of the SID again is harmless: the rank only moves up.
