@@ -469,3 +469,25 @@ def test_channels_import_no_role_package() -> None:
     the vocabulary, never the sender, the engine or the HTTP layer that use it."""
     offences = _imports_into(BOT / "channels", ("bot.delivery", "bot.conversations", "bot.http", "bot.devtools"))
     assert not offences, "bot/channels imports a role package:\n" + "\n".join(offences)
+
+
+#: The generic parts of the channel seam: what every channel shares and the sender may import.
+CHANNEL_INTERFACE = ("bot.channels.base", "bot.channels.outcomes")
+#: Provider SDKs and HTTP clients: only a channel's package may import them.
+PROVIDER_LIBRARIES = ("twilio", "sendgrid", "python_http_client", "requests", "urllib3")
+
+
+def test_the_sender_imports_no_provider() -> None:
+    """bot/delivery/sender.py and claims.py know no provider (docs/ARCHITECTURE.md, "The channel
+    seam"): they import no SDK or HTTP client, and of bot/channels only the interface and the
+    outcomes; each message's channel is looked up in what the tasks module registered."""
+    offences = []
+    for path in (BOT / "delivery" / "sender.py", BOT / "delivery" / "claims.py"):
+        for node in _import_nodes(_parse(path)):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [_resolve_base(_module_name(path), False, node)])
+            for name in names:
+                if name.split(".")[0] in PROVIDER_LIBRARIES or (
+                        name.startswith("bot.channels") and name not in CHANNEL_INTERFACE):
+                    offences.append(f"{_rel(path)}:{node.lineno}: imports {name}")
+    assert not offences, "the sender names a provider:\n" + "\n".join(offences)
