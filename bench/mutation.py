@@ -45,7 +45,8 @@ WA_LOOKUP = "bot/channels/whatsapp/lookup.py"
 #: The tests that guard each file (what a change there must break).
 GUARDS = {
     SENDER: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_contact_order.py",
-             "tests/test_consent_edges.py", "tests/test_unknown_fate.py", "tests/test_email_delivery.py"],
+             "tests/test_consent_edges.py", "tests/test_unknown_fate.py", "tests/test_email_delivery.py",
+             "tests/test_channel_seam.py"],
     CLAIMS: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_contact_order.py",
              "tests/test_unknown_fate.py"],
     STATUSES: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_webhook.py"],
@@ -113,7 +114,7 @@ MUTANTS = [
     Mutant("unknown-sent-blind", SENDER, "fate.reason, transient=True,\n                                               unsure_since=fate.since)",
            "fate.reason, transient=True)", "a send whose answer was lost is sent again without a lookup"),
     Mutant("hold-counted", SENDER, "        if result.hold:\n            return _hold(row, result)\n", "",
-           "SendGrid's 401 (credits exhausted) fails the email instead of holding it"),
+           "SendGrid's 401 (credits exhausted) counts as attempts: a long outage fails the email instead of holding it"),
     # --- the status rank (invariant 3) ---
     Mutant("rank-equal-moves", STATUSES, 'Message.status_rank < sa.bindparam("rank")',
            'Message.status_rank <= sa.bindparam("rank")', "a status of the same rank replaces the one stored"),
