@@ -10,6 +10,7 @@ exactly once (the code was rewritten) is skipped and reported, never guessed at.
 
     .venv/bin/python bench/mutation.py                # all mutants, report to bench/MUTATION.md
     .venv/bin/python bench/mutation.py claim-lease    # only the named mutants, report to stdout
+    .venv/bin/python bench/mutation.py --check        # only that every snippet is found once (seconds)
 
 Not run by CI: about five minutes on two cores.
 """
@@ -31,24 +32,36 @@ RUN_TIMEOUT = 300
 PER_TEST_TIMEOUT = 60
 
 SENDER = "bot/delivery/sender.py"
+CLAIMS = "bot/delivery/claims.py"
 STATUSES = "bot/delivery/statuses.py"
-WHATSAPP = "bot/twilio/whatsapp.py"
+WHATSAPP = "bot/channels/whatsapp/whatsapp.py"
 CONSENT = "bot/conversations/consent.py"
+CONTACTS = "bot/contacts.py"
 AUTH = "bot/http/auth.py"
-ERRORS = "bot/twilio/errors.py"
+ERRORS = "bot/channels/whatsapp/errors.py"
+WA_CHANNEL = "bot/channels/whatsapp/channel.py"
+WA_LOOKUP = "bot/channels/whatsapp/lookup.py"
 
 #: The tests that guard each file (what a change there must break).
 GUARDS = {
     SENDER: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_contact_order.py",
-             "tests/test_consent_edges.py"],
+             "tests/test_consent_edges.py", "tests/test_unknown_fate.py", "tests/test_email_delivery.py",
+             "tests/test_channel_seam.py"],
+    CLAIMS: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_contact_order.py",
+             "tests/test_unknown_fate.py"],
     STATUSES: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_webhook.py"],
     WHATSAPP: ["tests/test_mutation_gaps.py", "tests/test_notify_api.py", "tests/test_delivery.py",
                "tests/test_conversations.py"],
     CONSENT: ["tests/test_mutation_gaps.py", "tests/test_consent_edges.py", "tests/test_webhook.py",
               "tests/test_conversations.py"],
+    CONTACTS: ["tests/test_mutation_gaps.py", "tests/test_consent_edges.py", "tests/test_webhook.py",
+               "tests/test_conversations.py"],
     AUTH: ["tests/test_mutation_gaps.py", "tests/test_webhook.py", "tests/test_hardening.py",
            "tests/test_notify_api.py"],
     ERRORS: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_unknown_fate.py"],
+    WA_CHANNEL: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_contact_order.py",
+                 "tests/test_consent_edges.py"],
+    WA_LOOKUP: ["tests/test_mutation_gaps.py", "tests/test_delivery.py", "tests/test_unknown_fate.py"],
 }
 #: Survivors that no test should kill, and why (reported beside the table).
 ACCEPTED = {
@@ -68,31 +81,40 @@ class Mutant:
 
 MUTANTS = [
     # --- the claim (invariants 2 and 9) ---
-    Mutant("claim-pending", SENDER, "of.status == MessageStatus.PENDING,", "of.status != MessageStatus.PENDING,",
+    Mutant("claim-pending", CLAIMS, "of.status == MessageStatus.PENDING,", "of.status != MessageStatus.PENDING,",
            "a pending message is never claimed, anything else is"),
-    Mutant("claim-retry-not-due", SENDER, "sa.and_(of.status == MessageStatus.RETRYING, due)",
+    Mutant("claim-retry-not-due", CLAIMS, "sa.and_(of.status == MessageStatus.RETRYING, due)",
            "of.status == MessageStatus.RETRYING", "a retrying message is claimed before its backoff is over"),
-    Mutant("claim-early-ignored", SENDER, "due = sa.true() if early else of.next_attempt_at <= now",
+    Mutant("claim-early-ignored", CLAIMS, "due = sa.true() if early else of.next_attempt_at <= now",
            "due = of.next_attempt_at <= now", "the task's own retry cannot claim before the due time"),
-    Mutant("claim-lease-ignored", SENDER, "sa.and_(of.status == MessageStatus.DISPATCHING, of.claimed_until < now)",
+    Mutant("claim-lease-ignored", CLAIMS, "sa.and_(of.status == MessageStatus.DISPATCHING, of.claimed_until < now)",
            "of.status == MessageStatus.DISPATCHING", "a message being sent is claimed again (double send)"),
-    Mutant("claim-lease-boundary", SENDER, "of.claimed_until < now", "of.claimed_until <= now",
+    Mutant("claim-lease-boundary", CLAIMS, "of.claimed_until < now", "of.claimed_until <= now",
            "a lease is taken over at the very instant it ends"),
-    Mutant("claim-order-ignored", SENDER, "sa.or_(of.kind == Kind.OPT_OUT_CONFIRMATION, ~_earlier_unsent_message(of))",
+    Mutant("claim-order-ignored", CLAIMS, "sa.or_(of.kind == Kind.OPT_OUT_CONFIRMATION, ~_earlier_unsent_message(of))",
            "sa.true()", "a later message overtakes an earlier one of the same contact"),
-    Mutant("claim-confirmation-waits", SENDER,
+    Mutant("claim-confirmation-waits", CLAIMS,
            "sa.or_(of.kind == Kind.OPT_OUT_CONFIRMATION, ~_earlier_unsent_message(of))",
            "~_earlier_unsent_message(of)", "an opt-out confirmation waits behind older messages"),
-    Mutant("claim-order-reversed", SENDER, "sa.or_(prior.created_at < of.created_at,",
+    Mutant("claim-order-reversed", CLAIMS, "sa.or_(prior.created_at < of.created_at,",
            "sa.or_(prior.created_at > of.created_at,", "newer messages hold older ones back"),
     # (the next five survived an independent run: issue 15)
-    Mutant("unsent-retrying-ignored", SENDER, "prior.status.in_(UNSENT),",
+    Mutant("unsent-retrying-ignored", CLAIMS, "prior.status.in_(UNSENT),",
            "prior.status.in_((MessageStatus.PENDING, MessageStatus.DISPATCHING)),",
            "a retrying message no longer holds its contact's later ones back"),
-    Mutant("lookup-body-ignored", SENDER, 'if sent_body and (candidate.body or "") != sent_body:', "if False:",
+    Mutant("lookup-body-ignored", WA_LOOKUP, 'if sent_body and (candidate.body or "") != sent_body:', "if False:",
            "a lookup adopts another message to the same recipient and ours is never sent"),
-    Mutant("lease-renewal-now", SENDER, ".values(claimed_until=now + self.lease)", ".values(claimed_until=now)",
+    Mutant("lease-renewal-now", CLAIMS, ".values(claimed_until=now + self.lease)", ".values(claimed_until=now)",
            "a batch slower than its lease is re-taken while its calls are on the wire"),
+    # --- the channel-neutral sender: retries, unknown fates, holds (invariant 2) ---
+    Mutant("retry-limit-ignored", SENDER, "if transient and attempts < (max_attempts or MAX_ATTEMPTS):",
+           "if transient:", "a transient failure is retried for ever, never failed with its last code"),
+    Mutant("channel-attempt-limit-ignored", SENDER, "attempts < (max_attempts or MAX_ATTEMPTS)",
+           "attempts < MAX_ATTEMPTS", "an unreachable handset (30003) is retried for hours, not once"),
+    Mutant("unknown-sent-blind", SENDER, "fate.reason, transient=True,\n                                               unsure_since=fate.since)",
+           "fate.reason, transient=True)", "a send whose answer was lost is sent again without a lookup"),
+    Mutant("hold-counted", SENDER, "        if result.hold:\n            return _hold(row, result)\n", "",
+           "SendGrid's 401 (credits exhausted) counts as attempts: a long outage fails the email instead of holding it"),
     # --- the status rank (invariant 3) ---
     Mutant("rank-equal-moves", STATUSES, 'Message.status_rank < sa.bindparam("rank")',
            'Message.status_rank <= sa.bindparam("rank")', "a status of the same rank replaces the one stored"),
@@ -105,16 +127,16 @@ MUTANTS = [
     Mutant("retry-500-excluded", ERRORS, "http_status == 429 or http_status >= 500",
            "http_status == 429 or http_status > 500", "a plain 500 (20500) fails a message for good"),
     # --- consent and the window in the send path (invariants 4 and 5) ---
-    Mutant("refusal-confirmation-blocked", SENDER, "if message.kind != Kind.OPT_OUT_CONFIRMATION:", "if True:",
+    Mutant("refusal-confirmation-blocked", WA_CHANNEL, "if message.kind != Kind.OPT_OUT_CONFIRMATION:", "if True:",
            "the opt-out confirmation itself is refused"),
-    Mutant("refusal-opted-out-sent", SENDER, "if contact.consent == Consent.OPTED_OUT:\n            return OPTED_OUT_CODE",
+    Mutant("refusal-opted-out-sent", WA_CHANNEL, "if contact.consent == Consent.OPTED_OUT:\n            return OPTED_OUT_CODE",
            "if False:\n            return OPTED_OUT_CODE", "an opted-out contact is sent to"),
-    Mutant("refusal-waiting-stop-ignored", SENDER, "        if stop_waiting:\n", "        if False:\n",
+    Mutant("refusal-waiting-stop-ignored", WA_CHANNEL, "        if stop_waiting:\n", "        if False:\n",
            "a STOP stored but not yet processed does not hold sends back"),
-    Mutant("refusal-window-ignored", SENDER,
+    Mutant("refusal-window-ignored", WA_CHANNEL,
            "if message.content_sid is None and not within_window(contact.last_inbound_at):",
            "if False:", "free-form text is sent outside the 24-hour window"),
-    Mutant("refusal-template-refused", SENDER,
+    Mutant("refusal-template-refused", WA_CHANNEL,
            "if message.content_sid is None and not within_window(contact.last_inbound_at):",
            "if not within_window(contact.last_inbound_at):", "an approved template is refused outside the window"),
     Mutant("window-boundary", WHATSAPP, "now - last_inbound_at < SESSION_WINDOW", "now - last_inbound_at <= SESSION_WINDOW",
@@ -124,15 +146,17 @@ MUTANTS = [
     Mutant("window-48h", WHATSAPP, "SESSION_WINDOW = timedelta(hours=24)", "SESSION_WINDOW = timedelta(hours=48)",
            "a window twice as long"),
     # --- consent (invariant 4) ---
-    Mutant("consent-waiting-stop-wrong-status", CONSENT,
+    Mutant("consent-waiting-stop-wrong-status", CONTACTS,
            "Message.status == MessageStatus.RECEIVED, Message.kind == Kind.OPT_OUT_REQUEST)",
            "Message.status == MessageStatus.PROCESSED, Message.kind == Kind.OPT_OUT_REQUEST)",
            "an unprocessed STOP is not seen as waiting"),
     Mutant("consent-no-change-recorded", CONSENT, "    if contact.consent == new_state:\n        return False\n",
            "", "a repeated opt-out or opt-in adds a ledger entry and reports a change"),
     Mutant("consent-action-swapped", CONSENT,
-           "ConsentAction.OPT_OUT if new_state == Consent.OPTED_OUT else ConsentAction.OPT_IN",
-           "ConsentAction.OPT_IN if new_state == Consent.OPTED_OUT else ConsentAction.OPT_OUT",
+           "    if contact.consent == new_state:\n        return False\n"
+           "    action = ConsentAction.OPT_OUT if new_state == Consent.OPTED_OUT else ConsentAction.OPT_IN",
+           "    if contact.consent == new_state:\n        return False\n"
+           "    action = ConsentAction.OPT_IN if new_state == Consent.OPTED_OUT else ConsentAction.OPT_OUT",
            "the ledger records the opposite action"),
     Mutant("consent-stop-keywords-ignored", CONSENT, "if typed_words(payload) in keywords.opt_out:",
            "if typed_words(payload) in keywords.opt_in:", "typed STOP is not an opt-out"),
@@ -192,7 +216,23 @@ def run_tests(tree: Path, tests: list[str]) -> tuple[str, float, str]:
     return "error", seconds, (result.stdout + result.stderr)[-300:]
 
 
+def check_anchors() -> list[str]:
+    """Mutants whose snippet is not found exactly once in their file (moved or rewritten code)."""
+    problems = []
+    for mutant in MUTANTS:
+        path = ROOT / mutant.path
+        found = path.read_text().count(mutant.snippet) if path.is_file() else -1
+        if found != 1:
+            where = "file missing" if found < 0 else f"snippet found {found} times"
+            problems.append(f"{mutant.name}: {mutant.path}: {where}")
+    return problems
+
+
 def main(names: list[str]) -> int:
+    if names == ["--check"]:
+        problems = check_anchors()
+        print("\n".join(problems) or f"all {len(MUTANTS)} mutants' snippets found once")
+        return 1 if problems else 0
     chosen = [m for m in MUTANTS if not names or m.name in names]
     results = []
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:

@@ -52,7 +52,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     from bot import cli, database, http
     from bot.delivery import queue, rate_limit, tasks
-    from bot.twilio import client as twilio_client
+    from bot.channels.whatsapp import client as twilio_client
 
     database.init_app(app)
     if os.environ.get("FLASK_RUN_FROM_CLI") == "true" or app.testing:

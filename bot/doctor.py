@@ -163,7 +163,7 @@ def _redis(url: str) -> str:
 def _twilio_check(settings, dev_mode: bool) -> Check:
     from twilio.base.exceptions import TwilioException
 
-    from bot.twilio.client import build_client
+    from bot.channels.whatsapp.client import build_client
 
     sid = settings.twilio_account_sid
     client = build_client(sid, settings.twilio_auth_token.get_secret_value(), settings.twilio_api_url, 10)

@@ -85,7 +85,7 @@ class Consent(StrEnum):
 
 
 class Channel(StrEnum):
-    """How a message reaches a person: one package per channel in bot/channels (and bot/twilio)."""
+    """How a message reaches a person: one package per channel in bot/channels."""
 
     WHATSAPP = "whatsapp"
     EMAIL = "email"

@@ -432,3 +432,62 @@ def test_no_bare_status_literals() -> None:
     found = _bare_status_literals(values)
     if found:
         pytest.fail("bare status literals (use the bot.vocabulary enums):\n" + "\n".join(found), pytrace=False)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Role packages import downward only: delivery knows no conversation, channels know no role
+# --------------------------------------------------------------------------------------------
+
+#: The one delivery module that may import the conversations package: the tasks module is the
+#: composition root (it wires the engine and the channels into the queue).
+COMPOSITION_ROOT = "bot.delivery.tasks"
+
+
+def _imports_into(package: Path, forbidden: tuple[str, ...], allowed: frozenset[str] = frozenset()) -> list[str]:
+    graph, sites = _project_import_graph()
+    offences = []
+    for path in _python_files(package):
+        module = _module_name(path)
+        if module in allowed:
+            continue
+        for target in sorted(graph.get(module, ())):
+            if target.startswith(forbidden):
+                offences.append(f"{module} -> {target}: {', '.join(sites[(module, target)])}")
+    return offences
+
+
+def test_delivery_imports_nothing_of_conversations() -> None:
+    """bot/conversations imports bot/delivery (the outbox, the events), never the reverse: what
+    both need (the contact's lock, whether a STOP waits) lives below them in bot/contacts.py, and
+    the tasks module alone wires the engine in (docs/ARCHITECTURE.md, "The channel seam")."""
+    offences = _imports_into(BOT / "delivery", ("bot.conversations",), frozenset({COMPOSITION_ROOT}))
+    assert not offences, "bot/delivery imports bot/conversations:\n" + "\n".join(offences)
+
+
+def test_channels_import_no_role_package() -> None:
+    """A channel (bot/channels/<name>/) is its provider's edge: it imports its SDK, the models and
+    the vocabulary, never the sender, the engine or the HTTP layer that use it."""
+    offences = _imports_into(BOT / "channels", ("bot.delivery", "bot.conversations", "bot.http", "bot.devtools"))
+    assert not offences, "bot/channels imports a role package:\n" + "\n".join(offences)
+
+
+#: The generic parts of the channel seam: what every channel shares and the sender may import.
+CHANNEL_INTERFACE = ("bot.channels.base", "bot.channels.outcomes")
+#: Provider SDKs and HTTP clients: only a channel's package may import them.
+PROVIDER_LIBRARIES = ("twilio", "sendgrid", "python_http_client", "requests", "urllib3")
+
+
+def test_the_sender_imports_no_provider() -> None:
+    """bot/delivery/sender.py and claims.py know no provider (docs/ARCHITECTURE.md, "The channel
+    seam"): they import no SDK or HTTP client, and of bot/channels only the interface and the
+    outcomes; each message's channel is looked up in what the tasks module registered."""
+    offences = []
+    for path in (BOT / "delivery" / "sender.py", BOT / "delivery" / "claims.py"):
+        for node in _import_nodes(_parse(path)):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [_resolve_base(_module_name(path), False, node)])
+            for name in names:
+                if name.split(".")[0] in PROVIDER_LIBRARIES or (
+                        name.startswith("bot.channels") and name not in CHANNEL_INTERFACE):
+                    offences.append(f"{_rel(path)}:{node.lineno}: imports {name}")
+    assert not offences, "the sender names a provider:\n" + "\n".join(offences)

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from bot.devtools.chat import ChatError, ChatEvent, ChatSession, chat_command, run_repl, ticks
 from bot.extensions import db
 from bot.models import Contact, Message
-from bot.twilio.client import build_client
+from bot.channels.whatsapp.client import build_client
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, SENDER
 from tests.test_processes import free_port, stack, wait_until  # noqa: F401  (stack is a fixture)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from bot.conversations import engine
-from bot.twilio.errors import OPTED_OUT_CODE
+from bot.channels.whatsapp.errors import OPTED_OUT_CODE
 from bot.extensions import db
 from bot.models import Consent, ConsentEvent, Contact, Conversation, Message
 from bot.delivery.queue import huey

@@ -9,8 +9,11 @@ from datetime import timedelta
 import sqlalchemy as sa
 from huey import signals
 
-from bot.delivery import outbox, sender
-from bot.twilio.errors import OPTED_OUT_CODE, OUTSIDE_WINDOW_CODE
+from bot.channels.whatsapp.channel import twilio_params
+from bot.channels.whatsapp.client import get_client
+from bot.channels.whatsapp.lookup import match_accepted_send, recent_sends
+from bot.delivery import claims, outbox, sender
+from bot.channels.whatsapp.errors import OPTED_OUT_CODE, OUTSIDE_WINDOW_CODE
 from bot.clock import utcnow
 from bot.extensions import db
 from bot.models import Message
@@ -331,7 +334,7 @@ def test_killed_worker_lease_expires_and_sweep_resends(app, client, auth, twilio
     message_id = notify(client, auth, to="+15551234567", body="orphaned")
     huey.flush()  # the worker took the task and died
     with app.app_context():
-        assert sender.claim(message_id)
+        assert claims.claim(message_id)
         assert outbox.sweep(now=utcnow() + timedelta(seconds=5))["outbound"] == 0  # lease still held
         # Time passes beyond the lease: age the claim instead of sleeping through it.
         db.session.execute(sa.update(Message).values(claimed_until=utcnow() - timedelta(seconds=1)))
@@ -387,22 +390,22 @@ def test_a_timed_out_template_send_adopts_no_sid_while_another_send_is_in_flight
         huey.flush()
         started = utcnow()
         # The other send reached Twilio; its answer (and SID) is not recorded yet.
-        twilio_client = sender.get_client()
+        twilio_client = get_client()
         twilio_client.messages.create(to=contact.whatsapp_address, from_=SENDER, body="in flight")
         # In flight beside it: per-contact order makes this rare (an opt-out confirmation, which
         # never waits, or a send whose lease ran out), so put it there directly.
         db.session.execute(sa.update(Message).where(Message.id == other_id).values(status="dispatching", status_rank=1))
         db.session.commit()
         row = message(template_id)
-        params = sender.twilio_params(row, db.session.get(type(contact), contact.id))
+        params = twilio_params(row, db.session.get(type(contact), contact.id))
         assert "body" not in params and params["content_sid"]
-        assert sender.match_accepted_send(row, params, sender.recent_sends(twilio_client, params), started) is None
+        assert match_accepted_send(row, params, recent_sends(twilio_client, params), started) is None
         # With nothing else in flight, a message Twilio took since the attempt began is ours.
         db.session.execute(sa.update(Message).where(Message.id == other_id).values(status="failed", status_rank=6))
         db.session.commit()
         row = message(template_id)
         [recent] = [m for m in twilio.messages if m["body"] == "in flight"]
-        assert sender.match_accepted_send(row, params, sender.recent_sends(twilio_client, params), started).sid \
+        assert match_accepted_send(row, params, recent_sends(twilio_client, params), started).provider_id \
             == recent["sid"]
 
 
@@ -525,7 +528,7 @@ def test_batches_racing_send_each_message_once(app, client, auth, twilio):
 
 
 def test_a_batch_takes_replies_first_and_one_message_per_contact(app):
-    from bot.delivery.sender import claim_along
+    from bot.delivery.claims import claim_along
 
     with app.app_context():
         ada, bob, cy = (make_contact(p) for p in ("+15551230001", "+15551230002", "+15551230003"))

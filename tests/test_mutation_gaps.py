@@ -9,13 +9,13 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from bot.clock import utcnow
-from bot.delivery import sender
+from bot.delivery import claims
 from bot.delivery.queue import huey
 from bot.extensions import db
 from bot.models import Contact, Message, StatusEvent
-from bot.twilio.client import build_client
-from bot.twilio.errors import is_retryable
-from bot.twilio.whatsapp import SESSION_WINDOW, within_window
+from bot.channels.whatsapp.client import build_client
+from bot.channels.whatsapp.errors import is_retryable
+from bot.channels.whatsapp.whatsapp import SESSION_WINDOW, within_window
 from bot.vocabulary import Consent, Kind, MessageStatus
 from bot.devtools.simulator import sign
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, SENDER, inbound_form, make_contact, run_queue, status_form
@@ -130,12 +130,12 @@ def test_a_batch_slower_than_its_lease_keeps_its_claim(app, client, auth, twilio
     """Mutant lease-renewal-now: the lease is renewed while Twilio takes its time, so another
     worker cannot re-take the claim (and look up, or send) while the call is still on the wire.
     Here the lease is 1 s and Twilio answers after 3 s (within the client's 6 s timeout)."""
-    monkeypatch.setattr(sender, "LEASE_MARGIN", timedelta(seconds=-5))
+    monkeypatch.setattr(claims, "LEASE_MARGIN", timedelta(seconds=-5))
     with app.app_context():
         make_contact(PHONE)
         app.config["TWILIO_TIMEOUT"] = 6
         app.extensions["twilio_client"] = None  # built again, with that timeout
-        assert sender.claim_lease() == timedelta(seconds=1)
+        assert claims.claim_lease() == timedelta(seconds=1)
     twilio.hang_next(3)  # accepted on arrival, answered 3 s later
     message_id = notify(client, auth, "slow")
     reclaimed: list = []
@@ -146,7 +146,7 @@ def test_a_batch_slower_than_its_lease_keeps_its_claim(app, client, auth, twilio
             time.sleep(0.05)
         time.sleep(1.8)  # well past the first lease; Twilio has not answered yet
         with app.app_context():
-            reclaimed.append(sender.claim(message_id))
+            reclaimed.append(claims.claim(message_id))
             db.session.remove()
 
     worker = threading.Thread(target=another_worker)

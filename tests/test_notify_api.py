@@ -666,7 +666,7 @@ def test_over_long_flow_variables_are_a_400(app, client, auth):
 def test_a_reply_rendered_too_long_is_recorded_not_sent(app, twilio):
     from bot.models import Contact
     from bot.conversations.replies import build_messages
-    from bot.twilio.errors import TOO_LONG_CODE
+    from bot.channels.whatsapp.errors import TOO_LONG_CODE
     from flows.toolkit import Reply
 
     with app.app_context():

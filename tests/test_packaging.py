@@ -234,7 +234,7 @@ def test_a_stopping_worker_and_web_fit_in_the_hosts_grace() -> None:
 
 def test_sends_in_flight_share_the_keep_alive_pool_to_twilio(app) -> None:
     """The SDK keeps at most 32 connections (https only): every thread beyond would open a new one."""
-    from bot.twilio.client import get_client
+    from bot.channels.whatsapp.client import get_client
 
     with app.app_context():
         app.config["SEND_CONCURRENCY"] = 48

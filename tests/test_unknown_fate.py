@@ -15,12 +15,12 @@ import requests
 import sqlalchemy as sa
 
 from bot.clock import utcnow
-from bot.delivery import outbox, sender, shutdown
+from bot.delivery import claims, outbox, sender, shutdown
 from bot.delivery.queue import huey
 from bot.extensions import db
 from bot.models import Message
-from bot.twilio.client import build_client
-from bot.twilio.errors import request_never_left
+from bot.channels.whatsapp.client import build_client, get_client
+from bot.channels.whatsapp.errors import request_never_left
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, SENDER, make_contact, run_queue
 
 
@@ -82,10 +82,10 @@ def test_a_lease_that_ran_out_after_twilio_accepted_is_not_sent_again(app, clien
         contact = make_contact()
         message_id = notify(client, auth, "sent by a worker that died")
         huey.flush()  # that worker had taken the task
-        claimed = sender.claim(message_id)
+        claimed = claims.claim(message_id)
         assert claimed is not None and claimed.unsure_since is None
         # It reached Twilio (the real SDK, as the dead worker would have called it) ...
-        accepted = sender.get_client().messages.create(to=contact.whatsapp_address, from_=SENDER,
+        accepted = get_client().messages.create(to=contact.whatsapp_address, from_=SENDER,
                                                        body="sent by a worker that died")
         # ... and died. Time passes beyond the lease.
         db.session.execute(sa.update(Message).values(claimed_until=utcnow() - timedelta(seconds=1)))
@@ -103,7 +103,7 @@ def test_a_lease_that_ran_out_before_the_send_is_sent_after_the_lookup(app, clie
         make_contact()
         message_id = notify(client, auth, "never left")
         huey.flush()
-        assert sender.claim(message_id)
+        assert claims.claim(message_id)
         db.session.execute(sa.update(Message).values(claimed_until=utcnow() - timedelta(seconds=1)))
         db.session.commit()
         assert outbox.sweep()["outbound"] == 1
@@ -152,7 +152,7 @@ def test_a_failed_lookup_never_sends_blind(app, client, auth, twilio):
         huey.flush()
         twilio.lose_answer_next("drop")
         dead = build_client(ACCOUNT_SID, AUTH_TOKEN, f"http://127.0.0.1:{closed_port()}", 2)
-        real = sender.get_client()
+        real = get_client()
 
         class LookupsFail:  # the real client, with listing pointed at a dead port
             messages = type("M", (), {"create": real.messages.create, "list": dead.messages.list})()
@@ -237,7 +237,7 @@ def test_a_stopping_worker_starts_no_new_send_and_gives_the_message_back(app, cl
         try:
             assert sender.deliver(message_id) == sender.Outcome.RELEASED
             # Claimed along by a batch that started before the stop: released, attempt not counted.
-            claimed = sender.claim(message_id)
+            claimed = claims.claim(message_id)
             assert claimed is not None
             outcomes = sender.send_claimed([claimed])
             assert outcomes[message_id] == sender.Outcome.RELEASED

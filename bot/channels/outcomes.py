@@ -33,7 +33,10 @@ class Failed:
     (429, 5xx, a refused connection). `hold`: retry slowly and never give up on the message —
     the account, not the message, is at fault (SendGrid's 401: a bad key, or "Maximum credits
     exceeded"); an operator fixes it and the held messages leave. `http_status`: None when no
-    answer came (the connection was refused).
+    answer came (the connection was refused). `too_fast`: the provider asked us to slow down
+    (Twilio's 429, 20429, 63018): the sender slows the channel's rate for every worker.
+    `max_attempts`: this error is worth fewer attempts in all than the sender's default (Twilio's
+    30003: two), or None.
     """
 
     code: int | None
@@ -41,6 +44,8 @@ class Failed:
     retry: bool
     http_status: int | None = None
     hold: bool = False
+    too_fast: bool = False
+    max_attempts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -49,12 +54,14 @@ class Unknown:
 
     A read timeout, a connection dropped after the request was written, a 502/504 from a proxy.
     `since`: when the attempt started (a lookup, where the provider offers one, asks for what
-    arrived after it). `http_status`: the answer's status when there was one (502, 504).
+    arrived after it). `http_status`: the answer's status when there was one (502, 504); `code`:
+    the provider's error code when it gave one (Twilio's 20500), kept on the row while it waits.
     """
 
     reason: str
     since: datetime
     http_status: int | None = None
+    code: int | None = None
 
 
 #: What a channel's send returns.

@@ -4,14 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import sqlalchemy as sa
 from flask import current_app
 
 from bot.extensions import db
 from bot.delivery import events
-from bot.models import ConsentEvent, Contact, Message
-from bot.twilio.whatsapp import SANDBOX_JOIN, SANDBOX_NUMBER
-from bot.vocabulary import Channel, Consent, ConsentAction, Direction, Kind, MessageStatus
+from bot.models import ConsentEvent, Contact
+from bot.channels.whatsapp.whatsapp import SANDBOX_JOIN, SANDBOX_NUMBER
+from bot.vocabulary import Channel, Consent, ConsentAction
 from flows.toolkit import normalize
 
 #: Opt-in words that mean nothing else. "YES" also answers questions ("Reply YES to confirm").
@@ -66,24 +65,6 @@ def opt_out_source(payload: Mapping[str, Any], keywords: Keywords) -> str | None
 def is_sandbox_join(payload: Mapping[str, Any]) -> bool:
     """A "join <code>" sent to the Twilio sandbox's number (elsewhere it is just text)."""
     return payload.get("To") == SANDBOX_NUMBER and bool(SANDBOX_JOIN.match(typed_words(payload)))
-
-
-def opt_out_waiting(contact_id: int) -> bool:
-    """Whether the contact has sent an opt-out that the worker has not handled yet.
-
-    The webhook stores STOP at once (marked as an opt-out request, by `opt_out_source`) but the
-    engine applies it a moment later; until then the send path and /notify treat the contact as
-    opted out, so nothing slips through the gap.
-    """
-    return bool(db.session.scalar(sa.select(opt_out_waiting_clause(contact_id))))
-
-
-def opt_out_waiting_clause(contact_id: Any) -> sa.Exists:
-    """SQL: `opt_out_waiting` for a contact id or column, to fold into a query that reads the
-    contact anyway (the send path reads both in one statement)."""
-    return sa.exists().where(
-        Message.contact_id == contact_id, Message.direction == Direction.INBOUND,
-        Message.status == MessageStatus.RECEIVED, Message.kind == Kind.OPT_OUT_REQUEST)
 
 
 def change_consent(contact: Contact, new_state: str, *, source: str, words: str | None = None,

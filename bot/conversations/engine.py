@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from bot.clock import utcnow
 from bot.conversations.consent import Keywords, change_consent, opt_out_source
 from bot.conversations.stages import Turn, obey_opt_out, run_stages
-from bot.conversations.contacts import lock_contact
+from bot.contacts import lock_contact
 from bot.delivery import outbox
 from bot.conversations.store import (answer_consent_questions, apply_step, end_conversation,
                                      end_open_conversations, open_conversation, send_replies, start_flow)

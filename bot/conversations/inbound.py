@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError
 
 from bot.clock import utcnow
 from bot.conversations.consent import Keywords, opt_out_source
-from bot.conversations.contacts import get_or_create_contact
+from bot.contacts import get_or_create_contact
 from bot.delivery import outbox
 from bot.extensions import db
 from bot.models import Message

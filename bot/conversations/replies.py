@@ -17,8 +17,8 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from bot.clock import utcnow
 from bot.models import Contact, Message
-from bot.twilio.errors import OUTSIDE_WINDOW_CODE, TOO_LONG_CODE
-from bot.twilio.whatsapp import MAX_BODY_CHARS, within_window
+from bot.channels.whatsapp.errors import OUTSIDE_WINDOW_CODE, TOO_LONG_CODE
+from bot.channels.whatsapp.whatsapp import MAX_BODY_CHARS, within_window
 from bot.vocabulary import Direction, Kind, MessageStatus
 from flows.toolkit import Reply
 

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from bot.clock import isoformat
-from bot.conversations.contacts import lock_contact
+from bot.contacts import lock_contact
 from bot.extensions import db
 from bot.models import ConsentEvent, Contact, Conversation, Event, Message
 

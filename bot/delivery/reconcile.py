@@ -18,11 +18,12 @@ from typing import Any
 import sqlalchemy as sa
 from flask import current_app
 
+from bot.channels.whatsapp.callbacks import parse_status_callback
 from bot.clock import utcnow
 from bot.delivery.statuses import record_callback
 from bot.extensions import db
 from bot.models import Message
-from bot.twilio.client import get_client
+from bot.channels.whatsapp.client import get_client
 from bot.vocabulary import Direction, MessageStatus
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def apply_fetched(sid: str, status: str | None, error_code: Any = None, error_me
         form["ErrorCode"] = str(error_code)
     if error_message:
         form["ErrorMessage"] = str(error_message)
-    return record_callback(form)
+    return record_callback(parse_status_callback(form))
 
 
 def _mark(message_id: str, when: datetime) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from bot.models import Contact
-from bot.twilio.whatsapp import within_window
+from bot.channels.whatsapp.whatsapp import within_window
 from bot.vocabulary import Channel, Consent
 
 

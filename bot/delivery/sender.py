@@ -1,81 +1,68 @@
-"""Sending one outbound message: claim the row, check consent and the window, call Twilio, record.
+"""Sending claimed messages: batch them, rate-limit, call each message's channel, record.
 
-The claim (`pending` -> `dispatching` with a lease) is a single conditional UPDATE, so however
-many copies of the send task run (huey retries, the outbox sweep, a re-delivered task) only one
-reaches Twilio. An attempt whose fate is unknown "may have been accepted" (one state, one rule;
-docs/ARCHITECTURE.md, invariant 2): a lease that ran out (the worker died), a connection dropped
-after the request was written, a read timeout, a 502/504 from a proxy or a 500 from Twilio (see
-`AMBIGUOUS_HTTP_STATUSES`), an error from the client we do not recognise. The row keeps
-`unsure_since`, and every later attempt first asks Twilio for the recipient's messages since
-then; only when none is ours does it send again. Errors that prove the request never left (a
-refused connection, a connect timeout, no rate slot, a worker stopping) retry without a lookup.
-A SID Twilio gave us is kept in memory while its commit is retried (a database error after the
-201), and the lease is renewed while a batch is in flight, so it can be short: a dead worker's
-claims are re-taken within a minute or so.
+This module knows no provider (docs/ARCHITECTURE.md, "The channel seam"). The claims, the
+contact's turn and the lease are bot.delivery.claims; everything a provider decides (the request,
+its refusals, what an answer means, how to look up a send whose answer was lost) is the
+message's channel (bot/channels/base.py), registered by the tasks module. What is left here is
+channel-neutral: the batch, the rate limit, the pool, recording outcomes, retries with backoff,
+holds, failures, and handing the contact's turn to their next message.
 
-A send holds no database connection while it waits for the rate limit or for Twilio (the session
-is closed before, and a new transaction records the answer), so a worker runs many more sends at
-once than it has connections (docs/ARCHITECTURE.md, "How many sends at once").
+An attempt whose fate is unknown "may have been accepted" (one state, one rule; invariant 2): a
+lease that ran out (the worker died), or a channel's `Unknown` (a lost answer). The row keeps
+`unsure_since`, and every later attempt first asks its channel to look the send up; only when
+the provider does not have it is it sent again. Errors that prove the request never left (a
+channel's `Failed(retry)`, no rate slot, a worker stopping) retry without a lookup. A provider id
+we were given is kept in memory while its commit is retried (a database error after the
+provider's 2xx).
+
+A send holds no database connection while it waits for the rate limit or for the provider (the
+session is closed before, and a new transaction records the answer), so a worker runs many more
+sends at once than it has connections (docs/ARCHITECTURE.md, "How many sends at once").
 """
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, Callable
+from typing import Any
 
-import requests
 import sqlalchemy as sa
 from flask import current_app
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from twilio.base.exceptions import TwilioException
 
+from bot.channels.base import Channel, Refusal, Wait
+from bot.channels.outcomes import Accepted, Failed, Unknown
 from bot.clock import utcnow
-from bot.conversations.consent import opt_out_waiting_clause
-from bot.conversations.contacts import lock_contact
-from bot.delivery import in_flight, outbox
-from bot.delivery.shutdown import is_stopping
+from bot.contacts import opt_out_waiting_clause
+from bot.delivery import claims, in_flight, outbox
+from bot.delivery.claims import UNSENT, claim, claim_along, release_next, wait_for_turn
 from bot.delivery.rate_limit import send_rate_limit
+from bot.delivery.shutdown import is_stopping
 from bot.delivery.statuses import apply_pending_events, raise_status, report_statuses
 from bot.extensions import db
 from bot.models import Contact, Message, StatusEvent
-from bot.twilio.client import get_client
-from bot.twilio.errors import (OPTED_OUT_CODE, OUTSIDE_WINDOW_CODE, attempt_limit, is_retryable, is_too_fast,
-                               request_never_left)
-from bot.twilio.whatsapp import within_window
-from bot.vocabulary import Consent, Direction, Kind, MessageStatus, OUTBOUND_STATUSES
+from bot.vocabulary import Direction, MessageStatus
 
 log = logging.getLogger(__name__)
 
-#: A claim's lease beyond the Twilio client's timeout. The lease is renewed every third of its
-#: length while a batch is in flight, so it only has to outlast one renewal (and a slow commit);
-#: short, a worker killed mid-batch holds its messages for half a minute, not five.
-LEASE_MARGIN = timedelta(seconds=20)
-#: Twilio HTTP answers that say nothing of whether the message was accepted: a proxy between us
-#: and Twilio lost the answer (502) or gave up waiting for it (504), or Twilio's own 500. Its
-#: error 20500 ("an error in the server handling logic or a timeout in the API") says a
-#: non-idempotent POST such as sending a message may have taken effect: retried blindly, "it is
-#: possible for a customer to receive multiple messages" (twilio.com/docs/api/errors/20500). So a
-#: 500 is looked up before another attempt, as a 502/504 is. A 503 (20503, "temporarily
-#: unavailable, try again with back-off") refused the request: it retries without a lookup.
-AMBIGUOUS_HTTP_STATUSES = frozenset({500, 502, 504})
-#: Recent messages asked for when looking up a send whose fate is unknown.
-LOOKUP_LIMIT = 50
-#: Retries of the commit that records Twilio's answers (a database error after the 201): delays
-#: 0.25 s doubling to 2 s, about 4 s in all; with a send on the wire (2 x TWILIO_TIMEOUT at
-#: most) it fits the worker's shutdown timeout (tests/test_packaging.py checks).
+#: Retries of the commit that records the provider's answers (a database error after its 2xx):
+#: delays 0.25 s doubling to 2 s, about 4 s in all; with a send on the wire (2 x TWILIO_TIMEOUT
+#: at most) it fits the worker's shutdown timeout (tests/test_packaging.py checks).
 RECORD_RETRIES = 4
 #: Attempts made in quick succession by the send task's own retries (huey: 2, 4, 8, 16, 32 s).
 FAST_ATTEMPTS = 6
-#: Sends attempted per message in all. After the fast ones, the outbox sweep tries again at
-#: `next_attempt_at`, backing off to 30 minutes: a Twilio outage of about two hours delays
-#: messages, a longer one fails them with the last error code.
+#: Sends attempted per message in all (a channel's `Failed.max_attempts` may allow fewer). After
+#: the fast ones, the outbox sweep tries again at `next_attempt_at`, backing off to 30 minutes: a
+#: provider outage of about two hours delays messages, a longer one fails them with the last
+#: error code.
 MAX_ATTEMPTS = 15
 MAX_BACKOFF = timedelta(minutes=30)
+#: A held message (the account, not the message, is at fault: SendGrid's 401) is tried this often,
+#: never failed for it.
+HOLD_DELAY = timedelta(minutes=5)
 
 
 class Outcome(StrEnum):
@@ -90,30 +77,12 @@ class Outcome(StrEnum):
     RELEASED = "released"  # the worker is stopping: back on the queue, not attempted
 
 
-@dataclass(frozen=True)
-class Accepted:
-    """Twilio took the message: its SID and the status it answered (or we found it had)."""
-
-    sid: str
-    status: str
-
-
-@dataclass(frozen=True)
-class Unknown:
-    """The attempt may have been accepted: Twilio must be asked before another one."""
-
-    reason: str
-    since: datetime
-    http_status: int | None = None
-    code: int | None = None
-
-
 class ShuttingDown(Exception):
     """The worker is stopping: this call did not start (it goes back to the queue)."""
 
 
 class TransientSendError(Exception):
-    """Twilio could not take the message now; the task retries with backoff."""
+    """The provider could not take the message now; the task retries with backoff."""
 
 
 class RateLimitFull(Exception):
@@ -122,7 +91,26 @@ class RateLimitFull(Exception):
 
 
 class NotSent(Exception):
-    """Something failed before the request to Twilio was made: retried without a lookup."""
+    """Something failed before the request to the provider was made: retried without a lookup."""
+
+
+#: The channels, by `messages.channel`, registered by the tasks module (the composition root).
+CHANNELS: dict[str, Channel] = {}
+
+
+def register_channel(channel: Channel) -> None:
+    """Send the messages of `channel.name` through `channel`."""
+    CHANNELS[channel.name] = channel
+
+
+@dataclass(frozen=True)
+class _Send:
+    """A claimed message, its channel and the provider request the channel built for it."""
+
+    row: sa.Row
+    channel: Channel
+    request: Any
+    rate_key: str
 
 
 def retry_backoff(attempts: int) -> timedelta:
@@ -131,132 +119,14 @@ def retry_backoff(attempts: int) -> timedelta:
     return min(timedelta(seconds=2 ** min(max(attempts - 1, 0), 16)), MAX_BACKOFF)
 
 
-#: Outbound messages not yet handed to Twilio: a later message of the same contact waits for them.
-UNSENT = (MessageStatus.PENDING, MessageStatus.DISPATCHING, MessageStatus.RETRYING)
-
-
-def claim_lease() -> timedelta:
-    """How long a claim holds without renewal: the client's timeout and `LEASE_MARGIN`."""
-    return timedelta(seconds=float(current_app.config["TWILIO_TIMEOUT"])) + LEASE_MARGIN
-
-
 def batch_size() -> int:
     """Messages one send task claims and sends at once: its own and others due (SEND_BATCH)."""
     return int(current_app.config["SEND_BATCH"])
 
 
 def concurrency() -> int:
-    """Twilio calls in flight at once in this worker process (SEND_CONCURRENCY)."""
+    """Provider calls in flight at once in this worker process (SEND_CONCURRENCY)."""
     return int(current_app.config["SEND_CONCURRENCY"])
-
-
-def _earlier_unsent_message(of: Any = Message) -> sa.Exists:
-    """SQL: an older outbound message of the same contact as `of` (Message or an alias of it)
-    that Twilio has not accepted yet.
-
-    Messages to one contact leave one at a time, in the order they were created (invariant 9):
-    the claim of the next waits until Twilio took the one before it (or it failed for good).
-    """
-    prior = sa.orm.aliased(Message)
-    return sa.exists().where(
-        prior.contact_id == of.contact_id,
-        prior.direction == Direction.OUTBOUND,
-        prior.status.in_(UNSENT),
-        prior.id != of.id,
-        sa.or_(prior.created_at < of.created_at,
-               sa.and_(prior.created_at == of.created_at, prior.id < of.id)),
-    )
-
-
-def _claimable(of: Any, now: sa.BindParameter, *, early: bool = False) -> sa.ColumnElement[bool]:
-    """SQL: `of` (Message or an alias) may be claimed now — pending, retrying and due (`early`:
-    due or not, the task's own retry), or dispatching with an expired lease — and is the oldest
-    unsent message of its contact (an opt-out confirmation never waits)."""
-    due = sa.true() if early else of.next_attempt_at <= now
-    return sa.and_(
-        sa.or_(
-            of.status == MessageStatus.PENDING,
-            sa.and_(of.status == MessageStatus.RETRYING, due),
-            sa.and_(of.status == MessageStatus.DISPATCHING, of.claimed_until < now),
-        ),
-        sa.or_(of.kind == Kind.OPT_OUT_CONFIRMATION, ~_earlier_unsent_message(of)),
-    )
-
-
-def _claiming(statement: sa.Update, now: sa.BindParameter) -> sa.Update:
-    """The claim's writes, for one row or a batch: dispatching, a lease, one more attempt.
-
-    Re-taking a row whose lease ran out makes its fate unknown: the worker that held it may have
-    died after Twilio accepted it. `unsure_since` then keeps when that attempt began (the values
-    on the right of SET are the row's values before the UPDATE).
-    """
-    expired_since = sa.func.coalesce(Message.unsure_since, Message.attempt_started_at, Message.updated_at)
-    return (
-        statement
-        .values(status=MessageStatus.DISPATCHING, status_rank=MessageStatus.DISPATCHING.rank,
-                claimed_until=sa.bindparam("lease_until"), attempts=Message.attempts + 1, updated_at=now,
-                attempt_started_at=now,
-                unsure_since=sa.case((Message.status == MessageStatus.DISPATCHING, expired_since),
-                                     else_=Message.unsure_since))
-        .returning(*Message.__table__.c)
-        .execution_options(synchronize_session=False)
-    )
-
-
-@functools.cache
-def _claim_statement(early: bool) -> sa.Update:
-    # Built once: composing this statement costs more CPU than running it (bench/THROUGHPUT.md,
-    # "Profile"); the values that change per call are bound parameters.
-    now = sa.bindparam("now")
-    return _claiming(sa.update(Message).where(Message.id == sa.bindparam("message_id"),
-                                              _claimable(Message, now, early=early)), now)
-
-
-def claim(message_id: str, *, early: bool = False) -> sa.Row | None:
-    """Atomically take a message for sending: pending, retrying once its next attempt is due
-    (`early`: the task's own retry, whose delay already is the backoff), or dispatching with an
-    expired lease (its worker died) — and none of its contact's older messages still unsent
-    (an opt-out confirmation excepted: it is the one message that must not wait).
-
-    Returns the claimed row as it is after the claim (None if not claimed): the UPDATE returns it,
-    so the send reads nothing more of the message.
-    """
-    now = utcnow()
-    claimed = db.session.execute(_claim_statement(early), {
-        "message_id": message_id, "now": now, "lease_until": now + claim_lease()}).first()
-    db.session.commit()
-    return claimed
-
-
-@functools.cache
-def _claim_along_statement() -> sa.Update:
-    # The other due messages, replies first, then oldest first; on PostgreSQL rows another
-    # consumer is claiming right now are skipped (SKIP LOCKED), not waited for. SQLite has one
-    # writer at a time, and no FOR UPDATE.
-    candidate = sa.orm.aliased(Message, name="candidate")
-    now = sa.bindparam("now")
-    ids = (
-        sa.select(candidate.id)
-        .where(candidate.direction == Direction.OUTBOUND, candidate.id != sa.bindparam("exclude_id"),
-               _claimable(candidate, now))
-        .order_by(sa.case((candidate.kind.in_(sorted(outbox.CONVERSATION_KINDS)), 0), else_=1),
-                  candidate.created_at)
-        .limit(sa.bindparam("limit"))
-        .with_for_update(skip_locked=True)
-    )
-    return _claiming(sa.update(Message).where(Message.id.in_(ids), Message.status.in_(UNSENT)), now)
-
-
-def claim_along(exclude_id: str, limit: int) -> list[sa.Row]:
-    """Claim up to `limit` other due messages, each the oldest unsent of its contact, in one
-    statement: the send that claimed `exclude_id` sends them at the same time."""
-    if limit <= 0:
-        return []
-    now = utcnow()
-    rows = db.session.execute(_claim_along_statement(), {
-        "exclude_id": exclude_id, "now": now, "lease_until": now + claim_lease(), "limit": limit}).all()
-    db.session.commit()
-    return rows
 
 
 @functools.cache
@@ -269,41 +139,6 @@ def load_recipients(contact_ids: set[int]) -> dict[int, tuple[Contact, bool]]:
     """Each contact and whether an opt-out of theirs waits for the engine, in one statement."""
     rows = db.session.execute(_recipients_statement(), {"contact_ids": sorted(contact_ids)}).all()
     return {contact.id: (contact, bool(stop_waiting)) for contact, stop_waiting in rows}
-
-
-def refusal_reason(message: Message | sa.Row, contact: Contact, stop_waiting: bool) -> tuple[int, str] | None:
-    """Why this message must not reach Twilio now (opt-out, 24-hour window), or None.
-
-    `stop_waiting`: the contact has sent an opt-out the engine has not handled yet (see
-    consent.opt_out_waiting).
-    """
-    if message.kind != Kind.OPT_OUT_CONFIRMATION:
-        if contact.consent == Consent.OPTED_OUT:
-            return OPTED_OUT_CODE, "Recipient has opted out; not sent."
-        if stop_waiting:
-            # Their STOP is stored but not yet handled by the engine: it is an opt-out all the same.
-            return OPTED_OUT_CODE, "Recipient has sent an opt-out (not yet processed); not sent."
-    if message.content_sid is None and not within_window(contact.last_inbound_at):
-        return OUTSIDE_WINDOW_CODE, "Outside the 24-hour window and no template; not sent."
-    return None
-
-
-def twilio_params(message: Message | sa.Row, contact: Contact) -> dict:
-    """The keyword arguments of client.messages.create() for this message."""
-    cfg = current_app.config
-    params: dict = {"to": contact.whatsapp_address, "from_": cfg["TWILIO_WHATSAPP_NUMBER"]}
-    if message.content_sid:
-        params["content_sid"] = message.content_sid
-        if message.variables:
-            params["content_variables"] = json.dumps(message.variables)
-    else:
-        if message.body:
-            params["body"] = message.body
-        if message.media_urls:
-            params["media_url"] = list(message.media_urls)
-    if cfg.get("TWILIO_WEBHOOK_URL"):
-        params["status_callback"] = cfg["TWILIO_WEBHOOK_URL"]
-    return params
 
 
 def finish(message_id: str, status: MessageStatus, code: int | None, text: str | None,
@@ -320,55 +155,6 @@ def finish(message_id: str, status: MessageStatus, code: int | None, text: str |
     release_next(message_id, contact_id)
 
 
-def wait_for_turn(message_id: str) -> bool:
-    """Mark a pending message as waiting for an older one to its contact; False if none is older.
-
-    Marked waiting (`next_attempt_at` set, which also lets the sweep pick it up should the hand-
-    over be lost), its task ends; the older message's send hands over to it (`release_next`).
-    Both take the contact's lock, so a hand-over cannot slip between the check and the mark.
-    """
-    contact_id = db.session.scalar(sa.select(Message.contact_id).where(Message.id == message_id))
-    if contact_id is None:
-        return False
-    lock_contact(contact_id)
-    marked = db.session.execute(
-        sa.update(Message)
-        .where(Message.id == message_id, Message.status == MessageStatus.PENDING, _earlier_unsent_message())
-        .values(next_attempt_at=utcnow() + outbox.REENQUEUE_AFTER)
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    db.session.commit()
-    return bool(marked)
-
-
-def release_next(message_id: str, contact_id: int | None = None) -> None:
-    """Hand the contact's turn to their next message, if it waits (this one was accepted or failed)."""
-    if contact_id is None:
-        contact_id = db.session.scalar(sa.select(Message.contact_id).where(Message.id == message_id))
-    # Most sends have nobody behind them, and then the lock is not needed: a message created after
-    # this one was accepted (or failed) finds nothing older unsent and is claimed at once.
-    if _next_pending(contact_id, message_id) is None:
-        return
-    lock_contact(contact_id)
-    waiting = _next_pending(contact_id, message_id)
-    if waiting is not None and waiting.next_attempt_at is not None:
-        outbox.defer_send(waiting.id, waiting.kind)  # its own task found it waiting (or it is queued again)
-    db.session.commit()
-
-
-@functools.cache
-def _next_pending_statement() -> sa.Select:
-    return (sa.select(Message.id, Message.kind, Message.next_attempt_at)
-            .where(Message.contact_id == sa.bindparam("contact_id"), Message.direction == Direction.OUTBOUND,
-                   Message.status == MessageStatus.PENDING, Message.id != sa.bindparam("after_id"))
-            .order_by(Message.created_at, Message.id).limit(1))
-
-
-def _next_pending(contact_id: int, after_id: str) -> sa.Row | None:
-    """The contact's oldest pending outbound message other than `after_id` (id, kind, next_attempt_at)."""
-    return db.session.execute(_next_pending_statement(), {"contact_id": contact_id, "after_id": after_id}).first()
-
-
 @functools.cache
 def _status_statement() -> sa.Select:
     return sa.select(Message.status).where(Message.id == sa.bindparam("message_id"))
@@ -378,7 +164,7 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
     """Send one message if it can be claimed, and with it up to SEND_BATCH - 1 other due ones.
 
     The others (each the next of its own contact, replies first) are claimed in one statement
-    and all of them go to Twilio at once through the worker's pool (bot.delivery.in_flight); their
+    and all of them go to their providers at once through the worker's pool (bot.delivery.in_flight); their
     own tasks, when they run, find them sent. A transient failure leaves a message `retrying`
     with a due time; for this task's own message, with `can_retry` (the task has retries left)
     and few attempts so far, it also raises TransientSendError so huey retries within seconds
@@ -415,98 +201,97 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
     return outcome
 
 
-#: The batch senders of channels other than WhatsApp (email), registered by the tasks module,
-#: the composition root: this module names no other provider.
-CHANNEL_SENDERS: dict[str, Callable[[list[sa.Row]], dict[str, "Outcome"]]] = {}
-
-
-def register_channel(channel: str, send_batch: Callable[[list[sa.Row]], dict[str, "Outcome"]]) -> None:
-    """Send the claimed rows of `channel` with `send_batch` (it records their outcomes)."""
-    CHANNEL_SENDERS[channel] = send_batch
-
-
 def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
-    """Send claimed messages (at most one per contact) at once; record every outcome. By id.
+    """Send claimed messages (at most one per contact) at once, whatever their channels; record
+    every outcome. By id.
 
-    Rows of another channel go to its registered sender. For WhatsApp, three rounds, all on the
-    pool with the lease renewed while they run: messages whose earlier attempt may have been
-    accepted are looked up first (found: recorded, not sent); the rest are sent; any send whose
-    fate this attempt left unknown is looked up at once.
+    Three rounds, all on the pool with the lease renewed while they run: messages whose earlier
+    attempt may have been accepted are looked up first (found: recorded, not sent; the channel
+    may ask to wait); the rest are sent; any send whose fate this attempt left unknown is looked
+    up at once where its channel can answer at once.
     """
     outcomes: dict[str, Outcome] = {}
-    for channel, send_batch in CHANNEL_SENDERS.items():
-        rows = [row for row in batch if row.channel == channel]
-        if rows:
-            outcomes.update(send_batch(rows))
-    batch = [row for row in batch if row.channel not in CHANNEL_SENDERS]
-    if not batch:
-        return outcomes
-    ready: list[tuple[sa.Row, dict]] = []
+    ready: list[_Send] = []
     recipients = load_recipients({row.contact_id for row in batch})
+    rate_keys: dict[str, str] = {}
     for row in batch:
         if row.attempts > MAX_ATTEMPTS:  # a worker kept dying mid-send: stop, say so
             finish(row.id, MessageStatus.FAILED, None, f"gave up after {MAX_ATTEMPTS} attempts", row.contact_id)
             outcomes[row.id] = Outcome.FAILED
             continue
+        channel = CHANNELS.get(row.channel)
+        if channel is None:  # a channel this worker was not built with: a deployment error
+            log.error("message %s: no channel %r is registered", row.id, row.channel)
+            finish(row.id, MessageStatus.FAILED, None, f"no channel {row.channel!r} in this worker", row.contact_id)
+            outcomes[row.id] = Outcome.FAILED
+            continue
         contact, stop_waiting = recipients[row.contact_id]
-        refusal = refusal_reason(row, contact, stop_waiting)
-        if refusal:
-            log.info("message %s refused before Twilio: %s", row.id, refusal[1])
-            finish(row.id, MessageStatus.FAILED, *refusal, row.contact_id)
+        request = channel.prepare(row, contact, stop_waiting)
+        if isinstance(request, Refusal):
+            log.info("message %s refused before %s: %s", row.id, channel.name, request.text)
+            finish(row.id, MessageStatus.FAILED, request.code, request.text, row.contact_id)
             outcomes[row.id] = Outcome.REFUSED
             continue
-        ready.append((row, twilio_params(row, contact)))
+        if channel.name not in rate_keys:
+            rate_keys[channel.name] = channel.rate_key()
+        ready.append(_Send(row, channel, request, rate_keys[channel.name]))
     if not ready:
         return outcomes
-    # Give the connection back while waiting for rate slots and for Twilio: the claims hold the
-    # rows, and what was read stays usable, detached (docs/ARCHITECTURE.md).
+    # The providers' clients are read in the app context, before the session is given back.
+    channels = {item.channel.name: item.channel for item in ready}
+    senders = {name: channel.open_sender() for name, channel in channels.items()}
+    # Give the connection back while waiting for rate slots and for the providers: the claims
+    # hold the rows, and what was read stays usable, detached (docs/ARCHITECTURE.md).
     db.session.close()
-    renew = _lease_renewer([row.id for row, _ in ready])
-    accepted: list[tuple[sa.Row, Accepted]] = []
+    renew = claims.lease_renewer([item.row.id for item in ready])
+    accepted: list[tuple[_Send, Accepted]] = []
 
-    # 1. An earlier attempt may have been accepted: ask Twilio before sending again.
-    unsure = [(row, params, row.unsure_since) for row, params in ready if row.unsure_since is not None]
+    # 1. An earlier attempt may have been accepted: ask before sending again.
+    unsure = [(item, item.row.unsure_since) for item in ready if item.row.unsure_since is not None]
     found = _look_up(unsure, renew, outcomes)
-    accepted += [(row, found[row.id]) for row, _, _ in unsure if row.id in found]
-    to_send = [(row, params) for row, params in ready if row.id not in found and row.id not in outcomes]
+    accepted += [(item, found[item.row.id]) for item, _ in unsure if item.row.id in found]
+    to_send = [item for item in ready if item.row.id not in found and item.row.id not in outcomes]
 
     # 2. Send.
-    limit, create = send_rate_limit(), get_client().messages.create
+    limit = send_rate_limit()
 
-    def send(**params: Any) -> Any:
+    def send(item: _Send) -> Any:
         # The slot is taken right before the request leaves, in the pool's thread: taken for the
-        # whole batch up front, calls queued in the pool would reach Twilio in bursts. A worker
-        # told to stop starts no new call (bot/delivery/shutdown.py).
+        # whole batch up front, calls queued in the pool would reach the provider in bursts. A
+        # worker told to stop starts no new call (bot/delivery/shutdown.py).
         if is_stopping():
             raise ShuttingDown()
         try:
-            acquired = limit.acquire(params["from_"], cancelled=is_stopping)
+            acquired = limit.acquire(item.rate_key, cancelled=is_stopping)
         except Exception as exc:  # a limiter bug, or an error it does not know: nothing has left
             raise NotSent(f"{type(exc).__name__} from the send rate limit") from exc
         if not acquired:
             raise ShuttingDown() if is_stopping() else RateLimitFull()
-        return create(**params)
+        return senders[item.channel.name](item.request, utcnow())
 
-    calls = in_flight.call_all(send, [params for _, params in to_send], concurrency(),
+    calls = in_flight.call_all(send, [{"item": item} for item in to_send], concurrency(),
                                every=renew.every, while_waiting=renew)
-    unknown: list[tuple[sa.Row, dict, Unknown]] = []
-    for (row, params), call in zip(to_send, calls):
-        result = _settle(row, params, call)
+    unknown: list[tuple[_Send, Unknown]] = []
+    for item, call in zip(to_send, calls):
+        result = _settle(item, call)
         if isinstance(result, Accepted):
-            accepted.append((row, result))
+            accepted.append((item, result))
         elif isinstance(result, Unknown):
-            unknown.append((row, params, result))
+            unknown.append((item, result))
         else:
-            outcomes[row.id] = result
+            outcomes[item.row.id] = result
 
-    # 3. This attempt's fate is unknown: look at once (most often Twilio has it already), unless
-    # the worker is stopping: then the row stays unsure and the next worker looks.
-    found = {} if is_stopping() else _look_up([(row, params, fate.since) for row, params, fate in unknown],
-                                              renew, outcomes)
-    for row, params, fate in unknown:
+    # 3. This attempt's fate is unknown: look at once where the provider answers at once (most
+    # often it has it already), unless the worker is stopping: then the row stays unsure and the
+    # next worker looks.
+    at_once = [] if is_stopping() else [(item, fate.since) for item, fate in unknown if item.channel.looks_up_at_once]
+    found = _look_up(at_once, renew, outcomes)
+    for item, fate in unknown:
+        row = item.row
         if row.id in found:
-            log.warning("message %s: %s, but Twilio had accepted it as %s", row.id, fate.reason, found[row.id].sid)
-            accepted.append((row, found[row.id]))
+            log.warning("message %s: %s, but %s had accepted it as %s", row.id, fate.reason, item.channel.name,
+                        found[row.id].provider_id)
+            accepted.append((item, found[row.id]))
         elif row.id not in outcomes:
             outcomes[row.id] = _failed_attempt(row, fate.http_status, fate.code, fate.reason, transient=True,
                                                unsure_since=fate.since)
@@ -514,81 +299,40 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
     return outcomes
 
 
-class _LeaseRenewer:
-    """Pushes the claims' lease forward while a batch waits on Twilio (called by in_flight)."""
-
-    def __init__(self, message_ids: list[str], lease: timedelta) -> None:
-        self.message_ids, self.lease = message_ids, lease
-        self.every = lease.total_seconds() / 3
-
-    def __call__(self) -> None:
-        now = utcnow()
-        try:
-            db.session.execute(
-                sa.update(Message)
-                .where(Message.id.in_(self.message_ids), Message.status == MessageStatus.DISPATCHING)
-                .values(claimed_until=now + self.lease)
-                .execution_options(synchronize_session=False))
-            db.session.commit()
-        except DBAPIError:
-            # The lease may run out and another worker re-take a row; it will look Twilio up first.
-            db.session.rollback()
-            log.warning("could not renew the lease of %d messages in flight", len(self.message_ids))
-        finally:
-            db.session.close()
-
-
-def _lease_renewer(message_ids: list[str]) -> _LeaseRenewer:
-    return _LeaseRenewer(message_ids, claim_lease())
-
-
-def _settle(row: sa.Row, params: dict, call: in_flight.Call) -> Outcome | Accepted | Unknown:
-    """What one call's answer means: accepted, unknown (look Twilio up), or the recorded outcome."""
-    exc = call.error
-    if exc is None:
-        log.info("message %s accepted by Twilio as %s", row.id, call.result.sid)
-        return Accepted(call.result.sid, (call.result.status or "").lower())
+def _settle(item: _Send, call: in_flight.Call) -> Outcome | Accepted | Unknown:
+    """What one call's answer means: accepted, unknown (look it up), or the recorded outcome."""
+    row, exc = item.row, call.error
     if isinstance(exc, ShuttingDown):
         return _release(row)
     if isinstance(exc, RateLimitFull):
         return _failed_attempt(row, None, None, "no slot in the sender's rate limit came free in time "
                                "(full, or its Redis unreachable)", transient=True)
     if isinstance(exc, NotSent):
-        log.error("message %s: unexpected error before calling Twilio", row.id, exc_info=exc)
+        log.error("message %s: unexpected error before calling %s", row.id, item.channel.name, exc_info=exc)
         return _failed_attempt(row, None, None, f"not sent: unexpected {exc}", transient=True)
-    if isinstance(exc, TwilioException):  # TwilioRestException and (since 9.10) TwilioServiceException
-        http_status = getattr(exc, "status", None)
-        code = getattr(exc, "code", None)
-        text = getattr(exc, "msg", None) or getattr(exc, "detail", None) or getattr(exc, "title", None) or str(exc)
-        if http_status in AMBIGUOUS_HTTP_STATUSES:
-            return Unknown(f"HTTP {http_status} from Twilio: {text}", call.started, http_status, code)
-        if is_too_fast(http_status, code):
-            send_rate_limit().slow_down(params["from_"])
-        return _failed_attempt(row, http_status, code, text)
-    if isinstance(exc, requests.RequestException):
-        if request_never_left(exc):
-            return _failed_attempt(row, None, None, f"{type(exc).__name__} connecting to Twilio", transient=True)
-        # The request may have reached Twilio and only the answer been lost.
-        return Unknown(f"{type(exc).__name__} talking to Twilio", call.started)
-    if isinstance(exc, UnicodeEncodeError):
-        # The request could not be encoded (a lone surrogate in a field): it never left, and this
-        # content never will leave: the one unexpected error certain to recur, so it fails now.
-        log.error("message %s: its content cannot be encoded for Twilio", row.id, exc_info=exc)
-        db.session.rollback()
-        finish(row.id, MessageStatus.FAILED, None, f"not sent: unexpected {type(exc).__name__} (see the worker's log)",
-               row.contact_id)
-        return Outcome.FAILED
-    # Raised by the client itself, which we do not recognise: it may have come after the request
-    # was written (an answer it could not read), so the attempt may have been accepted: Twilio is
-    # looked up before another. Never `failed` here: nothing unrecognised proves the message can
-    # never be sent, and MAX_ATTEMPTS bounds the retries should it be a bug (docs/ARCHITECTURE.md,
-    # "Retries").
-    log.error("message %s: unexpected error from the Twilio client", row.id, exc_info=exc)
-    return Unknown(f"unexpected {type(exc).__name__} from the Twilio client (see the worker's log)", call.started)
+    if exc is not None:
+        # A channel's send raises for nothing the provider answers (bot/channels/base.py): this is
+        # unrecognised, and may have come after the request left: may have been accepted.
+        log.error("message %s: unexpected error from the %s channel", row.id, item.channel.name, exc_info=exc)
+        return Unknown(f"unexpected {type(exc).__name__} from the {item.channel.name} channel (see the worker's log)",
+                       call.started)
+    result = call.result
+    if isinstance(result, Accepted):
+        log.info("message %s accepted by %s as %s", row.id, item.channel.name, result.provider_id or "(no id)")
+        return result
+    if isinstance(result, Failed):
+        if result.too_fast:
+            send_rate_limit().slow_down(item.rate_key)
+        if result.hold:
+            return _hold(row, result)
+        return _failed_attempt(row, result.http_status, result.code, result.text, transient=result.retry,
+                               max_attempts=result.max_attempts)
+    return result  # Unknown
 
 
 def _release(row: sa.Row) -> Outcome:
-    """Give a claimed message that never reached Twilio back to the queue: the worker is stopping.
+    """Give a claimed message that never reached its provider back to the queue: the worker is
+    stopping.
 
     `retrying` ranks with `dispatching` (the status never moves back), due now, the attempt not
     counted; its task is enqueued again for the next worker.
@@ -603,97 +347,62 @@ def _release(row: sa.Row) -> Outcome:
     return Outcome.RELEASED
 
 
-def recent_sends(client: Any, params: dict) -> list[Any]:
-    """Twilio's most recent messages from our sender to this recipient (no database, no app
-    context: safe on the pool's threads)."""
-    return list(client.messages.list(to=params["to"], from_=params["from_"], limit=LOOKUP_LIMIT))
-
-
-def _look_up(rows: list[tuple[sa.Row, dict, datetime]], renew: _LeaseRenewer,
+def _look_up(sends: list[tuple[_Send, datetime]], renew: claims.LeaseRenewer,
              outcomes: dict[str, Outcome]) -> dict[str, Accepted]:
-    """For each (row, params, since): Twilio's message that is this send, if Twilio has one.
+    """For each (send, since): the provider's message that is this send, if it has one.
 
-    The lists are fetched on the pool; a lookup that fails leaves its row `retrying` (still
-    unsure) in `outcomes`, and it is never sent blind.
+    The channels fetch on the pool and match in this thread. A lookup that fails leaves its row
+    `retrying` (still unsure) in `outcomes`, and it is never sent blind; a channel that cannot
+    tell yet (`Wait`) leaves it waiting, this attempt not counted.
     """
-    if not rows:
+    if not sends:
         return {}
-    client = get_client()
-    calls = in_flight.call_all(recent_sends, [{"client": client, "params": params} for _, params, _ in rows],
-                               concurrency(),
+    fetchers = {item.channel.name: item.channel.open_lookup() for item, _ in sends}
+
+    def fetch(item: _Send) -> Any:
+        return fetchers[item.channel.name](item.request)
+
+    calls = in_flight.call_all(fetch, [{"item": item} for item, _ in sends], concurrency(),
                                every=renew.every, while_waiting=renew)
     found: dict[str, Accepted] = {}
     taken: set[str] = set()
-    for (row, params, since), call in zip(rows, calls):
+    for (item, since), call in zip(sends, calls):
+        row = item.row
         if call.error is not None:
-            log.warning("message %s: could not ask Twilio whether an earlier attempt was accepted (%s); "
-                        "it will ask again before sending", row.id, type(call.error).__name__)
-            outcomes[row.id] = _failed_attempt(row, None, None, "could not look Twilio up before resending",
+            log.warning("message %s: could not ask %s whether an earlier attempt was accepted (%s); "
+                        "it will ask again before sending", row.id, item.channel.name, type(call.error).__name__)
+            outcomes[row.id] = _failed_attempt(row, None, None,
+                                               f"could not look the {item.channel.name} provider up before resending",
                                                transient=True, unsure_since=since)
             continue
-        match = match_accepted_send(row, params, call.result, since, exclude=taken)
-        if match is not None:
-            taken.add(match.sid)
-            found[row.id] = match
+        answer = item.channel.match(row, item.request, call.result, since, taken)
+        if isinstance(answer, Accepted):
+            taken.add(answer.provider_id)
+            found[row.id] = answer
+        elif isinstance(answer, Wait):
+            outcomes[row.id] = _wait(row, answer.until)
     return found
 
 
-def match_accepted_send(message: Message | sa.Row, params: dict, recent: list[Any], since: datetime,
-                        exclude: set[str] = frozenset()) -> Accepted | None:
-    """Which of Twilio's `recent` messages is this send, if any.
-
-    Candidates: messages from our sender to this recipient created since the attempt began (with
-    a minute of slack for clock skew), whose SID no row of ours holds, with the same body when
-    the send had one. A template's text is Twilio's to render, so for a template (or media
-    alone) the lookup only answers when no other message to this contact is in flight (it could
-    be that one's); then the send is retried: a possible duplicate rather than a lost message.
-    """
-    sent_body = params.get("body")
-    if not sent_body:
-        in_flight_beside = db.session.scalar(
-            sa.select(sa.func.count()).select_from(Message).where(
-                Message.contact_id == message.contact_id, Message.direction == Direction.OUTBOUND,
-                Message.id != message.id, Message.status == MessageStatus.DISPATCHING))
-        if in_flight_beside:
-            return None
-    earliest = since - timedelta(minutes=1)
-    candidates = []
-    for candidate in recent:
-        created = candidate.date_created
-        if created is None or created.astimezone(timezone.utc).replace(tzinfo=None) < earliest:
-            continue
-        if sent_body and (candidate.body or "") != sent_body:
-            continue
-        if candidate.sid not in exclude:
-            candidates.append(candidate)
-    if not candidates:
-        return None
-    held = set(db.session.scalars(sa.select(Message.twilio_sid).where(
-        Message.twilio_sid.in_([c.sid for c in candidates]))))
-    db.session.commit()
-    for candidate in reversed(candidates):  # Twilio lists newest first: take the earliest of ours
-        if candidate.sid not in held:
-            return Accepted(candidate.sid, (candidate.status or MessageStatus.QUEUED.value).lower())
-    return None
-
-
 @functools.cache
-def _accepted_statement() -> sa.Update:
+def _accepted_statement(provider_id_column: str) -> sa.Update:
     rank = sa.bindparam("rank")
     moves = Message.status_rank < rank  # as raise_status does, in the same statement
     return (sa.update(Message).where(Message.id == sa.bindparam("message_id"))
-            .values(sent_at=sa.bindparam("now"), updated_at=sa.bindparam("now"), next_attempt_at=None,
-                    claimed_until=None, unsure_since=None, twilio_sid=sa.bindparam("sid"), error_code=None,
-                    error_message=sa.bindparam("error_message"),
-                    status=sa.case((moves, sa.bindparam("status")), else_=Message.status),
-                    status_rank=sa.case((moves, rank), else_=Message.status_rank))
+            .values({provider_id_column: sa.bindparam("provider_id"),
+                     "sent_at": sa.bindparam("now"), "updated_at": sa.bindparam("now"), "next_attempt_at": None,
+                     "claimed_until": None, "unsure_since": None, "error_code": None,
+                     "error_message": sa.bindparam("error_message"),
+                     "status": sa.case((moves, sa.bindparam("status")), else_=Message.status),
+                     "status_rank": sa.case((moves, rank), else_=Message.status_rank)})
             .execution_options(synchronize_session=False))
 
 
-def _accepted_status(twilio_status: str) -> MessageStatus:
-    # Twilio answers a create() with its starting status (queued, accepted, scheduled); a lookup
-    # may find a later one (sent, delivered...).
-    return MessageStatus(twilio_status) if twilio_status in OUTBOUND_STATUSES else MessageStatus.QUEUED
+def _accepted_values(row: sa.Row, result: Accepted, now: datetime, provider_id: str | None,
+                     error_message: str | None = None) -> dict[str, Any]:
+    status = MessageStatus(result.status)
+    return {"message_id": row.id, "now": now, "provider_id": provider_id, "error_message": error_message,
+            "status": status.value, "rank": status.rank}
 
 
 @functools.cache
@@ -710,13 +419,13 @@ def _waiting_contacts_statement() -> sa.Select:
                    Message.id.not_in(sa.bindparam("ids", expanding=True))).distinct())
 
 
-def _record_accepted_many(accepted: list[tuple[sa.Row, Accepted]]) -> dict[str, Outcome]:
-    """Record what Twilio accepted; the SIDs stay in memory while the commit is retried.
+def _record_accepted_many(accepted: list[tuple[_Send, Accepted]]) -> dict[str, Outcome]:
+    """Record what the providers accepted; their ids stay in memory while the commit is retried.
 
-    A database error right after Twilio's 201 (a failover, a dropped connection, SQLite's
+    A database error right after a provider's 2xx (a failover, a dropped connection, SQLite's
     "database is locked") must not turn into a second message: the commit is retried with
     backoff (RECORD_RETRIES). Should the database stay away longer, the rows keep their claims;
-    when the lease runs out, whoever re-takes them looks Twilio up and finds these SIDs.
+    when the lease runs out, whoever re-takes them looks the provider up and finds these ids.
     """
     if not accepted:
         return {}
@@ -725,91 +434,97 @@ def _record_accepted_many(accepted: list[tuple[sa.Row, Accepted]]) -> dict[str, 
             return _record_accepted_rows(accepted)
         except DBAPIError as exc:
             if isinstance(exc, IntegrityError):
-                raise  # not the database's health: _record_accepted_rows handles a SID seen twice
+                raise  # not the database's health: _record_accepted_rows handles an id seen twice
             db.session.rollback()
             if attempt == RECORD_RETRIES:
-                log.error("could not record %d messages Twilio accepted (%s); their lease will run out and "
-                          "the next attempt finds them at Twilio", len(accepted),
-                          ", ".join(f"{row.id}={result.sid}" for row, result in accepted))
-                return {row.id: Outcome.RETRY for row, _ in accepted}
+                log.error("could not record %d messages their providers accepted (%s); their lease will run "
+                          "out and the next attempt looks them up", len(accepted),
+                          ", ".join(f"{item.row.id}={result.provider_id}" for item, result in accepted))
+                return {item.row.id: Outcome.RETRY for item, _ in accepted}
             delay = 0.25 * 2 ** attempt
             log.warning("database error recording %d accepted sends; retrying in %.2f s", len(accepted), delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
 
-def _record_accepted_rows(accepted: list[tuple[sa.Row, Accepted]]) -> dict[str, Outcome]:
-    """Record the SIDs of a batch in one round trip, then its early callbacks and who is next."""
+def _record_accepted_rows(accepted: list[tuple[_Send, Accepted]]) -> dict[str, Outcome]:
+    """Record the provider ids of a batch in one round trip per channel, then its early
+    callbacks and who is next."""
     if len(accepted) == 1:
-        row, result = accepted[0]
-        return {row.id: _record_accepted(row.id, row.contact_id, result.sid, result.status)}
+        item, result = accepted[0]
+        return {item.row.id: record_accepted(item.row, item.channel, result)}
     now = utcnow()
+    by_column: dict[str, list[dict[str, Any]]] = {}
+    for item, result in accepted:
+        by_column.setdefault(item.channel.provider_id_column, []).append(
+            _accepted_values(item.row, result, now, result.provider_id or None))
     try:
-        # Commit the SIDs first, then look for callbacks that beat us here (see
-        # statuses.record_callback). One executemany: a single round trip on psycopg 3.
-        db.session.connection().execute(_accepted_statement(), [
-            {"message_id": row.id, "now": now, "sid": result.sid, "error_message": None,
-             "status": _accepted_status(result.status).value, "rank": _accepted_status(result.status).rank}
-            for row, result in accepted])
-        # Each row was `dispatching` (callbacks wait for its SID), so each moved: the backend
+        # Commit the ids first, then look for callbacks that beat us here (see
+        # statuses.record_callback). One executemany per column: a single round trip on psycopg 3.
+        for column, values in by_column.items():
+            db.session.connection().execute(_accepted_statement(column), values)
+        # Each row was `dispatching` (callbacks wait for its id), so each moved: the backend
         # hears of it in the same commit (invariant 12).
-        report_statuses({row.id: _accepted_status(result.status) for row, result in accepted})
+        report_statuses({item.row.id: MessageStatus(result.status) for item, result in accepted})
         db.session.commit()
-    except IntegrityError:  # a SID already on another row (a mistaken lookup): one by one
+    except IntegrityError:  # an id already on another row (a mistaken lookup): one by one
         db.session.rollback()
-        return {row.id: _record_accepted(row.id, row.contact_id, result.sid, result.status)
-                for row, result in accepted}
-    by_sid = {result.sid: row.id for row, result in accepted}
-    for sid in db.session.scalars(_early_events_statement(), {"sids": sorted(by_sid)}).all():
-        apply_pending_events(sid, by_sid[sid])
-    contacts = {row.contact_id: row.id for row, _ in accepted}
+        return {item.row.id: record_accepted(item.row, item.channel, result) for item, result in accepted}
+    by_id = {result.provider_id: item.row.id for item, result in accepted if item.channel.callbacks_by_provider_id}
+    if by_id:
+        for provider_id in db.session.scalars(_early_events_statement(), {"sids": sorted(by_id)}).all():
+            apply_pending_events(provider_id, by_id[provider_id])
+    contacts = {item.row.contact_id: item.row.id for item, _ in accepted}
     waiting = db.session.scalars(_waiting_contacts_statement(), {
-        "contact_ids": sorted(contacts), "ids": [row.id for row, _ in accepted]}).all()
+        "contact_ids": sorted(contacts), "ids": [item.row.id for item, _ in accepted]}).all()
     db.session.commit()
     for contact_id in waiting:  # most contacts have nobody behind them (release_next's lock is rare)
         release_next(contacts[contact_id], contact_id)
-    return {row.id: Outcome.SENT for row, _ in accepted}
+    return {item.row.id: Outcome.SENT for item, _ in accepted}
 
 
-def _record_accepted(message_id: str, contact_id: int, sid: str, twilio_status: str) -> Outcome:
-    status = _accepted_status(twilio_status)
+def record_accepted(row: sa.Row, channel: Channel, result: Accepted) -> Outcome:
+    """Record one send `channel`'s provider accepted: its id, its status; then the callbacks that
+    beat it here, and the contact's next message. Commits."""
 
-    def record(sid: str | None, error_message: str | None = None) -> None:
-        db.session.execute(_accepted_statement(), {
-            "message_id": message_id, "now": utcnow(), "sid": sid, "error_message": error_message,
-            "status": status.value, "rank": status.rank})
-        # The row was `dispatching` (callbacks wait for its SID), so it moved (invariant 12).
-        report_statuses({message_id: status})
+    def record(provider_id: str | None, error_message: str | None = None) -> None:
+        db.session.execute(_accepted_statement(channel.provider_id_column),
+                           _accepted_values(row, result, utcnow(), provider_id, error_message))
+        # The row was `dispatching` (callbacks wait for its id), so it moved (invariant 12).
+        report_statuses({row.id: MessageStatus(result.status)})
         db.session.commit()
 
     try:
-        # Commit the SID first, then look for callbacks that beat us here (see
-        # status.record_callback). Accepted: what an earlier transient attempt noted is history
+        # Commit the id first, then look for callbacks that beat us here (see
+        # statuses.record_callback). Accepted: what an earlier transient attempt noted is history
         # (it is in the worker's log).
-        record(sid)
+        record(result.provider_id or None)
     except IntegrityError:
-        # Another row already holds this SID (it can only come from a mistaken lookup). Twilio
-        # did accept a message for this row, so record it as sent rather than resend.
+        # Another row already holds this id (it can only come from a mistaken lookup). The
+        # provider did accept a message for this row, so record it as sent rather than resend.
         db.session.rollback()
-        log.error("message %s: Twilio SID %s is already recorded on another message", message_id, sid)
-        record(None, f"Twilio SID {sid} is recorded on another message")
-        release_next(message_id, contact_id)
+        log.error("message %s: %s id %s is already recorded on another message", row.id, channel.name,
+                  result.provider_id)
+        record(None, f"{channel.name} id {result.provider_id} is recorded on another message")
+        release_next(row.id, row.contact_id)
         return Outcome.SENT
-    apply_pending_events(sid, message_id)
-    release_next(message_id, contact_id)
+    if channel.callbacks_by_provider_id and result.provider_id:
+        apply_pending_events(result.provider_id, row.id)
+    release_next(row.id, row.contact_id)
     return Outcome.SENT
 
 
 def _failed_attempt(message: Message | sa.Row, http_status: int | None, code: int | None, text: str,
-                    transient: bool | None = None, unsure_since: datetime | None = None) -> Outcome:
-    """Record a failed attempt: `retrying` with a backoff, or `failed` once retries are spent.
+                    transient: bool, unsure_since: datetime | None = None,
+                    max_attempts: int | None = None) -> Outcome:
+    """Record a failed attempt: `retrying` with a backoff when `transient` and attempts are left
+    (`max_attempts`, else MAX_ATTEMPTS), or `failed`.
 
     `unsure_since`: the attempt may have been accepted (its fate is unknown); the row keeps the
-    earliest such time, and its next attempt looks Twilio up before sending.
+    earliest such time, and its next attempt looks the provider up before sending.
     """
     message_id, attempts = message.id, message.attempts
-    retry = is_retryable(http_status, code) if transient is None else transient
-    if retry and attempts < attempt_limit(code, MAX_ATTEMPTS):
+    if transient and attempts < (max_attempts or MAX_ATTEMPTS):
         # `retrying` ranks with `dispatching`, so the status never moves back; the claim is
         # released and the next attempt is due after a backoff (the sweep's safety net). The
         # error says why, so a backend polling the message sees the reason while it waits.
@@ -826,10 +541,35 @@ def _failed_attempt(message: Message | sa.Row, http_status: int | None, code: in
             .execution_options(synchronize_session=False)
         )
         db.session.commit()
-        log.warning("message %s: transient Twilio failure (HTTP %s, code %s), attempt %d of %d; will retry%s",
+        log.warning("message %s: transient failure (HTTP %s, code %s), attempt %d of %d; will retry%s",
                     message_id, http_status, code, attempts, MAX_ATTEMPTS,
-                    " after looking Twilio up" if unsure_since is not None else "")
+                    " after looking the provider up" if unsure_since is not None else "")
         return Outcome.RETRY
     log.warning("message %s failed (HTTP %s, code %s): %s", message_id, http_status, code, text)
     finish(message_id, MessageStatus.FAILED, code, text, message.contact_id)
     return Outcome.FAILED
+
+
+def _wait(row: sa.Row, until: datetime) -> Outcome:
+    """Not sent: its channel cannot tell yet whether an earlier attempt was accepted (SendGrid's
+    events have not come); tried again at `until`, this attempt not counted, still unsure."""
+    db.session.execute(
+        sa.update(Message).where(Message.id == row.id, Message.status == MessageStatus.DISPATCHING)
+        .values(status=MessageStatus.RETRYING, claimed_until=None, next_attempt_at=until,
+                attempts=Message.attempts - 1).execution_options(synchronize_session=False))
+    db.session.commit()
+    return Outcome.RETRY
+
+
+def _hold(row: sa.Row, result: Failed) -> Outcome:
+    """The account is at fault (SendGrid's 401): keep the message, try again after HOLD_DELAY,
+    never count it against MAX_ATTEMPTS."""
+    log.error("the provider refused the account (HTTP %s: %s); messages are held until it is fixed",
+              result.http_status, result.text)
+    db.session.execute(
+        sa.update(Message).where(Message.id == row.id, Message.status == MessageStatus.DISPATCHING)
+        .values(status=MessageStatus.RETRYING, claimed_until=None, next_attempt_at=utcnow() + HOLD_DELAY,
+                attempts=Message.attempts - 1, error_code=result.code,
+                error_message=f"held: {result.text}"[:1000]).execution_options(synchronize_session=False))
+    db.session.commit()
+    return Outcome.RETRY

@@ -1,4 +1,4 @@
-"""Message status: the rank order, and recording Twilio's status callbacks without regressions.
+"""Message status: the rank order, and recording status callbacks without regressions.
 
 Twilio's callbacks arrive out of order, repeated, and sometimes before the send that caused them
 has stored the message SID. So every callback is first kept as an event (unique per SID and
@@ -10,11 +10,12 @@ from __future__ import annotations
 import functools
 import logging
 from datetime import datetime, timedelta
-from typing import Any, Mapping
+from typing import Mapping
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from bot.channels.base import StatusCallback
 from bot.clock import utcnow
 from bot.extensions import db
 from bot.delivery import events, fallback
@@ -94,33 +95,22 @@ def report_statuses(moves: Mapping[str, MessageStatus]) -> None:
     fallback.after_failures([message for message, *_ in rows if moves[message.id] in fallback.FINAL_FAILURES])
 
 
-def parse_error_code(value: Any) -> int | None:
-    """Twilio sends ErrorCode as a string; an empty or non-numeric one is no code."""
-    try:
-        code = int(str(value).strip()) if value not in (None, "") else None
-    except ValueError:
-        return None
-    # Twilio codes are five digits; anything outside a database integer stays in the payload only.
-    return code if code is not None and 0 < code < 2**31 else None
-
-
-def record_callback(form: Mapping[str, str]) -> bool:
-    """Store a status callback as an event and apply it. Returns False for a repeat.
+def record_callback(callback: StatusCallback) -> bool:
+    """Store a status callback (parsed by its channel: bot.channels.whatsapp.callbacks) as an
+    event and apply it. Returns False for a repeat.
 
     Two statements when the message is known (most callbacks): the event's INSERT links it to
     its message in the same statement, and only this event is applied. When the SID is not
     recorded yet, the sender applies the event once it is (`apply_pending_events`).
     """
-    sid = form["MessageSid"]
-    status = form["MessageStatus"].strip().lower()
-    error_code = parse_error_code(form.get("ErrorCode"))
-    error_message = form.get("ErrorMessage") or form.get("ChannelStatusMessage") or None
+    sid, status = callback.provider_id, callback.status
+    error_code, error_message = callback.error_code, callback.error_message
     try:
         # Committed before anything is applied: with the sender committing its SID before looking
         # for early events (apply_pending_events), one of the two always sees the other.
         message_id = db.session.execute(_statements()["insert_event"], {
             "sid": sid, "status": status, "error_code": error_code, "error_message": error_message,
-            "payload": dict(form), "received_at": utcnow()}).scalar()
+            "payload": callback.payload, "received_at": utcnow()}).scalar()
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
@@ -129,7 +119,7 @@ def record_callback(form: Mapping[str, str]) -> bool:
     if message_id is None:  # the send has not recorded this SID yet (or it is not ours)
         apply_pending_events(sid)
         return True
-    parsed = parse_outbound_status(status)
+    parsed = callback.mapped
     if parsed is None:
         log.warning("status callback with unknown status %r for %s kept, not applied", status, sid)
         return True

@@ -13,10 +13,11 @@ from flask import Flask
 from huey import crontab
 from huey.exceptions import RetryTask
 
-from bot.conversations import engine
-from bot.delivery import email_sender, event_delivery, outbox, reconcile, sender, statuses, webhook_fallback
+from bot.conversations import engine, inbound
+from bot.channels.email.channel import EmailChannel
+from bot.channels.whatsapp.channel import WhatsAppChannel
+from bot.delivery import event_delivery, outbox, reconcile, sender, statuses, webhook_fallback
 from bot.delivery.queue import huey
-from bot.vocabulary import Channel
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def store_webhook(form: dict[str, str], received_at: float) -> str:
     """Store a webhook the web could not, its database being down (invariant 11). While the
     database stays unreachable, try again (sooner after a blip, once a minute in a long outage)."""
     try:
-        return webhook_fallback.store(form, received_at)
+        return webhook_fallback.store(form, received_at, inbound.store_inbound)
     except Exception as exc:
         if not webhook_fallback.database_unavailable(exc):
             raise  # a bug, not an outage: huey's own few retries, then the traceback in the log
@@ -152,4 +153,6 @@ outbox.register(outbox.Work.INBOUND, process_inbound)
 outbox.register(outbox.Work.CONVERSATION_START, start_conversation)
 outbox.register(outbox.Work.EVENT, deliver_event)
 webhook_fallback.register(store_webhook)
-sender.register_channel(Channel.EMAIL, email_sender.send_emails)
+# The channels the sender sends through (bot/channels/base.py): the sender names no provider.
+sender.register_channel(WhatsAppChannel())
+sender.register_channel(EmailChannel())

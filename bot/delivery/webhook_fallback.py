@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
-from bot.conversations.inbound import store_inbound
+from bot.channels.whatsapp.callbacks import parse_status_callback
 from bot.delivery.outbox import Priority
 from bot.delivery.statuses import apply_pending_events, record_callback
 from bot.extensions import db
@@ -96,16 +96,20 @@ def retry_delay(received_at: float, now: float | None = None) -> float | None:
     return min(MAX_RETRY_SECONDS, max(MIN_RETRY_SECONDS, waited / 2))
 
 
-def store(form: Mapping[str, str], received_at: float | None = None) -> str:
+def store(form: Mapping[str, str], received_at: float | None,
+          store_inbound: Callable[..., Any]) -> str:
     """Store a queued webhook as the web would have, as of `received_at` (epoch seconds, when the
     web received it); idempotent. Returns what happened: "stored", "repeat" (it was stored
     already), or "refused" (bad input, logged).
+
+    `store_inbound`: the conversations package's `store_inbound`, passed by the task (the tasks
+    module is the composition root: delivery imports nothing of conversations).
 
     Raises the database's error when it is still unreachable (the task retries).
     """
     sid = form["MessageSid"]
     if form.get("MessageStatus"):
-        if record_callback(form):
+        if record_callback(parse_status_callback(form)):
             return "stored"
         # Kept already: maybe by the web, whose second statement (applying it) then failed.
         # Applying every event of the SID again is harmless: the rank only moves up.

@@ -144,7 +144,7 @@ class ChatSession:
     def from_app(cls, app_config: Mapping[str, Any] | None = None, phone: str = DEFAULT_PHONE,
                  profile_name: str | None = DEFAULT_NAME) -> "ChatSession":
         """A session configured like the running server (inside its app context)."""
-        from bot.twilio.client import get_client
+        from bot.channels.whatsapp.client import get_client
 
         config = current_app.config if app_config is None else app_config
         emails_url = None

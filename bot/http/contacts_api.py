@@ -4,7 +4,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from flask import Blueprint, abort, jsonify
 
-from bot.conversations.contacts import get_or_create_contact
+from bot.contacts import get_or_create_contact
 from bot.conversations.engine import set_consent_from_api
 from bot.extensions import db
 from bot.http.notify import read_json_body

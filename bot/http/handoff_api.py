@@ -6,7 +6,7 @@ import sqlalchemy as sa
 from flask import Blueprint, abort, jsonify, request
 
 from bot.clock import isoformat
-from bot.conversations.contacts import get_or_create_contact, lock_contact
+from bot.contacts import get_or_create_contact, lock_contact
 from bot.conversations.handoff import HandoffBy, end_handoff, in_handoff, start_handoff
 from bot.extensions import db
 from bot.http.auth import require_api_token

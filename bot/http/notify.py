@@ -9,8 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
 from bot.delivery import outbox
-from bot.conversations.consent import opt_out_waiting
-from bot.conversations.contacts import get_or_create_contact
+from bot.contacts import get_or_create_contact, opt_out_waiting
 from bot.conversations.handoff import in_handoff
 from bot.conversations.users import UserConflict, find_user, upsert_user
 from bot.delivery import routing
@@ -20,7 +19,7 @@ from bot.models import (Contact, Conversation, EmailEvent, IdempotencyKey, Messa
                         new_id)
 from bot.conversations.replies import TEMPLATES_DIR
 from bot.http.schemas import InvalidRequest, NotifyRequest, parse_notify
-from bot.twilio.whatsapp import within_window
+from bot.channels.whatsapp.whatsapp import within_window
 from bot.vocabulary import Channel, Consent, ConversationStatus, Direction, IdempotentKind, Kind, MessageStatus, StartedBy
 from bot.http.auth import require_api_token
 from flows import registry

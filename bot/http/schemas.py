@@ -24,7 +24,7 @@ from babel import Locale, UnknownLocaleError
 from email_validator import EmailNotValidError, validate_email
 
 from bot.phone import InvalidNumber, normalize_e164
-from bot.twilio.whatsapp import MAX_BODY_CHARS, MAX_TEMPLATE_VARIABLES_CHARS
+from bot.channels.whatsapp.whatsapp import MAX_BODY_CHARS, MAX_TEMPLATE_VARIABLES_CHARS
 from bot.vocabulary import Channel, Consent
 from flows.toolkit import Flow
 

@@ -7,6 +7,7 @@ from typing import Callable, Mapping
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
 
+from bot.channels.whatsapp.callbacks import parse_status_callback
 from bot.conversations.inbound import store_inbound
 from bot.delivery import webhook_fallback
 from bot.phone import InvalidNumber
@@ -58,7 +59,7 @@ def _status_callback():
     if parse_outbound_status(status) is None:
         # Twilio adds statuses without notice; keep the event, never fail the callback.
         current_app.logger.warning("unknown MessageStatus %r kept as an event", status)
-    return _store_or_queue(record_callback, form_fields())
+    return _store_or_queue(lambda form: record_callback(parse_status_callback(form)), form_fields())
 
 
 def _inbound_message():

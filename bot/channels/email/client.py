@@ -33,7 +33,7 @@ def build_client(api_key: str, api_url: str = DEFAULT_API_URL, timeout: float = 
     """
     if timeout <= 0:
         raise ValueError("timeout must be > 0 seconds")
-    # Imported here, as the Twilio SDK is (bot/twilio/client.py): only the worker sends.
+    # Imported here, as the Twilio SDK is (bot/channels/whatsapp/client.py): only the worker sends.
     from sendgrid import SendGridAPIClient
 
     # python_http_client logs every request at DEBUG with its headers (the API key) and its

@@ -1,0 +1,229 @@
+"""Claims: which outbound message may be sent now, taken atomically, with a lease.
+
+The claim (`pending` -> `dispatching` with a lease) is a single conditional UPDATE, so however
+many copies of the send task run (huey retries, the outbox sweep, a re-delivered task) only one
+reaches the provider. Messages to one contact leave one at a time, in the order they were created
+(invariant 9): a message whose contact has an older one unsent waits for its turn, and the send
+that settles the older one hands the turn over (`release_next`). The lease is renewed while a
+batch is in flight (`LeaseRenewer`), so it can be short: a dead worker's claims are re-taken
+within a minute or so (docs/ARCHITECTURE.md, "The life of a message").
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from flask import current_app
+from sqlalchemy.exc import DBAPIError
+
+from bot.clock import utcnow
+from bot.contacts import lock_contact
+from bot.delivery import outbox
+from bot.extensions import db
+from bot.models import Message
+from bot.vocabulary import Direction, Kind, MessageStatus
+
+log = logging.getLogger(__name__)
+
+#: A claim's lease beyond the Twilio client's timeout. The lease is renewed every third of its
+#: length while a batch is in flight, so it only has to outlast one renewal (and a slow commit);
+#: short, a worker killed mid-batch holds its messages for half a minute, not five.
+LEASE_MARGIN = timedelta(seconds=20)
+
+
+#: Outbound messages not yet handed to Twilio: a later message of the same contact waits for them.
+UNSENT = (MessageStatus.PENDING, MessageStatus.DISPATCHING, MessageStatus.RETRYING)
+
+
+def claim_lease() -> timedelta:
+    """How long a claim holds without renewal: the client's timeout and `LEASE_MARGIN`."""
+    return timedelta(seconds=float(current_app.config["TWILIO_TIMEOUT"])) + LEASE_MARGIN
+
+
+def _earlier_unsent_message(of: Any = Message) -> sa.Exists:
+    """SQL: an older outbound message of the same contact as `of` (Message or an alias of it)
+    that Twilio has not accepted yet.
+
+    Messages to one contact leave one at a time, in the order they were created (invariant 9):
+    the claim of the next waits until Twilio took the one before it (or it failed for good).
+    """
+    prior = sa.orm.aliased(Message)
+    return sa.exists().where(
+        prior.contact_id == of.contact_id,
+        prior.direction == Direction.OUTBOUND,
+        prior.status.in_(UNSENT),
+        prior.id != of.id,
+        sa.or_(prior.created_at < of.created_at,
+               sa.and_(prior.created_at == of.created_at, prior.id < of.id)),
+    )
+
+
+def _claimable(of: Any, now: sa.BindParameter, *, early: bool = False) -> sa.ColumnElement[bool]:
+    """SQL: `of` (Message or an alias) may be claimed now — pending, retrying and due (`early`:
+    due or not, the task's own retry), or dispatching with an expired lease — and is the oldest
+    unsent message of its contact (an opt-out confirmation never waits)."""
+    due = sa.true() if early else of.next_attempt_at <= now
+    return sa.and_(
+        sa.or_(
+            of.status == MessageStatus.PENDING,
+            sa.and_(of.status == MessageStatus.RETRYING, due),
+            sa.and_(of.status == MessageStatus.DISPATCHING, of.claimed_until < now),
+        ),
+        sa.or_(of.kind == Kind.OPT_OUT_CONFIRMATION, ~_earlier_unsent_message(of)),
+    )
+
+
+def _claiming(statement: sa.Update, now: sa.BindParameter) -> sa.Update:
+    """The claim's writes, for one row or a batch: dispatching, a lease, one more attempt.
+
+    Re-taking a row whose lease ran out makes its fate unknown: the worker that held it may have
+    died after Twilio accepted it. `unsure_since` then keeps when that attempt began (the values
+    on the right of SET are the row's values before the UPDATE).
+    """
+    expired_since = sa.func.coalesce(Message.unsure_since, Message.attempt_started_at, Message.updated_at)
+    return (
+        statement
+        .values(status=MessageStatus.DISPATCHING, status_rank=MessageStatus.DISPATCHING.rank,
+                claimed_until=sa.bindparam("lease_until"), attempts=Message.attempts + 1, updated_at=now,
+                attempt_started_at=now,
+                unsure_since=sa.case((Message.status == MessageStatus.DISPATCHING, expired_since),
+                                     else_=Message.unsure_since))
+        .returning(*Message.__table__.c)
+        .execution_options(synchronize_session=False)
+    )
+
+
+@functools.cache
+def _claim_statement(early: bool) -> sa.Update:
+    # Built once: composing this statement costs more CPU than running it (bench/THROUGHPUT.md,
+    # "Profile"); the values that change per call are bound parameters.
+    now = sa.bindparam("now")
+    return _claiming(sa.update(Message).where(Message.id == sa.bindparam("message_id"),
+                                              _claimable(Message, now, early=early)), now)
+
+
+def claim(message_id: str, *, early: bool = False) -> sa.Row | None:
+    """Atomically take a message for sending: pending, retrying once its next attempt is due
+    (`early`: the task's own retry, whose delay already is the backoff), or dispatching with an
+    expired lease (its worker died) — and none of its contact's older messages still unsent
+    (an opt-out confirmation excepted: it is the one message that must not wait).
+
+    Returns the claimed row as it is after the claim (None if not claimed): the UPDATE returns it,
+    so the send reads nothing more of the message.
+    """
+    now = utcnow()
+    claimed = db.session.execute(_claim_statement(early), {
+        "message_id": message_id, "now": now, "lease_until": now + claim_lease()}).first()
+    db.session.commit()
+    return claimed
+
+
+@functools.cache
+def _claim_along_statement() -> sa.Update:
+    # The other due messages, replies first, then oldest first; on PostgreSQL rows another
+    # consumer is claiming right now are skipped (SKIP LOCKED), not waited for. SQLite has one
+    # writer at a time, and no FOR UPDATE.
+    candidate = sa.orm.aliased(Message, name="candidate")
+    now = sa.bindparam("now")
+    ids = (
+        sa.select(candidate.id)
+        .where(candidate.direction == Direction.OUTBOUND, candidate.id != sa.bindparam("exclude_id"),
+               _claimable(candidate, now))
+        .order_by(sa.case((candidate.kind.in_(sorted(outbox.CONVERSATION_KINDS)), 0), else_=1),
+                  candidate.created_at)
+        .limit(sa.bindparam("limit"))
+        .with_for_update(skip_locked=True)
+    )
+    return _claiming(sa.update(Message).where(Message.id.in_(ids), Message.status.in_(UNSENT)), now)
+
+
+def claim_along(exclude_id: str, limit: int) -> list[sa.Row]:
+    """Claim up to `limit` other due messages, each the oldest unsent of its contact, in one
+    statement: the send that claimed `exclude_id` sends them at the same time."""
+    if limit <= 0:
+        return []
+    now = utcnow()
+    rows = db.session.execute(_claim_along_statement(), {
+        "exclude_id": exclude_id, "now": now, "lease_until": now + claim_lease(), "limit": limit}).all()
+    db.session.commit()
+    return rows
+
+
+def wait_for_turn(message_id: str) -> bool:
+    """Mark a pending message as waiting for an older one to its contact; False if none is older.
+
+    Marked waiting (`next_attempt_at` set, which also lets the sweep pick it up should the hand-
+    over be lost), its task ends; the older message's send hands over to it (`release_next`).
+    Both take the contact's lock, so a hand-over cannot slip between the check and the mark.
+    """
+    contact_id = db.session.scalar(sa.select(Message.contact_id).where(Message.id == message_id))
+    if contact_id is None:
+        return False
+    lock_contact(contact_id)
+    marked = db.session.execute(
+        sa.update(Message)
+        .where(Message.id == message_id, Message.status == MessageStatus.PENDING, _earlier_unsent_message())
+        .values(next_attempt_at=utcnow() + outbox.REENQUEUE_AFTER)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    db.session.commit()
+    return bool(marked)
+
+
+def release_next(message_id: str, contact_id: int | None = None) -> None:
+    """Hand the contact's turn to their next message, if it waits (this one was accepted or failed)."""
+    if contact_id is None:
+        contact_id = db.session.scalar(sa.select(Message.contact_id).where(Message.id == message_id))
+    # Most sends have nobody behind them, and then the lock is not needed: a message created after
+    # this one was accepted (or failed) finds nothing older unsent and is claimed at once.
+    if _next_pending(contact_id, message_id) is None:
+        return
+    lock_contact(contact_id)
+    waiting = _next_pending(contact_id, message_id)
+    if waiting is not None and waiting.next_attempt_at is not None:
+        outbox.defer_send(waiting.id, waiting.kind)  # its own task found it waiting (or it is queued again)
+    db.session.commit()
+
+
+@functools.cache
+def _next_pending_statement() -> sa.Select:
+    return (sa.select(Message.id, Message.kind, Message.next_attempt_at)
+            .where(Message.contact_id == sa.bindparam("contact_id"), Message.direction == Direction.OUTBOUND,
+                   Message.status == MessageStatus.PENDING, Message.id != sa.bindparam("after_id"))
+            .order_by(Message.created_at, Message.id).limit(1))
+
+
+def _next_pending(contact_id: int, after_id: str) -> sa.Row | None:
+    """The contact's oldest pending outbound message other than `after_id` (id, kind, next_attempt_at)."""
+    return db.session.execute(_next_pending_statement(), {"contact_id": contact_id, "after_id": after_id}).first()
+
+
+class LeaseRenewer:
+    """Pushes the claims' lease forward while a batch waits on Twilio (called by in_flight)."""
+
+    def __init__(self, message_ids: list[str], lease: timedelta) -> None:
+        self.message_ids, self.lease = message_ids, lease
+        self.every = lease.total_seconds() / 3
+
+    def __call__(self) -> None:
+        now = utcnow()
+        try:
+            db.session.execute(
+                sa.update(Message)
+                .where(Message.id.in_(self.message_ids), Message.status == MessageStatus.DISPATCHING)
+                .values(claimed_until=now + self.lease)
+                .execution_options(synchronize_session=False))
+            db.session.commit()
+        except DBAPIError:
+            # The lease may run out and another worker re-take a row; it will look Twilio up first.
+            db.session.rollback()
+            log.warning("could not renew the lease of %d messages in flight", len(self.message_ids))
+        finally:
+            db.session.close()
+
+
+def lease_renewer(message_ids: list[str]) -> LeaseRenewer:
+    return LeaseRenewer(message_ids, claim_lease())
