@@ -12,6 +12,7 @@ still possible, and only when SendGrid took the first attempt but no event of it
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,7 +29,7 @@ from bot.channels.email.unsubscribe import make_token
 from bot.channels.outcomes import Accepted, Failed
 from bot.clock import utcnow
 from bot.delivery import in_flight
-from bot.delivery.rate_limit import send_rate_limit
+from bot.delivery.rate_limit import SendRateLimit
 from bot.delivery.sender import Outcome, _failed_attempt, concurrency, finish, load_recipients, release_next
 from bot.delivery.statuses import report_statuses
 from bot.extensions import db
@@ -41,6 +42,26 @@ log = logging.getLogger(__name__)
 #: SendGrid's 401 (a bad key, or "Maximum credits exceeded"): the account, not the message, is
 #: at fault; the message is held and tried this often, never failed for it.
 HOLD_DELAY = timedelta(minutes=5)
+#: Worker threads build the email limiter once between them (two budgets would each allow the rate).
+_limit_lock = threading.Lock()
+
+
+def email_rate_limit() -> SendRateLimit:
+    """The email sender's own budget, EMAIL_MESSAGES_PER_SECOND, shared by every worker through
+    the queue's Redis as WhatsApp's is (invariant 10). Not `send_rate_limit()`: that one is sized
+    by TWILIO_MESSAGES_PER_SECOND, which said nothing of SendGrid (found by
+    tests/test_email_outages.py, the rate-slot twin: a 2-a-second email sender sent at 80/s)."""
+    limit = current_app.extensions.get("email_rate_limit")
+    if limit is None:
+        with _limit_lock:
+            limit = current_app.extensions.get("email_rate_limit")
+            if limit is None:
+                cfg = current_app.config
+                limit = SendRateLimit(per_second=int(cfg.get("EMAIL_MESSAGES_PER_SECOND") or 100),
+                                      storage_uri=cfg.get("REDIS_URL") or "memory://",
+                                      namespace=f"{cfg.get('QUEUE_NAME') or 'whatsapp-bot'}:email-rate")
+                current_app.extensions["email_rate_limit"] = limit
+    return limit
 
 
 def unsure_grace() -> timedelta:
@@ -105,7 +126,7 @@ def send_emails(batch: list[sa.Row]) -> dict[str, Outcome]:
     db.session.close()  # no connection held while waiting for SendGrid (as the WhatsApp leg)
     client = build_client(cfg["SENDGRID_API_KEY"], cfg.get("SENDGRID_API_URL") or "https://api.sendgrid.com",
                           timeout=float(cfg.get("TWILIO_TIMEOUT") or 10))
-    limit, sender_key = send_rate_limit(), "email:" + str(cfg.get("EMAIL_FROM"))
+    limit, sender_key = email_rate_limit(), "email:" + str(cfg.get("EMAIL_FROM"))
 
     def one(mail: dict[str, Any]) -> Any:
         started = utcnow()
