@@ -250,3 +250,38 @@ def test_sigkill_mid_batch_of_emails_loses_nothing_and_sends_nothing_twice(
         assert {i: provider for i, (_, provider) in email_rows(app, accepted).items()} == by_id
     assert_no_addresses_logged(tmp_path)
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sigterm_mid_batch_starts_no_new_email_and_the_next_worker_sends_the_rest_once(
+        base_config, _schema, app, tmp_path, sendgrid_host):
+    """A deploy's SIGTERM while a batch of 40 emails waits for the slots of a 4-a-second email
+    sender: the emails on the wire finish and are recorded, the ones still waiting go back to the
+    queue untried, the worker exits at once, and the next worker sends them; each exactly once."""
+    total = 40
+    sendgrid = sendgrid_host.sendgrid
+    with running_stack(email_config(base_config, sendgrid_host, EMAIL_MESSAGES_PER_SECOND=4), tmp_path) as stack:
+        base = stack["base"]
+        listen_for_events(sendgrid, base)
+        users = email_users(base, total)
+        stack["stop_worker"]()  # the backlog builds up first: one batch claims it all
+        accepted = [notify(base, user, f"batch {i}").json()["id"] for i, user in enumerate(users)]
+        stack["start_worker"]()
+        wait_until(lambda: len(sendgrid.attempts) >= 6, timeout=60, what="the first emails to reach SendGrid")
+        signalled = time.time()
+        assert stack["stop_worker"](signal.SIGTERM) == 0
+        took = time.time() - signalled
+        at_stop = sendgrid.attempts
+        # Nothing started after the signal (a call that had its slot may still be arriving).
+        late = [attempt for attempt in at_stop if attempt["at"] > signalled + 1.5]
+        assert not late, f"{len(late)} emails left after the worker was told to stop"
+        assert len(at_stop) < total, "the batch was gone before the signal: nothing tested"
+        assert took < 10, f"the worker took {took:.1f} s to stop"
+        stack["start_worker"]()
+        wait_until(lambda: unsent(app) == 0, timeout=120, what="the rest to be sent by the next worker")
+        time.sleep(2)  # a duplicate would come right behind
+        figures = tally(app, sendgrid, accepted)
+        print(f"\nemail SIGTERM mid-batch: {len(at_stop)} of {total} sent before the stop ({took:.1f} s to "
+              f"exit), the rest by the next worker; duplicated {figures['duplicated']}, lost {figures['lost']}")
+        assert figures == {"accepted": total, "sent": total, "lost": 0, "duplicated": 0}
+    assert_no_addresses_logged(tmp_path)

@@ -30,7 +30,8 @@ from bot.channels.outcomes import Accepted, Failed
 from bot.clock import utcnow
 from bot.delivery import in_flight
 from bot.delivery.rate_limit import SendRateLimit
-from bot.delivery.sender import Outcome, _failed_attempt, concurrency, finish, load_recipients, release_next
+from bot.delivery.sender import Outcome, _failed_attempt, _release, concurrency, finish, load_recipients, release_next
+from bot.delivery.shutdown import is_stopping
 from bot.delivery.statuses import report_statuses
 from bot.extensions import db
 from bot.models import Contact, EmailEvent, Message
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 HOLD_DELAY = timedelta(minutes=5)
 #: Worker threads build the email limiter once between them (two budgets would each allow the rate).
 _limit_lock = threading.Lock()
+
+
+class _Stopping(Exception):
+    """The worker is stopping: this email's call did not start (it goes back to the queue)."""
 
 
 def email_rate_limit() -> SendRateLimit:
@@ -129,13 +134,24 @@ def send_emails(batch: list[sa.Row]) -> dict[str, Outcome]:
     limit, sender_key = email_rate_limit(), "email:" + str(cfg.get("EMAIL_FROM"))
 
     def one(mail: dict[str, Any]) -> Any:
+        # As the WhatsApp leg: a worker told to stop starts no new call, and a call waiting for a
+        # rate slot stops waiting (bot/delivery/shutdown.py); those emails go back to the queue.
+        # (Found by tests/test_email_faults.py's SIGTERM mid-batch twin: without it a stopping
+        # worker kept sending its whole batch for as long as the rate limit made it wait.)
+        if is_stopping():
+            raise _Stopping()
         started = utcnow()
-        if not limit.acquire(sender_key):
+        if not limit.acquire(sender_key, cancelled=is_stopping):
+            if is_stopping():
+                raise _Stopping()
             return Failed(None, "the email rate limit stayed full", retry=True)
         return send(client, mail, started)
 
     calls = in_flight.call_all(one, [{"mail": mail} for _, mail in ready], concurrency())
     for (row, _), call in zip(ready, calls):
+        if isinstance(call.error, _Stopping):
+            outcomes[row.id] = _release(row)
+            continue
         result = call.result if call.error is None else Failed(None, f"unexpected {type(call.error).__name__}",
                                                                retry=True)
         if isinstance(result, Accepted):
