@@ -272,8 +272,9 @@ def test_sigterm_mid_batch_starts_no_new_email_and_the_next_worker_sends_the_res
         assert stack["stop_worker"](signal.SIGTERM) == 0
         took = time.time() - signalled
         at_stop = sendgrid.attempts
-        # Nothing started after the signal (a call that had its slot may still be arriving).
-        late = [attempt for attempt in at_stop if attempt["at"] > signalled + 1.5]
+        # Nothing started after the signal (a call that had its slot may still be arriving, slowly
+        # on a busy machine: 3 s of slack; without the fix some 28 arrive over the next 7 s).
+        late = [attempt for attempt in at_stop if attempt["at"] > signalled + 3]
         assert not late, f"{len(late)} emails left after the worker was told to stop"
         assert len(at_stop) < total, "the batch was gone before the signal: nothing tested"
         assert took < 10, f"the worker took {took:.1f} s to stop"
