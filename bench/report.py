@@ -77,6 +77,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         add("")
     _targets(results, add)
     _send_path(results, add)
+    email_section(results, add)
 
     add("## /notify: accepted, then handed to Twilio")
     add("")
@@ -313,6 +314,42 @@ def _send_path(results: dict[str, Any], add) -> None:
             f"| {_num(r.get('worker_cpu_ms_per_send'))} ms "
             f"| {_num(r.get('cores', {}).get('worker'))} | {_num(r.get('cores', {}).get('machine'))} |")
     add("")
+
+
+def email_section(results: dict[str, Any], add) -> None:
+    """Email beside WhatsApp (bench/throughput.py's `email` scenario), when the run had it."""
+    e = results.get("email")
+    if not e:
+        return
+    alone, mail, mixed = e.get("whatsapp_alone") or {}, e.get("email_alone") or {}, e.get("whatsapp_with_email_queued") or {}
+    ratio = e.get("whatsapp_ratio_with_email_queued")
+    add("## Email beside WhatsApp: backlogs drained alone and together (callbacks and events off)")
+    add("")
+    add(f"One `worker` line. SendGrid is the simulator's SendGrid side answering `mail/send` in "
+        f"**{e['sendgrid_latency_ms']} ms** (the official `sendgrid` SDK, a new connection per request); Twilio "
+        "the same simulator at the run's latency. *sends/s*: all of them over the time from the first enqueue to "
+        "the last arrival at the simulator; *steady*: between the first and the last arrival. Worker CPU from /proc.")
+    add("")
+    _header(add, "run", "sent", "sends/s", "steady", "worker CPU per send", "worker cores", "machine cores busy")
+    add(f"| WhatsApp backlog alone | {alone.get('handed_to_twilio')}/{alone.get('size')} "
+        f"| {_num(alone.get('messages_per_second'))} | {_num(alone.get('steady_messages_per_second'))} "
+        f"| {_num(alone.get('worker_cpu_ms_per_send'))} ms | {_num((alone.get('cores') or {}).get('worker'))} "
+        f"| {_num((alone.get('cores') or {}).get('machine'))} |")
+    add(f"| email backlog alone | {mail.get('sent')}/{mail.get('size')} | {_num(mail.get('sends_per_second'))} "
+        f"| {_num(mail.get('steady_sends_per_second'))} | {_num(mail.get('worker_cpu_ms_per_send'))} ms "
+        f"| {_num((mail.get('cores') or {}).get('worker'))} | {_num((mail.get('cores') or {}).get('machine'))} |")
+    add(f"| WhatsApp backlog, {e['email_backlog']} emails queued ahead | {mixed.get('sent')}/{mixed.get('size')} "
+        f"| {_num(mixed.get('sends_per_second'))} | {_num(mixed.get('steady_sends_per_second'))} "
+        f"| {_num(mixed.get('worker_cpu_ms_per_send_both'))} ms (both channels) "
+        f"| {_num((mixed.get('cores') or {}).get('worker'))} | {_num((mixed.get('cores') or {}).get('machine'))} |")
+    add("")
+    if ratio is not None:
+        add(f"**Email must not slow WhatsApp** (target ≥ 0.9×): the WhatsApp drain with the email backlog queued "
+            f"ahead of it ran at **{ratio:g}×** its rate alone ({'met' if ratio >= 0.9 else '**not met**'}; between "
+            f"its own first and last create, {_num(e.get('whatsapp_steady_ratio_with_email_queued'))}×); "
+            f"{mixed.get('emails_sent_meanwhile')} of the {e['email_backlog']} emails had left by the time the last "
+            f"WhatsApp message did (emails at {_num(mixed.get('email_sends_per_second'))}/s over the whole mixed run).")
+        add("")
 
 
 def _cpu_split(results: dict[str, Any], add) -> None:

@@ -27,7 +27,11 @@ What it does, in order:
 7. SQL statements per /notify, per inbound, per status callback, per send and per turn, counted
    with a SQLAlchemy ``before_cursor_execute`` listener in this process (create_app with the
    benchmark's settings, the queue drained here by hand);
-8. py-spy profiles of the worker (and web) during the fastest /notify run.
+8. py-spy profiles of the worker (and web) during the fastest /notify run;
+9. ``email``: the simulator's SendGrid side answering mail/send in ``--latency-ms`` too; a backlog
+   of ``--email-backlog`` emails drained on its own (sends/s, worker CPU per send from /proc),
+   beside a WhatsApp backlog drained alone, and the same WhatsApp backlog drained with the email
+   backlog queued ahead of it (email must not slow WhatsApp: the ratio of the two drains).
 
 Writes bench/results.json and bench/THROUGHPUT.md. Everything it starts is stopped at the end,
 also on Ctrl-C or an error. This is a benchmark, not a test: nothing here asserts a speed.
@@ -74,8 +78,12 @@ SENDER = "whatsapp:+14155238886"
 CALLBACK_DELAY = 0.5
 #: Twilio gives a webhook 15 s; a request slower than that is a failure, as Twilio would count it.
 CLIENT_TIMEOUT = 15.0
+#: The email sender and the secret of the unsubscribe links, for the email scenario.
+EMAIL_FROM = "Bench <bench@example.test>"
+SECRET_KEY = "bench-secret-key-for-unsubscribe-links"
 CONTACTS_PER_RUN_PREFIX = {"notify": "+1555", "turns": "+1556", "queries": "+1557", "backlog": "+1558",
-                           "two": "+1554", "two-turns": "+1550", "limited": "+1553", "profiled": "+1549", "history-backlog": "+1552", "history-turns": "+1551"}
+                           "two": "+1554", "two-turns": "+1550", "limited": "+1553", "profiled": "+1549", "history-backlog": "+1552", "history-turns": "+1551",
+                           "email-wa-alone": "+1548", "email-wa-mixed": "+1547"}
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -760,6 +768,128 @@ def run_backlog(stack: Stack, size: int, drain_timeout: float, profile: bool, ou
     return result
 
 
+def seed_email_backlog(config: dict[str, Any], label: str, size: int) -> list[str]:
+    """`size` users known by email only, one pending email each, their send tasks on the queue:
+    what a burst of /notify {"user_id", "subject", "body"} leaves behind."""
+    import logging
+
+    import sqlalchemy as sa
+
+    from bot import create_app
+    from bot.clock import utcnow
+    from bot.delivery import outbox
+    from bot.extensions import db
+    from bot.models import Contact, Message
+    from bot.vocabulary import Channel, Direction, Kind, MessageStatus
+
+    logging.disable(logging.INFO)
+    app = create_app(dict(config))
+    ids: list[str] = []
+    with app.app_context():
+        now = utcnow()
+        db.session.execute(sa.insert(Contact), [
+            {"user_id": f"{label}-{i}", "email": f"{label}-{i}@bench.example", "channels": ["email"],
+             "created_at": now, "updated_at": now} for i in range(size)])
+        contacts = db.session.execute(sa.select(Contact.id, Contact.user_id).where(
+            Contact.user_id.like(f"{label}-%"))).all()
+        for contact_id, user_id in contacts:
+            message = Message(direction=Direction.OUTBOUND, kind=Kind.NOTIFICATION, contact_id=contact_id,
+                              channel=Channel.EMAIL, subject="Your receipt", body=f"Backlog email {user_id}",
+                              status=MessageStatus.PENDING, status_rank=MessageStatus.PENDING.rank)
+            db.session.add(message)
+            outbox.defer_send(message)
+            ids.append(message.id)
+        db.session.commit()  # the outbox enqueues every send task now
+        db.session.remove()
+        db.engine.dispose()
+    logging.disable(logging.NOTSET)
+    return ids
+
+
+def _emails_taken(sim: TwilioSimulator) -> int:
+    # A benchmark's peek: `emails` deep-copies every accepted email, too costly to poll at 2 Hz
+    # with thousands stored on the cores the worker needs.
+    return len(sim.sendgrid._emails)
+
+
+def _drain_figures(arrivals: list[float], started: float, cpu_s: float) -> dict[str, Any]:
+    """sends/s from the first enqueue to the last arrival, the steady rate, worker CPU per send."""
+    if not arrivals:
+        return {"sent": 0}
+    arrivals = sorted(arrivals)
+    return {"sent": len(arrivals),
+            "sends_per_second": round(len(arrivals) / max(arrivals[-1] - started, 1e-9), 1),
+            "steady_sends_per_second": round((len(arrivals) - 1) / max(arrivals[-1] - arrivals[0], 1e-9), 1),
+            "drain_seconds": round(arrivals[-1] - started, 1),
+            "worker_cpu_s": round(cpu_s, 2), "worker_cpu_ms_per_send": round(1000 * cpu_s / len(arrivals), 2)}
+
+
+def run_email(stack: Stack, email_size: int, whatsapp_size: int, drain_timeout: float) -> dict[str, Any]:
+    """Email beside WhatsApp, one worker, status callbacks and email events off (the send paths
+    on their own): WhatsApp's backlog alone; the email backlog alone; then WhatsApp's backlog
+    again with the email backlog queued ahead of it."""
+    sendgrid = stack.sim.sendgrid
+    events, sendgrid.auto_events = sendgrid.auto_events, False
+    callbacks, stack.sim.auto_callbacks = stack.sim.auto_callbacks, False
+    out: dict[str, Any] = {"email_backlog": email_size, "whatsapp_backlog": whatsapp_size,
+                           "sendgrid_latency_ms": round(sendgrid.latency * 1000)}
+    try:
+        log(f"email: WhatsApp backlog of {whatsapp_size} alone")
+        out["whatsapp_alone"] = run_backlog(stack, whatsapp_size, drain_timeout, False, Path("."),
+                                            label="email-wa-alone")
+
+        log(f"email: a backlog of {email_size} emails alone")
+        out["busy_cores_before_email"] = wait_for_quiet()
+        stack.sim.reset()
+        before, started = cpu_snapshot(stack), time.time()
+        seed_email_backlog(stack.config, "email-alone", email_size)
+        deadline = time.monotonic() + drain_timeout
+        while _emails_taken(stack.sim) < email_size and time.monotonic() < deadline:
+            time.sleep(0.5)
+        after = cpu_snapshot(stack)
+        out["email_alone"] = {**_drain_figures([e["received_at"] for e in sendgrid.emails], started,
+                                               after["worker"] - before["worker"]),
+                              "size": email_size, "cores": cpu_split(before, after, time.time() - started)}
+
+        log(f"email: WhatsApp backlog of {whatsapp_size} with {email_size} emails queued ahead of it")
+        out["busy_cores_before_mixed"] = wait_for_quiet()
+        phones = [phone("email-wa-mixed", whatsapp_size, i) for i in range(whatsapp_size)]
+        seed_contacts(stack.config["DATABASE_URL"], phones)
+        stack.sim.reset()
+        before, started = cpu_snapshot(stack), time.time()
+        seed_email_backlog(stack.config, "email-mixed", email_size)
+        whatsapp_started = time.time()
+        seed_backlog(stack.config, phones, "Backlog")
+        drained = wait_for_creates(stack.sim, {"whatsapp:" + p for p in phones}, drain_timeout)
+        whatsapp_done = time.time()
+        creates = [t["received_at"] for t in stack.sim.timings]
+        deadline = time.monotonic() + drain_timeout
+        while _emails_taken(stack.sim) < email_size and time.monotonic() < deadline:
+            time.sleep(0.5)
+        after = cpu_snapshot(stack)
+        emails = [e["received_at"] for e in sendgrid.emails]
+        mixed = _drain_figures(creates, whatsapp_started, 0.0)
+        mixed.pop("worker_cpu_s"), mixed.pop("worker_cpu_ms_per_send")
+        out["whatsapp_with_email_queued"] = {
+            **mixed, "size": whatsapp_size, "drained": drained,
+            "emails_sent_meanwhile": sum(1 for at in emails if at <= whatsapp_done),
+            "emails_sent_in_all": len(emails),
+            "email_sends_per_second": _drain_figures(emails, started, 0.0).get("sends_per_second"),
+            "worker_cpu_ms_per_send_both": round(1000 * (after["worker"] - before["worker"])
+                                                 / max(len(creates) + len(emails), 1), 2),
+            "cores": cpu_split(before, after, time.time() - started)}
+        alone = out["whatsapp_alone"].get("messages_per_second")
+        if alone and mixed.get("sends_per_second"):
+            out["whatsapp_ratio_with_email_queued"] = round(mixed["sends_per_second"] / alone, 2)
+            # Between WhatsApp's own first and last create: the rate once it is moving.
+            out["whatsapp_steady_ratio_with_email_queued"] = round(
+                mixed["steady_sends_per_second"] / out["whatsapp_alone"]["steady_messages_per_second"], 2)
+    finally:
+        sendgrid.auto_events = events
+        stack.sim.auto_callbacks = callbacks
+    return out
+
+
 def start_worker(stack: Stack, name: str, **env: str) -> None:
     process = stack.processes.start(name, procfile()["worker"], {**stack.env, **env})
     stack.rss.watch(name, process.pid)
@@ -939,9 +1069,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/5")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip py-spy")
     parser.add_argument("--out", default=str(ROOT / "bench"), help="where results.json and THROUGHPUT.md go")
-    parser.add_argument("--only", default="backlog,notify,turns,baselines,two_workers,queries,history",
+    parser.add_argument("--only", default="backlog,notify,turns,baselines,two_workers,queries,history,email",
                         help="scenarios to run, comma-separated (default all: "
-                             "backlog,notify,turns,baselines,two_workers,queries,history)")
+                             "backlog,notify,turns,baselines,two_workers,queries,history,email)")
     parser.add_argument("--history", type=int, default=1_000_000,
                         help="historical messages stored before the last scenarios rerun (0: skip)")
     parser.add_argument("--limited-rate", type=int, default=80,
@@ -949,6 +1079,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable for web and worker, e.g. WORKER_THREADS=64 (repeatable)")
     parser.add_argument("--backlog", type=int, default=2000, help="messages in the backlog scenario")
+    parser.add_argument("--email-backlog", type=int, default=2000, help="emails in the email scenario")
     parser.add_argument("--no-callbacks", dest="callbacks", action="store_false",
                         help="the simulator posts no status callbacks (the send path on its own)")
     args = parser.parse_args(argv)
@@ -976,7 +1107,12 @@ def main(argv: list[str] | None = None) -> None:
     config = {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
               "TWILIO_WHATSAPP_NUMBER": SENDER, "TWILIO_WEBHOOK_URL": webhook, "TWILIO_API_URL": sim.url,
               "NOTIFY_API_TOKEN": API_TOKEN, "DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url,
-              "QUEUE_NAME": queue, "INSTANCE_PATH": str(workdir)}
+              "QUEUE_NAME": queue, "INSTANCE_PATH": str(workdir),
+              # Email through the same simulator's SendGrid side, answering in the same latency.
+              "SENDGRID_API_KEY": sim.sendgrid.api_key, "SENDGRID_API_URL": sim.url, "EMAIL_FROM": EMAIL_FROM,
+              "SENDGRID_WEBHOOK_PUBLIC_KEY": sim.sendgrid.public_key, "SECRET_KEY": SECRET_KEY}
+    sim.sendgrid.latency = args.latency_ms / 1000
+    sim.sendgrid.events_url = base + "/sendgrid/events"
     # Like tests/test_processes.py: no inherited TWILIO_*/DATABASE_URL/REDIS_URL, the venv's bin first.
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("TWILIO_", "DATABASE_URL", "REDIS_URL", "WEB_CONCURRENCY", "WORKER_THREADS"))}
@@ -1037,6 +1173,9 @@ def main(argv: list[str] | None = None) -> None:
                 results["history"]["turns"] = run_turns(stack, max(rates), args.duration, args.drain_timeout,
                                                         label="history-turns")
                 results["history"]["queries"] = count_queries(config, base, sim, args.query_count_ops, run=1)
+            if "email" in only:
+                log("email beside WhatsApp: backlogs drained alone and together")
+                results["email"] = run_email(stack, args.email_backlog, args.backlog, args.drain_timeout)
             results["rss"] = rss.report()
     except BaseException as exc:
         # Keep what was measured: a late failure must not throw away a long run.

@@ -102,6 +102,9 @@ class ScriptedChannel:
     def rate_key(self) -> str:
         return "scripted"
 
+    def rate_per_second(self) -> int:
+        return 1000
+
     def prepare(self, message: Any, contact: Contact, stop_waiting: bool) -> Any:
         if message.body == "refuse me":
             return Refusal(4242, "scripted refusal")

@@ -182,3 +182,15 @@ def test_a_limiter_error_the_sender_does_not_know_leaves_the_message_retrying(ap
         app.extensions["send_rate_limit"] = SendRateLimit(80, "memory://", namespace="test-fixed")
     run_queue()
     assert [m["body"] for m in twilio.messages] == ["after the bug"]
+
+
+def test_each_rate_is_its_own_budget() -> None:
+    """Email's EMAIL_MESSAGES_PER_SECOND and Twilio's rate are separate windows: a slow email sender
+    spends none of WhatsApp's budget, and a sender's rate is its own."""
+    from bot.delivery.rate_limit import SendRateLimit
+
+    limit = SendRateLimit(per_second=5, storage_uri="memory://", namespace="t")
+    assert all(limit.acquire("whatsapp:+1", max_wait=0) for _ in range(5))
+    assert not limit.acquire("whatsapp:+1", max_wait=0)  # Twilio's 5 spent
+    assert limit.acquire("email:a", max_wait=0, rate=2) and limit.acquire("email:a", max_wait=0, rate=2)
+    assert not limit.acquire("email:a", max_wait=0, rate=2)  # its own 2, not the 5

@@ -10,7 +10,7 @@ tasks module (the composition root) registers one instance of each with the send
 Two kinds of method, by the thread they run on:
 
 - in the task's thread, inside the app context, with the database: `prepare`, `open_sender`,
-  `open_lookup`, `match`, `rate_key`;
+  `open_lookup`, `match`, `rate_key`, `rate_per_second`;
 - on the worker's pool, with neither (they only wait on HTTP): the callables `open_sender` and
   `open_lookup` return. They must not raise for an answer from the provider: every answer maps
   onto an outcome of `bot.channels.outcomes` (an exception the sender does not recognise is
@@ -82,6 +82,9 @@ class Channel(Protocol):
 
     def rate_key(self) -> str:
         """The key of this channel's send-rate budget (one per sender identity)."""
+
+    def rate_per_second(self) -> int:
+        """Sends per second this channel's sender may make (its provider's limit, configured)."""
 
     def prepare(self, message: Any, contact: Any, stop_waiting: bool) -> Any | Refusal:
         """The provider request for a claimed message (a row of `messages`) to `contact`, or why

@@ -46,6 +46,8 @@ class SendRateLimit:
     def __init__(self, per_second: int, storage_uri: str, namespace: str,
                  max_wait: float = MAX_WAIT_SECONDS) -> None:
         self.item = RateLimitItemPerSecond(per_second)
+        #: The rate of each other channel's senders (`rate`): email has its own, apart from Twilio's.
+        self._items: dict[int, RateLimitItemPerSecond] = {per_second: self.item}
         # Every storage error comes out as limits' StorageError, whatever the backend's own type.
         options: dict = {"wrap_exceptions": True}
         if storage_uri.startswith(("redis", "rediss")):
@@ -54,23 +56,33 @@ class SendRateLimit:
         self.namespace = namespace
         self.max_wait = max_wait
 
+    def _item(self, rate: int | None) -> RateLimitItemPerSecond:
+        if rate is None:
+            return self.item
+        item = self._items.get(rate)
+        if item is None:
+            item = self._items.setdefault(rate, RateLimitItemPerSecond(rate))
+        return item
+
     def acquire(self, sender: str, max_wait: float | None = None,
-                cancelled: Callable[[], bool] | None = None) -> bool:
+                cancelled: Callable[[], bool] | None = None, rate: int | None = None) -> bool:
         """Take one slot for `sender`, waiting as long as the window needs; False after `max_wait`
         (default: the limiter's), or as soon as `cancelled()` says the wait is pointless (the
-        worker is stopping). An unreachable Redis is waited for, never raised: no slot can be
-        proven free while the shared budget cannot be read."""
+        worker is stopping). `rate`: this sender's sends per second, when not the limiter's own
+        (a channel with a rate of its own). An unreachable Redis is waited for, never raised: no
+        slot can be proven free while the shared budget cannot be read."""
+        item = self._item(rate)
         deadline = time.monotonic() + (self.max_wait if max_wait is None else max_wait)
         unavailable = False
         while True:
             if cancelled is not None and cancelled():
                 return False
             try:
-                if self.limiter.hit(self.item, self.namespace, sender):
+                if self.limiter.hit(item, self.namespace, sender):
                     if unavailable:
                         log.info("the send rate limit's Redis answers again; sends from %s go on", _masked(sender))
                     return True
-                reset_at = self.limiter.get_window_stats(self.item, self.namespace, sender).reset_time
+                reset_at = self.limiter.get_window_stats(item, self.namespace, sender).reset_time
                 wait = min(max(reset_at - time.time(), 0.001), 0.25)  # re-check often: others free slots too
             except StorageError as exc:
                 if not unavailable:
@@ -84,15 +96,17 @@ class SendRateLimit:
                 return False
             time.sleep(wait)
 
-    def slow_down(self, sender: str) -> None:
-        """Twilio said "too fast" (429, 63018): spend what is left of this second, for every worker.
+    def slow_down(self, sender: str, rate: int | None = None) -> None:
+        """The provider said "too fast" (429, 63018): spend what is left of this second, for every
+        worker.
 
         With Redis unreachable nothing is spent: no send can take a slot from it either.
         """
+        item = self._item(rate)
         try:
-            remaining = self.limiter.get_window_stats(self.item, self.namespace, sender).remaining
+            remaining = self.limiter.get_window_stats(item, self.namespace, sender).remaining
             if remaining > 0:
-                self.limiter.hit(self.item, self.namespace, sender, cost=remaining)
+                self.limiter.hit(item, self.namespace, sender, cost=remaining)
         except StorageError as exc:
             log.warning("Twilio asked us to slow down, and the send rate limit's Redis is unreachable (%s)",
                         type(exc.storage_error).__name__)

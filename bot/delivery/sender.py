@@ -111,6 +111,8 @@ class _Send:
     channel: Channel
     request: Any
     rate_key: str
+    #: The channel's sends per second (its own budget: email never spends WhatsApp's).
+    rate: int
 
 
 def retry_backoff(attempts: int) -> timedelta:
@@ -213,7 +215,7 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
     outcomes: dict[str, Outcome] = {}
     ready: list[_Send] = []
     recipients = load_recipients({row.contact_id for row in batch})
-    rate_keys: dict[str, str] = {}
+    rate_keys: dict[str, tuple[str, int]] = {}
     for row in batch:
         if row.attempts > MAX_ATTEMPTS:  # a worker kept dying mid-send: stop, say so
             finish(row.id, MessageStatus.FAILED, None, f"gave up after {MAX_ATTEMPTS} attempts", row.contact_id)
@@ -233,8 +235,9 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
             outcomes[row.id] = Outcome.REFUSED
             continue
         if channel.name not in rate_keys:
-            rate_keys[channel.name] = channel.rate_key()
-        ready.append(_Send(row, channel, request, rate_keys[channel.name]))
+            rate_keys[channel.name] = (channel.rate_key(), channel.rate_per_second())
+        rate_key, rate = rate_keys[channel.name]
+        ready.append(_Send(row, channel, request, rate_key, rate))
     if not ready:
         return outcomes
     # The providers' clients are read in the app context, before the session is given back.
@@ -262,7 +265,7 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
         if is_stopping():
             raise ShuttingDown()
         try:
-            acquired = limit.acquire(item.rate_key, cancelled=is_stopping)
+            acquired = limit.acquire(item.rate_key, cancelled=is_stopping, rate=item.rate)
         except Exception as exc:  # a limiter bug, or an error it does not know: nothing has left
             raise NotSent(f"{type(exc).__name__} from the send rate limit") from exc
         if not acquired:
@@ -322,7 +325,7 @@ def _settle(item: _Send, call: in_flight.Call) -> Outcome | Accepted | Unknown:
         return result
     if isinstance(result, Failed):
         if result.too_fast:
-            send_rate_limit().slow_down(item.rate_key)
+            send_rate_limit().slow_down(item.rate_key, item.rate)
         if result.hold:
             return _hold(row, result)
         return _failed_attempt(row, result.http_status, result.code, result.text, transient=result.retry,

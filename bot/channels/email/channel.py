@@ -101,6 +101,10 @@ class EmailChannel:
         """One budget per sending address, apart from every WhatsApp sender's."""
         return "email:" + str(current_app.config.get("EMAIL_FROM"))
 
+    def rate_per_second(self) -> int:
+        """EMAIL_MESSAGES_PER_SECOND: SendGrid's pace, never Twilio's."""
+        return int(current_app.config.get("EMAIL_MESSAGES_PER_SECOND") or 100)
+
     def prepare(self, message: Any, contact: Contact, stop_waiting: bool) -> dict[str, Any] | Refusal:
         """The v3 mail body, or why not. A STOP on WhatsApp (`stop_waiting`) says nothing of email
         (invariant 14)."""

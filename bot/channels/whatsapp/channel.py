@@ -74,6 +74,10 @@ class WhatsAppChannel:
         """One budget per WhatsApp sender number (Twilio's limits are per sender)."""
         return str(current_app.config["TWILIO_WHATSAPP_NUMBER"])
 
+    def rate_per_second(self) -> int:
+        """TWILIO_MESSAGES_PER_SECOND: the sender's allowed rate (80 by default)."""
+        return int(current_app.config["TWILIO_MESSAGES_PER_SECOND"])
+
     def prepare(self, message: Any, contact: Contact, stop_waiting: bool) -> dict | Refusal:
         """The create() arguments, or the refusal (opt-out, a STOP waiting, the 24-hour window)."""
         refusal = refusal_reason(message, contact, stop_waiting)
