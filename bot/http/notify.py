@@ -21,7 +21,7 @@ from bot.delivery import outbox
 from bot.conversations.consent import opt_out_waiting, opt_out_waiting_clause
 from bot.conversations.contacts import FACTS, contact_by_phone_cte, get_or_create_contact, new_contact_statement
 from bot.conversations.handoff import in_handoff
-from bot.conversations.users import UserConflict, find_user, upsert_user
+from bot.conversations.users import UserConflict, upsert_user
 from bot.delivery import routing
 from bot.delivery.routing import Content, Unusable
 from bot.extensions import db
@@ -39,9 +39,11 @@ bp = Blueprint("notify", __name__)
 MAX_IDEMPOTENCY_KEY = 255
 
 
+@functools.cache
 def email_templates() -> frozenset[str]:
     """The templates with email copy (templates/email/<name>/subject.txt): a user's notification
-    may name one even when WhatsApp has no approved template of that name."""
+    may name one even when WhatsApp has no approved template of that name. Read once per process:
+    the copy ships with the code (a directory listing on every /notify cost 5% of its CPU)."""
     folder = TEMPLATES_DIR / "email"
     return frozenset(path.parent.name for path in folder.glob("*/subject.txt")) if folder.is_dir() else frozenset()
 
@@ -365,29 +367,33 @@ def _commit_new_row(row: Message | Conversation, key: str | None, notification: 
 def _notify_user(notification: NotifyRequest, key: str | None):
     """/notify by the backend's user id: store the inline `user`, then the first usable channel
     in the user's order (or the pinned one) carries the message (bot.delivery.routing)."""
+    stop_waiting: bool | None = None  # not known yet
     try:
         if notification.user is not None:
             contact, _ = upsert_user(notification.user_id, notification.user)
         else:
-            contact = find_user(notification.user_id)
+            # The user and whether a STOP of theirs waits for the engine, in one statement.
+            row = db.session.execute(_user_statement(), {"user_id": notification.user_id}).one_or_none()
+            contact, stop_waiting = row if row is not None else (None, None)
     except UserConflict as exc:
         db.session.rollback()
         return _error(409, str(exc))
     if contact is None:
         return _error(404, "no such user: store it first with PUT /users/<user_id>, or send its fields in 'user'")
-    db.session.flush()
+    if stop_waiting is None:
+        db.session.flush()
+        stop_waiting = bool(contact.phone) and opt_out_waiting(contact.id)
     if notification.flow is not None:
         if not contact.phone:
             db.session.commit()
             return _error(422, "flows run on WhatsApp and this user has no phone")
-        if contact.consent == Consent.OPTED_OUT or opt_out_waiting(contact.id):
+        if contact.consent == Consent.OPTED_OUT or stop_waiting:
             db.session.commit()
             return _error(409, "the user has opted out of WhatsApp; nothing is sent until they opt back in")
         return _start_flow(notification, contact, key)
     content = Content(body=notification.body, subject=notification.subject, template=notification.template,
                       has_media=bool(notification.media_urls), whatsapp_template=notification.content_sid is not None,
                       email_template=notification.template in email_templates())
-    stop_waiting = bool(contact.phone) and opt_out_waiting(contact.id)
     channel, skipped = routing.choose(contact, content, pinned=notification.channel, stop_waiting=stop_waiting)
     if channel is None:
         db.session.commit()  # the inline user is stored all the same
@@ -399,6 +405,13 @@ def _notify_user(notification: NotifyRequest, key: str | None):
         return _error(422, "no channel can carry this message to this user: "
                            + ", ".join(f"{name}: {reason}" for name, reason in reasons.items()), skipped=reasons)
     return _queue(notification, contact, channel, key)
+
+
+@functools.cache
+def _user_statement() -> sa.Select:
+    # Built once (bench/THROUGHPUT.md, "The web's hot path").
+    return (sa.select(Contact, opt_out_waiting_clause(Contact.id))
+            .where(Contact.user_id == sa.bindparam("user_id")))
 
 
 def _start_flow(notification: NotifyRequest, contact, key: str | None):
