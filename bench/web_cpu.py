@@ -34,7 +34,6 @@ import json
 import os
 import pstats
 import re
-import shlex
 import shutil
 import signal
 import socket
