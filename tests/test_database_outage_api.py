@@ -88,7 +88,7 @@ def test_a_database_bug_is_still_not_dressed_up_as_an_outage(app, client, auth, 
     def broken(*_args, **_kwargs):
         raise sa.exc.ProgrammingError("SELECT", {}, Exception("relation does not exist"))
 
-    monkeypatch.setattr(notify_route, "get_or_create_contact", broken)
+    monkeypatch.setattr(notify_route, "_notify_number", broken)  # the message-to-a-number path's database work
     app.config["PROPAGATE_EXCEPTIONS"] = False  # answer as in production instead of raising into the test
     response = client.post("/notify", json=VALID_BODIES["POST /notify"], headers=auth)
     assert response.status_code == 500 and "Retry-After" not in response.headers

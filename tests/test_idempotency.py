@@ -70,13 +70,19 @@ def test_concurrent_message_and_flow_with_one_key_create_one_thing(app, auth, co
     get its answer and the others the 422."""
     racers = 4
     all_past_the_lookup = threading.Barrier(racers)
-    real = notify_module.get_or_create_contact
+    # A flow's request finds its contact next; a message's writes its contact, row and key next.
+    real_contact, real_message = notify_module.get_or_create_contact, notify_module._notify_number
 
     def contact_after_the_lookup(phone: str):
         all_past_the_lookup.wait(30)  # every request has looked the key up and found nothing
-        return real(phone)
+        return real_contact(phone)
+
+    def message_after_the_lookup(notification, key):
+        all_past_the_lookup.wait(30)
+        return real_message(notification, key)
 
     monkeypatch.setattr(notify_module, "get_or_create_contact", contact_after_the_lookup)
+    monkeypatch.setattr(notify_module, "_notify_number", message_after_the_lookup)
     answers: list[tuple[str, int, dict]] = []
 
     def post(kind: str, payload: dict) -> None:

@@ -1,17 +1,27 @@
-"""The backend's API: POST /notify to send, GET /messages/<id> to see what happened."""
+"""The backend's API: POST /notify to send, GET /messages/<id> to see what happened.
+
+POST /notify is a hot path (issue 17): a message to a number is one statement on PostgreSQL
+(the contact's upsert, the refusal checks, the message row and its Idempotency-Key in CTEs) and
+one commit, with statements built once and no ORM unit of work; its answer is built from the
+values it wrote, not read back (bench/THROUGHPUT.md, "The web's hot path").
+"""
 from __future__ import annotations
 
-from typing import Any
+import functools
+from datetime import datetime
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from flask import Blueprint, abort, current_app, jsonify, request, url_for
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
+from bot.clock import isoformat, utcnow
 from bot.delivery import outbox
-from bot.contacts import get_or_create_contact, opt_out_waiting
+from bot.contacts import (FACTS, contact_by_phone_cte, get_or_create_contact, new_contact_statement, opt_out_waiting,
+                          opt_out_waiting_clause)
 from bot.conversations.handoff import in_handoff
-from bot.conversations.users import UserConflict, find_user, upsert_user
+from bot.conversations.users import UserConflict, upsert_user
 from bot.delivery import routing
 from bot.delivery.routing import Content, Unusable
 from bot.extensions import db
@@ -19,7 +29,7 @@ from bot.models import (Contact, Conversation, EmailEvent, IdempotencyKey, Messa
                         new_id)
 from bot.conversations.replies import TEMPLATES_DIR
 from bot.http.schemas import InvalidRequest, NotifyRequest, parse_notify
-from bot.channels.whatsapp.whatsapp import within_window
+from bot.channels.whatsapp.whatsapp import SESSION_WINDOW, within_window
 from bot.vocabulary import Channel, Consent, ConversationStatus, Direction, IdempotentKind, Kind, MessageStatus, StartedBy
 from bot.http.auth import require_api_token
 from flows import registry
@@ -29,9 +39,11 @@ bp = Blueprint("notify", __name__)
 MAX_IDEMPOTENCY_KEY = 255
 
 
+@functools.cache
 def email_templates() -> frozenset[str]:
     """The templates with email copy (templates/email/<name>/subject.txt): a user's notification
-    may name one even when WhatsApp has no approved template of that name."""
+    may name one even when WhatsApp has no approved template of that name. Read once per process:
+    the copy ships with the code (a directory listing on every /notify cost 5% of its CPU)."""
     folder = TEMPLATES_DIR / "email"
     return frozenset(path.parent.name for path in folder.glob("*/subject.txt")) if folder.is_dir() else frozenset()
 
@@ -49,17 +61,18 @@ def _error(status: int, message: str, **extra: Any):
 
 
 def _accepted(message: Message, replayed: bool = False):
-    response = jsonify(
-        id=message.id,
-        status=message.status,
-        channel=message.channel,
-        user_id=message.contact.user_id,
-        to=message.contact.address_on(message.channel),
-        created_at=message.to_dict()["created_at"],
-        url=url_for("notify.get_message", message_id=message.id),
-    )
+    return _accepted_as(message.id, message.status, message.channel, message.contact.user_id,
+                        message.contact.address_on(message.channel), message.created_at, replayed)
+
+
+def _accepted_as(message_id: str, status: str, channel: str, user_id: str | None, to: str | None,
+                 created_at: datetime, replayed: bool = False):
+    """202 for a message, from its values (a new one's answer reads nothing back)."""
+    url = url_for("notify.get_message", message_id=message_id)
+    response = jsonify(id=message_id, status=status, channel=channel, user_id=user_id, to=to,
+                       created_at=isoformat(created_at), url=url)
     response.status_code = 202
-    response.headers["Location"] = url_for("notify.get_message", message_id=message.id)
+    response.headers["Location"] = url
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response
@@ -127,16 +140,17 @@ def notify():
 
     if notification.user_id is not None:
         return _notify_user(notification, key)
+    if notification.flow is None:
+        return _notify_number(notification, key)
     contact = get_or_create_contact(notification.to)
     if contact.consent == Consent.OPTED_OUT or opt_out_waiting(contact.id):
         db.session.commit()
-        return _error(409, "the recipient has opted out of WhatsApp; nothing is sent until they opt back in")
-    if notification.is_free_form and not within_window(contact.last_inbound_at):
-        db.session.commit()
-        return _window_closed()
-    if notification.flow is not None:
-        return _start_flow(notification, contact, key)
-    return _queue(notification, contact, Channel.WHATSAPP, key)
+        return _opted_out()
+    return _start_flow(notification, contact, key)
+
+
+def _opted_out():
+    return _error(409, "the recipient has opted out of WhatsApp; nothing is sent until they opt back in")
 
 
 def _window_closed():
@@ -148,14 +162,185 @@ def _window_closed():
     )
 
 
+def _notify_number(notification: NotifyRequest, key: str | None):
+    """A message to a number: the contact (created if new), the refusals (opted out, an opt-out
+    waiting for the engine, outside the 24-hour window) and the row with its Idempotency-Key, in
+    one statement on PostgreSQL; the contact's facts and then the row on SQLite. One commit."""
+    now = utcnow()
+    params = _message_params(notification, key, Channel.WHATSAPP, now)
+    params.update(phone=notification.to, window_opens=now - SESSION_WINDOW, any_time=not notification.is_free_form)
+    dialect = db.session.get_bind().dialect.name
+    try:
+        if dialect == "postgresql":
+            contact = db.session.execute(_notify_number_statement(key is not None), params).one_or_none()
+            if contact is None:
+                # A concurrent request created the number after this statement's snapshot: the
+                # next statement sees it (READ COMMITTED).
+                contact = db.session.execute(_notify_number_statement(key is not None), params).one()
+            stored = contact.message_id is not None
+        else:
+            contact, stored = _contact_facts(notification.to, dialect, now), False
+        refusal = _refusal(contact.consent, contact.stop_waiting, contact.last_inbound_at, notification, now)
+        if stored != (refusal is None) and dialect == "postgresql":  # pragma: no cover - the two must agree
+            raise RuntimeError("the refusal checks in SQL and in Python disagree")
+        if refusal is not None:
+            db.session.commit()  # a new number's contact is kept all the same
+            return refusal
+        params["contact_id"] = contact.id
+        if not stored:
+            _insert_message(params, key)
+        outbox.defer_send(params["message_id"], params["kind"])  # enqueued once the row is committed
+        db.session.commit()
+    except IntegrityError as exc:
+        return _lost_key_race(exc, key, notification)
+    return _accepted_as(params["message_id"], MessageStatus.PENDING, Channel.WHATSAPP, contact.user_id,
+                        notification.to, now)
+
+
+def _refusal(consent: str, stop_waiting: bool, last_inbound_at: datetime | None, notification: NotifyRequest,
+             now: datetime):
+    """The 409 or 422 for a message to this contact on WhatsApp, or None when it may be queued.
+    The SQL of `_notify_number_statement` says the same (its `allowed` CTE)."""
+    if consent == Consent.OPTED_OUT or stop_waiting:
+        return _opted_out()
+    if notification.is_free_form and not within_window(last_inbound_at, now):
+        return _window_closed()
+    return None
+
+
+def _lost_key_race(exc: IntegrityError, key: str | None, notification: NotifyRequest):
+    """A concurrent request with the same Idempotency-Key committed first: its answer (or 422)."""
+    db.session.rollback()
+    replay = _replay(key, notification.fingerprint()) if key else None
+    if replay is None:
+        raise exc
+    return replay
+
+
+@functools.cache
+def _facts_statement() -> sa.Select:
+    contacts = Contact.__table__
+    return (sa.select(*(contacts.c[name] for name in FACTS), opt_out_waiting_clause(contacts.c.id).label("stop_waiting"))
+            .where(contacts.c.phone == sa.bindparam("phone")))
+
+
+class ContactFacts(NamedTuple):
+    """A contact as a message to its number needs it (`FACTS`, and whether a STOP waits)."""
+
+    id: int
+    user_id: str | None
+    consent: str
+    last_inbound_at: datetime | None
+    stop_waiting: bool
+
+
+def _contact_facts(phone: str, dialect: str, now: datetime) -> ContactFacts | sa.Row:
+    """SQLite: the contact's facts (`FACTS` and `stop_waiting`), the contact created if new."""
+    facts = db.session.execute(_facts_statement(), {"phone": phone}).one_or_none()
+    if facts is None:
+        new = db.session.execute(new_contact_statement(dialect), {"phone": phone, "now": now}).one_or_none()
+        if new is not None:
+            return ContactFacts(*new, stop_waiting=False)  # a new contact has sent nothing yet
+        facts = db.session.execute(_facts_statement(), {"phone": phone}).one()  # created meanwhile
+    return facts
+
+
+def _message_params(notification: NotifyRequest, key: str | None, channel: str, now: datetime) -> dict[str, Any]:
+    """The bound values of a new outbound message row (and its Idempotency-Key)."""
+    return {
+        "message_id": new_id(), "channel": channel, "subject": notification.subject, "body": notification.body,
+        "media_urls": list(notification.media_urls) or None, "template": notification.template,
+        "content_sid": notification.content_sid, "variables": notification.variables or None,
+        "key": key, "request_hash": notification.fingerprint() if key else None,
+        "metadata": notification.metadata, "kind": Kind.AGENT.value if notification.agent else Kind.NOTIFICATION.value,
+        "now": now,
+    }
+
+
+def _message_columns(value: Any) -> dict[str, Any]:
+    """A new outbound row's columns: `value(name, column)` gives each bound value's SQL."""
+    messages = Message.__table__
+    bound = {"id": "message_id", "channel": "channel", "subject": "subject", "body": "body",
+             "media_urls": "media_urls", "template": "template", "content_sid": "content_sid",
+             "variables": "variables", "idempotency_key": "key", "request_hash": "request_hash",
+             "metadata": "metadata", "kind": "kind", "created_at": "now", "updated_at": "now"}
+    columns = {name: value(param, messages.c[name]) for name, param in bound.items()}
+    columns.update(direction=sa.literal(Direction.OUTBOUND.value), status=sa.literal(MessageStatus.PENDING.value),
+                   status_rank=sa.literal(MessageStatus.PENDING.rank), attempts=sa.literal(0))
+    return columns
+
+
+def _key_columns(value: Any, target: Any) -> dict[str, Any]:
+    keys = IdempotencyKey.__table__
+    return {"key": value("key", keys.c.key), "kind": sa.literal(IdempotentKind.MESSAGE.value), "target_id": target,
+            "request_hash": value("request_hash", keys.c.request_hash), "created_at": value("now", keys.c.created_at)}
+
+
+def _bound(name: str, column: sa.Column) -> sa.BindParameter:
+    return sa.bindparam(name, type_=column.type)
+
+
+@functools.cache
+def _insert_statements() -> tuple[sa.Insert, sa.Insert]:
+    # Built once (bench/THROUGHPUT.md, "The web's hot path"); the message's contact is a parameter.
+    columns = _message_columns(_bound)
+    columns["contact_id"] = sa.bindparam("contact_id")
+    return (sa.insert(Message.__table__).values(columns),
+            sa.insert(IdempotencyKey.__table__).values(_key_columns(_bound, sa.bindparam("message_id"))))
+
+
+def _insert_message(params: dict[str, Any], key: str | None) -> None:
+    """The message row and its Idempotency-Key, once the refusals were checked (SQLite; a user's
+    message on either database)."""
+    message, idempotency_key = _insert_statements()
+    db.session.execute(message, params)
+    if key:
+        db.session.execute(idempotency_key, params)
+
+
+@functools.cache
+def _notify_number_statement(with_key: bool) -> sa.Select:
+    """PostgreSQL: one statement for a message to a number (data-modifying CTEs; SQLite has none).
+
+    The contact by phone, inserted if new; the refusals (`_refusal`, the same conditions); the
+    message row only when none applies; its Idempotency-Key with it. Returns the contact's facts
+    and the message's id (None when refused). A key used concurrently violates the key's primary
+    key (the caller replays the winner's answer)."""
+    contact = contact_by_phone_cte()
+    waiting = opt_out_waiting_clause(contact.c.id)
+    allowed = (sa.select(contact.c.id).where(
+        contact.c.consent != Consent.OPTED_OUT.value, ~waiting,
+        sa.or_(sa.bindparam("any_time", type_=sa.Boolean), contact.c.last_inbound_at > sa.bindparam("window_opens")))
+        .cte("allowed"))
+    cast = lambda name, column: sa.cast(sa.bindparam(name, type_=column.type), column.type)  # noqa: E731
+    columns = _message_columns(cast)
+    columns["contact_id"] = allowed.c.id
+    message = (sa.insert(Message.__table__).from_select(list(columns), sa.select(*columns.values()))
+               .returning(Message.__table__.c.id).cte("message"))
+    ctes = [allowed, message]
+    if with_key:
+        key_columns = _key_columns(cast, message.c.id)
+        ctes.append(sa.insert(IdempotencyKey.__table__)
+                    .from_select(list(key_columns), sa.select(*key_columns.values()).select_from(message))
+                    .cte("idempotency_key"))
+    return (sa.select(contact.c.id, contact.c.user_id, contact.c.consent, contact.c.last_inbound_at,
+                      waiting.label("stop_waiting"), sa.select(message.c.id).scalar_subquery().label("message_id"))
+            .add_cte(*ctes))
+
+
 def _queue(notification: NotifyRequest, contact: Contact, channel: str, key: str | None):
-    """Store the message (the outbox) and answer 202; its send is enqueued after the commit."""
-    message = _new_outbound(notification, contact.id, key, channel)
-    outbox.defer_send(message)  # enqueued once the row is committed
-    race = _commit_new_row(message, key, notification)
-    if race is not None:
-        return race
-    return _accepted(message)
+    """Store a user's message (the outbox) and answer 202; its send is enqueued after the commit."""
+    now = utcnow()
+    params = _message_params(notification, key, channel, now)
+    params["contact_id"] = contact.id
+    user_id, to = contact.user_id, contact.address_on(channel)  # read before the commit expires them
+    try:
+        _insert_message(params, key)
+        outbox.defer_send(params["message_id"], params["kind"])  # enqueued once the row is committed
+        db.session.commit()
+    except IntegrityError as exc:
+        return _lost_key_race(exc, key, notification)
+    return _accepted_as(params["message_id"], MessageStatus.PENDING, channel, user_id, to, now)
 
 
 def _commit_new_row(row: Message | Conversation, key: str | None, notification: NotifyRequest):
@@ -182,29 +367,33 @@ def _commit_new_row(row: Message | Conversation, key: str | None, notification: 
 def _notify_user(notification: NotifyRequest, key: str | None):
     """/notify by the backend's user id: store the inline `user`, then the first usable channel
     in the user's order (or the pinned one) carries the message (bot.delivery.routing)."""
+    stop_waiting: bool | None = None  # not known yet
     try:
         if notification.user is not None:
             contact, _ = upsert_user(notification.user_id, notification.user)
         else:
-            contact = find_user(notification.user_id)
+            # The user and whether a STOP of theirs waits for the engine, in one statement.
+            row = db.session.execute(_user_statement(), {"user_id": notification.user_id}).one_or_none()
+            contact, stop_waiting = row if row is not None else (None, None)
     except UserConflict as exc:
         db.session.rollback()
         return _error(409, str(exc))
     if contact is None:
         return _error(404, "no such user: store it first with PUT /users/<user_id>, or send its fields in 'user'")
-    db.session.flush()
+    if stop_waiting is None:
+        db.session.flush()
+        stop_waiting = bool(contact.phone) and opt_out_waiting(contact.id)
     if notification.flow is not None:
         if not contact.phone:
             db.session.commit()
             return _error(422, "flows run on WhatsApp and this user has no phone")
-        if contact.consent == Consent.OPTED_OUT or opt_out_waiting(contact.id):
+        if contact.consent == Consent.OPTED_OUT or stop_waiting:
             db.session.commit()
             return _error(409, "the user has opted out of WhatsApp; nothing is sent until they opt back in")
         return _start_flow(notification, contact, key)
     content = Content(body=notification.body, subject=notification.subject, template=notification.template,
                       has_media=bool(notification.media_urls), whatsapp_template=notification.content_sid is not None,
                       email_template=notification.template in email_templates())
-    stop_waiting = bool(contact.phone) and opt_out_waiting(contact.id)
     channel, skipped = routing.choose(contact, content, pinned=notification.channel, stop_waiting=stop_waiting)
     if channel is None:
         db.session.commit()  # the inline user is stored all the same
@@ -216,6 +405,13 @@ def _notify_user(notification: NotifyRequest, key: str | None):
         return _error(422, "no channel can carry this message to this user: "
                            + ", ".join(f"{name}: {reason}" for name, reason in reasons.items()), skipped=reasons)
     return _queue(notification, contact, channel, key)
+
+
+@functools.cache
+def _user_statement() -> sa.Select:
+    # Built once (bench/THROUGHPUT.md, "The web's hot path").
+    return (sa.select(Contact, opt_out_waiting_clause(Contact.id))
+            .where(Contact.user_id == sa.bindparam("user_id")))
 
 
 def _start_flow(notification: NotifyRequest, contact, key: str | None):
@@ -246,27 +442,6 @@ def _start_flow(notification: NotifyRequest, contact, key: str | None):
     if race is not None:
         return race
     return _conversation_accepted(conversation)
-
-
-def _new_outbound(notification: NotifyRequest, contact_id: int, key: str | None,
-                  channel: str = Channel.WHATSAPP) -> Message:
-    return Message(
-        direction=Direction.OUTBOUND,
-        contact_id=contact_id,
-        channel=channel,
-        subject=notification.subject,
-        body=notification.body,
-        media_urls=list(notification.media_urls) or None,
-        template=notification.template,
-        content_sid=notification.content_sid,
-        variables=notification.variables or None,
-        status=MessageStatus.PENDING,
-        status_rank=MessageStatus.PENDING.rank,
-        idempotency_key=key,
-        request_hash=notification.fingerprint() if key else None,
-        backend_metadata=notification.metadata,
-        kind=Kind.AGENT if notification.agent else Kind.NOTIFICATION,
-    )
 
 
 @bp.get("/messages/<message_id>")
