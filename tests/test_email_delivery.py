@@ -206,3 +206,31 @@ def test_after_the_grace_with_no_event_an_unsure_email_is_sent_again(app, client
     run_queue()
     assert len(twilio.sendgrid.wait_for_emails(2)) == 2  # the documented duplicate: no event ever came
     assert client.get(accepted["url"], headers=auth).get_json()["status"] == "accepted"
+
+
+def test_an_email_backlog_never_holds_whatsapp_back(app, client, auth, twilio) -> None:
+    """Email waits behind WhatsApp in the queue, and a WhatsApp send's batch takes WhatsApp's due
+    messages before the older emails (which fill its spare places): invariant 16."""
+    from bot.delivery import sender
+    from bot.delivery.outbox import Priority, send_priority
+
+    assert send_priority("notification", "email") < send_priority("notification", "whatsapp")
+    for n in range(3):
+        _email_user(client, auth, user_id=f"e{n}")
+        client.put(f"/users/e{n}", json={"email": f"e{n}@example.com"}, headers=auth)
+        client.post("/notify", json={"user_id": f"e{n}", **RECEIPT}, headers=auth)
+    whatsapp = []
+    for n in range(3):
+        phone = f"+1555123009{n}"
+        client.put(f"/users/w{n}", json={"phone": phone, "channels": ["whatsapp"]}, headers=auth)
+        with app.app_context():
+            find_user(f"w{n}").last_inbound_at = utcnow()
+            db.session.commit()
+        whatsapp.append(client.post("/notify", json={"user_id": f"w{n}", "body": "hi"}, headers=auth).get_json()["id"])
+    app.config["SEND_BATCH"] = 4
+    with app.app_context():
+        sender.deliver(whatsapp[0])
+    assert len(twilio.wait_for_messages(3)) == 3  # every WhatsApp message went in the first batch
+    assert len(twilio.sendgrid.wait_for_emails(1)) == 1  # one email rode along in the spare place
+    assert Priority.EMAIL < Priority.BULK < Priority.CONVERSATION
+

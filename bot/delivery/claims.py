@@ -24,7 +24,7 @@ from bot.contacts import lock_contact
 from bot.delivery import outbox
 from bot.extensions import db
 from bot.models import Message
-from bot.vocabulary import Direction, Kind, MessageStatus
+from bot.vocabulary import Channel, Direction, Kind, MessageStatus
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,11 @@ def claim(message_id: str, *, early: bool = False) -> sa.Row | None:
 
 @functools.cache
 def _claim_along_statement() -> sa.Update:
-    # The other due messages, replies first, then oldest first; on PostgreSQL rows another
-    # consumer is claiming right now are skipped (SKIP LOCKED), not waited for. SQLite has one
-    # writer at a time, and no FOR UPDATE.
+    # The other due messages, replies first, then those of the claimed message's channel, then
+    # oldest first: a WhatsApp send's batch is WhatsApp first, its spare places go to email (and
+    # the other way round), so a backlog on one channel never holds the other back. On
+    # PostgreSQL rows another consumer is claiming right now are skipped (SKIP LOCKED), not
+    # waited for. SQLite has one writer at a time, and no FOR UPDATE.
     candidate = sa.orm.aliased(Message, name="candidate")
     now = sa.bindparam("now")
     ids = (
@@ -133,6 +135,7 @@ def _claim_along_statement() -> sa.Update:
         .where(candidate.direction == Direction.OUTBOUND, candidate.id != sa.bindparam("exclude_id"),
                _claimable(candidate, now))
         .order_by(sa.case((candidate.kind.in_(sorted(outbox.CONVERSATION_KINDS)), 0), else_=1),
+                  sa.case((candidate.channel == sa.bindparam("own_channel"), 0), else_=1),
                   candidate.created_at)
         .limit(sa.bindparam("limit"))
         .with_for_update(skip_locked=True)
@@ -140,14 +143,16 @@ def _claim_along_statement() -> sa.Update:
     return _claiming(sa.update(Message).where(Message.id.in_(ids), Message.status.in_(UNSENT)), now)
 
 
-def claim_along(exclude_id: str, limit: int) -> list[sa.Row]:
+def claim_along(exclude_id: str, limit: int, channel: str = Channel.WHATSAPP) -> list[sa.Row]:
     """Claim up to `limit` other due messages, each the oldest unsent of its contact, in one
-    statement: the send that claimed `exclude_id` sends them at the same time."""
+    statement: the send that claimed `exclude_id` (on `channel`) sends them at the same time;
+    messages of its own channel first."""
     if limit <= 0:
         return []
     now = utcnow()
     rows = db.session.execute(_claim_along_statement(), {
-        "exclude_id": exclude_id, "now": now, "lease_until": now + claim_lease(), "limit": limit}).all()
+        "exclude_id": exclude_id, "now": now, "lease_until": now + claim_lease(), "limit": limit,
+        "own_channel": str(channel)}).all()
     db.session.commit()
     return rows
 

@@ -22,7 +22,7 @@ from sqlalchemy.orm import InstanceState, Session
 from bot.clock import utcnow
 from bot.extensions import db
 from bot.models import Conversation, Message, PeriodicRun, new_id
-from bot.vocabulary import ConversationStatus, Direction, Kind, MessageStatus
+from bot.vocabulary import Channel, ConversationStatus, Direction, Kind, MessageStatus
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,12 @@ class Work(StrEnum):
 
 
 class Priority(IntEnum):
-    """Two lanes on the queue (higher first): someone in a conversation waits for the bot, a bulk
-    notification can wait for them (docs/ARCHITECTURE.md, invariant 16)."""
+    """Lanes on the queue (higher first): someone in a conversation waits for the bot, a bulk
+    notification can wait for them, and an email backlog waits behind WhatsApp's, so email never
+    slows WhatsApp (docs/ARCHITECTURE.md, invariant 16). Emails still ride along in every batch
+    (claims.claim_along fills a batch's spare places with the other channel's due messages)."""
 
+    EMAIL = -5
     BULK = 0
     CONVERSATION = 10
 
@@ -54,9 +57,11 @@ class Priority(IntEnum):
 CONVERSATION_KINDS = frozenset({Kind.REPLY, Kind.OPT_OUT_CONFIRMATION, Kind.AGENT})
 
 
-def send_priority(kind: str | None) -> Priority:
-    """The queue lane of an outbound message of this kind."""
-    return Priority.CONVERSATION if kind in CONVERSATION_KINDS else Priority.BULK
+def send_priority(kind: str | None, channel: str | None = None) -> Priority:
+    """The queue lane of an outbound message of this kind, on this channel (when known)."""
+    if kind in CONVERSATION_KINDS:
+        return Priority.CONVERSATION
+    return Priority.EMAIL if channel == Channel.EMAIL else Priority.BULK
 
 
 _enqueuers: dict[Work, Callable[..., Any]] = {}
@@ -89,7 +94,10 @@ def defer_send(message: Message | str, kind: str | None = None) -> None:
 
     `kind`: the message's kind, when `message` is only its id.
     """
-    defer(Work.SEND, message, send_priority(kind if isinstance(message, str) else message.kind))
+    if isinstance(message, str):
+        defer(Work.SEND, message, send_priority(kind))
+    else:
+        defer(Work.SEND, message, send_priority(message.kind, message.channel))
 
 
 def defer_inbound(message: Message | str) -> None:

@@ -192,14 +192,15 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
         if message is None:  # its turn came while it looked
             log.info("message %s not claimable (already sent or in flight); skipping", message_id)
             return Outcome.NOT_CLAIMED
-    batch = [message, *claim_along(message_id, batch_size() - 1)]
+    batch = [message, *claim_along(message_id, batch_size() - 1, message.channel)]
     outcomes = send_claimed(batch)
     outcome = outcomes[message_id]
     if outcome == Outcome.RETRY and can_retry and message.attempts < FAST_ATTEMPTS:
         raise TransientSendError(f"message {message_id}: attempt {message.attempts} failed; huey retries it")
     for row in batch[1:]:
         if outcomes[row.id] == Outcome.RETRY:
-            outbox.enqueue(outbox.Work.SEND, row.id, outbox.send_priority(row.kind), delay=retry_backoff(row.attempts))
+            outbox.enqueue(outbox.Work.SEND, row.id, outbox.send_priority(row.kind, row.channel),
+                           delay=retry_backoff(row.attempts))
     return outcome
 
 
