@@ -234,3 +234,17 @@ def test_an_email_backlog_never_holds_whatsapp_back(app, client, auth, twilio) -
     assert len(twilio.sendgrid.wait_for_emails(1)) == 1  # one email rode along in the spare place
     assert Priority.EMAIL < Priority.BULK < Priority.CONVERSATION
 
+
+
+def test_stop_on_whatsapp_leaves_email_consent_alone(app, client, auth, twilio, post_webhook) -> None:
+    from tests.conftest import inbound_form
+
+    client.put("/users/s1", json={"phone": "+15551230031", "email": "s1@example.com"}, headers=auth)
+    post_webhook(inbound_form(from_="+15551230031", body="STOP"))
+    run_queue()
+    assert client.get("/users/s1", headers=auth).get_json()["consent"] == {"whatsapp": "opted_out",
+                                                                           "email": "unknown"}
+    answer = client.post("/notify", json={"user_id": "s1", **RECEIPT}, headers=auth).get_json()
+    assert answer["channel"] == "email"  # WhatsApp is skipped, email still reaches them
+    run_queue()
+    assert len(twilio.sendgrid.wait_for_emails(1)) == 1
