@@ -219,7 +219,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "generator's process on the same saturated cores: a request that took its slot in the shared "
         "budget can arrive hundreds of milliseconds later, next to the next second's. The budget "
         "itself is the `limits` library's moving window in Redis (its two-process test: "
-        "`tests/test_rate_limit.py::test_two_workers_share_one_budget_through_redis`).")
+        "`tests/delivery/test_rate_limit.py::test_two_workers_share_one_budget_through_redis`).")
     add("- *Machine cores busy* far above the sum of the parts (worker, PostgreSQL, Redis, load generator) "
         "means something outside the measured processes held the CPU during that drain; such a row measures "
         "the machine more than the sender. Each scenario starts only once the machine is idle "

@@ -1113,7 +1113,7 @@ def main(argv: list[str] | None = None) -> None:
               "SENDGRID_WEBHOOK_PUBLIC_KEY": sim.sendgrid.public_key, "SECRET_KEY": SECRET_KEY}
     sim.sendgrid.latency = args.latency_ms / 1000
     sim.sendgrid.events_url = base + "/sendgrid/events"
-    # Like tests/test_processes.py: no inherited TWILIO_*/DATABASE_URL/REDIS_URL, the venv's bin first.
+    # Like tests/faults/test_processes.py: no inherited TWILIO_*/DATABASE_URL/REDIS_URL, the venv's bin first.
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("TWILIO_", "DATABASE_URL", "REDIS_URL", "WEB_CONCURRENCY", "WORKER_THREADS"))}
     env.pop("PYTHONPATH", None)

@@ -219,7 +219,7 @@ def status_form(sid: str, status: str, error_code: int | None = None, to: str = 
     return form
 
 
-# Hypothesis profiles (tests/test_fuzz.py, tests/test_openapi.py): `thorough` is the default and
+# Hypothesis profiles (tests/http/test_fuzz.py, tests/http/test_openapi.py): `thorough` is the default and
 # what CI runs; HYPOTHESIS_PROFILE=quick bin/test for a fast local loop. No example database:
 # CI starts from a fresh clone, and a failure prints the example and its reproduce blob.
 settings.register_profile("thorough", max_examples=2500, deadline=None, database=None, print_blob=True)

@@ -2,7 +2,7 @@
 
 Request bodies are the pydantic models that validate them (bot/http/schemas.py), so the
 description cannot drift from what is enforced; the answers are described by the response models
-below, which the schema-driven fuzz test (tests/test_openapi.py) checks every answer against. The
+below, which the schema-driven fuzz test (tests/http/test_openapi.py) checks every answer against. The
 paths table is written out here: ten routes do not need a framework that owns the routing.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ then waits forever for an answer that never comes. `python_http_client.Client` t
 (its constructor argument; copied onto every child client that `client.mail.send` builds, and
 used by `_make_request` when the call passes none), so setting it once on the SDK's client makes
 `.send()` and `client.mail.send.post()` both time out (checked in sendgrid 6.12.5 /
-python-http-client 3.3.7 sources; tests/test_email_channel.py proves it against a simulator that
+python-http-client 3.3.7 sources; tests/channels/test_email_channel.py proves it against a simulator that
 hangs). urllib's timeout bounds the connect and each socket read, not the whole exchange.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_events import AUTH, events_app, receiver  # noqa: F401
+from tests.delivery.test_events import AUTH, events_app, receiver  # noqa: F401
 
 
 @pytest.mark.parametrize("query", ["limit=²", "limit=①", "limit=٣", "limit=1" + "0" * 40, "limit=+5", "limit= 5"])

@@ -27,7 +27,7 @@ from bot.models import Message
 from bot.devtools.simulator import TwilioSimulator
 from tests.conftest import ACCOUNT_SID, API_TOKEN, AUTH_TOKEN
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def procfile() -> dict[str, str]:

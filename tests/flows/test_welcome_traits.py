@@ -8,7 +8,7 @@ from bot.extensions import db
 from bot.models import ConsentEvent
 from bot.vocabulary import Consent, ConsentAction, ConversationStatus
 from tests.conftest import make_contact, run_queue
-from tests.test_conversations import PHONE, contact, conversations, ctx, ledger, say, templates  # noqa: F401
+from tests.conversations.test_conversations import PHONE, contact, conversations, ctx, ledger, say, templates  # noqa: F401
 
 
 def test_consent_given_through_the_api_while_the_welcome_is_open_is_not_asked_for_again(ctx, client, auth, say):  # noqa: F811

@@ -23,7 +23,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, UndefinedErro
 from flows import appointment, feedback
 from flows.toolkit import END, Flow, Inbound, Location, Media, Route, Step
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "templates"
 
 

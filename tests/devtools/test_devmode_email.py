@@ -30,10 +30,10 @@ from bot.devmode import (DEV_EMAIL_FROM, dev_api_key, dev_private_key, dev_secre
 from bot.devtools.chat import ChatSession, run_repl
 from bot.devtools.simulator import TwilioSimulator, parse_args
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, SENDER
-from tests.test_bin_dev import _stat, descendants, survivors
-from tests.test_processes import free_port, wait_until
+from tests.devtools.test_bin_dev import _stat, descendants, survivors
+from tests.faults.test_processes import free_port, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- the settings --------------------------------------------------------------------------------

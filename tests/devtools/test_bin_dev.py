@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.test_processes import free_port, wait_until
+from tests.faults.test_processes import free_port, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.slow,

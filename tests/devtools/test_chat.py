@@ -11,7 +11,7 @@ from bot.extensions import db
 from bot.models import Contact, Message
 from bot.channels.whatsapp.client import build_client
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, SENDER
-from tests.test_processes import free_port, stack, wait_until  # noqa: F401  (stack is a fixture)
+from tests.faults.test_processes import free_port, stack, wait_until  # noqa: F401  (stack is a fixture)
 
 
 def session_for(stack, phone: str, name: str | None = "Ada", auth_token: str = AUTH_TOKEN) -> ChatSession:  # noqa: F811

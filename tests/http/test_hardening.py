@@ -9,7 +9,7 @@ from bot.extensions import db
 from bot.models import Conversation, Message, StatusEvent, new_id
 from bot.vocabulary import ConversationStatus, Direction, MessageStatus, StartedBy
 from tests.conftest import inbound_form, make_contact, status_form
-from tests.test_webhook import sent_message, stored
+from tests.http.test_webhook import sent_message, stored
 
 
 @pytest.mark.parametrize("path", ["/messages/%00", "/conversations/%00", "/messages/" + "a" * 5000,
@@ -104,7 +104,7 @@ def _placeholder(argument: str) -> str:
 #: Routes anyone may call: Twilio's (verified by its signature instead), the health check and the
 #: API's description (its shape only, no data).
 #: Routes authenticated otherwise: Twilio's and SendGrid's signatures, the unsubscribe link's own
-#: signed token (tests/test_email_delivery.py), or none (health, the API description).
+#: signed token (tests/delivery/test_email_delivery.py), or none (health, the API description).
 PUBLIC_ENDPOINTS = {"webhook.twilio_webhook", "health.healthz", "openapi.openapi_json", "static",
                     "email_hooks.sendgrid_events", "email_hooks.unsubscribe"}
 

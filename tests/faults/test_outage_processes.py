@@ -30,14 +30,14 @@ from bot.extensions import db
 from bot.models import Message, StatusEvent
 from tests.conftest import ACCOUNT_SID, API_TOKEN, AUTH_TOKEN
 from tests.tcp_proxy import TcpProxy
-from tests.test_processes import _healthy, env_for, free_port, procfile, wait_until
+from tests.faults.test_processes import _healthy, env_for, free_port, procfile, wait_until
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         not (os.environ.get("TEST_DATABASE_URL", "").startswith("postgres") and os.environ.get("TEST_REDIS_URL")),
         reason="needs PostgreSQL and Redis (TEST_DATABASE_URL, TEST_REDIS_URL): a TCP proxy is cut in front of "
-               "them; the SQLite default has no connection to cut (tests/test_outage.py covers it in process)"),
+               "them; the SQLite default has no connection to cut (tests/delivery/test_outage.py covers it in process)"),
 ]
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}

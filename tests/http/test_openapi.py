@@ -17,7 +17,7 @@ from bot.http.openapi import document
 from bot.http.schemas import ConsentBody, NotifyBody, parse_notify, validate
 from flows import registry
 from tests.conftest import API_TOKEN, CONTENT_SIDS, make_contact, run_queue, status_form
-from tests.test_hardening import PUBLIC_ENDPOINTS
+from tests.http.test_hardening import PUBLIC_ENDPOINTS
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 #: Cases hypothesis generates per operation in schemathesis's fuzzing phase (its examples and

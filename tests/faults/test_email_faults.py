@@ -1,5 +1,5 @@
-"""The email twins of a worker's bad days, through real processes (tests/test_worker_faults.py,
-tests/test_processes.py): an email end to end, SIGTERM while SendGrid takes 4 s to answer, and
+"""The email twins of a worker's bad days, through real processes (tests/faults/test_worker_faults.py,
+tests/faults/test_processes.py): an email end to end, SIGTERM while SendGrid takes 4 s to answer, and
 SIGKILL mid-batch of 200.
 
 The Procfile's release, web and worker lines run as a host runs them. SendGrid is the bundled
@@ -32,7 +32,7 @@ from bot.extensions import db
 from bot.models import Message
 from bot.vocabulary import Channel
 from tests.conftest import ACCOUNT_SID, API_TOKEN, AUTH_TOKEN
-from tests.test_processes import running_stack, wait_until
+from tests.faults.test_processes import running_stack, wait_until
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 #: Recipients' domain: no address of it may reach a log (docs/ARCHITECTURE.md, "Logs").

@@ -19,7 +19,7 @@ from bot.channels.whatsapp.whatsapp import SESSION_WINDOW, within_window
 from bot.vocabulary import Consent, Kind, MessageStatus
 from bot.devtools.simulator import sign
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, SENDER, inbound_form, make_contact, run_queue, status_form
-from tests.test_webhook import sent_message, stored
+from tests.http.test_webhook import sent_message, stored
 
 PHONE = "+15551234567"
 

@@ -3,7 +3,7 @@
 The database is made unreachable by refusing every new connection of the app's engine (as a
 stopped server does) after dropping the pool's open ones; the queue is the real one. The same
 fault against real gunicorn and huey_consumer processes, with a TCP proxy cut in front of
-PostgreSQL, is in tests/test_outage_processes.py.
+PostgreSQL, is in tests/faults/test_outage_processes.py.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from bot.models import Contact, Message, StatusEvent
 from bot.devtools.simulator import sign
 from tests.conftest import AUTH_TOKEN, PUBLIC_BASE, WEBHOOK_URL, inbound_form, run_queue, status_form
 from tests.tcp_proxy import TcpProxy
-from tests.test_webhook import count, sent_message, stored
+from tests.http.test_webhook import count, sent_message, stored
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from bot.extensions import db
 from bot.models import Consent, ConsentEvent, Contact, Conversation, Message
 from bot.delivery.queue import huey
 from tests.conftest import inbound_form, make_contact, run_queue
-from tests.test_conversations import PHONE, contact, conversations, ctx, ledger, say, templates  # noqa: F401
+from tests.conversations.test_conversations import PHONE, contact, conversations, ctx, ledger, say, templates  # noqa: F401
 
 SANDBOX = "whatsapp:+14155238886"
 

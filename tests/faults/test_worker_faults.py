@@ -19,7 +19,7 @@ from bot.delivery import outbox
 from bot.extensions import db
 from bot.models import Contact, Message
 from tests.conftest import API_TOKEN
-from tests.test_processes import running_stack, wait_until
+from tests.faults.test_processes import running_stack, wait_until
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 

@@ -3,7 +3,7 @@
 Seen in the database-outage fault run: POST /notify answered 500 while PostgreSQL was cut (issue
 15). Every route with the bearer token now answers 503, `Retry-After` and a JSON `error`, and the
 next request after the outage goes through. The webhook keeps its own answer (queued, 200:
-tests/test_outage.py).
+tests/delivery/test_outage.py).
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from bot.extensions import db
 from bot.models import new_id
 from tests.conftest import make_contact
 from tests.tcp_proxy import TcpProxy
-from tests.test_hardening import PUBLIC_ENDPOINTS
-from tests.test_outage import database_down
-from tests.test_outage_processes import proxied_stack, stack_settings  # noqa: F401  (fixtures, used below)
+from tests.http.test_hardening import PUBLIC_ENDPOINTS
+from tests.delivery.test_outage import database_down
+from tests.faults.test_outage_processes import proxied_stack, stack_settings  # noqa: F401  (fixtures, used below)
 
 PHONE = "+15557770101"
 
@@ -139,8 +139,8 @@ def test_notify_against_the_real_web_while_postgresql_is_cut_is_never_a_500(prox
     with Retry-After (or a 202); retried with its key after the cut, each is sent exactly once."""
     import requests
 
-    from tests.test_outage_processes import AUTH, replies_to
-    from tests.test_processes import wait_until
+    from tests.faults.test_outage_processes import AUTH, replies_to
+    from tests.faults.test_processes import wait_until
 
     base, simulator, database = proxied_stack["base"], proxied_stack["simulator"], proxied_stack["database"]
     phones = [f"+1555420{i:04d}" for i in range(5)]

@@ -1,7 +1,7 @@
 """Events on bad days: concurrent commits, a dead receiver, a large backlog to prune, a replay in
 the middle of an attempt (docs/reliability.md).
 
-The receiver is tests/test_events.py's: a real HTTP server verifying every request with
+The receiver is tests/delivery/test_events.py's: a real HTTP server verifying every request with
 `standardwebhooks`, as a backend would.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from bot.delivery.queue import huey
 from bot.extensions import db
 from bot.models import Event
 from tests.conftest import empty_tables, in_process_queue_options, make_contact
-from tests.test_events import AUTH, SECRET, Receiver, events_app, receiver, retries_come_due, stored_events  # noqa: F401
+from tests.delivery.test_events import AUTH, SECRET, Receiver, events_app, receiver, retries_come_due, stored_events  # noqa: F401
 
 on_postgresql = pytest.mark.skipif(
     not (__import__("os").environ.get("TEST_DATABASE_URL") or "").startswith("postgresql"),

@@ -1,4 +1,4 @@
-"""The email twins of the outage tests (tests/test_outage_processes.py), against real processes:
+"""The email twins of the outage tests (tests/faults/test_outage_processes.py), against real processes:
 the Procfile's release, web and worker lines with PostgreSQL and Redis behind TCP proxies that
 the tests cut and restore, and SendGrid played by the simulator's SendGrid side, posting signed
 events back to the web's /sendgrid/events.
@@ -23,10 +23,10 @@ from bot.devtools.sendgrid_simulator import SendGridSimulator
 from bot.devtools.simulator import TwilioSimulator
 from bot.extensions import db
 from bot.models import EmailEvent
-from tests.test_email_faults import (TAKEN, assert_no_addresses_logged, email_rows, email_users,
+from tests.faults.test_email_faults import (TAKEN, assert_no_addresses_logged, email_rows, email_users,
                                      listen_for_events, notify, sendgrid_stand_in, sent_counts)
-from tests.test_outage_processes import OUTAGE_SECONDS, health, proxied_stack, pytestmark  # noqa: F401  (fixture)
-from tests.test_processes import wait_until
+from tests.faults.test_outage_processes import OUTAGE_SECONDS, health, proxied_stack, pytestmark  # noqa: F401  (fixture)
+from tests.faults.test_processes import wait_until
 
 
 @pytest.fixture

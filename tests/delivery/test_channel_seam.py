@@ -2,7 +2,7 @@
 each channel answers the same small interface (bot/channels/base.py).
 
 The end-to-end behaviour of each real channel is proven against the simulator elsewhere
-(tests/test_delivery.py, test_unknown_fate.py, test_email_delivery.py). Here: both real channels
+(tests/delivery/test_delivery.py, test_unknown_fate.py, test_email_delivery.py). Here: both real channels
 are registered and complete, each maps its provider's words at the edge, and a channel written
 against the interface alone — no SDK at all, scripted answers — gets every guarantee of the
 sender (ids recorded in its own column, retries and their limit, holds, "may have been accepted"
