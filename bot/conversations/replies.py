@@ -9,7 +9,6 @@ import logging
 import threading
 from datetime import datetime, timedelta
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Iterable
 
 from flask import current_app
@@ -17,6 +16,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from bot.clock import utcnow
 from bot.models import Contact, Message
+from bot.templates_dir import TEMPLATES_DIR
 from bot.channels.whatsapp.errors import OUTSIDE_WINDOW_CODE, TOO_LONG_CODE
 from bot.channels.whatsapp.whatsapp import MAX_BODY_CHARS, within_window
 from bot.vocabulary import Direction, Kind, MessageStatus
@@ -24,25 +24,6 @@ from flows.toolkit import Reply
 
 log = logging.getLogger(__name__)
 
-def _find_templates() -> Path:
-    """The message copy, the first folder of these that exists:
-
-    1. bot/templates inside the installed package: a built wheel (`pip install .`) carries the
-       top-level templates/ there (pyproject's package-dir), so it runs from any directory;
-    2. templates/ beside the bot package: a checkout, or `pip install -e .`;
-    3. templates/ in the working directory.
-
-    The installed package comes first so that a stray top-level `templates` folder in
-    site-packages (beside an installed bot) is never taken for ours."""
-    from importlib import resources
-
-    installed = resources.files("bot") / "templates"
-    candidates = [installed] if isinstance(installed, Path) else []  # not when imported from a zip
-    candidates += [Path(__file__).resolve().parents[2] / "templates", Path.cwd() / "templates"]
-    return next((path for path in candidates if path.is_dir()), candidates[-1])
-
-
-TEMPLATES_DIR = _find_templates()
 
 
 @lru_cache(maxsize=1)

@@ -27,7 +27,7 @@ from bot.delivery.routing import Content, Unusable
 from bot.extensions import db
 from bot.models import (Contact, Conversation, EmailEvent, IdempotencyKey, Message, StatusEvent, is_public_id,
                         new_id)
-from bot.conversations.replies import TEMPLATES_DIR
+from bot.channels.email.copy import email_templates
 from bot.http.schemas import InvalidRequest, NotifyRequest, parse_notify
 from bot.channels.whatsapp.whatsapp import SESSION_WINDOW, within_window
 from bot.vocabulary import Channel, Consent, ConversationStatus, Direction, IdempotentKind, Kind, MessageStatus, StartedBy
@@ -37,15 +37,6 @@ from flows import registry
 bp = Blueprint("notify", __name__)
 
 MAX_IDEMPOTENCY_KEY = 255
-
-
-@functools.cache
-def email_templates() -> frozenset[str]:
-    """The templates with email copy (templates/email/<name>/subject.txt): a user's notification
-    may name one even when WhatsApp has no approved template of that name. Read once per process:
-    the copy ships with the code (a directory listing on every /notify cost 5% of its CPU)."""
-    folder = TEMPLATES_DIR / "email"
-    return frozenset(path.parent.name for path in folder.glob("*/subject.txt")) if folder.is_dir() else frozenset()
 
 
 def read_json_body() -> Any:

@@ -137,3 +137,10 @@ def test_a_validly_signed_payload_of_the_wrong_shape_is_refused():
 def test_a_token_needs_a_secret():
     with pytest.raises(ValueError):
         make_token(1, "ada@example.com", secret_key="")
+
+
+def test_the_templates_notify_accepts_are_the_ones_with_email_copy() -> None:
+    from bot.channels.email.copy import email_templates
+
+    assert {"login", "order_update"} <= email_templates()
+    assert all(has_email_copy(name) for name in email_templates())

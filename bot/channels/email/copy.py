@@ -6,18 +6,19 @@ variable holding `<script>` or `&` arrives as text; subject and text are rendere
 are plain text; an escaped `&amp;` there would be a visible bug). Undefined variables are errors,
 as in the WhatsApp copy (bot/conversations/replies.py), so a typo fails a test, not a user.
 
-The folder is found the way replies.py finds the WhatsApp copy (the installed package's
-bot/templates first, then the checkout's templates/, then the working directory's).
+The folder is the WhatsApp copy's (bot/templates_dir.py: the installed package's bot/templates
+first, then the checkout's templates/, then the working directory's).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateNotFound, select_autoescape
+
+from bot.templates_dir import TEMPLATES_DIR
 
 #: templates/<EMAIL_DIR>/<template>/: beside the WhatsApp copy, in its own namespace.
 EMAIL_DIR = "email"
@@ -33,19 +34,6 @@ class EmailCopy:
     html: str | None
 
 
-def _find_templates() -> Path:
-    """The copy folder, as bot/conversations/replies.py finds it: the installed package's
-    bot/templates (a wheel carries templates/ there), else templates/ beside the bot package (a
-    checkout), else templates/ in the working directory."""
-    from importlib import resources
-
-    installed = resources.files("bot") / "templates"
-    candidates = [installed] if isinstance(installed, Path) else []  # not when imported from a zip
-    candidates += [Path(__file__).resolve().parents[3] / "templates", Path.cwd() / "templates"]
-    return next((path for path in candidates if path.is_dir()), candidates[-1])
-
-
-TEMPLATES_DIR = _find_templates()
 
 
 @lru_cache(maxsize=1)
@@ -71,6 +59,15 @@ def has_email_copy(template: str) -> bool:
         return False
     folder = TEMPLATES_DIR / EMAIL_DIR / template
     return (folder / "subject.txt").is_file() and (folder / "body.txt").is_file()
+
+
+@lru_cache(maxsize=1)
+def email_templates() -> frozenset[str]:
+    """Every template name with email copy (what `has_email_copy` accepts). Read once per process:
+    the copy ships with the code (a directory listing on every /notify cost 5% of its CPU)."""
+    folder = TEMPLATES_DIR / EMAIL_DIR
+    names = (path.name for path in folder.iterdir() if path.is_dir()) if folder.is_dir() else ()
+    return frozenset(name for name in names if has_email_copy(name))
 
 
 def render_email(template: str, variables: dict[str, Any], *, business: str = "us") -> EmailCopy:
