@@ -74,6 +74,30 @@ def survivors(started: dict[int, str]) -> list[str]:
     return alive
 
 
+def press_ctrl_c(shell: subprocess.Popen, started: dict[int, str]) -> list[str]:
+    """SIGINT to the shell's process group, as a terminal's Ctrl-C; what still runs after a
+    generous minute (gunicorn and the consumer drain before they exit)."""
+    os.killpg(shell.pid, signal.SIGINT)
+    deadline = time.monotonic() + 60
+    while survivors(started) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return survivors(started)
+
+
+def kill_what_is_left(shell: subprocess.Popen, started: dict[int, str]) -> None:
+    """Never leave a stray server behind, whatever the test's outcome."""
+    for pid in started:
+        stat = _stat(pid)
+        if stat is not None and stat[2] == started[pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    if shell.poll() is None:
+        os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait(timeout=10)
+
+
 @pytest.mark.parametrize("pipeline", ["bin/dev 2>&1 | tail -n 5", "bin/dev 2>&1 | tee dev.log >/dev/null", "bin/dev"])
 def test_ctrl_c_stops_everything_bin_dev_started(pipeline, tmp_path):
     web_port, simulator_port = free_port(), free_port()
@@ -101,21 +125,8 @@ def test_ctrl_c_stops_everything_bin_dev_started(pipeline, tmp_path):
         names = " ".join(_command(pid) for pid in started)
         assert "honcho" in names and "gunicorn" in names and "huey_consumer" in names and "simulator" in names
 
-        os.killpg(shell.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the foreground group
-
-        deadline = time.monotonic() + 60  # generous: gunicorn and the consumer drain before they exit
-        while survivors(started) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not survivors(started), f"still running after Ctrl-C ({pipeline}): {survivors(started)}"
+        left = press_ctrl_c(shell, started)
+        assert not left, f"still running after Ctrl-C ({pipeline}): {left}"
         shell.wait(timeout=30)
     finally:
-        for pid in started:  # never leave a stray server behind, whatever the outcome
-            stat = _stat(pid)
-            if stat is not None and stat[2] == started[pid]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        if shell.poll() is None:
-            os.killpg(shell.pid, signal.SIGKILL)
-            shell.wait(timeout=10)
+        kill_what_is_left(shell, started)

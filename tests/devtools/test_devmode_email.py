@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +28,7 @@ from bot.devmode import (DEV_EMAIL_FROM, dev_api_key, dev_private_key, dev_secre
 from bot.devtools.chat import ChatSession, run_repl
 from bot.devtools.simulator import TwilioSimulator, parse_args
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, SENDER
-from tests.devtools.test_bin_dev import _stat, descendants, survivors
+from tests.devtools.test_bin_dev import descendants, kill_what_is_left, press_ctrl_c
 from tests.faults.test_processes import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,19 +227,7 @@ def test_bin_dev_delivers_the_login_email_and_the_chat_shows_it(tmp_path):
         page = requests.get(simulator + "/_emails", headers={"Accept": "text/html"}, timeout=5).text
         assert "New sign-in to your account" in page and "delivered" in page
 
-        os.killpg(shell.pid, signal.SIGINT)  # Ctrl-C
-        deadline = time.monotonic() + 60
-        while survivors(started) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not survivors(started), f"still running after Ctrl-C: {survivors(started)}"
+        left = press_ctrl_c(shell, started)
+        assert not left, f"still running after Ctrl-C: {left}"
     finally:
-        for pid in started:  # never leave a stray server behind, whatever the outcome
-            stat = _stat(pid)
-            if stat is not None and stat[2] == started[pid]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        if shell.poll() is None:
-            os.killpg(shell.pid, signal.SIGKILL)
-            shell.wait(timeout=10)
+        kill_what_is_left(shell, started)
