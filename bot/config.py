@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     #: sends together. Measured defaults: bench/THROUGHPUT.md.
     send_concurrency: int = Field(default=SEND_CONCURRENCY_DEFAULT, ge=1, le=1000)
     send_batch: int = Field(default=SEND_BATCH_DEFAULT, ge=1, le=500)
+    #: Broadcasts (docs/delivery.md, "Broadcasts"): the share of each sender's rate their messages
+    #: may use (the rest stays free for conversations and /notify: invariant 16), and how many
+    #: audience entries the worker resolves per transaction (its memory is bounded by this).
+    broadcast_rate_share: float = Field(default=0.8, gt=0, le=1)
+    broadcast_batch: int = Field(default=1000, ge=10, le=10000)
     #: Database connections each process keeps (plus DATABASE_MAX_OVERFLOW at peaks). A send
     #: holds one only while it reads or records, never while it waits for Twilio, so far fewer
     #: connections than threads suffice.

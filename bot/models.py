@@ -97,6 +97,8 @@ class Message(db.Model):
     __table_args__ = (
         sa.Index("ix_messages_outbox", "status", "next_attempt_at"),
         sa.Index("ix_messages_contact_created", "contact_id", "created_at"),
+        # A broadcast's counts and how many of its messages are still unsent (the pump's window).
+        sa.Index("ix_messages_broadcast_status", "broadcast_id", "status"),
     )
 
     id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=new_id)
@@ -144,6 +146,9 @@ class Message(db.Model):
     created_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow, onupdate=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    #: The broadcast this message is one recipient's copy of (it rides the broadcast lane and
+    #: the bulk share of the rate: docs/delivery.md, "Broadcasts"); its fallback keeps it too.
+    broadcast_id: Mapped[str | None] = mapped_column(sa.ForeignKey("broadcasts.id"))
 
     contact: Mapped[Contact] = relationship(back_populates="messages")
     events: Mapped[list["StatusEvent"]] = relationship(
@@ -178,6 +183,7 @@ class Message(db.Model):
             "created_at": isoformat(self.created_at),
             "updated_at": isoformat(self.updated_at),
             "sent_at": isoformat(self.sent_at),
+            "broadcast_id": self.broadcast_id,
         }
         if events is not None:
             data["events"] = [event.to_dict() for event in events]
@@ -446,3 +452,87 @@ class EmailEvent(db.Model):
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.event, "error_code": None, "error_message": self.reason,
                 "received_at": isoformat(self.received_at)}
+
+
+class ContactTag(db.Model):
+    """One tag a backend put on a user (PUT /users/<id> {"tags": [...]}): a broadcast's audience
+    may be every user carrying one of some tags. A row per (tag, contact), so the audience is read
+    by the primary key's order, a batch at a time (docs/delivery.md, "Broadcasts")."""
+
+    __tablename__ = "contact_tags"
+
+    tag: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    contact_id: Mapped[int] = mapped_column(sa.ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True,
+                                            index=True)
+
+
+class Broadcast(db.Model):
+    """One message to many (POST /broadcasts): what it says, to whom, and how far it got.
+
+    The request stores the audience as given (`BroadcastTarget`) and answers; the worker resolves
+    it into `BroadcastRecipient` rows a batch at a time (skips counted in `skipped`), then
+    releases their messages a window at a time at the bulk share of each sender's rate
+    (bot/broadcasts/pump.py; docs/delivery.md, "Broadcasts").
+    """
+
+    __tablename__ = "broadcasts"
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=new_id)
+    state: Mapped[str] = mapped_column(sa.String(16))  # BroadcastState
+    channel: Mapped[str | None] = mapped_column(sa.String(16))  # pinned; None: each user's order
+    subject: Mapped[str | None] = mapped_column(sa.String(998))
+    body: Mapped[str | None] = mapped_column(sa.Text)
+    template: Mapped[str | None] = mapped_column(sa.String(128))
+    content_sid: Mapped[str | None] = mapped_column(sa.String(34))
+    #: The template's variables as given: a value "$user.<field>" is each recipient's own field.
+    variables: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    #: The audience's tags (the listed user ids and phones are `BroadcastTarget` rows).
+    tags: Mapped[list[str] | None] = mapped_column(sa.JSON)
+    backend_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", sa.JSON)
+    send_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
+    request_hash: Mapped[str | None] = mapped_column(sa.String(64))
+    #: How many user ids and phones the request listed, and the last one resolved so far.
+    targets: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    targets_done: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    #: The tag phase's keyset position: the last contact id resolved.
+    tag_cursor: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    #: Recipients resolved (each one message), and how many of them have been released as messages.
+    recipients: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    released: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    #: Audience entries never messaged, by reason ({"opted_out": 3, "duplicate": 1}).
+    skipped: Mapped[dict[str, int]] = mapped_column(sa.JSON, default=dict)
+    #: The pump's chain: only the task carrying this token works (a sweep may start a new chain).
+    pump_token: Mapped[str | None] = mapped_column(sa.String(32))
+    pumped_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow, onupdate=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+
+
+class BroadcastTarget(db.Model):
+    """One user id or phone of a broadcast's audience as the request listed it (in order)."""
+
+    __tablename__ = "broadcast_targets"
+
+    broadcast_id: Mapped[str] = mapped_column(sa.ForeignKey("broadcasts.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
+    user_id: Mapped[str | None] = mapped_column(sa.String(128))
+    phone: Mapped[str | None] = mapped_column(sa.String(16))
+
+
+class BroadcastRecipient(db.Model):
+    """One person a broadcast will message, on one channel: resolved, deduplicated, not skipped.
+
+    Unique per (broadcast, contact): an address listed twice, or a user both listed and tagged,
+    is one recipient (the other entries count as skipped `duplicate`)."""
+
+    __tablename__ = "broadcast_recipients"
+    __table_args__ = (sa.UniqueConstraint("broadcast_id", "contact_id", name="uq_broadcast_recipients_contact"),)
+
+    broadcast_id: Mapped[str] = mapped_column(sa.ForeignKey("broadcasts.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
+    contact_id: Mapped[int] = mapped_column(sa.ForeignKey("contacts.id", ondelete="CASCADE"))
+    channel: Mapped[str] = mapped_column(sa.String(16))
+    #: The template's variables with this recipient's own fields filled in (None: the broadcast's).
+    variables: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)

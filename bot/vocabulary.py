@@ -113,6 +113,8 @@ class Kind(StrEnum):
     """Why a message exists; only an opt-out confirmation may reach an opted-out contact."""
 
     NOTIFICATION = "notification"
+    #: One recipient's copy of a broadcast: the broadcast lane, the bulk share of the rate.
+    BROADCAST = "broadcast"
     REPLY = "reply"
     OPT_OUT_CONFIRMATION = "opt_out_confirm"
     #: Written by a person during a human handoff (POST /notify with "agent").
@@ -141,6 +143,7 @@ class IdempotentKind(StrEnum):
 
     MESSAGE = "message"
     CONVERSATION = "conversation"
+    BROADCAST = "broadcast"
 
 
 class StartedBy(StrEnum):
@@ -164,6 +167,24 @@ class EventType(StrEnum):
     CONTACT_HANDOFF_ENDED = "contact.handoff_ended"
     #: A message failed for good on its channel: the fallback made on the next one, or why none.
     MESSAGE_FALLBACK = "message.fallback"
+    #: A broadcast ended (every recipient's message left or failed, or it was canceled), with its counts.
+    BROADCAST_COMPLETED = "broadcast.completed"
+
+
+class BroadcastState(StrEnum):
+    """Where a broadcast is (docs/delivery.md, "Broadcasts"): waiting for `send_at`, its audience
+    being resolved into recipients, its messages being released at the bulk share of the rate,
+    done, or stopped by POST /broadcasts/<id>/cancel."""
+
+    SCHEDULED = "scheduled"
+    EXPANDING = "expanding"
+    SENDING = "sending"
+    COMPLETED = "completed"
+    CANCELED = "canceled"
+
+
+#: A broadcast still at work: the pump has something to do for it.
+LIVE_BROADCAST = (BroadcastState.SCHEDULED, BroadcastState.EXPANDING, BroadcastState.SENDING)
 
 
 class EventStatus(StrEnum):

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from bot.clock import isoformat
 from bot.contacts import lock_contact
 from bot.extensions import db
-from bot.models import ConsentEvent, Contact, Conversation, Event, Message
+from bot.models import ConsentEvent, Contact, ContactTag, Conversation, Event, Message
 
 #: A contact's WhatsApp facts, which come with its number when a phone-only contact is merged.
 WHATSAPP_FIELDS = ("consent", "last_inbound_at", "wa_id", "profile_name", "handoff_until", "handoff_reason")
@@ -40,6 +40,8 @@ def upsert_user(user_id: str, changes: dict[str, Any]) -> tuple[Contact, bool]:
     belongs to another user. Two requests creating one new user race on the unique `user_id`: the
     loser reads the winner's row and applies its own changes on top.
     """
+    changes = dict(changes)
+    tags = changes.pop("tags", _KEEP)
     user = find_user(user_id)
     if changes.get("email"):
         holder = db.session.scalar(sa.select(Contact).where(Contact.email == changes["email"]))
@@ -73,7 +75,28 @@ def upsert_user(user_id: str, changes: dict[str, Any]) -> tuple[Contact, bool]:
             setattr(user, field, None)
     for field, value in changes.items():
         setattr(user, field, value)
+    if tags is not _KEEP:
+        _replace_tags(user, tags or [])
     return user, created
+
+
+#: `tags` not named in the request: the stored ones stay.
+_KEEP = object()
+
+
+def _replace_tags(user: Contact, tags: list[str]) -> None:
+    """The user's tags become `tags` (a row per tag: a broadcast reads its audience by tag)."""
+    db.session.flush()  # a new user's id
+    db.session.execute(sa.delete(ContactTag).where(ContactTag.contact_id == user.id)
+                       .execution_options(synchronize_session=False))
+    if tags:
+        db.session.execute(sa.insert(ContactTag), [{"tag": tag, "contact_id": user.id} for tag in tags])
+
+
+def user_tags(contact_id: int) -> list[str]:
+    """The user's tags, in name order."""
+    return list(db.session.scalars(sa.select(ContactTag.tag).where(ContactTag.contact_id == contact_id)
+                                   .order_by(ContactTag.tag)))
 
 
 def _merge(contact: Contact, *, into: Contact) -> None:
@@ -112,6 +135,7 @@ def user_dict(contact: Contact) -> dict[str, Any]:
         "timezone": contact.timezone,
         "channels": contact.channel_order,
         "consent": {"whatsapp": contact.consent, "email": contact.email_consent},
+        "tags": user_tags(contact.id),
         "created_at": isoformat(contact.created_at),
         "updated_at": isoformat(contact.updated_at),
     }

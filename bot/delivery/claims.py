@@ -127,14 +127,18 @@ def _claim_along_statement() -> sa.Update:
     # oldest first: a WhatsApp send's batch is WhatsApp first, its spare places go to email (and
     # the other way round), so a backlog on one channel never holds the other back. On
     # PostgreSQL rows another consumer is claiming right now are skipped (SKIP LOCKED), not
-    # waited for. SQLite has one writer at a time, and no FOR UPDATE.
+    # waited for. SQLite has one writer at a time, and no FOR UPDATE. A broadcast's messages ride
+    # only in a broadcast's batch, last: a reply's or a /notify's batch never waits on the bulk
+    # share of the rate (invariant 16; docs/delivery.md, "Broadcasts").
     candidate = sa.orm.aliased(Message, name="candidate")
     now = sa.bindparam("now")
     ids = (
         sa.select(candidate.id)
         .where(candidate.direction == Direction.OUTBOUND, candidate.id != sa.bindparam("exclude_id"),
+               sa.or_(candidate.kind != Kind.BROADCAST.value, sa.bindparam("with_broadcasts", type_=sa.Boolean)),
                _claimable(candidate, now))
         .order_by(sa.case((candidate.kind.in_(sorted(outbox.CONVERSATION_KINDS)), 0), else_=1),
+                  sa.case((candidate.kind == Kind.BROADCAST.value, 1), else_=0),
                   sa.case((candidate.channel == sa.bindparam("own_channel"), 0), else_=1),
                   candidate.created_at)
         .limit(sa.bindparam("limit"))
@@ -143,16 +147,18 @@ def _claim_along_statement() -> sa.Update:
     return _claiming(sa.update(Message).where(Message.id.in_(ids), Message.status.in_(UNSENT)), now)
 
 
-def claim_along(exclude_id: str, limit: int, channel: str = Channel.WHATSAPP) -> list[sa.Row]:
+def claim_along(exclude_id: str, limit: int, channel: str = Channel.WHATSAPP, *,
+                with_broadcasts: bool = False) -> list[sa.Row]:
     """Claim up to `limit` other due messages, each the oldest unsent of its contact, in one
     statement: the send that claimed `exclude_id` (on `channel`) sends them at the same time;
-    messages of its own channel first."""
+    messages of its own channel first. A broadcast's messages only `with_broadcasts` (the
+    claimed message is one)."""
     if limit <= 0:
         return []
     now = utcnow()
     rows = db.session.execute(_claim_along_statement(), {
         "exclude_id": exclude_id, "now": now, "lease_until": now + claim_lease(), "limit": limit,
-        "own_channel": str(channel)}).all()
+        "own_channel": str(channel), "with_broadcasts": with_broadcasts}).all()
     db.session.commit()
     return rows
 

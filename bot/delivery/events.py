@@ -70,6 +70,7 @@ def message_status(message: Message | Any, to: str | None, status: str, error_co
         "kind": message.kind,
         "conversation_id": message.conversation_id,
         "metadata": message.backend_metadata,
+        "broadcast_id": message.broadcast_id,
     }, contact_id=message.contact_id, message_id=message.id, conversation_id=message.conversation_id)
 
 

@@ -30,8 +30,9 @@ WHATSAPP_UNREACHABLE = frozenset({63003, 63024, 63032, 63049})
 #: Our own refusals at send time that another channel can get around: the 24-hour window closed
 #: (63016) or the person opted out of WhatsApp (21610) after /notify chose it.
 WHATSAPP_REFUSED = frozenset({63016, 21610})
-#: The messages that fall back: a backend's notifications (replies belong to the conversation).
-FALLS_BACK = frozenset({Kind.NOTIFICATION})
+#: The messages that fall back: a backend's notifications and broadcasts (replies belong to the
+#: conversation).
+FALLS_BACK = frozenset({Kind.NOTIFICATION, Kind.BROADCAST})
 #: A final status that is a failure.
 FINAL_FAILURES = frozenset({MessageStatus.FAILED, MessageStatus.UNDELIVERED})
 
@@ -76,6 +77,7 @@ def consider(message: Message) -> Message | None:
         content_sid=(message.content_sid or sids.get(message.template)) if channel == Channel.WHATSAPP else None,
         variables=message.variables, status=MessageStatus.PENDING, status_rank=MessageStatus.PENDING.rank,
         backend_metadata=message.backend_metadata, conversation_id=message.conversation_id,
+        broadcast_id=message.broadcast_id,
     )
     try:
         with db.session.begin_nested():
@@ -96,6 +98,7 @@ def _report(message: Message, fallback: Message | None, reasons: dict[str, Any] 
         "fallback_channel": fallback.channel if fallback else None,
         "skipped": reasons or {},
         "metadata": message.backend_metadata,
+        "broadcast_id": message.broadcast_id,
     }, contact_id=message.contact_id, message_id=message.id)
 
 

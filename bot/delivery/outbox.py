@@ -40,14 +40,18 @@ class Work(StrEnum):
     INBOUND = "process_inbound"
     CONVERSATION_START = "start_conversation"
     EVENT = "deliver_event"
+    BROADCAST = "pump_broadcast"
 
 
 class Priority(IntEnum):
     """Lanes on the queue (higher first): someone in a conversation waits for the bot, a bulk
     notification can wait for them, and an email backlog waits behind WhatsApp's, so email never
     slows WhatsApp (docs/ARCHITECTURE.md, invariant 16). Emails still ride along in every batch
-    (claims.claim_along fills a batch's spare places with the other channel's due messages)."""
+    (claims.claim_along fills a batch's spare places with the other channel's due messages).
+    A broadcast's messages, on either channel, wait behind every other lane: a 100,000-recipient
+    broadcast never holds back a transactional /notify (docs/delivery.md, "Broadcasts")."""
 
+    BROADCAST = -10
     EMAIL = -5
     BULK = 0
     CONVERSATION = 10
@@ -61,6 +65,8 @@ def send_priority(kind: str | None, channel: str | None = None) -> Priority:
     """The queue lane of an outbound message of this kind, on this channel (when known)."""
     if kind in CONVERSATION_KINDS:
         return Priority.CONVERSATION
+    if kind == Kind.BROADCAST:
+        return Priority.BROADCAST
     return Priority.EMAIL if channel == Channel.EMAIL else Priority.BULK
 
 

@@ -114,6 +114,19 @@ class SendRateLimit:
         log.warning("Twilio asked us to slow down: sends from %s pause for the rest of this second", _masked(sender))
 
 
+def bulk_share_key(rate_key: str) -> str:
+    """The budget a broadcast's sends draw on first, beside their sender's own (`rate_key`): a
+    broadcast send takes a slot here, then one in the sender's window, so broadcasts never use
+    more than their share of it and the rest stays free for conversations and /notify
+    (docs/ARCHITECTURE.md, invariant 16)."""
+    return rate_key + ":bulk"
+
+
+def bulk_share_rate(rate: int, share: float) -> int:
+    """A broadcast's sends per second from a sender of `rate`: BROADCAST_RATE_SHARE of it, at least one."""
+    return max(1, int(rate * share))
+
+
 def _masked(sender: str) -> str:
     """A sender address for the log: its last four digits (no phone numbers in logs)."""
     return "…" + sender[-4:]

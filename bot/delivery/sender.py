@@ -39,12 +39,12 @@ from bot.clock import utcnow
 from bot.contacts import opt_out_waiting_clause
 from bot.delivery import claims, in_flight, outbox
 from bot.delivery.claims import UNSENT, claim, claim_along, release_next, wait_for_turn
-from bot.delivery.rate_limit import send_rate_limit
+from bot.delivery.rate_limit import bulk_share_key, bulk_share_rate, send_rate_limit
 from bot.delivery.shutdown import is_stopping
 from bot.delivery.statuses import apply_pending_events, raise_status, report_statuses
 from bot.extensions import db
 from bot.models import Contact, Message, StatusEvent
-from bot.vocabulary import Direction, MessageStatus
+from bot.vocabulary import Direction, Kind, MessageStatus
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,9 @@ class _Send:
     rate_key: str
     #: The channel's sends per second (its own budget: email never spends WhatsApp's).
     rate: int
+    #: A broadcast's message: its share of `rate` (BROADCAST_RATE_SHARE), taken before the
+    #: sender's own slot (invariant 16); None for every other message.
+    bulk_rate: int | None = None
 
 
 def retry_backoff(attempts: int) -> timedelta:
@@ -192,7 +195,8 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
         if message is None:  # its turn came while it looked
             log.info("message %s not claimable (already sent or in flight); skipping", message_id)
             return Outcome.NOT_CLAIMED
-    batch = [message, *claim_along(message_id, batch_size() - 1, message.channel)]
+    batch = [message, *claim_along(message_id, batch_size() - 1, message.channel,
+                                   with_broadcasts=message.kind == Kind.BROADCAST)]
     outcomes = send_claimed(batch)
     outcome = outcomes[message_id]
     if outcome == Outcome.RETRY and can_retry and message.attempts < FAST_ATTEMPTS:
@@ -238,7 +242,9 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
         if channel.name not in rate_keys:
             rate_keys[channel.name] = (channel.rate_key(), channel.rate_per_second())
         rate_key, rate = rate_keys[channel.name]
-        ready.append(_Send(row, channel, request, rate_key, rate))
+        bulk_rate = bulk_share_rate(rate, float(current_app.config["BROADCAST_RATE_SHARE"])) \
+            if row.kind == Kind.BROADCAST else None
+        ready.append(_Send(row, channel, request, rate_key, rate, bulk_rate))
     if not ready:
         return outcomes
     # The providers' clients are read in the app context, before the session is given back.
@@ -266,7 +272,10 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
         if is_stopping():
             raise ShuttingDown()
         try:
-            acquired = limit.acquire(item.rate_key, cancelled=is_stopping, rate=item.rate)
+            acquired = True
+            if item.bulk_rate is not None:  # a broadcast's: its share first (invariant 16)
+                acquired = limit.acquire(bulk_share_key(item.rate_key), cancelled=is_stopping, rate=item.bulk_rate)
+            acquired = acquired and limit.acquire(item.rate_key, cancelled=is_stopping, rate=item.rate)
         except Exception as exc:  # a limiter bug, or an error it does not know: nothing has left
             raise NotSent(f"{type(exc).__name__} from the send rate limit") from exc
         if not acquired:

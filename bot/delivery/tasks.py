@@ -13,6 +13,7 @@ from flask import Flask
 from huey import crontab
 from huey.exceptions import RetryTask
 
+from bot.broadcasts import pump
 from bot.conversations import engine, inbound
 from bot.channels.email.channel import EmailChannel
 from bot.channels.whatsapp.channel import WhatsAppChannel
@@ -146,12 +147,37 @@ def reconcile_statuses() -> None:
         reconcile.reconcile()
 
 
+@huey.task(retries=3, retry_delay=5)
+@in_app_context
+def pump_broadcast(broadcast_id: str, token: str | None = None) -> str:
+    """One turn of a broadcast: expand a batch of its audience, release a window of its messages
+    (bot/broadcasts/pump.py); the turn schedules the next."""
+    return pump.pump(broadcast_id, token)
+
+
+@huey.periodic_task(crontab(minute="*"))
+@in_app_context
+def sweep_broadcasts() -> None:
+    """Once a minute: start again the chain of a live broadcast whose chain was lost."""
+    if outbox.take_periodic_turn("sweep_broadcasts", interval_seconds=50):
+        pump.sweep()
+
+
+def _schedule_pump(broadcast_id: str, token: str, delay: float) -> None:
+    if delay <= 0:
+        pump_broadcast(broadcast_id, token, priority=int(outbox.Priority.BROADCAST))
+    else:
+        pump_broadcast.schedule(args=(broadcast_id, token), delay=delay, priority=int(outbox.Priority.BROADCAST))
+
+
 # How the outbox (and the webhook's fallback) enqueue each kind of work they defer: neither
 # imports this module.
 outbox.register(outbox.Work.SEND, send_message)
 outbox.register(outbox.Work.INBOUND, process_inbound)
 outbox.register(outbox.Work.CONVERSATION_START, start_conversation)
 outbox.register(outbox.Work.EVENT, deliver_event)
+outbox.register(outbox.Work.BROADCAST, pump_broadcast)
+pump.register(_schedule_pump)
 webhook_fallback.register(store_webhook)
 # The channels the sender sends through (bot/channels/base.py): the sender names no provider.
 sender.register_channel(WhatsAppChannel())

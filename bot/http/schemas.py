@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import zoneinfo
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -468,6 +469,25 @@ def _channels(value: list[str]) -> list[str]:
     return value
 
 
+#: A user's tags (PUT /users/<id> {"tags": [...]}; a broadcast's audience by tag): how many, and
+#: what one may look like.
+MAX_TAGS = 50
+MAX_TAG_CHARS = 64
+TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}\Z")
+TAG_REFUSAL = (f"a tag is 1 to {MAX_TAG_CHARS} letters, digits, '_', '.', ':' or '-', starting with a letter "
+               "or digit")
+
+
+def check_tags(tags: list[str]) -> list[str]:
+    """Tags as stored: each shape-checked and lowercased ("VIP" and "vip" are one tag), repeats dropped."""
+    seen: dict[str, None] = {}
+    for tag in tags:
+        if not isinstance(tag, str) or not TAG.match(tag):
+            raise InvalidRequest(TAG_REFUSAL)
+        seen.setdefault(tag.lower(), None)
+    return list(seen)
+
+
 CHANNELS_REFUSAL = f"'channels' must be a list of channels in order of preference, from: {', '.join(Channel)}"
 
 
@@ -499,6 +519,11 @@ class UserBody(RequestBody):
                         refuse_as(CHANNELS_REFUSAL),
                         Field(description="the order of channels to try, e.g. [\"whatsapp\", \"email\"]; "
                                           "null: the default order")] = None
+    tags: Annotated[Annotated[list[str], Field(max_length=MAX_TAGS)] | None,
+                    AfterValidator(lambda v: v if v is None else check_tags(v)),
+                    refuse_as(f"'tags' must be a list of at most {MAX_TAGS} tags ({TAG_REFUSAL})"),
+                    Field(description="the user's tags, replacing any stored (a broadcast's audience may name "
+                                      "them); null or []: none")] = None
 
     def changes(self) -> dict[str, Any]:
         """The fields the request named, normalised (None where it asked to clear one)."""

@@ -1,0 +1,215 @@
+"""The pump: one chain of tasks per live broadcast that expands its audience and releases its
+messages a window at a time.
+
+Each turn locks the broadcast's row, then: a scheduled one waits for `send_at`; an expanding one
+resolves one batch of its audience (bot/broadcasts/audience.py); any one released tops its
+unsent messages up to the window (`window`: about two seconds of its share of the rate) and,
+once everything left or failed, completes with `broadcast.completed`. The next turn is
+scheduled by the turn itself. The outbox therefore never holds more than a window of a
+broadcast, so claims stay as cheap as without one and a cancel has little in flight to wait for
+(docs/delivery.md, "Broadcasts"; invariant 16).
+
+Only the chain carrying the broadcast's `pump_token` works. A chain lost with the queue (a Redis
+flush, a killed worker) leaves `pumped_at` old: `sweep` starts a new chain, which takes a new
+token, and any old one still running ends at its next turn.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from datetime import datetime, timedelta
+from typing import Any, Callable
+
+import sqlalchemy as sa
+from flask import current_app
+
+from bot.broadcasts import audience
+from bot.broadcasts.counts import counts
+from bot.broadcasts.variables import resolve_variables
+from bot.clock import utcnow
+from bot.delivery import events, outbox
+from bot.delivery.claims import UNSENT
+from bot.delivery.rate_limit import bulk_share_rate
+from bot.extensions import db
+from bot.models import Broadcast, BroadcastRecipient, BroadcastTarget, Message, new_id
+from bot.vocabulary import LIVE_BROADCAST, BroadcastState, Channel, Direction, EventType, Kind, MessageStatus
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two turns of a sending broadcast (its window lasts about four of them).
+TURN_SECONDS = 0.5
+#: The window: this many seconds of the broadcast's share of the rate may wait in the outbox.
+WINDOW_SECONDS = 2.0
+#: A scheduled broadcast's chain looks at its time at least this often.
+SCHEDULED_TURN_SECONDS = 30.0
+#: A chain that has not turned for this long is lost: the sweep starts a new one.
+LOST_AFTER = timedelta(seconds=90)
+
+#: How a turn schedules the next: set by bot.delivery.tasks, (broadcast id, token, delay seconds).
+_schedule: Callable[[str, str, float], Any] | None = None
+
+
+def register(schedule: Callable[[str, str, float], Any]) -> None:
+    """Tell the pump how to schedule its next turn (the tasks module, the composition root)."""
+    global _schedule
+    _schedule = schedule
+
+
+def window() -> int:
+    """Messages of one broadcast that may wait unsent at once: WINDOW_SECONDS of its share of
+    the fastest sender's rate, and at least one send batch."""
+    cfg = current_app.config
+    rate = max(int(cfg["TWILIO_MESSAGES_PER_SECOND"]), int(cfg.get("EMAIL_MESSAGES_PER_SECOND") or 0))
+    share = bulk_share_rate(rate, float(cfg["BROADCAST_RATE_SHARE"]))
+    return max(int(cfg["SEND_BATCH"]), math.ceil(share * WINDOW_SECONDS))
+
+
+def _locked(broadcast_id: str) -> Broadcast | None:
+    # A row lock on PostgreSQL (a cancel waits for the turn, and the other way round); SQLite's
+    # one writer at a time gives the same.
+    return db.session.scalar(sa.select(Broadcast).where(Broadcast.id == broadcast_id).with_for_update()
+                             .execution_options(populate_existing=True))
+
+
+def pump(broadcast_id: str, token: str | None = None) -> str:
+    """One turn of the broadcast's chain; schedules the next while there is work. Returns what it
+    did (for logs and tests)."""
+    broadcast = _locked(broadcast_id)
+    now = utcnow()
+    if broadcast is None or broadcast.state not in LIVE_BROADCAST:
+        db.session.rollback()
+        return "ended"
+    alive = broadcast.pumped_at is not None and now - broadcast.pumped_at < LOST_AFTER
+    if token != broadcast.pump_token and broadcast.pump_token is not None and alive:
+        db.session.rollback()
+        return "another chain"
+    token = token if token == broadcast.pump_token and token is not None else new_id()
+    broadcast.pump_token, broadcast.pumped_at = token, now
+    delay = TURN_SECONDS
+    if broadcast.state == BroadcastState.SCHEDULED:
+        if broadcast.send_at is not None and broadcast.send_at > now:
+            db.session.commit()
+            _next(broadcast_id, token, min((broadcast.send_at - now).total_seconds(), SCHEDULED_TURN_SECONDS))
+            return "scheduled"
+        broadcast.state = BroadcastState.EXPANDING
+    did = "sending"
+    if broadcast.state == BroadcastState.EXPANDING:
+        did, delay = "expanding", 0.0
+        if audience.expand_batch(broadcast):
+            broadcast.state = BroadcastState.SENDING
+            # The listed audience is resolved: its copy as listed is not needed any more.
+            db.session.execute(sa.delete(BroadcastTarget).where(BroadcastTarget.broadcast_id == broadcast.id))
+    released = release(broadcast, now)
+    if broadcast.state == BroadcastState.SENDING and released == 0 and _finished(broadcast):
+        _end(broadcast, BroadcastState.COMPLETED, now)
+        db.session.commit()
+        log.info("broadcast %s completed", broadcast_id)
+        return "completed"
+    db.session.commit()
+    _next(broadcast_id, token, delay)
+    return did
+
+
+def _next(broadcast_id: str, token: str, delay: float) -> None:
+    if _schedule is None:
+        raise RuntimeError("no pump scheduler: bot.delivery.tasks registers it")
+    try:
+        _schedule(broadcast_id, token, delay)
+    except Exception:  # the queue is down: the sweep starts a new chain once it is back
+        log.exception("could not schedule broadcast %s's next turn; the sweep will", broadcast_id)
+
+
+def _unsent(broadcast_id: str) -> int:
+    return db.session.scalar(sa.select(sa.func.count()).select_from(Message).where(
+        Message.broadcast_id == broadcast_id, Message.status.in_(UNSENT))) or 0
+
+
+def _finished(broadcast: Broadcast) -> bool:
+    """Every recipient released, and none of their messages still unsent."""
+    left = db.session.scalar(sa.select(sa.func.count()).select_from(BroadcastRecipient).where(
+        BroadcastRecipient.broadcast_id == broadcast.id, BroadcastRecipient.position > broadcast.released))
+    return not left and _unsent(broadcast.id) == 0
+
+
+def release(broadcast: Broadcast, now: datetime) -> int:
+    """Release the next recipients' messages, up to the window; returns how many. Does not
+    commit: each message's send is enqueued once the turn commits (the outbox, invariant 1)."""
+    room = window() - _unsent(broadcast.id)
+    if room <= 0:
+        return 0
+    recipients = db.session.execute(
+        sa.select(BroadcastRecipient.position, BroadcastRecipient.contact_id, BroadcastRecipient.channel,
+                  BroadcastRecipient.variables)
+        .where(BroadcastRecipient.broadcast_id == broadcast.id, BroadcastRecipient.position > broadcast.released)
+        .order_by(BroadcastRecipient.position).limit(room)).all()
+    if not recipients:
+        return 0
+    shared = resolve_variables(broadcast.variables or {}, {}) if broadcast.template else None
+    rows = [{
+        "id": new_id(), "direction": Direction.OUTBOUND.value, "kind": Kind.BROADCAST.value,
+        "contact_id": recipient.contact_id, "channel": recipient.channel, "broadcast_id": broadcast.id,
+        "subject": broadcast.subject, "body": broadcast.body, "template": broadcast.template,
+        "content_sid": broadcast.content_sid if recipient.channel == Channel.WHATSAPP else None,
+        "variables": recipient.variables or shared or None, "backend_metadata": broadcast.backend_metadata,
+        "status": MessageStatus.PENDING.value, "status_rank": MessageStatus.PENDING.rank, "attempts": 0,
+        "created_at": now, "updated_at": now,
+    } for recipient in recipients]
+    db.session.execute(sa.insert(Message), rows)
+    for row in rows:
+        outbox.defer_send(row["id"], Kind.BROADCAST)
+    broadcast.released = recipients[-1].position
+    return len(rows)
+
+
+def _end(broadcast: Broadcast, state: BroadcastState, now: datetime) -> None:
+    """Completed or canceled: the state, and broadcast.completed with the counts, in one commit."""
+    broadcast.state = state
+    broadcast.ended_at = now
+    broadcast.pump_token = None
+    db.session.flush()
+    events.emit(EventType.BROADCAST_COMPLETED, {
+        "broadcast_id": broadcast.id, "state": str(state), **counts(broadcast),
+        "metadata": broadcast.backend_metadata}, contact_id=None)
+
+
+def cancel(broadcast_id: str) -> Broadcast | None:
+    """Stop a broadcast: nothing more is released, and its messages not yet claimed are
+    canceled (never sent); those on the wire finish and are reported. Commits. None: no such
+    broadcast."""
+    broadcast = _locked(broadcast_id)
+    if broadcast is None:
+        db.session.rollback()
+        return None
+    if broadcast.state not in LIVE_BROADCAST:
+        db.session.rollback()
+        return broadcast
+    now = utcnow()
+    # A message whose earlier attempt may have been accepted is left to its lookup: canceling it
+    # would hide a message that may have left (invariant 2).
+    db.session.execute(
+        sa.update(Message)
+        .where(Message.broadcast_id == broadcast_id, Message.unsure_since.is_(None),
+               Message.status.in_((MessageStatus.PENDING, MessageStatus.RETRYING)))
+        .values(status=MessageStatus.CANCELED, status_rank=MessageStatus.CANCELED.rank, updated_at=now,
+                claimed_until=None, next_attempt_at=None)
+        .execution_options(synchronize_session=False))
+    db.session.execute(sa.delete(BroadcastTarget).where(BroadcastTarget.broadcast_id == broadcast_id))
+    _end(broadcast, BroadcastState.CANCELED, now)
+    db.session.commit()
+    log.info("broadcast %s canceled", broadcast_id)
+    return broadcast
+
+
+def sweep(now: datetime | None = None) -> int:
+    """Start a new chain for each live broadcast whose chain was lost; returns how many."""
+    now = now or utcnow()
+    lost = list(db.session.scalars(
+        sa.select(Broadcast.id).where(Broadcast.state.in_(LIVE_BROADCAST),
+                                      sa.or_(Broadcast.pumped_at.is_(None), Broadcast.pumped_at < now - LOST_AFTER))
+        .limit(100)))
+    db.session.commit()
+    for broadcast_id in lost:
+        outbox.enqueue(outbox.Work.BROADCAST, broadcast_id, outbox.Priority.BROADCAST)
+    if lost:
+        log.info("broadcast sweep: %d chains started again", len(lost))
+    return len(lost)
