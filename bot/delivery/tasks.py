@@ -16,7 +16,7 @@ from huey.exceptions import RetryTask
 from bot.conversations import engine, inbound
 from bot.channels.email.channel import EmailChannel
 from bot.channels.whatsapp.channel import WhatsAppChannel
-from bot.delivery import event_delivery, outbox, reconcile, sender, statuses, webhook_fallback
+from bot.delivery import event_delivery, outbox, reconcile, release, sender, statuses, ticker, webhook_fallback
 from bot.delivery.queue import huey
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 _app: Flask | None = None
 
+#: How often each consumer looks for held messages whose time has come (one indexed statement).
+HOLD_CHECK_SECONDS = 2.0
 #: Huey retries of one send: 2, 4, 8, 16, 32 s apart (bounded; then the message is failed).
 SEND_RETRIES = 5
 
@@ -86,6 +88,15 @@ def sweep_outbox() -> None:
     if outbox.take_periodic_turn("sweep_outbox", interval_seconds=50):
         outbox.sweep()
         statuses.apply_orphan_events()
+        release.release_due()  # also every few seconds (release_held); this once a minute whatever ticks
+
+
+@huey.task()
+@in_app_context
+def release_held() -> int:
+    """Every few seconds on each consumer: enqueue held messages whose time has come (invariant 15)."""
+    ticker.started(release_held.name)
+    return release.release_due()
 
 
 @huey.task(retries=3, retry_delay=5)
@@ -153,6 +164,8 @@ outbox.register(outbox.Work.INBOUND, process_inbound)
 outbox.register(outbox.Work.CONVERSATION_START, start_conversation)
 outbox.register(outbox.Work.EVENT, deliver_event)
 webhook_fallback.register(store_webhook)
+# Held messages are looked for every few seconds: huey's periodic tasks run once a minute at most.
+ticker.every(HOLD_CHECK_SECONDS, release_held, priority=int(outbox.Priority.CONVERSATION))
 # The channels the sender sends through (bot/channels/base.py): the sender names no provider.
 sender.register_channel(WhatsAppChannel())
 sender.register_channel(EmailChannel())
