@@ -15,7 +15,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from bot.clock import isoformat, utcnow
 from bot.extensions import db
 from bot.vocabulary import (DEFAULT_CHANNELS, Channel, Consent, ConversationStatus, Direction, EventStatus,
-                            Kind)
+                            HoldReason, Kind, MessageStatus)
 
 
 def new_id() -> str:
@@ -132,6 +132,12 @@ class Message(db.Model):
     attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
     claimed_until: Mapped[datetime | None] = mapped_column(sa.DateTime)
     next_attempt_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    #: Held until then (invariant 15): a `pending` row is not claimed before this instant (its
+    #: send_at, or the end of the recipient's quiet hours: bot/delivery/holding.py). Cleared when
+    #: the release (bot/delivery/release.py) or a claim takes it; indexed for the release's check.
+    not_before: Mapped[datetime | None] = mapped_column(sa.DateTime, index=True)
+    #: The time the backend asked for (POST /notify `send_at`), kept to say why it is held.
+    send_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
     #: When the current (or last) send attempt began: the lookup's "since" if its fate is unknown.
     attempt_started_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
     #: The backend's own object (POST /notify "metadata", at most 4 KB), echoed in its events.
@@ -154,6 +160,21 @@ class Message(db.Model):
     events: Mapped[list["StatusEvent"]] = relationship(
         back_populates="message", order_by="StatusEvent.id", lazy="raise_on_sql"
     )
+
+    @property
+    def is_held(self) -> bool:
+        """Waiting in the database for `not_before` (invariant 15)."""
+        return self.not_before is not None and self.status == MessageStatus.PENDING
+
+    @property
+    def hold_reason(self) -> str | None:
+        """Why it is held: its schedule, or quiet hours that moved it past its send_at (or it had
+        none); None when it is not held."""
+        if not self.is_held:
+            return None
+        if self.send_at is not None and self.not_before <= self.send_at:
+            return HoldReason.SCHEDULED.value
+        return HoldReason.QUIET_HOURS.value
 
     def to_dict(self, events: list["StatusEvent"] | None = None) -> dict[str, Any]:
         """The JSON shape of GET /messages/<id> (events included when given)."""
@@ -184,6 +205,9 @@ class Message(db.Model):
             "updated_at": isoformat(self.updated_at),
             "sent_at": isoformat(self.sent_at),
             "broadcast_id": self.broadcast_id,
+            "send_at": isoformat(self.send_at),
+            "held_until": isoformat(self.not_before) if self.is_held else None,
+            "held_reason": self.hold_reason,
         }
         if events is not None:
             data["events"] = [event.to_dict() for event in events]

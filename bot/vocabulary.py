@@ -125,6 +125,13 @@ class Kind(StrEnum):
     OPT_OUT_REQUEST = "opt_out_request"
 
 
+class HoldReason(StrEnum):
+    """Why an outbound message is held in the database (invariant 15; GET /messages `held_reason`)."""
+
+    SCHEDULED = "scheduled"  # the backend's send_at
+    QUIET_HOURS = "quiet_hours"  # its time fell inside the recipient's quiet hours
+
+
 class ConversationStatus(StrEnum):
     STARTING = "starting"  # started by the backend, waiting for the worker
     ACTIVE = "active"
@@ -169,6 +176,10 @@ class EventType(StrEnum):
     MESSAGE_FALLBACK = "message.fallback"
     #: A broadcast ended (every recipient's message left or failed, or it was canceled), with its counts.
     BROADCAST_COMPLETED = "broadcast.completed"
+    #: A message is held in the database until a time (its send_at, or quiet hours ending).
+    MESSAGE_HELD = "message.held"
+    #: A held (or not yet sent) message was canceled by the backend: it will never leave.
+    MESSAGE_CANCELED = "message.canceled"
 
 
 class BroadcastState(StrEnum):

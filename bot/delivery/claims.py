@@ -43,12 +43,19 @@ def claim_lease() -> timedelta:
     return timedelta(seconds=float(current_app.config["TWILIO_TIMEOUT"])) + LEASE_MARGIN
 
 
-def _earlier_unsent_message(of: Any = Message) -> sa.Exists:
+def not_held(of: Any, now: sa.ColumnElement) -> sa.ColumnElement[bool]:
+    """SQL: `of` (Message or an alias) is not held for later, or its time has come (invariant 15:
+    a held row waits in the database, `not_before`, not in the queue)."""
+    return sa.or_(of.not_before.is_(None), of.not_before <= now)
+
+
+def _earlier_unsent_message(of: Any = Message, now: sa.ColumnElement | None = None) -> sa.Exists:
     """SQL: an older outbound message of the same contact as `of` (Message or an alias of it)
-    that Twilio has not accepted yet.
+    that Twilio has not accepted yet, and that is not held for later.
 
     Messages to one contact leave one at a time, in the order they were created (invariant 9):
-    the claim of the next waits until Twilio took the one before it (or it failed for good).
+    the claim of the next waits until Twilio took the one before it (or it failed for good). A
+    message held for tomorrow does not hold today's back (invariant 15); once due it is in line.
     """
     prior = sa.orm.aliased(Message)
     return sa.exists().where(
@@ -58,6 +65,7 @@ def _earlier_unsent_message(of: Any = Message) -> sa.Exists:
         prior.id != of.id,
         sa.or_(prior.created_at < of.created_at,
                sa.and_(prior.created_at == of.created_at, prior.id < of.id)),
+        not_held(prior, sa.bindparam("now") if now is None else now),
     )
 
 
@@ -68,11 +76,11 @@ def _claimable(of: Any, now: sa.BindParameter, *, early: bool = False) -> sa.Col
     due = sa.true() if early else of.next_attempt_at <= now
     return sa.and_(
         sa.or_(
-            of.status == MessageStatus.PENDING,
+            sa.and_(of.status == MessageStatus.PENDING, not_held(of, now)),
             sa.and_(of.status == MessageStatus.RETRYING, due),
             sa.and_(of.status == MessageStatus.DISPATCHING, of.claimed_until < now),
         ),
-        sa.or_(of.kind == Kind.OPT_OUT_CONFIRMATION, ~_earlier_unsent_message(of)),
+        sa.or_(of.kind == Kind.OPT_OUT_CONFIRMATION, ~_earlier_unsent_message(of, now)),
     )
 
 
@@ -88,7 +96,7 @@ def _claiming(statement: sa.Update, now: sa.BindParameter) -> sa.Update:
         statement
         .values(status=MessageStatus.DISPATCHING, status_rank=MessageStatus.DISPATCHING.rank,
                 claimed_until=sa.bindparam("lease_until"), attempts=Message.attempts + 1, updated_at=now,
-                attempt_started_at=now,
+                attempt_started_at=now, not_before=None,
                 unsure_since=sa.case((Message.status == MessageStatus.DISPATCHING, expired_since),
                                      else_=Message.unsure_since))
         .returning(*Message.__table__.c)
@@ -174,11 +182,13 @@ def wait_for_turn(message_id: str) -> bool:
     if contact_id is None:
         return False
     lock_contact(contact_id)
+    now = utcnow()
     marked = db.session.execute(
         sa.update(Message)
-        .where(Message.id == message_id, Message.status == MessageStatus.PENDING, _earlier_unsent_message())
-        .values(next_attempt_at=utcnow() + outbox.REENQUEUE_AFTER)
-        .execution_options(synchronize_session=False)
+        .where(Message.id == message_id, Message.status == MessageStatus.PENDING, _earlier_unsent_message(),
+               not_held(Message, sa.bindparam("now")))
+        .values(next_attempt_at=now + outbox.REENQUEUE_AFTER)
+        .execution_options(synchronize_session=False), {"now": now}
     ).rowcount
     db.session.commit()
     return bool(marked)
@@ -203,13 +213,16 @@ def release_next(message_id: str, contact_id: int | None = None) -> None:
 def _next_pending_statement() -> sa.Select:
     return (sa.select(Message.id, Message.kind, Message.next_attempt_at)
             .where(Message.contact_id == sa.bindparam("contact_id"), Message.direction == Direction.OUTBOUND,
-                   Message.status == MessageStatus.PENDING, Message.id != sa.bindparam("after_id"))
+                   Message.status == MessageStatus.PENDING, Message.id != sa.bindparam("after_id"),
+                   not_held(Message, sa.bindparam("now")))
             .order_by(Message.created_at, Message.id).limit(1))
 
 
 def _next_pending(contact_id: int, after_id: str) -> sa.Row | None:
-    """The contact's oldest pending outbound message other than `after_id` (id, kind, next_attempt_at)."""
-    return db.session.execute(_next_pending_statement(), {"contact_id": contact_id, "after_id": after_id}).first()
+    """The contact's oldest pending outbound message other than `after_id` and not held for
+    later (id, kind, next_attempt_at)."""
+    return db.session.execute(_next_pending_statement(),
+                              {"contact_id": contact_id, "after_id": after_id, "now": utcnow()}).first()
 
 
 class LeaseRenewer:

@@ -136,3 +136,24 @@ def handoff_changed(contact: Contact, started: bool, *, reason: str | None, by: 
         "contact": contact.phone, "reason": reason, "by": by,
         "until": isoformat(contact.handoff_until) if started else None,
     }, contact_id=contact.id)
+
+
+def message_held(message_id: str, *, contact_id: int, channel: str, kind: str, to: str | None,
+                 user_id: str | None, held_until: Any, reason: str, send_at: Any,
+                 metadata: dict[str, Any] | None) -> Event:
+    """message.held: a new message waits in the database until `held_until` (its send_at, or
+    the end of the recipient's quiet hours: invariant 15). A new type, so a receiver that
+    filters on message.status sees exactly what it saw before."""
+    return emit(EventType.MESSAGE_HELD, {
+        "message_id": message_id, "channel": channel, "user_id": user_id, "to": to, "kind": kind,
+        "held_until": isoformat(held_until), "reason": reason, "send_at": isoformat(send_at),
+        "metadata": metadata,
+    }, contact_id=contact_id, message_id=message_id)
+
+
+def message_canceled(message: Message | Any, to: str | None, user_id: str | None) -> Event:
+    """message.canceled: the backend canceled a message before it left; it never will."""
+    return emit(EventType.MESSAGE_CANCELED, {
+        "message_id": message.id, "channel": message.channel, "user_id": user_id, "to": to,
+        "kind": message.kind, "send_at": isoformat(message.send_at), "metadata": message.backend_metadata,
+    }, contact_id=message.contact_id, message_id=message.id)

@@ -12,7 +12,7 @@ how each is enqueued, so this module imports no task and no task imports lead ba
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import IntEnum, StrEnum
 from typing import Any, Callable
 
@@ -80,11 +80,12 @@ def register(work: Work, enqueue: Callable[..., Any]) -> None:
     _enqueuers[work] = enqueue
 
 
-def defer(work: Work, row: Any, priority: Priority = Priority.BULK) -> None:
+def defer(work: Work, row: Any, priority: Priority = Priority.BULK, at: datetime | None = None) -> None:
     """Enqueue `work` for `row` when the current transaction commits; never if it rolls back.
 
     `row` is a model instance in the session (its id is assigned now if it has none yet) or the
-    id of a row already committed.
+    id of a row already committed. `at` (naive UTC): run it then rather than now, a hint only
+    (a held message waits in the database: bot/delivery/release.py finds it without the queue).
     """
     if isinstance(row, str):
         row_id, state = row, None
@@ -92,18 +93,19 @@ def defer(work: Work, row: Any, priority: Priority = Priority.BULK) -> None:
         if row.id is None:
             row.id = new_id()  # known before the flush, so the work can name it
         row_id, state = row.id, sa.inspect(row)
-    db.session().info.setdefault(_DEFERRED, []).append((work, row_id, state, priority))
+    db.session().info.setdefault(_DEFERRED, []).append((work, row_id, state, priority, at))
 
 
-def defer_send(message: Message | str, kind: str | None = None) -> None:
+def defer_send(message: Message | str, kind: str | None = None, at: datetime | None = None) -> None:
     """Send an outbound message once it is committed (ahead of bulk ones if it is a reply).
 
-    `kind`: the message's kind, when `message` is only its id.
+    `kind`: the message's kind, when `message` is only its id. `at`: a held message's time
+    (its task is scheduled for then: a hint, the release check is the guarantee).
     """
     if isinstance(message, str):
-        defer(Work.SEND, message, send_priority(kind))
+        defer(Work.SEND, message, send_priority(kind), at)
     else:
-        defer(Work.SEND, message, send_priority(message.kind, message.channel))
+        defer(Work.SEND, message, send_priority(message.kind, message.channel), at)
 
 
 def defer_inbound(message: Message | str) -> None:
@@ -140,10 +142,10 @@ def _enqueue_committed(session: Session) -> None:
     # The event fires for savepoints too; only the outermost commit makes the rows visible.
     if session.in_nested_transaction():
         return
-    for work, row_id, state, priority in session.info.pop(_DEFERRED, ()):
+    for work, row_id, state, priority, at in session.info.pop(_DEFERRED, ()):
         if state is not None and not _committed(state):
             continue  # added in a savepoint that rolled back
-        enqueue(work, row_id, priority)
+        enqueue(work, row_id, priority, None if at is None else at - utcnow())
 
 
 @sa.event.listens_for(Session, "after_rollback")
@@ -194,11 +196,13 @@ def sweep(now=None) -> dict[str, int]:
         sa.select(Message.id, Message.kind).where(
             Message.direction == Direction.OUTBOUND,
             sa.or_(
-                # never enqueued, or the queue lost it
+                # never enqueued, or the queue lost it (a row held for later is the release's:
+                # bot/delivery/release.py; invariant 15)
                 sa.and_(Message.status == MessageStatus.PENDING, Message.next_attempt_at.is_(None),
-                        Message.created_at <= stale),
+                        Message.created_at <= stale, Message.not_before.is_(None)),
                 # enqueued by an earlier sweep that long ago
-                sa.and_(Message.status == MessageStatus.PENDING, Message.next_attempt_at <= now),
+                sa.and_(Message.status == MessageStatus.PENDING, Message.next_attempt_at <= now,
+                        Message.not_before.is_(None)),
                 # a transient failure's next attempt is due (and no sweep enqueued it lately)
                 sa.and_(Message.status == MessageStatus.RETRYING, Message.next_attempt_at <= now,
                         sa.or_(Message.claimed_until.is_(None), Message.claimed_until < now)),

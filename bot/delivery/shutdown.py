@@ -16,6 +16,8 @@ from typing import Any
 from huey import Huey
 from huey.consumer import Consumer
 
+from bot.delivery.ticker import TickingScheduler
+
 log = logging.getLogger(__name__)
 
 #: Set once this process has been told to stop; never cleared (the process exits).
@@ -28,7 +30,10 @@ def is_stopping() -> bool:
 
 
 class DrainingConsumer(Consumer):
-    """huey's consumer, raising `stopping` as soon as a stop begins (graceful or not)."""
+    """huey's consumer, raising `stopping` as soon as a stop begins (graceful or not); its
+    scheduler also enqueues the tasks that run every few seconds (bot/delivery/ticker.py)."""
+
+    scheduler_class = TickingScheduler
 
     def stop(self, graceful: bool = False) -> None:
         if not stopping.is_set():

@@ -17,7 +17,7 @@ from bot.broadcasts import pump
 from bot.conversations import engine, inbound
 from bot.channels.email.channel import EmailChannel
 from bot.channels.whatsapp.channel import WhatsAppChannel
-from bot.delivery import event_delivery, outbox, reconcile, sender, statuses, webhook_fallback
+from bot.delivery import event_delivery, outbox, reconcile, release, sender, statuses, ticker, webhook_fallback
 from bot.delivery.queue import huey
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 _app: Flask | None = None
 
+#: How often each consumer looks for held messages whose time has come (one indexed statement).
+HOLD_CHECK_SECONDS = 2.0
 #: Huey retries of one send: 2, 4, 8, 16, 32 s apart (bounded; then the message is failed).
 SEND_RETRIES = 5
 
@@ -87,6 +89,15 @@ def sweep_outbox() -> None:
     if outbox.take_periodic_turn("sweep_outbox", interval_seconds=50):
         outbox.sweep()
         statuses.apply_orphan_events()
+        release.release_due()  # also every few seconds (release_held); this once a minute whatever ticks
+
+
+@huey.task()
+@in_app_context
+def release_held() -> int:
+    """Every few seconds on each consumer: enqueue held messages whose time has come (invariant 15)."""
+    ticker.started(release_held.name)
+    return release.release_due()
 
 
 @huey.task(retries=3, retry_delay=5)
@@ -179,6 +190,8 @@ outbox.register(outbox.Work.EVENT, deliver_event)
 outbox.register(outbox.Work.BROADCAST, pump_broadcast)
 pump.register(_schedule_pump)
 webhook_fallback.register(store_webhook)
+# Held messages are looked for every few seconds: huey's periodic tasks run once a minute at most.
+ticker.every(HOLD_CHECK_SECONDS, release_held, priority=int(outbox.Priority.CONVERSATION))
 # The channels the sender sends through (bot/channels/base.py): the sender names no provider.
 sender.register_channel(WhatsAppChannel())
 sender.register_channel(EmailChannel())

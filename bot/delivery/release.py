@@ -1,0 +1,107 @@
+"""Held messages leave when their time comes, and can be canceled until then (invariant 15).
+
+A message held for later (`messages.not_before`: its send_at, or the end of the recipient's quiet
+hours, decided by bot/delivery/holding.py) waits in the database, not in the queue's memory. Its
+send task is also scheduled on the queue for that instant, but only as a hint: `release_due`, run
+every few seconds by each consumer (bot/delivery/ticker.py) and every minute by the outbox sweep,
+finds due held rows through the `not_before` index and enqueues them, so a Redis flush, a
+restart or a killed worker delays a held message by seconds and loses nothing
+(docs/ARCHITECTURE.md, "Held messages").
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from datetime import datetime
+from enum import StrEnum
+
+import sqlalchemy as sa
+
+from bot.clock import utcnow
+from bot.delivery import events, outbox
+from bot.delivery.claims import release_next
+from bot.extensions import db
+from bot.models import Contact, Message
+from bot.vocabulary import Channel, Direction, MessageStatus
+
+log = logging.getLogger(__name__)
+
+#: Held rows released per statement; a larger backlog is released by the next run seconds later.
+RELEASE_BATCH = 1000
+
+
+@functools.cache
+def _release_statement() -> sa.Update:
+    # Built once (bench/THROUGHPUT.md, "Profile"). On PostgreSQL consumers releasing at the same
+    # moment skip each other's rows (SKIP LOCKED). A released row is no longer held, and is due
+    # for the outbox sweep REENQUEUE_AFTER from now should its task be lost.
+    now = sa.bindparam("now")
+    due = (sa.select(Message.id)
+           .where(Message.not_before <= now, Message.status == MessageStatus.PENDING,
+                  Message.direction == Direction.OUTBOUND)
+           .order_by(Message.not_before).limit(RELEASE_BATCH)
+           .with_for_update(skip_locked=True))
+    return (sa.update(Message)
+            .where(Message.id.in_(due), Message.status == MessageStatus.PENDING)
+            .values(not_before=None, next_attempt_at=sa.bindparam("hold_off_until"), updated_at=now)
+            .returning(Message.id, Message.kind, Message.channel)
+            .execution_options(synchronize_session=False))
+
+
+def release_due(now: datetime | None = None) -> int:
+    """Enqueue every held message whose time has come (up to RELEASE_BATCH); returns how many.
+
+    One indexed statement when nothing is due, which is what it costs every few seconds."""
+    now = now or utcnow()
+    rows = db.session.execute(_release_statement(), {"now": now, "hold_off_until": now + outbox.REENQUEUE_AFTER}).all()
+    for row in rows:
+        outbox.defer(outbox.Work.SEND, row.id, outbox.send_priority(row.kind, row.channel))
+    db.session.commit()  # the sends are enqueued by this commit (outbox)
+    if rows:
+        log.info("released %d held messages", len(rows))
+    return len(rows)
+
+
+class Cancel(StrEnum):
+    """What `cancel` found."""
+
+    CANCELED = "canceled"  # canceled now, or it already was: it will never leave
+    NOT_FOUND = "not_found"
+    TOO_LATE = "too_late"  # claimed, sent or failed: it left (or is leaving), or it ended
+
+
+#: Statuses a cancel can stop: nothing of the message reached a provider yet. A retrying row
+#: whose fate is unknown (`unsure_since`) may have been accepted, so it cannot be called back.
+CANCELABLE = (MessageStatus.PENDING, MessageStatus.RETRYING)
+
+
+def cancel(message_id: str) -> tuple[Cancel, Message | None]:
+    """Cancel an outbound message that has not left: it becomes `canceled` (final), reported
+    to the backend (message.canceled) in the same commit, and its contact's next message gets
+    its turn. One conditional UPDATE, so it races a claim safely: whichever commits first wins.
+    """
+    now = utcnow()
+    canceled = db.session.execute(
+        sa.update(Message)
+        .where(Message.id == message_id, Message.direction == Direction.OUTBOUND,
+               sa.or_(Message.status == MessageStatus.PENDING,
+                      sa.and_(Message.status == MessageStatus.RETRYING, Message.unsure_since.is_(None))))
+        .values(status=MessageStatus.CANCELED, status_rank=MessageStatus.CANCELED.rank, not_before=None,
+                next_attempt_at=None, updated_at=now)
+        .execution_options(synchronize_session=False)).rowcount
+    found = db.session.execute(
+        sa.select(Message, Contact).join(Contact, Contact.id == Message.contact_id)
+        .where(Message.id == message_id, Message.direction == Direction.OUTBOUND)
+        .execution_options(populate_existing=True)).first()
+    if found is None:
+        db.session.rollback()
+        return Cancel.NOT_FOUND, None
+    message, contact = found
+    if canceled:
+        to = contact.email if message.channel == Channel.EMAIL else contact.phone
+        events.message_canceled(message, to, contact.user_id)
+    db.session.commit()
+    if canceled:
+        release_next(message_id, message.contact_id)
+        return Cancel.CANCELED, message
+    return (Cancel.CANCELED if message.status == MessageStatus.CANCELED else Cancel.TOO_LATE), message
