@@ -109,12 +109,17 @@ def resolve(locale: str | None, available: Iterable[str], default: str) -> str |
     return next((candidate for candidate in candidates(locale, default) if candidate in have), None)
 
 
+def _app_config() -> Mapping[str, Any]:
+    """The current app's configuration; outside an app (a pure test, a script), none."""
+    from flask import current_app, has_app_context
+
+    return current_app.config if has_app_context() else {}
+
+
 def default_locale(config: Mapping[str, Any] | None = None) -> str:
     """DEFAULT_LOCALE from `config` (default: the current app's), else `FALLBACK_DEFAULT_LOCALE`."""
     if config is None:
-        from flask import current_app
-
-        config = current_app.config
+        config = _app_config()
     return config.get("DEFAULT_LOCALE") or FALLBACK_DEFAULT_LOCALE
 
 
@@ -209,10 +214,8 @@ def available_locales(kind: Copy, template: str, *, config: Mapping[str, Any] | 
                       root: Path | None = None) -> frozenset[str]:
     """Every locale `template` has copy in, for this kind of copy (the default copy as
     DEFAULT_LOCALE). Empty for a template that does not exist at all."""
-    if config is None and kind == Copy.WHATSAPP:
-        from flask import current_app
-
-        config = current_app.config
+    if config is None:
+        config = _app_config()
     default = default_locale(config)
     if kind == Copy.WHATSAPP:
         return frozenset(whatsapp_sids(template, config.get("TWILIO_CONTENT_SIDS") or {}, default))
@@ -230,9 +233,7 @@ def template_locale(kind: Copy, template: str, locale: str | None, *, config: Ma
     `kind` is `Copy.WHATSAPP` (TWILIO_CONTENT_SIDS), `Copy.EMAIL` (templates/email/<template>/)
     or `Copy.FLOW` (a reply's templates/<flow>/<name>). `config` defaults to the current app's."""
     if config is None:
-        from flask import current_app
-
-        config = current_app.config
+        config = _app_config()
     available = available_locales(kind, template, config=config, root=root)
     return resolve(locale, available, default_locale(config))
 
@@ -250,9 +251,7 @@ def content_sid(template: str, locale: str | None, *, config: Mapping[str, Any] 
     """The approved ContentSid of WhatsApp template `template` for `locale` (resolved as
     `template_locale`), or None when the template has none in a matching language."""
     if config is None:
-        from flask import current_app
-
-        config = current_app.config
+        config = _app_config()
     default = default_locale(config)
     sids = whatsapp_sids(template, config.get("TWILIO_CONTENT_SIDS") or {}, default)
     chosen = resolve(locale, sids, default)
