@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from bot.locales import normalise
 from bot.phone import InvalidNumber, normalize_whatsapp_address
 
 #: Variables without which the server cannot talk to Twilio or authenticate a backend.
@@ -47,13 +48,18 @@ class Settings(BaseSettings):
     #: The sender's allowed rate (80 by default; 400 for an upgraded text sender), shared by
     #: every worker process through Redis.
     twilio_messages_per_second: int = Field(default=80, ge=1, le=1000)
-    #: Approved WhatsApp templates: JSON object mapping a template name to its ContentSid (HX...).
-    twilio_content_sids: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    #: Approved WhatsApp templates: JSON object mapping a template name to its ContentSid (HX...),
+    #: the DEFAULT_LOCALE's, or to an object of locale -> ContentSid (each HX SID is one language;
+    #: bot/locales.py resolves a user's locale among them).
+    twilio_content_sids: Annotated[dict[str, str | dict[str, str]], NoDecode] = Field(default_factory=dict)
     notify_api_token: SecretStr | None = None
     database_url: str | None = None
     redis_url: str | None = None
     #: How the bot names itself in its messages.
     bot_name: str = "the bot"
+    #: The locale of the copy outside locale folders and of a bare ContentSid, and the last step
+    #: of a user's locale resolution (exact, its language, this): bot/locales.py.
+    default_locale: str = "en"
     #: Global keywords, comma-separated (add other languages: "STOP,ALTO,ARRET"). Compared
     #: with the whole message, case-folded, trimmed and without punctuation.
     opt_out_keywords: Annotated[list[str], NoDecode] = Field(
@@ -220,6 +226,14 @@ class Settings(BaseSettings):
                 raise ValueError("needs at least one keyword")
         return value
 
+    @field_validator("default_locale")
+    @classmethod
+    def _default_locale(cls, value: str) -> str:
+        try:
+            return normalise(value)
+        except ValueError:
+            raise ValueError("must be a BCP 47 locale babel knows, such as en or pt-BR") from None
+
     @field_validator("twilio_content_sids", mode="before")
     @classmethod
     def _content_sids(cls, value: Any) -> Any:
@@ -227,12 +241,37 @@ class Settings(BaseSettings):
             try:
                 value = json.loads(value) if value.strip() else {}
             except json.JSONDecodeError:
-                raise ValueError('must be a JSON object like {"order_update": "HX..."}') from None
+                raise ValueError('must be a JSON object like {"order_update": "HX..."} or '
+                                 '{"order_update": {"en": "HX...", "pt-BR": "HX..."}}') from None
         if isinstance(value, dict):
-            for name, sid in value.items():
-                if not (isinstance(sid, str) and sid.startswith("HX") and len(sid) == 34):
-                    raise ValueError(f"template {name!r}: a ContentSid is 'HX' followed by 32 hex characters")
+            return {name: _sid_or_locales(name, entry) for name, entry in value.items()}
         return value
+
+
+def _is_content_sid(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("HX") and len(value) == 34
+
+
+def _sid_or_locales(name: str, entry: Any) -> str | dict[str, str]:
+    """One TWILIO_CONTENT_SIDS entry checked: a ContentSid, or locale -> ContentSid with each
+    locale normalised as a user's is (bot/locales.py), so `pt_br` and `pt-BR` are one key."""
+    if _is_content_sid(entry):
+        return entry
+    if not isinstance(entry, dict) or not entry:
+        raise ValueError(f"template {name!r}: a ContentSid is 'HX' followed by 32 hex characters, "
+                         'or an object of locale -> ContentSid such as {"en": "HX...", "pt-BR": "HX..."}')
+    by_locale: dict[str, str] = {}
+    for locale, sid in entry.items():
+        try:
+            key = normalise(locale)
+        except ValueError:
+            raise ValueError(f"template {name!r}: a locale must be BCP 47, such as en or pt-BR") from None
+        if not _is_content_sid(sid):
+            raise ValueError(f"template {name!r}, locale {key}: a ContentSid is 'HX' followed by 32 hex characters")
+        if key in by_locale:
+            raise ValueError(f"template {name!r} names locale {key} twice")
+        by_locale[key] = sid
+    return by_locale
 
 
 def load_settings(overrides: dict[str, Any] | None = None, env_file: str | None = ".env") -> Settings:

@@ -1,7 +1,9 @@
 """Turning a flow's replies into outbound message rows: render the copy, respect the window.
 
 Copy lives in templates/ as Jinja2 plain text. User text only ever arrives as a variable, and
-undefined variables are errors, so a typo in a template fails a test instead of a user.
+undefined variables are errors, so a typo in a template fails a test instead of a user. The
+contact's `locale` chooses the copy (bot/locales.py: templates/<flow>/<locale>/<name>.txt, else its
+language's, else the default copy) and the approved template sent outside the window.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any, Iterable
 from flask import current_app
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from bot import locales
 from bot.clock import utcnow
 from bot.models import Contact, Message
 from bot.templates_dir import TEMPLATES_DIR
@@ -33,23 +36,24 @@ def environment() -> Environment:
                        autoescape=False, keep_trailing_newline=False, trim_blocks=True, lstrip_blocks=True)
 
 
-def render(template: str, variables: dict[str, Any]) -> str:
-    """Render templates/<template>.txt; the bot's name is always available as `business`."""
+def render(template: str, variables: dict[str, Any], locale: str | None = None) -> str:
+    """Render templates/<template>.txt in `locale` (resolved: exact, its language, the default
+    copy); the bot's name is always available as `business`."""
     context = {"business": current_app.config.get("BOT_NAME", "us"), **variables}
-    return environment().get_template(f"{template}.txt").render(context).strip()
+    return environment().get_template(locales.flow_copy_path(template, locale, root=TEMPLATES_DIR)).render(context).strip()
 
 
 def build_messages(replies: Iterable[Reply], contact: Contact, *, conversation_id: str | None = None,
                    kind: str = Kind.REPLY) -> list[Message]:
-    """Message rows (pending) for `replies`; outside the 24-hour window, an approved template
-    replaces the text, or the reply is recorded as skipped (failed, 63016) and never sent."""
-    content_sids = current_app.config["TWILIO_CONTENT_SIDS"]
+    """Message rows (pending) for `replies`, in the contact's locale; outside the 24-hour window,
+    an approved template in that locale (or its language, or the default's) replaces the text,
+    or the reply is recorded as skipped (failed, 63016) and never sent."""
     in_window = within_window(contact.last_inbound_at)
     replies = list(replies)
     created = _creation_times(len(replies))
     rows = []
     for position, reply in enumerate(replies):
-        body = render(reply.template, dict(reply.variables))
+        body = render(reply.template, dict(reply.variables), contact.locale)
         row = Message(direction=Direction.OUTBOUND, kind=kind, contact_id=contact.id,
                       conversation_id=conversation_id, body=body, status=MessageStatus.PENDING, status_rank=MessageStatus.PENDING.rank,
                       template=reply.template,
@@ -59,14 +63,15 @@ def build_messages(replies: Iterable[Reply], contact: Contact, *, conversation_i
             _skip(row, TOO_LONG_CODE, f"the rendered text is {len(body)} characters (at most {MAX_BODY_CHARS})")
             log.warning("reply %s to %s skipped: %d characters", reply.template, contact.phone, len(body))
         elif not in_window:
-            sid = content_sids.get(reply.content_template or "")
+            sid = locales.content_sid(reply.content_template, contact.locale) if reply.content_template else None
             if sid:
                 row.content_sid = sid
                 row.template = reply.content_template
                 row.variables = {str(k): str(v) for k, v in (reply.content_variables or {}).items()}
             else:
                 _skip(row, OUTSIDE_WINDOW_CODE, f"outside the 24-hour window and no approved template "
-                                                f"({reply.content_template or 'none declared'}) in TWILIO_CONTENT_SIDS")
+                                                f"({reply.content_template or 'none declared'}) in TWILIO_CONTENT_SIDS"
+                                                + (f" for locale {contact.locale}" if contact.locale else ""))
                 log.info("reply %s to %s skipped: outside the window, no template", reply.template, contact.phone)
         rows.append(row)
     return rows

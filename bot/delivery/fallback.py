@@ -14,10 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app
 from sqlalchemy.exc import IntegrityError
 
-from bot.channels.email.copy import has_email_copy
 from bot.delivery import events, outbox, routing
 from bot.delivery.routing import Content
 from bot.extensions import db
@@ -46,13 +44,14 @@ def warrants_fallback(message: Message) -> bool:
     return message.error_code in WHATSAPP_UNREACHABLE | WHATSAPP_REFUSED
 
 
-def content_of(message: Message) -> Content:
-    """What the message says, as the choice of channel sees it."""
-    sids = current_app.config.get("TWILIO_CONTENT_SIDS") or {}
-    return Content(body=message.body, subject=message.subject, template=message.template,
-                   has_media=bool(message.media_urls),
-                   whatsapp_template=bool(message.content_sid) or message.template in sids,
-                   email_template=message.template is not None and has_email_copy(message.template))
+def content_of(message: Message, contact: Contact) -> Content:
+    """What the message says, as the choice of channel sees it, in the contact's locale: a
+    template's copy on the next channel must be in their language too (bot/locales.py)."""
+    if message.template is None:
+        return Content(body=message.body, subject=message.subject, has_media=bool(message.media_urls))
+    copy = routing.template_copy(message.template, contact.locale, direct_sid=message.content_sid)
+    return copy.content(message.template, body=message.body, subject=message.subject,
+                        has_media=bool(message.media_urls))
 
 
 def consider(message: Message) -> Message | None:
@@ -66,15 +65,16 @@ def consider(message: Message) -> Message | None:
     contact = db.session.get(Contact, message.contact_id)
     if contact is None or contact.user_id is None:
         return None  # a phone-only contact has no other channel: nothing to say
-    channel, skipped = routing.choose(contact, content_of(message), exclude=frozenset({message.channel}))
+    content = content_of(message, contact)
+    channel, skipped = routing.choose(contact, content, exclude=frozenset({message.channel}))
     if channel is None:
         _report(message, None, reasons={name: str(reason) for name, reason in skipped.items()})
         return None
-    sids = current_app.config.get("TWILIO_CONTENT_SIDS") or {}
     fallback = Message(
         direction=Direction.OUTBOUND, kind=message.kind, contact_id=message.contact_id, channel=channel,
         fallback_of=message.id, subject=message.subject, body=message.body, template=message.template,
-        content_sid=(message.content_sid or sids.get(message.template)) if channel == Channel.WHATSAPP else None,
+        content_sid=(message.content_sid or routing.template_copy(message.template, contact.locale).content_sid)
+        if channel == Channel.WHATSAPP and message.template is not None else None,
         variables=message.variables, status=MessageStatus.PENDING, status_rank=MessageStatus.PENDING.rank,
         backend_metadata=message.backend_metadata, conversation_id=message.conversation_id,
         broadcast_id=message.broadcast_id,

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from bot import locales
+from bot.locales import Copy
 from bot.models import Contact
 from bot.channels.whatsapp.whatsapp import within_window
 from bot.vocabulary import Channel, Consent
@@ -24,6 +26,9 @@ class Unusable(StrEnum):
     OPTED_OUT = "opted_out"
     WINDOW_CLOSED = "window_closed"
     NO_COPY = "no_copy"  # the template has no copy on this channel
+    #: The template has copy on this channel, but in no language the user's locale resolves to
+    #: (bot/locales.py): never sent in another language.
+    NO_COPY_IN_LOCALE = "no_copy_in_locale"
     NO_SUBJECT = "no_subject"  # free text by email needs a subject
     MEDIA = "media"  # email here carries no attachments
 
@@ -39,6 +44,40 @@ class Content:
     #: The template has an approved WhatsApp template (a ContentSid) / email copy.
     whatsapp_template: bool = False
     email_template: bool = False
+    #: The template has copy on that channel, only not in the user's language (NO_COPY_IN_LOCALE).
+    whatsapp_other_locales: bool = False
+    email_other_locales: bool = False
+
+
+@dataclass(frozen=True)
+class TemplateCopy:
+    """A template's copy on each channel for one user's locale (bot/locales.py)."""
+
+    #: The approved WhatsApp template's ContentSid in the user's language; None: none matches.
+    content_sid: str | None = None
+    whatsapp_other_locales: bool = False
+    email: bool = False
+    email_other_locales: bool = False
+
+    def content(self, template: str, **fields: object) -> Content:
+        """The `Content` of a notification naming this template."""
+        return Content(template=template, whatsapp_template=self.content_sid is not None,
+                       whatsapp_other_locales=self.whatsapp_other_locales, email_template=self.email,
+                       email_other_locales=self.email_other_locales, **fields)  # type: ignore[arg-type]
+
+
+def template_copy(template: str, locale: str | None, *, direct_sid: str | None = None) -> TemplateCopy:
+    """Which copy of `template` a user whose locale is `locale` gets on each channel: exact,
+    its language, the default locale; `direct_sid`, a ContentSid the backend named itself, is
+    taken as it is (the backend chose its language)."""
+    if direct_sid is not None:
+        sid, whatsapp_elsewhere = direct_sid, False
+    else:
+        sid = locales.content_sid(template, locale)
+        whatsapp_elsewhere = sid is None and bool(locales.available_locales(Copy.WHATSAPP, template))
+    email = locales.template_locale(Copy.EMAIL, template, locale) is not None
+    email_elsewhere = not email and bool(locales.available_locales(Copy.EMAIL, template))
+    return TemplateCopy(sid, whatsapp_elsewhere, email, email_elsewhere)
 
 
 def unusable(contact: Contact, channel: str, content: Content, *, stop_waiting: bool = False) -> Unusable | None:
@@ -54,13 +93,17 @@ def unusable(contact: Contact, channel: str, content: Content, *, stop_waiting: 
         if content.has_media:
             return Unusable.MEDIA
         if content.template is not None:
-            return None if content.email_template else Unusable.NO_COPY
+            return None if content.email_template else _no_copy(content.email_other_locales)
         return None if content.subject else Unusable.NO_SUBJECT
     if contact.consent == Consent.OPTED_OUT or stop_waiting:
         return Unusable.OPTED_OUT
     if content.template is not None:
-        return None if content.whatsapp_template else Unusable.NO_COPY
+        return None if content.whatsapp_template else _no_copy(content.whatsapp_other_locales)
     return None if within_window(contact.last_inbound_at) else Unusable.WINDOW_CLOSED
+
+
+def _no_copy(in_other_locales: bool) -> Unusable:
+    return Unusable.NO_COPY_IN_LOCALE if in_other_locales else Unusable.NO_COPY
 
 
 def choose(contact: Contact, content: Content, *, pinned: str | None = None, exclude: frozenset[str] = frozenset(),

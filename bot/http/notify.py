@@ -16,6 +16,7 @@ from flask import Blueprint, abort, current_app, jsonify, request, url_for
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
+from bot import locales
 from bot.clock import isoformat, utcnow
 from bot.delivery import outbox
 from bot.contacts import (FACTS, contact_by_phone_cte, get_or_create_contact, new_contact_statement, opt_out_waiting,
@@ -23,7 +24,8 @@ from bot.contacts import (FACTS, contact_by_phone_cte, get_or_create_contact, ne
 from bot.conversations.handoff import in_handoff
 from bot.conversations.users import UserConflict, upsert_user
 from bot.delivery import routing
-from bot.delivery.routing import Content, Unusable
+from bot.delivery.routing import Content, Unusable, template_copy
+from bot.locales import Copy
 from bot.extensions import db
 from bot.models import (Contact, Conversation, EmailEvent, IdempotencyKey, Message, StatusEvent, is_public_id,
                         new_id)
@@ -153,12 +155,49 @@ def _window_closed():
     )
 
 
+def _no_copy_in_locale(template: str, locale: str | None, skipped: dict[str, str] | None = None):
+    """400: the template exists, but in no language the recipient's locale resolves to (exact,
+    its language, DEFAULT_LOCALE); nothing is sent rather than the wrong language."""
+    default = locales.default_locale()
+    wanted = f"locale {locale!r}" if locale else "no locale (the default applies)"
+    extra: dict[str, Any] = {"template": template, "locale": locale}
+    if skipped is not None:
+        extra["skipped"] = skipped
+    return _error(400, f"template {template!r} has no copy for the recipient's {wanted}, its language or "
+                       f"the default locale {default!r} on any channel that could carry it; nothing was sent",
+                  **extra)
+
+
+def _whatsapp_sid(notification: NotifyRequest, locale: str | None) -> str | None:
+    """The ContentSid a template message to this recipient carries: a SID the backend named
+    itself as it is; a configured name's in the recipient's locale (bot/locales.py)."""
+    if notification.template is None or notification.template not in current_app.config["TWILIO_CONTENT_SIDS"]:
+        return notification.content_sid
+    return locales.content_sid(notification.template, locale)
+
+
+def _locale_of_number(notification: NotifyRequest) -> tuple[bool, str | None]:
+    """Whether the number's stored locale matters for this message, and that locale: only for a
+    template configured in more than the default locale (else no lookup on the hot path)."""
+    template = notification.template
+    if template is None or template not in current_app.config["TWILIO_CONTENT_SIDS"]:
+        return False, None
+    if locales.available_locales(Copy.WHATSAPP, template) == {locales.default_locale()}:
+        return False, None
+    return True, db.session.scalar(sa.select(Contact.locale).where(Contact.phone == notification.to))
+
+
 def _notify_number(notification: NotifyRequest, key: str | None):
     """A message to a number: the contact (created if new), the refusals (opted out, an opt-out
     waiting for the engine, outside the 24-hour window) and the row with its Idempotency-Key, in
     one statement on PostgreSQL; the contact's facts and then the row on SQLite. One commit."""
     now = utcnow()
     params = _message_params(notification, key, Channel.WHATSAPP, now)
+    matters, locale = _locale_of_number(notification)
+    params["content_sid"] = _whatsapp_sid(notification, locale)
+    if notification.template is not None and params["content_sid"] is None:
+        db.session.rollback()
+        return _no_copy_in_locale(notification.template, locale if matters else None)
     params.update(phone=notification.to, window_opens=now - SESSION_WINDOW, any_time=not notification.is_free_form)
     dialect = db.session.get_bind().dialect.name
     try:
@@ -319,11 +358,16 @@ def _notify_number_statement(with_key: bool) -> sa.Select:
             .add_cte(*ctes))
 
 
-def _queue(notification: NotifyRequest, contact: Contact, channel: str, key: str | None):
-    """Store a user's message (the outbox) and answer 202; its send is enqueued after the commit."""
+def _queue(notification: NotifyRequest, contact: Contact, channel: str, key: str | None,
+           content_sid: str | None = None):
+    """Store a user's message (the outbox) and answer 202; its send is enqueued after the commit.
+    `content_sid`: the template's ContentSid in the user's locale (kept on an email too, for a
+    fallback to WhatsApp in the same language)."""
     now = utcnow()
     params = _message_params(notification, key, channel, now)
     params["contact_id"] = contact.id
+    if notification.template is not None:
+        params["content_sid"] = content_sid
     user_id, to = contact.user_id, contact.address_on(channel)  # read before the commit expires them
     try:
         _insert_message(params, key)
@@ -382,20 +426,28 @@ def _notify_user(notification: NotifyRequest, key: str | None):
             db.session.commit()
             return _error(409, "the user has opted out of WhatsApp; nothing is sent until they opt back in")
         return _start_flow(notification, contact, key)
-    content = Content(body=notification.body, subject=notification.subject, template=notification.template,
-                      has_media=bool(notification.media_urls), whatsapp_template=notification.content_sid is not None,
-                      email_template=notification.template in email_templates())
+    content_sid = None
+    if notification.template is not None:
+        # The user's locale chooses the copy on each channel (bot/locales.py).
+        direct = notification.content_sid if notification.template not in current_app.config["TWILIO_CONTENT_SIDS"] else None
+        copy = template_copy(notification.template, contact.locale, direct_sid=direct)
+        content_sid = copy.content_sid
+        content = copy.content(notification.template, subject=notification.subject)
+    else:
+        content = Content(body=notification.body, subject=notification.subject, has_media=bool(notification.media_urls))
     channel, skipped = routing.choose(contact, content, pinned=notification.channel, stop_waiting=stop_waiting)
     if channel is None:
         db.session.commit()  # the inline user is stored all the same
         reasons = {name: str(reason) for name, reason in skipped.items()}
         if Unusable.OPTED_OUT in skipped.values() and set(skipped.values()) <= {Unusable.OPTED_OUT, Unusable.NO_ADDRESS}:
             return _error(409, "the user has opted out of every channel that could reach them", skipped=reasons)
+        if Unusable.NO_COPY_IN_LOCALE in skipped.values():
+            return _no_copy_in_locale(notification.template, contact.locale, reasons)
         if skipped == {Channel.WHATSAPP: Unusable.WINDOW_CLOSED}:
             return _window_closed()
         return _error(422, "no channel can carry this message to this user: "
                            + ", ".join(f"{name}: {reason}" for name, reason in reasons.items()), skipped=reasons)
-    return _queue(notification, contact, channel, key)
+    return _queue(notification, contact, channel, key, content_sid)
 
 
 @functools.cache
@@ -413,8 +465,10 @@ def _start_flow(notification: NotifyRequest, contact, key: str | None):
                            "DELETE /contacts/<phone>/handoff or the handoff ends")
     flow = registry()[notification.flow]
     template = flow.start_content_template
-    if not within_window(contact.last_inbound_at) and template not in current_app.config["TWILIO_CONTENT_SIDS"]:
+    if not within_window(contact.last_inbound_at) and (not template or locales.content_sid(template, contact.locale) is None):
         db.session.commit()
+        if template and locales.available_locales(Copy.WHATSAPP, template):
+            return _no_copy_in_locale(template, contact.locale)  # approved, but not in their language
         return _error(
             422,
             f"the recipient has not written in the last 24 hours; flow {flow.name!r} can open the "

@@ -87,7 +87,8 @@ class NotifyRequest:
 class NotifyContext:
     """The runtime configuration /notify validates against: template names and flows."""
 
-    content_sids: Mapping[str, str]
+    #: TWILIO_CONTENT_SIDS: a name -> one ContentSid, or -> {locale: ContentSid}.
+    content_sids: Mapping[str, Any]
     flows: Mapping[str, Flow]
     #: Templates that have email copy (templates/email/<name>/): a user's notification may name one.
     email_templates: frozenset[str] = frozenset()
@@ -285,11 +286,15 @@ class NotifyBody(RequestBody):
             raise InvalidRequest("'to' is a phone number: only \"whatsapp\" reaches it; use 'user_id' for email")
 
     def _check_template(self, context: NotifyContext) -> str | None:
-        """The template's ContentSid (a configured name, or an HX… SID given directly); None for
-        a user's template that exists only as email copy."""
+        """The template's ContentSid (a configured name with one SID, or an HX… SID given
+        directly); None for a template configured per locale, or one that exists only as a
+        user's email copy."""
         content_sids = context.content_sids
         if self.template in content_sids:
-            content_sid = content_sids[self.template]
+            # One SID: the default locale's. Per locale ({"en": "HX…", …}): the route resolves the
+            # recipient's locale (bot/locales.py), so nothing is chosen here.
+            entry = content_sids[self.template]
+            content_sid = entry if isinstance(entry, str) else None
         elif self.template.startswith("HX") and len(self.template) == 34:
             content_sid = self.template
         elif self.user_id is not None and self.template in context.email_templates:
@@ -321,7 +326,7 @@ class NotifyBody(RequestBody):
         return NotifyRequest(to=self.to, body=self.body, media_urls=media_urls, **extra)
 
 
-def parse_notify(payload: Any, content_sids: Mapping[str, str], flows: Mapping[str, Flow] | None = None,
+def parse_notify(payload: Any, content_sids: Mapping[str, Any], flows: Mapping[str, Flow] | None = None,
                  email_templates: frozenset[str] = frozenset()) -> NotifyRequest:
     """Validate a decoded JSON payload against the HTTP contract (docs/api.md, "Sending a notification").
 

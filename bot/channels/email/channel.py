@@ -56,8 +56,10 @@ def public_url() -> str:
 def build(row: Any, contact: Contact) -> dict[str, Any]:
     """The v3 mail body of one message: its template's email copy, or its subject and text."""
     if row.template:
+        # The user's locale at send time chooses the copy (bot/locales.py); /notify checked that
+        # one exists when it routed the message here.
         copy = render_email(row.template, {"name": contact.name, **(row.variables or {})},
-                            business=current_app.config.get("BOT_NAME", "us"))
+                            business=current_app.config.get("BOT_NAME", "us"), locale=contact.locale)
         subject, text, html = row.subject or copy.subject, copy.text, copy.html
     else:
         subject, text, html = row.subject or "", row.body or "", None

@@ -8,20 +8,24 @@ as in the WhatsApp copy (bot/conversations/replies.py), so a typo fails a test, 
 
 The folder is the WhatsApp copy's (bot/templates_dir.py: the installed package's bot/templates
 first, then the checkout's templates/, then the working directory's).
+
+Per locale (bot/locales.py): the files in templates/email/<template>/ are the DEFAULT_LOCALE's
+copy; templates/email/<template>/<locale>/ holds the same three files in another locale
+(`login/pt-BR/`). The user's locale picks one: exact, its language, the default; none matching
+is `NoCopyForLocale`, a LookupError, and nothing is sent.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateNotFound, select_autoescape
 
+from bot import locales
+from bot.locales import EMAIL_DIR, Copy
 from bot.templates_dir import TEMPLATES_DIR
 
-#: templates/<EMAIL_DIR>/<template>/: beside the WhatsApp copy, in its own namespace.
-EMAIL_DIR = "email"
 PARTS = ("subject.txt", "body.txt", "body.html")
 
 
@@ -45,45 +49,42 @@ def environment() -> Environment:
                        keep_trailing_newline=False, trim_blocks=True, lstrip_blocks=True)
 
 
-_NAME = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
-
-
-def _valid_name(template: str) -> bool:
-    # A template name comes from a request: never let it climb out of templates/email/.
-    return isinstance(template, str) and _NAME.fullmatch(template) is not None
-
-
-def has_email_copy(template: str) -> bool:
-    """Whether templates/email/<template>/ has the subject and text an email needs."""
-    if not _valid_name(template):
-        return False
-    folder = TEMPLATES_DIR / EMAIL_DIR / template
-    return (folder / "subject.txt").is_file() and (folder / "body.txt").is_file()
+def has_email_copy(template: str, locale: str | None = None) -> bool:
+    """Whether templates/email/<template>/ has the subject and text an email needs: in any
+    locale, or (with `locale`) in one the user's locale resolves to."""
+    found = locales.available_locales(Copy.EMAIL, template, config={}, root=TEMPLATES_DIR)
+    if locale is None:
+        return bool(found)
+    return locales.template_locale(Copy.EMAIL, template, locale, root=TEMPLATES_DIR) is not None
 
 
 @lru_cache(maxsize=1)
 def email_templates() -> frozenset[str]:
-    """Every template name with email copy (what `has_email_copy` accepts). Read once per process:
-    the copy ships with the code (a directory listing on every /notify cost 5% of its CPU)."""
-    folder = TEMPLATES_DIR / EMAIL_DIR
-    names = (path.name for path in folder.iterdir() if path.is_dir()) if folder.is_dir() else ()
-    return frozenset(name for name in names if has_email_copy(name))
+    """Every template name with email copy in some locale (what `has_email_copy` accepts). Read
+    once per process: the copy ships with the code (a directory listing on every /notify cost 5%
+    of its CPU)."""
+    return frozenset(locales.copy_index(TEMPLATES_DIR).email)
 
 
-def render_email(template: str, variables: dict[str, Any], *, business: str = "us") -> EmailCopy:
-    """Render templates/email/<template>/ with `variables`.
+def render_email(template: str, variables: dict[str, Any], *, business: str = "us", locale: str | None = None,
+                 config: Any = None) -> EmailCopy:
+    """Render templates/email/<template>/ with `variables`, in `locale` (resolved by
+    bot/locales.py; None: the default locale's copy). `config` gives DEFAULT_LOCALE (default:
+    the current app's).
 
     The context is `variables` by name, `variables` itself (for keys that are not names, such as
     a WhatsApp template's "1", "2": `variables["1"]`) and `business` (how the sender names itself,
-    BOT_NAME). Raises LookupError when the template has no email copy, and jinja2's
-    UndefinedError when the copy uses a variable that was not given.
+    BOT_NAME). Raises LookupError when the template has no email copy (`NoCopyForLocale` when it
+    has some, but in no language the locale resolves to), and jinja2's UndefinedError when the
+    copy uses a variable that was not given.
     """
     if not has_email_copy(template):
         raise LookupError(f"no email copy named {template!r}")
+    chosen = locales.require_locale(Copy.EMAIL, template, locale, config=config, root=TEMPLATES_DIR)
     env = environment()
     context = {"business": business, **{k: v for k, v in variables.items() if isinstance(k, str)},
                "variables": variables}
-    base = f"{EMAIL_DIR}/{template}"
+    base = locales.email_copy_folder(template, chosen, root=TEMPLATES_DIR)
     subject = " ".join(env.get_template(f"{base}/subject.txt").render(context).split())
     text = env.get_template(f"{base}/body.txt").render(context).strip() + "\n"
     try:
