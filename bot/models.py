@@ -514,6 +514,9 @@ class Broadcast(db.Model):
     tags: Mapped[list[str] | None] = mapped_column(sa.JSON)
     backend_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", sa.JSON)
     send_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    #: The quiet hours each recipient's message honours in their own timezone (`HH:MM-HH:MM`, the
+    #: request's `quiet_hours` or QUIET_HOURS when it was made); None: none.
+    quiet_hours: Mapped[str | None] = mapped_column(sa.String(11))
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
     request_hash: Mapped[str | None] = mapped_column(sa.String(64))
     #: How many user ids and phones the request listed, and the last one resolved so far.
@@ -560,3 +563,5 @@ class BroadcastRecipient(db.Model):
     channel: Mapped[str] = mapped_column(sa.String(16))
     #: The template's variables with this recipient's own fields filled in (None: the broadcast's).
     variables: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    #: The approved WhatsApp template in this recipient's locale (bot/locales.py); None by email.
+    content_sid: Mapped[str | None] = mapped_column(sa.String(34))

@@ -16,16 +16,15 @@ from typing import Any, Iterable
 import sqlalchemy as sa
 from flask import current_app
 
-from bot.channels.email.copy import email_templates
 from bot.clock import utcnow
 from bot.contacts import dialect_insert, opt_out_waiting_clause
 from bot.delivery import routing
-from bot.delivery.routing import Content, Unusable
+from bot.delivery.routing import Content, TemplateCopy, Unusable, template_copy
 from bot.extensions import db
 from bot.broadcasts.variables import has_user_references, resolve_variables
 from bot.models import Broadcast, BroadcastRecipient, BroadcastTarget, Contact, ContactTag
 from bot.phone import InvalidNumber, normalize_e164
-from bot.vocabulary import Consent
+from bot.vocabulary import Channel, Consent
 
 
 class Skip:
@@ -37,6 +36,8 @@ class Skip:
     HANDOFF = "handoff"
     DUPLICATE = "duplicate"
     MISSING_USER_FIELD = "missing_user_field"
+    #: The template has copy, but in no language the user's locale resolves to (bot/locales.py).
+    NO_TEMPLATE_FOR_LOCALE = "no_template_for_locale"
 
 
 def store_targets(broadcast_id: str, user_ids: Iterable[str], phones: Iterable[str]) -> int:
@@ -146,16 +147,30 @@ def _resolve_listed(broadcast: Broadcast, targets: list[sa.Row]) -> None:
     _add(broadcast, found, skipped)
 
 
-def _content(broadcast: Broadcast) -> Content:
-    return Content(body=broadcast.body, subject=broadcast.subject, template=broadcast.template,
-                   whatsapp_template=broadcast.content_sid is not None,
-                   email_template=broadcast.template is not None and broadcast.template in email_templates())
+class _Copies:
+    """The broadcast's copy in each locale met in a batch (one resolution per locale, not per person)."""
+
+    def __init__(self, broadcast: Broadcast) -> None:
+        self.broadcast = broadcast
+        self.by_locale: dict[str | None, TemplateCopy] = {}
+
+    def content(self, locale: str | None) -> tuple[Content, str | None]:
+        """What the choice of channel sees for a recipient in `locale`, and the WhatsApp ContentSid."""
+        broadcast = self.broadcast
+        if broadcast.template is None:
+            return Content(body=broadcast.body, subject=broadcast.subject), None
+        copy = self.by_locale.get(locale)
+        if copy is None:
+            copy = self.by_locale[locale] = template_copy(broadcast.template, locale, direct_sid=broadcast.content_sid)
+        return copy.content(broadcast.template, subject=broadcast.subject), copy.content_sid
 
 
 def _unusable_reason(skipped: dict[str, Unusable]) -> str:
     """One skip reason from why each channel was unusable: opted out when that is what kept the
     person out, else the one reason, else `no_channel`."""
     reasons = set(skipped.values())
+    if Unusable.NO_COPY_IN_LOCALE in reasons:
+        return Skip.NO_TEMPLATE_FOR_LOCALE
     if Unusable.OPTED_OUT in reasons and reasons <= {Unusable.OPTED_OUT, Unusable.NO_ADDRESS}:
         return Skip.OPTED_OUT
     if len(reasons) == 1:
@@ -167,7 +182,7 @@ def _add(broadcast: Broadcast, entries: list[tuple[Contact, bool] | None], skipp
     """Turn one batch of contacts into recipients (deduplicated against this batch and every
     earlier one), counting what is skipped and why."""
     now = utcnow()
-    content = _content(broadcast)
+    copies = _Copies(broadcast)
     references = has_user_references(broadcast.variables)
     candidates = {entry[0].id for entry in entries if entry is not None}
     seen = set(db.session.scalars(
@@ -179,13 +194,15 @@ def _add(broadcast: Broadcast, entries: list[tuple[Contact, bool] | None], skipp
         if entry is None:  # a tagged user deleted meanwhile
             continue
         contact, stop_waiting = entry
+        content, content_sid = copies.content(contact.locale)
         reason, channel, variables = _decide(broadcast, contact, stop_waiting, content, references, seen, now)
         if reason is not None:
             skipped[reason] += 1
             continue
         seen.add(contact.id)
         rows.append({"broadcast_id": broadcast.id, "position": broadcast.recipients + len(rows) + 1,
-                     "contact_id": contact.id, "channel": channel, "variables": variables})
+                     "contact_id": contact.id, "channel": channel, "variables": variables,
+                     "content_sid": content_sid if channel == Channel.WHATSAPP else None})
     if rows:
         db.session.execute(sa.insert(BroadcastRecipient), rows)
         broadcast.recipients += len(rows)

@@ -29,9 +29,10 @@ from bot.broadcasts.variables import resolve_variables
 from bot.clock import utcnow
 from bot.delivery import events, outbox
 from bot.delivery.claims import UNSENT
+from bot.delivery.holding import parse_quiet_hours, release_at, zone
 from bot.delivery.rate_limit import bulk_share_rate
 from bot.extensions import db
-from bot.models import Broadcast, BroadcastRecipient, BroadcastTarget, Message, new_id
+from bot.models import Broadcast, BroadcastRecipient, BroadcastTarget, Contact, Message, new_id
 from bot.vocabulary import LIVE_BROADCAST, BroadcastState, Channel, Direction, EventType, Kind, MessageStatus
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,13 @@ def _next(broadcast_id: str, token: str, delay: float) -> None:
         log.exception("could not schedule broadcast %s's next turn; the sweep will", broadcast_id)
 
 
-def _unsent(broadcast_id: str) -> int:
-    return db.session.scalar(sa.select(sa.func.count()).select_from(Message).where(
-        Message.broadcast_id == broadcast_id, Message.status.in_(UNSENT))) or 0
+def _unsent(broadcast_id: str, *, held: bool = True) -> int:
+    """Its messages not yet accepted by a provider; `held=False`: leaving out those held for
+    quiet hours (they wait in the database, not in the window)."""
+    where = [Message.broadcast_id == broadcast_id, Message.status.in_(UNSENT)]
+    if not held:
+        where.append(sa.or_(Message.not_before.is_(None), Message.not_before <= utcnow()))
+    return db.session.scalar(sa.select(sa.func.count()).select_from(Message).where(*where)) or 0
 
 
 def _finished(broadcast: Broadcast) -> bool:
@@ -134,29 +139,35 @@ def _finished(broadcast: Broadcast) -> bool:
 def release(broadcast: Broadcast, now: datetime) -> int:
     """Release the next recipients' messages, up to the window; returns how many. Does not
     commit: each message's send is enqueued once the turn commits (the outbox, invariant 1)."""
-    room = window() - _unsent(broadcast.id)
+    room = window() - _unsent(broadcast.id, held=False)
     if room <= 0:
         return 0
     recipients = db.session.execute(
         sa.select(BroadcastRecipient.position, BroadcastRecipient.contact_id, BroadcastRecipient.channel,
-                  BroadcastRecipient.variables)
+                  BroadcastRecipient.variables, BroadcastRecipient.content_sid, Contact.timezone)
+        .join(Contact, Contact.id == BroadcastRecipient.contact_id)
         .where(BroadcastRecipient.broadcast_id == broadcast.id, BroadcastRecipient.position > broadcast.released)
         .order_by(BroadcastRecipient.position).limit(room)).all()
     if not recipients:
         return 0
     shared = resolve_variables(broadcast.variables or {}, {}) if broadcast.template else None
+    quiet = parse_quiet_hours(broadcast.quiet_hours)
+    default_zone = str(current_app.config.get("DEFAULT_TIMEZONE") or "UTC")
     rows = [{
         "id": new_id(), "direction": Direction.OUTBOUND.value, "kind": Kind.BROADCAST.value,
         "contact_id": recipient.contact_id, "channel": recipient.channel, "broadcast_id": broadcast.id,
         "subject": broadcast.subject, "body": broadcast.body, "template": broadcast.template,
-        "content_sid": broadcast.content_sid if recipient.channel == Channel.WHATSAPP else None,
+        "content_sid": recipient.content_sid if recipient.channel == Channel.WHATSAPP else None,
+        # Quiet hours in the recipient's own timezone: held in the database until they end
+        # (invariant 15; bot/delivery/release.py lets it go).
+        "not_before": release_at(now, None, quiet, zone(recipient.timezone, default_zone)) if quiet else None,
         "variables": recipient.variables or shared or None, "backend_metadata": broadcast.backend_metadata,
         "status": MessageStatus.PENDING.value, "status_rank": MessageStatus.PENDING.rank, "attempts": 0,
         "created_at": now, "updated_at": now,
     } for recipient in recipients]
     db.session.execute(sa.insert(Message), rows)
     for row in rows:
-        outbox.defer_send(row["id"], Kind.BROADCAST)
+        outbox.defer_send(row["id"], Kind.BROADCAST, at=row["not_before"])
     broadcast.released = recipients[-1].position
     return len(rows)
 

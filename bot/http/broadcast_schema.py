@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Mapping, Self
 from pydantic import AfterValidator, ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
 
 from bot.broadcasts.variables import USER_FIELDS, USER_REFERENCE
+from bot.delivery.holding import InvalidQuietHours, parse_quiet_hours
 from bot.channels.whatsapp.whatsapp import MAX_BODY_CHARS, MAX_TEMPLATE_VARIABLES_CHARS
 from bot.http.schemas import (MAX_FLOW_VARIABLE_CHARS, MAX_SUBJECT_CHARS, MAX_USER_ID_CHARS, InvalidRequest,
                               RequestBody, _metadata_refusal, _small_metadata, check_tags, check_user_id, refuse_as,
@@ -53,6 +54,13 @@ def _variable(value: Any) -> Any:
             raise InvalidRequest(f"variable reference {value[:80]!r} names no user field; "
                                  f"known: {', '.join(USER_REFERENCE + name for name in USER_FIELDS)}")
     return value
+
+
+def _quiet_hours(value: str) -> str:
+    try:
+        return str(parse_quiet_hours(value) or "")
+    except InvalidQuietHours as exc:
+        raise InvalidRequest(f"'quiet_hours': {exc}") from None
 
 
 def _send_at(value: str) -> datetime:
@@ -112,6 +120,8 @@ class BroadcastRequest:
     channel: str | None
     send_at: str | None
     metadata: dict[str, Any] | None
+    #: The request's `quiet_hours` ("" turns them off); None: not given (QUIET_HOURS applies).
+    quiet_hours: str | None = None
 
     def fingerprint(self) -> str:
         """A hash of the normalised request: the same Idempotency-Key with another payload is a 422."""
@@ -123,7 +133,8 @@ class BroadcastRequest:
 class BroadcastContext:
     """The configuration a broadcast is validated against: WhatsApp templates and email copy."""
 
-    content_sids: Mapping[str, str]
+    #: TWILIO_CONTENT_SIDS: a name -> one ContentSid, or -> {locale: ContentSid}.
+    content_sids: Mapping[str, Any]
     email_templates: frozenset[str] = frozenset()
 
 
@@ -167,6 +178,11 @@ class BroadcastBody(RequestBody):
     metadata: Annotated[dict[str, Any] | None, AfterValidator(_small_metadata), refuse_as(_metadata_refusal),
                         Field(description="your own JSON object (at most 4096 bytes), echoed in every event of "
                                           "the broadcast and its messages")] = None
+    quiet_hours: Annotated[str | None, AfterValidator(lambda v: v if v is None else _quiet_hours(v)),
+                           refuse_as("'quiet_hours' must be 'HH:MM-HH:MM' or null"),
+                           Field(description="hold each recipient's message while it is this time of day in "
+                                             "their own timezone (e.g. 21:00-08:00); null: none for this "
+                                             "broadcast; absent: QUIET_HOURS")] = None
 
     _content_sid: str | None = PrivateAttr(default=None)
 
@@ -186,7 +202,7 @@ class BroadcastBody(RequestBody):
             raise InvalidRequest("'variables' only goes with 'template'")
         if self.template is not None:
             if self.template in context.content_sids:
-                self._content_sid = context.content_sids[self.template]
+                pass  # the ContentSid in each recipient's locale is chosen while expanding (bot/locales.py)
             elif self.template.startswith("HX") and len(self.template) == 34:
                 self._content_sid = self.template
             elif self.template not in context.email_templates:
@@ -205,7 +221,8 @@ class BroadcastBody(RequestBody):
             user_ids=tuple(self.audience.user_ids), phones=tuple(self.audience.phones), tags=tuple(self.audience.tags),
             template=self.template, content_sid=self._content_sid, body=self.body, subject=self.subject,
             variables={key: value for key, value in (self.variables or {}).items()}, channel=self.channel,
-            send_at=self.send_at, metadata=self.metadata)
+            send_at=self.send_at, metadata=self.metadata,
+            quiet_hours=(self.quiet_hours or "") if "quiet_hours" in self.model_fields_set else None)
 
 
 def parse_broadcast(payload: Any, content_sids: Mapping[str, str],

@@ -7,6 +7,8 @@ audience and sending are the worker's (bot/broadcasts/; docs/delivery.md, "Broad
 """
 from __future__ import annotations
 
+from datetime import datetime
+
 from flask import Blueprint, abort, current_app, jsonify, request, url_for
 from sqlalchemy.exc import IntegrityError
 
@@ -89,13 +91,15 @@ def create_broadcast():
     return _accepted(broadcast.id)
 
 
-def _store(asked: BroadcastRequest, send_at, key: str | None) -> Broadcast:
+def _store(asked: BroadcastRequest, send_at: datetime | None, key: str | None) -> Broadcast:
     """The broadcast, its listed audience and its Idempotency-Key; the pump deferred. No commit."""
     broadcast = Broadcast(
         state=BroadcastState.SCHEDULED if send_at is not None else BroadcastState.EXPANDING,
         channel=asked.channel, subject=asked.subject, body=asked.body, template=asked.template,
         content_sid=asked.content_sid, variables=asked.variables or None, tags=list(asked.tags) or None,
         backend_metadata=asked.metadata, send_at=send_at, idempotency_key=key,
+        quiet_hours=(asked.quiet_hours if asked.quiet_hours is not None
+                     else str(current_app.config.get("QUIET_HOURS") or "")) or None,
         request_hash=asked.fingerprint() if key else None, skipped={})
     outbox.defer(outbox.Work.BROADCAST, broadcast, outbox.Priority.BROADCAST)  # assigns its id
     db.session.add(broadcast)

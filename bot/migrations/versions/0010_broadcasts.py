@@ -1,7 +1,7 @@
 """broadcasts: one message to many, user tags
 
 Revision ID: 0010
-Revises: 0007
+Revises: 0009 (0007 on its own branch; chained after the merge of 'schedule')
 Create Date: 2026-12-06 18:00:00
 
 A broadcast (`broadcasts`) with its audience as listed (`broadcast_targets`) and as resolved
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 
 revision = '0010'
-down_revision = '0007'
+down_revision = '0009'
 branch_labels = None
 depends_on = None
 
@@ -32,6 +32,7 @@ def upgrade():
         sa.Column('tags', sa.JSON(), nullable=True),
         sa.Column('metadata', sa.JSON(), nullable=True),
         sa.Column('send_at', sa.DateTime(), nullable=True),
+        sa.Column('quiet_hours', sa.String(length=11), nullable=True),
         sa.Column('idempotency_key', sa.String(length=255), nullable=True),
         sa.Column('request_hash', sa.String(length=64), nullable=True),
         sa.Column('targets', sa.Integer(), server_default='0', nullable=False),
@@ -64,6 +65,7 @@ def upgrade():
         sa.Column('contact_id', sa.Integer(), nullable=False),
         sa.Column('channel', sa.String(length=16), nullable=False),
         sa.Column('variables', sa.JSON(), nullable=True),
+        sa.Column('content_sid', sa.String(length=34), nullable=True),
         sa.ForeignKeyConstraint(['broadcast_id'], ['broadcasts.id'], ondelete='CASCADE'),
         sa.ForeignKeyConstraint(['contact_id'], ['contacts.id'], ondelete='CASCADE'),
         sa.PrimaryKeyConstraint('broadcast_id', 'position'),
