@@ -18,8 +18,9 @@ from pydantic.json_schema import models_json_schema
 
 from bot.http.notify import MAX_IDEMPOTENCY_KEY
 from bot.http.events_api import DEFAULT_LIMIT, MAX_LIMIT
+from bot.http.broadcast_schema import BroadcastBody
 from bot.http.schemas import ConsentBody, HandoffBody, NotifyBody, ReplayBody, UserBody
-from bot.vocabulary import Channel, Consent, ConversationStatus, EventStatus, EventType, MessageStatus
+from bot.vocabulary import BroadcastState, Channel, Consent, ConversationStatus, EventStatus, EventType, MessageStatus
 
 bp = Blueprint("openapi", __name__)
 
@@ -100,6 +101,7 @@ class Message(BaseModel):
     created_at: str | None
     updated_at: str | None
     sent_at: str | None
+    broadcast_id: str | None = Field(None, description="the broadcast this message is one recipient's copy of")
     events: list[StatusEvent]
 
 
@@ -215,8 +217,57 @@ class User(BaseModel):
     timezone: str | None
     channels: list[Channel] = Field(description="the order of channels to try")
     consent: UserConsent
+    tags: list[str] = Field(description="the user's tags (a broadcast's audience may name them)")
     created_at: str | None
     updated_at: str | None
+
+
+class BroadcastAccepted(BaseModel):
+    """202 from POST /broadcasts (Location: its GET /broadcasts/<id>): stored, not yet expanded."""
+
+    id: str
+    state: BroadcastState
+    targets: int = Field(description="user ids and phones listed (tags are resolved by the worker)")
+    tags: list[str]
+    url: str
+
+
+class ChannelCounts(BaseModel):
+    """A broadcast's messages on one channel."""
+
+    queued: int
+    sent: int
+    delivered: int
+    read: int
+    failed: int
+    canceled: int
+
+
+class BroadcastCounts(BaseModel):
+    """GET /broadcasts/<id> (and POST …/cancel): a broadcast's state and counts so far."""
+
+    id: str
+    state: BroadcastState
+    recipients: int = Field(description="people it messages: resolved, deduplicated, not skipped")
+    skipped: dict[str, int] = Field(description="audience entries never messaged, by reason (opted_out, handoff, "
+                                                "duplicate, unknown_user, invalid_phone, missing_user_field, "
+                                                "no_template_for_locale, window_closed, no_address, ...)")
+    queued: int = Field(description="recipients whose message has not left yet (held for quiet hours included)")
+    sent: int = Field(description="messages a provider accepted and that have not failed since")
+    delivered: int = Field(description="delivered or read")
+    read: int
+    failed: dict[str, int] = Field(description="failed or undelivered messages by error code")
+    canceled: int = Field(description="messages a cancel stopped before they left")
+    by_channel: dict[str, ChannelCounts]
+    targets: int
+    tags: list[str]
+    template: str | None
+    body: str | None
+    channel: Channel | None
+    metadata: dict[str, Any] | None
+    send_at: str | None
+    created_at: str | None
+    ended_at: str | None
 
 
 @dataclass(frozen=True)
@@ -291,6 +342,21 @@ OPERATIONS = [
     Operation("get", "/users/{user_id}", "A user, with consent per channel",
               answers=dict([(200, ("the user", User)), (400, ("the user id is wrong", Error)), UNAUTHORIZED,
                             (404, ("no such user", Error))])),
+    Operation("post", "/broadcasts", "Send one message to many: user ids, phones and tags (202 at once)",
+              body=BroadcastBody, headers=[IDEMPOTENCY_KEY],
+              answers=dict([(202, ("stored; the worker expands and sends it (a replay of the same "
+                                   "Idempotency-Key has Idempotent-Replayed: true)", BroadcastAccepted)),
+                            (400, ("a field is wrong; `error` says which and why", Error)), UNAUTHORIZED,
+                            (413, ("the body is larger than 8 MB", Error)),
+                            (415, ("Content-Type is not application/json", Error)),
+                            (422, ("an Idempotency-Key reused with another payload", Error))])),
+    Operation("get", "/broadcasts/{broadcast_id}", "A broadcast's state and counts",
+              answers=dict([(200, ("the broadcast", BroadcastCounts)), UNAUTHORIZED,
+                            (404, ("no such broadcast", Error))])),
+    Operation("post", "/broadcasts/{broadcast_id}/cancel", "Stop a broadcast: nothing more leaves",
+              answers=dict([(200, ("canceled (or already canceled): the counts of what left", BroadcastCounts)),
+                            UNAUTHORIZED, (404, ("no such broadcast", Error)),
+                            (409, ("the broadcast already completed", Error))])),
     Operation("get", "/events", "Events oldest first, after a cursor, filtered by type, delivery status, contact",
               query=EVENT_FILTERS,
               answers=dict([(200, ("a page of events", EventPage)), (400, ("a filter is wrong", Error)),
@@ -353,9 +419,9 @@ def _operation(operation: Operation) -> dict[str, Any]:
 @lru_cache(maxsize=1)
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document (built once: it depends on code, not on configuration)."""
-    bodies = (NotifyBody, ConsentBody, HandoffBody, ReplayBody, UserBody)
+    bodies = (NotifyBody, ConsentBody, HandoffBody, ReplayBody, UserBody, BroadcastBody)
     models = [*bodies, Error, MessageAccepted, ConversationAccepted, Message, Conversation, Contact, EventPage,
-              EventReplay, EventsReplayed, Handoff, User]
+              EventReplay, EventsReplayed, Handoff, User, BroadcastAccepted, BroadcastCounts]
     # Request bodies as they are validated, answers as they are serialised (`from`, not `from_`).
     _, schemas = models_json_schema(
         [(model, "validation" if model in bodies else "serialization") for model in models],

@@ -323,3 +323,42 @@ def test_the_user_generators_reach_past_validation(app, client, auth, users, twi
         return client.post("/sendgrid/events", data=body, headers=twilio.sendgrid.signed_headers(body))
 
     assert {200, 400} <= _answers(st.one_of(st.lists(SENDGRID_EVENT, max_size=3), JSON_VALUES), post_batch)
+
+
+# ---------------------------------------------------------------- broadcasts
+
+
+AUDIENCE = st.fixed_dictionaries({}, optional={
+    "user_ids": _near([["u1"], ["u1", "u1", "nobody"], [], ["x" * 129], [" u1"], ["u1", 7]]),
+    "phones": _near([[PHONE], [PHONE, "+1 555 123 4567"], ["12345"], ["+999123"], ["whatsapp:" + PHONE]]),
+    "tags": _near([["vip"], ["VIP", "vip"], ["no spaces"], [""], ["t" * 65], ["a"] * 21]),
+})
+BROADCAST = st.fixed_dictionaries(
+    {"audience": weighted((4, AUDIENCE), (1, JSON_VALUES))},
+    optional={"template": _near(["order_update", "login", "HX" + "0" * 32, "nope", ""]),
+              "variables": _near([{"1": "$user.name", "2": 3}, {"1": "$user.password"}, {"1": "$$user.name"},
+                                  {"1": None}, {"1": "x" * 1025}]),
+              "body": _near(["We open late today", "", " ", "x" * 1601]),
+              "subject": _near(["Late opening", "", "s" * 999]),
+              "channel": _near(["whatsapp", "email", "sms"]),
+              "send_at": _near([None, "2020-01-01T00:00:00Z", "2026-12-24T09:00:00", "2999-01-01T00:00:00+00:00",
+                                "tomorrow", "9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+01:00"]),
+              "quiet_hours": _near([None, "21:00-08:00", "09:00-09:00", "25:00-01:00", "9-5"]),
+              "metadata": _near([{"campaign": "c"}, {"big": "x" * 5000}, []])})
+
+
+@shared_app
+@given(payload=weighted((5, BROADCAST), (1, JSON_VALUES)), key=IDEMPOTENCY_KEYS)
+def test_broadcasts_never_get_a_5xx(client, auth, users, payload, key):
+    """POST /broadcasts with near-valid bodies, then its GET and cancel: a 2xx or a 4xx that says why."""
+    headers = dict(auth, **({"Idempotency-Key": key} if key is not None else {}))
+    answer = client.post("/broadcasts", data=json.dumps(payload), content_type="application/json", headers=headers)
+    assert_answered_well(answer)
+    if answer.status_code == 202:
+        url = answer.get_json()["url"]
+        assert_answered_well(client.get(url, headers=auth))
+        assert_answered_well(client.post(url + "/cancel", headers=auth))
+
+
+def test_the_broadcast_generator_reaches_past_validation(app, client, auth, users):
+    assert {202, 400} <= _answers(BROADCAST, lambda body: client.post("/broadcasts", json=body, headers=auth))
