@@ -275,7 +275,8 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
             acquired = True
             if item.bulk_rate is not None:  # a broadcast's: its share first (invariant 16)
                 acquired = limit.acquire(bulk_share_key(item.rate_key), cancelled=is_stopping, rate=item.bulk_rate)
-            acquired = acquired and limit.acquire(item.rate_key, cancelled=is_stopping, rate=item.rate)
+            acquired = acquired and limit.acquire(item.rate_key, cancelled=is_stopping, rate=item.rate,
+                                                  keep_free=item.rate - item.bulk_rate if item.bulk_rate else 0)
         except Exception as exc:  # a limiter bug, or an error it does not know: nothing has left
             raise NotSent(f"{type(exc).__name__} from the send rate limit") from exc
         if not acquired:

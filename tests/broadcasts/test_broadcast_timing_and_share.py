@@ -106,10 +106,24 @@ def test_a_broadcast_takes_at_most_its_share_of_the_senders_rate(app: Flask, cli
     with app.app_context():
         limit = send_rate_limit()
         time.sleep(1.0)  # the window empties
-        # A broadcast's sends take their share's slot, then the sender's (as the sender does):
-        # once its share is spent, the rest of the sender's second is still free for others.
+        # A broadcast's sends take their share's slot, then the sender's leaving the rest free (as
+        # the sender does): once its share is spent, the rest of the second is free for others.
         for _ in range(5):
-            assert limit.acquire(bulk_share_key(SENDER), max_wait=0, rate=5) and limit.acquire(SENDER, max_wait=0)
+            assert limit.acquire(bulk_share_key(SENDER), max_wait=0, rate=5)
+            assert limit.acquire(SENDER, max_wait=0, keep_free=5)
         assert not limit.acquire(bulk_share_key(SENDER), max_wait=0, rate=5)
         assert all(limit.acquire(SENDER, max_wait=0) for _ in range(5))
         assert not limit.acquire(SENDER, max_wait=0)
+
+
+def test_a_broadcast_leaves_the_reserve_to_replies_even_with_share_to_spare(app: Flask) -> None:
+    """Replies and /notify took most of the second: a broadcast's send waits, although its own
+    share is not spent, rather than take a slot they may need (invariant 16)."""
+    app.config.update(TWILIO_MESSAGES_PER_SECOND=10)
+    with app.app_context():
+        limit = send_rate_limit()
+        time.sleep(1.0)
+        assert all(limit.acquire(SENDER, max_wait=0) for _ in range(4))  # replies: 6 of 10 left
+        assert limit.acquire(SENDER, max_wait=0, keep_free=5)  # 5 left now
+        assert not limit.acquire(SENDER, max_wait=0, keep_free=5)  # the reserve is the replies'
+        assert limit.acquire(SENDER, max_wait=0)  # a reply still gets one at once

@@ -194,3 +194,70 @@ def test_each_rate_is_its_own_budget() -> None:
     assert not limit.acquire("whatsapp:+1", max_wait=0)  # Twilio's 5 spent
     assert limit.acquire("email:a", max_wait=0, rate=2) and limit.acquire("email:a", max_wait=0, rate=2)
     assert not limit.acquire("email:a", max_wait=0, rate=2)  # its own 2, not the 5
+
+
+class _CountingLimiter:
+    """The real moving-window limiter, counting the calls that reach its storage."""
+
+    def __init__(self, limiter) -> None:
+        self.limiter, self.calls = limiter, 0
+
+    def hit(self, *args, **kwargs):
+        self.calls += 1
+        return self.limiter.hit(*args, **kwargs)
+
+    def get_window_stats(self, *args, **kwargs):
+        self.calls += 1
+        return self.limiter.get_window_stats(*args, **kwargs)
+
+
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+def test_waiting_for_a_slot_never_polls(storage):
+    """Issue 17: 60 sends at 20 a second, all waiting at once. Each slot costs at most three calls
+    to the window (a refused hit, when it frees, the hit), whatever the number waiting: the old
+    loop asked twice per waiting thread every quarter second (hundreds of calls here). They are
+    served in the order they asked, and never faster than the rate."""
+    if storage == "redis" and not os.environ.get("TEST_REDIS_URL"):
+        pytest.skip("needs TEST_REDIS_URL")
+    uri = os.environ["TEST_REDIS_URL"] if storage == "redis" else "memory://"
+    limit = SendRateLimit(20, uri, namespace="test-" + uuid.uuid4().hex)
+    counting = limit.limiter = _CountingLimiter(limit.limiter)
+    taken: list[tuple[int, float]] = []
+    lock = threading.Lock()
+
+    def send(i: int) -> None:
+        assert limit.acquire(SENDER_KEY, max_wait=10)
+        with lock:
+            taken.append((i, time.monotonic()))
+
+    threads = []
+    for i in range(60):
+        threads.append(threading.Thread(target=send, args=(i,)))
+        threads[-1].start()
+        time.sleep(0.002)  # they ask in this order
+    for thread in threads:
+        thread.join(15)
+    assert len(taken) == 60
+    assert counting.calls <= 3 * 60, counting.calls
+    times = sorted(at for _, at in taken)
+    assert all(times[k + 20] - times[k] >= 0.95 for k in range(len(times) - 20))  # 20 in any second
+    order = [i for i, _ in sorted(taken, key=lambda t: t[1])]
+    assert order[20:] == sorted(order[20:])  # those that waited were served first come, first served
+
+
+def test_a_send_waiting_in_line_gives_up_when_the_worker_stops():
+    limit = SendRateLimit(1, "memory://", namespace="test-" + uuid.uuid4().hex)
+    assert limit.acquire(SENDER_KEY, max_wait=0)
+    stop = threading.Event()
+    results: list[bool] = []
+    waiters = [threading.Thread(target=lambda: results.append(limit.acquire(SENDER_KEY, max_wait=30,
+                                                                            cancelled=stop.is_set)))
+               for _ in range(3)]
+    for thread in waiters:
+        thread.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    stop.set()
+    for thread in waiters:
+        thread.join(5)
+    assert results.count(False) >= 2 and time.monotonic() - started < 1.0
