@@ -1,11 +1,12 @@
 """The pump: one chain of tasks per live broadcast that expands its audience and releases its
 messages a window at a time.
 
-Each turn locks the broadcast's row, then: a scheduled one waits for `send_at`; an expanding one
-resolves one batch of its audience (bot/broadcasts/audience.py); any one released tops its
-unsent messages up to the window (`window`: about two seconds of its share of the rate) and,
-once everything left or failed, completes with `broadcast.completed`. The next turn is
-scheduled by the turn itself. The outbox therefore never holds more than a window of a
+A turn is a task that steps for a few seconds (TURN_SECONDS); each step locks the broadcast's
+row, then: a scheduled one waits for `send_at`; an expanding one resolves one batch of its
+audience (bot/broadcasts/audience.py); any one released tops its unsent messages up to the
+window (`window`: half a second of its share of the rate, at most half the worker's calls in
+flight) and, once everything left or failed, completes with `broadcast.completed`. The next turn
+is scheduled by the turn itself. The outbox therefore never holds more than a window of a
 broadcast, so claims stay as cheap as without one and a cancel has little in flight to wait for
 (docs/delivery.md, "Broadcasts"; invariant 16).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
@@ -31,16 +33,22 @@ from bot.delivery import events, outbox
 from bot.delivery.claims import UNSENT
 from bot.delivery.holding import parse_quiet_hours, release_at, zone
 from bot.delivery.rate_limit import bulk_share_rate
+from bot.delivery.shutdown import is_stopping
 from bot.extensions import db
 from bot.models import Broadcast, BroadcastRecipient, BroadcastTarget, Contact, Message, new_id
 from bot.vocabulary import LIVE_BROADCAST, BroadcastState, Channel, Direction, EventType, Kind, MessageStatus
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two turns of a sending broadcast (its window lasts about four of them).
-TURN_SECONDS = 0.5
-#: The window: this many seconds of the broadcast's share of the rate may wait in the outbox.
-WINDOW_SECONDS = 2.0
+#: How long one turn (one task) keeps stepping before it hands over to the next turn: a turn
+#: holds one worker thread, given back this often (a stopping worker ends its turn at once).
+TURN_SECONDS = 5.0
+#: Between two steps of a sending broadcast: its window is topped up this often.
+STEP_SECONDS = 0.1
+#: The window: this many seconds of the broadcast's share of the rate may wait in the outbox...
+WINDOW_SECONDS = 0.5
+#: ... and at least this many (a slow sender still gets a batch's worth at a time).
+MIN_WINDOW = 8
 #: A scheduled broadcast's chain looks at its time at least this often.
 SCHEDULED_TURN_SECONDS = 30.0
 #: A chain that has not turned for this long is lost: the sweep starts a new one.
@@ -58,11 +66,13 @@ def register(schedule: Callable[[str, str, float], Any]) -> None:
 
 def window() -> int:
     """Messages of one broadcast that may wait unsent at once: WINDOW_SECONDS of its share of
-    the fastest sender's rate, and at least one send batch."""
+    the fastest sender's rate, at least MIN_WINDOW, and at most half the worker's calls in flight
+    (SEND_CONCURRENCY): a broadcast's sends waiting for their rate slots never fill the pool the
+    replies' calls go through, and a cancel has little in flight to wait for."""
     cfg = current_app.config
     rate = max(int(cfg["TWILIO_MESSAGES_PER_SECOND"]), int(cfg.get("EMAIL_MESSAGES_PER_SECOND") or 0))
     share = bulk_share_rate(rate, float(cfg["BROADCAST_RATE_SHARE"]))
-    return max(int(cfg["SEND_BATCH"]), math.ceil(share * WINDOW_SECONDS))
+    return max(MIN_WINDOW, min(math.ceil(share * WINDOW_SECONDS), int(cfg["SEND_CONCURRENCY"]) // 2))
 
 
 def _locked(broadcast_id: str) -> Broadcast | None:
@@ -73,27 +83,41 @@ def _locked(broadcast_id: str) -> Broadcast | None:
 
 
 def pump(broadcast_id: str, token: str | None = None) -> str:
-    """One turn of the broadcast's chain; schedules the next while there is work. Returns what it
-    did (for logs and tests)."""
+    """One turn of the broadcast's chain: steps for up to TURN_SECONDS (a sending broadcast's
+    window topped up every STEP_SECONDS), then the next turn is scheduled while there is work.
+    Returns what it did last (for logs and tests)."""
+    deadline = time.monotonic() + TURN_SECONDS
+    while True:
+        did, token, delay = _step(broadcast_id, token)
+        if token is None:
+            return did
+        if time.monotonic() + delay >= deadline or is_stopping():
+            _next(broadcast_id, token, delay)
+            return did
+        time.sleep(delay)
+
+
+def _step(broadcast_id: str, token: str | None) -> tuple[str, str | None, float]:
+    """One locked step: expand a batch, top the window up, or complete. Returns what it did, the
+    chain's token (None: the chain ends here) and how long until the next step."""
     broadcast = _locked(broadcast_id)
     now = utcnow()
     if broadcast is None or broadcast.state not in LIVE_BROADCAST:
         db.session.rollback()
-        return "ended"
+        return "ended", None, 0.0
     alive = broadcast.pumped_at is not None and now - broadcast.pumped_at < LOST_AFTER
     if token != broadcast.pump_token and broadcast.pump_token is not None and alive:
         db.session.rollback()
-        return "another chain"
+        return "another chain", None, 0.0
     token = token if token == broadcast.pump_token and token is not None else new_id()
     broadcast.pump_token, broadcast.pumped_at = token, now
-    delay = TURN_SECONDS
     if broadcast.state == BroadcastState.SCHEDULED:
         if broadcast.send_at is not None and broadcast.send_at > now:
             db.session.commit()
             _next(broadcast_id, token, min((broadcast.send_at - now).total_seconds(), SCHEDULED_TURN_SECONDS))
-            return "scheduled"
+            return "scheduled", None, 0.0
         broadcast.state = BroadcastState.EXPANDING
-    did = "sending"
+    did, delay = "sending", STEP_SECONDS
     if broadcast.state == BroadcastState.EXPANDING:
         did, delay = "expanding", 0.0
         if audience.expand_batch(broadcast):
@@ -105,10 +129,9 @@ def pump(broadcast_id: str, token: str | None = None) -> str:
         _end(broadcast, BroadcastState.COMPLETED, now)
         db.session.commit()
         log.info("broadcast %s completed", broadcast_id)
-        return "completed"
+        return "completed", None, 0.0
     db.session.commit()
-    _next(broadcast_id, token, delay)
-    return did
+    return did, token, delay
 
 
 def _next(broadcast_id: str, token: str, delay: float) -> None:
@@ -220,7 +243,7 @@ def sweep(now: datetime | None = None) -> int:
         .limit(100)))
     db.session.commit()
     for broadcast_id in lost:
-        outbox.enqueue(outbox.Work.BROADCAST, broadcast_id, outbox.Priority.BROADCAST)
+        outbox.enqueue(outbox.Work.BROADCAST, broadcast_id, outbox.Priority.BROADCAST_PUMP)
     if lost:
         log.info("broadcast sweep: %d chains started again", len(lost))
     return len(lost)

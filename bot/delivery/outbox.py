@@ -52,6 +52,9 @@ class Priority(IntEnum):
     broadcast never holds back a transactional /notify (docs/delivery.md, "Broadcasts")."""
 
     BROADCAST = -10
+    #: A broadcast's pump turns (bot/broadcasts/pump.py) go ahead of its own sends, so expanding
+    #: its audience never waits behind the window it released.
+    BROADCAST_PUMP = -9
     EMAIL = -5
     BULK = 0
     CONVERSATION = 10

@@ -175,10 +175,11 @@ def sweep_broadcasts() -> None:
 
 
 def _schedule_pump(broadcast_id: str, token: str, delay: float) -> None:
+    priority = int(outbox.Priority.BROADCAST_PUMP)
     if delay <= 0:
-        pump_broadcast(broadcast_id, token, priority=int(outbox.Priority.BROADCAST))
+        pump_broadcast(broadcast_id, token, priority=priority)
     else:
-        pump_broadcast.schedule(args=(broadcast_id, token), delay=delay, priority=int(outbox.Priority.BROADCAST))
+        pump_broadcast.schedule(args=(broadcast_id, token), delay=delay, priority=priority)
 
 
 # How the outbox (and the webhook's fallback) enqueue each kind of work they defer: neither

@@ -101,7 +101,7 @@ def _store(asked: BroadcastRequest, send_at: datetime | None, key: str | None) -
         quiet_hours=(asked.quiet_hours if asked.quiet_hours is not None
                      else str(current_app.config.get("QUIET_HOURS") or "")) or None,
         request_hash=asked.fingerprint() if key else None, skipped={})
-    outbox.defer(outbox.Work.BROADCAST, broadcast, outbox.Priority.BROADCAST)  # assigns its id
+    outbox.defer(outbox.Work.BROADCAST, broadcast, outbox.Priority.BROADCAST_PUMP)  # assigns its id
     db.session.add(broadcast)
     if key:
         db.session.add(IdempotencyKey(key=key, kind=IdempotentKind.BROADCAST, target_id=broadcast.id,

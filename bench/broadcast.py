@@ -1,0 +1,288 @@
+"""Benchmark: a broadcast to 100,000 people beside conversation turns, on the real deployment shape.
+
+One command, PostgreSQL and Redis local::
+
+    .venv/bin/python bench/broadcast.py --audience 100000 --turn-rate 20 --duration 30
+
+What it does, in order (the Procfile's `release`, `web` and `worker` lines, verbatim, as
+bench/throughput.py runs them, whose helpers it uses):
+
+1. drops and recreates the benchmark database, starts the Twilio simulator (``--latency-ms`` of
+   API latency; no automatic status callbacks unless ``--callbacks``), the web and one worker with
+   TWILIO_MESSAGES_PER_SECOND=``--rate`` and BROADCAST_RATE_SHARE=``--share``;
+2. stores ``--audience`` users (ids, phones, names) in one bulk insert;
+3. **turns alone**: signed inbound "feedback" at ``--turn-rate``/s for ``--duration`` s, each
+   matched to its reply at the simulator (inbound → reply handed to Twilio);
+4. **a small broadcast** (``--small-audience`` users): answer time, recipients resolved per
+   second, the worker's peak RSS while it expands; then canceled;
+5. **the broadcast**: POST /broadcasts with all ``--audience`` user ids in one request (answer
+   time, body size), recipients resolved per second while it expands, the worker's peak RSS;
+   then its sends per second at the simulator over ``--duration`` s alone, and over the same
+   length **with turns at ``--turn-rate``/s** (inbound → reply, the same measure as step 3);
+   then canceled, and its counts read back.
+
+Writes bench/results-broadcast.json. A benchmark, not a test: nothing here asserts a speed; the
+targets (issue 19) are read off the figures in bench/THROUGHPUT.md's "Broadcasts" section.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from throughput import (ACCOUNT_SID, API_TOKEN, AUTH_TOKEN, SENDER, Processes, RssSampler, clean_redis,  # noqa: E402
+                        cpu_snapshot, cpu_split, end_to_end, free_port, inbound_form, load_stats, log, machine_info,
+                        open_loop, process_tree, procfile, recreate_database, rss_kib, seed_contacts, signed_form,
+                        terminate_on_sigterm, wait_for_creates, wait_for_quiet, wait_healthy, Stack)
+
+from bot.devtools.simulator import TwilioSimulator  # noqa: E402
+
+TEMPLATE_SID = "HX" + "b2" * 16
+AUDIENCE_PREFIX = "+1559"  # the broadcast's users: +1559 0000000 ...
+TURN_PREFIXES = {"alone": "+1546", "beside": "+1545"}
+
+
+def audience_phone(i: int) -> str:
+    return f"{AUDIENCE_PREFIX}{i:07d}"
+
+
+def seed_audience(database_url: str, count: int) -> None:
+    """`count` opted-in users (user id, phone, name), in bulk inserts of 10,000."""
+    import sqlalchemy as sa
+
+    from bot.clock import utcnow
+    from bot.config import database_uri
+    from bot.models import Contact
+
+    engine = sa.create_engine(database_uri(database_url, "."))
+    now = utcnow()
+    with engine.begin() as conn:
+        for start in range(0, count, 10_000):
+            conn.execute(sa.insert(Contact.__table__), [
+                {"user_id": f"b{i}", "phone": audience_phone(i), "name": f"Person {i}", "consent": "opted_in",
+                 "email_consent": "unknown", "created_at": now, "updated_at": now}
+                for i in range(start, min(start + 10_000, count))])
+    engine.dispose()
+
+
+def tree_rss_mib(pid: int) -> float:
+    return sum(rss_kib(p) or 0 for p in process_tree(pid)) / 1024
+
+
+class Peak(threading.Thread):
+    """The worker tree's largest RSS while it runs (every 0.2 s)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self._done = pid, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.2):
+            self.peak = max(self.peak, tree_rss_mib(self.pid))
+
+    def stop(self) -> float:
+        self._done.set()
+        self.join()
+        return round(self.peak, 1)
+
+
+def headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+def broadcast(stack: Stack, worker_pid: int, size: int) -> dict[str, Any]:
+    """POST one broadcast to users b0..b<size-1>; follow its expansion; return the figures and its URL."""
+    body = json.dumps({"audience": {"user_ids": [f"b{i}" for i in range(size)]}, "template": "order_update",
+                       "variables": {"1": "$user.name", "2": "late opening"}})
+    rss_before = round(tree_rss_mib(worker_pid), 1)
+    peak = Peak(worker_pid)
+    peak.start()
+    started = time.monotonic()
+    answer = requests.post(stack.base + "/broadcasts", data=body,
+                           headers={**headers(), "Content-Type": "application/json",
+                                    "Idempotency-Key": uuid.uuid4().hex}, timeout=60)
+    answered = time.monotonic() - started
+    answer.raise_for_status()
+    url = stack.base + answer.json()["url"]
+    first, samples = None, []
+    while True:
+        state = requests.get(url, headers=headers(), timeout=30).json()
+        now = time.monotonic()
+        samples.append((now, state["recipients"]))
+        if first is None and state["recipients"] > 0:
+            first = samples[-1]
+        if state["state"] != "expanding" or now - started > 600:
+            break
+        time.sleep(0.5)
+    last = samples[-1]
+    expanding_s = (last[0] - first[0]) if first else None
+    return {"audience": size, "body_mib": round(len(body) / 2 ** 20, 2), "answer_ms": round(answered * 1000, 1),
+            "answer_status": answer.status_code, "state_after": state["state"],
+            "recipients": state["recipients"], "skipped": state["skipped"],
+            "expanded_in_s": round(last[0] - started, 1),
+            "recipients_per_second": round((last[1] - first[1]) / expanding_s, 0) if expanding_s else None,
+            "worker_rss_mib_before": rss_before, "worker_rss_mib_peak_while_expanding": peak.stop(), "url": url}
+
+
+def sends_per_second(sim: TwilioSimulator, since: float, until: float) -> dict[str, Any]:
+    """The broadcast's creates at the simulator between two wall-clock times."""
+    arrivals = sorted(t["received_at"] for t in sim.timings
+                      if t["to"].startswith("whatsapp:" + AUDIENCE_PREFIX) and since <= t["received_at"] <= until)
+    per_second: dict[int, int] = {}
+    for at in arrivals:
+        per_second[int(at - since)] = per_second.get(int(at - since), 0) + 1
+    return {"sends": len(arrivals), "seconds": round(until - since, 1),
+            "per_second": round(len(arrivals) / max(until - since, 1e-9), 1),
+            "busiest_second": max(per_second.values(), default=0)}
+
+
+def turns(stack: Stack, label: str, rate: int, duration: float, drain_timeout: float) -> dict[str, Any]:
+    """Signed inbound 'feedback' from distinct opted-in contacts; each reply matched at the simulator."""
+    phones = [f"{TURN_PREFIXES[label]}{i:07d}" for i in range(int(rate * duration))]
+    seed_contacts(stack.config["DATABASE_URL"], phones)
+
+    def make(i: int) -> tuple[str, dict[str, Any], str]:
+        return stack.webhook, signed_form(stack.webhook, inbound_form(phones[i], "feedback")), "whatsapp:" + phones[i]
+
+    cpu_before, started = cpu_snapshot(stack), time.monotonic()
+    samples = open_loop(rate, duration, make)
+    cores = cpu_split(cpu_before, cpu_snapshot(stack), time.monotonic() - started)
+    drained = wait_for_creates(stack.sim, {s.key for s in samples if s.status == 200}, drain_timeout)
+    return {"cores_during_load": cores, "inbound_webhook": load_stats(samples, rate, duration, 200),
+            "reply_handed_to_twilio": {**end_to_end(samples, stack.sim.timings, duration), "drained": drained},
+            "window": [min(s.scheduled for s in samples), max(s.done for s in samples)]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--audience", type=int, default=100_000)
+    parser.add_argument("--small-audience", type=int, default=10_000)
+    parser.add_argument("--rate", type=int, default=80, help="TWILIO_MESSAGES_PER_SECOND (default 80)")
+    parser.add_argument("--share", type=float, default=0.8, help="BROADCAST_RATE_SHARE (default 0.8)")
+    parser.add_argument("--turn-rate", type=int, default=20, help="conversation turns offered per second")
+    parser.add_argument("--duration", type=float, default=30, help="seconds of each measured window")
+    parser.add_argument("--latency-ms", type=float, default=150, help="simulated Twilio API latency")
+    parser.add_argument("--drain-timeout", type=float, default=120)
+    parser.add_argument("--callbacks", action="store_true", help="the simulator posts status callbacks")
+    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/bench",
+                        help="a dedicated database: it is DROPPED and recreated")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/5")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for web and worker (repeatable)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results-broadcast.json"))
+    args = parser.parse_args(argv)
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-broadcast-"))
+    queue = "bench-" + uuid.uuid4().hex[:8]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    webhook = base + "/twilio/webhook"
+    results: dict[str, Any] = {"machine": machine_info(), "settings": {
+        "audience": args.audience, "small_audience": args.small_audience, "rate": args.rate, "share": args.share,
+        "turn_rate": args.turn_rate, "duration_s": args.duration, "latency_ms": args.latency_ms,
+        "status_callbacks": args.callbacks, "procfile": procfile(), "environment": dict(
+            item.split("=", 1) for item in args.settings)}}
+    log(f"workdir {workdir} (process logs), queue {queue}")
+    recreate_database(args.database_url)
+    sim = TwilioSimulator(ACCOUNT_SID, AUTH_TOKEN, webhook_url=webhook, auto_callbacks=args.callbacks,
+                          callback_delay=0.5, latency=args.latency_ms / 1000).start()
+    config = {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_WHATSAPP_NUMBER": SENDER,
+              "TWILIO_WEBHOOK_URL": webhook, "TWILIO_API_URL": sim.url, "NOTIFY_API_TOKEN": API_TOKEN,
+              "DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url, "QUEUE_NAME": queue,
+              "INSTANCE_PATH": str(workdir), "TWILIO_MESSAGES_PER_SECOND": str(args.rate),
+              "BROADCAST_RATE_SHARE": str(args.share),
+              "TWILIO_CONTENT_SIDS": json.dumps({"order_update": TEMPLATE_SID})}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TWILIO_", "DATABASE_URL", "REDIS_URL", "WEB_CONCURRENCY", "WORKER_THREADS"))}
+    env.pop("PYTHONPATH", None)
+    env.update(config)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["PORT"] = str(port)
+    env.update(dict(item.split("=", 1) for item in args.settings))
+    processes = Processes(workdir)
+    rss = RssSampler()
+    stack = Stack(base=base, webhook=webhook, config=config, env=env, sim=sim, processes=processes, rss=rss)
+    try:
+        with terminate_on_sigterm():
+            commands = procfile()
+            subprocess.run(["bash", "-c", commands["release"]], env=env, cwd=workdir, check=True,
+                           capture_output=True, timeout=120)
+            web = processes.start("web", commands["web"], env)
+            worker = processes.start("worker", commands["worker"], env)
+            rss.watch("web", web.pid)
+            rss.watch("worker", worker.pid)
+            rss.start()
+            wait_healthy(base + "/healthz")
+            log(f"{args.audience:,} users")
+            seed_audience(args.database_url, args.audience)
+            time.sleep(1)
+
+            log(f"turns alone at {args.turn_rate}/s for {args.duration:.0f} s")
+            wait_for_quiet(timeout=15)
+            results["turns_alone"] = turns(stack, "alone", args.turn_rate, args.duration, args.drain_timeout)
+
+            if args.small_audience:
+                log(f"a broadcast to {args.small_audience:,}")
+                wait_for_quiet(timeout=15)
+                small = broadcast(stack, worker.pid, args.small_audience)
+                requests.post(small.pop("url") + "/cancel", headers=headers(), timeout=30)
+                results["small_broadcast"] = small
+                time.sleep(3)
+
+            log(f"the broadcast to {args.audience:,}")
+            wait_for_quiet(timeout=15)
+            sim.reset()
+            big = broadcast(stack, worker.pid, args.audience)
+            url = big.pop("url")
+            results["broadcast"] = big
+            time.sleep(5)  # its sends reach their pace
+            alone_from = time.time()
+            time.sleep(args.duration)
+            results["broadcast"]["drain_alone"] = sends_per_second(sim, alone_from, time.time())
+            log(f"turns at {args.turn_rate}/s beside it")
+            beside = turns(stack, "beside", args.turn_rate, args.duration, args.drain_timeout)
+            window = beside.pop("window")
+            results["turns_beside_the_broadcast"] = beside
+            results["broadcast"]["drain_beside_turns"] = sends_per_second(sim, window[0], window[1])
+            canceled = requests.post(url + "/cancel", headers=headers(), timeout=60).json()
+            time.sleep(3)
+            after = requests.get(url, headers=headers(), timeout=60).json()
+            results["broadcast"]["after_cancel"] = {key: after[key] for key in (
+                "state", "recipients", "skipped", "queued", "sent", "canceled", "failed")}
+            results["broadcast"]["sent_when_canceled"] = canceled.get("sent")
+            results["broadcast"]["target_per_second"] = round(args.rate * args.share, 1)
+            alone = results["turns_alone"]["reply_handed_to_twilio"]["latency"]["p99_ms"]
+            during = results["turns_beside_the_broadcast"]["reply_handed_to_twilio"]["latency"]["p99_ms"]
+            results["reply_p99_ratio"] = round(during / alone, 2) if alone and during else None
+            results["rss"] = rss.report()
+    except BaseException as exc:
+        results["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        Path(args.out).with_suffix(".partial.json").write_text(json.dumps(results, indent=2) + "\n")
+        raise
+    finally:
+        rss.stop()
+        processes.stop_all()
+        sim.stop()
+        removed = clean_redis(args.redis_url, queue)
+        log(f"stopped everything; removed {removed} Redis key(s) of queue {queue}")
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    log(f"wrote {args.out}")
+    print(json.dumps({k: v for k, v in results.items() if k not in ("machine", "rss")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
