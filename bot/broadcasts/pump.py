@@ -49,16 +49,19 @@ STEP_SECONDS = 0.1
 WINDOW_SECONDS = 0.5
 #: ... and at least this many (a slow sender still gets a batch's worth at a time).
 MIN_WINDOW = 8
+#: A broadcast whose only unsent messages are held for quiet hours looks again this often.
+IDLE_SECONDS = 10.0
 #: A scheduled broadcast's chain looks at its time at least this often.
 SCHEDULED_TURN_SECONDS = 30.0
 #: A chain that has not turned for this long is lost: the sweep starts a new one.
 LOST_AFTER = timedelta(seconds=90)
 
-#: How a turn schedules the next: set by bot.delivery.tasks, (broadcast id, token, delay seconds).
-_schedule: Callable[[str, str, float], Any] | None = None
+#: How a turn schedules the next: set by bot.delivery.tasks, (broadcast id, token, delay seconds,
+#: ahead of the broadcast's sends or behind them).
+_schedule: Callable[[str, str, float, bool], Any] | None = None
 
 
-def register(schedule: Callable[[str, str, float], Any]) -> None:
+def register(schedule: Callable[[str, str, float, bool], Any]) -> None:
     """Tell the pump how to schedule its next turn (the tasks module, the composition root)."""
     global _schedule
     _schedule = schedule
@@ -92,7 +95,10 @@ def pump(broadcast_id: str, token: str | None = None) -> str:
         if token is None:
             return did
         if time.monotonic() + delay >= deadline or is_stopping():
-            _next(broadcast_id, token, delay)
+            # At once, not after `delay`: a scheduled task waits for the queue's scheduler (about
+            # a second), a gap in the broadcast's pace every turn. A sending broadcast's next turn
+            # queues behind the sends it released; an expanding one's goes ahead of them.
+            _next(broadcast_id, token, 0.0 if delay < 1 else delay, ahead=did == "expanding")
             return did
         time.sleep(delay)
 
@@ -130,15 +136,19 @@ def _step(broadcast_id: str, token: str | None) -> tuple[str, str | None, float]
         db.session.commit()
         log.info("broadcast %s completed", broadcast_id)
         return "completed", None, 0.0
+    if released == 0 and broadcast.state == BroadcastState.SENDING and _unsent(broadcast.id, held=False) == 0:
+        # Only messages held for quiet hours are left: they leave by themselves when due
+        # (bot/delivery/release.py); look again now and then rather than every step.
+        did, delay = "waiting for held messages", IDLE_SECONDS
     db.session.commit()
     return did, token, delay
 
 
-def _next(broadcast_id: str, token: str, delay: float) -> None:
+def _next(broadcast_id: str, token: str, delay: float, ahead: bool = True) -> None:
     if _schedule is None:
         raise RuntimeError("no pump scheduler: bot.delivery.tasks registers it")
     try:
-        _schedule(broadcast_id, token, delay)
+        _schedule(broadcast_id, token, delay, ahead)
     except Exception:  # the queue is down: the sweep starts a new chain once it is back
         log.exception("could not schedule broadcast %s's next turn; the sweep will", broadcast_id)
 

@@ -60,6 +60,10 @@ FAST_ATTEMPTS = 6
 #: error code.
 MAX_ATTEMPTS = 15
 MAX_BACKOFF = timedelta(minutes=30)
+#: Messages one send task of a broadcast claims together: a batch is recorded once its last
+#: call is answered, and a broadcast's calls wait for the bulk share's slots, so small batches
+#: keep its few messages in flight moving (docs/delivery.md, "Broadcasts").
+BROADCAST_SEND_BATCH = 8
 #: A held message (the account, not the message, is at fault: SendGrid's 401) is tried this often,
 #: never failed for it.
 HOLD_DELAY = timedelta(minutes=5)
@@ -195,8 +199,9 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
         if message is None:  # its turn came while it looked
             log.info("message %s not claimable (already sent or in flight); skipping", message_id)
             return Outcome.NOT_CLAIMED
-    batch = [message, *claim_along(message_id, batch_size() - 1, message.channel,
-                                   with_broadcasts=message.kind == Kind.BROADCAST)]
+    bulk = message.kind == Kind.BROADCAST
+    size = min(batch_size(), BROADCAST_SEND_BATCH) if bulk else batch_size()
+    batch = [message, *claim_along(message_id, size - 1, message.channel, with_broadcasts=bulk)]
     outcomes = send_claimed(batch)
     outcome = outcomes[message_id]
     if outcome == Outcome.RETRY and can_retry and message.attempts < FAST_ATTEMPTS:

@@ -174,8 +174,8 @@ def sweep_broadcasts() -> None:
         pump.sweep()
 
 
-def _schedule_pump(broadcast_id: str, token: str, delay: float) -> None:
-    priority = int(outbox.Priority.BROADCAST_PUMP)
+def _schedule_pump(broadcast_id: str, token: str, delay: float, ahead: bool = True) -> None:
+    priority = int(outbox.Priority.BROADCAST_PUMP if ahead else outbox.Priority.BROADCAST)
     if delay <= 0:
         pump_broadcast(broadcast_id, token, priority=priority)
     else:
