@@ -33,6 +33,7 @@ from bot.delivery import events, outbox
 from bot.delivery.claims import UNSENT
 from bot.delivery.holding import parse_quiet_hours, release_at, zone
 from bot.delivery.rate_limit import bulk_share_rate
+from bot.delivery.sender import BROADCAST_SEND_BATCH
 from bot.delivery.shutdown import is_stopping
 from bot.extensions import db
 from bot.models import Broadcast, BroadcastRecipient, BroadcastTarget, Contact, Message, new_id
@@ -49,6 +50,8 @@ STEP_SECONDS = 0.1
 WINDOW_SECONDS = 0.5
 #: ... and at least this many (a slow sender still gets a batch's worth at a time).
 MIN_WINDOW = 8
+#: A released message still pending (no batch took it along) this long after is enqueued again.
+STRAGGLER_AFTER = timedelta(seconds=3)
 #: A broadcast whose only unsent messages are held for quiet hours looks again this often.
 IDLE_SECONDS = 10.0
 #: A scheduled broadcast's chain looks at its time at least this often.
@@ -131,6 +134,8 @@ def _step(broadcast_id: str, token: str | None) -> tuple[str, str | None, float]
             # The listed audience is resolved: its copy as listed is not needed any more.
             db.session.execute(sa.delete(BroadcastTarget).where(BroadcastTarget.broadcast_id == broadcast.id))
     released = release(broadcast, now)
+    if did == "sending":
+        _kick_stragglers(broadcast.id, now)
     if broadcast.state == BroadcastState.SENDING and released == 0 and _finished(broadcast):
         _end(broadcast, BroadcastState.COMPLETED, now)
         db.session.commit()
@@ -199,10 +204,39 @@ def release(broadcast: Broadcast, now: datetime) -> int:
         "created_at": now, "updated_at": now,
     } for recipient in recipients]
     db.session.execute(sa.insert(Message), rows)
+    ready = [row["id"] for row in rows if row["not_before"] is None]
     for row in rows:
-        outbox.defer_send(row["id"], Kind.BROADCAST, at=row["not_before"])
+        if row["not_before"] is not None:
+            outbox.defer_send(row["id"], Kind.BROADCAST, at=row["not_before"])
+    # One send task per batch, not per message: the task claims the others along (a task per
+    # message would cost a read each, most of them finding their message sent). Any left behind
+    # are kicked by `_kick_stragglers`, and the outbox sweep remains the net (invariant 1).
+    for message_id in ready[::_task_batch()]:
+        outbox.defer_send(message_id, Kind.BROADCAST)
     broadcast.released = recipients[-1].position
     return len(rows)
+
+
+def _task_batch() -> int:
+    """Messages one broadcast send task claims (bot/delivery/sender.py's batch for a broadcast)."""
+    return max(1, min(int(current_app.config["SEND_BATCH"]), BROADCAST_SEND_BATCH))
+
+
+def _kick_stragglers(broadcast_id: str, now: datetime) -> int:
+    """Enqueue again its released messages no batch took along (a few seconds old, never
+    enqueued on their own); returns how many were found."""
+    stale = list(db.session.scalars(
+        sa.select(Message.id).where(Message.broadcast_id == broadcast_id, Message.status == MessageStatus.PENDING,
+                                    Message.not_before.is_(None), Message.next_attempt_at.is_(None),
+                                    Message.created_at < now - STRAGGLER_AFTER)
+        .order_by(Message.created_at).limit(100)))
+    if stale:
+        db.session.execute(sa.update(Message).where(Message.id.in_(stale), Message.status == MessageStatus.PENDING)
+                           .values(next_attempt_at=now + outbox.REENQUEUE_AFTER)
+                           .execution_options(synchronize_session=False))
+        for message_id in stale[::_task_batch()]:
+            outbox.defer_send(message_id, Kind.BROADCAST)
+    return len(stale)
 
 
 def _end(broadcast: Broadcast, state: BroadcastState, now: datetime) -> None:
