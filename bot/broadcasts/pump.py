@@ -126,7 +126,7 @@ def _step(broadcast_id: str, token: str | None) -> tuple[str, str | None, float]
             _next(broadcast_id, token, min((broadcast.send_at - now).total_seconds(), SCHEDULED_TURN_SECONDS))
             return "scheduled", None, 0.0
         broadcast.state = BroadcastState.EXPANDING
-    did, delay = "sending", STEP_SECONDS
+    did, delay = str(BroadcastState.SENDING), STEP_SECONDS
     if broadcast.state == BroadcastState.EXPANDING:
         did, delay = "expanding", 0.0
         if audience.expand_batch(broadcast):
@@ -134,7 +134,7 @@ def _step(broadcast_id: str, token: str | None) -> tuple[str, str | None, float]
             # The listed audience is resolved: its copy as listed is not needed any more.
             db.session.execute(sa.delete(BroadcastTarget).where(BroadcastTarget.broadcast_id == broadcast.id))
     released = release(broadcast, now)
-    if did == "sending":
+    if did == BroadcastState.SENDING:
         _kick_stragglers(broadcast.id, now)
     if broadcast.state == BroadcastState.SENDING and released == 0 and _finished(broadcast):
         _end(broadcast, BroadcastState.COMPLETED, now)
