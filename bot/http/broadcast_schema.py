@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Literal, Mapping, Self
 
-from pydantic import AfterValidator, ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
 
 from bot.broadcasts.variables import USER_FIELDS, USER_REFERENCE
 from bot.delivery.holding import InvalidQuietHours, parse_quiet_hours
@@ -86,10 +86,13 @@ def _send_at(value: str) -> datetime:
     return utc
 
 
-class Audience(RequestBody):
-    """Who gets the broadcast: listed user ids and phones, and every user carrying one of `tags`."""
+class Audience(BaseModel):
+    """Who gets the broadcast: listed user ids and phones, and every user carrying one of `tags`.
 
-    model_config = ConfigDict(extra="forbid")
+    A plain model with RequestBody's strictness: the body's own check of its values (NUL, lone
+    surrogates, NaN) already walked these lists once; 100,000 entries are not walked twice."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re")
 
     user_ids: Annotated[list[Annotated[str, Field(max_length=MAX_USER_ID_CHARS)]],
                         Field(max_length=MAX_AUDIENCE), AfterValidator(_user_ids),

@@ -76,22 +76,23 @@ def create_broadcast():
         key = key.strip()
         if not key or len(key) > MAX_IDEMPOTENCY_KEY:
             return _error(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
-        replay = _replay(key, asked.fingerprint())
+        fingerprint = asked.fingerprint()  # once: 100,000 entries take a while to hash
+        replay = _replay(key, fingerprint)
         if replay is not None:
             return replay
-    broadcast = _store(asked, send_at, key)
+    broadcast = _store(asked, send_at, key, fingerprint if key else None)
     try:
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
-        replay = _replay(key, asked.fingerprint()) if key else None
+        replay = _replay(key, fingerprint) if key else None
         if replay is None:
             raise
         return replay
     return _accepted(broadcast.id)
 
 
-def _store(asked: BroadcastRequest, send_at: datetime | None, key: str | None) -> Broadcast:
+def _store(asked: BroadcastRequest, send_at: datetime | None, key: str | None, fingerprint: str | None) -> Broadcast:
     """The broadcast, its listed audience and its Idempotency-Key; the pump deferred. No commit."""
     broadcast = Broadcast(
         state=BroadcastState.SCHEDULED if send_at is not None else BroadcastState.EXPANDING,
@@ -100,12 +101,12 @@ def _store(asked: BroadcastRequest, send_at: datetime | None, key: str | None) -
         backend_metadata=asked.metadata, send_at=send_at, idempotency_key=key,
         quiet_hours=(asked.quiet_hours if asked.quiet_hours is not None
                      else str(current_app.config.get("QUIET_HOURS") or "")) or None,
-        request_hash=asked.fingerprint() if key else None, skipped={})
+        request_hash=fingerprint, skipped={})
     outbox.defer(outbox.Work.BROADCAST, broadcast, outbox.Priority.BROADCAST_PUMP)  # assigns its id
     db.session.add(broadcast)
     if key:
         db.session.add(IdempotencyKey(key=key, kind=IdempotentKind.BROADCAST, target_id=broadcast.id,
-                                      request_hash=asked.fingerprint()))
+                                      request_hash=fingerprint))
     db.session.flush()  # the broadcast before its audience (a foreign key)
     broadcast.targets = store_targets(broadcast.id, asked.user_ids, asked.phones)
     return broadcast
