@@ -283,7 +283,7 @@ def sweep(now: datetime | None = None) -> int:
     now = now or utcnow()
     lost = list(db.session.scalars(
         sa.select(Broadcast.id).where(Broadcast.state.in_(LIVE_BROADCAST),
-                                      sa.or_(Broadcast.pumped_at.is_(None), Broadcast.pumped_at < now - LOST_AFTER))
+                                      sa.func.coalesce(Broadcast.pumped_at, Broadcast.created_at) < now - LOST_AFTER)
         .limit(100)))
     db.session.commit()
     for broadcast_id in lost:

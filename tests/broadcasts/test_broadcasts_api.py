@@ -167,3 +167,26 @@ def test_bad_input_is_a_4xx_with_an_error(client: FlaskClient, auth: dict) -> No
     assert client.get("/broadcasts/nope", headers=auth).get_json()["error"]
     assert client.put("/users/u", json={"tags": ["a b"]}, headers=auth).status_code == 400
     assert client.put("/users/u", json={"tags": [f"t{n}" for n in range(51)]}, headers=auth).status_code == 400
+
+
+def test_a_broadcast_whose_queue_was_flushed_is_taken_up_again_by_the_sweep(
+        app: Flask, client: FlaskClient, auth: dict, twilio: TwilioSimulator) -> None:
+    """Everything a broadcast needs is in the database: with its queued turn lost (a Redis
+    flush), the minute sweep starts its pump again and it completes, each user messaged once."""
+    from bot.broadcasts import pump
+    from bot.delivery.queue import huey
+
+    ids = _users(client, auth, 5)
+    accepted = _broadcast(client, auth, {"audience": {"user_ids": ids}, **TEMPLATE})
+    huey.flush()  # the pump's first turn is gone
+    run_queue()
+    assert twilio.messages == []
+    with app.app_context():
+        assert pump.sweep() == 0  # never turned: its chain may still be on its way...
+        broadcast = db.session.get(Broadcast, accepted.get_json()["id"])
+        broadcast.created_at = utcnow() - pump.LOST_AFTER - timedelta(seconds=1)  # ...until it is late
+        db.session.commit()
+        assert pump.sweep() == 1
+    run_queue(max_tasks=500)
+    assert sorted(m["to"] for m in twilio.messages) == [f"whatsapp:+1555200{n:04d}" for n in range(5)]
+    assert client.get(accepted.headers["Location"], headers=auth).get_json()["state"] == "completed"
