@@ -190,3 +190,18 @@ def test_a_broadcast_whose_queue_was_flushed_is_taken_up_again_by_the_sweep(
     run_queue(max_tasks=500)
     assert sorted(m["to"] for m in twilio.messages) == [f"whatsapp:+1555200{n:04d}" for n in range(5)]
     assert client.get(accepted.headers["Location"], headers=auth).get_json()["state"] == "completed"
+
+
+def test_a_completed_broadcast_cannot_be_canceled_and_its_messages_name_it(
+        app: Flask, client: FlaskClient, auth: dict, twilio: TwilioSimulator) -> None:
+    ids = _users(client, auth, 2)
+    accepted = _broadcast(client, auth, {"audience": {"user_ids": ids}, **TEMPLATE})
+    run_queue(max_tasks=500)
+    url = accepted.headers["Location"]
+    assert client.get(url, headers=auth).get_json()["state"] == "completed"
+    refused = client.post(url + "/cancel", headers=auth)
+    assert refused.status_code == 409 and "completed" in refused.get_json()["error"]
+    with app.app_context():
+        message_id = db.session.scalar(sa.select(Message.id).limit(1))
+    message = client.get(f"/messages/{message_id}", headers=auth).get_json()
+    assert message["broadcast_id"] == accepted.get_json()["id"] and message["kind"] == "broadcast"
