@@ -8,7 +8,7 @@ values it wrote, not read back (bench/THROUGHPUT.md, "The web's hot path").
 from __future__ import annotations
 
 import functools
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
@@ -17,7 +17,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
 from bot.clock import isoformat, utcnow
-from bot.delivery import outbox
+from bot.delivery import events, outbox
+from bot.delivery.holding import MAX_SCHEDULE_AHEAD, QuietHours, parse_quiet_hours, release_at, zone
 from bot.contacts import (FACTS, contact_by_phone_cte, get_or_create_contact, new_contact_statement, opt_out_waiting,
                           opt_out_waiting_clause)
 from bot.conversations.handoff import in_handoff
@@ -25,8 +26,8 @@ from bot.conversations.users import UserConflict, upsert_user
 from bot.delivery import routing
 from bot.delivery.routing import Content, Unusable
 from bot.extensions import db
-from bot.models import (Contact, Conversation, EmailEvent, IdempotencyKey, Message, StatusEvent, is_public_id,
-                        new_id)
+from bot.models import (Contact, Conversation, EmailEvent, IdempotencyKey, Message, StatusEvent, hold_reason,
+                        is_public_id, new_id)
 from bot.channels.email.copy import email_templates
 from bot.http.schemas import InvalidRequest, NotifyRequest, parse_notify
 from bot.channels.whatsapp.whatsapp import SESSION_WINDOW, within_window
@@ -37,6 +38,8 @@ from flows import registry
 bp = Blueprint("notify", __name__)
 
 MAX_IDEMPOTENCY_KEY = 255
+#: A send_at this far in the past is taken as "now" (clocks differ a little), not refused.
+SEND_AT_SKEW = timedelta(minutes=1)
 
 
 def read_json_body() -> Any:
@@ -53,15 +56,18 @@ def _error(status: int, message: str, **extra: Any):
 
 def _accepted(message: Message, replayed: bool = False):
     return _accepted_as(message.id, message.status, message.channel, message.contact.user_id,
-                        message.contact.address_on(message.channel), message.created_at, replayed)
+                        message.contact.address_on(message.channel), message.created_at, replayed,
+                        send_at=message.send_at, held_until=message.not_before if message.is_held else None)
 
 
 def _accepted_as(message_id: str, status: str, channel: str, user_id: str | None, to: str | None,
-                 created_at: datetime, replayed: bool = False):
+                 created_at: datetime, replayed: bool = False, *, send_at: datetime | None = None,
+                 held_until: datetime | None = None):
     """202 for a message, from its values (a new one's answer reads nothing back)."""
     url = url_for("notify.get_message", message_id=message_id)
     response = jsonify(id=message_id, status=status, channel=channel, user_id=user_id, to=to,
-                       created_at=isoformat(created_at), url=url)
+                       created_at=isoformat(created_at), url=url, send_at=isoformat(send_at),
+                       held_until=isoformat(held_until), held_reason=hold_reason(send_at, held_until))
     response.status_code = 202
     response.headers["Location"] = url
     if replayed:
@@ -129,6 +135,10 @@ def notify():
         if replay is not None:
             return replay
 
+    if notification.send_at is not None:
+        refusal = _schedule_refusal(notification.send_at_utc, utcnow())
+        if refusal is not None:
+            return refusal
     if notification.user_id is not None:
         return _notify_user(notification, key)
     if notification.flow is None:
@@ -138,6 +148,52 @@ def notify():
         db.session.commit()
         return _opted_out()
     return _start_flow(notification, contact, key)
+
+
+def _schedule_refusal(send_at: datetime, now: datetime):
+    """400 for a send_at in the past (beyond a minute of clock skew) or too far ahead."""
+    if send_at < now - SEND_AT_SKEW:
+        return _error(400, f"'send_at' is in the past ({isoformat(send_at)}; now is {isoformat(now)})")
+    if send_at > now + MAX_SCHEDULE_AHEAD:
+        return _error(400, f"'send_at' is more than {MAX_SCHEDULE_AHEAD.days} days ahead ({isoformat(send_at)})")
+    return None
+
+
+@functools.cache
+def _quiet_hours(text: str) -> QuietHours | None:
+    return parse_quiet_hours(text)
+
+
+def _quiet_hours_of(notification: NotifyRequest) -> QuietHours | None:
+    """This request's quiet hours: its own, or QUIET_HOURS. None for an agent's message: a person
+    answering in a conversation is never held (nor are the bot's replies, which never come here)."""
+    if notification.agent:
+        return None
+    text = notification.quiet_hours if notification.quiet_hours is not None else current_app.config["QUIET_HOURS"]
+    return _quiet_hours(text)
+
+
+def _hold(notification: NotifyRequest, timezone_name: str | None, now: datetime) -> datetime | None:
+    """Until when the message waits in the database (None: it leaves now): its send_at, pushed
+    past the quiet hours in the user's own timezone (bot/delivery/holding.py; invariant 15)."""
+    quiet = _quiet_hours_of(notification)
+    if quiet is None and notification.send_at is None:
+        return None
+    return release_at(now, notification.send_at_utc, quiet,
+                      zone(timezone_name, current_app.config["DEFAULT_TIMEZONE"]))
+
+
+@functools.cache
+def _phone_timezone_statement() -> sa.Select:
+    return sa.select(Contact.timezone).where(Contact.phone == sa.bindparam("phone"))
+
+
+def _report_held(params: dict[str, Any], contact_id: int, user_id: str | None, to: str | None) -> None:
+    """message.held, in the transaction that stores the held message (invariant 12)."""
+    events.message_held(params["message_id"], contact_id=contact_id, channel=params["channel"], kind=params["kind"],
+                        to=to, user_id=user_id, held_until=params["not_before"],
+                        reason=hold_reason(params["send_at"], params["not_before"]), send_at=params["send_at"],
+                        metadata=params["metadata"])
 
 
 def _opted_out():
@@ -160,6 +216,11 @@ def _notify_number(notification: NotifyRequest, key: str | None):
     now = utcnow()
     params = _message_params(notification, key, Channel.WHATSAPP, now)
     params.update(phone=notification.to, window_opens=now - SESSION_WINDOW, any_time=not notification.is_free_form)
+    # The number's timezone, read only when quiet hours apply (the hot path stays one statement
+    # without them): a number of a user may have one; a number alone has DEFAULT_TIMEZONE.
+    timezone_name = (db.session.scalar(_phone_timezone_statement(), {"phone": notification.to})
+                     if _quiet_hours_of(notification) is not None else None)
+    params["not_before"] = _hold(notification, timezone_name, now)
     dialect = db.session.get_bind().dialect.name
     try:
         if dialect == "postgresql":
@@ -180,12 +241,16 @@ def _notify_number(notification: NotifyRequest, key: str | None):
         params["contact_id"] = contact.id
         if not stored:
             _insert_message(params, key)
-        outbox.defer_send(params["message_id"], params["kind"])  # enqueued once the row is committed
+        # Enqueued once the row is committed; a held one is scheduled for its time (a hint: the
+        # release finds it in the database whatever happens to the queue).
+        outbox.defer_send(params["message_id"], params["kind"], at=params["not_before"])
+        if params["not_before"] is not None:
+            _report_held(params, contact.id, contact.user_id, notification.to)
         db.session.commit()
     except IntegrityError as exc:
         return _lost_key_race(exc, key, notification)
     return _accepted_as(params["message_id"], MessageStatus.PENDING, Channel.WHATSAPP, contact.user_id,
-                        notification.to, now)
+                        notification.to, now, send_at=params["send_at"], held_until=params["not_before"])
 
 
 def _refusal(consent: str, stop_waiting: bool, last_inbound_at: datetime | None, notification: NotifyRequest,
@@ -244,7 +309,7 @@ def _message_params(notification: NotifyRequest, key: str | None, channel: str, 
         "content_sid": notification.content_sid, "variables": notification.variables or None,
         "key": key, "request_hash": notification.fingerprint() if key else None,
         "metadata": notification.metadata, "kind": Kind.AGENT.value if notification.agent else Kind.NOTIFICATION.value,
-        "now": now,
+        "now": now, "send_at": notification.send_at_utc, "not_before": None,
     }
 
 
@@ -254,7 +319,8 @@ def _message_columns(value: Any) -> dict[str, Any]:
     bound = {"id": "message_id", "channel": "channel", "subject": "subject", "body": "body",
              "media_urls": "media_urls", "template": "template", "content_sid": "content_sid",
              "variables": "variables", "idempotency_key": "key", "request_hash": "request_hash",
-             "metadata": "metadata", "kind": "kind", "created_at": "now", "updated_at": "now"}
+             "metadata": "metadata", "kind": "kind", "created_at": "now", "updated_at": "now",
+             "send_at": "send_at", "not_before": "not_before"}
     columns = {name: value(param, messages.c[name]) for name, param in bound.items()}
     columns.update(direction=sa.literal(Direction.OUTBOUND.value), status=sa.literal(MessageStatus.PENDING.value),
                    status_rank=sa.literal(MessageStatus.PENDING.rank), attempts=sa.literal(0))
@@ -324,14 +390,18 @@ def _queue(notification: NotifyRequest, contact: Contact, channel: str, key: str
     now = utcnow()
     params = _message_params(notification, key, channel, now)
     params["contact_id"] = contact.id
+    params["not_before"] = _hold(notification, contact.timezone, now)
     user_id, to = contact.user_id, contact.address_on(channel)  # read before the commit expires them
     try:
         _insert_message(params, key)
-        outbox.defer_send(params["message_id"], params["kind"])  # enqueued once the row is committed
+        outbox.defer_send(params["message_id"], params["kind"], at=params["not_before"])  # after the commit
+        if params["not_before"] is not None:
+            _report_held(params, contact.id, user_id, to)
         db.session.commit()
     except IntegrityError as exc:
         return _lost_key_race(exc, key, notification)
-    return _accepted_as(params["message_id"], MessageStatus.PENDING, channel, user_id, to, now)
+    return _accepted_as(params["message_id"], MessageStatus.PENDING, channel, user_id, to, now,
+                        send_at=params["send_at"], held_until=params["not_before"])
 
 
 def _commit_new_row(row: Message | Conversation, key: str | None, notification: NotifyRequest):
