@@ -243,6 +243,8 @@ class NotifyBody(RequestBody):
         {"to": "+15551234567", "template": "order_update", "variables": {"1": "Ada", "2": 42}},
         {"to": "+15551234567", "flow": "appointment",
          "variables": {"name": "Ada", "date": "Tue 3 March", "time": "10:30", "appointment_id": "A-17"}},
+        {"to": "+15551234567", "template": "order_update", "variables": {"1": "Ada", "2": 42},
+         "send_at": "2026-12-24T09:00:00+01:00", "quiet_hours": "21:00-08:00"},
     ]})
 
     to: Annotated[str | None, AfterValidator(lambda v: v if v is None else _e164(v)),

@@ -43,7 +43,8 @@ def test_schemathesis_loads_the_served_document(app):
     assert operations == {"POST /notify", "GET /messages/{message_id}", "GET /conversations/{conversation_id}",
                           "GET /contacts/{phone}", "PUT /contacts/{phone}/consent", "GET /events",
                           "POST /events/{event_id}/retry", "POST /events/retry", "POST /contacts/{phone}/handoff",
-                          "DELETE /contacts/{phone}/handoff", "PUT /users/{user_id}", "GET /users/{user_id}"}
+                          "DELETE /contacts/{phone}/handoff", "PUT /users/{user_id}", "GET /users/{user_id}",
+                          "POST /messages/{message_id}/cancel"}
 
 
 @pytest.mark.parametrize("path, method, model", [("/notify", "post", NotifyBody),

@@ -174,3 +174,20 @@ def test_cancel_of_an_unknown_or_malformed_id_is_a_404(client, auth):
     assert client.post("/messages/" + "a" * 32 + "/cancel", headers=auth).status_code == 404
     assert client.post("/messages/nope/cancel", headers=auth).get_json()["error"]
     assert client.post("/messages/" + "a" * 32 + "/cancel").status_code == 401
+
+
+def test_scheduled_and_canceled_answers_match_their_documented_schemas(app, client, auth, twilio):
+    from tests.http.test_openapi import matches_documented_schema
+
+    with app.app_context():
+        make_contact(PHONE)
+        accepted = schedule(client, auth, rfc3339(utcnow() + timedelta(hours=1)), quiet_hours="21:00-08:00")
+        matches_documented_schema("MessageAccepted", accepted.get_json())
+        matches_documented_schema("Message", client.get(accepted.headers["Location"], headers=auth).get_json())
+        canceled = client.post(f"/messages/{accepted.get_json()['id']}/cancel", headers=auth)
+        matches_documented_schema("Message", canceled.get_json())
+        sent = client.post("/notify", json={"to": PHONE, "body": "now"}, headers=auth).get_json()
+        run_queue()
+        too_late = client.post(f"/messages/{sent['id']}/cancel", headers=auth)
+        assert too_late.status_code == 409
+        matches_documented_schema("CancelRefused", too_late.get_json())
