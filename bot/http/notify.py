@@ -18,7 +18,7 @@ from sqlalchemy.orm import selectinload
 
 from bot.clock import isoformat, utcnow
 from bot.delivery import events, outbox
-from bot.delivery.holding import MAX_SCHEDULE_AHEAD, QuietHours, parse_quiet_hours, release_at, zone
+from bot.delivery.holding import MAX_SCHEDULE_AHEAD, QuietHours, hold_until, parse_quiet_hours
 from bot.contacts import (FACTS, contact_by_phone_cte, get_or_create_contact, new_contact_statement, opt_out_waiting,
                           opt_out_waiting_clause)
 from bot.conversations.handoff import in_handoff
@@ -176,11 +176,8 @@ def _quiet_hours_of(notification: NotifyRequest) -> QuietHours | None:
 def _hold(notification: NotifyRequest, timezone_name: str | None, now: datetime) -> datetime | None:
     """Until when the message waits in the database (None: it leaves now): its send_at, pushed
     past the quiet hours in the user's own timezone (bot/delivery/holding.py; invariant 15)."""
-    quiet = _quiet_hours_of(notification)
-    if quiet is None and notification.send_at is None:
-        return None
-    return release_at(now, notification.send_at_utc, quiet,
-                      zone(timezone_name, current_app.config["DEFAULT_TIMEZONE"]))
+    return hold_until(now, notification.send_at_utc, _quiet_hours_of(notification), timezone_name,
+                      current_app.config["DEFAULT_TIMEZONE"])
 
 
 @functools.cache
@@ -200,10 +197,13 @@ def _opted_out():
     return _error(409, "the recipient has opted out of WhatsApp; nothing is sent until they opt back in")
 
 
-def _window_closed():
+def _window_closed(held_until: datetime | None = None):
+    when = ("the recipient has not written in the last 24 hours" if held_until is None else
+            f"the message is held until {isoformat(held_until)} and the recipient's 24-hour window will "
+            "have closed by then")
     return _error(
         422,
-        "the recipient has not written in the last 24 hours, so WhatsApp allows no free-form "
+        f"{when}, so WhatsApp allows no free-form "
         "message; send an approved template instead: {\"to\", \"template\", \"variables\"}",
         templates=sorted(current_app.config["TWILIO_CONTENT_SIDS"]),
     )
@@ -221,6 +221,9 @@ def _notify_number(notification: NotifyRequest, key: str | None):
     timezone_name = (db.session.scalar(_phone_timezone_statement(), {"phone": notification.to})
                      if _quiet_hours_of(notification) is not None else None)
     params["not_before"] = _hold(notification, timezone_name, now)
+    # A held message must find the 24-hour window open when it leaves, not only now.
+    leaves = params["not_before"] or now
+    params["window_opens"] = leaves - SESSION_WINDOW
     dialect = db.session.get_bind().dialect.name
     try:
         if dialect == "postgresql":
@@ -232,7 +235,8 @@ def _notify_number(notification: NotifyRequest, key: str | None):
             stored = contact.message_id is not None
         else:
             contact, stored = _contact_facts(notification.to, dialect, now), False
-        refusal = _refusal(contact.consent, contact.stop_waiting, contact.last_inbound_at, notification, now)
+        refusal = _refusal(contact.consent, contact.stop_waiting, contact.last_inbound_at, notification, now,
+                           params["not_before"])
         if stored != (refusal is None) and dialect == "postgresql":  # pragma: no cover - the two must agree
             raise RuntimeError("the refusal checks in SQL and in Python disagree")
         if refusal is not None:
@@ -254,13 +258,14 @@ def _notify_number(notification: NotifyRequest, key: str | None):
 
 
 def _refusal(consent: str, stop_waiting: bool, last_inbound_at: datetime | None, notification: NotifyRequest,
-             now: datetime):
-    """The 409 or 422 for a message to this contact on WhatsApp, or None when it may be queued.
-    The SQL of `_notify_number_statement` says the same (its `allowed` CTE)."""
+             now: datetime, held_until: datetime | None = None):
+    """The 409 or 422 for a message to this contact on WhatsApp, or None when it may be queued
+    (a held one: the window must be open when it leaves). The SQL of `_notify_number_statement`
+    says the same (its `allowed` CTE)."""
     if consent == Consent.OPTED_OUT or stop_waiting:
         return _opted_out()
-    if notification.is_free_form and not within_window(last_inbound_at, now):
-        return _window_closed()
+    if notification.is_free_form and not within_window(last_inbound_at, held_until or now):
+        return _window_closed(held_until)
     return None
 
 
@@ -385,12 +390,13 @@ def _notify_number_statement(with_key: bool) -> sa.Select:
             .add_cte(*ctes))
 
 
-def _queue(notification: NotifyRequest, contact: Contact, channel: str, key: str | None):
-    """Store a user's message (the outbox) and answer 202; its send is enqueued after the commit."""
-    now = utcnow()
+def _queue(notification: NotifyRequest, contact: Contact, channel: str, key: str | None, now: datetime,
+           not_before: datetime | None):
+    """Store a user's message (the outbox; held until `not_before` if given) and answer 202; its
+    send is enqueued after the commit."""
     params = _message_params(notification, key, channel, now)
     params["contact_id"] = contact.id
-    params["not_before"] = _hold(notification, contact.timezone, now)
+    params["not_before"] = not_before
     user_id, to = contact.user_id, contact.address_on(channel)  # read before the commit expires them
     try:
         _insert_message(params, key)
@@ -455,17 +461,20 @@ def _notify_user(notification: NotifyRequest, key: str | None):
     content = Content(body=notification.body, subject=notification.subject, template=notification.template,
                       has_media=bool(notification.media_urls), whatsapp_template=notification.content_sid is not None,
                       email_template=notification.template in email_templates())
-    channel, skipped = routing.choose(contact, content, pinned=notification.channel, stop_waiting=stop_waiting)
+    now = utcnow()
+    not_before = _hold(notification, contact.timezone, now)
+    channel, skipped = routing.choose(contact, content, pinned=notification.channel, stop_waiting=stop_waiting,
+                                      at=not_before)
     if channel is None:
         db.session.commit()  # the inline user is stored all the same
         reasons = {name: str(reason) for name, reason in skipped.items()}
         if Unusable.OPTED_OUT in skipped.values() and set(skipped.values()) <= {Unusable.OPTED_OUT, Unusable.NO_ADDRESS}:
             return _error(409, "the user has opted out of every channel that could reach them", skipped=reasons)
         if skipped == {Channel.WHATSAPP: Unusable.WINDOW_CLOSED}:
-            return _window_closed()
+            return _window_closed(not_before)
         return _error(422, "no channel can carry this message to this user: "
                            + ", ".join(f"{name}: {reason}" for name, reason in reasons.items()), skipped=reasons)
-    return _queue(notification, contact, channel, key)
+    return _queue(notification, contact, channel, key, now, not_before)
 
 
 @functools.cache

@@ -126,7 +126,8 @@ def test_a_scheduled_time_inside_quiet_hours_waits_for_their_end(app, client, au
     tokyo = ZoneInfo("Asia/Tokyo")
     local_tomorrow = (datetime.now(tokyo) + timedelta(days=1)).replace(hour=23, minute=0, second=0, microsecond=0)
     morning = (local_tomorrow + timedelta(days=1)).replace(hour=8)
-    accepted = notify_user(client, auth, user, send_at=local_tomorrow.isoformat())
+    accepted = client.post("/notify", json={"user_id": user, "template": "order_update", "variables": {"1": "Ada"},
+                                            "send_at": local_tomorrow.isoformat()}, headers=auth).get_json()
     assert accepted["held_until"] == isoformat(morning.astimezone(timezone.utc).replace(tzinfo=None))
     assert accepted["held_reason"] == "quiet_hours"
 

@@ -24,7 +24,12 @@ def rfc3339(moment: datetime, offset_hours: int = 0) -> str:
 
 
 def schedule(client, auth, when: str, **extra):
-    return client.post("/notify", json={"to": PHONE, "body": "see you at nine", "send_at": when, **extra}, headers=auth)
+    """Free text (inside the 24-hour window at `when`, or a 422), unless `extra` names a template."""
+    body = {"body": "see you at nine"} if "template" not in extra else {}
+    return client.post("/notify", json={"to": PHONE, **body, "send_at": when, **extra}, headers=auth)
+
+
+TEMPLATE = {"template": "order_update", "variables": {"1": "Ada"}}
 
 
 def test_a_scheduled_message_is_held_then_sent_at_its_time(app, client, auth, twilio):
@@ -54,7 +59,7 @@ def test_the_backend_hears_that_a_message_is_held(app, client, auth):
     with app.app_context():
         make_contact(PHONE)
         send_at = (utcnow() + timedelta(days=2)).replace(microsecond=0)
-        message_id = schedule(client, auth, rfc3339(send_at), metadata={"order": "A-17"}).get_json()["id"]
+        message_id = schedule(client, auth, rfc3339(send_at), metadata={"order": "A-17"}, **TEMPLATE).get_json()["id"]
         # Read from the table: GET /events serves an event once every older transaction of the
         # PostgreSQL cluster has ended, and a shared test server may have one open elsewhere.
         events = db.session.scalars(sa.select(Event).where(Event.message_id == message_id)).all()
@@ -96,7 +101,7 @@ def test_a_send_at_in_the_past_or_beyond_35_days_is_a_400(app, client, auth):
         assert past.status_code == 400 and "in the past" in past.get_json()["error"]
         far = schedule(client, auth, rfc3339(utcnow() + timedelta(days=35, minutes=5)))
         assert far.status_code == 400 and "35 days" in far.get_json()["error"]
-        assert schedule(client, auth, rfc3339(utcnow() + timedelta(days=34, hours=23))).status_code == 202
+        assert schedule(client, auth, rfc3339(utcnow() + timedelta(days=34, hours=23)), **TEMPLATE).status_code == 202
         assert db.session.scalar(sa.select(sa.func.count()).select_from(Message)) == 1
 
 
@@ -191,3 +196,33 @@ def test_scheduled_and_canceled_answers_match_their_documented_schemas(app, clie
         too_late = client.post(f"/messages/{sent['id']}/cancel", headers=auth)
         assert too_late.status_code == 409
         matches_documented_schema("CancelRefused", too_late.get_json())
+
+
+def test_free_text_scheduled_past_the_24_hour_window_is_refused_now(app, client, auth, twilio):
+    """The contact wrote 5 minutes ago: free text in an hour may go, in two days it could not
+    (invariant 5), so the backend hears it at once (422), not from a failed send later; a
+    template may be scheduled whenever."""
+    with app.app_context():
+        make_contact(PHONE)
+        assert schedule(client, auth, rfc3339(utcnow() + timedelta(hours=1))).status_code == 202
+        late = schedule(client, auth, rfc3339(utcnow() + timedelta(days=2)))
+        assert late.status_code == 422 and "held until" in late.get_json()["error"]
+        template = client.post("/notify", json={"to": PHONE, "template": "order_update", "variables": {"1": "Ada"},
+                                                "send_at": rfc3339(utcnow() + timedelta(days=2))}, headers=auth)
+        assert template.status_code == 202
+
+
+def test_a_users_free_text_scheduled_past_the_window_goes_by_email(app, client, auth):
+    with app.app_context():
+        client.put("/users/u2", json={"phone": PHONE, "email": "ada@example.com"}, headers=auth)
+        from bot.conversations.users import find_user
+        find_user("u2").last_inbound_at = utcnow() - timedelta(minutes=5)
+        db.session.commit()
+        body = {"user_id": "u2", "subject": "Hi", "body": "text"}
+        soon = client.post("/notify", json={**body, "send_at": rfc3339(utcnow() + timedelta(hours=1))}, headers=auth)
+        assert soon.get_json()["channel"] == "whatsapp"
+        later = client.post("/notify", json={**body, "send_at": rfc3339(utcnow() + timedelta(days=2))}, headers=auth)
+        assert later.status_code == 202 and later.get_json()["channel"] == "email"
+        pinned = client.post("/notify", json={**body, "channel": "whatsapp",
+                                              "send_at": rfc3339(utcnow() + timedelta(days=2))}, headers=auth)
+        assert pinned.status_code == 422 and "held until" in pinned.get_json()["error"]
