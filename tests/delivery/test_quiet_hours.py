@@ -16,7 +16,7 @@ from bot.delivery.queue import huey
 from bot.extensions import db
 from bot.http import notify
 from bot.models import Message
-from bot.vocabulary import Kind, MessageStatus
+from bot.vocabulary import Kind
 from tests.conftest import inbound_form, make_contact, run_queue
 
 PHONE = "+15551234567"
