@@ -138,6 +138,14 @@ class Settings(BaseSettings):
     #: Words that ask for a person (the whole message, case-folded, without punctuation).
     handoff_keywords: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["AGENT", "HUMAN"])
 
+    # --- scheduled sends and quiet hours (docs/delivery.md, "Held messages") ---
+    #: A notification that would arrive inside these hours, in the user's own timezone, is held
+    #: until they end (never dropped); e.g. "21:00-08:00". Empty: none. /notify's `quiet_hours`
+    #: overrides it per request. Replies in a conversation the user started are never held.
+    quiet_hours: str = ""
+    #: The timezone (IANA) of a user who has none of their own, for the quiet hours.
+    default_timezone: str = "UTC"
+
     def flask_config(self, instance_path: str) -> dict[str, Any]:
         """The app's config: every setting under its variable's name, secrets unwrapped, and
         what Flask and its extensions read (the SQLAlchemy URI, the request size limit)."""
@@ -233,6 +241,26 @@ class Settings(BaseSettings):
             return normalise(value)
         except ValueError:
             raise ValueError("must be a BCP 47 locale babel knows, such as en or pt-BR") from None
+
+    @field_validator("quiet_hours")
+    @classmethod
+    def _quiet_hours(cls, value: str) -> str:
+        from bot.delivery.holding import InvalidQuietHours, parse_quiet_hours
+
+        try:
+            quiet = parse_quiet_hours(value)
+        except InvalidQuietHours as exc:
+            raise ValueError(str(exc)) from None
+        return str(quiet) if quiet else ""
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _default_timezone(cls, value: str) -> str:
+        import zoneinfo
+
+        if value not in zoneinfo.available_timezones():
+            raise ValueError("must be an IANA timezone, e.g. Europe/Berlin or UTC")
+        return value
 
     @field_validator("twilio_content_sids", mode="before")
     @classmethod

@@ -33,6 +33,16 @@ def is_public_id(value: str) -> bool:
     return bool(PUBLIC_ID.match(value))
 
 
+def hold_reason(send_at: datetime | None, not_before: datetime | None) -> str | None:
+    """Why a message held until `not_before` waits: its schedule, or quiet hours that moved it
+    past its `send_at` (or it had none); None when it is not held."""
+    if not_before is None:
+        return None
+    if send_at is not None and not_before <= send_at:
+        return HoldReason.SCHEDULED.value
+    return HoldReason.QUIET_HOURS.value
+
+
 class Contact(db.Model):
     """A person: a user of the backend (`user_id`, with a phone, an email or both), or a WhatsApp
     user who wrote first (a phone, no `user_id` yet). One person, one row: a phone or an email
@@ -168,13 +178,8 @@ class Message(db.Model):
 
     @property
     def hold_reason(self) -> str | None:
-        """Why it is held: its schedule, or quiet hours that moved it past its send_at (or it had
-        none); None when it is not held."""
-        if not self.is_held:
-            return None
-        if self.send_at is not None and self.not_before <= self.send_at:
-            return HoldReason.SCHEDULED.value
-        return HoldReason.QUIET_HOURS.value
+        """Why it is held (`hold_reason`); None when it is not held."""
+        return hold_reason(self.send_at, self.not_before) if self.is_held else None
 
     def to_dict(self, events: list["StatusEvent"] | None = None) -> dict[str, Any]:
         """The JSON shape of GET /messages/<id> (events included when given)."""

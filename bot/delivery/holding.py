@@ -101,6 +101,16 @@ def release_at(now: datetime, send_at: datetime | None, quiet_hours: QuietHours 
     return moment if moment > now else None
 
 
+def hold_until(now: datetime, send_at: datetime | None, quiet_hours: QuietHours | None, timezone_name: str | None,
+               default_timezone: str) -> datetime | None:
+    """`release_at` for a recipient whose timezone is `timezone_name` (their own, else
+    `default_timezone`: DEFAULT_TIMEZONE): what POST /notify (and a broadcast, per recipient)
+    stores in `messages.not_before`. None: it leaves now."""
+    if quiet_hours is None and send_at is None:
+        return None
+    return release_at(now, send_at, quiet_hours, zone(timezone_name, default_timezone))
+
+
 def _wall(instant: datetime, tz: tzinfo) -> datetime:
     """Naive UTC `instant` as the naive wall-clock time in `tz`."""
     return instant.replace(tzinfo=timezone.utc).astimezone(tz).replace(tzinfo=None)

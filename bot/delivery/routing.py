@@ -10,6 +10,7 @@ media by email.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
 from bot import locales
@@ -80,8 +81,10 @@ def template_copy(template: str, locale: str | None, *, direct_sid: str | None =
     return TemplateCopy(sid, whatsapp_elsewhere, email, email_elsewhere)
 
 
-def unusable(contact: Contact, channel: str, content: Content, *, stop_waiting: bool = False) -> Unusable | None:
-    """Why `channel` cannot carry `content` to `contact` now, or None if it can.
+def unusable(contact: Contact, channel: str, content: Content, *, stop_waiting: bool = False,
+             at: datetime | None = None) -> Unusable | None:
+    """Why `channel` cannot carry `content` to `contact` now (or at `at`, when the message is held
+    until then: the 24-hour window must still be open), or None if it can.
 
     `stop_waiting`: the contact sent a WhatsApp opt-out the engine has not handled yet.
     """
@@ -99,7 +102,7 @@ def unusable(contact: Contact, channel: str, content: Content, *, stop_waiting: 
         return Unusable.OPTED_OUT
     if content.template is not None:
         return None if content.whatsapp_template else _no_copy(content.whatsapp_other_locales)
-    return None if within_window(contact.last_inbound_at) else Unusable.WINDOW_CLOSED
+    return None if within_window(contact.last_inbound_at, at) else Unusable.WINDOW_CLOSED
 
 
 def _no_copy(in_other_locales: bool) -> Unusable:
@@ -107,13 +110,14 @@ def _no_copy(in_other_locales: bool) -> Unusable:
 
 
 def choose(contact: Contact, content: Content, *, pinned: str | None = None, exclude: frozenset[str] = frozenset(),
-           stop_waiting: bool = False) -> tuple[str | None, dict[str, Unusable]]:
+           stop_waiting: bool = False, at: datetime | None = None) -> tuple[str | None, dict[str, Unusable]]:
     """The first usable channel in the user's order (only `pinned` when given; never one in
-    `exclude`, the channels already tried), and why each channel before it was skipped."""
+    `exclude`, the channels already tried), and why each channel before it was skipped. `at`:
+    when a held message will leave (None: now)."""
     order = [pinned] if pinned else [c for c in contact.channel_order if c not in exclude]
     skipped: dict[str, Unusable] = {}
     for channel in order:
-        reason = unusable(contact, channel, content, stop_waiting=stop_waiting)
+        reason = unusable(contact, channel, content, stop_waiting=stop_waiting, at=at)
         if reason is None:
             return channel, skipped
         skipped[channel] = reason

@@ -11,10 +11,11 @@ from werkzeug.exceptions import HTTPException
 
 def init_app(app: Flask) -> None:
     """Register every blueprint, JSON bodies for every HTTP error, and a 503 for a database outage."""
-    from bot.http import (broadcasts_api, contacts_api, email_hooks, errors, events_api, handoff_api, health, notify,
-                          openapi, users_api, webhook)
+    from bot.http import (broadcasts_api, cancel_api, contacts_api, email_hooks, errors, events_api, handoff_api,
+                          health, notify, openapi, users_api, webhook)
 
     app.register_blueprint(notify.bp)
+    app.register_blueprint(cancel_api.bp)
     app.register_blueprint(contacts_api.bp)
     app.register_blueprint(events_api.bp)
     app.register_blueprint(handoff_api.bp)

@@ -8,7 +8,7 @@ values it wrote, not read back (bench/THROUGHPUT.md, "The web's hot path").
 from __future__ import annotations
 
 import functools
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
@@ -18,7 +18,8 @@ from sqlalchemy.orm import selectinload
 
 from bot import locales
 from bot.clock import isoformat, utcnow
-from bot.delivery import outbox
+from bot.delivery import events, outbox
+from bot.delivery.holding import MAX_SCHEDULE_AHEAD, QuietHours, hold_until, parse_quiet_hours
 from bot.contacts import (FACTS, contact_by_phone_cte, get_or_create_contact, new_contact_statement, opt_out_waiting,
                           opt_out_waiting_clause)
 from bot.conversations.handoff import in_handoff
@@ -27,8 +28,8 @@ from bot.delivery import routing
 from bot.delivery.routing import Content, Unusable, template_copy
 from bot.locales import Copy
 from bot.extensions import db
-from bot.models import (Contact, Conversation, EmailEvent, IdempotencyKey, Message, StatusEvent, is_public_id,
-                        new_id)
+from bot.models import (Contact, Conversation, EmailEvent, IdempotencyKey, Message, StatusEvent, hold_reason,
+                        is_public_id, new_id)
 from bot.channels.email.copy import email_templates
 from bot.http.schemas import InvalidRequest, NotifyRequest, parse_notify
 from bot.channels.whatsapp.whatsapp import SESSION_WINDOW, within_window
@@ -39,6 +40,8 @@ from flows import registry
 bp = Blueprint("notify", __name__)
 
 MAX_IDEMPOTENCY_KEY = 255
+#: A send_at this far in the past is taken as "now" (clocks differ a little), not refused.
+SEND_AT_SKEW = timedelta(minutes=1)
 
 
 def read_json_body() -> Any:
@@ -55,15 +58,18 @@ def _error(status: int, message: str, **extra: Any):
 
 def _accepted(message: Message, replayed: bool = False):
     return _accepted_as(message.id, message.status, message.channel, message.contact.user_id,
-                        message.contact.address_on(message.channel), message.created_at, replayed)
+                        message.contact.address_on(message.channel), message.created_at, replayed,
+                        send_at=message.send_at, held_until=message.not_before if message.is_held else None)
 
 
 def _accepted_as(message_id: str, status: str, channel: str, user_id: str | None, to: str | None,
-                 created_at: datetime, replayed: bool = False):
+                 created_at: datetime, replayed: bool = False, *, send_at: datetime | None = None,
+                 held_until: datetime | None = None):
     """202 for a message, from its values (a new one's answer reads nothing back)."""
     url = url_for("notify.get_message", message_id=message_id)
     response = jsonify(id=message_id, status=status, channel=channel, user_id=user_id, to=to,
-                       created_at=isoformat(created_at), url=url)
+                       created_at=isoformat(created_at), url=url, send_at=isoformat(send_at),
+                       held_until=isoformat(held_until), held_reason=hold_reason(send_at, held_until))
     response.status_code = 202
     response.headers["Location"] = url
     if replayed:
@@ -131,6 +137,10 @@ def notify():
         if replay is not None:
             return replay
 
+    if notification.send_at is not None:
+        refusal = _schedule_refusal(notification.send_at_utc, utcnow())
+        if refusal is not None:
+            return refusal
     if notification.user_id is not None:
         return _notify_user(notification, key)
     if notification.flow is None:
@@ -142,14 +152,60 @@ def notify():
     return _start_flow(notification, contact, key)
 
 
+def _schedule_refusal(send_at: datetime, now: datetime):
+    """400 for a send_at in the past (beyond a minute of clock skew) or too far ahead."""
+    if send_at < now - SEND_AT_SKEW:
+        return _error(400, f"'send_at' is in the past ({isoformat(send_at)}; now is {isoformat(now)})")
+    if send_at > now + MAX_SCHEDULE_AHEAD:
+        return _error(400, f"'send_at' is more than {MAX_SCHEDULE_AHEAD.days} days ahead ({isoformat(send_at)})")
+    return None
+
+
+@functools.cache
+def _quiet_hours(text: str) -> QuietHours | None:
+    return parse_quiet_hours(text)
+
+
+def _quiet_hours_of(notification: NotifyRequest) -> QuietHours | None:
+    """This request's quiet hours: its own, or QUIET_HOURS. None for an agent's message: a person
+    answering in a conversation is never held (nor are the bot's replies, which never come here)."""
+    if notification.agent:
+        return None
+    text = notification.quiet_hours if notification.quiet_hours is not None else current_app.config["QUIET_HOURS"]
+    return _quiet_hours(text)
+
+
+def _hold(notification: NotifyRequest, timezone_name: str | None, now: datetime) -> datetime | None:
+    """Until when the message waits in the database (None: it leaves now): its send_at, pushed
+    past the quiet hours in the user's own timezone (bot/delivery/holding.py; invariant 15)."""
+    return hold_until(now, notification.send_at_utc, _quiet_hours_of(notification), timezone_name,
+                      current_app.config["DEFAULT_TIMEZONE"])
+
+
+@functools.cache
+def _phone_timezone_statement() -> sa.Select:
+    return sa.select(Contact.timezone).where(Contact.phone == sa.bindparam("phone"))
+
+
+def _report_held(params: dict[str, Any], contact_id: int, user_id: str | None, to: str | None) -> None:
+    """message.held, in the transaction that stores the held message (invariant 12)."""
+    events.message_held(params["message_id"], contact_id=contact_id, channel=params["channel"], kind=params["kind"],
+                        to=to, user_id=user_id, held_until=params["not_before"],
+                        reason=hold_reason(params["send_at"], params["not_before"]), send_at=params["send_at"],
+                        metadata=params["metadata"])
+
+
 def _opted_out():
     return _error(409, "the recipient has opted out of WhatsApp; nothing is sent until they opt back in")
 
 
-def _window_closed():
+def _window_closed(held_until: datetime | None = None):
+    when = ("the recipient has not written in the last 24 hours" if held_until is None else
+            f"the message is held until {isoformat(held_until)} and the recipient's 24-hour window will "
+            "have closed by then")
     return _error(
         422,
-        "the recipient has not written in the last 24 hours, so WhatsApp allows no free-form "
+        f"{when}, so WhatsApp allows no free-form "
         "message; send an approved template instead: {\"to\", \"template\", \"variables\"}",
         templates=sorted(current_app.config["TWILIO_CONTENT_SIDS"]),
     )
@@ -199,6 +255,14 @@ def _notify_number(notification: NotifyRequest, key: str | None):
         db.session.rollback()
         return _no_copy_in_locale(notification.template, locale if matters else None)
     params.update(phone=notification.to, window_opens=now - SESSION_WINDOW, any_time=not notification.is_free_form)
+    # The number's timezone, read only when quiet hours apply (the hot path stays one statement
+    # without them): a number of a user may have one; a number alone has DEFAULT_TIMEZONE.
+    timezone_name = (db.session.scalar(_phone_timezone_statement(), {"phone": notification.to})
+                     if _quiet_hours_of(notification) is not None else None)
+    params["not_before"] = _hold(notification, timezone_name, now)
+    # A held message must find the 24-hour window open when it leaves, not only now.
+    leaves = params["not_before"] or now
+    params["window_opens"] = leaves - SESSION_WINDOW
     dialect = db.session.get_bind().dialect.name
     try:
         if dialect == "postgresql":
@@ -210,7 +274,8 @@ def _notify_number(notification: NotifyRequest, key: str | None):
             stored = contact.message_id is not None
         else:
             contact, stored = _contact_facts(notification.to, dialect, now), False
-        refusal = _refusal(contact.consent, contact.stop_waiting, contact.last_inbound_at, notification, now)
+        refusal = _refusal(contact.consent, contact.stop_waiting, contact.last_inbound_at, notification, now,
+                           params["not_before"])
         if stored != (refusal is None) and dialect == "postgresql":  # pragma: no cover - the two must agree
             raise RuntimeError("the refusal checks in SQL and in Python disagree")
         if refusal is not None:
@@ -219,22 +284,27 @@ def _notify_number(notification: NotifyRequest, key: str | None):
         params["contact_id"] = contact.id
         if not stored:
             _insert_message(params, key)
-        outbox.defer_send(params["message_id"], params["kind"])  # enqueued once the row is committed
+        # Enqueued once the row is committed; a held one is scheduled for its time (a hint: the
+        # release finds it in the database whatever happens to the queue).
+        outbox.defer_send(params["message_id"], params["kind"], at=params["not_before"])
+        if params["not_before"] is not None:
+            _report_held(params, contact.id, contact.user_id, notification.to)
         db.session.commit()
     except IntegrityError as exc:
         return _lost_key_race(exc, key, notification)
     return _accepted_as(params["message_id"], MessageStatus.PENDING, Channel.WHATSAPP, contact.user_id,
-                        notification.to, now)
+                        notification.to, now, send_at=params["send_at"], held_until=params["not_before"])
 
 
 def _refusal(consent: str, stop_waiting: bool, last_inbound_at: datetime | None, notification: NotifyRequest,
-             now: datetime):
-    """The 409 or 422 for a message to this contact on WhatsApp, or None when it may be queued.
-    The SQL of `_notify_number_statement` says the same (its `allowed` CTE)."""
+             now: datetime, held_until: datetime | None = None):
+    """The 409 or 422 for a message to this contact on WhatsApp, or None when it may be queued
+    (a held one: the window must be open when it leaves). The SQL of `_notify_number_statement`
+    says the same (its `allowed` CTE)."""
     if consent == Consent.OPTED_OUT or stop_waiting:
         return _opted_out()
-    if notification.is_free_form and not within_window(last_inbound_at, now):
-        return _window_closed()
+    if notification.is_free_form and not within_window(last_inbound_at, held_until or now):
+        return _window_closed(held_until)
     return None
 
 
@@ -283,7 +353,7 @@ def _message_params(notification: NotifyRequest, key: str | None, channel: str, 
         "content_sid": notification.content_sid, "variables": notification.variables or None,
         "key": key, "request_hash": notification.fingerprint() if key else None,
         "metadata": notification.metadata, "kind": Kind.AGENT.value if notification.agent else Kind.NOTIFICATION.value,
-        "now": now,
+        "now": now, "send_at": notification.send_at_utc, "not_before": None,
     }
 
 
@@ -293,7 +363,8 @@ def _message_columns(value: Any) -> dict[str, Any]:
     bound = {"id": "message_id", "channel": "channel", "subject": "subject", "body": "body",
              "media_urls": "media_urls", "template": "template", "content_sid": "content_sid",
              "variables": "variables", "idempotency_key": "key", "request_hash": "request_hash",
-             "metadata": "metadata", "kind": "kind", "created_at": "now", "updated_at": "now"}
+             "metadata": "metadata", "kind": "kind", "created_at": "now", "updated_at": "now",
+             "send_at": "send_at", "not_before": "not_before"}
     columns = {name: value(param, messages.c[name]) for name, param in bound.items()}
     columns.update(direction=sa.literal(Direction.OUTBOUND.value), status=sa.literal(MessageStatus.PENDING.value),
                    status_rank=sa.literal(MessageStatus.PENDING.rank), attempts=sa.literal(0))
@@ -358,24 +429,27 @@ def _notify_number_statement(with_key: bool) -> sa.Select:
             .add_cte(*ctes))
 
 
-def _queue(notification: NotifyRequest, contact: Contact, channel: str, key: str | None,
-           content_sid: str | None = None):
-    """Store a user's message (the outbox) and answer 202; its send is enqueued after the commit.
-    `content_sid`: the template's ContentSid in the user's locale (kept on an email too, for a
-    fallback to WhatsApp in the same language)."""
-    now = utcnow()
+def _queue(notification: NotifyRequest, contact: Contact, channel: str, key: str | None, now: datetime,
+           not_before: datetime | None, content_sid: str | None = None):
+    """Store a user's message (the outbox; held until `not_before` if given) and answer 202; its
+    send is enqueued after the commit. `content_sid`: the template's ContentSid in the user's
+    locale (kept on an email too, for a fallback to WhatsApp in the same language)."""
     params = _message_params(notification, key, channel, now)
     params["contact_id"] = contact.id
+    params["not_before"] = not_before
     if notification.template is not None:
         params["content_sid"] = content_sid
     user_id, to = contact.user_id, contact.address_on(channel)  # read before the commit expires them
     try:
         _insert_message(params, key)
-        outbox.defer_send(params["message_id"], params["kind"])  # enqueued once the row is committed
+        outbox.defer_send(params["message_id"], params["kind"], at=params["not_before"])  # after the commit
+        if params["not_before"] is not None:
+            _report_held(params, contact.id, user_id, to)
         db.session.commit()
     except IntegrityError as exc:
         return _lost_key_race(exc, key, notification)
-    return _accepted_as(params["message_id"], MessageStatus.PENDING, channel, user_id, to, now)
+    return _accepted_as(params["message_id"], MessageStatus.PENDING, channel, user_id, to, now,
+                        send_at=params["send_at"], held_until=params["not_before"])
 
 
 def _commit_new_row(row: Message | Conversation, key: str | None, notification: NotifyRequest):
@@ -435,7 +509,10 @@ def _notify_user(notification: NotifyRequest, key: str | None):
         content = copy.content(notification.template, subject=notification.subject)
     else:
         content = Content(body=notification.body, subject=notification.subject, has_media=bool(notification.media_urls))
-    channel, skipped = routing.choose(contact, content, pinned=notification.channel, stop_waiting=stop_waiting)
+    now = utcnow()
+    not_before = _hold(notification, contact.timezone, now)
+    channel, skipped = routing.choose(contact, content, pinned=notification.channel, stop_waiting=stop_waiting,
+                                      at=not_before)
     if channel is None:
         db.session.commit()  # the inline user is stored all the same
         reasons = {name: str(reason) for name, reason in skipped.items()}
@@ -444,10 +521,10 @@ def _notify_user(notification: NotifyRequest, key: str | None):
         if Unusable.NO_COPY_IN_LOCALE in skipped.values():
             return _no_copy_in_locale(notification.template, contact.locale, reasons)
         if skipped == {Channel.WHATSAPP: Unusable.WINDOW_CLOSED}:
-            return _window_closed()
+            return _window_closed(not_before)
         return _error(422, "no channel can carry this message to this user: "
                            + ", ".join(f"{name}: {reason}" for name, reason in reasons.items()), skipped=reasons)
-    return _queue(notification, contact, channel, key, content_sid)
+    return _queue(notification, contact, channel, key, now, not_before, content_sid)
 
 
 @functools.cache

@@ -20,7 +20,8 @@ from bot.http.notify import MAX_IDEMPOTENCY_KEY
 from bot.http.events_api import DEFAULT_LIMIT, MAX_LIMIT
 from bot.http.broadcast_schema import BroadcastBody
 from bot.http.schemas import ConsentBody, HandoffBody, NotifyBody, ReplayBody, UserBody
-from bot.vocabulary import BroadcastState, Channel, Consent, ConversationStatus, EventStatus, EventType, MessageStatus
+from bot.vocabulary import (BroadcastState, Channel, Consent, ConversationStatus, EventStatus, EventType, HoldReason,
+                            MessageStatus)
 
 bp = Blueprint("openapi", __name__)
 
@@ -48,6 +49,19 @@ class MessageAccepted(BaseModel):
     to: str = Field(description="the phone number (WhatsApp) or email address the message goes to")
     created_at: str | None
     url: str
+    send_at: str | None = Field(None, description="the time asked for with `send_at` (UTC)")
+    held_until: str | None = Field(None, description="held in the database until then (UTC): its `send_at`, or "
+                                                     "the end of the quiet hours in the user's timezone; null: "
+                                                     "it leaves now")
+    held_reason: HoldReason | None = Field(None, description="why it is held: `scheduled` or `quiet_hours`")
+
+
+class CancelRefused(BaseModel):
+    """409 from POST /messages/<id>/cancel: too late, the message left or is leaving."""
+
+    error: str
+    id: str
+    status: MessageStatus
 
 
 class ConversationAccepted(BaseModel):
@@ -102,7 +116,10 @@ class Message(BaseModel):
     updated_at: str | None
     sent_at: str | None
     broadcast_id: str | None = Field(None, description="the broadcast this message is one recipient's copy of")
-    events: list[StatusEvent]
+    send_at: str | None = Field(description="the time asked for with POST /notify `send_at` (UTC)")
+    held_until: str | None = Field(description="while held in the database: when it will leave (UTC)")
+    held_reason: HoldReason | None = Field(description="why it is held: `scheduled` or `quiet_hours`")
+    events: list[StatusEvent] | None = None
 
 
 class Conversation(BaseModel):
@@ -321,6 +338,10 @@ OPERATIONS = [
                          "payload", Error))])),
     Operation("get", "/messages/{message_id}", "A message's status, error code and status callbacks",
               answers=dict([(200, ("the message", Message)), UNAUTHORIZED, (404, ("no such message", Error))])),
+    Operation("post", "/messages/{message_id}/cancel", "Cancel a message that has not left (e.g. a scheduled one)",
+              answers=dict([(200, ("the message, now canceled (also when it already was)", Message)), UNAUTHORIZED,
+                            (404, ("no such outbound message", Error)),
+                            (409, ("too late: it is being sent, left already, or failed", CancelRefused))])),
     Operation("get", "/conversations/{conversation_id}", "A conversation's flow, status and outcome",
               answers=dict([(200, ("the conversation", Conversation)), UNAUTHORIZED,
                             (404, ("no such conversation", Error))])),
@@ -421,7 +442,7 @@ def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document (built once: it depends on code, not on configuration)."""
     bodies = (NotifyBody, ConsentBody, HandoffBody, ReplayBody, UserBody, BroadcastBody)
     models = [*bodies, Error, MessageAccepted, ConversationAccepted, Message, Conversation, Contact, EventPage,
-              EventReplay, EventsReplayed, Handoff, User, BroadcastAccepted, BroadcastCounts]
+              EventReplay, EventsReplayed, Handoff, User, BroadcastAccepted, BroadcastCounts, CancelRefused]
     # Request bodies as they are validated, answers as they are serialised (`from`, not `from_`).
     _, schemas = models_json_schema(
         [(model, "validation" if model in bodies else "serialization") for model in models],

@@ -24,6 +24,7 @@ from pydantic_core import ErrorDetails
 from babel import Locale, UnknownLocaleError
 from email_validator import EmailNotValidError, validate_email
 
+from bot.delivery.holding import QUIET_HOURS_REFUSAL, InvalidQuietHours, parse_quiet_hours
 from bot.phone import InvalidNumber, normalize_e164
 from bot.channels.whatsapp.whatsapp import MAX_BODY_CHARS, MAX_TEMPLATE_VARIABLES_CHARS
 from bot.vocabulary import Channel, Consent
@@ -64,6 +65,16 @@ class NotifyRequest:
     channel: str | None = None
     #: The email's subject (free text by email needs one).
     subject: str | None = None
+    #: When to send it (`send_at`), as naive UTC in ISO form (None: now).
+    send_at: str | None = None
+    #: The quiet hours of this request: None, the QUIET_HOURS setting; "" none ("quiet_hours":
+    #: null); else "HH:MM-HH:MM".
+    quiet_hours: str | None = None
+
+    @property
+    def send_at_utc(self) -> datetime | None:
+        """`send_at` as the naive UTC the database stores."""
+        return None if self.send_at is None else datetime.fromisoformat(self.send_at)
 
     @property
     def is_free_form(self) -> bool:
@@ -76,7 +87,7 @@ class NotifyRequest:
         Stored with every keyed row, so its input (this dataclass's fields) must not change shape:
         a replay after a deploy must still match."""
         fields = asdict(self)
-        for added_later in ("metadata", "agent", "user_id", "user", "channel", "subject"):  # absent: the shape keys were stored with
+        for added_later in ("metadata", "agent", "user_id", "user", "channel", "subject", "send_at", "quiet_hours"):  # absent: the shape keys were stored with
             if fields[added_later] is None:
                 del fields[added_later]
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
@@ -163,6 +174,45 @@ def _metadata_refusal(value: Any, errors: list[ErrorDetails]) -> str:
     return "'metadata' must be a JSON object, e.g. {\"order_id\": \"A-17\"}"
 
 
+SEND_AT_REFUSAL = ("'send_at' must be an RFC 3339 time with its offset, e.g. 2026-12-24T09:00:00+01:00 "
+                   "or 2026-12-24T08:00:00Z")
+
+
+def _rfc3339_utc(value: str) -> str:
+    """An RFC 3339 date-time with an offset ('Z' or ±HH:MM), as naive UTC in ISO form. A time
+    without an offset is refused: nobody can tell which 09:00 it means."""
+    if not RFC3339.match(value):
+        raise InvalidRequest(SEND_AT_REFUSAL)
+    text = value.upper().replace("Z", "+00:00")
+    fraction = RFC3339.match(value).group(1)
+    if fraction and len(fraction) > 7:  # Python reads at most microseconds
+        text = text.replace(fraction.upper(), fraction[:7], 1)
+    try:
+        moment = datetime.fromisoformat(text)
+        return moment.astimezone(timezone.utc).replace(tzinfo=None).isoformat()
+    except (ValueError, OverflowError):
+        raise InvalidRequest(SEND_AT_REFUSAL) from None
+
+
+#: The quiet hours' form, for the OpenAPI document (and a first check before `parse_quiet_hours`).
+QUIET_HOURS_JSON_PATTERN = r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$"
+#: RFC 3339's date-time (section 5.6), fractions of a second allowed, the offset required.
+RFC3339 = re.compile(r"\A\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})\Z")
+
+
+def _quiet_hours_text(value: str | None) -> str:
+    """A request's quiet hours, normalised: "" for null (none), else "HH:MM-HH:MM"."""
+    if value is None:
+        return ""
+    try:
+        quiet = parse_quiet_hours(value)
+    except InvalidQuietHours:
+        raise InvalidRequest(f"'quiet_hours' {value[:40]!r}: {QUIET_HOURS_REFUSAL}; or null for none") from None
+    if quiet is None:
+        raise InvalidRequest("'quiet_hours' must be 'HH:MM-HH:MM', e.g. 21:00-08:00, or null for none")
+    return str(quiet)
+
+
 MEDIA_URL_REFUSAL = "'media_url' must be one http(s) URL (WhatsApp carries one media item per message)"
 
 
@@ -194,6 +244,8 @@ class NotifyBody(RequestBody):
         {"to": "+15551234567", "template": "order_update", "variables": {"1": "Ada", "2": 42}},
         {"to": "+15551234567", "flow": "appointment",
          "variables": {"name": "Ada", "date": "Tue 3 March", "time": "10:30", "appointment_id": "A-17"}},
+        {"to": "+15551234567", "template": "order_update", "variables": {"1": "Ada", "2": 42},
+         "send_at": "2026-12-24T09:00:00+01:00", "quiet_hours": "21:00-08:00"},
     ]})
 
     to: Annotated[str | None, AfterValidator(lambda v: v if v is None else _e164(v)),
@@ -231,6 +283,17 @@ class NotifyBody(RequestBody):
         description=f"your own JSON object (at most {MAX_METADATA_BYTES} bytes as JSON), echoed in every "
                     "event about this message or conversation and in GET /messages/<id>",
         examples=[{"order_id": "A-17"}])] = None
+    send_at: Annotated[str | None, AfterValidator(lambda v: v if v is None else _rfc3339_utc(v)),
+                       refuse_as(SEND_AT_REFUSAL), Field(
+        description="when to send it: an RFC 3339 time with its offset, from now to 35 days ahead; the "
+                    "message waits in the database until then (cancel it with POST /messages/<id>/cancel)",
+        json_schema_extra={"format": "date-time"}, examples=["2026-12-24T09:00:00+01:00"])] = None
+    quiet_hours: Annotated[Annotated[str, Field(pattern=QUIET_HOURS_JSON_PATTERN)] | None, refuse_as("'quiet_hours' must be 'HH:MM-HH:MM', e.g. 21:00-08:00, or null for none"),
+                           Field(
+        description="this request's quiet hours in the user's timezone, `HH:MM-HH:MM` (e.g. 21:00-08:00); "
+                    "null: none for this request; omitted: the QUIET_HOURS setting. A message that would "
+                    "arrive inside them is held until they end",
+        examples=["21:00-08:00"])] = None
     agent: Annotated[str | None, Field(min_length=1, max_length=MAX_AGENT_CHARS, pattern=r"\S"),
                      refuse_as(f"'agent' must be the name or id of the person writing (1 to {MAX_AGENT_CHARS} characters)"),
                      Field(description="the person writing during a human handoff; the message is marked "
@@ -247,6 +310,8 @@ class NotifyBody(RequestBody):
             raise TypeError("validate NotifyBody with context=NotifyContext(...) (templates and flows)")
         self._check_recipient()
         message_given = self.body is not None or self.media_url is not None
+        if self.flow is not None and ({"send_at", "quiet_hours"} & self.model_fields_set):
+            raise InvalidRequest("'send_at' and 'quiet_hours' apply to a message, not a 'flow' (a flow starts at once)")
         if self.flow is not None:
             if message_given or self.template is not None:
                 raise InvalidRequest("send either 'flow' (with 'variables') or a message, not both")
@@ -314,7 +379,8 @@ class NotifyBody(RequestBody):
         """The request the route stores: E.164 `to`, media as a tuple, template variables as text."""
         extra = {"metadata": self.metadata, "agent": self.agent.strip() if self.agent else None,
                  "user_id": self.user_id, "user": self._user_changes, "channel": self.channel,
-                 "subject": self.subject}
+                 "subject": self.subject, "send_at": self.send_at,
+                 "quiet_hours": _quiet_hours_text(self.quiet_hours) if "quiet_hours" in self.model_fields_set else None}
         if self.flow is not None:
             return NotifyRequest(to=self.to, flow=self.flow, variables=dict(self.variables or {}), **extra)
         if self.template is not None:

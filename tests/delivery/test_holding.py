@@ -167,3 +167,42 @@ def test_a_released_message_never_lands_inside_quiet_hours_nor_waits_a_day(now, 
 
 def test_first_instant_at_an_ordinary_time():
     assert first_instant_at(datetime(2026, 7, 1, 8), BERLIN) == utc("2026-07-01 06:00")
+
+
+# ---------------------------------------------------------------- the settings
+
+
+@pytest.mark.parametrize("quiet, expected", [("21:00-08:00", "21:00-08:00"), (" 22:30-07:00 ", "22:30-07:00"),
+                                             ("", "")])
+def test_quiet_hours_setting_is_normalised(quiet, expected):
+    from bot.config import load_settings
+
+    assert load_settings({"QUIET_HOURS": quiet}, env_file=None).quiet_hours == expected
+
+
+@pytest.mark.parametrize("name, value", [("QUIET_HOURS", "9pm-8am"), ("QUIET_HOURS", "08:00-08:00"),
+                                         ("DEFAULT_TIMEZONE", "Mars/Olympus_Mons"), ("DEFAULT_TIMEZONE", "")])
+def test_a_bad_quiet_hours_or_default_timezone_setting_stops_the_start_naming_it(name, value):
+    from bot.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError) as refused:
+        load_settings({name: value}, env_file=None)
+    assert name in str(refused.value)
+
+
+# ---------------------------------------------------------------- the ticks (bot/delivery/ticker.py)
+
+
+def test_a_tick_is_due_after_its_interval_once_the_last_one_started():
+    from bot.delivery.ticker import TICK_LOST_AFTER, Tick
+
+    tick = Tick(task=None, seconds=2.0, priority=0)
+    assert tick.due(100.0)  # never enqueued
+    tick.enqueued_at = 100.0
+    assert not tick.due(101.9)  # the interval has not passed
+    assert not tick.due(102.0)  # passed, but the last one has not started: a backlog piles nothing up
+    tick.started_at = 101.0
+    assert tick.due(102.0)
+    tick.enqueued_at, tick.started_at = 200.0, 150.0
+    assert not tick.due(200.0 + TICK_LOST_AFTER - 1)
+    assert tick.due(200.0 + TICK_LOST_AFTER)  # lost (a flushed queue): enqueued again

@@ -20,6 +20,7 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bot.clock import utcnow
 from bot.config import MAX_CONTENT_LENGTH
 from bot.extensions import db
 from bot.models import Contact, Message, StatusEvent
@@ -192,6 +193,18 @@ NOTIFY_FIELDS = {
     "variables": _near([{"1": "Ada", "2": 42}, {"1": "x" * 1024}, {"1": None}, {}, {"date": "Tue", "time": "9"}]),
     "flow": _near(["appointment", "feedback", "welcome", "nope"]),
 }
+def _send_at(seconds: int) -> str:
+    """An RFC 3339 time `seconds` from the moment the example runs (negative: in the past)."""
+    return (utcnow() + timedelta(seconds=seconds)).isoformat() + "Z"
+
+
+#: send_at: mostly within the accepted range (now to 35 days), sometimes past it, malformed or naive.
+SEND_AT = weighted((3, st.integers(-120, 35 * 86400 + 3600).map(_send_at)),
+                   (1, st.sampled_from(["2026-12-24T09:00:00", "2026-12-24", "2026-02-30T09:00:00Z", "now",
+                                        "2026-12-24T09:00:00+24:00", "0001-01-01T00:00:00+01:00", ""])),
+                   (1, JSON_VALUES))
+QUIET_HOURS = _near(["21:00-08:00", "12:00-14:00", "00:00-23:59", None, "09:00-09:00", "24:00-08:00", "21:00",
+                     " 21:00-08:00", "21:00-08:00\n"])
 TO = {"to": _near([PHONE, "whatsapp:" + PHONE, OUTSIDE_WINDOW, OPTED_OUT, "+1 (555) 123-4567", "0015551234567",
                    "+1555"])}
 
@@ -201,9 +214,12 @@ def _shape(*required: str, optional: tuple[str, ...] = ()) -> st.SearchStrategy[
                                  optional={name: NOTIFY_FIELDS[name] for name in optional})
 
 
-#: The three kinds of request (message, template, flow), and any mix of their fields.
-NEAR_VALID_NOTIFY = st.one_of(_shape("body", optional=("media_url",)), _shape("media_url"),
-                              _shape("template", optional=("variables",)), _shape("flow", optional=("variables",)),
+NOTIFY_FIELDS.update(send_at=SEND_AT, quiet_hours=QUIET_HOURS)
+#: The three kinds of request (message, template, flow), and any mix of their fields; messages and
+#: templates now and then scheduled or with quiet hours of their own (a flow refuses both).
+NEAR_VALID_NOTIFY = st.one_of(_shape("body", optional=("media_url", "send_at", "quiet_hours")), _shape("media_url"),
+                              _shape("template", optional=("variables", "send_at", "quiet_hours")),
+                              _shape("flow", optional=("variables",)),
                               _shape(optional=tuple(NOTIFY_FIELDS)))
 IDEMPOTENCY_KEYS = st.one_of(st.none(), st.sampled_from(["k1", "k2", " ", "", "k" * 256]),
                              st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=20))
@@ -291,6 +307,41 @@ def test_notify_by_user_never_gets_a_5xx(client, auth, users, payload, key):
 @given(user_id=st.sampled_from(["u1", "u2", "x" * 129, " x", "a%2Fb"]), body=weighted((3, USER_FIELDS), (1, JSON_VALUES)))
 def test_put_users_never_gets_a_5xx(client, auth, user_id, body):
     assert_answered_well(client.put(f"/users/{user_id}", json=body, headers=auth))
+
+
+#: A message to the number or to user u1 (its number and an email), scheduled, with quiet hours now and then.
+SCHEDULED_NOTIFY = st.one_of(*(
+    st.fixed_dictionaries({**recipient, "body": st.just("later"), "send_at": SEND_AT},
+                          optional={"quiet_hours": QUIET_HOURS, "subject": st.just("Later")})
+    for recipient in ({"to": st.just(PHONE)}, {"user_id": st.just("u1")})))
+
+
+@shared_app
+@given(payload=SCHEDULED_NOTIFY, cancel=st.booleans(), bogus=st.sampled_from(["0" * 32, "x", "a" * 33, "%00"]))
+def test_scheduled_notify_and_cancel_never_get_a_5xx(app, client, auth, users, payload, cancel, bogus):
+    """Scheduled sends and their cancel: a 202 holds or sends (its hold as the answer says), a
+    cancel of it is a 200 or, once it left, a 409; a cancel of no message is a 404."""
+    response = post_notify(client, auth, json.dumps(payload))
+    assert_answered_well(response)
+    if response.status_code == 202 and cancel:
+        answer = response.get_json()
+        canceled = client.post(f"/messages/{answer['id']}/cancel", headers=auth)
+        assert_answered_well(canceled)
+        assert canceled.status_code == 200 if answer["held_until"] else canceled.status_code in (200, 409)
+    assert_answered_well(client.post(f"/messages/{bogus}/cancel", headers=auth))
+
+
+def test_the_schedule_generator_reaches_holds_and_refusals(app, client, auth, users):
+    held = []
+
+    def send(body):
+        response = post_notify(client, auth, json.dumps(body))
+        if response.status_code == 202:
+            held.append(response.get_json()["held_until"])
+        return response
+
+    assert {202, 400} <= _answers(SCHEDULED_NOTIFY, send)
+    assert any(held) and None in held  # some held, some sent at once
 
 
 SENDGRID_EVENT = st.fixed_dictionaries(

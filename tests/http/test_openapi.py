@@ -45,7 +45,7 @@ def test_schemathesis_loads_the_served_document(app):
                           "POST /events/{event_id}/retry", "POST /events/retry", "POST /contacts/{phone}/handoff",
                           "DELETE /contacts/{phone}/handoff", "PUT /users/{user_id}", "GET /users/{user_id}",
                           "POST /broadcasts", "GET /broadcasts/{broadcast_id}",
-                          "POST /broadcasts/{broadcast_id}/cancel"}
+                          "POST /broadcasts/{broadcast_id}/cancel", "POST /messages/{message_id}/cancel"}
 
 
 @pytest.mark.parametrize("path, method, model", [("/notify", "post", NotifyBody),

@@ -1,0 +1,31 @@
+"""POST /messages/<id>/cancel: a message that has not left yet never will (invariant 15: a held
+message can be called back until its time)."""
+from __future__ import annotations
+
+from flask import Blueprint, abort, jsonify
+
+from bot.delivery.release import Cancel, cancel
+from bot.http.auth import require_api_token
+from bot.models import is_public_id
+from bot.vocabulary import MessageStatus
+
+bp = Blueprint("cancel_api", __name__)
+
+
+@bp.post("/messages/<message_id>/cancel")
+@require_api_token
+def cancel_message(message_id: str):
+    """200 with the message, now `canceled` (again 200 if it already was); 409 once it left or
+    is leaving (claimed by a send, accepted, failed); 404 for an unknown id."""
+    if not is_public_id(message_id):
+        abort(404, description=f"no message with id {message_id[:64]!r}")
+    outcome, message = cancel(message_id)
+    if outcome == Cancel.NOT_FOUND:
+        abort(404, description=f"no outbound message with id {message_id!r}")
+    if outcome == Cancel.TOO_LATE:
+        why = ("it is being sent right now" if message.status in (MessageStatus.DISPATCHING, MessageStatus.RETRYING)
+               else f"it is already {message.status}")
+        response = jsonify(error=f"too late to cancel: {why}", status=message.status, id=message.id)
+        response.status_code = 409
+        return response
+    return jsonify(message.to_dict())
