@@ -85,3 +85,16 @@ def test_a_flow_whose_template_is_not_in_the_users_language_is_refused(ctx, app,
     assert "'appointment_reminder'" in answer.get_json()["error"] and "'pt-BR'" in answer.get_json()["error"]
     run_queue()
     assert twilio.requests == []
+
+
+def test_the_translated_words_answer_the_flow_too(ctx, client, auth, twilio, post_webhook):
+    _put_user(client, auth, "pt-BR")
+    _wrote_recently()
+    assert client.post("/notify", json={"user_id": "ana", **APPOINTMENT}, headers=auth).status_code == 202
+    run_queue()
+    post_webhook(inbound_form(PHONE, "Remarcar"))
+    run_queue()
+    assert _bodies(twilio)[-1].startswith("Sem problema! Qual horário seria melhor para você?")
+    post_webhook(inbound_form(PHONE, "quinta às 15h"))
+    run_queue()
+    assert _bodies(twilio)[-1] == "Obrigado! Anotamos sua preferência: quinta às 15h\nVamos entrar em contato para confirmar o novo horário."
