@@ -268,7 +268,7 @@ OPERATIONS = [
                   (202, ("queued (a replay of the same Idempotency-Key has Idempotent-Replayed: true)", None)),
                   (400, ("a field is wrong; `error` says which and why; or the template has no copy in the "
                          "recipient's locale, its language or DEFAULT_LOCALE (`template`, `locale`)", Error)),
-                  UNAUTHORIZED,
+                  UNAUTHORIZED, (404, ("no such user: a `user_id` never stored, sent without `user`", Error)),
                   (409, ("the contact opted out; or, for a flow, a person is handling the contact (handoff)", Error)),
                   TOO_LARGE,
                   (415, ("Content-Type is not application/json", Error)),
