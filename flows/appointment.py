@@ -39,10 +39,15 @@ OPTIONAL_TEXT_VARIABLES = ("name", "place")
 
 # What the user may press or type. Buttons come from the approved template; typed words are
 # compared after normalize() (case-folded, trimmed, punctuation dropped: "  Confirm! " -> "confirm").
-CONFIRM = button("CONFIRM") | keyword("1", "confirm", "confirmed", "yes", "y", "ok", "okay")
-RESCHEDULE = button("RESCHEDULE") | keyword("2", "reschedule", "change", "change it", "another time")
+# The copy asks for a number in every language (templates/appointment/<locale>/); the words of the
+# shipped translations (pt-BR) are understood too, whatever the contact's locale.
+CONFIRM = button("CONFIRM") | keyword("1", "confirm", "confirmed", "yes", "y", "ok", "okay",
+                                      "sim", "confirmar", "confirmo", "confirmado")
+RESCHEDULE = button("RESCHEDULE") | keyword("2", "reschedule", "change", "change it", "another time",
+                                            "remarcar", "mudar")
 # "cancel" alone is the engine's opt-out keyword and never gets here; "cancel appointment" does.
-CANCEL = button("CANCEL") | keyword("3", "cancel appointment", "cancel my appointment")
+CANCEL = button("CANCEL") | keyword("3", "cancel appointment", "cancel my appointment", "cancelar",
+                                    "cancelar consulta")
 #: Diagram label of the catch-all routes.
 REASK = f"re-ask, end after {MAX_INVALID}"
 

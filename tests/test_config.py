@@ -403,3 +403,32 @@ def test_a_copied_env_example_keeps_development_mode() -> None:
 
     settings = load_settings(env_file=str(PROJECT_ROOT / ".env.example"))
     assert production_signals(settings) == []
+
+
+# ------------------------------------------------------------------ languages (bot/locales.py)
+
+
+def test_content_sids_take_one_sid_per_locale_normalised() -> None:
+    sid_en, sid_pt = "HX" + "1" * 32, "HX" + "2" * 32
+    settings = load_settings({"TWILIO_CONTENT_SIDS": json.dumps(
+        {"order_update": {"en": sid_en, "pt_br": sid_pt}, "login": sid_en}), "DEFAULT_LOCALE": "en_us"}, env_file=None)
+    assert settings.twilio_content_sids == {"order_update": {"en": sid_en, "pt-BR": sid_pt}, "login": sid_en}
+    assert settings.default_locale == "en-US"
+
+
+@pytest.mark.parametrize("value", [
+    {"order_update": {"klingon-xx": "HX" + "1" * 32}},
+    {"order_update": {"en": "HXsecretvalue"}},
+    {"order_update": {}},
+    {"order_update": {"pt-BR": "HX" + "1" * 32, "pt_BR": "HX" + "2" * 32}},
+])
+def test_a_bad_per_locale_entry_names_the_template_not_the_value(value) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"TWILIO_CONTENT_SIDS": json.dumps(value)}, env_file=None)
+    assert "TWILIO_CONTENT_SIDS" in str(refused.value) and "'order_update'" in str(refused.value)
+    assert "secretvalue" not in str(refused.value)
+
+
+def test_default_locale_must_be_a_locale() -> None:
+    with pytest.raises(ConfigError, match="DEFAULT_LOCALE"):
+        load_settings({"DEFAULT_LOCALE": "nowhere-land"}, env_file=None)

@@ -128,3 +128,23 @@ def test_the_shipped_copy_has_portuguese_for_a_flow_and_the_emails():
     assert "pt-BR" in index.locales(Copy.FLOW, "appointment/reminder", "en")
     for template in ("login", "order_update"):
         assert {"en", "pt-BR"} <= index.locales(Copy.EMAIL, template, "en")
+
+
+def _variables(path: Path) -> set[str]:
+    from jinja2 import Environment, meta
+
+    return meta.find_undeclared_variables(Environment().parse(path.read_text()))
+
+
+def test_every_translation_has_a_default_and_asks_for_nothing_more():
+    """A translated file stands beside a default one (the fallback always exists) and uses only
+    variables the default uses: the flows and /notify give what the default copy needs."""
+    from bot.templates_dir import TEMPLATES_DIR
+
+    translations = [path for path in TEMPLATES_DIR.rglob("*") if path.is_file() and locales.is_locale_tag(path.parent.name)]
+    assert translations
+    for path in translations:
+        default = path.parent.parent / path.name
+        assert default.is_file(), f"{path.relative_to(TEMPLATES_DIR)} has no default copy {default.name}"
+        extra = _variables(path) - _variables(default)
+        assert not extra, f"{path.relative_to(TEMPLATES_DIR)} uses {sorted(extra)}, which its default copy does not"

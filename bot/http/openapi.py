@@ -37,6 +37,10 @@ class Error(BaseModel):
                                                           "configured templates to send instead")
     skipped: dict[str, str] | None = Field(None, description="with a 409 or 422 for a user: why each channel "
                                                              "could not carry the message")
+    template: str | None = Field(None, description="with a 400 for a template in none of the recipient's "
+                                                   "languages: the template")
+    locale: str | None = Field(None, description="with that 400: the recipient's locale (null: none stored, "
+                                                 "so the default applied)")
 
 
 class MessageAccepted(BaseModel):
@@ -330,7 +334,9 @@ OPERATIONS = [
     Operation("post", "/notify", "Queue a WhatsApp message, or start a conversation flow", body=NotifyBody,
               headers=[IDEMPOTENCY_KEY], answers=dict([
                   (202, ("queued (a replay of the same Idempotency-Key has Idempotent-Replayed: true)", None)),
-                  (400, ("a field is wrong; `error` says which and why", Error)), UNAUTHORIZED,
+                  (400, ("a field is wrong; `error` says which and why; or the template has no copy in the "
+                         "recipient's locale, its language or DEFAULT_LOCALE (`template`, `locale`)", Error)),
+                  UNAUTHORIZED, (404, ("no such user: a `user_id` never stored, sent without `user`", Error)),
                   (409, ("the contact opted out; or, for a flow, a person is handling the contact (handoff)", Error)),
                   TOO_LARGE,
                   (415, ("Content-Type is not application/json", Error)),

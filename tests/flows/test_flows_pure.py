@@ -547,7 +547,8 @@ def test_every_matcher_constructor_returns_a_matcher() -> None:
 
 
 def test_appointment_answers_are_compositions() -> None:
-    assert appointment.CONFIRM.label == "button CONFIRM or 1|confirm|confirmed|yes|y|ok|okay"
+    assert appointment.CONFIRM.label == ("button CONFIRM or 1|confirm|confirmed|yes|y|ok|okay"
+                                         "|sim|confirmar|confirmo|confirmado")
     assert not appointment.CONFIRM.catch_all
     assert appointment.CANCEL(btn("CANCEL", "Cancel appointment")) and appointment.CANCEL(Inbound(text="3"))
 
