@@ -32,8 +32,6 @@ from bot.clock import utcnow
 from bot.delivery import events, outbox
 from bot.delivery.claims import UNSENT
 from bot.delivery.holding import parse_quiet_hours, release_at, zone
-from bot.delivery.rate_limit import bulk_share_rate
-from bot.delivery.sender import BROADCAST_SEND_BATCH
 from bot.delivery.shutdown import is_stopping
 from bot.extensions import db
 from bot.models import Broadcast, BroadcastRecipient, BroadcastTarget, Contact, Message, new_id
@@ -75,6 +73,8 @@ def window() -> int:
     the fastest sender's rate, at least MIN_WINDOW, and at most half the worker's calls in flight
     (SEND_CONCURRENCY): a broadcast's sends waiting for their rate slots never fill the pool the
     replies' calls go through, and a cancel has little in flight to wait for."""
+    from bot.delivery.rate_limit import bulk_share_rate  # the worker's: the web imports this module for cancel
+
     cfg = current_app.config
     rate = max(int(cfg["TWILIO_MESSAGES_PER_SECOND"]), int(cfg.get("EMAIL_MESSAGES_PER_SECOND") or 0))
     share = bulk_share_rate(rate, float(cfg["BROADCAST_RATE_SHARE"]))
@@ -219,6 +219,8 @@ def release(broadcast: Broadcast, now: datetime) -> int:
 
 def _task_batch() -> int:
     """Messages one broadcast send task claims (bot/delivery/sender.py's batch for a broadcast)."""
+    from bot.delivery.sender import BROADCAST_SEND_BATCH  # the worker's: the web imports this module for cancel
+
     return max(1, min(int(current_app.config["SEND_BATCH"]), BROADCAST_SEND_BATCH))
 
 
