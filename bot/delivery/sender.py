@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -159,7 +160,26 @@ def finish(message_id: str, status: MessageStatus, code: int | None, text: str |
 
 @functools.cache
 def _status_statement() -> sa.Select:
-    return sa.select(Message.status).where(Message.id == sa.bindparam("message_id"))
+    return (sa.select(Message.status, Message.claimed_until, Message.kind)
+            .where(Message.id == sa.bindparam("message_id")))
+
+
+#: Ids of messages this process settled for good (accepted, failed, refused) in a batch that took
+#: them along: their own send tasks, which follow right behind on the queue, end without a
+#: statement. A settled message never becomes sendable again (its status only moves up), so the
+#: memory is only a shortcut, never needed by another process; it keeps the latest `_SETTLED_MAX`.
+_SETTLED_MAX = 20_000
+_settled: dict[str, None] = {}
+_settled_lock = threading.Lock()
+
+
+def _remember_settled(outcomes: dict[str, "Outcome"]) -> None:
+    with _settled_lock:
+        for message_id, outcome in outcomes.items():
+            if outcome in (Outcome.SENT, Outcome.FAILED, Outcome.REFUSED):
+                _settled[message_id] = None
+        for _ in range(len(_settled) - _SETTLED_MAX):
+            del _settled[next(iter(_settled))]
 
 
 def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False) -> Outcome:
@@ -172,16 +192,25 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
     and few attempts so far, it also raises TransientSendError so huey retries within seconds
     (the others are scheduled for their due time). `is_retry`: this is that retry.
     """
-    if db.session.scalar(_status_statement(), {"message_id": message_id}) not in UNSENT:
-        # Sent already, most often by a batch that took it along before this task ran: one read,
-        # no claim, no lock (the claim below still decides any race). Debug: at a batch's rate
-        # this line would outnumber the sends.
+    if message_id in _settled:
+        # Settled by a batch of this process that took it along (most tasks, draining a backlog):
+        # nothing to read.
+        return Outcome.NOT_CLAIMED
+    current = db.session.connection().execute(_status_statement(), {"message_id": message_id}).first()
+    if current is None or current.status not in UNSENT or (
+            current.status == MessageStatus.DISPATCHING and current.claimed_until is not None
+            and current.claimed_until > utcnow()):
+        # Sent already, or in flight under a live claim, most often in a batch that took it along
+        # before this task ran: one read, no claim, no lock (the claim below still decides any
+        # race; an expired claim is re-taken below). Debug: at a batch's rate this line would
+        # outnumber the sends.
+        db.session.rollback()
         log.debug("message %s already sent or in flight; skipping", message_id)
         return Outcome.NOT_CLAIMED
     if is_stopping():
         # Told to stop between dequeuing this task and running it: leave it for the next worker.
-        kind = db.session.scalar(sa.select(Message.kind).where(Message.id == message_id))
-        outbox.enqueue(outbox.Work.SEND, message_id, outbox.send_priority(kind))
+        db.session.rollback()
+        outbox.enqueue(outbox.Work.SEND, message_id, outbox.send_priority(current.kind))
         return Outcome.RELEASED
     message = claim(message_id, early=is_retry)
     if message is None:
@@ -194,6 +223,8 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
             return Outcome.NOT_CLAIMED
     batch = [message, *claim_along(message_id, batch_size() - 1, message.channel)]
     outcomes = send_claimed(batch)
+    if len(batch) > 1:
+        _remember_settled({row.id: outcomes[row.id] for row in batch[1:]})
     outcome = outcomes[message_id]
     if outcome == Outcome.RETRY and can_retry and message.attempts < FAST_ATTEMPTS:
         raise TransientSendError(f"message {message_id}: attempt {message.attempts} failed; huey retries it")
