@@ -481,10 +481,14 @@ def machine_busy_cores(interval: float = 1.0) -> float:
     return (b1 - b0) / os.sysconf("SC_CLK_TCK") / (t1 - t0)
 
 
-def wait_for_quiet(threshold: float = 0.3, timeout: float = 120.0) -> float:
+#: How long a scenario waits for the machine to be quiet before it starts anyway (--quiet-timeout).
+QUIET_TIMEOUT = 120.0
+
+
+def wait_for_quiet(threshold: float = 0.3, timeout: float | None = None) -> float:
     """Wait until the machine is nearly idle (what the last scenario left behind has drained: late
     callbacks, a backlog, autovacuum), so one scenario's figures are not the previous one's."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + (QUIET_TIMEOUT if timeout is None else timeout)
     while True:
         busy = machine_busy_cores()
         if busy < threshold or time.monotonic() > deadline:
@@ -1252,6 +1256,7 @@ def run_tree(args: argparse.Namespace, only: set[str], overrides: dict[str, str]
 
 
 def main(argv: list[str] | None = None) -> None:
+    global TREE, QUIET_TIMEOUT
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency-ms", type=float, default=150, help="simulated Twilio API latency (default 150)")
     parser.add_argument("--rates", default="80,200", help="offered rates, requests per second (default 80,200)")
@@ -1283,6 +1288,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="worker scenario: offered turns per second (default 80,150)")
     parser.add_argument("--worker-turn-limit", type=int, default=1000,
                         help="worker scenario: the send limit while turns run (default 1000)")
+    parser.add_argument("--quiet-timeout", type=float, default=120.0,
+                        help="seconds each scenario waits for the machine to be nearly idle (default 120)")
     parser.add_argument("--worker-profile", default=None, metavar="DIR",
                         help="worker scenario: each drain and each turn rate again under py-spy, profiles in DIR")
     parser.add_argument("--baseline-tree", default=None,
@@ -1297,7 +1304,7 @@ def main(argv: list[str] | None = None) -> None:
     ceiling = [int(r) for r in args.ceiling_rates.split(",") if r.strip()]
     out_dir = Path(args.out)
 
-    global TREE
+    QUIET_TIMEOUT = args.quiet_timeout
     results = run_tree(args, only, overrides, rates, ceiling, out_dir)
     if args.baseline_tree:
         TREE = Path(args.baseline_tree).resolve()

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/5")
     parser.add_argument("--profile", default=None, metavar="DIR")
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--show-statements", action="store_true", help="print every statement (use a small -n)")
     args = parser.parse_args(argv)
 
     simulator, api_url = start_simulator(args.latency_ms)
@@ -175,8 +176,12 @@ def run(args: argparse.Namespace, api_url: str) -> dict:
 
     statements = {"n": 0}
     with app.app_context():
-        sa.event.listen(db.engine, "before_cursor_execute",
-                        lambda *a: statements.__setitem__("n", statements["n"] + 1))
+        def count(conn, cursor, statement, *rest) -> None:  # noqa: ANN001
+            statements["n"] += 1
+            if args.show_statements and not statement.startswith("SELECT count(*) FROM messages WHERE direction"):
+                print(f"[{threading.current_thread().name}] {' '.join(statement.split())[:160]}", file=sys.stderr)
+
+        sa.event.listen(db.engine, "before_cursor_execute", count)
     done_query = sa.text("SELECT count(*) FROM messages WHERE direction = 'outbound' AND twilio_sid IS NOT NULL")
     consumer = huey.create_consumer(workers=args.threads, worker_type="thread", periodic=False,
                                     initial_delay=0.1, backoff=1.15, max_delay=10.0)

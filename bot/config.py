@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     #: sends together. Measured defaults: bench/THROUGHPUT.md.
     send_concurrency: int = Field(default=SEND_CONCURRENCY_DEFAULT, ge=1, le=1000)
     send_batch: int = Field(default=SEND_BATCH_DEFAULT, ge=1, le=500)
+    #: A turn's replies go straight to the worker's sender once the turn commits, when one of its
+    #: hand-over threads is free, instead of through the queue (docs/delivery.md, "The turn").
+    #: Off: every reply takes the queue (the tests' default, which drive the queue by hand).
+    hand_over_replies: bool = True
     #: Database connections each process keeps (plus DATABASE_MAX_OVERFLOW at peaks). A send
     #: holds one only while it reads or records, never while it waits for Twilio, so far fewer
     #: connections than threads suffice.

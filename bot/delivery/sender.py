@@ -235,6 +235,116 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
     return outcome
 
 
+#: Threads of this process that send the replies turns hand over (outbox.hand_over_sends), each
+#: a batch of whatever was handed over meanwhile (up to SEND_BATCH), as a send task's batch.
+HAND_OVER_THREADS = 8
+#: Replies waiting for a hand-over thread beyond which a reply takes the queue instead.
+HAND_OVER_WAITING_MAX = 500
+
+
+class _HandOver:
+    """The replies handed over by this process's turns, waiting for a hand-over thread."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Condition()
+        self.waiting: list[tuple[Any, str, int]] = []  # (app, message id, queue priority)
+        self.threads: list[threading.Thread] = []
+        self.sending = 0
+
+    def take(self, app: Any, message_id: str, priority: int) -> bool:
+        with self.ready:
+            if len(self.waiting) >= HAND_OVER_WAITING_MAX:
+                return False
+            self.waiting.append((app, message_id, priority))
+            if len(self.threads) < HAND_OVER_THREADS and len(self.threads) <= self.sending:
+                thread = threading.Thread(target=self._run, name=f"hand-over-{len(self.threads)}", daemon=True)
+                self.threads.append(thread)
+                thread.start()
+            self.ready.notify()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self.ready:
+                while not self.waiting:
+                    if is_stopping():
+                        return
+                    self.ready.wait(0.5)
+                if is_stopping():
+                    # Not sent here: the next worker takes them from the queue, now.
+                    handed, self.waiting = self.waiting, []
+                else:
+                    app = self.waiting[0][0]
+                    limit = int(app.config["SEND_BATCH"])
+                    handed = [item for item in self.waiting if item[0] is app][:limit]
+                    self.waiting = [item for item in self.waiting if item not in handed]
+                self.sending += 1
+            try:
+                _send_handed_over(handed)
+            finally:
+                with self.ready:
+                    self.sending -= 1
+                    self.ready.notify_all()
+
+    def drain(self, timeout: float) -> None:
+        """Wait (up to `timeout`) until no hand-over thread is sending: the worker is stopping."""
+        deadline = time.monotonic() + timeout
+        with self.ready:
+            self.ready.notify_all()
+            while (self.sending or self.waiting) and time.monotonic() < deadline:
+                self.ready.wait(min(0.5, max(deadline - time.monotonic(), 0)))
+
+
+_hand_over = _HandOver()
+
+
+def take_at_once(message_id: str, priority: int) -> bool:
+    """Send a message just committed (a turn's reply) on this process's hand-over threads, without
+    a trip through the queue; False when HAND_OVER_REPLIES is off, the worker is stopping or too
+    many wait already (the outbox then enqueues it). Registered with outbox.register_hand_over by
+    the tasks module."""
+    if not current_app.config.get("HAND_OVER_REPLIES") or is_stopping():
+        return False
+    return _hand_over.take(current_app._get_current_object(), message_id, priority)  # type: ignore[attr-defined]
+
+
+def drain_hand_overs(timeout: float) -> None:
+    """The worker is stopping: wait for the hand-over threads' sends in flight (shutdown.py)."""
+    _hand_over.drain(timeout)
+
+
+def _send_handed_over(handed: list[tuple[Any, str, int]]) -> None:
+    """Claim the handed-over messages in one statement and send them as one batch; what cannot be
+    claimed now (an older message to the contact goes first) or must be retried goes on the queue,
+    where a send task would have been."""
+    if not handed:
+        return
+    app = handed[0][0]
+    priorities = {message_id: priority for _, message_id, priority in handed}
+    with app.app_context():
+        try:
+            if is_stopping():
+                claimed: list[sa.Row] = []
+            else:
+                claimed = claims.claim_many(list(priorities))
+            outcomes = send_claimed(claimed) if claimed else {}
+            for message_id, priority in priorities.items():
+                outcome = outcomes.get(message_id)
+                if outcome is None or outcome == Outcome.RELEASED:
+                    if outcome is None:  # not claimed: its task finds out why (its turn, sent already)
+                        outbox.enqueue(outbox.Work.SEND, message_id, outbox.Priority(priority))
+                elif outcome == Outcome.RETRY:
+                    due = db.session.scalar(sa.select(Message.next_attempt_at).where(Message.id == message_id))
+                    delay = max((due - utcnow()).total_seconds(), 0) if due is not None else 0
+                    outbox.enqueue(outbox.Work.SEND, message_id, outbox.Priority(priority),
+                                   delay=timedelta(seconds=delay))
+        except Exception:
+            log.exception("the sends handed over by turns failed; they go on the queue")
+            db.session.rollback()
+            for message_id, priority in priorities.items():
+                outbox.enqueue(outbox.Work.SEND, message_id, outbox.Priority(priority))
+
+
 def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
     """Send claimed messages (at most one per contact) at once, whatever their channels; record
     every outcome. By id.

@@ -16,7 +16,7 @@ from huey.exceptions import RetryTask
 from bot.conversations import engine, inbound
 from bot.channels.email.channel import EmailChannel
 from bot.channels.whatsapp.channel import WhatsAppChannel
-from bot.delivery import event_delivery, outbox, reconcile, sender, statuses, webhook_fallback
+from bot.delivery import event_delivery, outbox, reconcile, sender, shutdown, statuses, webhook_fallback
 from bot.delivery.queue import huey
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,9 @@ outbox.register(outbox.Work.INBOUND, process_inbound)
 outbox.register(outbox.Work.CONVERSATION_START, start_conversation)
 outbox.register(outbox.Work.EVENT, deliver_event)
 webhook_fallback.register(store_webhook)
+# A turn's replies go straight to this worker's sender when it can take them (outbox.hand_over_sends).
+outbox.register_hand_over(sender.take_at_once)
+shutdown.register_drain(sender.drain_hand_overs)
 # The channels the sender sends through (bot/channels/base.py): the sender names no provider.
 sender.register_channel(WhatsAppChannel())
 sender.register_channel(EmailChannel())
