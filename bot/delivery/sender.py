@@ -164,22 +164,30 @@ def _status_statement() -> sa.Select:
             .where(Message.id == sa.bindparam("message_id")))
 
 
-#: Ids of messages this process settled for good (accepted, failed, refused) in a batch that took
-#: them along: their own send tasks, which follow right behind on the queue, end without a
-#: statement. A settled message never becomes sendable again (its status only moves up), so the
-#: memory is only a shortcut, never needed by another process; it keeps the latest `_SETTLED_MAX`.
-_SETTLED_MAX = 20_000
-_settled: dict[str, None] = {}
-_settled_lock = threading.Lock()
+#: Ids of messages a batch of this process took along, from their claim on: while the batch
+#: holds them, and once it settled them for good (accepted, failed, refused), their own send tasks
+#: (right behind on the queue) end without a statement. The batch itself puts every message it
+#: did not settle back on the queue (a retry, a release), and takes it out of here first; a
+#: settled message never becomes sendable again (its status only moves up); a process that dies
+#: takes this memory with it and the sweep re-enqueues what its claims held. So the memory is
+#: only a shortcut, never needed by another process; it keeps the latest `_OWNED_MAX`.
+_OWNED_MAX = 20_000
+_owned: dict[str, None] = {}
+_owned_lock = threading.Lock()
 
 
-def _remember_settled(outcomes: dict[str, "Outcome"]) -> None:
-    with _settled_lock:
-        for message_id, outcome in outcomes.items():
-            if outcome in (Outcome.SENT, Outcome.FAILED, Outcome.REFUSED):
-                _settled[message_id] = None
-        for _ in range(len(_settled) - _SETTLED_MAX):
-            del _settled[next(iter(_settled))]
+def _own(message_ids: list[str]) -> None:
+    with _owned_lock:
+        for message_id in message_ids:
+            _owned[message_id] = None
+        for _ in range(len(_owned) - _OWNED_MAX):
+            del _owned[next(iter(_owned))]
+
+
+def _disown(message_id: str) -> None:
+    """Its own task must run again (it goes back on the queue): before it is enqueued."""
+    with _owned_lock:
+        _owned.pop(message_id, None)
 
 
 def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False) -> Outcome:
@@ -192,9 +200,9 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
     and few attempts so far, it also raises TransientSendError so huey retries within seconds
     (the others are scheduled for their due time). `is_retry`: this is that retry.
     """
-    if message_id in _settled:
-        # Settled by a batch of this process that took it along (most tasks, draining a backlog):
-        # nothing to read.
+    if message_id in _owned:
+        # Taken along by a batch of this process, in flight or settled (most tasks, draining a
+        # backlog): nothing to read.
         return Outcome.NOT_CLAIMED
     current = db.session.connection().execute(_status_statement(), {"message_id": message_id}).first()
     if current is None or current.status not in UNSENT or (
@@ -222,16 +230,22 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
             log.info("message %s not claimable (already sent or in flight); skipping", message_id)
             return Outcome.NOT_CLAIMED
     batch = [message, *claim_along(message_id, batch_size() - 1, message.channel)]
-    outcomes = send_claimed(batch)
-    if len(batch) > 1:
-        _remember_settled({row.id: outcomes[row.id] for row in batch[1:]})
+    _own([row.id for row in batch[1:]])
+    try:
+        outcomes = send_claimed(batch)
+    except BaseException:
+        # Unsettled: their claims run out and the sweep enqueues them; those tasks must run.
+        for row in batch[1:]:
+            _disown(row.id)
+        raise
     outcome = outcomes[message_id]
-    if outcome == Outcome.RETRY and can_retry and message.attempts < FAST_ATTEMPTS:
-        raise TransientSendError(f"message {message_id}: attempt {message.attempts} failed; huey retries it")
-    for row in batch[1:]:
+    for row in batch[1:]:  # first: this task may raise for its own message's fast retry
         if outcomes[row.id] == Outcome.RETRY:
+            _disown(row.id)
             outbox.enqueue(outbox.Work.SEND, row.id, outbox.send_priority(row.kind, row.channel),
                            delay=retry_backoff(row.attempts))
+    if outcome == Outcome.RETRY and can_retry and message.attempts < FAST_ATTEMPTS:
+        raise TransientSendError(f"message {message_id}: attempt {message.attempts} failed; huey retries it")
     return outcome
 
 
@@ -487,6 +501,7 @@ def _release(row: sa.Row) -> Outcome:
         .values(status=MessageStatus.RETRYING, claimed_until=None, next_attempt_at=utcnow(),
                 attempts=Message.attempts - 1)
         .execution_options(synchronize_session=False))
+    _disown(row.id)
     outbox.defer_send(row.id, row.kind)
     db.session.commit()
     return Outcome.RELEASED
