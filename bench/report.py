@@ -236,7 +236,21 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     add("")
     add("The earlier closed-loop benchmark of the web process alone (no worker) is bench/http_latency.py; "
         "its report is [bench/REPORT.md](REPORT.md).")
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + hand_written(path))
+
+
+#: Everything after this line in THROUGHPUT.md is written by hand (or by other benchmarks:
+#: bench/web_cpu.py, bench/worker_cpu.py) and kept when the report is rendered again.
+HAND_WRITTEN_MARKER = "<!-- Hand-written below: bench/report.py keeps everything after this line. -->"
+
+
+def hand_written(path: Path) -> str:
+    """The hand-written tail of the report at `path` (from HAND_WRITTEN_MARKER on), or ''."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    at = text.find(HAND_WRITTEN_MARKER)
+    return "" if at < 0 else "\n" + text[at:]
 
 
 def _reading(results: dict[str, Any]) -> str:

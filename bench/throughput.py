@@ -83,7 +83,8 @@ EMAIL_FROM = "Bench <bench@example.test>"
 SECRET_KEY = "bench-secret-key-for-unsubscribe-links"
 CONTACTS_PER_RUN_PREFIX = {"notify": "+1555", "turns": "+1556", "queries": "+1557", "backlog": "+1558",
                            "two": "+1554", "two-turns": "+1550", "limited": "+1553", "profiled": "+1549", "history-backlog": "+1552", "history-turns": "+1551",
-                           "email-wa-alone": "+1548", "email-wa-mixed": "+1547"}
+                           "email-wa-alone": "+1548", "email-wa-mixed": "+1547",
+                           "worker-backlog": "+1546", "worker-limited": "+1545", "worker-turns": "+1544"}
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -96,9 +97,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: The source tree whose Procfile and code run (`--baseline-tree` switches it for the "before" run).
+TREE = ROOT
+
+
 def procfile() -> dict[str, str]:
-    """The Procfile's process types and their command lines."""
-    lines = (ROOT / "Procfile").read_text().splitlines()
+    """The Procfile's process types and their command lines (of the tree under test)."""
+    lines = (TREE / "Procfile").read_text().splitlines()
     return {k.strip(): v.strip() for k, v in (l.split(":", 1) for l in lines if l.strip() and not l.startswith("#"))}
 
 
@@ -476,10 +481,14 @@ def machine_busy_cores(interval: float = 1.0) -> float:
     return (b1 - b0) / os.sysconf("SC_CLK_TCK") / (t1 - t0)
 
 
-def wait_for_quiet(threshold: float = 0.3, timeout: float = 120.0) -> float:
+#: How long a scenario waits for the machine to be quiet before it starts anyway (--quiet-timeout).
+QUIET_TIMEOUT = 120.0
+
+
+def wait_for_quiet(threshold: float = 0.3, timeout: float | None = None) -> float:
     """Wait until the machine is nearly idle (what the last scenario left behind has drained: late
     callbacks, a backlog, autovacuum), so one scenario's figures are not the previous one's."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + (QUIET_TIMEOUT if timeout is None else timeout)
     while True:
         busy = machine_busy_cores()
         if busy < threshold or time.monotonic() > deadline:
@@ -970,6 +979,81 @@ def run_turns(stack: Stack, rate: int, duration: float, drain_timeout: float, la
             "status_callbacks": callback_stats(stack.sim)}
 
 
+def restart_worker(stack: Stack, **env: str) -> None:
+    """The `worker` line again, with `env` on top of the run's environment."""
+    stack.processes.stop("worker")
+    start_worker(stack, "worker", **env)
+
+
+def cpu_per_operation(before: dict[str, float], after: dict[str, float], operations: int) -> dict[str, float]:
+    """CPU milliseconds per operation for each process group (from /proc), and their server sum
+    (web + worker + PostgreSQL + Redis: what the server's cores pay)."""
+    groups = ("web", "worker", "postgresql", "redis")
+    out = {g: round(1000 * (after.get(g, 0) - before.get(g, 0)) / max(operations, 1), 2) for g in groups}
+    out["server"] = round(sum(out[g] for g in groups), 2)
+    return out
+
+
+def _profiled(stack: Stack, out_dir: Path, label: str, run: Callable[[], Any]) -> dict[str, Any]:
+    """`run()` with py-spy on the worker (on-CPU samples only: idle threads excluded, so waiting on
+    Twilio or for a rate slot costs nothing here); the top frames, and a flame graph in `out_dir`."""
+    exe = py_spy()
+    if exe is None:
+        return {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pid = stack.processes.started["worker"].pid
+    spies = [(fmt, out_dir / f"profile-worker-{label}.{'svg' if fmt == 'flamegraph' else 'txt'}")
+             for fmt in ("flamegraph", "raw")]
+    started = [(subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", "100", "--nonblocking",
+                                  "--format", fmt, "-o", str(path)], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True), path) for fmt, path in spies]
+    try:
+        run()
+    finally:
+        for process, _ in started:
+            process.send_signal(signal.SIGINT)  # py-spy writes what it has on Ctrl-C
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=60)
+    raw = spies[1][1]
+    return top_frames(raw, limit=25) if raw.exists() else {}
+
+
+def run_worker_scenarios(stack: Stack, limits: list[int], backlog_seconds: float, rates: list[int],
+                         duration: float, drain_timeout: float, turn_limit: int,
+                         profile_dir: Path | None = None) -> dict[str, Any]:
+    """Issue 17's worker figures: a backlog drained at each send limit (worker CPU per send), and
+    conversation turns with callbacks on (server CPU per turn by process group, from the load's
+    start until every reply and its callbacks are in; inbound -> reply latency)."""
+    out: dict[str, Any] = {"backlog": {}, "turns": {}, "turn_limit": turn_limit}
+    try:
+        for limit in limits:
+            restart_worker(stack, TWILIO_MESSAGES_PER_SECOND=str(limit))
+            size = int(min(limit * backlog_seconds, 2000))
+            log(f"worker: backlog of {size} at TWILIO_MESSAGES_PER_SECOND={limit}")
+            out["backlog"][str(limit)] = {"limit": limit, **run_backlog(
+                stack, size, drain_timeout, False, Path("."), label="worker-limited" if limit < 200 else "worker-backlog")}
+            if profile_dir is not None:  # apart: py-spy's own CPU would share the cores measured above
+                log(f"worker: the same backlog again, under py-spy ({profile_dir})")
+                out["backlog"][str(limit)]["profile"] = _profiled(stack, profile_dir, f"send-{limit}", lambda: run_backlog(
+                    stack, size, drain_timeout, False, Path("."), label="profiled"))
+        restart_worker(stack, TWILIO_MESSAGES_PER_SECOND=str(turn_limit))
+        for rate in rates:
+            log(f"worker: turns at {rate}/s for {duration:.0f} s (send limit {turn_limit}/s)")
+            before = cpu_snapshot(stack)
+            turns = run_turns(stack, rate, duration, drain_timeout, label="worker-turns")
+            after = cpu_snapshot(stack)
+            done = turns["reply_handed_to_twilio"].get("delivered") or 0
+            turns["cpu_ms_per_turn"] = cpu_per_operation(before, after, done)
+            out["turns"][str(rate)] = turns
+            if profile_dir is not None:
+                log(f"worker: turns at {rate}/s again, under py-spy ({profile_dir})")
+                turns["profile"] = _profiled(stack, profile_dir, f"turns-{rate}", lambda: run_turns(
+                    stack, rate, duration, drain_timeout, label="profiled"))
+    finally:
+        restart_worker(stack)
+    return out
+
+
 def run_baselines(stack: Stack, rates: list[int], ceiling_rates: list[int], duration: float,
                   workdir: Path) -> dict[str, Any]:
     """bench/bare_app.py on the Procfile's gunicorn line (only the app module differs)."""
@@ -1009,7 +1093,7 @@ def machine_info() -> dict[str, Any]:
 
     def git(*args: str) -> str:
         with contextlib.suppress(Exception):
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *args], cwd=TREE, capture_output=True, text=True, timeout=10).stdout.strip()
         return ""
 
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -1054,41 +1138,9 @@ def terminate_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--latency-ms", type=float, default=150, help="simulated Twilio API latency (default 150)")
-    parser.add_argument("--rates", default="80,200", help="offered rates, requests per second (default 80,200)")
-    parser.add_argument("--ceiling-rates", default="400,800",
-                        help="extra rates for the bare baseline, to find its ceiling (default 400,800)")
-    parser.add_argument("--duration", type=float, default=10, help="seconds of load per scenario and rate")
-    parser.add_argument("--drain-timeout", type=float, default=240,
-                        help="seconds to wait for the backlog to reach Twilio after each run")
-    parser.add_argument("--query-count-ops", type=int, default=20, help="operations for the statement counts")
-    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/bench",
-                        help="a dedicated database: it is DROPPED and recreated")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/5")
-    parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip py-spy")
-    parser.add_argument("--out", default=str(ROOT / "bench"), help="where results.json and THROUGHPUT.md go")
-    parser.add_argument("--only", default="backlog,notify,turns,baselines,two_workers,queries,history,email",
-                        help="scenarios to run, comma-separated (default all: "
-                             "backlog,notify,turns,baselines,two_workers,queries,history,email)")
-    parser.add_argument("--history", type=int, default=1_000_000,
-                        help="historical messages stored before the last scenarios rerun (0: skip)")
-    parser.add_argument("--limited-rate", type=int, default=80,
-                        help="TWILIO_MESSAGES_PER_SECOND for the two-worker rate limit check")
-    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
-                        help="an environment variable for web and worker, e.g. WORKER_THREADS=64 (repeatable)")
-    parser.add_argument("--backlog", type=int, default=2000, help="messages in the backlog scenario")
-    parser.add_argument("--email-backlog", type=int, default=2000, help="emails in the email scenario")
-    parser.add_argument("--no-callbacks", dest="callbacks", action="store_false",
-                        help="the simulator posts no status callbacks (the send path on its own)")
-    args = parser.parse_args(argv)
-    only = {name.strip() for name in args.only.split(",") if name.strip()}
-    overrides = dict(item.split("=", 1) for item in args.settings)
-    rates = [int(r) for r in args.rates.split(",") if r.strip()]
-    ceiling = [int(r) for r in args.ceiling_rates.split(",") if r.strip()]
-    out_dir = Path(args.out)
-
+def run_tree(args: argparse.Namespace, only: set[str], overrides: dict[str, str], rates: list[int],
+             ceiling: list[int], out_dir: Path) -> dict[str, Any]:
+    """Every scenario in `only` on the tree `TREE` (its Procfile, its code), from a fresh database."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
     queue = "bench-" + uuid.uuid4().hex[:8]
     port = free_port()
@@ -1120,6 +1172,8 @@ def main(argv: list[str] | None = None) -> None:
     env.update({k: str(v) for k, v in config.items()})
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["PORT"] = str(port)
+    if TREE != ROOT:
+        env["PYTHONPATH"] = str(TREE)  # the tree's own code, whichever venv's editable install runs it
     env.update(overrides)
     processes = Processes(workdir)
     rss = RssSampler()
@@ -1176,6 +1230,13 @@ def main(argv: list[str] | None = None) -> None:
             if "email" in only:
                 log("email beside WhatsApp: backlogs drained alone and together")
                 results["email"] = run_email(stack, args.email_backlog, args.backlog, args.drain_timeout)
+            if "worker" in only:
+                log("worker figures (issue 17): backlogs at each send limit, turns with callbacks")
+                results["worker"] = run_worker_scenarios(
+                    stack, [int(x) for x in args.worker_limits.split(",") if x.strip()], 10.0,
+                    [int(x) for x in args.worker_rates.split(",") if x.strip()], args.duration,
+                    args.drain_timeout, args.worker_turn_limit,
+                    Path(args.worker_profile) / TREE.name if args.worker_profile else None)
             results["rss"] = rss.report()
     except BaseException as exc:
         # Keep what was measured: a late failure must not throw away a long run.
@@ -1191,6 +1252,68 @@ def main(argv: list[str] | None = None) -> None:
         removed = clean_redis(args.redis_url, queue)
         log(f"stopped everything; removed {removed} Redis key(s) of queue {queue}")
 
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    global TREE, QUIET_TIMEOUT
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--latency-ms", type=float, default=150, help="simulated Twilio API latency (default 150)")
+    parser.add_argument("--rates", default="80,200", help="offered rates, requests per second (default 80,200)")
+    parser.add_argument("--ceiling-rates", default="400,800",
+                        help="extra rates for the bare baseline, to find its ceiling (default 400,800)")
+    parser.add_argument("--duration", type=float, default=10, help="seconds of load per scenario and rate")
+    parser.add_argument("--drain-timeout", type=float, default=240,
+                        help="seconds to wait for the backlog to reach Twilio after each run")
+    parser.add_argument("--query-count-ops", type=int, default=20, help="operations for the statement counts")
+    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/bench",
+                        help="a dedicated database: it is DROPPED and recreated")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/5")
+    parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip py-spy")
+    parser.add_argument("--out", default=str(ROOT / "bench"), help="where results.json and THROUGHPUT.md go")
+    parser.add_argument("--only", default="backlog,notify,turns,baselines,two_workers,queries,history,email",
+                        help="scenarios to run, comma-separated (default all: "
+                             "backlog,notify,turns,baselines,two_workers,queries,history,email)")
+    parser.add_argument("--history", type=int, default=1_000_000,
+                        help="historical messages stored before the last scenarios rerun (0: skip)")
+    parser.add_argument("--limited-rate", type=int, default=80,
+                        help="TWILIO_MESSAGES_PER_SECOND for the two-worker rate limit check")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for web and worker, e.g. WORKER_THREADS=64 (repeatable)")
+    parser.add_argument("--backlog", type=int, default=2000, help="messages in the backlog scenario")
+    parser.add_argument("--email-backlog", type=int, default=2000, help="emails in the email scenario")
+    parser.add_argument("--worker-limits", default="1000,80",
+                        help="worker scenario: TWILIO_MESSAGES_PER_SECOND of each backlog drain (default 1000,80)")
+    parser.add_argument("--worker-rates", default="80,150",
+                        help="worker scenario: offered turns per second (default 80,150)")
+    parser.add_argument("--worker-turn-limit", type=int, default=1000,
+                        help="worker scenario: the send limit while turns run (default 1000)")
+    parser.add_argument("--quiet-timeout", type=float, default=120.0,
+                        help="seconds each scenario waits for the machine to be nearly idle (default 120)")
+    parser.add_argument("--worker-profile", default=None, metavar="DIR",
+                        help="worker scenario: each drain and each turn rate again under py-spy, profiles in DIR")
+    parser.add_argument("--baseline-tree", default=None,
+                        help="another source tree (e.g. main in a second worktree): the same scenarios run "
+                             "on it too, in the same run, and land in results['before']")
+    parser.add_argument("--no-callbacks", dest="callbacks", action="store_false",
+                        help="the simulator posts no status callbacks (the send path on its own)")
+    args = parser.parse_args(argv)
+    only = {name.strip() for name in args.only.split(",") if name.strip()}
+    overrides = dict(item.split("=", 1) for item in args.settings)
+    rates = [int(r) for r in args.rates.split(",") if r.strip()]
+    ceiling = [int(r) for r in args.ceiling_rates.split(",") if r.strip()]
+    out_dir = Path(args.out)
+
+    QUIET_TIMEOUT = args.quiet_timeout
+    results = run_tree(args, only, overrides, rates, ceiling, out_dir)
+    if args.baseline_tree:
+        TREE = Path(args.baseline_tree).resolve()
+        log(f"the same scenarios on the baseline tree {TREE}")
+        try:
+            before = run_tree(args, only, overrides, rates, ceiling, out_dir)
+        finally:
+            TREE = ROOT
+        results["before"] = {k: v for k, v in before.items() if k not in ("settings",)}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from report import write_report  # bench/report.py, next to this file

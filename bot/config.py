@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     #: audience entries the worker resolves per transaction (its memory is bounded by this).
     broadcast_rate_share: float = Field(default=0.8, gt=0, le=1)
     broadcast_batch: int = Field(default=1000, ge=10, le=10000)
+    #: A turn's replies go straight to the worker's sender once the turn commits, when one of its
+    #: hand-over threads is free, instead of through the queue (docs/delivery.md, "The turn").
+    #: Off: every reply takes the queue (the tests' default, which drive the queue by hand).
+    hand_over_replies: bool = True
     #: Database connections each process keeps (plus DATABASE_MAX_OVERFLOW at peaks). A send
     #: holds one only while it reads or records, never while it waits for Twilio, so far fewer
     #: connections than threads suffice.

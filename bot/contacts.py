@@ -52,6 +52,22 @@ def lock_contact(contact_id: int) -> None:
     )
 
 
+@functools.cache
+def _lock_contact_of_statement(direction: str) -> sa.Update:
+    owner = sa.select(Message.contact_id).where(Message.id == sa.bindparam("message_id"),
+                                                Message.direction == direction).scalar_subquery()
+    return (sa.update(Contact).where(Contact.id == owner).values(updated_at=Contact.updated_at)
+            .returning(Contact.id).execution_options(synchronize_session=False))
+
+
+def lock_contact_of(message_id: str, direction: str) -> int | None:
+    """`lock_contact` for the contact of message `message_id` (of that direction), found and
+    locked in one statement; returns the contact's id, None (nothing locked) when there is no
+    such message."""
+    db.session.commit()
+    return db.session.execute(_lock_contact_of_statement(str(direction)), {"message_id": message_id}).scalar()
+
+
 def opt_out_waiting(contact_id: int) -> bool:
     """Whether the contact has sent an opt-out that the worker has not handled yet.
 

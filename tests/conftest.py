@@ -88,6 +88,9 @@ def base_config(data_dir: str, database_url: str, redis_url: str | None, queue_n
         "SECRET_KEY": "test-secret-key-for-unsubscribe-links",
         "INSTANCE_PATH": data_dir,
         "QUEUE_NAME": queue_name,
+        # The tests drive the queue by hand (run_queue): a reply sent from a hand-over thread
+        # would race them. tests/conversations/test_hand_over.py turns it on.
+        "HAND_OVER_REPLIES": False,
     }
 
 

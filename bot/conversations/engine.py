@@ -9,6 +9,7 @@ outbox once that commit succeeds.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import datetime
 
@@ -18,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from bot.clock import utcnow
 from bot.conversations.consent import Keywords, change_consent, opt_out_source
 from bot.conversations.stages import Turn, obey_opt_out, run_stages
-from bot.contacts import lock_contact
+from bot.contacts import lock_contact, lock_contact_of
 from bot.delivery import outbox
 from bot.conversations.store import (answer_consent_questions, apply_step, end_conversation,
                                      end_open_conversations, open_conversation, send_replies, start_flow)
@@ -47,32 +48,44 @@ def is_transient(exc: DBAPIError) -> bool:
     return isinstance(exc, (OperationalError, InterfaceError)) or bool(exc.connection_invalidated)
 
 
+@functools.cache
+def _turn_statement() -> sa.Select:
+    """After the contact's lock: the contact's oldest unprocessed inbound message and the contact,
+    fresh, in one read; nothing when the task's own message no longer waits (another task's turn
+    took it). Built once (bench/THROUGHPUT.md, "The worker's hot path")."""
+    own = sa.orm.aliased(Message)
+    own_waits = sa.exists().where(own.id == sa.bindparam("message_id"), own.status == MessageStatus.RECEIVED)
+    return (sa.select(Message, Contact).join(Contact, Contact.id == Message.contact_id)
+            .where(Message.contact_id == sa.bindparam("contact_id"), Message.direction == Direction.INBOUND,
+                   Message.status == MessageStatus.RECEIVED, own_waits)
+            .order_by(Message.created_at, Message.id).limit(1)
+            .execution_options(populate_existing=True))
+
+
 def process_inbound(message_id: str) -> None:
     """Handle the contact's unprocessed messages, oldest first, until `message_id` is done."""
-    target = db.session.get(Message, message_id)
-    if target is None or target.direction != Direction.INBOUND:
-        return
-    contact_id = target.contact_id
-    while True:
-        lock_contact(contact_id)
-        if db.session.scalar(sa.select(Message.status).where(Message.id == message_id)) != MessageStatus.RECEIVED:
+    contact_id = lock_contact_of(message_id, Direction.INBOUND)
+    while contact_id is not None:
+        found = db.session.execute(_turn_statement(), {"contact_id": contact_id, "message_id": message_id}).first()
+        if found is None:
             db.session.commit()
             return
-        message = db.session.scalar(
-            sa.select(Message)
-            .where(Message.contact_id == contact_id, Message.direction == Direction.INBOUND,
-                   Message.status == MessageStatus.RECEIVED)
-            .order_by(Message.created_at, Message.id).limit(1)
-        )
+        message, contact = found
         oldest_id = message.id
         try:
-            _handle_safely(message)
-            db.session.commit()  # consent, conversation and replies land together, before any send
+            _handle_safely(message, contact)
+            # Consent, conversation and replies land together, before any send; the replies are
+            # handed to the sender once this commits (outbox.hand_over_sends).
+            db.session.commit()
         except DBAPIError as exc:
             db.session.rollback()  # the turn's transaction is broken: nothing more can go in it
             if is_transient(exc) or not _count_failed_turn(oldest_id, contact_id, exc):
                 raise  # still received: the task's retry (or the sweep) runs the turn again
             # Given up on: the loop goes on with the contact's next message.
+        else:
+            if oldest_id == message_id:
+                return  # its own message is done: no second look
+        lock_contact(contact_id)
 
 
 def _count_failed_turn(message_id: str, contact_id: int, exc: DBAPIError) -> bool:
@@ -133,10 +146,13 @@ def handle_message(contact: Contact, message: Message) -> list[Message]:
     return run_stages(Turn.of(contact, message))
 
 
-def _handle_safely(message: Message) -> list[Message]:
-    """Handle one message; a failing flow costs an apology, never the message or the contact."""
-    contact = db.session.get(Contact, message.contact_id)
-    db.session.refresh(contact)
+def _handle_safely(message: Message, contact: Contact | None = None) -> list[Message]:
+    """Handle one message; a failing flow costs an apology, never the message or the contact.
+
+    `contact`: the message's contact, read fresh under its lock (else it is read here)."""
+    if contact is None:
+        contact = db.session.get(Contact, message.contact_id, populate_existing=True)
+    outbox.hand_over_sends()
     try:
         with db.session.begin_nested():
             outgoing = handle_message(contact, message)

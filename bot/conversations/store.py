@@ -6,6 +6,7 @@ after that commit (docs/ARCHITECTURE.md, invariants 1 and 4).
 """
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Any, Iterable, Mapping
 
@@ -22,13 +23,19 @@ from bot.vocabulary import (OPEN_CONVERSATION, Consent, ConsentAction, Conversat
 from flows.toolkit import END, Flow, Reply, Step
 
 
+@functools.cache
+def _open_conversation_statement() -> sa.Select:
+    # Built once: composing an ORM select costs more CPU than running it (bench/THROUGHPUT.md,
+    # "The worker's hot path").
+    return (sa.select(Conversation)
+            .where(Conversation.contact_id == sa.bindparam("contact_id"),
+                   Conversation.status == ConversationStatus.ACTIVE)
+            .order_by(Conversation.started_at.desc()).limit(1))
+
+
 def open_conversation(contact_id: int) -> Conversation | None:
     """The contact's active conversation, if any."""
-    return db.session.scalar(
-        sa.select(Conversation)
-        .where(Conversation.contact_id == contact_id, Conversation.status == ConversationStatus.ACTIVE)
-        .order_by(Conversation.started_at.desc()).limit(1)
-    )
+    return db.session.scalar(_open_conversation_statement(), {"contact_id": contact_id})
 
 
 def open_conversations(contact_id: int) -> list[Conversation]:
@@ -37,11 +44,15 @@ def open_conversations(contact_id: int) -> list[Conversation]:
         Conversation.contact_id == contact_id, Conversation.status.in_(OPEN_CONVERSATION))))
 
 
+@functools.cache
+def _has_run_statement() -> sa.Select:
+    return (sa.select(Conversation.id).where(Conversation.contact_id == sa.bindparam("contact_id"),
+                                             Conversation.flow == sa.bindparam("flow")).limit(1))
+
+
 def has_run(contact_id: int, flow: Flow) -> bool:
     """Whether `flow` ever ran for this contact (a first-contact flow runs once)."""
-    return db.session.scalar(
-        sa.select(Conversation.id).where(Conversation.contact_id == contact_id, Conversation.flow == flow.name)
-        .limit(1)) is not None
+    return db.session.scalar(_has_run_statement(), {"contact_id": contact_id, "flow": flow.name}) is not None
 
 
 def new_conversation(contact: Contact, flow: Flow, *, started_by: StartedBy,

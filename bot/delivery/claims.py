@@ -130,6 +130,23 @@ def claim(message_id: str, *, early: bool = False) -> sa.Row | None:
 
 
 @functools.cache
+def _claim_many_statement() -> sa.Update:
+    now = sa.bindparam("now")
+    return _claiming(sa.update(Message).where(Message.id.in_(sa.bindparam("ids", expanding=True)),
+                                              _claimable(Message, now)), now)
+
+
+def claim_many(message_ids: list[str]) -> list[sa.Row]:
+    """`claim` for several messages in one statement (replies handed over by their turns): those
+    that may be claimed now are, each with its lease; the others are left as they are."""
+    now = utcnow()
+    rows = db.session.execute(_claim_many_statement(), {
+        "ids": message_ids, "now": now, "lease_until": now + claim_lease()}).all()
+    db.session.commit()
+    return rows
+
+
+@functools.cache
 def _claim_along_statement() -> sa.Update:
     # The other due messages, replies first, then those of the claimed message's channel, then
     # oldest first: a WhatsApp send's batch is WhatsApp first, its spare places go to email (and

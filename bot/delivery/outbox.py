@@ -76,11 +76,31 @@ def send_priority(kind: str | None, channel: str | None = None) -> Priority:
 _enqueuers: dict[Work, Callable[..., Any]] = {}
 #: Key in `Session.info` of the work waiting for the session's commit.
 _DEFERRED = "outbox_deferred"
+#: Key in `Session.info`: this transaction's sends go to this process's sender after the commit.
+_HAND_OVER = "outbox_hand_over"
+#: Takes a committed message's send at once in this process (True), or declines (False: queue it).
+_hand_over: Callable[[str, Priority], bool] | None = None
 
 
 def register(work: Work, enqueue: Callable[..., Any]) -> None:
     """Tell the outbox how to enqueue `work` (bot.delivery.tasks registers its tasks here)."""
     _enqueuers[work] = enqueue
+
+
+def register_hand_over(take: Callable[[str, "Priority"], bool]) -> None:
+    """Tell the outbox who takes a send at once in this process (the tasks module registers the
+    sender's `take_at_once`)."""
+    global _hand_over
+    _hand_over = take
+
+
+def hand_over_sends() -> None:
+    """The sends deferred in this transaction go straight to this process's sender once it
+    commits, where the sender can take them at once, instead of a trip through the queue (a turn
+    in the worker: its replies). Declined ones are enqueued as usual. A message handed over is
+    committed `pending` first like any other: should the worker die before it leaves, the sweep
+    finds it (invariant 1; docs/ARCHITECTURE.md, "The turn")."""
+    db.session().info[_HAND_OVER] = True
 
 
 def defer(work: Work, row: Any, priority: Priority = Priority.BULK, at: datetime | None = None) -> None:
@@ -145,9 +165,12 @@ def _enqueue_committed(session: Session) -> None:
     # The event fires for savepoints too; only the outermost commit makes the rows visible.
     if session.in_nested_transaction():
         return
+    hand_over = session.info.pop(_HAND_OVER, False) and _hand_over is not None
     for work, row_id, state, priority, at in session.info.pop(_DEFERRED, ()):
         if state is not None and not _committed(state):
             continue  # added in a savepoint that rolled back
+        if hand_over and at is None and work == Work.SEND and _hand_over(row_id, priority):
+            continue
         enqueue(work, row_id, priority, None if at is None else at - utcnow())
 
 
@@ -157,6 +180,7 @@ def _forget_rolled_back(session: Session) -> None:
     # are no longer in the session, which `_committed` sees); the outermost one drops it all.
     if not session.in_nested_transaction():
         session.info.pop(_DEFERRED, None)
+        session.info.pop(_HAND_OVER, None)
 
 
 def _committed(state: InstanceState) -> bool:

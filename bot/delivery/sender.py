@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -166,7 +167,34 @@ def finish(message_id: str, status: MessageStatus, code: int | None, text: str |
 
 @functools.cache
 def _status_statement() -> sa.Select:
-    return sa.select(Message.status).where(Message.id == sa.bindparam("message_id"))
+    return (sa.select(Message.status, Message.claimed_until, Message.kind)
+            .where(Message.id == sa.bindparam("message_id")))
+
+
+#: Ids of messages a batch of this process took along, from their claim on: while the batch
+#: holds them, and once it settled them for good (accepted, failed, refused), their own send tasks
+#: (right behind on the queue) end without a statement. The batch itself puts every message it
+#: did not settle back on the queue (a retry, a release), and takes it out of here first; a
+#: settled message never becomes sendable again (its status only moves up); a process that dies
+#: takes this memory with it and the sweep re-enqueues what its claims held. So the memory is
+#: only a shortcut, never needed by another process; it keeps the latest `_OWNED_MAX`.
+_OWNED_MAX = 20_000
+_owned: dict[str, None] = {}
+_owned_lock = threading.Lock()
+
+
+def _own(message_ids: list[str]) -> None:
+    with _owned_lock:
+        for message_id in message_ids:
+            _owned[message_id] = None
+        for _ in range(len(_owned) - _OWNED_MAX):
+            del _owned[next(iter(_owned))]
+
+
+def _disown(message_id: str) -> None:
+    """Its own task must run again (it goes back on the queue): before it is enqueued."""
+    with _owned_lock:
+        _owned.pop(message_id, None)
 
 
 def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False) -> Outcome:
@@ -179,16 +207,25 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
     and few attempts so far, it also raises TransientSendError so huey retries within seconds
     (the others are scheduled for their due time). `is_retry`: this is that retry.
     """
-    if db.session.scalar(_status_statement(), {"message_id": message_id}) not in UNSENT:
-        # Sent already, most often by a batch that took it along before this task ran: one read,
-        # no claim, no lock (the claim below still decides any race). Debug: at a batch's rate
-        # this line would outnumber the sends.
+    if message_id in _owned:
+        # Taken along by a batch of this process, in flight or settled (most tasks, draining a
+        # backlog): nothing to read.
+        return Outcome.NOT_CLAIMED
+    current = db.session.connection().execute(_status_statement(), {"message_id": message_id}).first()
+    if current is None or current.status not in UNSENT or (
+            current.status == MessageStatus.DISPATCHING and current.claimed_until is not None
+            and current.claimed_until > utcnow()):
+        # Sent already, or in flight under a live claim, most often in a batch that took it along
+        # before this task ran: one read, no claim, no lock (the claim below still decides any
+        # race; an expired claim is re-taken below). Debug: at a batch's rate this line would
+        # outnumber the sends.
+        db.session.rollback()
         log.debug("message %s already sent or in flight; skipping", message_id)
         return Outcome.NOT_CLAIMED
     if is_stopping():
         # Told to stop between dequeuing this task and running it: leave it for the next worker.
-        kind = db.session.scalar(sa.select(Message.kind).where(Message.id == message_id))
-        outbox.enqueue(outbox.Work.SEND, message_id, outbox.send_priority(kind))
+        db.session.rollback()
+        outbox.enqueue(outbox.Work.SEND, message_id, outbox.send_priority(current.kind))
         return Outcome.RELEASED
     message = claim(message_id, early=is_retry)
     if message is None:
@@ -202,15 +239,133 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
     bulk = message.kind == Kind.BROADCAST
     size = min(batch_size(), BROADCAST_SEND_BATCH) if bulk else batch_size()
     batch = [message, *claim_along(message_id, size - 1, message.channel, with_broadcasts=bulk)]
-    outcomes = send_claimed(batch)
+    _own([row.id for row in batch[1:]])
+    try:
+        outcomes = send_claimed(batch)
+    except BaseException:
+        # Unsettled: their claims run out and the sweep enqueues them; those tasks must run.
+        for row in batch[1:]:
+            _disown(row.id)
+        raise
     outcome = outcomes[message_id]
-    if outcome == Outcome.RETRY and can_retry and message.attempts < FAST_ATTEMPTS:
-        raise TransientSendError(f"message {message_id}: attempt {message.attempts} failed; huey retries it")
-    for row in batch[1:]:
+    for row in batch[1:]:  # first: this task may raise for its own message's fast retry
         if outcomes[row.id] == Outcome.RETRY:
+            _disown(row.id)
             outbox.enqueue(outbox.Work.SEND, row.id, outbox.send_priority(row.kind, row.channel),
                            delay=retry_backoff(row.attempts))
+    if outcome == Outcome.RETRY and can_retry and message.attempts < FAST_ATTEMPTS:
+        raise TransientSendError(f"message {message_id}: attempt {message.attempts} failed; huey retries it")
     return outcome
+
+
+#: Threads of this process that send the replies turns hand over (outbox.hand_over_sends), each
+#: a batch of whatever was handed over meanwhile (up to SEND_BATCH), as a send task's batch.
+HAND_OVER_THREADS = 8
+#: Replies waiting for a hand-over thread beyond which a reply takes the queue instead.
+HAND_OVER_WAITING_MAX = 500
+
+
+class _HandOver:
+    """The replies handed over by this process's turns, waiting for a hand-over thread."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Condition()
+        self.waiting: list[tuple[Any, str, int]] = []  # (app, message id, queue priority)
+        self.threads: list[threading.Thread] = []
+        self.sending = 0
+
+    def take(self, app: Any, message_id: str, priority: int) -> bool:
+        with self.ready:
+            if len(self.waiting) >= HAND_OVER_WAITING_MAX:
+                return False
+            self.waiting.append((app, message_id, priority))
+            if len(self.threads) < HAND_OVER_THREADS and len(self.threads) <= self.sending:
+                thread = threading.Thread(target=self._run, name=f"hand-over-{len(self.threads)}", daemon=True)
+                self.threads.append(thread)
+                thread.start()
+            self.ready.notify()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self.ready:
+                while not self.waiting:
+                    if is_stopping():
+                        return
+                    self.ready.wait(0.5)
+                if is_stopping():
+                    # Not sent here: the next worker takes them from the queue, now.
+                    handed, self.waiting = self.waiting, []
+                else:
+                    app = self.waiting[0][0]
+                    limit = int(app.config["SEND_BATCH"])
+                    handed = [item for item in self.waiting if item[0] is app][:limit]
+                    self.waiting = [item for item in self.waiting if item not in handed]
+                self.sending += 1
+            try:
+                _send_handed_over(handed)
+            finally:
+                with self.ready:
+                    self.sending -= 1
+                    self.ready.notify_all()
+
+    def drain(self, timeout: float) -> None:
+        """Wait (up to `timeout`) until no hand-over thread is sending: the worker is stopping."""
+        deadline = time.monotonic() + timeout
+        with self.ready:
+            self.ready.notify_all()
+            while (self.sending or self.waiting) and time.monotonic() < deadline:
+                self.ready.wait(min(0.5, max(deadline - time.monotonic(), 0)))
+
+
+_hand_over = _HandOver()
+
+
+def take_at_once(message_id: str, priority: int) -> bool:
+    """Send a message just committed (a turn's reply) on this process's hand-over threads, without
+    a trip through the queue; False when HAND_OVER_REPLIES is off, the worker is stopping or too
+    many wait already (the outbox then enqueues it). Registered with outbox.register_hand_over by
+    the tasks module."""
+    if not current_app.config.get("HAND_OVER_REPLIES") or is_stopping():
+        return False
+    return _hand_over.take(current_app._get_current_object(), message_id, priority)  # type: ignore[attr-defined]
+
+
+def drain_hand_overs(timeout: float) -> None:
+    """The worker is stopping: wait for the hand-over threads' sends in flight (shutdown.py)."""
+    _hand_over.drain(timeout)
+
+
+def _send_handed_over(handed: list[tuple[Any, str, int]]) -> None:
+    """Claim the handed-over messages in one statement and send them as one batch; what cannot be
+    claimed now (an older message to the contact goes first) or must be retried goes on the queue,
+    where a send task would have been."""
+    if not handed:
+        return
+    app = handed[0][0]
+    priorities = {message_id: priority for _, message_id, priority in handed}
+    with app.app_context():
+        try:
+            if is_stopping():
+                claimed: list[sa.Row] = []
+            else:
+                claimed = claims.claim_many(list(priorities))
+            outcomes = send_claimed(claimed) if claimed else {}
+            for message_id, priority in priorities.items():
+                outcome = outcomes.get(message_id)
+                if outcome is None or outcome == Outcome.RELEASED:
+                    if outcome is None:  # not claimed: its task finds out why (its turn, sent already)
+                        outbox.enqueue(outbox.Work.SEND, message_id, outbox.Priority(priority))
+                elif outcome == Outcome.RETRY:
+                    due = db.session.scalar(sa.select(Message.next_attempt_at).where(Message.id == message_id))
+                    delay = max((due - utcnow()).total_seconds(), 0) if due is not None else 0
+                    outbox.enqueue(outbox.Work.SEND, message_id, outbox.Priority(priority),
+                                   delay=timedelta(seconds=delay))
+        except Exception:
+            log.exception("the sends handed over by turns failed; they go on the queue")
+            db.session.rollback()
+            for message_id, priority in priorities.items():
+                outbox.enqueue(outbox.Work.SEND, message_id, outbox.Priority(priority))
 
 
 def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
@@ -361,6 +516,7 @@ def _release(row: sa.Row) -> Outcome:
         .values(status=MessageStatus.RETRYING, claimed_until=None, next_attempt_at=utcnow(),
                 attempts=Message.attempts - 1)
         .execution_options(synchronize_session=False))
+    _disown(row.id)
     outbox.defer_send(row.id, row.kind)
     db.session.commit()
     return Outcome.RELEASED

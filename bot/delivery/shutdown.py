@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from huey import Huey
 from huey.consumer import Consumer
@@ -20,8 +20,20 @@ from bot.delivery.ticker import TickingScheduler
 
 log = logging.getLogger(__name__)
 
+#: How long a stop waits for sends in flight outside huey's threads: within the Procfile's
+#: --shutdown-timeout 25, which also bounds huey's own (tests/test_packaging.py).
+DRAIN_SECONDS = 24.0
+
 #: Set once this process has been told to stop; never cleared (the process exits).
 stopping = threading.Event()
+#: Waits for sends in flight outside huey's own threads (the sender's hand-over threads),
+#: registered by the tasks module; each is given the time huey is given.
+_drains: list[Callable[[float], None]] = []
+
+
+def register_drain(drain: Callable[[float], None]) -> None:
+    """Wait for `drain(timeout)` too when the worker stops."""
+    _drains.append(drain)
 
 
 def is_stopping() -> bool:
@@ -39,7 +51,13 @@ class DrainingConsumer(Consumer):
         if not stopping.is_set():
             log.info("worker stopping: sends in flight finish, the rest go back to the queue")
         stopping.set()
+        # The hand-over threads finish their sends while huey's threads finish theirs.
+        drains = [threading.Thread(target=drain, args=(DRAIN_SECONDS,), daemon=True) for drain in _drains]
+        for thread in drains:
+            thread.start()
         super().stop(graceful=graceful)
+        for thread in drains:
+            thread.join(DRAIN_SECONDS)
 
 
 class DrainingHuey(Huey):

@@ -17,7 +17,8 @@ from bot.broadcasts import pump
 from bot.conversations import engine, inbound
 from bot.channels.email.channel import EmailChannel
 from bot.channels.whatsapp.channel import WhatsAppChannel
-from bot.delivery import event_delivery, outbox, reconcile, release, sender, statuses, ticker, webhook_fallback
+from bot.delivery import (event_delivery, outbox, reconcile, release, sender, shutdown, statuses, ticker,
+                          webhook_fallback)
 from bot.delivery.queue import huey
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,9 @@ pump.register(_schedule_pump)
 webhook_fallback.register(store_webhook)
 # Held messages are looked for every few seconds: huey's periodic tasks run once a minute at most.
 ticker.every(HOLD_CHECK_SECONDS, release_held, priority=int(outbox.Priority.CONVERSATION))
+# A turn's replies go straight to this worker's sender when it can take them (outbox.hand_over_sends).
+outbox.register_hand_over(sender.take_at_once)
+shutdown.register_drain(sender.drain_hand_overs)
 # The channels the sender sends through (bot/channels/base.py): the sender names no provider.
 sender.register_channel(WhatsAppChannel())
 sender.register_channel(EmailChannel())
