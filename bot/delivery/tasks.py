@@ -2,6 +2,11 @@
 
 Following huey's Flask recipe: the app is created once per consumer process (by importing
 `wsgi`), and every task body runs inside `app.app_context()` so sessions never leak between tasks.
+
+The web imports this module too, to enqueue these tasks, but runs none of them: what only a task
+body needs (the engine, the sender, the channels and their SDKs) is imported in the body, and
+`load_worker` imports and wires it all once this process is a consumer (or a CLI or test run), so
+a web process does not carry it (bench/THROUGHPUT.md, "The web's hot path": RSS).
 """
 from __future__ import annotations
 
@@ -13,11 +18,9 @@ from flask import Flask
 from huey import crontab
 from huey.exceptions import RetryTask
 
-from bot.conversations import engine, inbound
-from bot.channels.email.channel import EmailChannel
-from bot.channels.whatsapp.channel import WhatsAppChannel
-from bot.delivery import event_delivery, outbox, reconcile, sender, statuses, webhook_fallback
-from bot.delivery.queue import huey
+from bot.conversations import inbound
+from bot.delivery import event_delivery, outbox, statuses, webhook_fallback
+from bot.delivery.queue import huey, when_consuming
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ def send_message(message_id: str, task: Any = None) -> str:
     within seconds; later ones wait for the outbox sweep (see sender.MAX_ATTEMPTS)."""
     can_retry = task is not None and bool(task.retries)
     is_retry = task is not None and task.retries < SEND_RETRIES  # huey counts retries down
+    from bot.delivery import sender
+
     return sender.deliver(message_id, can_retry=can_retry, is_retry=is_retry).value
 
 
@@ -61,6 +66,8 @@ def send_message(message_id: str, task: Any = None) -> str:
 @in_app_context
 def process_inbound(message_id: str) -> None:
     """Run one stored inbound message (and any older ones of its contact) through the engine."""
+    from bot.conversations import engine
+
     engine.process_inbound(message_id)
 
 
@@ -68,6 +75,8 @@ def process_inbound(message_id: str) -> None:
 @in_app_context
 def start_conversation(conversation_id: str) -> None:
     """Start a flow the backend asked for with POST /notify."""
+    from bot.conversations import engine
+
     engine.start_conversation(conversation_id)
 
 
@@ -75,6 +84,8 @@ def start_conversation(conversation_id: str) -> None:
 @in_app_context
 def expire_conversations() -> None:
     """Once a minute: run the timeout of conversations idle past their flow's timeout."""
+    from bot.conversations import engine
+
     if outbox.take_periodic_turn("expire_conversations", interval_seconds=50):
         engine.expire_conversations()
 
@@ -107,6 +118,8 @@ def sweep_events() -> None:
 @in_app_context
 def expire_handoffs() -> None:
     """Once a minute: give back to the bot the contacts whose handoff ran out."""
+    from bot.conversations import engine
+
     if outbox.take_periodic_turn("expire_handoffs", interval_seconds=50):
         engine.expire_handoffs()
 
@@ -142,6 +155,8 @@ def store_webhook(form: dict[str, str], received_at: float) -> str:
 @in_app_context
 def reconcile_statuses() -> None:
     """Every 5 minutes: ask Twilio about messages whose status callbacks seem lost (invariant 3)."""
+    from bot.delivery import reconcile
+
     if outbox.take_periodic_turn("reconcile_statuses", interval_seconds=240):
         reconcile.reconcile()
 
@@ -153,6 +168,23 @@ outbox.register(outbox.Work.INBOUND, process_inbound)
 outbox.register(outbox.Work.CONVERSATION_START, start_conversation)
 outbox.register(outbox.Work.EVENT, deliver_event)
 webhook_fallback.register(store_webhook)
-# The channels the sender sends through (bot/channels/base.py): the sender names no provider.
-sender.register_channel(WhatsAppChannel())
-sender.register_channel(EmailChannel())
+
+
+def load_worker() -> None:
+    """Import what only tasks run, set up the send rate limit for the app (`init_app`) and give
+    the sender its channels (bot/channels/base.py: the sender names no provider). Before the
+    first task: when this process becomes a consumer (`when_consuming`), or from create_app for
+    the CLI and tests, which run tasks in process; never in a web process."""
+    from bot.channels.email.channel import EmailChannel
+    from bot.channels.whatsapp.channel import WhatsAppChannel
+    from bot.conversations import engine  # noqa: F401  (loaded before the first task, not during it)
+    from bot.delivery import rate_limit, reconcile, sender  # noqa: F401
+
+    if _app is not None:
+        rate_limit.init_app(_app)
+    if not sender.CHANNELS:
+        sender.register_channel(WhatsAppChannel())
+        sender.register_channel(EmailChannel())
+
+
+when_consuming(load_worker)
