@@ -420,7 +420,11 @@ def load(tree: Path, operation: str, shape: str | None, connections: int, durati
     if operation == "callback":
         reset_callbacks(database_url)
     with gunicorn(cwd, env, command, port, workdir) as proc:
-        run_wrk(public_base, script, warm_file, threads, connections, 2)  # warm every worker
+        # Warm every worker: until they answer at a steady rate (a worker still importing the
+        # app under a loaded machine would spend its boot CPU inside the measured window).
+        for _ in range(6):
+            if run_wrk(public_base, script, warm_file, threads, connections, 2)["requests"] >= 300:
+                break
         time.sleep(0.5)
         backends = [] if bare else postgres_backends(database_url)
         web_before, pg_before = group_cpu(proc.pid), {pid: cpu_seconds(pid) for pid in backends}
@@ -477,6 +481,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="", help="comma-separated gunicorn shapes, e.g. gthread:2x4,sync:4")
     parser.add_argument("--connections", default="16", help="comma-separated wrk connection counts")
     parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat everything, the trees interleaved")
     parser.add_argument("--out", default=str(BENCH / "web_cpu.json"))
     args = parser.parse_args()
 
@@ -488,41 +493,51 @@ def main() -> None:
         raise SystemExit("wrk is needed for the gunicorn runs (Debian: apt-get install -y wrk)")
     workdir = Path(tempfile.mkdtemp(prefix="bench-web-cpu-"))
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "runs": []}
-    for tree in trees:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "bot", "Procfile", "wsgi.py"], cwd=tree,
-                                    capture_output=True, text=True).stdout.strip())
-        label = f"{tree.name}@{commit}" + ("+changes" if dirty else "")
-        env = bench_env(tree, args.database_url, args.redis_url, "http://127.0.0.1")
-        log(f"{label}: schema from its own migrations")
-        recreate_schema(tree, env)
-        seed(args.database_url, 70_000)
-        run: dict[str, Any] = {"tree": str(tree), "label": label}
-        if args.what in ("inprocess", "all"):
-            log(f"{label}: in-process, {args.n} requests per operation")
-            command = [sys.executable, __file__, "_inprocess", "-n", str(args.n)]
-            if args.profile:
-                command += ["--profile", str(Path(args.profile) / tree.name)]
-            done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
-            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                raise SystemExit(done.stdout[-3000:] + done.stderr[-3000:])
-            run["inprocess"] = json.loads(line[7:])
-            log(json.dumps(run["inprocess"]))
-        if args.what in ("load", "all", "shapes"):
-            shapes = [s for s in args.shapes.split(",") if s] or [None]
-            run["load"] = []
-            for shape in shapes:
-                for operation in [o for o in args.operations.split(",") if o]:
-                    for connections in [int(c) for c in args.connections.split(",")]:
-                        figures = load(tree, operation, shape, connections, args.duration, args.database_url,
-                                       args.redis_url, workdir)
-                        log(json.dumps({k: v for k, v in figures.items() if k not in ("command", "rss_mib")}))
-                        run["load"].append(figures)
-                        flush_queue(args.redis_url)
-                        # Each run's rows stay; the next inserts new ones (its own message ids).
-        results["runs"].append(run)
-        flush_queue(args.redis_url)
+    schema_of: tuple[str, ...] | None = None
+    # Rounds interleave the trees (A, B, A, B...): on a shared machine the load of the moment
+    # weighs on both alike, and the lowest CPU per request of each is the least disturbed.
+    for round_ in range(args.rounds):
+        for tree in trees:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True,
+                                    text=True).stdout.strip()
+            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "bot", "Procfile", "wsgi.py"], cwd=tree,
+                                        capture_output=True, text=True).stdout.strip())
+            label = f"{tree.name}@{commit}" + ("+changes" if dirty else "")
+            env = bench_env(tree, args.database_url, args.redis_url, "http://127.0.0.1")
+            migrations = tuple(sorted(p.name for p in (tree / "bot" / "migrations" / "versions").glob("*.py")))
+            if migrations != schema_of:  # the same migrations: the same schema, kept between trees
+                log(f"{label}: schema from its own migrations")
+                recreate_schema(tree, env)
+                seed(args.database_url, 70_000)
+                schema_of = migrations
+            run: dict[str, Any] = {"tree": str(tree), "label": label, "round": round_}
+            if args.what in ("inprocess", "all"):
+                log(f"{label}: in-process, {args.n} requests per operation")
+                reset_callbacks(args.database_url)
+                command = [sys.executable, __file__, "_inprocess", "-n", str(args.n)]
+                if args.profile and round_ == 0:
+                    command += ["--profile", str(Path(args.profile) / tree.name)]
+                done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
+                line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    raise SystemExit(done.stdout[-3000:] + done.stderr[-3000:])
+                run["inprocess"] = json.loads(line[7:])
+                log(json.dumps(run["inprocess"]))
+            if args.what in ("load", "all", "shapes"):
+                shapes = [s for s in args.shapes.split(",") if s] or [None]
+                run["load"] = []
+                for shape in shapes:
+                    for operation in [o for o in args.operations.split(",") if o]:
+                        for connections in [int(c) for c in args.connections.split(",")]:
+                            figures = load(tree, operation, shape, connections, args.duration, args.database_url,
+                                           args.redis_url, workdir)
+                            log(json.dumps({k: v for k, v in figures.items() if k not in ("command", "rss_mib")}))
+                            run["load"].append(figures)
+                            flush_queue(args.redis_url)
+                            # Each run's rows stay; the next inserts new ones (its own message ids).
+            results["runs"].append(run)
+            flush_queue(args.redis_url)
+            Path(args.out).write_text(json.dumps(results, indent=1))  # what is done so far
     Path(args.out).write_text(json.dumps(results, indent=1))
     log(f"results in {args.out}; logs in {workdir}")
 
