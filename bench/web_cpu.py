@@ -16,11 +16,15 @@ worktree, in the same run, so every ratio compares like with like):
 
 The operations: `notify_to` (POST /notify {"to", "body"}), `notify_user` (POST /notify
 {"user_id", "body"}), `webhook` (a signed inbound message, each from a different contact, each a
-new MessageSid) and `bare` (bench/bare_app.py: verify the signature, answer empty TwiML). Every
+new MessageSid), `callback` (a signed status callback: sent, delivered, read for each of
+CALLBACK_MESSAGES seeded outbound messages, each (SID, status) once) and `bare` (bench/bare_app.py: verify the signature, answer empty TwiML). Every
 contact exists already, opted in and inside the 24-hour window (a notification's usual case).
 
 No worker runs: what is measured is the web alone (the enqueued tasks wait in Redis and are
-flushed). Reproduce (bench/THROUGHPUT.md, "The web's hot path"):
+flushed). Each `callback` run starts from the same seeded messages (`reset_callbacks`), and a
+gunicorn run's warm-up posts requests of its own, so no measured request is a repeat. Every web
+process's RSS is read from /proc at the end of each gunicorn run. Reproduce (bench/THROUGHPUT.md,
+"The web's hot path"):
 
     git worktree add /tmp/base main
     .venv/bin/python bench/web_cpu.py all --tree . --tree /tmp/base --database-url postgresql://...
@@ -50,7 +54,11 @@ ACCOUNT_SID = "AC" + "b3" * 16
 AUTH_TOKEN = "bench-auth-token-0123456789abcdef"
 API_TOKEN = "bench-api-token"
 SENDER = "whatsapp:+14155238886"
-OPERATIONS = ("notify_to", "notify_user", "webhook")
+OPERATIONS = ("notify_to", "notify_user", "webhook", "callback")
+#: The status callbacks of each seeded message, in the order Twilio posts them.
+CALLBACK_STATUSES = ("sent", "delivered", "read")
+#: Seeded outbound messages (accepted, with a SID) that the status callbacks name.
+CALLBACK_MESSAGES = 25_000
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -84,6 +92,20 @@ def inbound_form(from_: str) -> dict[str, str]:
             "ProfileName": "Bench", "MessageType": "text"}
 
 
+def callback_sid(i: int) -> str:
+    """The Twilio SID of the i-th seeded outbound message."""
+    return f"SM{i:032x}"
+
+
+def callback_form(i: int) -> dict[str, str]:
+    """The i-th status callback: message i // 3, its sent, delivered or read."""
+    sid = callback_sid(i // len(CALLBACK_STATUSES) % CALLBACK_MESSAGES)
+    status = CALLBACK_STATUSES[i % len(CALLBACK_STATUSES)]
+    return {"MessageSid": sid, "SmsSid": sid, "AccountSid": ACCOUNT_SID, "From": SENDER,
+            "To": "whatsapp:" + phone(204, i // len(CALLBACK_STATUSES)), "MessageStatus": status,
+            "SmsStatus": status, "ApiVersion": "2010-04-01", "ChannelPrefix": "whatsapp"}
+
+
 def request_for(operation: str, i: int, public_base: str) -> tuple[str, str, dict[str, str], str]:
     """(path, content type, extra headers, body) of the i-th request of an operation."""
     from urllib.parse import urlencode
@@ -94,8 +116,8 @@ def request_for(operation: str, i: int, public_base: str) -> tuple[str, str, dic
     if operation == "notify_user":
         body = json.dumps({"user_id": f"bench-user-{i}", "body": f"Your order {i} shipped"})
         return "/notify", "application/json", {"Authorization": f"Bearer {API_TOKEN}"}, body
-    if operation in ("webhook", "bare"):
-        form = inbound_form(phone(203, i))
+    if operation in ("webhook", "bare", "callback"):
+        form = callback_form(i) if operation == "callback" else inbound_form(phone(203, i))
         signature = sign(public_base + "/twilio/webhook", form)
         return "/twilio/webhook", "application/x-www-form-urlencoded", {"X-Twilio-Signature": signature}, urlencode(form)
     raise ValueError(operation)
@@ -125,7 +147,8 @@ def recreate_schema(tree: Path, env: dict[str, str]) -> None:
 
 def seed(database_url: str, count: int) -> None:
     """Contacts for every operation: opted in, inside the 24-hour window; `notify_user`'s with a
-    backend user id. Written with plain SQL in one statement per table (no app code involved)."""
+    backend user id; for `callback`, one accepted outbound message with a SID per contact of
+    group 204. Written with plain SQL in one statement per table (no app code involved)."""
     import psycopg
 
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -134,9 +157,35 @@ def seed(database_url: str, count: int) -> None:
             SELECT p.phone, p.user_id, ltrim(p.phone, '+'), 'opted_in', 'unknown',
                    now() at time zone 'utc' - interval '1 minute', now() at time zone 'utc', now() at time zone 'utc'
             FROM unnest(%s::text[], %s::text[]) AS p(phone, user_id)""",
-                     [[phone(g, i) for g in (201, 202, 203) for i in range(count)],
-                      [f"bench-user-{i}" if g == 202 else None for g in (201, 202, 203) for i in range(count)]])
+                     [[phone(g, i) for g in (201, 202, 203, 204) for i in range(count)],
+                      [f"bench-user-{i}" if g == 202 else None for g in (201, 202, 203, 204) for i in range(count)]])
+        conn.execute("""
+            INSERT INTO messages (id, direction, kind, contact_id, channel, body, twilio_sid, status, status_rank,
+                                  attempts, created_at, updated_at, sent_at)
+            SELECT md5(m.sid), 'outbound', 'notification', c.id, 'whatsapp', 'Your order shipped', m.sid,
+                   'accepted', 2, 1, now() at time zone 'utc', now() at time zone 'utc', now() at time zone 'utc'
+            FROM unnest(%s::text[], %s::text[]) AS m(sid, phone) JOIN contacts c ON c.phone = m.phone""",
+                     [[callback_sid(i) for i in range(CALLBACK_MESSAGES)],
+                      [phone(204, i) for i in range(CALLBACK_MESSAGES)]])
         conn.execute("ANALYZE")
+
+
+def reset_callbacks(database_url: str) -> None:
+    """The seeded messages back to `accepted` with no status event and no event, so every
+    `callback` run posts each (SID, status) for the first time (a repeat would measure the
+    deduplication instead)."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        sids = [callback_sid(i) for i in range(CALLBACK_MESSAGES)]
+        conn.execute("DELETE FROM events WHERE message_id IN (SELECT id FROM messages WHERE twilio_sid = ANY(%s))",
+                     [sids])
+        conn.execute("DELETE FROM status_events WHERE twilio_sid = ANY(%s)", [sids])
+        conn.execute("UPDATE messages SET status = 'accepted', status_rank = 2, error_code = NULL, "
+                     "error_message = NULL WHERE twilio_sid = ANY(%s)", [sids])
+        conn.execute("VACUUM ANALYZE messages")
+        conn.execute("VACUUM ANALYZE status_events")
+        conn.execute("VACUUM ANALYZE events")
 
 
 def bench_env(tree: Path, database_url: str, redis_url: str, public_base: str) -> dict[str, str]:
@@ -362,10 +411,20 @@ def load(tree: Path, operation: str, shape: str | None, connections: int, durati
     script.write_text(WRK_SCRIPT)
     requests_file = workdir / f"{operation}-{port}.tsv"
     # Enough distinct requests for the run (repeats would measure the deduplication instead).
-    write_requests(requests_file, operation, 0, 60_000 if operation in ("webhook", "bare") else 30_000, public_base)
+    write_requests(requests_file, operation, 0, 30_000 if operation.startswith("notify") else 60_000, public_base)
+    # The warm-up's own requests (later contacts, later messages): the measured run starts at the
+    # file's first line again, and must not repeat what the warm-up already stored.
+    warm_file = workdir / f"{operation}-{port}-warm.tsv"
+    write_requests(warm_file, operation, 60_000, 10_000, public_base)
     threads = 2
+    if operation == "callback":
+        reset_callbacks(database_url)
     with gunicorn(cwd, env, command, port, workdir) as proc:
-        run_wrk(public_base, script, requests_file, threads, connections, 2)  # warm every worker
+        # Warm every worker: until they answer at a steady rate (a worker still importing the
+        # app under a loaded machine would spend its boot CPU inside the measured window).
+        for _ in range(6):
+            if run_wrk(public_base, script, warm_file, threads, connections, 2)["requests"] >= 300:
+                break
         time.sleep(0.5)
         backends = [] if bare else postgres_backends(database_url)
         web_before, pg_before = group_cpu(proc.pid), {pid: cpu_seconds(pid) for pid in backends}
@@ -418,10 +477,11 @@ def main() -> None:
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9"))
     parser.add_argument("-n", type=int, default=300, help="requests per operation, in-process")
     parser.add_argument("--profile", help="directory for the cProfile output (in-process)")
-    parser.add_argument("--operations", default="notify_to,notify_user,webhook,bare")
+    parser.add_argument("--operations", default="notify_to,notify_user,webhook,callback,bare")
     parser.add_argument("--shapes", default="", help="comma-separated gunicorn shapes, e.g. gthread:2x4,sync:4")
     parser.add_argument("--connections", default="16", help="comma-separated wrk connection counts")
     parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat everything, the trees interleaved")
     parser.add_argument("--out", default=str(BENCH / "web_cpu.json"))
     args = parser.parse_args()
 
@@ -433,41 +493,51 @@ def main() -> None:
         raise SystemExit("wrk is needed for the gunicorn runs (Debian: apt-get install -y wrk)")
     workdir = Path(tempfile.mkdtemp(prefix="bench-web-cpu-"))
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "runs": []}
-    for tree in trees:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "bot", "Procfile", "wsgi.py"], cwd=tree,
-                                    capture_output=True, text=True).stdout.strip())
-        label = f"{tree.name}@{commit}" + ("+changes" if dirty else "")
-        env = bench_env(tree, args.database_url, args.redis_url, "http://127.0.0.1")
-        log(f"{label}: schema from its own migrations")
-        recreate_schema(tree, env)
-        seed(args.database_url, 70_000)
-        run: dict[str, Any] = {"tree": str(tree), "label": label}
-        if args.what in ("inprocess", "all"):
-            log(f"{label}: in-process, {args.n} requests per operation")
-            command = [sys.executable, __file__, "_inprocess", "-n", str(args.n)]
-            if args.profile:
-                command += ["--profile", str(Path(args.profile) / tree.name)]
-            done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
-            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                raise SystemExit(done.stdout[-3000:] + done.stderr[-3000:])
-            run["inprocess"] = json.loads(line[7:])
-            log(json.dumps(run["inprocess"]))
-        if args.what in ("load", "all", "shapes"):
-            shapes = [s for s in args.shapes.split(",") if s] or [None]
-            run["load"] = []
-            for shape in shapes:
-                for operation in [o for o in args.operations.split(",") if o]:
-                    for connections in [int(c) for c in args.connections.split(",")]:
-                        figures = load(tree, operation, shape, connections, args.duration, args.database_url,
-                                       args.redis_url, workdir)
-                        log(json.dumps({k: v for k, v in figures.items() if k not in ("command", "rss_mib")}))
-                        run["load"].append(figures)
-                        flush_queue(args.redis_url)
-                        # Each run's rows stay; the next inserts new ones (its own message ids).
-        results["runs"].append(run)
-        flush_queue(args.redis_url)
+    schema_of: tuple[str, ...] | None = None
+    # Rounds interleave the trees (A, B, A, B...): on a shared machine the load of the moment
+    # weighs on both alike, and the lowest CPU per request of each is the least disturbed.
+    for round_ in range(args.rounds):
+        for tree in trees:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True,
+                                    text=True).stdout.strip()
+            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "bot", "Procfile", "wsgi.py"], cwd=tree,
+                                        capture_output=True, text=True).stdout.strip())
+            label = f"{tree.name}@{commit}" + ("+changes" if dirty else "")
+            env = bench_env(tree, args.database_url, args.redis_url, "http://127.0.0.1")
+            migrations = tuple(sorted(p.name for p in (tree / "bot" / "migrations" / "versions").glob("*.py")))
+            if migrations != schema_of:  # the same migrations: the same schema, kept between trees
+                log(f"{label}: schema from its own migrations")
+                recreate_schema(tree, env)
+                seed(args.database_url, 70_000)
+                schema_of = migrations
+            run: dict[str, Any] = {"tree": str(tree), "label": label, "round": round_}
+            if args.what in ("inprocess", "all"):
+                log(f"{label}: in-process, {args.n} requests per operation")
+                reset_callbacks(args.database_url)
+                command = [sys.executable, __file__, "_inprocess", "-n", str(args.n)]
+                if args.profile and round_ == 0:
+                    command += ["--profile", str(Path(args.profile) / tree.name)]
+                done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
+                line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    raise SystemExit(done.stdout[-3000:] + done.stderr[-3000:])
+                run["inprocess"] = json.loads(line[7:])
+                log(json.dumps(run["inprocess"]))
+            if args.what in ("load", "all", "shapes"):
+                shapes = [s for s in args.shapes.split(",") if s] or [None]
+                run["load"] = []
+                for shape in shapes:
+                    for operation in [o for o in args.operations.split(",") if o]:
+                        for connections in [int(c) for c in args.connections.split(",")]:
+                            figures = load(tree, operation, shape, connections, args.duration, args.database_url,
+                                           args.redis_url, workdir)
+                            log(json.dumps({k: v for k, v in figures.items() if k not in ("command", "rss_mib")}))
+                            run["load"].append(figures)
+                            flush_queue(args.redis_url)
+                            # Each run's rows stay; the next inserts new ones (its own message ids).
+            results["runs"].append(run)
+            flush_queue(args.redis_url)
+            Path(args.out).write_text(json.dumps(results, indent=1))  # what is done so far
     Path(args.out).write_text(json.dumps(results, indent=1))
     log(f"results in {args.out}; logs in {workdir}")
 

@@ -50,22 +50,28 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=0)  # type: ignore[method-assign]
     _configure_logging(app)
 
-    from bot import cli, database, http
-    from bot.delivery import queue, rate_limit, tasks
+    from bot import database, http
+    from bot.delivery import queue, tasks
     from bot.channels.whatsapp import client as twilio_client
 
     database.init_app(app)
-    if os.environ.get("FLASK_RUN_FROM_CLI") == "true" or app.testing:
+    from_cli = os.environ.get("FLASK_RUN_FROM_CLI") == "true"
+    if from_cli or app.testing:
         # `flask db upgrade` (the release line) and tests need Alembic; gunicorn and huey_consumer
         # never do, and importing it costs each of their processes 11 MB (bench/THROUGHPUT.md, RSS).
         from flask_migrate import Migrate
 
         Migrate(app, database.db, directory=database.MIGRATIONS_DIR, render_as_batch=True)
     queue.init_app(app)
-    rate_limit.init_app(app)
     tasks.init_app(app)
     twilio_client.init_app(app)
-    cli.init_app(app)
+    if from_cli or app.testing:
+        # The CLI (`flask chat`, `flask doctor`) and tests run tasks in this process; the worker
+        # loads them once it is a consumer (tasks.load_worker), the web never does.
+        from bot import cli
+
+        tasks.load_worker()
+        cli.init_app(app)
     http.init_app(app)
 
     if dev_mode:

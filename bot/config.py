@@ -161,7 +161,9 @@ class Settings(BaseSettings):
             SQLALCHEMY_DATABASE_URI=database_uri(self.database_url, instance_path),
             # hide_parameters: a database error names the statement, never its values (numbers,
             # message bodies) in logs and tracebacks.
-            SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True, "pool_size": self.database_pool_size,
+            # No pool_pre_ping: bot/database.py pings only connections that sat idle (a round
+            # trip per request otherwise).
+            SQLALCHEMY_ENGINE_OPTIONS={"pool_size": self.database_pool_size,
                                        "max_overflow": self.database_max_overflow, "hide_parameters": True},
             MAX_CONTENT_LENGTH=MAX_CONTENT_LENGTH,
         )

@@ -1,8 +1,11 @@
-"""Database setup: Flask-SQLAlchemy binding, SQLite settings for web + worker on one file, and a
-PostgreSQL connection attempt that gives up in seconds."""
+"""Database setup: Flask-SQLAlchemy binding, SQLite settings for web + worker on one file, a
+PostgreSQL connection attempt that gives up in seconds, and a ping for pooled connections that
+sat idle."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from flask import Flask
@@ -13,6 +16,8 @@ from bot.extensions import db
 MIGRATIONS_DIR = str(Path(__file__).parent / "migrations")
 #: How long a new PostgreSQL connection may take before the attempt fails.
 CONNECT_TIMEOUT_SECONDS = 5
+#: A pooled connection unused for longer than this is pinged before it is handed out.
+PING_AFTER_IDLE_SECONDS = 1.0
 
 
 def init_app(app: Flask) -> None:
@@ -31,9 +36,38 @@ def init_app(app: Flask) -> None:
         options["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS, **options.get("connect_args", {})}
         app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
     db.init_app(app)
-    if uri.startswith("sqlite"):
-        with app.app_context():
+    with app.app_context():
+        if uri.startswith("sqlite"):
             sa.event.listen(db.engine, "connect", _sqlite_pragmas)
+        ping_idle_connections(db.engine)
+
+
+def ping_idle_connections(engine: sa.Engine) -> None:
+    """Ping a pooled connection before handing it out only if it sat unused for more than
+    PING_AFTER_IDLE_SECONDS; a dead one (the database restarted, a proxy dropped it) is replaced,
+    and every older one with it, before the request sees it.
+
+    What `pool_pre_ping` does, without its round trip on every checkout: under load a connection
+    is back in use within milliseconds, and that ping was a round trip per request
+    (bench/THROUGHPUT.md, "The web's hot path"). The cost: a connection that dies within a second
+    of its last use fails the statement that uses it; the pool is then invalidated, and that one
+    request answers 503 (or hands its webhook to the queue) as it would with the database down.
+    """
+
+    @sa.event.listens_for(engine, "checkin")
+    def _idle_from(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+            return  # new, or in use a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool reconnects (and so finds an outage: the request's usual 503).
+            raise sa.exc.InvalidatePoolError("an idle pooled connection is dead") from exc
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

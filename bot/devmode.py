@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import SecretStr
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     from bot.config import Settings
 
 DEV_SENDER = "whatsapp:+14155238886"  # the Twilio sandbox's number, so copy reads the same
@@ -120,16 +120,22 @@ def dev_api_key(seed: str) -> str:
     return "SG." + hashlib.sha256(b"sendgrid-api-key\x00" + seed.encode()).hexdigest()
 
 
-def dev_private_key(seed: str) -> ec.EllipticCurvePrivateKey:
+def dev_private_key(seed: str) -> "ec.EllipticCurvePrivateKey":
     """A deterministic P-256 key from `seed`, so the server (which needs only the public half,
     `public_key_text`) and a simulator started apart agree on it in development mode."""
+    # Imported here: only development mode derives keys, and cryptography costs each web
+    # process megabytes it never needs otherwise (bench/THROUGHPUT.md, "The web's hot path").
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     digest = hashlib.sha256(b"sendgrid-event-webhook-key\x00" + seed.encode()).digest()
     order = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # P-256's group order
     return ec.derive_private_key(int.from_bytes(digest, "big") % (order - 1) + 1, ec.SECP256R1())
 
 
-def public_key_text(private_key: ec.EllipticCurvePrivateKey) -> str:
+def public_key_text(private_key: "ec.EllipticCurvePrivateKey") -> str:
     """The public half as SendGrid's settings page shows it: base64 DER SubjectPublicKeyInfo."""
+    from cryptography.hazmat.primitives import serialization
+
     der = private_key.public_key().public_bytes(serialization.Encoding.DER,
                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
     return base64.b64encode(der).decode("ascii")

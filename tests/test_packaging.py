@@ -182,6 +182,32 @@ def test_the_web_and_worker_entry_point_does_not_import_the_dev_tools(tmp_path: 
     assert result.stdout.strip() == "[]"
 
 
+#: What only the worker runs: a web process that imported it would carry megabytes it never uses.
+WORKER_ONLY = ("bot.delivery.sender", "bot.conversations.engine", "bot.channels.whatsapp.channel",
+               "bot.channels.email.channel", "bot.delivery.rate_limit", "flows.diagram", "requests",
+               "sendgrid", "limits", "cryptography.hazmat")
+
+
+def test_the_web_imports_nothing_only_the_worker_runs_and_the_consumer_loads_it(tmp_path: Path) -> None:
+    """gunicorn imports wsgi and never creates a consumer: none of WORKER_ONLY is loaded
+    (bench/THROUGHPUT.md, "The web's hot path": RSS). huey_consumer creates one, and by then the
+    sender has its channels, before any task runs."""
+    code = ("import json, sys, wsgi\n"
+            f"worker_only = {WORKER_ONLY!r}\n"
+            "loaded = lambda: sorted(m for m in sys.modules if m.startswith(worker_only))\n"
+            "web = loaded()\n"
+            "wsgi.huey.create_consumer(workers=1)\n"
+            "from bot.delivery import sender\n"
+            "print(json.dumps({'web': web, 'worker': loaded(), 'channels': sorted(sender.CHANNELS)}))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env=clean_env(tmp_path, PYTHONPATH=str(PROJECT_ROOT), **SECRETS))
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["web"] == []
+    assert {"bot.delivery.sender", "bot.conversations.engine", "bot.channels.whatsapp.channel"} <= set(seen["worker"])
+    assert seen["channels"] == ["email", "whatsapp"]
+
+
 @pytest.mark.parametrize("where", ["project", "elsewhere"])
 def test_flask_chat_is_found_by_the_flask_command(tmp_path: Path, where: str) -> None:
     """bin/chat runs `.venv/bin/flask --app wsgi chat`: the entry point of the installed project."""

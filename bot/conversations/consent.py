@@ -17,6 +17,11 @@ from flows.toolkit import normalize
 UNAMBIGUOUS_OPT_IN = frozenset({"start", "unstop", "subscribe"})
 
 
+#: The settings the keywords come from.
+KEYWORD_SETTINGS = ("OPT_OUT_KEYWORDS", "OPT_IN_KEYWORDS", "HELP_KEYWORDS", "OPT_OUT_BUTTON_PAYLOADS",
+                    "HANDOFF_KEYWORDS")
+
+
 @dataclass(frozen=True)
 class Keywords:
     """The configured keyword lists, normalised like incoming text."""
@@ -31,7 +36,18 @@ class Keywords:
 
     @classmethod
     def from_config(cls) -> "Keywords":
+        """The app's keywords, normalised once per app (every inbound message asks for them)
+        and again only when the configuration they come from changes."""
         cfg = current_app.config
+        source = tuple(tuple(cfg.get(key) or ()) for key in KEYWORD_SETTINGS)
+        cached = current_app.extensions.get("keywords")
+        if cached is None or cached[0] != source:
+            cached = (source, cls._normalised(cfg))
+            current_app.extensions["keywords"] = cached
+        return cached[1]
+
+    @classmethod
+    def _normalised(cls, cfg: Mapping[str, Any]) -> "Keywords":
         opt_out, opt_in, help_ = (frozenset(normalize(w) for w in cfg[key])
                                   for key in ("OPT_OUT_KEYWORDS", "OPT_IN_KEYWORDS", "HELP_KEYWORDS"))
         payloads = frozenset(p.strip().upper() for p in cfg.get("OPT_OUT_BUTTON_PAYLOADS") or ())

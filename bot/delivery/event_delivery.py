@@ -31,10 +31,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import requests
 import sqlalchemy as sa
 from flask import current_app
-from standardwebhooks.webhooks import Webhook
 
 from bot.clock import utcnow
 from bot.delivery import outbox
@@ -102,6 +100,10 @@ def _delivery_slots() -> threading.BoundedSemaphore:
 
 def signed_request(event: Event, secret: str, now: datetime | None = None) -> tuple[bytes, dict[str, str]]:
     """The body and headers of one delivery attempt (a fresh timestamp, the same id each time)."""
+    # Imported where events are delivered (the worker): the web reads events (GET /events) and
+    # never posts them, and requests costs each web process megabytes (bench/THROUGHPUT.md).
+    from standardwebhooks.webhooks import Webhook
+
     body = json.dumps(event.body(), separators=(",", ":"), ensure_ascii=False).encode()
     timestamp = now or utcnow()
     signature = Webhook(secret).sign(msg_id=event.id, timestamp=timestamp, data=body)
@@ -277,6 +279,8 @@ def _attempt(taken: Claim) -> str:
 
 def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> str | None:
     """POST the event; None if the receiver answered 2xx, else why not (for `last_error`)."""
+    import requests
+
     try:
         response = requests.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
     except requests.RequestException as exc:

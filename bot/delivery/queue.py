@@ -7,7 +7,7 @@ under instance/ (the embedded default).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from flask import Flask
 from huey.storage import BaseStorage, PriorityRedisStorage, RedisStorage, SqliteStorage
@@ -17,6 +17,14 @@ from bot.delivery.shutdown import DrainingHuey
 from bot.logmask import mask_handlers
 
 QUEUE_NAME = "whatsapp-bot"
+#: What a process does once it becomes a consumer (`when_consuming`).
+_consumer_setup: list[Callable[[], None]] = []
+
+
+def when_consuming(setup: Callable[[], None]) -> None:
+    """Run `setup` when this process becomes the worker (`huey_consumer` creates its consumer),
+    before any task: what only the worker needs is loaded there, never in a web process."""
+    _consumer_setup.append(setup)
 
 
 class UnconfiguredStorage(BaseStorage):
@@ -47,6 +55,8 @@ class MaskedLogHuey(DrainingHuey):
         # one's own) after importing the app and right before this call: the first moment
         # there is a handler to mask.
         mask_handlers(logging.getLogger("huey"), logging.getLogger())
+        for setup in _consumer_setup:
+            setup()
         return super().create_consumer(**options)
 
 

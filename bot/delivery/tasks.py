@@ -2,6 +2,11 @@
 
 Following huey's Flask recipe: the app is created once per consumer process (by importing
 `wsgi`), and every task body runs inside `app.app_context()` so sessions never leak between tasks.
+
+The web imports this module too, to enqueue these tasks, but runs none of them: what only a task
+body needs (the engine, the sender, the broadcasts' pump, the channels and their SDKs) is imported
+in the body, and `load_worker` imports and wires it all once this process is a consumer (or a CLI
+or test run), so a web process does not carry it (bench/THROUGHPUT.md, "The web's hot path": RSS).
 """
 from __future__ import annotations
 
@@ -13,13 +18,9 @@ from flask import Flask
 from huey import crontab
 from huey.exceptions import RetryTask
 
-from bot.broadcasts import pump
-from bot.conversations import engine, inbound
-from bot.channels.email.channel import EmailChannel
-from bot.channels.whatsapp.channel import WhatsAppChannel
-from bot.delivery import (event_delivery, outbox, reconcile, release, sender, shutdown, statuses, ticker,
-                          webhook_fallback)
-from bot.delivery.queue import huey
+from bot.conversations import inbound
+from bot.delivery import event_delivery, outbox, release, statuses, ticker, webhook_fallback
+from bot.delivery.queue import huey, when_consuming
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ def in_app_context(func: F) -> F:
 def send_message(message_id: str, task: Any = None) -> str:
     """Deliver one outbound message; early transient failures raise, so huey retries them
     within seconds; later ones wait for the outbox sweep (see sender.MAX_ATTEMPTS)."""
+    from bot.delivery import sender
+
     can_retry = task is not None and bool(task.retries)
     is_retry = task is not None and task.retries < SEND_RETRIES  # huey counts retries down
     return sender.deliver(message_id, can_retry=can_retry, is_retry=is_retry).value
@@ -65,6 +68,8 @@ def send_message(message_id: str, task: Any = None) -> str:
 @in_app_context
 def process_inbound(message_id: str) -> None:
     """Run one stored inbound message (and any older ones of its contact) through the engine."""
+    from bot.conversations import engine
+
     engine.process_inbound(message_id)
 
 
@@ -72,6 +77,8 @@ def process_inbound(message_id: str) -> None:
 @in_app_context
 def start_conversation(conversation_id: str) -> None:
     """Start a flow the backend asked for with POST /notify."""
+    from bot.conversations import engine
+
     engine.start_conversation(conversation_id)
 
 
@@ -79,6 +86,8 @@ def start_conversation(conversation_id: str) -> None:
 @in_app_context
 def expire_conversations() -> None:
     """Once a minute: run the timeout of conversations idle past their flow's timeout."""
+    from bot.conversations import engine
+
     if outbox.take_periodic_turn("expire_conversations", interval_seconds=50):
         engine.expire_conversations()
 
@@ -120,6 +129,8 @@ def sweep_events() -> None:
 @in_app_context
 def expire_handoffs() -> None:
     """Once a minute: give back to the bot the contacts whose handoff ran out."""
+    from bot.conversations import engine
+
     if outbox.take_periodic_turn("expire_handoffs", interval_seconds=50):
         engine.expire_handoffs()
 
@@ -155,6 +166,8 @@ def store_webhook(form: dict[str, str], received_at: float) -> str:
 @in_app_context
 def reconcile_statuses() -> None:
     """Every 5 minutes: ask Twilio about messages whose status callbacks seem lost (invariant 3)."""
+    from bot.delivery import reconcile
+
     if outbox.take_periodic_turn("reconcile_statuses", interval_seconds=240):
         reconcile.reconcile()
 
@@ -164,6 +177,8 @@ def reconcile_statuses() -> None:
 def pump_broadcast(broadcast_id: str, token: str | None = None) -> str:
     """One turn of a broadcast: expand a batch of its audience, release a window of its messages
     (bot/broadcasts/pump.py); the turn schedules the next."""
+    from bot.broadcasts import pump
+
     return pump.pump(broadcast_id, token)
 
 
@@ -171,6 +186,8 @@ def pump_broadcast(broadcast_id: str, token: str | None = None) -> str:
 @in_app_context
 def sweep_broadcasts() -> None:
     """Once a minute: start again the chain of a live broadcast whose chain was lost."""
+    from bot.broadcasts import pump
+
     if outbox.take_periodic_turn("sweep_broadcasts", interval_seconds=50):
         pump.sweep()
 
@@ -190,13 +207,32 @@ outbox.register(outbox.Work.INBOUND, process_inbound)
 outbox.register(outbox.Work.CONVERSATION_START, start_conversation)
 outbox.register(outbox.Work.EVENT, deliver_event)
 outbox.register(outbox.Work.BROADCAST, pump_broadcast)
-pump.register(_schedule_pump)
 webhook_fallback.register(store_webhook)
 # Held messages are looked for every few seconds: huey's periodic tasks run once a minute at most.
 ticker.every(HOLD_CHECK_SECONDS, release_held, priority=int(outbox.Priority.CONVERSATION))
-# A turn's replies go straight to this worker's sender when it can take them (outbox.hand_over_sends).
-outbox.register_hand_over(sender.take_at_once)
-shutdown.register_drain(sender.drain_hand_overs)
-# The channels the sender sends through (bot/channels/base.py): the sender names no provider.
-sender.register_channel(WhatsAppChannel())
-sender.register_channel(EmailChannel())
+
+
+def load_worker() -> None:
+    """Import what only tasks run, set up the send rate limit for the app (`init_app`) and wire
+    the worker's parts: the sender's channels (bot/channels/base.py: the sender names no
+    provider), the hand-over of a turn's replies, the pump's scheduling. Before the first task:
+    when this process becomes a consumer (`when_consuming`), or from create_app for the CLI and
+    tests, which run tasks in process; never in a web process."""
+    from bot.broadcasts import pump
+    from bot.channels.email.channel import EmailChannel
+    from bot.channels.whatsapp.channel import WhatsAppChannel
+    from bot.conversations import engine  # noqa: F401  (loaded before the first task, not during it)
+    from bot.delivery import rate_limit, reconcile, sender, shutdown  # noqa: F401
+
+    if _app is not None:
+        rate_limit.init_app(_app)
+    if not sender.CHANNELS:  # once per process
+        sender.register_channel(WhatsAppChannel())
+        sender.register_channel(EmailChannel())
+        pump.register(_schedule_pump)
+        # A turn's replies go straight to this worker's sender when it can take them (outbox.hand_over_sends).
+        outbox.register_hand_over(sender.take_at_once)
+        shutdown.register_drain(sender.drain_hand_overs)
+
+
+when_consuming(load_worker)

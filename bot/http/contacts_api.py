@@ -5,7 +5,6 @@ import sqlalchemy as sa
 from flask import Blueprint, abort, jsonify
 
 from bot.contacts import get_or_create_contact
-from bot.conversations.engine import set_consent_from_api
 from bot.extensions import db
 from bot.http.notify import read_json_body
 from bot.http.schemas import MAX_CONSENT_NOTE_CHARS, ConsentBody, InvalidRequest, validate
@@ -62,6 +61,9 @@ def set_consent(phone: str):
         body = validate(ConsentBody, read_json_body())
     except InvalidRequest as exc:
         abort(400, description=str(exc))
+    # Imported here: the engine (flows, copy) is the worker's; this rare route needs one function.
+    from bot.conversations.engine import set_consent_from_api
+
     contact = get_or_create_contact(phone_or_400(phone))
     set_consent_from_api(contact, body.consent, (body.note or "")[:MAX_CONSENT_NOTE_CHARS] or None)
     db.session.commit()

@@ -21,7 +21,6 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from bot.clock import utcnow
-from bot.channels.email.signature import InvalidPublicKey, Refusal, load_public_key, verify
 from bot.channels.email.unsubscribe import read_token
 from bot.channels.email.webhook_events import BadBatch, EmailEvent, parse_batch
 from bot.conversations.consent import change_email_consent
@@ -41,6 +40,10 @@ MAX_BATCH_BYTES = 1024 * 1024
 @bp.post("/sendgrid/events")
 def sendgrid_events():
     """Apply one signed batch of SendGrid events; 200 with what was applied."""
+    # Imported here: the verification needs cryptography, megabytes that a web process which
+    # never hears from SendGrid does not carry (bench/THROUGHPUT.md, "The web's hot path": RSS).
+    from bot.channels.email.signature import InvalidPublicKey, Refusal, load_public_key, verify
+
     request.max_content_length = MAX_BATCH_BYTES
     configured = current_app.config.get("SENDGRID_WEBHOOK_PUBLIC_KEY")
     if not configured:

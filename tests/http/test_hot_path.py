@@ -1,13 +1,17 @@
 """The web's hot path (issue 17): statements per request, and what the fewer statements must keep.
 
-The inbound webhook and /notify to a number write in one statement on PostgreSQL (CTEs), two on
-SQLite (no data-modifying CTE), and commit once. Counted with a listener on the engine, never
-timed (the CPU figures are in bench/THROUGHPUT.md). The rest checks the invariants those single
-statements now carry: a repeated MessageSid changes nothing, a late message never moves the
-window back, an empty profile field keeps the stored one, the refusals still refuse.
+The inbound webhook, a status callback and /notify to a number write in one statement on
+PostgreSQL (CTEs), more on SQLite (no data-modifying CTE), and commit once. Counted with a
+listener on the engine, never timed (the CPU figures are in bench/THROUGHPUT.md). The rest checks
+the invariants those single statements now carry: a repeated MessageSid changes nothing, a late
+message never moves the window back, an empty profile field keeps the stored one, the refusals
+still refuse, a callback's message.status event is the one events.message_status writes, and
+concurrent callbacks of one message report each move once, in rank order.
 """
 from __future__ import annotations
 
+import random
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -16,10 +20,13 @@ import sqlalchemy as sa
 
 from bot.clock import utcnow
 from bot.conversations.inbound import store_inbound
+from bot.delivery import events
 from bot.delivery.queue import huey
 from bot.extensions import db
-from bot.models import Contact, IdempotencyKey, Message
-from tests.conftest import inbound_form, make_contact
+from bot.models import Contact, Event, IdempotencyKey, Message, StatusEvent
+from bot.vocabulary import RANK, MessageStatus
+from tests.conftest import (AUTH_TOKEN, PUBLIC_BASE, WEBHOOK_URL, inbound_form, make_contact, sign,
+                            status_form)
 
 PHONE = "+15551234567"
 
@@ -173,3 +180,177 @@ def test_the_refusals_still_refuse_in_one_statement(app, client, auth, post_webh
     response = client.post("/notify", json={"to": PHONE, "template": "order_update", "variables": {"1": "7"}},
                            headers=auth)
     assert response.status_code == 202, response.get_json()
+
+
+def outbound_message(app, sid: str, phone: str = PHONE, **fields) -> str:
+    """An accepted outbound notification with Twilio's SID, to a contact made here; its id."""
+    with app.app_context():
+        contact = db.session.scalar(sa.select(Contact).where(Contact.phone == phone)) or make_contact(phone)
+        message = Message(direction="outbound", contact_id=contact.id, body="Your order shipped", status="accepted",
+                          status_rank=RANK[MessageStatus.ACCEPTED], twilio_sid=sid, **fields)
+        db.session.add(message)
+        db.session.commit()
+        return message.id
+
+
+@pytest.mark.parametrize("status, code", [("delivered", None), ("undelivered", 30003)])
+def test_a_status_callback_is_one_statement_and_one_commit(app, post_webhook, statements, status, code):
+    """PostgreSQL: the status event, the raise and the message.status event in one statement
+    (a final failure no other channel can get around needs nothing more); SQLite: the event
+    (committed), the raise, the error, the read for message.status and its insert."""
+    sid = "SM" + "a" * 32
+    message_id = outbound_message(app, sid)
+    reset(statements)
+    assert post_webhook(status_form(sid, status, error_code=code)).status_code == 200
+    if postgresql(app):
+        assert statements == {"statements": 1, "commits": 1}
+    else:
+        assert statements == {"statements": 4 + (1 if code else 0), "commits": 2}
+    with app.app_context():
+        row = db.session.get(Message, message_id)
+        assert (row.status, row.error_code) == (status, code)
+        assert db.session.scalar(sa.select(Event.data["status"].as_string())) == status
+    reset(statements)
+    assert post_webhook(status_form(sid, status, error_code=code)).status_code == 200  # a repeat
+    assert statements == {"statements": 1, "commits": 0}
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(StatusEvent)) == 1
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(Event)) == 1
+
+
+def test_a_callback_for_an_unknown_sid_is_kept_and_looked_for_again(app, post_webhook, statements):
+    """As before the single statement: kept unlinked, and the SID looked for once more after the
+    commit (the sender may have committed it meanwhile)."""
+    reset(statements)
+    assert post_webhook(status_form("SM" + "b" * 32, "delivered")).status_code == 200
+    assert statements == {"statements": 2, "commits": 1}
+    with app.app_context():
+        assert db.session.scalar(sa.select(StatusEvent.message_id)) is None
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(Event)) == 0
+
+
+def test_a_callbacks_message_status_event_is_the_one_events_writes(app, post_webhook):
+    """Same fields, same order, same values as events.message_status; pushed (and its delivery
+    enqueued after the commit) only with EVENTS_WEBHOOK_URL; an error kept when the status
+    cannot move reports nothing."""
+    sid = "SM" + "c" * 32
+    message_id = outbound_message(app, sid, backend_metadata={"order": 7, "note": "café"})
+    with app.app_context():
+        db.session.execute(sa.update(Contact).values(user_id="u-7"))
+        db.session.commit()
+    app.config["EVENTS_WEBHOOK_URL"] = "http://127.0.0.1:9/events"
+    huey.flush()
+    assert post_webhook(status_form(sid, "delivered")).status_code == 200
+    assert len(huey) == 1  # deliver_event, after the commit
+    app.config["EVENTS_WEBHOOK_URL"] = None
+    huey.flush()
+    assert post_webhook(status_form(sid, "read")).status_code == 200
+    assert post_webhook(status_form(sid, "failed", error_code=63016)).status_code == 200  # kept, not reported
+    assert len(huey) == 0
+    with app.app_context():
+        written = db.session.scalars(sa.select(Event).order_by(Event.seq)).all()
+        assert [(e.data["status"], e.status, e.next_attempt_at is not None) for e in written] == [
+            ("delivered", "pending", True), ("read", "stored", False)]
+        message = db.session.get(Message, message_id)
+        assert (message.status, message.error_code) == ("read", 63016)
+        for event, status in zip(written, ["delivered", "read"]):
+            with db.session.begin_nested():
+                expected = events.message_status(message, PHONE, status, None, None, "u-7")
+                db.session.rollback()
+            assert list(event.data.items()) == list(expected.data.items())
+            assert (event.type, event.contact_id, event.message_id, event.conversation_id, event.attempts) == (
+                "message.status", message.contact_id, message_id, None, 0)
+        if postgresql(app):
+            assert all(event.txid > 0 for event in written)
+
+
+def test_concurrent_callbacks_report_each_move_once_in_rank_order(app):
+    """Callbacks of the same messages posted at once from several threads, each twice: every
+    message ends at `read`, and its message.status events, in insert order, rise strictly in
+    rank (a move is reported only when the rank really moved from the latest committed one)."""
+    statuses = ["queued", "sending", "sent", "delivered", "read"]
+    sids = ["SM%032x" % (0xD0 + i) for i in range(12)]
+    for i, sid in enumerate(sids):
+        outbound_message(app, sid, phone=f"+1555000{i:04d}")
+    posts = [(sid, status) for sid in sids for status in statuses] * 2
+    random.Random(17).shuffle(posts)
+    answers: list[int] = []
+
+    def post_some(share: list[tuple[str, str]]) -> None:
+        client = app.test_client()
+        for sid, status in share:
+            form = status_form(sid, status)
+            answers.append(client.post("/twilio/webhook", data=form, base_url=PUBLIC_BASE,
+                                       headers={"X-Twilio-Signature": sign(AUTH_TOKEN, WEBHOOK_URL, form)}).status_code)
+
+    threads = [threading.Thread(target=post_some, args=(posts[k::6],)) for k in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == [200] * len(posts)
+    with app.app_context():
+        assert set(db.session.scalars(sa.select(Message.status))) == {"read"}
+        reported: dict[str, list[int]] = {}
+        for event in db.session.scalars(sa.select(Event).where(Event.type == "message.status").order_by(Event.seq)):
+            reported.setdefault(event.data["twilio_sid"], []).append(RANK[MessageStatus(event.data["status"])])
+        assert set(reported) == set(sids)
+        for sid, ranks in reported.items():
+            assert ranks == sorted(set(ranks)) and ranks[-1] == RANK[MessageStatus.READ], (sid, ranks)
+
+
+@pytest.mark.parametrize("signed_over", [
+    WEBHOOK_URL, "https://bot.example.test:443/twilio/webhook", "https://bot.example.test:8443/twilio/webhook",
+    "http://bot.example.test/twilio/webhook", WEBHOOK_URL + "?x=1"])
+def test_the_signature_check_accepts_exactly_what_the_sdk_accepts(app, client, signed_over):
+    """One HMAC for a genuine request (the URL as configured first), the same verdict as the
+    SDK's RequestValidator.validate, which tries the URL with and without its port."""
+    from twilio.request_validator import RequestValidator
+
+    form = inbound_form(PHONE)
+    signature = sign(AUTH_TOKEN, signed_over, form)
+    sdk = RequestValidator(AUTH_TOKEN).validate(WEBHOOK_URL, form, signature)
+    response = client.post("/twilio/webhook", data=form, headers={"X-Twilio-Signature": signature},
+                           base_url=PUBLIC_BASE)
+    assert response.status_code == (200 if sdk else 403)
+    assert sdk == (signed_over in (WEBHOOK_URL, "https://bot.example.test:443/twilio/webhook"))
+
+
+def test_the_keywords_are_normalised_once_and_again_when_their_setting_changes(app):
+    from bot.conversations.consent import Keywords
+
+    with app.app_context():
+        first = Keywords.from_config()
+        assert Keywords.from_config() is first
+        app.config["OPT_OUT_KEYWORDS"] = [*app.config["OPT_OUT_KEYWORDS"], "BASTA"]
+        changed = Keywords.from_config()
+        assert changed is not first and "basta" in changed.opt_out and "basta" not in first.opt_out
+
+
+@pytest.mark.parametrize("idle_ping", [True, False], ids=["pinged after idling", "never pinged"])
+def test_a_pooled_connection_killed_while_idle_is_replaced_before_a_request_uses_it(app, client, auth, monkeypatch,
+                                                                                   idle_ping):
+    """What pool_pre_ping did, without its round trip per request: a connection that sat idle is
+    pinged, and a dead one replaced, so the request after a database restart succeeds. Without
+    the ping that request is the one that finds the dead connection (a 503), and the next one
+    succeeds (the pool is invalidated)."""
+    from bot import database
+
+    if not postgresql(app):
+        pytest.skip("PostgreSQL only: a server-side connection is killed")
+    import psycopg
+
+    with app.app_context():
+        make_contact(PHONE)
+    notify = {"to": PHONE, "body": "Your order shipped"}
+    assert client.post("/notify", json=notify, headers=auth).status_code == 202  # a connection in the pool
+    with app.app_context():
+        url = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as killer:  # outside the pool: what a restart does to it
+        killed = killer.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = "
+                                "current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
+        assert killed.fetchone()[0] >= 1
+    monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 0.0 if idle_ping else 3600.0)
+    first = client.post("/notify", json=notify, headers=auth)
+    assert first.status_code == (202 if idle_ping else 503), first.get_json()
+    assert client.post("/notify", json=notify, headers=auth).status_code == 202

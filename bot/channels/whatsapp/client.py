@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from flask import Flask, current_app
-from requests.adapters import HTTPAdapter
 
 if TYPE_CHECKING:
     from twilio.rest import Client
@@ -32,7 +31,9 @@ def build_client(account_sid: str, auth_token: str, api_url: str, timeout: float
     TCP and TLS connection and throw it away afterwards.
     """
     # Imported here: only the worker (and the doctor) call Twilio's REST API; a web process
-    # that never does is 6 MB smaller without it.
+    # that never does is 6 MB smaller without it, and without requests (bench/THROUGHPUT.md,
+    # "The web's hot path").
+    from requests.adapters import HTTPAdapter
     from twilio.rest import Client
 
     http_client = _lean_http_client_class()(timeout=timeout)
