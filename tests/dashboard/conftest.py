@@ -3,6 +3,7 @@ in over HTTPS (the cookie is Secure outside development mode), sends the Referer
 and posts each form with the CSRF token of the page it came from."""
 from __future__ import annotations
 
+import random
 import re
 from typing import Any
 
@@ -39,9 +40,12 @@ def csrf_token(response: TestResponse) -> str:
 class Dashboard:
     """A signed-out (then signed-in) browser on the dashboard."""
 
-    def __init__(self, client: FlaskClient) -> None:
+    def __init__(self, client: FlaskClient, address: str | None = None) -> None:
         self.client = client
         self.token: str | None = None
+        # An address of its own: the sign-in limit counts per address, in Redis across tests.
+        self.address = address or f"10.{random.randrange(256)}.{random.randrange(256)}.{random.randrange(1, 255)}"
+        client.environ_base["REMOTE_ADDR"] = self.address
 
     def get(self, path: str, **kwargs: Any) -> TestResponse:
         response = self.client.get(path, base_url=BASE, **kwargs)
