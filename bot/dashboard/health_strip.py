@@ -11,6 +11,11 @@ from bot.extensions import db
 from bot.metrics.readings import Readings, read_readings
 
 
+#: Seconds a message may wait to leave before the strip shows it in red: the sweep re-enqueues
+#: a lost one within a minute or two, so five minutes means something is stuck.
+WAITING_TOO_LONG = 300
+
+
 @dataclass(frozen=True)
 class Health:
     """What the strip shows, from one reading."""
@@ -39,12 +44,16 @@ class Health:
         return f"{self.readings.events_waiting()} waiting, {self.readings.events_failed()} failed"
 
     @property
-    def alarming(self) -> bool:
-        """Anything an operator should look at now: a part down, a message waiting over 5 minutes,
-        events given up on."""
+    def worrying(self) -> set[str]:
+        """What an operator should look at now: a part down, a message waiting longer than
+        WAITING_TOO_LONG, events given up on (the strip shows those in red)."""
         r = self.readings
-        return (not r.database_up or not r.queue_up or r.oldest_pending_age > 300
-                or r.events_failed() > 0)
+        found = {name for name, up in (("database", r.database_up), ("queue", r.queue_up)) if not up}
+        if r.oldest_pending_age > WAITING_TOO_LONG:
+            found.add("oldest")
+        if r.events_failed() > 0:
+            found.add("events")
+        return found
 
 
 def age_text(seconds: float) -> str:

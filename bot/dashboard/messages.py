@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Blueprint, abort, redirect, render_template, request, url_for
+from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
 from sqlalchemy.orm import selectinload
 
 from bot.clock import utcnow
@@ -150,6 +150,7 @@ def message(message_id: str):
     conversation = db.session.get(Conversation, row.conversation_id) if row.conversation_id else None
     fallback = db.session.scalar(sa.select(Message).where(Message.fallback_of == row.id))
     return render_template("dashboard/message.html", message=row, conversation=conversation, fallback=fallback,
+                           receiver=bool(current_app.config.get("EVENTS_WEBHOOK_URL")),
                            timeline=timeline(row, fallback), explanation=error_codes.explain(row.error_code),
                            error_page=error_codes.error_page(row.error_code))
 
@@ -185,7 +186,11 @@ def timeline(row: Message, fallback: Message | None) -> list[Moment]:
     if fallback is not None:
         moments.append(Moment(fallback.created_at, f"fallback on {fallback.channel}", fallback.status,
                               link=url_for("dashboard.messages.message", message_id=fallback.id)))
-    return sorted(moments, key=lambda moment: moment.at or datetime.min)
+    # To the second, then in the order a message lives (created, attempt, accepted, callbacks,
+    # events, fallback): an event is written microseconds before the change it reports is flushed.
+    order = {id(moment): n for n, moment in enumerate(moments)}
+    return sorted(moments, key=lambda moment: ((moment.at or datetime.min).replace(microsecond=0),
+                                               order[id(moment)]))
 
 
 @bp.get("/sid/<sid>")

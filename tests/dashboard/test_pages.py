@@ -197,7 +197,10 @@ def test_the_health_strip_shows_the_metrics_readings(app, signed_in, day):
     text = signed_in.get("/dashboard/").get_data(as_text=True)
     assert readings.oldest_pending_age >= 7 * 60
     assert 'id="health-oldest">7 min<' in text
-    assert f'id="health-events">{readings.events_waiting()} waiting, {readings.events_failed()} failed<' in text
+    assert f'>{readings.events_waiting()} waiting, {readings.events_failed()} failed</a>' in text
+    # Over five minutes waiting, and an event given up on: both in red; the database is fine.
+    assert '<li class="bad">oldest waiting message' in text and '<li class="bad">events' in text
+    assert '<li>database' in text
     assert readings.events_failed() == 1
     assert f'id="health-handoff">{readings.contacts_in_handoff}<' in text and readings.contacts_in_handoff == 1
     assert 'id="health-database">up<' in text
