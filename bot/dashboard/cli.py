@@ -9,6 +9,7 @@ from flask import Flask, current_app
 from flask.cli import AppGroup
 
 from bot.dashboard import accounts
+from bot.dashboard.sign_in_limit import LimitUnavailable, sign_in_limit
 from bot.devmode import dev_web_url
 from bot.extensions import db
 from bot.models import Operator
@@ -46,6 +47,10 @@ def password(email: str, password: str) -> None:
     except accounts.AccountError as exc:
         raise click.ClickException(str(exc)) from None
     db.session.commit()
+    try:  # a locked-out operator may sign in again at once
+        sign_in_limit().clear_account(operator.email)
+    except LimitUnavailable:
+        click.echo("(the failed sign-ins could not be forgotten: Redis is unreachable)", err=True)
     click.echo(f"password of {operator.email} changed")
 
 

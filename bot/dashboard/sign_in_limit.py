@@ -59,6 +59,15 @@ class SignInLimit:
             raise LimitUnavailable(type(exc.storage_error).__name__) from None
 
 
+    def clear_account(self, account: str) -> None:
+        """Forget the account's failed attempts (an administrator set a new password). Raises
+        LimitUnavailable."""
+        try:
+            self.limiter.clear(PER_ACCOUNT, self.namespace, self._checks(account, "")[0][1])
+        except StorageError as exc:
+            raise LimitUnavailable(type(exc.storage_error).__name__) from None
+
+
 def sign_in_limit() -> SignInLimit:
     """The app's limit, built on first use (one per app, so one in-memory count per process)."""
     app = current_app._get_current_object()  # type: ignore[attr-defined]

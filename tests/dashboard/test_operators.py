@@ -6,6 +6,7 @@ from werkzeug.security import check_password_hash
 
 from bot import create_app
 from bot.extensions import db
+from bot.dashboard.sign_in_limit import PER_ACCOUNT
 from bot.models import Operator, OperatorSession
 from tests.conftest import in_process_queue_options
 from tests.dashboard.conftest import Dashboard
@@ -34,13 +35,17 @@ def test_the_password_is_prompted_when_not_given(app):
     assert "prompted secret 123" not in result.output
 
 
-def test_a_new_password_ends_every_session(app, signed_in):
+def test_a_new_password_ends_every_session_and_lifts_the_lockout(app, signed_in):
+    for _ in range(PER_ACCOUNT.amount):
+        Dashboard(app.test_client()).sign_in(password="a wrong guess")
+    assert Dashboard(app.test_client()).sign_in().status_code == 429
     result = app.test_cli_runner().invoke(args=["operator", "password", "ops@example.com", "--password",
                                                 "a brand new secret"])
     assert result.exit_code == 0, result.output
     with app.app_context():
         assert db.session.scalar(sa.select(sa.func.count()).select_from(OperatorSession)) == 0
     assert signed_in.get("/dashboard/").status_code == 302
+    assert Dashboard(app.test_client()).sign_in(password="a brand new secret").status_code == 302
 
 
 def test_dev_link_is_refused_outside_development_mode(app):
