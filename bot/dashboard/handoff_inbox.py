@@ -11,6 +11,7 @@ from bot.conversations.handoff import HandoffBy
 from bot.extensions import db
 from bot.http.handoff_api import give_back_to_the_bot
 from bot.http.notify import send_as_agent
+from bot.http.schemas import MAX_AGENT_CHARS
 from bot.models import Contact, Message
 
 bp = Blueprint("handoff", __name__)
@@ -54,7 +55,8 @@ def reply(contact_id: str):
                                f"(this one has {len(text)})")
     if not contact.phone:
         abort(409, description="this contact has no WhatsApp number to answer on")
-    status, answer = send_as_agent(contact.phone, text, g.operator.email)
+    # The operator's address names the agent (cut to the `agent` field's limit).
+    status, answer = send_as_agent(contact.phone, text, g.operator.email[:MAX_AGENT_CHARS])
     if status != 202:
         abort(status if 400 <= status < 500 else 400, description=answer.get("error", "the reply was refused"))
     flash("Reply queued; it leaves in the conversation lane.")
