@@ -97,7 +97,7 @@ class Message(db.Model):
     __table_args__ = (
         sa.Index("ix_messages_outbox", "status", "next_attempt_at"),
         sa.Index("ix_messages_contact_created", "contact_id", "created_at"),
-        # The dashboard's message log, newest first (keyset pages), and its last 24 h of failures.
+        # The dashboard's message log, newest first (keyset pages).
         sa.Index("ix_messages_created", "created_at", "id"),
     )
 

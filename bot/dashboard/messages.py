@@ -232,21 +232,22 @@ class FailureGroup:
 
 
 def failure_groups(now: datetime | None = None) -> list[FailureGroup]:
-    """Failed and undelivered outbound messages created in the last 24 hours, by channel and
-    error code, most frequent first, each with its hourly trend."""
+    """Outbound messages that failed for good (failed, undelivered) in the last 24 hours, by
+    channel and error code, most frequent first, each with its hourly trend. "When" is the row's
+    last change (`updated_at`), as /metrics counts its failures of the last 24 hours."""
     now = now or utcnow()
     since = now - timedelta(hours=TREND_HOURS)
-    failed = sa.and_(Message.created_at >= since, Message.direction == Direction.OUTBOUND, Message.status.in_(FAILED))
+    failed = sa.and_(Message.updated_at >= since, Message.direction == Direction.OUTBOUND, Message.status.in_(FAILED))
     groups = {(channel, code): FailureGroup(channel, code, count) for channel, code, count in db.session.execute(
         sa.select(Message.channel, Message.error_code, sa.func.count()).where(failed)
         .group_by(Message.channel, Message.error_code))}
     last_text: dict[tuple[str, int | None], str | None] = {}
     hours: dict[tuple[str, int | None], Counter[int]] = defaultdict(Counter)
-    for channel, code, created_at, text in db.session.execute(
-            sa.select(Message.channel, Message.error_code, Message.created_at, Message.error_message).where(failed)
-            .order_by(Message.created_at.desc()).limit(TREND_ROWS)):
+    for channel, code, failed_at, text in db.session.execute(
+            sa.select(Message.channel, Message.error_code, Message.updated_at, Message.error_message).where(failed)
+            .order_by(Message.updated_at.desc()).limit(TREND_ROWS)):
         last_text.setdefault((channel, code), text)
-        age = int((now - created_at).total_seconds() // 3600)
+        age = int(max((now - failed_at).total_seconds(), 0) // 3600)
         hours[(channel, code)][TREND_HOURS - 1 - min(age, TREND_HOURS - 1)] += 1
     for key, group in groups.items():
         group.last_error_message = last_text.get(key)

@@ -124,11 +124,12 @@ def test_the_fallback_a_failure_led_to_is_on_its_timeline(app, signed_in, client
 def test_failures_are_grouped_by_code_explained_linked_and_trended(app, signed_in, day):
     with app.app_context():
         contact_id = db.session.scalar(sa.select(Contact.id).where(Contact.phone == ADA))
-        for hours_ago in (3, 3, 20):
+        for hours_ago in (3, 3, 20):  # when they failed: their last change
+            failed_at = utcnow() - timedelta(hours=hours_ago, minutes=1)
             db.session.add(Message(direction=Direction.OUTBOUND, contact_id=contact_id, body="x", status="failed",
-                                   error_code=63016, created_at=utcnow() - timedelta(hours=hours_ago, minutes=1)))
+                                   error_code=63016, created_at=failed_at - timedelta(days=2), updated_at=failed_at))
         db.session.add(Message(direction=Direction.OUTBOUND, contact_id=contact_id, body="old", status="failed",
-                               error_code=63049, created_at=utcnow() - timedelta(hours=30)))
+                               error_code=63049, updated_at=utcnow() - timedelta(hours=30)))
         db.session.commit()
     text = signed_in.get("/dashboard/failures").get_data(as_text=True)
     row = text[text.index('error_code=63016'):]

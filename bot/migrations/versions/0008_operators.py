@@ -44,7 +44,7 @@ def upgrade():
     )
     with op.batch_alter_table('operator_sessions', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_operator_sessions_operator_id'), ['operator_id'], unique=False)
-    # The message log, newest first, and the last 24 h of failures (bot/dashboard/).
+    # The dashboard's message log, newest first (keyset pages).
     with op.batch_alter_table('messages', schema=None) as batch_op:
         batch_op.create_index('ix_messages_created', ['created_at', 'id'], unique=False)
 
