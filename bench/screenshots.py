@@ -21,6 +21,7 @@ from flask_migrate import upgrade  # noqa: E402
 from bot import create_app  # noqa: E402
 from bot.dashboard import accounts  # noqa: E402
 from bot.delivery.queue import huey  # noqa: E402
+from bot.devmode import SIMULATOR_EVENTS_PATH, dev_events_secret  # noqa: E402
 from bot.devtools.sendgrid_simulator import public_key_text  # noqa: E402
 from bot.devtools.simulator import TwilioSimulator  # noqa: E402
 from bot.extensions import db  # noqa: E402
@@ -50,6 +51,8 @@ def main() -> int:
             "SENDGRID_WEBHOOK_PUBLIC_KEY": public_key_text(twilio.sendgrid.private_key),
             "SECRET_KEY": uuid.uuid4().hex, "INSTANCE_PATH": folder, "QUEUE_NAME": "screenshots",
             "TESTING": True, "SESSION_COOKIE_SECURE": False,
+            # Events pushed to the simulator's receiver, as in development mode (Replay buttons shown).
+            "EVENTS_WEBHOOK_URL": twilio.url + SIMULATOR_EVENTS_PATH, "EVENTS_WEBHOOK_SECRET": dev_events_secret(AUTH_TOKEN),
         })
         with app.app_context():
             upgrade()
