@@ -17,7 +17,7 @@ from bot.extensions import db
 from bot.dashboard import accounts
 from tests.conftest import empty_tables, in_process_queue_options, run_queue
 from tests.dashboard.browser import chromium, chromium_path, serving
-from tests.dashboard.conftest import EMAIL, PASSWORD
+from tests.dashboard.client import EMAIL, PASSWORD
 from tests.dashboard.scenario import GRACE, make_day
 from tests.delivery.test_events import SECRET, Receiver
 

@@ -9,7 +9,7 @@ from bot.extensions import db
 from bot.dashboard.sign_in_limit import PER_ACCOUNT
 from bot.models import Operator, OperatorSession
 from tests.conftest import in_process_queue_options
-from tests.dashboard.conftest import Dashboard
+from tests.dashboard.client import Dashboard
 
 
 def test_create_stores_a_hash_and_refuses_bad_input(app):

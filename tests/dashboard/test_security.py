@@ -14,7 +14,7 @@ from bot.dashboard import accounts
 from bot.dashboard.sign_in_limit import PER_ACCOUNT, PER_ADDRESS
 from bot.extensions import db
 from tests.conftest import API_TOKEN, in_process_queue_options
-from tests.dashboard.conftest import BASE, EMAIL, PASSWORD, Dashboard
+from tests.dashboard.client import BASE, EMAIL, PASSWORD, Dashboard
 from tests.dashboard.scenario import ADA, XSS_BODY, XSS_NAME, make_day
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
