@@ -40,17 +40,22 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         )
 
     os.makedirs(app.instance_path, exist_ok=True)
-    app.config.from_mapping(settings.flask_config(app.instance_path), DEV_MODE=dev_mode)
+    # The dashboard's session cookie (bot/dashboard) travels only over HTTPS, except on a
+    # developer's http://127.0.0.1 (development mode).
+    app.config.from_mapping(settings.flask_config(app.instance_path), DEV_MODE=dev_mode,
+                            SESSION_COOKIE_SECURE=not dev_mode)
     if test_config is not None:
         app.config.update({k: v for k, v in test_config.items() if k.lower() not in type(settings).model_fields})
 
     # Behind Heroku's router (or any TLS proxy) the app sees http://; Twilio signed https://.
     # X-Forwarded-Host is not trusted: Heroku's router does not set it, so a client could, and
     # choose the URL whose signature is checked (one signed for another app on the account).
-    app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=0)  # type: ignore[method-assign]
+    # X-Forwarded-For: the address the one proxy in front saw (Heroku's router appends it), which
+    # the dashboard's sign-in limit counts per address (docs/dashboard.md).
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=0)  # type: ignore[method-assign]
     _configure_logging(app)
 
-    from bot import database, http
+    from bot import dashboard, database, http
     from bot.delivery import queue, tasks
     from bot.channels.whatsapp import client as twilio_client
 
@@ -73,6 +78,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         tasks.load_worker()
         cli.init_app(app)
     http.init_app(app)
+    dashboard.init_app(app)
 
     if dev_mode:
         app.logger.warning(

@@ -109,6 +109,8 @@ class Message(db.Model):
         sa.Index("ix_messages_contact_created", "contact_id", "created_at"),
         # A broadcast's counts and how many of its messages are still unsent (the pump's window).
         sa.Index("ix_messages_broadcast_status", "broadcast_id", "status"),
+        # The dashboard's message log, newest first (keyset pages).
+        sa.Index("ix_messages_created", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=new_id)
@@ -570,3 +572,39 @@ class BroadcastRecipient(db.Model):
     variables: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     #: The approved WhatsApp template in this recipient's locale (bot/locales.py); None by email.
     content_sid: Mapped[str | None] = mapped_column(sa.String(34))
+
+
+class Operator(db.Model):
+    """A person who signs in to the dashboard (`flask operator create <email>`; docs/dashboard.md).
+
+    Never a backend: the API's bearer token does not open the dashboard, and an operator's
+    session does not open the API.
+    """
+
+    __tablename__ = "operators"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    #: Lowercased, so one address is one account however it is typed at sign-in.
+    email: Mapped[str] = mapped_column(sa.String(254), unique=True)
+    #: werkzeug's `generate_password_hash` (scrypt), never the password.
+    password_hash: Mapped[str] = mapped_column(sa.String(256))
+    #: Development mode's one-time sign-in link (`flask operator dev-link`): its SHA-256, and
+    #: until when it may be used; cleared once used.
+    login_link_hash: Mapped[str | None] = mapped_column(sa.String(64), unique=True)
+    login_link_expires_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow)
+    last_sign_in_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+
+
+class OperatorSession(db.Model):
+    """One signed-in browser. The cookie holds a random token; this row holds its SHA-256, so a
+    sign-in always makes a new id (no fixation) and signing out ends it on the server too."""
+
+    __tablename__ = "operator_sessions"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)  # SHA-256 of the cookie's token
+    operator_id: Mapped[int] = mapped_column(sa.ForeignKey("operators.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(sa.DateTime)
+
+    operator: Mapped[Operator] = relationship()

@@ -32,6 +32,8 @@ class HandoffBy:
     """Who started or ended a handoff (the events' `by`)."""
 
     API = "api"
+    #: An operator on the dashboard's handoff inbox (docs/dashboard.md).
+    OPERATOR = "operator"
     USER = "user"
     FLOW = "flow"
     EXPIRY = "expiry"

@@ -54,6 +54,7 @@ Type a line and press Enter to send it as a WhatsApp message. An empty line chec
   /media URL [content-type] [caption]   send a picture or document by URL
   /wait                                 wait out the conversation's timeout (no real waiting)
   /events [N]                           the last N (10) events your typing caused for the backend
+  /timeline                             the dashboard's page of the bot's last message (its whole story)
   /help                                 this help
   /quit                                 leave (Ctrl-D works too)"""
 
@@ -161,6 +162,17 @@ class ChatSession:
             client=get_client(),
             emails_url=emails_url,
         )
+
+    def timeline_url(self, sid: str) -> str:
+        """The dashboard's page of the message Twilio knows as `sid`, on the server this chat
+        writes to (bot/dashboard; bin/dev prints a link that signs you in)."""
+        parts = urlsplit(self.webhook_url)
+        return f"{parts.scheme}://{parts.netloc}/dashboard/sid/{sid}"
+
+    @property
+    def last_message_sid(self) -> str | None:
+        """The SID of the bot's newest message shown in this session, if any."""
+        return next(reversed(self._statuses), None)
 
     @property
     def api_url(self) -> str:
@@ -468,6 +480,8 @@ def _loop(session: ChatSession, read_line: Callable[[str], str], write: Callable
     def show(events: list[ChatEvent]) -> None:
         for event in events:
             write(event.render())
+            if event.kind in ("message", "status") and (event.status or "").lower() in FAILED_STATUSES:
+                write(f"   ↳ why: {session.timeline_url(event.sid)}")
 
     def drain() -> None:
         try:
@@ -648,8 +662,15 @@ def _cmd_emails(session: ChatSession, rest: str, write: Callable[[str], Any]) ->
     return False
 
 
+def _cmd_timeline(session: ChatSession, rest: str, write: Callable[[str], Any]) -> bool:
+    sid = session.last_message_sid
+    write(f"   {session.timeline_url(sid)}" if sid else "(the bot has sent you nothing yet)")
+    return False
+
+
 _COMMANDS: dict[str, Callable[[ChatSession, str, Callable[[str], Any]], bool]] = {
     "/events": _cmd_events,
+    "/timeline": _cmd_timeline,
     "/emails": _cmd_emails,
     "/button": _cmd_button,
     "/location": _cmd_location,

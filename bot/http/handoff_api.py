@@ -47,8 +47,14 @@ def end(phone: str):
     contact = db.session.scalar(sa.select(Contact).where(Contact.phone == phone_or_400(phone)))
     if contact is None:
         abort(404, description="no such contact")
+    give_back_to_the_bot(contact, by=HandoffBy.API)
+    return _answer(contact)
+
+
+def give_back_to_the_bot(contact: Contact, *, by: str) -> None:
+    """End the contact's handoff under its lock (invariant 6) and commit: DELETE above, and the
+    dashboard's "give back to the bot"."""
     lock_contact(contact.id)
     db.session.refresh(contact)
-    end_handoff(contact, by=HandoffBy.API)
+    end_handoff(contact, by=by)
     db.session.commit()
-    return _answer(contact)

@@ -195,6 +195,20 @@ def _report_held(params: dict[str, Any], contact_id: int, user_id: str | None, t
                         metadata=params["metadata"])
 
 
+def send_as_agent(phone: str, body: str, agent: str) -> tuple[int, dict[str, Any]]:
+    """An agent's free-form reply to a number, through exactly the path of `POST /notify` with
+    `"agent"` (the dashboard's handoff inbox uses it): the same validation, refusals (409 opted
+    out, 422 outside the window) and outbox. Returns the answer's status and JSON."""
+    try:
+        notification = parse_notify({"to": phone, "body": body, "agent": agent},
+                                    current_app.config["TWILIO_CONTENT_SIDS"], registry(), email_templates())
+    except InvalidRequest as exc:
+        return 400, {"error": str(exc)}
+    answer = _notify_number(notification, None)
+    response, status = answer if isinstance(answer, tuple) else (answer, answer.status_code)
+    return status, response.get_json()
+
+
 def _opted_out():
     return _error(409, "the recipient has opted out of WhatsApp; nothing is sent until they opt back in")
 

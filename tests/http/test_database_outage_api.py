@@ -19,7 +19,7 @@ from bot.extensions import db
 from bot.models import new_id
 from tests.conftest import make_contact
 from tests.tcp_proxy import TcpProxy
-from tests.http.test_hardening import PUBLIC_ENDPOINTS
+from tests.http.test_hardening import needs_the_token
 from tests.delivery.test_outage import database_down
 from tests.faults.test_outage_processes import proxied_stack, stack_settings  # noqa: F401  (fixtures, used below)
 
@@ -42,7 +42,7 @@ def _api_requests(app: Flask) -> list[tuple[str, str, str]]:
     """(method, rule, path) of every route that needs the bearer token."""
     found = []
     for rule in app.url_map.iter_rules():
-        if rule.endpoint in PUBLIC_ENDPOINTS:
+        if not needs_the_token(rule.endpoint):
             continue
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
             found.append((method, rule.rule, _path(rule.rule)))

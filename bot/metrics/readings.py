@@ -1,0 +1,234 @@
+"""What the database and the queue hold right now, read in a few cheap statements.
+
+`GET /metrics` turns these readings into gauges at scrape time, and the dashboard's health strip
+shows the same object, so the two can never disagree (docs/metrics.md). Nothing here is kept in
+a process: every figure comes from the database or the queue when it is asked for, so one
+scrape of any web process tells the state of the whole deployment, worker included
+(docs/ARCHITECTURE.md, "Metrics").
+
+Each statement is served by an index (migration 0009_metrics_indexes): the scrape stays under
+50 ms with a million messages stored (bench/METRICS.md).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from bot.clock import utcnow
+from bot.delivery.outbox import Priority, send_priority
+from bot.delivery.queue import huey
+from bot.models import Contact, Conversation, Event, Message
+from bot.vocabulary import (OPEN_CONVERSATION, Channel, Direction, EventStatus, Kind, MessageStatus)
+
+log = logging.getLogger(__name__)
+
+#: Outbound statuses of a message that has not left yet: waiting, being sent, or retrying.
+UNSENT = (MessageStatus.PENDING, MessageStatus.DISPATCHING, MessageStatus.RETRYING)
+#: Final failures whose error code is worth a figure of its own.
+FAILED = (MessageStatus.FAILED, MessageStatus.UNDELIVERED)
+#: Event deliveries an operator watches: still to go, and given up on (replayable).
+EVENT_BACKLOG = (EventStatus.PENDING, EventStatus.DELIVERING, EventStatus.FAILED)
+#: The one receiver of events today (EVENTS_WEBHOOK_URL); the label is kept for more to come.
+BACKEND_RECEIVER = "backend"
+#: Outbound kinds: every other kind names an inbound message.
+OUTBOUND_KINDS = tuple(kind for kind in Kind if kind not in (Kind.INBOUND, Kind.OPT_OUT_REQUEST))
+
+
+def lane_name(priority: int) -> str:
+    """The lane a queue priority stands for ("conversation", "bulk", "email"; "other" for a
+    priority no lane uses), as the metrics and the dashboard name it."""
+    try:
+        return Priority(priority).name.lower()
+    except ValueError:
+        return "other"
+
+
+#: Every lane, in the queue's order (highest priority first).
+LANES = tuple(lane_name(priority) for priority in sorted(Priority, reverse=True))
+
+
+@dataclass(frozen=True)
+class Readings:
+    """The state of the deployment at `read_at`, as `read_readings` found it.
+
+    A part that could not be read (its database or queue unreachable) is left empty and its
+    `*_up` flag is False; the figures that could be read are still there.
+    """
+
+    read_at: datetime
+    #: Whether the database answered (every figure but the queue's comes from it).
+    database_up: bool = False
+    #: Whether the queue (Redis, or the SQLite queue file) answered.
+    queue_up: bool = False
+    #: Messages stored, by (channel, direction, status).
+    messages: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    #: Outbound messages failed for good (failed, undelivered), by (channel, error_code); a
+    #: failure without a code is under "none".
+    failed_by_error_code: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Per lane: seconds since the oldest outbound message still to leave (pending, dispatching
+    #: or retrying) was created; 0 when none waits. Every lane is present.
+    oldest_pending_age_seconds: dict[str, float] = field(default_factory=dict)
+    #: Per lane: tasks waiting on the queue (sends, turns, event deliveries alike).
+    queue_depth: dict[str, int] = field(default_factory=dict)
+    #: Tasks scheduled for later (retries waiting out their delay).
+    queue_scheduled: int = 0
+    #: Events to the backend by (receiver, status), for pending, delivering and failed.
+    events: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Seconds since the oldest event still to deliver was written; 0 when none.
+    oldest_event_age_seconds: float = 0.0
+    #: Contacts a person is answering now (a handoff not yet over).
+    contacts_in_handoff: int = 0
+    #: Open conversations (starting or active), by flow.
+    conversations_active: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def oldest_pending_age(self) -> float:
+        """The oldest waiting message's age over all lanes, in seconds (the health strip's figure)."""
+        return max(self.oldest_pending_age_seconds.values(), default=0.0)
+
+    def events_waiting(self, receiver: str = BACKEND_RECEIVER) -> int:
+        """Events still to deliver (pending or being delivered) to `receiver`."""
+        return sum(count for (name, status), count in self.events.items()
+                   if name == receiver and status != EventStatus.FAILED)
+
+    def events_failed(self, receiver: str = BACKEND_RECEIVER) -> int:
+        """Events whose retries ran out (replayable) for `receiver`."""
+        return self.events.get((receiver, EventStatus.FAILED.value), 0)
+
+    def message_count(self, status: str, channel: str | None = None, direction: str = Direction.OUTBOUND) -> int:
+        """Messages in `status` (on `channel`, or on every channel)."""
+        return sum(count for (chan, dirn, stat), count in self.messages.items()
+                   if stat == status and dirn == direction and (channel is None or chan == channel))
+
+
+def read_readings(session: Session, now: datetime | None = None) -> Readings:
+    """Read every figure of `Readings` from the database (through `session`) and the queue.
+
+    Read-only; ends with a rollback so the session holds no transaction (nor, on PostgreSQL, a
+    snapshot that would hold back the events' cursor) afterwards. Never raises for an unreachable
+    database or queue: the part is flagged down instead.
+    """
+    now = now or utcnow()
+    figures: dict[str, Any] = {"read_at": now}
+    try:
+        figures.update(_database_figures(session, now), database_up=True)
+    except Exception as exc:  # any driver's error: the strip and the scrape still answer
+        log.warning("metrics: the database could not be read (%s)", type(exc).__name__)
+        figures["oldest_pending_age_seconds"] = {}
+    finally:
+        try:
+            session.rollback()
+        except Exception:
+            pass
+    try:
+        depth, scheduled = queue_depth()
+        figures.update(queue_depth=depth, queue_scheduled=scheduled, queue_up=True)
+    except Exception as exc:
+        log.warning("metrics: the queue could not be read (%s)", type(exc).__name__)
+    return Readings(**figures)
+
+
+def _database_figures(session: Session, now: datetime) -> dict[str, Any]:
+    messages = {(channel, direction, status): count for channel, direction, status, count
+                in session.execute(_messages_statement())}
+    failed = {(channel, "none" if code is None else str(code)): count for channel, code, count
+              in session.execute(_failed_statement())}
+    oldest = dict.fromkeys(LANES, 0.0)
+    for (channel, kind), created_at in zip(_LANE_KEYS, session.execute(_oldest_unsent_statement()).one()):
+        if created_at is not None:
+            lane = lane_name(send_priority(kind, channel))
+            oldest[lane] = max(oldest[lane], max((now - created_at).total_seconds(), 0.0))
+    events = {(BACKEND_RECEIVER, status): count for status, count in session.execute(_events_statement())}
+    oldest_event = session.scalar(_oldest_event_statement())
+    handoffs = session.scalar(_handoff_statement(), {"now": now}) or 0
+    conversations: dict[str, int] = {}
+    for flow, count in session.execute(_conversations_statement()):
+        conversations[flow] = conversations.get(flow, 0) + count
+    return {
+        "messages": messages,
+        "failed_by_error_code": failed,
+        "oldest_pending_age_seconds": oldest,
+        "events": events,
+        "oldest_event_age_seconds": max((now - oldest_event).total_seconds(), 0.0) if oldest_event else 0.0,
+        "contacts_in_handoff": int(handoffs),
+        "conversations_active": conversations,
+    }
+
+
+def _messages_statement() -> sa.Select:
+    return (sa.select(Message.channel, Message.direction, Message.status, sa.func.count())
+            .group_by(Message.channel, Message.direction, Message.status))
+
+
+def _failed_statement() -> sa.Select:
+    return (sa.select(Message.channel, Message.error_code, sa.func.count())
+            .where(Message.status.in_(FAILED), Message.direction == Direction.OUTBOUND)
+            .group_by(Message.channel, Message.error_code))
+
+
+#: (channel, kind) of each outbound message the oldest-pending statement asks about, in its order.
+_LANE_KEYS = tuple((channel.value, kind.value) for channel in Channel for kind in OUTBOUND_KINDS)
+
+
+def _oldest_unsent_statement() -> sa.Select:
+    # One index seek per (channel, kind) on the unsent rows' partial index, in one round trip:
+    # a GROUP BY would read every waiting row of a long backlog.
+    return sa.select(*(
+        sa.select(sa.func.min(Message.created_at))
+        .where(Message.direction == Direction.OUTBOUND, Message.status.in_(UNSENT),
+               Message.channel == channel, Message.kind == kind)
+        .scalar_subquery()
+        for channel, kind in _LANE_KEYS))
+
+
+def _events_statement() -> sa.Select:
+    return (sa.select(Event.status, sa.func.count()).where(Event.status.in_(EVENT_BACKLOG))
+            .group_by(Event.status))
+
+
+def _oldest_event_statement() -> sa.Select:
+    return sa.select(sa.func.min(Event.created_at)).where(
+        Event.status.in_((EventStatus.PENDING, EventStatus.DELIVERING)))
+
+
+def _handoff_statement() -> sa.Select:
+    return sa.select(sa.func.count()).where(Contact.handoff_until > sa.bindparam("now"))
+
+
+def _conversations_statement() -> sa.Select:
+    return (sa.select(Conversation.flow, sa.func.count()).where(Conversation.status.in_(OPEN_CONVERSATION))
+            .group_by(Conversation.flow))
+
+
+def queue_depth() -> tuple[dict[str, int], int]:
+    """Tasks waiting on the queue per lane, and tasks scheduled for later; raises when the queue
+    cannot be read. One pipelined round trip on Redis; two queries of the SQLite queue file."""
+    storage = huey.storage
+    depth = dict.fromkeys(LANES, 0)
+    if hasattr(storage, "conn") and hasattr(storage, "queue_key") and hasattr(storage.conn, "pipeline"):
+        # huey's priority queue on Redis is a sorted set scored by -priority.
+        pipe = storage.conn.pipeline(transaction=False)
+        for priority in Priority:
+            pipe.zcount(storage.queue_key, -int(priority), -int(priority))
+        pipe.zcard(storage.queue_key)
+        pipe.zcard(storage.schedule_key)
+        *lanes, total, scheduled = pipe.execute()
+        for priority, count in zip(Priority, lanes):
+            depth[lane_name(priority)] += int(count)
+        other = int(total) - sum(int(count) for count in lanes)
+        if other:
+            depth["other"] = other
+        return depth, int(scheduled)
+    if hasattr(storage, "sql"):  # SQLite: huey's task table carries the priority
+        for priority, count in storage.sql("select priority, count(*) from task where queue = ? group by priority",
+                                           (storage.name,), results=True):
+            lane = lane_name(int(priority))
+            depth[lane] = depth.get(lane, 0) + int(count)
+        return depth, int(storage.schedule_size())
+    depth["other"] = int(storage.queue_size())  # another storage: its total only
+    return depth, int(storage.schedule_size())

@@ -1,0 +1,59 @@
+"""bin/dev prints a link that signs the development operator in: one click from the terminal to
+the dashboard, through the real web process bin/dev started."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.devtools.test_bin_dev import descendants, kill_what_is_left, press_ctrl_c
+from tests.faults.test_processes import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc"),
+    pytest.mark.skipif(not (Path(sys.prefix) / "bin" / "honcho").exists(), reason="needs honcho (the test extra has it)"),
+]
+
+
+def test_bin_dev_prints_a_one_time_link_that_signs_in(tmp_path):
+    web_port, simulator_port = free_port(), free_port()
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("DATABASE_URL", "REDIS_URL", "TWILIO_", "TEST_", "NOTIFY_", "EVENTS_", "SENDGRID_"))}
+    env.update(VENV=sys.prefix, BIN_DEV_SKIP_INSTALL="1", PORT=str(web_port), SIMULATOR_PORT=str(simulator_port),
+               INSTANCE_PATH=str(tmp_path / "instance"), WEB_CONCURRENCY="1", WORKER_THREADS="2",
+               PIP_DISABLE_PIP_VERSION_CHECK="1")
+    out = tmp_path / "out.log"
+    shell = subprocess.Popen(["bash", "-c", f"cd {ROOT} && bin/dev"], env=env, cwd=tmp_path, start_new_session=True,
+                             stdout=open(out, "wb"), stderr=subprocess.STDOUT)
+    started: dict[int, str] = {}
+    try:
+        def web_answers() -> bool:
+            started.update(descendants(shell.pid))
+            try:
+                return requests.get(f"http://127.0.0.1:{web_port}/healthz", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(web_answers, timeout=240, what="bin/dev's web to answer /healthz")
+        found = re.search(r"The dashboard, signed in:\s+(\S+)", out.read_text(errors="replace"))
+        assert found, out.read_text(errors="replace")[-2000:]
+        link = found.group(1)
+        assert link.startswith(f"http://127.0.0.1:{web_port}/dashboard/sign-in/link/")
+        browser = requests.Session()
+        browser.trust_env = False
+        page = browser.get(link, timeout=10)
+        assert page.status_code == 200 and "Sign out developer@example.com" in page.text
+        assert page.url == f"http://127.0.0.1:{web_port}/dashboard/"
+        assert requests.get(link, timeout=10).status_code == 410  # once
+        started.update(descendants(shell.pid))
+        assert not press_ctrl_c(shell, started)
+    finally:
+        kill_what_is_left(shell, started)
