@@ -53,6 +53,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from bot import cli, database, http
     from bot.delivery import queue, rate_limit, tasks
     from bot.channels.whatsapp import client as twilio_client
+    from bot.metrics import setup as metrics
 
     database.init_app(app)
     if os.environ.get("FLASK_RUN_FROM_CLI") == "true" or app.testing:
@@ -67,6 +68,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     twilio_client.init_app(app)
     cli.init_app(app)
     http.init_app(app)
+    metrics.init_app(app)
 
     if dev_mode:
         app.logger.warning(

@@ -21,6 +21,7 @@ from bot.channels.email.copy import has_email_copy
 from bot.delivery import events, outbox, routing
 from bot.delivery.routing import Content
 from bot.extensions import db
+from bot.metrics import counters as metrics
 from bot.models import Contact, Message
 from bot.vocabulary import Channel, Direction, EventType, Kind, MessageStatus
 
@@ -88,6 +89,7 @@ def consider(message: Message) -> Message | None:
 
 
 def _report(message: Message, fallback: Message | None, reasons: dict[str, Any] | None = None) -> None:
+    metrics.fallback(message.channel, fallback.channel if fallback else None)
     events.emit(EventType.MESSAGE_FALLBACK, {
         "message_id": message.id,
         "channel": message.channel,
