@@ -36,10 +36,15 @@ def readings_families(readings: Readings) -> list[Metric]:
     up = GaugeMetricFamily(P + "up", "Whether a dependency answered this scrape (1) or not (0)", labels=["dependency"])
     up.add_metric(["database"], 1.0 if readings.database_up else 0.0)
     up.add_metric(["queue"], 1.0 if readings.queue_up else 0.0)
-    messages = GaugeMetricFamily(P + "messages", "Messages stored, by channel, direction and status",
+    messages = GaugeMetricFamily(P + "messages", "Messages stored, by channel, direction and status (final "
+                                 "statuses estimated when bot_messages_estimated is 1)",
                                  labels=["channel", "direction", "status"])
     for (channel, direction, status), count in sorted(readings.messages.items()):
         messages.add_metric([channel, direction, status], count)
+    estimated = GaugeMetricFamily(P + "messages_estimated", "1 when the final statuses' counts in bot_messages "
+                                  "are PostgreSQL's estimate (a big table), 0 when counted")
+    if readings.database_up:
+        estimated.add_metric([], 1.0 if readings.messages_estimated else 0.0)
     failed = GaugeMetricFamily(P + "messages_failed", "Outbound messages failed for good (failed, undelivered), "
                                "by channel and error code", labels=["channel", "error_code"])
     for (channel, code), count in sorted(readings.failed_by_error_code.items()):
@@ -69,7 +74,7 @@ def readings_families(readings: Readings) -> list[Metric]:
         handoff.add_metric([], readings.contacts_in_handoff)
         for flow, count in sorted(readings.conversations_active.items()):
             conversations.add_metric([flow], count)
-    return [up, messages, failed, oldest, depth, scheduled, events, event_age, handoff, conversations]
+    return [up, messages, estimated, failed, oldest, depth, scheduled, events, event_age, handoff, conversations]
 
 
 class ReadingsCollector(Collector):
