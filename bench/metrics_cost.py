@@ -131,7 +131,10 @@ def explain_readings(database_url: str) -> list[dict[str, Any]]:
     from bot.clock import utcnow
     from bot.metrics import readings
 
-    statements = {"messages": readings._messages_statement(), "failed": readings._failed_statement(),
+    statements = {"messages_live": readings._messages_statement(live=True),
+                  "messages_final_counted": readings._messages_statement(live=False),
+                  "messages_final_estimated": readings._ESTIMATE.bindparams(name=readings.MESSAGE_STATISTICS),
+                  "failed": readings._failed_statement().params(since=utcnow() - readings.FAILED_WINDOW),
                   "oldest_unsent": readings._oldest_unsent_statement(), "events": readings._events_statement(),
                   "oldest_event": readings._oldest_event_statement(),
                   "handoff": readings._handoff_statement().params(now=utcnow()),

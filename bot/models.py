@@ -123,7 +123,7 @@ class Message(db.Model):
         sa.Index("ix_messages_contact_created", "contact_id", "created_at"),
         # What a /metrics scrape reads (bot/metrics/readings.py): a few rows each, whatever is stored.
         sa.Index("ix_messages_live", "channel", "direction", "status", postgresql_where=_LIVE, sqlite_where=_LIVE),
-        sa.Index("ix_messages_failed_codes", "channel", "error_code", postgresql_where=_FAILED,
+        sa.Index("ix_messages_failed_recent", "updated_at", "channel", "error_code", postgresql_where=_FAILED,
                  sqlite_where=_FAILED),
         sa.Index("ix_messages_unsent_lane", "channel", "kind", "created_at", postgresql_where=_UNSENT_OUT,
                  sqlite_where=_UNSENT_OUT),

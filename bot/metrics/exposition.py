@@ -45,8 +45,9 @@ def readings_families(readings: Readings) -> list[Metric]:
                                   "are PostgreSQL's estimate (a big table), 0 when counted")
     if readings.database_up:
         estimated.add_metric([], 1.0 if readings.messages_estimated else 0.0)
-    failed = GaugeMetricFamily(P + "messages_failed", "Outbound messages failed for good (failed, undelivered), "
-                               "by channel and error code", labels=["channel", "error_code"])
+    failed = GaugeMetricFamily(P + "messages_failed_24h", "Outbound messages that failed for good (failed, "
+                               "undelivered) in the last 24 hours, by channel and error code",
+                               labels=["channel", "error_code"])
     for (channel, code), count in sorted(readings.failed_by_error_code.items()):
         failed.add_metric([channel, "" if code == "none" else code], count)
     oldest = GaugeMetricFamily(P + "oldest_pending_age_seconds", "Age of the oldest outbound message waiting to "

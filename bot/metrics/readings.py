@@ -11,9 +11,10 @@ Each statement is served by an index (migration 0009_metrics_indexes): the scrap
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 UNSENT = UNSENT_MESSAGE_STATUSES
 #: Final failures whose error code is worth a figure of its own.
 FAILED = FAILED_MESSAGE_STATUSES
+#: Failures are counted by error code over this window (by when they failed): the messages table
+#: keeps every message, so an all-time count would grow with it, scrape after scrape.
+FAILED_WINDOW = timedelta(hours=24)
 #: Statuses a message is still expected to leave: always counted exactly (a partial index holds them).
 LIVE = LIVE_MESSAGE_STATUSES
 #: Up to this many messages stored (PostgreSQL's own estimate of the table), the other statuses
@@ -79,8 +83,8 @@ class Readings:
     #: are PostgreSQL's estimate when `messages_estimated` (more than EXACT_COUNT_LIMIT stored).
     messages: dict[tuple[str, str, str], int] = field(default_factory=dict)
     messages_estimated: bool = False
-    #: Outbound messages failed for good (failed, undelivered), by (channel, error_code); a
-    #: failure without a code is under "none".
+    #: Outbound messages failed for good (failed, undelivered) in the last 24 hours (FAILED_WINDOW,
+    #: by when they failed), by (channel, error_code); a failure without a code is under "none".
     failed_by_error_code: dict[tuple[str, str], int] = field(default_factory=dict)
     #: Per lane: seconds since the oldest outbound message still to leave (pending, dispatching
     #: or retrying) was created; 0 when none waits. Every lane is present.
@@ -155,7 +159,7 @@ def _database_figures(session: Session, now: datetime) -> dict[str, Any]:
     else:
         messages.update(estimate)
     failed = {(channel, "none" if code is None else str(code)): count for channel, code, count
-              in session.execute(_failed_statement())}
+              in session.execute(_failed_statement(), {"since": now - FAILED_WINDOW})}
     oldest = dict.fromkeys(LANES, 0.0)
     for (channel, kind), created_at in zip(_LANE_KEYS, session.execute(_oldest_unsent_statement()).one()):
         if created_at is not None:
@@ -179,6 +183,7 @@ def _database_figures(session: Session, now: datetime) -> dict[str, Any]:
     }
 
 
+@functools.cache
 def _messages_statement(live: bool) -> sa.Select:
     # The IN list is the partial index's own predicate (ix_messages_live), so the planner uses it.
     condition = Message.status.in_(LIVE) if live else Message.status.not_in(LIVE)
@@ -212,9 +217,11 @@ def _estimated_final_counts(session: Session) -> dict[tuple[str, str, str], int]
     return counts
 
 
+@functools.cache
 def _failed_statement() -> sa.Select:
     return (sa.select(Message.channel, Message.error_code, sa.func.count())
-            .where(Message.status.in_(FAILED), Message.direction == Direction.OUTBOUND)
+            .where(Message.status.in_(FAILED), Message.direction == Direction.OUTBOUND,
+                   Message.updated_at >= sa.bindparam("since"))
             .group_by(Message.channel, Message.error_code))
 
 
@@ -222,6 +229,7 @@ def _failed_statement() -> sa.Select:
 _LANE_KEYS = tuple((channel.value, kind.value) for channel in Channel for kind in OUTBOUND_KINDS)
 
 
+@functools.cache
 def _oldest_unsent_statement() -> sa.Select:
     # One index seek per (channel, kind) on the unsent rows' partial index, in one round trip:
     # a GROUP BY would read every waiting row of a long backlog.
@@ -233,20 +241,24 @@ def _oldest_unsent_statement() -> sa.Select:
         for channel, kind in _LANE_KEYS))
 
 
+@functools.cache
 def _events_statement() -> sa.Select:
     return (sa.select(Event.status, sa.func.count()).where(Event.status.in_(EVENT_BACKLOG))
             .group_by(Event.status))
 
 
+@functools.cache
 def _oldest_event_statement() -> sa.Select:
     return sa.select(sa.func.min(Event.created_at)).where(
         Event.status.in_((EventStatus.PENDING, EventStatus.DELIVERING)))
 
 
+@functools.cache
 def _handoff_statement() -> sa.Select:
     return sa.select(sa.func.count()).where(Contact.handoff_until > sa.bindparam("now"))
 
 
+@functools.cache
 def _conversations_statement() -> sa.Select:
     return (sa.select(Conversation.flow, sa.func.count()).where(Conversation.status.in_(OPEN_CONVERSATION))
             .group_by(Conversation.flow))

@@ -23,7 +23,8 @@ from tests.conftest import API_TOKEN, empty_tables, in_process_queue_options, ma
 METRICS_TOKEN = "test-metrics-token"
 #: Every family docs/metrics.md lists (as the parser names them: a counter without `_total`).
 FAMILIES = {
-    "bot_up", "bot_messages", "bot_messages_estimated", "bot_messages_failed", "bot_oldest_pending_age_seconds", "bot_queue_depth",
+    "bot_up", "bot_messages", "bot_messages_estimated", "bot_messages_failed_24h", "bot_oldest_pending_age_seconds",
+    "bot_queue_depth",
     "bot_queue_scheduled", "bot_events", "bot_events_oldest_pending_age_seconds", "bot_contacts_in_handoff",
     "bot_conversations_active", "bot_readings_duration_seconds",
     "bot_sends", "bot_send_duration_seconds", "bot_rate_limit_wait_seconds", "bot_send_retries",
@@ -142,7 +143,7 @@ def test_figures_match_the_database_after_a_scripted_run(metrics_app, twilio):
     assert len(twilio.messages) == sent
     for status, count in by_status.items():
         assert value(families, "bot_messages", channel="whatsapp", direction="outbound", status=status) == count
-    assert value(families, "bot_messages_failed", channel="whatsapp", error_code="63016") == refused
+    assert value(families, "bot_messages_failed_24h", channel="whatsapp", error_code="63016") == refused
     assert value(families, "bot_sends_total", channel="whatsapp", outcome="refused", error_code="63016") == refused
     assert value(families, "bot_sends_total", channel="whatsapp", outcome="accepted", error_code="") == sent
     assert value(families, "bot_send_duration_seconds_count", channel="whatsapp") == sent

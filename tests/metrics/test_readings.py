@@ -38,6 +38,7 @@ def test_readings_count_what_the_database_holds(app):
         _message(ada, MessageStatus.FAILED, error_code=63016)
         _message(ada, MessageStatus.UNDELIVERED, error_code=63024)
         _message(ada, MessageStatus.FAILED, channel=Channel.EMAIL)
+        _message(ada, MessageStatus.FAILED, error_code=63003).updated_at = utcnow() - timedelta(hours=25)  # too old
         _message(ada, MessageStatus.PENDING, age=timedelta(minutes=10))  # bulk
         _message(ada, MessageStatus.RETRYING, kind=Kind.REPLY, age=timedelta(minutes=3))  # conversation
         _message(bob, MessageStatus.PENDING, kind=Kind.REPLY, age=timedelta(minutes=1))
@@ -55,7 +56,7 @@ def test_readings_count_what_the_database_holds(app):
 
     assert readings.database_up and readings.queue_up
     assert readings.message_count(MessageStatus.SENT) == 3
-    assert readings.messages[(Channel.WHATSAPP, Direction.OUTBOUND, MessageStatus.FAILED)] == 2
+    assert readings.messages[(Channel.WHATSAPP, Direction.OUTBOUND, MessageStatus.FAILED)] == 3
     assert readings.messages[(Channel.WHATSAPP, Direction.INBOUND, MessageStatus.RECEIVED)] == 1
     assert readings.failed_by_error_code == {("whatsapp", "63016"): 2, ("whatsapp", "63024"): 1, ("email", "none"): 1}
     ages = readings.oldest_pending_age_seconds

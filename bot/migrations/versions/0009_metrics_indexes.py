@@ -6,7 +6,7 @@ Create Date: 2026-12-06 18:00:00
 
 Each index serves one statement of `bot/metrics/readings.py` and holds only the few rows that
 statement reads (docs/metrics.md, "What a scrape costs"; bench/METRICS.md): messages not final
-yet, messages failed for good, messages still to leave (by channel, kind and age), contacts with
+yet, messages failed for good (by when they failed), messages still to leave (by channel, kind and age), contacts with
 a handoff, open conversations by flow. On PostgreSQL, extended statistics on (channel,
 direction, status) let the scrape estimate the final statuses' counts of a big table from
 ANALYZE's sample instead of counting every row.
@@ -32,7 +32,7 @@ def upgrade():
     with op.batch_alter_table('messages', schema=None) as batch_op:
         batch_op.create_index('ix_messages_live', ['channel', 'direction', 'status'], unique=False,
                               postgresql_where=LIVE, sqlite_where=LIVE)
-        batch_op.create_index('ix_messages_failed_codes', ['channel', 'error_code'], unique=False,
+        batch_op.create_index('ix_messages_failed_recent', ['updated_at', 'channel', 'error_code'], unique=False,
                               postgresql_where=FAILED, sqlite_where=FAILED)
         batch_op.create_index('ix_messages_unsent_lane', ['channel', 'kind', 'created_at'], unique=False,
                               postgresql_where=UNSENT, sqlite_where=UNSENT)
@@ -57,5 +57,5 @@ def downgrade():
         batch_op.drop_index('ix_contacts_handoff')
     with op.batch_alter_table('messages', schema=None) as batch_op:
         batch_op.drop_index('ix_messages_unsent_lane')
-        batch_op.drop_index('ix_messages_failed_codes')
+        batch_op.drop_index('ix_messages_failed_recent')
         batch_op.drop_index('ix_messages_live')
