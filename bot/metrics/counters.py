@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, TypeVar
 
 from bot.channels.base import Wait
+from bot.channels.email.webhook_events import OPT_OUT_EVENTS, STATUS_BY_EVENT
 from bot.channels.outcomes import Accepted, Failed, Unknown
+from bot.vocabulary import OUTBOUND_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,16 @@ FALLBACKS = Family(PREFIX + "fallbacks", "counter",
                    "Notifications failed for good on a channel: the channel of their one fallback, or none",
                    ("channel", "to_channel"))
 
+CALLBACKS = Family(PREFIX + "provider_callbacks", "counter",
+                   "Status callbacks (Twilio) and events (SendGrid) received, by channel, status and error code",
+                   ("channel", "status", "error_code"))
+
 FAMILIES: dict[str, Family] = {family.name: family for family in
-                               (SENDS, SEND_DURATION, RATE_LIMIT_WAIT, RETRIES, LOOKUPS, FALLBACKS)}
+                               (SENDS, SEND_DURATION, RATE_LIMIT_WAIT, RETRIES, LOOKUPS, FALLBACKS, CALLBACKS)}
+#: The statuses a callback label may carry (the outbound statuses, SendGrid's event names);
+#: anything else a provider adds is "other", so a label never takes an unbounded value.
+CALLBACK_STATUSES = (frozenset(OUTBOUND_STATUSES) | frozenset(STATUS_BY_EVENT) | OPT_OUT_EVENTS
+                     | frozenset({"deferred", "click", "group_resubscribe"}))
 
 
 class Store(Protocol):
@@ -227,6 +237,13 @@ def retry(channel: str) -> None:
 def lookup(channel: str, result: str) -> None:
     """A lookup of an unknown fate on `channel`: found, not_found, wait or failed."""
     _count(LOOKUPS, (("channel", channel), ("result", result)))
+
+
+def provider_callback(channel: str, status: str, error_code: str | int | None = None) -> None:
+    """A status callback or an event from `channel`'s provider (its error code, digits only)."""
+    code = "" if error_code in (None, "") else str(error_code)
+    _count(CALLBACKS, (("channel", channel), ("status", status if status in CALLBACK_STATUSES else "other"),
+                       ("error_code", code if code.isdigit() and len(code) <= 6 else "" if not code else "other")))
 
 
 def fallback(channel: str, to_channel: str | None) -> None:

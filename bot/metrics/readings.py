@@ -150,27 +150,30 @@ def read_readings(session: Session, now: datetime | None = None) -> Readings:
 
 
 def _database_figures(session: Session, now: datetime) -> dict[str, Any]:
-    messages = {(channel, direction, status): count for channel, direction, status, count
-                in session.execute(_messages_statement(live=True))}
+    # Every figure in one statement (one round trip: under load the waits, not the statements,
+    # were most of a scrape's time), then the final statuses, estimated or counted.
+    figures: dict[str, list[sa.Row]] = {}
+    for row in session.execute(_figures_statement(), {"since": now - FAILED_WINDOW, "now": now}):
+        figures.setdefault(row.part, []).append(row)
+    messages = {(row.a, row.b, row.c): row.n for row in figures.get("messages", [])}
     estimate = _estimated_final_counts(session)
     if estimate is None:
         messages.update({(channel, direction, status): count for channel, direction, status, count
                          in session.execute(_messages_statement(live=False))})
     else:
         messages.update(estimate)
-    failed = {(channel, "none" if code is None else str(code)): count for channel, code, count
-              in session.execute(_failed_statement(), {"since": now - FAILED_WINDOW})}
+    failed = {(row.a, "none" if row.b is None else row.b): row.n for row in figures.get("failed", [])}
     oldest = dict.fromkeys(LANES, 0.0)
-    for (channel, kind), created_at in zip(_LANE_KEYS, session.execute(_oldest_unsent_statement()).one()):
-        if created_at is not None:
-            lane = lane_name(send_priority(kind, channel))
-            oldest[lane] = max(oldest[lane], max((now - created_at).total_seconds(), 0.0))
-    events = {(BACKEND_RECEIVER, status): count for status, count in session.execute(_events_statement())}
-    oldest_event = session.scalar(_oldest_event_statement())
-    handoffs = session.scalar(_handoff_statement(), {"now": now}) or 0
+    for row in figures.get("oldest", []):
+        if row.at is not None:
+            lane = lane_name(send_priority(row.b, row.a))
+            oldest[lane] = max(oldest[lane], max((now - row.at).total_seconds(), 0.0))
+    events = {(BACKEND_RECEIVER, row.a): row.n for row in figures.get("events", [])}
+    oldest_event = next((row.at for row in figures.get("oldest_event", [])), None)
+    handoffs = next((row.n for row in figures.get("handoff", [])), 0)
     conversations: dict[str, int] = {}
-    for flow, count in session.execute(_conversations_statement()):
-        conversations[flow] = conversations.get(flow, 0) + count
+    for row in figures.get("conversations", []):
+        conversations[row.a] = conversations.get(row.a, 0) + row.n
     return {
         "messages": messages,
         "messages_estimated": estimate is not None,
@@ -178,14 +181,51 @@ def _database_figures(session: Session, now: datetime) -> dict[str, Any]:
         "oldest_pending_age_seconds": oldest,
         "events": events,
         "oldest_event_age_seconds": max((now - oldest_event).total_seconds(), 0.0) if oldest_event else 0.0,
-        "contacts_in_handoff": int(handoffs),
+        "contacts_in_handoff": int(handoffs or 0),
         "conversations_active": conversations,
     }
 
 
+def _part(name: str, a: Any = None, b: Any = None, c: Any = None, n: Any = None, at: Any = None) -> list[Any]:
+    """One part's columns in the union's shape: (part, a, b, c, n, at); what a part lacks is NULL."""
+    def null(value: Any, type_: Any) -> Any:
+        # A typed NULL: PostgreSQL resolves a UNION's column types pair by pair, from the left.
+        return sa.cast(sa.null(), type_) if value is None else value
+
+    return [sa.literal(name, sa.String).label("part"), null(a, sa.String).label("a"), null(b, sa.String).label("b"),
+            null(c, sa.String).label("c"), null(n, sa.BigInteger).label("n"), null(at, sa.DateTime).label("at")]
+
+
+@functools.cache
+def _figures_statement() -> sa.CompoundSelect:
+    """Every figure but the final statuses' counts, as (part, a, b, c, n, at) rows. Each part reads
+    a partial index of migration 0009 (docs/metrics.md, "What a scrape costs")."""
+    # The IN lists are the partial indexes' own predicates, so the planner uses them.
+    live = (sa.select(*_part("messages", Message.channel, Message.direction, Message.status, sa.func.count()))
+            .where(Message.status.in_(LIVE)).group_by(Message.channel, Message.direction, Message.status))
+    failed = (sa.select(*_part("failed", Message.channel, sa.cast(Message.error_code, sa.String), n=sa.func.count()))
+              .where(Message.status.in_(FAILED), Message.direction == Direction.OUTBOUND,
+                     Message.updated_at >= sa.bindparam("since"))
+              .group_by(Message.channel, Message.error_code))
+    # One index seek per (channel, kind) on the unsent rows' partial index: a GROUP BY would read
+    # every waiting row of a long backlog.
+    oldest = [sa.select(*_part("oldest", sa.literal(channel, sa.String), sa.literal(kind, sa.String), at=(
+        sa.select(sa.func.min(Message.created_at))
+        .where(Message.direction == Direction.OUTBOUND, Message.status.in_(UNSENT),
+               Message.channel == channel, Message.kind == kind).scalar_subquery())))
+        for channel, kind in _LANE_KEYS]
+    events = (sa.select(*_part("events", Event.status, n=sa.func.count())).where(Event.status.in_(EVENT_BACKLOG))
+              .group_by(Event.status))
+    oldest_event = sa.select(*_part("oldest_event", at=sa.func.min(Event.created_at))).where(
+        Event.status.in_((EventStatus.PENDING, EventStatus.DELIVERING)))
+    handoff = sa.select(*_part("handoff", n=sa.func.count())).where(Contact.handoff_until > sa.bindparam("now"))
+    conversations = (sa.select(*_part("conversations", Conversation.flow, n=sa.func.count()))
+                     .where(Conversation.status.in_(OPEN_CONVERSATION)).group_by(Conversation.flow))
+    return sa.union_all(live, failed, *oldest, events, oldest_event, handoff, conversations)
+
+
 @functools.cache
 def _messages_statement(live: bool) -> sa.Select:
-    # The IN list is the partial index's own predicate (ix_messages_live), so the planner uses it.
     condition = Message.status.in_(LIVE) if live else Message.status.not_in(LIVE)
     return (sa.select(Message.channel, Message.direction, Message.status, sa.func.count()).where(condition)
             .group_by(Message.channel, Message.direction, Message.status))
@@ -217,51 +257,8 @@ def _estimated_final_counts(session: Session) -> dict[tuple[str, str, str], int]
     return counts
 
 
-@functools.cache
-def _failed_statement() -> sa.Select:
-    return (sa.select(Message.channel, Message.error_code, sa.func.count())
-            .where(Message.status.in_(FAILED), Message.direction == Direction.OUTBOUND,
-                   Message.updated_at >= sa.bindparam("since"))
-            .group_by(Message.channel, Message.error_code))
-
-
-#: (channel, kind) of each outbound message the oldest-pending statement asks about, in its order.
+#: (channel, kind) of each outbound message the oldest-pending part asks about.
 _LANE_KEYS = tuple((channel.value, kind.value) for channel in Channel for kind in OUTBOUND_KINDS)
-
-
-@functools.cache
-def _oldest_unsent_statement() -> sa.Select:
-    # One index seek per (channel, kind) on the unsent rows' partial index, in one round trip:
-    # a GROUP BY would read every waiting row of a long backlog.
-    return sa.select(*(
-        sa.select(sa.func.min(Message.created_at))
-        .where(Message.direction == Direction.OUTBOUND, Message.status.in_(UNSENT),
-               Message.channel == channel, Message.kind == kind)
-        .scalar_subquery()
-        for channel, kind in _LANE_KEYS))
-
-
-@functools.cache
-def _events_statement() -> sa.Select:
-    return (sa.select(Event.status, sa.func.count()).where(Event.status.in_(EVENT_BACKLOG))
-            .group_by(Event.status))
-
-
-@functools.cache
-def _oldest_event_statement() -> sa.Select:
-    return sa.select(sa.func.min(Event.created_at)).where(
-        Event.status.in_((EventStatus.PENDING, EventStatus.DELIVERING)))
-
-
-@functools.cache
-def _handoff_statement() -> sa.Select:
-    return sa.select(sa.func.count()).where(Contact.handoff_until > sa.bindparam("now"))
-
-
-@functools.cache
-def _conversations_statement() -> sa.Select:
-    return (sa.select(Conversation.flow, sa.func.count()).where(Conversation.status.in_(OPEN_CONVERSATION))
-            .group_by(Conversation.flow))
 
 
 def queue_depth() -> tuple[dict[str, int], int]:

@@ -107,6 +107,10 @@ def test_counts_add_up_across_two_gunicorn_workers_and_the_worker(base_config, _
                                                                           channel="whatsapp", outcome="accepted"),
                               timeout=20, what="the consumer's send to reach the scrape")
         assert accepted == 1
+        # Twilio's status callbacks for it, counted by the web process that took each.
+        wait_until(lambda: sample(scrape(base), "bot_provider_callbacks_total", channel="whatsapp", status="read")
+                   - sample(before, "bot_provider_callbacks_total", channel="whatsapp", status="read") == 1,
+                   timeout=20, what="the read receipt to be counted")
         final = scrape(base)
         assert sample(final, "bot_send_duration_seconds_count", channel="whatsapp") >= 1
         assert sample(final, "bot_up", dependency="database") == 1 and sample(final, "bot_up", dependency="queue") == 1

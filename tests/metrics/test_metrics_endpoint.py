@@ -18,7 +18,9 @@ from bot.delivery.queue import huey
 from bot.extensions import db
 from bot.metrics import counters
 from bot.models import Event, Message
-from tests.conftest import API_TOKEN, empty_tables, in_process_queue_options, make_contact, run_queue
+from bot.devtools.simulator import sign
+from tests.conftest import (API_TOKEN, AUTH_TOKEN, PUBLIC_BASE, WEBHOOK_URL, empty_tables, in_process_queue_options,
+                            inbound_form, make_contact, run_queue)
 
 METRICS_TOKEN = "test-metrics-token"
 #: Every family docs/metrics.md lists (as the parser names them: a counter without `_total`).
@@ -28,7 +30,7 @@ FAMILIES = {
     "bot_queue_scheduled", "bot_events", "bot_events_oldest_pending_age_seconds", "bot_contacts_in_handoff",
     "bot_conversations_active", "bot_readings_duration_seconds",
     "bot_sends", "bot_send_duration_seconds", "bot_rate_limit_wait_seconds", "bot_send_retries",
-    "bot_unknown_fate_lookups", "bot_fallbacks",
+    "bot_unknown_fate_lookups", "bot_fallbacks", "bot_provider_callbacks",
     "bot_http_request_duration_seconds",
 }
 
@@ -172,3 +174,29 @@ def test_an_unreachable_store_keeps_the_counts_for_the_next_flush(metrics_app, m
     assert counters.flush() is True
     assert store.totals()[counters.sample_key("bot_sends_total", (("channel", "whatsapp"), ("outcome", "accepted"),
                                                                    ("error_code", "")))] == 1
+
+
+def test_metrics_on_add_no_statement_and_no_store_call_to_a_request(metrics_app, monkeypatch):
+    """The hot paths pay a clock reading and a histogram observation: the same statements as
+    without metrics (tests/http/test_hot_path.py counts those), and the store is not touched."""
+    client = metrics_app.test_client()
+    seen = {"statements": 0, "store": 0}
+    store = counters.store()
+    monkeypatch.setattr(store, "add", lambda deltas: seen.__setitem__("store", seen["store"] + 1))
+    monkeypatch.setattr(store, "totals", lambda: seen.__setitem__("store", seen["store"] + 1) or {})
+    with metrics_app.app_context():
+        make_contact("+15551234567")
+        engine = db.engine
+    sa.event.listen(engine, "before_cursor_execute", lambda *a: seen.__setitem__("statements", seen["statements"] + 1))
+    form = inbound_form("+15551234568")
+    response = client.post("/twilio/webhook", data=form, base_url=PUBLIC_BASE,
+                           headers={"X-Twilio-Signature": sign(AUTH_TOKEN, WEBHOOK_URL, form)})
+    assert response.status_code == 200
+    webhook_statements = seen["statements"]
+    assert client.post("/notify", json={"to": "+15551234567", "body": "hi"},
+                       headers={"Authorization": f"Bearer {API_TOKEN}"}).status_code == 202
+    notify_statements = seen["statements"] - webhook_statements
+    postgres = engine.dialect.name == "postgresql"
+    # tests/http/test_hot_path.py's figures: one statement each on PostgreSQL, two on SQLite.
+    assert (webhook_statements, notify_statements) == ((1, 1) if postgres else (2, 2))
+    assert seen["store"] == 0
