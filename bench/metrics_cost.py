@@ -276,12 +276,18 @@ def load(port: int, requests: list[tuple[str, str, str, str]], clients: int, dur
 
 def throughput(database_url: str, redis_url: str, rounds: int, duration: float, clients: int,
                workdir: Path) -> dict[str, Any]:
-    web_cpu.seed(database_url, 30_000)  # notify's contacts (group 201) inside the window; 202, 203 unused
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        seeded = conn.execute("SELECT 1 FROM contacts WHERE phone = %s", [web_cpu.phone(201, 0)]).fetchone()
+    if not seeded:  # notify's contacts (group 201) inside the window; 202, 203 unused
+        web_cpu.seed(database_url, 30_000)
     results: dict[str, Any] = {}
     command = web_cpu.procfile_web(ROOT)
     offset = 0
     for operation in ("webhook", "notify"):
         rounds_by_mode: dict[str, list[float]] = {"on": [], "off": []}
+        cpu_by_mode: dict[str, list[float]] = {"on": [], "off": []}
         for number in range(rounds):
             for mode in (("on", "off") if number % 2 == 0 else ("off", "on")):
                 port = web_cpu.free_port()
@@ -293,18 +299,67 @@ def throughput(database_url: str, redis_url: str, rounds: int, duration: float, 
                 count = 40_000
                 requests = build_requests(operation, offset, count, public_base)
                 offset += count
-                with web_cpu.gunicorn(ROOT, env, command, port, workdir):
+                with web_cpu.gunicorn(ROOT, env, command, port, workdir) as proc:
                     load(port, requests[:2000], clients, 2)  # warm both workers
+                    before = web_cpu.group_cpu(proc.pid)
                     figures = load(port, requests[2000:], clients, duration)
+                    after = web_cpu.group_cpu(proc.pid)
+                # The web's CPU per request from /proc: steadier than the rate on a shared machine.
+                cpu = sum(after.values()) - sum(before.get(pid, 0.0) for pid in after)
+                cpu_by_mode[mode].append(round(1000 * cpu / max(figures["requests"], 1), 3))
                 if figures["errors"]:
                     raise SystemExit(f"{operation} {mode}: {figures['errors']} errors")
                 rounds_by_mode[mode].append(figures["per_second"])
-                log(f"{operation} metrics {mode}: {figures['per_second']}/s ({figures['requests']} requests)")
+                log(f"{operation} metrics {mode}: {figures['per_second']}/s ({figures['requests']} requests, "
+                    f"{cpu_by_mode[mode][-1]} ms web CPU each, load {os.getloadavg()[0]:.1f})")
                 web_cpu.flush_queue(redis_url)
         on, off = statistics.median(rounds_by_mode["on"]), statistics.median(rounds_by_mode["off"])
+        cpu_on, cpu_off = statistics.median(cpu_by_mode["on"]), statistics.median(cpu_by_mode["off"])
         results[operation] = {"on_per_second": rounds_by_mode["on"], "off_per_second": rounds_by_mode["off"],
-                              "median_on": on, "median_off": off, "ratio": round(on / off, 3)}
-        log(f"{operation}: on/off = {on / off:.3f}")
+                              "median_on": on, "median_off": off, "ratio": round(on / off, 3),
+                              "web_cpu_ms_on": cpu_by_mode["on"], "web_cpu_ms_off": cpu_by_mode["off"],
+                              "cpu_ratio_off_over_on": round(cpu_off / cpu_on, 3)}
+        log(f"{operation}: throughput on/off = {on / off:.3f}; CPU per request off/on = {cpu_off / cpu_on:.3f}")
+    return results
+
+
+def interleaved(rounds: int, batch: int) -> dict[str, Any]:
+    """In one process, two apps on the same database and Redis, one with metrics on and one off,
+    taking turns batch by batch: CPU per request (`time.process_time`) of each, so the machine's
+    other load falls on both alike. Requests through Flask's test client, the request histogram
+    in multiprocess mode as under gunicorn. Run in a subprocess (`_interleaved`)."""
+    import logging
+
+    from bot import create_app
+    from bot.delivery.queue import huey
+
+    logging.disable(logging.WARNING)
+    public_base = "https://bench.example.test"
+    apps = {mode: create_app({"TWILIO_WEBHOOK_URL": public_base + "/twilio/webhook",
+                              **({"METRICS_TOKEN": METRICS_TOKEN} if mode == "on" else {})}) for mode in ("on", "off")}
+    clients = {mode: app.test_client() for mode, app in apps.items()}
+    operations = {"webhook": "webhook", "notify": "notify_to"}
+    results: dict[str, Any] = {}
+    counter = 100_000
+    for name, operation in operations.items():
+        cpu: dict[str, list[float]] = {"on": [], "off": []}
+        for number in range(rounds + 1):
+            for mode in (("on", "off") if number % 2 == 0 else ("off", "on")):
+                client = clients[mode]
+                started = time.process_time()
+                for _ in range(batch):
+                    counter += 1
+                    path, content_type, headers, body = web_cpu.request_for(operation, counter % 30_000 if name == "notify"
+                                                                           else counter, public_base)
+                    response = client.post(path, data=body, content_type=content_type, headers=headers,
+                                           base_url=public_base)
+                    assert response.status_code in (200, 202), response.get_data(as_text=True)[:300]
+                if number:  # the first round warms both apps
+                    cpu[mode].append(1000 * (time.process_time() - started) / batch)
+            huey.flush()
+        on, off = statistics.median(cpu["on"]), statistics.median(cpu["off"])
+        results[name] = {"cpu_ms_on": round(on, 3), "cpu_ms_off": round(off, 3), "ratio_off_over_on": round(off / on, 3),
+                         "rounds": rounds, "batch": batch}
     return results
 
 
@@ -333,7 +388,7 @@ def per_request_cost(n: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["fill", "scrape", "throughput", "cost", "all"])
+    parser.add_argument("what", choices=["fill", "scrape", "throughput", "interleaved", "cost", "all", "_interleaved"])
     parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL",
                                                                  "postgresql://postgres@127.0.0.1:5432/h18m"))
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/3"))
@@ -343,7 +398,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--out", default=str(BENCH / "metrics_cost.json"))
+    parser.add_argument("--batch", type=int, default=100, help="requests per turn, interleaved")
     args = parser.parse_args()
+    if args.what == "_interleaved":
+        print("RESULT " + json.dumps(interleaved(args.rounds, args.batch)))
+        return
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-metrics-{uuid.uuid4().hex[:6]}"
     workdir.mkdir(parents=True)
     out = Path(args.out)
@@ -358,6 +417,20 @@ def main() -> None:
         results["explain"] = explain_readings(args.database_url)
         results["scrape"] = scrape(args.database_url, args.redis_url, args.scrapes, workdir)
         log(json.dumps(results["scrape"]))
+    if args.what in ("interleaved", "all"):
+        import subprocess
+
+        directory = workdir / "prometheus"
+        directory.mkdir()
+        env = {**web_cpu.bench_env(ROOT, args.database_url, args.redis_url, "http://127.0.0.1"),
+               "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+        done = subprocess.run([sys.executable, __file__, "_interleaved", "--rounds", str(args.rounds * 10),
+                               "--batch", str(args.batch)], env=env, cwd=ROOT, capture_output=True, text=True)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(done.stdout[-3000:] + done.stderr[-3000:])
+        results["interleaved"] = json.loads(line[7:])
+        log(json.dumps(results["interleaved"]))
     if args.what in ("throughput", "all"):
         results["throughput"] = throughput(args.database_url, args.redis_url, args.rounds, args.duration,
                                            args.clients, workdir)
