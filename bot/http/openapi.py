@@ -267,6 +267,7 @@ OPERATIONS = [
               headers=[IDEMPOTENCY_KEY], answers=dict([
                   (202, ("queued (a replay of the same Idempotency-Key has Idempotent-Replayed: true)", None)),
                   (400, ("a field is wrong; `error` says which and why", Error)), UNAUTHORIZED,
+                  (404, ("`user_id` names no stored user and the request has no `user` to create it", Error)),
                   (409, ("the contact opted out; or, for a flow, a person is handling the contact (handoff)", Error)),
                   TOO_LARGE,
                   (415, ("Content-Type is not application/json", Error)),
