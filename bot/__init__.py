@@ -58,6 +58,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from bot import dashboard, database, http
     from bot.delivery import queue, tasks
     from bot.channels.whatsapp import client as twilio_client
+    from bot.metrics import setup as metrics
 
     database.init_app(app)
     from_cli = os.environ.get("FLASK_RUN_FROM_CLI") == "true"
@@ -79,6 +80,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         cli.init_app(app)
     http.init_app(app)
     dashboard.init_app(app)
+    metrics.init_app(app)
 
     if dev_mode:
         app.logger.warning(

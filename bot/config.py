@@ -136,6 +136,14 @@ class Settings(BaseSettings):
     #: The server's public base URL (the unsubscribe links); default: TWILIO_WEBHOOK_URL's origin.
     public_url: str | None = None
 
+    # --- metrics (docs/metrics.md) ---
+    #: Opens GET /metrics (bearer, or basic with this as the password); unset: /metrics is a 404
+    #: and nothing is timed or counted. Set it on the worker too: its counts reach the web's scrape.
+    metrics_token: SecretStr | None = None
+    #: How often each process adds what it counted to the shared store (Redis, or the SQLite
+    #: queue file) that the web's scrape reads.
+    metrics_flush_seconds: float = Field(default=5.0, gt=0, le=300)
+
     # --- human handoff ---
     #: How long a handoff lasts unless DELETE /contacts/<phone>/handoff ends it first.
     handoff_hours: float = Field(default=24.0, gt=0, le=24 * 30)

@@ -14,8 +14,29 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from bot.clock import isoformat, utcnow
 from bot.extensions import db
-from bot.vocabulary import (DEFAULT_CHANNELS, Channel, Consent, ConversationStatus, Direction, EventStatus,
-                            HoldReason, Kind, MessageStatus)
+from bot.vocabulary import (DEFAULT_CHANNELS, OPEN_CONVERSATION, Channel, Consent, ConversationStatus, Direction,
+                            EventStatus, HoldReason, Kind, MessageStatus)
+
+
+def _where(column: str, values: tuple[str, ...], also: str = "") -> sa.TextClause:
+    """A partial index's predicate, `[also AND ]column IN (values...)`, spelled from the vocabulary."""
+    listed = ", ".join(f"'{value}'" for value in values)
+    return sa.text(f"{also + ' AND ' if also else ''}{column} IN ({listed})")
+
+
+#: Messages not final yet, failed for good, still to leave: the rows the partial indexes read by
+#: `bot/metrics/readings.py` hold (migration 0009_metrics_indexes, docs/metrics.md).
+LIVE_MESSAGE_STATUSES = (MessageStatus.PENDING, MessageStatus.DISPATCHING, MessageStatus.RETRYING,
+                         MessageStatus.ACCEPTED, MessageStatus.SCHEDULED, MessageStatus.QUEUED,
+                         MessageStatus.SENDING, MessageStatus.RECEIVED)
+FAILED_MESSAGE_STATUSES = (MessageStatus.FAILED, MessageStatus.UNDELIVERED)
+UNSENT_MESSAGE_STATUSES = (MessageStatus.PENDING, MessageStatus.DISPATCHING, MessageStatus.RETRYING)
+_OUTBOUND = f"direction = '{Direction.OUTBOUND.value}'"
+_LIVE = _where("status", LIVE_MESSAGE_STATUSES)
+_FAILED = _where("status", FAILED_MESSAGE_STATUSES, _OUTBOUND)
+_UNSENT_OUT = _where("status", UNSENT_MESSAGE_STATUSES, _OUTBOUND)
+_IN_HANDOFF = sa.text("handoff_until IS NOT NULL")
+_OPEN = _where("status", OPEN_CONVERSATION)
 
 
 def new_id() -> str:
@@ -50,6 +71,9 @@ class Contact(db.Model):
     """
 
     __tablename__ = "contacts"
+    __table_args__ = (
+        sa.Index("ix_contacts_handoff", "handoff_until", postgresql_where=_IN_HANDOFF, sqlite_where=_IN_HANDOFF),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     #: E.164, e.g. +15551234567; empty for a user known only by email.
@@ -111,6 +135,12 @@ class Message(db.Model):
         sa.Index("ix_messages_broadcast_status", "broadcast_id", "status"),
         # The dashboard's message log, newest first (keyset pages).
         sa.Index("ix_messages_created", "created_at", "id"),
+        # What a /metrics scrape reads (bot/metrics/readings.py): a few rows each, whatever is stored.
+        sa.Index("ix_messages_live", "channel", "direction", "status", postgresql_where=_LIVE, sqlite_where=_LIVE),
+        sa.Index("ix_messages_failed_recent", "updated_at", "channel", "error_code", postgresql_where=_FAILED,
+                 sqlite_where=_FAILED),
+        sa.Index("ix_messages_unsent_lane", "channel", "kind", "created_at", postgresql_where=_UNSENT_OUT,
+                 sqlite_where=_UNSENT_OUT),
     )
 
     id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=new_id)
@@ -270,6 +300,7 @@ class Conversation(db.Model):
     __table_args__ = (
         sa.Index("ix_conversations_contact_status", "contact_id", "status"),
         sa.Index("ix_conversations_status_expires", "status", "expires_at"),
+        sa.Index("ix_conversations_open_flow", "flow", postgresql_where=_OPEN, sqlite_where=_OPEN),
     )
 
     id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=new_id)

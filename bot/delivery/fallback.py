@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from bot.delivery import events, outbox, routing
 from bot.delivery.routing import Content
 from bot.extensions import db
+from bot.metrics import counters as metrics
 from bot.models import Contact, Message
 from bot.vocabulary import Channel, Direction, EventType, Kind, MessageStatus
 
@@ -90,6 +91,7 @@ def consider(message: Message) -> Message | None:
 
 
 def _report(message: Message, fallback: Message | None, reasons: dict[str, Any] | None = None) -> None:
+    metrics.fallback(message.channel, fallback.channel if fallback else None)
     events.emit(EventType.MESSAGE_FALLBACK, {
         "message_id": message.id,
         "channel": message.channel,

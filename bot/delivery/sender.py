@@ -44,6 +44,7 @@ from bot.delivery.rate_limit import bulk_share_key, bulk_share_rate, send_rate_l
 from bot.delivery.shutdown import is_stopping
 from bot.delivery.statuses import apply_pending_events, raise_status, report_statuses
 from bot.extensions import db
+from bot.metrics import counters as metrics
 from bot.models import Contact, Message, StatusEvent
 from bot.vocabulary import Direction, Kind, MessageStatus
 
@@ -396,6 +397,7 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
         request = channel.prepare(row, contact, stop_waiting)
         if isinstance(request, Refusal):
             log.info("message %s refused before %s: %s", row.id, channel.name, request.text)
+            metrics.send_outcome(channel.name, "refused", request.code)
             finish(row.id, MessageStatus.FAILED, request.code, request.text, row.contact_id)
             outcomes[row.id] = Outcome.REFUSED
             continue
@@ -434,14 +436,16 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
         try:
             acquired = True
             if item.bulk_rate is not None:  # a broadcast's: its share first (invariant 16)
-                acquired = limit.acquire(bulk_share_key(item.rate_key), cancelled=is_stopping, rate=item.bulk_rate)
-            acquired = acquired and limit.acquire(item.rate_key, cancelled=is_stopping, rate=item.rate,
-                                                  keep_free=item.rate - item.bulk_rate if item.bulk_rate else 0)
+                acquired = metrics.timed_rate_wait(item.channel.name, limit.acquire, bulk_share_key(item.rate_key),
+                                                   cancelled=is_stopping, rate=item.bulk_rate)
+            acquired = acquired and metrics.timed_rate_wait(
+                item.channel.name, limit.acquire, item.rate_key, cancelled=is_stopping, rate=item.rate,
+                keep_free=item.rate - item.bulk_rate if item.bulk_rate else 0)
         except Exception as exc:  # a limiter bug, or an error it does not know: nothing has left
             raise NotSent(f"{type(exc).__name__} from the send rate limit") from exc
         if not acquired:
             raise ShuttingDown() if is_stopping() else RateLimitFull()
-        return senders[item.channel.name](item.request, utcnow())
+        return metrics.timed_send(item.channel.name, senders[item.channel.name], item.request, utcnow())
 
     calls = in_flight.call_all(send, [{"item": item} for item in to_send], concurrency(),
                                every=renew.every, while_waiting=renew)
@@ -476,6 +480,7 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
 def _settle(item: _Send, call: in_flight.Call) -> Outcome | Accepted | Unknown:
     """What one call's answer means: accepted, unknown (look it up), or the recorded outcome."""
     row, exc = item.row, call.error
+    metrics.send_settled(item.channel.name, call.result, exc)
     if isinstance(exc, ShuttingDown):
         return _release(row)
     if isinstance(exc, RateLimitFull):
@@ -544,6 +549,7 @@ def _look_up(sends: list[tuple[_Send, datetime]], renew: claims.LeaseRenewer,
     for (item, since), call in zip(sends, calls):
         row = item.row
         if call.error is not None:
+            metrics.lookup_answered(item.channel.name, call.error)
             log.warning("message %s: could not ask %s whether an earlier attempt was accepted (%s); "
                         "it will ask again before sending", row.id, item.channel.name, type(call.error).__name__)
             outcomes[row.id] = _failed_attempt(row, None, None,
@@ -551,6 +557,7 @@ def _look_up(sends: list[tuple[_Send, datetime]], renew: claims.LeaseRenewer,
                                                transient=True, unsure_since=since)
             continue
         answer = item.channel.match(row, item.request, call.result, since, taken)
+        metrics.lookup_answered(item.channel.name, None, answer)
         if isinstance(answer, Accepted):
             taken.add(answer.provider_id)
             found[row.id] = answer
@@ -716,6 +723,7 @@ def _failed_attempt(message: Message | sa.Row, http_status: int | None, code: in
             .execution_options(synchronize_session=False)
         )
         db.session.commit()
+        metrics.retry(message.channel)
         log.warning("message %s: transient failure (HTTP %s, code %s), attempt %d of %d; will retry%s",
                     message_id, http_status, code, attempts, MAX_ATTEMPTS,
                     " after looking the provider up" if unsure_since is not None else "")

@@ -12,7 +12,7 @@ from werkzeug.exceptions import HTTPException
 def init_app(app: Flask) -> None:
     """Register every blueprint, JSON bodies for every HTTP error, and a 503 for a database outage."""
     from bot.http import (broadcasts_api, cancel_api, contacts_api, email_hooks, errors, events_api, handoff_api,
-                          health, notify, openapi, users_api, webhook)
+                          health, metrics_api, notify, openapi, users_api, webhook)
 
     app.register_blueprint(notify.bp)
     app.register_blueprint(cancel_api.bp)
@@ -25,6 +25,7 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(email_hooks.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(metrics_api.bp)
     app.register_error_handler(HTTPException, _json_http_error)
     errors.init_app(app)
 

@@ -26,6 +26,7 @@ from bot.channels.email.webhook_events import BadBatch, EmailEvent, parse_batch
 from bot.conversations.consent import change_email_consent
 from bot.delivery.statuses import raise_status
 from bot.extensions import db
+from bot.metrics import counters as metrics
 from bot.models import Contact, EmailEvent as StoredEmailEvent, Message
 from bot.vocabulary import Channel, Consent
 
@@ -65,6 +66,7 @@ def sendgrid_events():
     counts = {"applied": 0, "duplicates": 0, "unknown_message": 0, "unusable": 0}
     for event in batch:
         counts[_apply(event)] += 1
+        metrics.provider_callback(Channel.EMAIL, event.event)
     db.session.commit()
     if counts["unknown_message"] or counts["unusable"]:
         log.info("SendGrid batch: %(applied)d applied, %(duplicates)d repeated, %(unknown_message)d about "

@@ -304,6 +304,10 @@ class Operation:
     query: list[dict[str, Any]] = field(default_factory=list)
     #: POST routes whose body may be left out (an empty request means all defaults).
     body_optional: bool = False
+    #: The security scheme: the backend's token, or `metrics` (GET /metrics has its own token).
+    security: str = "bearer"
+    #: The 200 answer is Prometheus's text format, not JSON (GET /metrics).
+    text: bool = False
 
 
 PHONE = {"name": "phone", "in": "path", "required": True, "description": "E.164, e.g. +15551234567",
@@ -402,6 +406,11 @@ OPERATIONS = [
     Operation("delete", "/contacts/{phone}/handoff", "Give the contact back to the bot",
               answers=dict([(200, ("the contact, no longer in a handoff", Handoff)),
                             (400, ("not a phone number", Error)), UNAUTHORIZED, (404, ("no such contact", Error))])),
+    Operation("get", "/metrics", "Prometheus metrics, the whole deployment in one scrape (docs/metrics.md)",
+              security="metrics", text=True,
+              answers=dict([(200, ("the Prometheus text format", None)),
+                            (401, ("missing or invalid METRICS_TOKEN (bearer, or basic auth's password)", Error)),
+                            (404, ("METRICS_TOKEN is not set: metrics are off", Error))])),
 ]
 
 
@@ -422,19 +431,25 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
 def _operation(operation: Operation) -> dict[str, Any]:
     responses: dict[str, Any] = {}
     for status, (description, model) in operation.answers.items():
+        if operation.text and status == 200:
+            responses["200"] = {"description": description,
+                                "content": {"text/plain": {"schema": {"type": "string"}}}}
+            continue
         if status == 202 and model is None:  # a message or a conversation, by what was asked
             schema: dict[str, Any] = {"oneOf": [_ref(MessageAccepted), _ref(ConversationAccepted)]}
         else:
             schema = _ref(model)
         responses[str(status)] = {"description": description, "content": _content(schema)}
-    # Every route behind the token answers 503 while the database is unreachable (bot/http/errors.py).
-    responses.setdefault("503", {"description": "the database is unreachable: retry after `Retry-After` seconds",
-                                 "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-                                 "content": _content(_ref(Error))})
+    # Every route behind the token answers 503 while the database is unreachable (bot/http/errors.py);
+    # /metrics answers 200 then, with bot_up{dependency="database"} 0.
+    if operation.security == "bearer":
+        responses.setdefault("503", {"description": "the database is unreachable: retry after `Retry-After` seconds",
+                                     "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                                     "content": _content(_ref(Error))})
     described: dict[str, Any] = {
         "summary": operation.summary,
         "operationId": f"{operation.method}_{operation.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
-        "security": [{"bearer": []}],
+        "security": [{operation.security: []}],
         "parameters": _path_parameters(operation.path) + operation.headers + operation.query,
         "responses": responses,
     }
@@ -464,7 +479,10 @@ def document() -> dict[str, Any]:
         "paths": paths,
         "components": {"schemas": schemas["$defs"],
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                                      "description": "Authorization: Bearer $NOTIFY_API_TOKEN"}}},
+                                                      "description": "Authorization: Bearer $NOTIFY_API_TOKEN"},
+                                           "metrics": {"type": "http", "scheme": "bearer",
+                                                       "description": "Authorization: Bearer $METRICS_TOKEN (or "
+                                                                      "basic auth with it as the password)"}}},
     }
 
 

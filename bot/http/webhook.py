@@ -13,7 +13,8 @@ from bot.delivery import webhook_fallback
 from bot.phone import InvalidNumber
 from bot.http.auth import validate_twilio_request
 from bot.delivery.statuses import record_callback
-from bot.vocabulary import INBOUND_CALLBACK_STATUSES, parse_outbound_status
+from bot.metrics import counters as metrics
+from bot.vocabulary import INBOUND_CALLBACK_STATUSES, Channel, parse_outbound_status
 
 bp = Blueprint("webhook", __name__)
 
@@ -59,6 +60,7 @@ def _status_callback():
     if parse_outbound_status(status) is None:
         # Twilio adds statuses without notice; keep the event, never fail the callback.
         current_app.logger.warning("unknown MessageStatus %r kept as an event", status)
+    metrics.provider_callback(Channel.WHATSAPP, status, request.form.get("ErrorCode"))
     return _store_or_queue(lambda form: record_callback(parse_status_callback(form)), form_fields())
 
 

@@ -11,9 +11,10 @@ Each statement is served by an index (migration 0009_metrics_indexes): the scrap
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,15 +23,28 @@ from sqlalchemy.orm import Session
 from bot.clock import utcnow
 from bot.delivery.outbox import Priority, send_priority
 from bot.delivery.queue import huey
-from bot.models import Contact, Conversation, Event, Message
-from bot.vocabulary import (OPEN_CONVERSATION, Channel, Direction, EventStatus, Kind, MessageStatus)
+from bot.models import (FAILED_MESSAGE_STATUSES, LIVE_MESSAGE_STATUSES, UNSENT_MESSAGE_STATUSES, Contact,
+                        Conversation, Event, Message)
+from bot.vocabulary import OPEN_CONVERSATION, Channel, Direction, EventStatus, Kind
 
 log = logging.getLogger(__name__)
 
 #: Outbound statuses of a message that has not left yet: waiting, being sent, or retrying.
-UNSENT = (MessageStatus.PENDING, MessageStatus.DISPATCHING, MessageStatus.RETRYING)
+UNSENT = UNSENT_MESSAGE_STATUSES
 #: Final failures whose error code is worth a figure of its own.
-FAILED = (MessageStatus.FAILED, MessageStatus.UNDELIVERED)
+FAILED = FAILED_MESSAGE_STATUSES
+#: Failures are counted by error code over this window (by when they failed): the messages table
+#: keeps every message, so an all-time count would grow with it, scrape after scrape.
+FAILED_WINDOW = timedelta(hours=24)
+#: Statuses a message is still expected to leave: always counted exactly (a partial index holds them).
+LIVE = LIVE_MESSAGE_STATUSES
+#: Up to this many messages stored (PostgreSQL's own estimate of the table), the other statuses
+#: are counted exactly too; beyond, they are estimated from ANALYZE's sample (extended
+#: statistics on channel, direction and status: migration 0009), since counting a million rows
+#: takes 250 to 600 ms (bench/METRICS.md). SQLite always counts.
+EXACT_COUNT_LIMIT = 20_000
+#: The extended statistics the estimate reads (pg_stats_ext).
+MESSAGE_STATISTICS = "st_messages_channel_direction_status"
 #: Event deliveries an operator watches: still to go, and given up on (replayable).
 EVENT_BACKLOG = (EventStatus.PENDING, EventStatus.DELIVERING, EventStatus.FAILED)
 #: The one receiver of events today (EVENTS_WEBHOOK_URL); the label is kept for more to come.
@@ -65,10 +79,12 @@ class Readings:
     database_up: bool = False
     #: Whether the queue (Redis, or the SQLite queue file) answered.
     queue_up: bool = False
-    #: Messages stored, by (channel, direction, status).
+    #: Messages stored, by (channel, direction, status). Statuses in LIVE are exact; the others
+    #: are PostgreSQL's estimate when `messages_estimated` (more than EXACT_COUNT_LIMIT stored).
     messages: dict[tuple[str, str, str], int] = field(default_factory=dict)
-    #: Outbound messages failed for good (failed, undelivered), by (channel, error_code); a
-    #: failure without a code is under "none".
+    messages_estimated: bool = False
+    #: Outbound messages failed for good (failed, undelivered) in the last 24 hours (FAILED_WINDOW,
+    #: by when they failed), by (channel, error_code); a failure without a code is under "none".
     failed_by_error_code: dict[tuple[str, str], int] = field(default_factory=dict)
     #: Per lane: seconds since the oldest outbound message still to leave (pending, dispatching
     #: or retrying) was created; 0 when none waits. Every lane is present.
@@ -134,75 +150,115 @@ def read_readings(session: Session, now: datetime | None = None) -> Readings:
 
 
 def _database_figures(session: Session, now: datetime) -> dict[str, Any]:
-    messages = {(channel, direction, status): count for channel, direction, status, count
-                in session.execute(_messages_statement())}
-    failed = {(channel, "none" if code is None else str(code)): count for channel, code, count
-              in session.execute(_failed_statement())}
+    # Every figure in one statement (one round trip: under load the waits, not the statements,
+    # were most of a scrape's time), then the final statuses, estimated or counted.
+    figures: dict[str, list[sa.Row]] = {}
+    for row in session.execute(_figures_statement(), {"since": now - FAILED_WINDOW, "now": now}):
+        figures.setdefault(row.part, []).append(row)
+    messages = {(row.a, row.b, row.c): row.n for row in figures.get("messages", [])}
+    estimate = _estimated_final_counts(session)
+    if estimate is None:
+        messages.update({(channel, direction, status): count for channel, direction, status, count
+                         in session.execute(_messages_statement(live=False))})
+    else:
+        messages.update(estimate)
+    failed = {(row.a, "none" if row.b is None else row.b): row.n for row in figures.get("failed", [])}
     oldest = dict.fromkeys(LANES, 0.0)
-    for (channel, kind), created_at in zip(_LANE_KEYS, session.execute(_oldest_unsent_statement()).one()):
-        if created_at is not None:
-            lane = lane_name(send_priority(kind, channel))
-            oldest[lane] = max(oldest[lane], max((now - created_at).total_seconds(), 0.0))
-    events = {(BACKEND_RECEIVER, status): count for status, count in session.execute(_events_statement())}
-    oldest_event = session.scalar(_oldest_event_statement())
-    handoffs = session.scalar(_handoff_statement(), {"now": now}) or 0
+    for row in figures.get("oldest", []):
+        if row.at is not None:
+            lane = lane_name(send_priority(row.b, row.a))
+            oldest[lane] = max(oldest[lane], max((now - row.at).total_seconds(), 0.0))
+    events = {(BACKEND_RECEIVER, row.a): row.n for row in figures.get("events", [])}
+    oldest_event = next((row.at for row in figures.get("oldest_event", [])), None)
+    handoffs = next((row.n for row in figures.get("handoff", [])), 0)
     conversations: dict[str, int] = {}
-    for flow, count in session.execute(_conversations_statement()):
-        conversations[flow] = conversations.get(flow, 0) + count
+    for row in figures.get("conversations", []):
+        conversations[row.a] = conversations.get(row.a, 0) + row.n
     return {
         "messages": messages,
+        "messages_estimated": estimate is not None,
         "failed_by_error_code": failed,
         "oldest_pending_age_seconds": oldest,
         "events": events,
         "oldest_event_age_seconds": max((now - oldest_event).total_seconds(), 0.0) if oldest_event else 0.0,
-        "contacts_in_handoff": int(handoffs),
+        "contacts_in_handoff": int(handoffs or 0),
         "conversations_active": conversations,
     }
 
 
-def _messages_statement() -> sa.Select:
-    return (sa.select(Message.channel, Message.direction, Message.status, sa.func.count())
+def _part(name: str, a: Any = None, b: Any = None, c: Any = None, n: Any = None, at: Any = None) -> list[Any]:
+    """One part's columns in the union's shape: (part, a, b, c, n, at); what a part lacks is NULL."""
+    def null(value: Any, type_: Any) -> Any:
+        # A typed NULL: PostgreSQL resolves a UNION's column types pair by pair, from the left.
+        return sa.cast(sa.null(), type_) if value is None else value
+
+    return [sa.literal(name, sa.String).label("part"), null(a, sa.String).label("a"), null(b, sa.String).label("b"),
+            null(c, sa.String).label("c"), null(n, sa.BigInteger).label("n"), null(at, sa.DateTime).label("at")]
+
+
+@functools.cache
+def _figures_statement() -> sa.CompoundSelect:
+    """Every figure but the final statuses' counts, as (part, a, b, c, n, at) rows. Each part reads
+    a partial index of migration 0009 (docs/metrics.md, "What a scrape costs")."""
+    # The IN lists are the partial indexes' own predicates, so the planner uses them.
+    live = (sa.select(*_part("messages", Message.channel, Message.direction, Message.status, sa.func.count()))
+            .where(Message.status.in_(LIVE)).group_by(Message.channel, Message.direction, Message.status))
+    failed = (sa.select(*_part("failed", Message.channel, sa.cast(Message.error_code, sa.String), n=sa.func.count()))
+              .where(Message.status.in_(FAILED), Message.direction == Direction.OUTBOUND,
+                     Message.updated_at >= sa.bindparam("since"))
+              .group_by(Message.channel, Message.error_code))
+    # One index seek per (channel, kind) on the unsent rows' partial index: a GROUP BY would read
+    # every waiting row of a long backlog.
+    oldest = [sa.select(*_part("oldest", sa.literal(channel, sa.String), sa.literal(kind, sa.String), at=(
+        sa.select(sa.func.min(Message.created_at))
+        .where(Message.direction == Direction.OUTBOUND, Message.status.in_(UNSENT),
+               Message.channel == channel, Message.kind == kind).scalar_subquery())))
+        for channel, kind in _LANE_KEYS]
+    events = (sa.select(*_part("events", Event.status, n=sa.func.count())).where(Event.status.in_(EVENT_BACKLOG))
+              .group_by(Event.status))
+    oldest_event = sa.select(*_part("oldest_event", at=sa.func.min(Event.created_at))).where(
+        Event.status.in_((EventStatus.PENDING, EventStatus.DELIVERING)))
+    handoff = sa.select(*_part("handoff", n=sa.func.count())).where(Contact.handoff_until > sa.bindparam("now"))
+    conversations = (sa.select(*_part("conversations", Conversation.flow, n=sa.func.count()))
+                     .where(Conversation.status.in_(OPEN_CONVERSATION)).group_by(Conversation.flow))
+    return sa.union_all(live, failed, *oldest, events, oldest_event, handoff, conversations)
+
+
+@functools.cache
+def _messages_statement(live: bool) -> sa.Select:
+    condition = Message.status.in_(LIVE) if live else Message.status.not_in(LIVE)
+    return (sa.select(Message.channel, Message.direction, Message.status, sa.func.count()).where(condition)
             .group_by(Message.channel, Message.direction, Message.status))
 
 
-def _failed_statement() -> sa.Select:
-    return (sa.select(Message.channel, Message.error_code, sa.func.count())
-            .where(Message.status.in_(FAILED), Message.direction == Direction.OUTBOUND)
-            .group_by(Message.channel, Message.error_code))
+_ESTIMATE = sa.text(
+    "SELECT s.attnames, s.most_common_vals, s.most_common_freqs, c.reltuples FROM pg_stats_ext s "
+    "JOIN pg_class c ON c.relname = s.tablename "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = s.schemaname "
+    "WHERE s.statistics_name = :name")
 
 
-#: (channel, kind) of each outbound message the oldest-pending statement asks about, in its order.
+def _estimated_final_counts(session: Session) -> dict[tuple[str, str, str], int] | None:
+    """The final statuses' counts as PostgreSQL estimates them, or None to count them: SQLite,
+    a table small enough to count, or no statistics yet (never analysed)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return None
+    row = session.execute(_ESTIMATE, {"name": MESSAGE_STATISTICS}).first()
+    if row is None or row.reltuples is None or row.reltuples <= EXACT_COUNT_LIMIT or not row.most_common_vals:
+        return None
+    columns = list(row.attnames)
+    counts: dict[tuple[str, str, str], int] = {}
+    for values, frequency in zip(row.most_common_vals, row.most_common_freqs):
+        named = dict(zip(columns, values))
+        if named.get("status") in LIVE or None in named.values():
+            continue
+        key = (named["channel"], named["direction"], named["status"])
+        counts[key] = counts.get(key, 0) + round(frequency * row.reltuples)
+    return counts
+
+
+#: (channel, kind) of each outbound message the oldest-pending part asks about.
 _LANE_KEYS = tuple((channel.value, kind.value) for channel in Channel for kind in OUTBOUND_KINDS)
-
-
-def _oldest_unsent_statement() -> sa.Select:
-    # One index seek per (channel, kind) on the unsent rows' partial index, in one round trip:
-    # a GROUP BY would read every waiting row of a long backlog.
-    return sa.select(*(
-        sa.select(sa.func.min(Message.created_at))
-        .where(Message.direction == Direction.OUTBOUND, Message.status.in_(UNSENT),
-               Message.channel == channel, Message.kind == kind)
-        .scalar_subquery()
-        for channel, kind in _LANE_KEYS))
-
-
-def _events_statement() -> sa.Select:
-    return (sa.select(Event.status, sa.func.count()).where(Event.status.in_(EVENT_BACKLOG))
-            .group_by(Event.status))
-
-
-def _oldest_event_statement() -> sa.Select:
-    return sa.select(sa.func.min(Event.created_at)).where(
-        Event.status.in_((EventStatus.PENDING, EventStatus.DELIVERING)))
-
-
-def _handoff_statement() -> sa.Select:
-    return sa.select(sa.func.count()).where(Contact.handoff_until > sa.bindparam("now"))
-
-
-def _conversations_statement() -> sa.Select:
-    return (sa.select(Conversation.flow, sa.func.count()).where(Conversation.status.in_(OPEN_CONVERSATION))
-            .group_by(Conversation.flow))
 
 
 def queue_depth() -> tuple[dict[str, int], int]:

@@ -240,13 +240,15 @@ def test_near_valid_notify_bodies_never_get_a_5xx(app, client, auth, recipients,
 
 
 def _answers(strategy: st.SearchStrategy[Any], send) -> set[int]:
-    """The statuses 300 examples of `strategy` get (a quick run of its own, outside the profile).
+    """The statuses 600 examples of `strategy` get (a quick run of its own, outside the profile).
 
     Derandomized: the same examples on every run, so whether a status is reached is a property of
-    the generators, not of the day's luck (a random 300 once missed every 422)."""
+    the generators, not of the day's luck (a random 300 once missed every 422). 600, not 300:
+    hypothesis draws on string constants of the project's loaded modules, so adding a module
+    shifts the derandomized examples, and 300 left no margin (a new package hid every 404)."""
     seen: set[int] = set()
 
-    @settings(max_examples=300, database=None, derandomize=True)
+    @settings(max_examples=600, database=None, derandomize=True)
     @given(example=strategy)
     def collect(example):
         seen.add(send(example).status_code)

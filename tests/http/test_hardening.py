@@ -120,6 +120,7 @@ def needs_the_token(endpoint: str | None) -> bool:
 def test_every_backend_route_refuses_a_request_without_the_token(app, client):
     """Walks the app's URL map, so a route added later without @require_api_token fails here."""
     checked = []
+    app.config["METRICS_TOKEN"] = "metrics-token"  # GET /metrics has a token of its own (else it is a 404)
     for rule in app.url_map.iter_rules():
         if not needs_the_token(rule.endpoint):
             continue

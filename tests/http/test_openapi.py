@@ -45,7 +45,8 @@ def test_schemathesis_loads_the_served_document(app):
                           "POST /events/{event_id}/retry", "POST /events/retry", "POST /contacts/{phone}/handoff",
                           "DELETE /contacts/{phone}/handoff", "PUT /users/{user_id}", "GET /users/{user_id}",
                           "POST /broadcasts", "GET /broadcasts/{broadcast_id}",
-                          "POST /broadcasts/{broadcast_id}/cancel", "POST /messages/{message_id}/cancel"}
+                          "POST /broadcasts/{broadcast_id}/cancel", "POST /messages/{message_id}/cancel",
+                          "GET /metrics"}
 
 
 @pytest.mark.parametrize("path, method, model", [("/notify", "post", NotifyBody),
@@ -103,6 +104,7 @@ def fuzzed_app(app):
     examples (all to +15551234567) are accepted and the 202 answers are checked too."""
     with app.app_context():
         make_contact("+15551234567")
+    app.config["METRICS_TOKEN"] = "fuzz-metrics-token"  # /metrics answers 401 to the backend's token, not 404
     RUNNING.app = app
     yield app
     RUNNING.app = None

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+import sqlalchemy as sa
+
 from bot.clock import utcnow
 from bot.delivery import outbox
 from bot.delivery.queue import huey
 from bot.extensions import db
+from bot.metrics import readings as readings_module
 from bot.metrics.readings import LANES, read_readings
 from bot.models import Contact, Conversation, Event, Message
 from bot.vocabulary import (Channel, ConversationStatus, Direction, EventStatus, EventType, Kind, MessageStatus,
@@ -34,6 +38,7 @@ def test_readings_count_what_the_database_holds(app):
         _message(ada, MessageStatus.FAILED, error_code=63016)
         _message(ada, MessageStatus.UNDELIVERED, error_code=63024)
         _message(ada, MessageStatus.FAILED, channel=Channel.EMAIL)
+        _message(ada, MessageStatus.FAILED, error_code=63003).updated_at = utcnow() - timedelta(hours=25)  # too old
         _message(ada, MessageStatus.PENDING, age=timedelta(minutes=10))  # bulk
         _message(ada, MessageStatus.RETRYING, kind=Kind.REPLY, age=timedelta(minutes=3))  # conversation
         _message(bob, MessageStatus.PENDING, kind=Kind.REPLY, age=timedelta(minutes=1))
@@ -51,7 +56,7 @@ def test_readings_count_what_the_database_holds(app):
 
     assert readings.database_up and readings.queue_up
     assert readings.message_count(MessageStatus.SENT) == 3
-    assert readings.messages[(Channel.WHATSAPP, Direction.OUTBOUND, MessageStatus.FAILED)] == 2
+    assert readings.messages[(Channel.WHATSAPP, Direction.OUTBOUND, MessageStatus.FAILED)] == 3
     assert readings.messages[(Channel.WHATSAPP, Direction.INBOUND, MessageStatus.RECEIVED)] == 1
     assert readings.failed_by_error_code == {("whatsapp", "63016"): 2, ("whatsapp", "63024"): 1, ("email", "none"): 1}
     ages = readings.oldest_pending_age_seconds
@@ -95,3 +100,28 @@ def test_an_unreachable_database_is_flagged_not_raised(app, monkeypatch):
         readings = read_readings(db.session)
     assert not readings.database_up and readings.queue_up
     assert readings.messages == {}
+
+
+def test_a_big_table_estimates_final_statuses_and_counts_the_live_ones(app, monkeypatch):
+    """Beyond EXACT_COUNT_LIMIT, PostgreSQL's statistics estimate the final statuses. A table this
+    small is sampled whole by ANALYZE, so the estimate must equal the count exactly."""
+    with app.app_context():
+        if db.engine.dialect.name != "postgresql":
+            pytest.skip("estimates come from PostgreSQL's extended statistics")
+        monkeypatch.setattr(readings_module, "EXACT_COUNT_LIMIT", 10)
+        ada = Contact(phone="+15550000001")
+        db.session.add(ada)
+        db.session.flush()
+        for status, count in ((MessageStatus.DELIVERED, 30), (MessageStatus.READ, 12), (MessageStatus.PENDING, 4)):
+            for _ in range(count):
+                _message(ada, status)
+        _message(ada, MessageStatus.FAILED, channel=Channel.EMAIL)
+        db.session.commit()
+        exact = read_readings(db.session).messages  # no statistics yet: counted
+        with db.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("ANALYZE messages"))
+        readings = read_readings(db.session)
+    assert readings.messages_estimated
+    assert readings.messages == exact == {("whatsapp", "outbound", "delivered"): 30,
+                                          ("whatsapp", "outbound", "read"): 12,
+                                          ("whatsapp", "outbound", "pending"): 4, ("email", "outbound", "failed"): 1}
