@@ -25,7 +25,7 @@ def _where(column: str, values: tuple[str, ...], also: str = "") -> sa.TextClaus
 
 
 #: Messages not final yet, failed for good, still to leave: the rows the partial indexes read by
-#: `bot/metrics/readings.py` hold (migration 0009_metrics_indexes, docs/metrics.md).
+#: `bot/metrics/readings.py` hold (migration 0011_metrics_indexes, docs/metrics.md).
 LIVE_MESSAGE_STATUSES = (MessageStatus.PENDING, MessageStatus.DISPATCHING, MessageStatus.RETRYING,
                          MessageStatus.ACCEPTED, MessageStatus.SCHEDULED, MessageStatus.QUEUED,
                          MessageStatus.SENDING, MessageStatus.RECEIVED)

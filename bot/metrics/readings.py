@@ -6,7 +6,7 @@ a process: every figure comes from the database or the queue when it is asked fo
 scrape of any web process tells the state of the whole deployment, worker included
 (docs/ARCHITECTURE.md, "Metrics").
 
-Each statement is served by an index (migration 0009_metrics_indexes): the scrape stays under
+Each statement is served by an index (migration 0011_metrics_indexes): the scrape stays under
 50 ms with a million messages stored (bench/METRICS.md).
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """scheduled sends and quiet hours: a message held in the database until a time
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-06 18:00:00
 
 `messages.not_before`: a pending message is not claimed before it (its `send_at`, or the end of
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 
 revision = '0009'
-down_revision = '0007'
+down_revision = '0008'
 branch_labels = None
 depends_on = None
 

@@ -1,7 +1,7 @@
 """metrics: partial indexes that keep a /metrics scrape cheap with a million messages
 
-Revision ID: 0009
-Revises: 0007
+Revision ID: 0011
+Revises: 0010
 Create Date: 2026-12-06 18:00:00
 
 Each index serves one statement of `bot/metrics/readings.py` and holds only the few rows that
@@ -15,8 +15,8 @@ from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0009'
-down_revision = '0007'
+revision = '0011'
+down_revision = '0010'
 branch_labels = None
 depends_on = None
 
