@@ -54,8 +54,11 @@ OUTBOUND_KINDS = tuple(kind for kind in Kind if kind not in (Kind.INBOUND, Kind.
 
 
 def lane_name(priority: int) -> str:
-    """The lane a queue priority stands for ("conversation", "bulk", "email"; "other" for a
-    priority no lane uses), as the metrics and the dashboard name it."""
+    """The lane a queue priority stands for ("conversation", "bulk", "email", "broadcast"; the
+    broadcasts' pump turns count in "broadcast"; "other" for a priority no lane uses), as the
+    metrics and the dashboard name it."""
+    if priority == Priority.BROADCAST_PUMP:
+        return "broadcast"
     try:
         return Priority(priority).name.lower()
     except ValueError:
@@ -63,7 +66,7 @@ def lane_name(priority: int) -> str:
 
 
 #: Every lane, in the queue's order (highest priority first).
-LANES = tuple(lane_name(priority) for priority in sorted(Priority, reverse=True))
+LANES = tuple(dict.fromkeys(lane_name(priority) for priority in sorted(Priority, reverse=True)))
 
 
 @dataclass(frozen=True)
@@ -210,9 +213,13 @@ def _figures_statement() -> sa.CompoundSelect:
     # One index seek per (channel, kind) on the unsent rows' partial index: a GROUP BY would read
     # every waiting row of a long backlog.
     oldest = [sa.select(*_part("oldest", sa.literal(channel, sa.String), sa.literal(kind, sa.String), at=(
-        sa.select(sa.func.min(Message.created_at))
+        # A held message (send_at, quiet hours) waits from its time on, not from its creation:
+        # one scheduled a week ahead is not a week-old backlog (docs/delivery.md, "Held messages").
+        sa.select(sa.func.min(sa.func.coalesce(Message.not_before, Message.created_at)))
         .where(Message.direction == Direction.OUTBOUND, Message.status.in_(UNSENT),
-               Message.channel == channel, Message.kind == kind).scalar_subquery())))
+               Message.channel == channel, Message.kind == kind,
+               sa.or_(Message.not_before.is_(None), Message.not_before <= sa.bindparam("now")))
+        .scalar_subquery())))
         for channel, kind in _LANE_KEYS]
     events = (sa.select(*_part("events", Event.status, n=sa.func.count())).where(Event.status.in_(EVENT_BACKLOG))
               .group_by(Event.status))

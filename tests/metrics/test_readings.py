@@ -43,6 +43,11 @@ def test_readings_count_what_the_database_holds(app):
         _message(ada, MessageStatus.RETRYING, kind=Kind.REPLY, age=timedelta(minutes=3))  # conversation
         _message(bob, MessageStatus.PENDING, kind=Kind.REPLY, age=timedelta(minutes=1))
         _message(ada, MessageStatus.DISPATCHING, channel=Channel.EMAIL, age=timedelta(seconds=30))  # email
+        # Held until tomorrow (send_at): waiting, but not late; it ages no lane.
+        _message(ada, MessageStatus.PENDING, age=timedelta(hours=2)).not_before = utcnow() + timedelta(days=1)
+        # Held until 20 s ago, made an hour ago: late by 20 s, not by an hour.
+        _message(ada, MessageStatus.PENDING, kind=Kind.BROADCAST, age=timedelta(hours=1)).not_before = (
+            utcnow() - timedelta(seconds=20))
         _message(bob, MessageStatus.RECEIVED, kind=Kind.INBOUND, direction=Direction.INBOUND, age=timedelta(hours=5))
         for status in (EventStatus.PENDING, EventStatus.PENDING, EventStatus.FAILED, EventStatus.DELIVERED):
             db.session.add(Event(type=EventType.MESSAGE_STATUS, contact_id=ada.id, data={}, status=status,
@@ -60,8 +65,9 @@ def test_readings_count_what_the_database_holds(app):
     assert readings.messages[(Channel.WHATSAPP, Direction.INBOUND, MessageStatus.RECEIVED)] == 1
     assert readings.failed_by_error_code == {("whatsapp", "63016"): 2, ("whatsapp", "63024"): 1, ("email", "none"): 1}
     ages = readings.oldest_pending_age_seconds
-    assert set(ages) == set(LANES) == {"conversation", "bulk", "email"}
+    assert set(ages) == set(LANES) == {"conversation", "bulk", "email", "broadcast"}
     assert 595 <= ages["bulk"] <= 620 and 175 <= ages["conversation"] <= 200 and 25 <= ages["email"] <= 50
+    assert 15 <= ages["broadcast"] <= 40
     assert readings.oldest_pending_age == ages["bulk"]
     assert readings.events == {("backend", "pending"): 2, ("backend", "failed"): 1}
     assert readings.events_waiting() == 2 and readings.events_failed() == 1
@@ -78,7 +84,7 @@ def test_queue_depth_per_lane(app):
         outbox.enqueue(outbox.Work.SEND, "later", outbox.Priority.BULK, delay=timedelta(hours=1))
         readings = read_readings(db.session)
     # A delayed task waits in its lane until a consumer moves it to the schedule (huey's way).
-    assert readings.queue_depth == {"conversation": 2, "bulk": 4, "email": 1}
+    assert readings.queue_depth == {"conversation": 2, "bulk": 4, "email": 1, "broadcast": 0}
     assert readings.queue_scheduled == 0
     huey.flush()
 
