@@ -4,6 +4,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from werkzeug.security import check_password_hash
 
+from limits import parse
+
 from bot import create_app
 from bot.extensions import db
 from bot.dashboard.sign_in_limit import PER_ACCOUNT
@@ -36,7 +38,7 @@ def test_the_password_is_prompted_when_not_given(app):
 
 
 def test_a_new_password_ends_every_session_and_lifts_the_lockout(app, signed_in):
-    for _ in range(PER_ACCOUNT.amount):
+    for _ in range(parse(PER_ACCOUNT).amount):
         Dashboard(app.test_client()).sign_in(password="a wrong guess")
     assert Dashboard(app.test_client()).sign_in().status_code == 429
     result = app.test_cli_runner().invoke(args=["operator", "password", "ops@example.com", "--password",

@@ -9,6 +9,8 @@ import re
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from limits import parse
+
 from bot import create_app
 from bot.dashboard import accounts
 from bot.dashboard.sign_in_limit import PER_ACCOUNT, PER_ADDRESS
@@ -105,7 +107,7 @@ def test_the_api_and_the_webhooks_need_no_csrf_token(client, auth):
 
 
 def test_the_limit_per_account_holds_even_for_the_right_password(app, dash, operator):
-    for _ in range(PER_ACCOUNT.amount):
+    for _ in range(parse(PER_ACCOUNT).amount):
         assert dash.sign_in(password="wrong password!!").status_code == 401
     refused = dash.sign_in()  # the right password, too late
     assert refused.status_code == 429 and "Too many" in refused.get_data(as_text=True)
@@ -115,7 +117,7 @@ def test_the_limit_per_account_holds_even_for_the_right_password(app, dash, oper
 
 
 def test_the_limit_per_address_holds_across_accounts(app, dash, operator):
-    for n in range(PER_ADDRESS.amount):
+    for n in range(parse(PER_ADDRESS).amount):
         assert dash.sign_in(email=f"guess{n}@example.com", password="nope nope nope").status_code == 401
     assert dash.sign_in().status_code == 429
     assert Dashboard(app.test_client()).sign_in().status_code == 302  # the operator elsewhere signs in
