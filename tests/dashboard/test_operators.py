@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from werkzeug.security import check_password_hash
-
 from limits import parse
+from werkzeug.security import check_password_hash
 
 from bot import create_app
 from bot.extensions import db
