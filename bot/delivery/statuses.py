@@ -148,7 +148,8 @@ def _callback_statement() -> sa.Select:
         updated_at=sa.bindparam("cb_now", type_=sa.DateTime))
         .returning(messages.c.id, messages.c.contact_id, messages.c.conversation_id, messages.c.channel,
                    messages.c.fallback_of, messages.c.status, messages.c.error_code, messages.c.error_message,
-                   messages.c.twilio_sid, messages.c.kind, messages.c.metadata, moves.label("moved"))
+                   messages.c.twilio_sid, messages.c.kind, messages.c.metadata, messages.c.broadcast_id,
+                   moves.label("moved"))
         .cte("raised"))
     event_table = Event.__table__
     # The same fields, in the same order, as events.message_status (the backend must not tell
@@ -158,7 +159,8 @@ def _callback_statement() -> sa.Select:
         "to", sa.case((raised.c.channel == Channel.EMAIL.value, contacts.c.email), else_=contacts.c.phone),
         "fallback_of", raised.c.fallback_of, "status", raised.c.status, "error_code", raised.c.error_code,
         "error_message", raised.c.error_message, "twilio_sid", raised.c.twilio_sid, "kind", raised.c.kind,
-        "conversation_id", raised.c.conversation_id, "metadata", raised.c.metadata, type_=sa.JSON)
+        "conversation_id", raised.c.conversation_id, "metadata", raised.c.metadata,
+        "broadcast_id", raised.c.broadcast_id, type_=sa.JSON)
     reported = (postgresql.insert(event_table).from_select(
         ["id", "txid", "type", "contact_id", "message_id", "conversation_id", "data", "created_at", "status",
          "attempts", "next_attempt_at"],
