@@ -20,7 +20,7 @@ from bot.delivery import outbox
 from bot.extensions import db
 from bot.http.auth import require_api_token
 from bot.http.broadcast_schema import MAX_BROADCAST_BYTES, BroadcastRequest, parse_broadcast, send_at_utc
-from bot.http.notify import MAX_IDEMPOTENCY_KEY, read_json_body
+from bot.http.notify import accepted_response, idempotency_key, read_json_body
 from bot.http.schemas import InvalidRequest
 from bot.models import Broadcast, IdempotencyKey, is_public_id
 from bot.vocabulary import BroadcastState, IdempotentKind
@@ -36,13 +36,8 @@ def _accepted(broadcast_id: str, replayed: bool = False):
     """202 with the broadcast's id, its state and where to read its counts."""
     broadcast = db.session.get(Broadcast, broadcast_id)
     url = url_for("broadcasts_api.get_broadcast", broadcast_id=broadcast_id)
-    response = jsonify(id=broadcast_id, state=broadcast.state, targets=broadcast.targets,
-                       tags=broadcast.tags or [], url=url)
-    response.status_code = 202
-    response.headers["Location"] = url
-    if replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return response
+    return accepted_response(jsonify(id=broadcast_id, state=broadcast.state, targets=broadcast.targets,
+                                     tags=broadcast.tags or [], url=url), url, replayed)
 
 
 def _replay(key: str, fingerprint: str):
@@ -71,11 +66,11 @@ def create_broadcast():
         send_at = send_at_utc(asked.send_at)
     except InvalidRequest as exc:
         return _error(400, str(exc))
-    key = request.headers.get("Idempotency-Key")
+    try:
+        key = idempotency_key()
+    except InvalidRequest as exc:
+        return _error(400, str(exc))
     if key is not None:
-        key = key.strip()
-        if not key or len(key) > MAX_IDEMPOTENCY_KEY:
-            return _error(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
         fingerprint = asked.fingerprint()  # once: 100,000 entries take a while to hash
         replay = _replay(key, fingerprint)
         if replay is not None:

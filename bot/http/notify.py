@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
-from flask import Blueprint, abort, current_app, jsonify, request, url_for
+from flask import Blueprint, Response, abort, current_app, jsonify, request, url_for
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
@@ -52,6 +52,28 @@ def read_json_body() -> Any:
         return None
 
 
+def idempotency_key() -> str | None:
+    """The request's `Idempotency-Key`, stripped; None without one. Raises InvalidRequest for an
+    empty or overlong key. One rule for /notify and /broadcasts (one key space)."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY:
+        raise InvalidRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    return key
+
+
+def accepted_response(response: Response, url: str, replayed: bool) -> Response:
+    """`response` as a 202 naming where to read what was accepted (`Location`), marked
+    `Idempotent-Replayed` when it repeats the first answer for a reused key."""
+    response.status_code = 202
+    response.headers["Location"] = url
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
 def _error(status: int, message: str, **extra: Any):
     return jsonify(error=message, **extra), status
 
@@ -70,11 +92,7 @@ def _accepted_as(message_id: str, status: str, channel: str, user_id: str | None
     response = jsonify(id=message_id, status=status, channel=channel, user_id=user_id, to=to,
                        created_at=isoformat(created_at), url=url, send_at=isoformat(send_at),
                        held_until=isoformat(held_until), held_reason=hold_reason(send_at, held_until))
-    response.status_code = 202
-    response.headers["Location"] = url
-    if replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return response
+    return accepted_response(response, url, replayed)
 
 
 def _conversation_accepted(conversation: Conversation, replayed: bool = False):
@@ -87,11 +105,7 @@ def _conversation_accepted(conversation: Conversation, replayed: bool = False):
         created_at=conversation.to_dict()["started_at"],
         url=url,
     )
-    response.status_code = 202
-    response.headers["Location"] = url
-    if replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return response
+    return accepted_response(response, url, replayed)
 
 
 def _replay(key: str, fingerprint: str):
@@ -128,11 +142,11 @@ def notify():
     except InvalidRequest as exc:
         return _error(400, str(exc))
 
-    key = request.headers.get("Idempotency-Key")
+    try:
+        key = idempotency_key()
+    except InvalidRequest as exc:
+        return _error(400, str(exc))
     if key is not None:
-        key = key.strip()
-        if not key or len(key) > MAX_IDEMPOTENCY_KEY:
-            return _error(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
         replay = _replay(key, notification.fingerprint())
         if replay is not None:
             return replay
