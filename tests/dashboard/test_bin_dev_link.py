@@ -2,7 +2,6 @@
 the dashboard, through the real web process bin/dev started."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.devtools.test_bin_dev import descendants, kill_what_is_left, press_ctrl_c
+from tests.devtools.test_bin_dev import bin_dev_env, descendants, kill_what_is_left, press_ctrl_c
 from tests.faults.test_processes import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,11 +24,7 @@ pytestmark = [
 
 def test_bin_dev_prints_a_one_time_link_that_signs_in(tmp_path):
     web_port, simulator_port = free_port(), free_port()
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("DATABASE_URL", "REDIS_URL", "TWILIO_", "TEST_", "NOTIFY_", "EVENTS_", "SENDGRID_"))}
-    env.update(VENV=sys.prefix, BIN_DEV_SKIP_INSTALL="1", PORT=str(web_port), SIMULATOR_PORT=str(simulator_port),
-               INSTANCE_PATH=str(tmp_path / "instance"), WEB_CONCURRENCY="1", WORKER_THREADS="2",
-               PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env = bin_dev_env(tmp_path, web_port, simulator_port)
     out = tmp_path / "out.log"
     shell = subprocess.Popen(["bash", "-c", f"cd {ROOT} && bin/dev"], env=env, cwd=tmp_path, start_new_session=True,
                              stdout=open(out, "wb"), stderr=subprocess.STDOUT)

@@ -98,14 +98,23 @@ def kill_what_is_left(shell: subprocess.Popen, started: dict[int, str]) -> None:
         shell.wait(timeout=10)
 
 
+def bin_dev_env(tmp_path: Path, web_port: int, simulator_port: int, **extra: str) -> dict[str, str]:
+    """The environment of a `bin/dev` run by a test: this machine's own, minus every setting
+    that would take development mode away (bin/dev must run with no configuration at all), on
+    free ports, with an instance folder of its own and the installed venv (no pip run)."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("DATABASE_URL", "REDIS_URL", "TWILIO_", "TEST_", "NOTIFY_", "EVENTS_", "SENDGRID_",
+                                  "EMAIL_", "DEV_WEB_URL", "SECRET_KEY", "PUBLIC_URL"))}
+    env.update(VENV=sys.prefix, BIN_DEV_SKIP_INSTALL="1", PORT=str(web_port), SIMULATOR_PORT=str(simulator_port),
+               INSTANCE_PATH=str(tmp_path / "instance"), WEB_CONCURRENCY="1", WORKER_THREADS="2",
+               PIP_DISABLE_PIP_VERSION_CHECK="1", **extra)
+    return env
+
+
 @pytest.mark.parametrize("pipeline", ["bin/dev 2>&1 | tail -n 5", "bin/dev 2>&1 | tee dev.log >/dev/null", "bin/dev"])
 def test_ctrl_c_stops_everything_bin_dev_started(pipeline, tmp_path):
     web_port, simulator_port = free_port(), free_port()
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("DATABASE_URL", "REDIS_URL", "TWILIO_", "TEST_", "NOTIFY_", "EVENTS_", "SENDGRID_"))}
-    env.update(VENV=sys.prefix, BIN_DEV_SKIP_INSTALL="1", PORT=str(web_port), SIMULATOR_PORT=str(simulator_port),
-               INSTANCE_PATH=str(tmp_path / "instance"), WEB_CONCURRENCY="1", WORKER_THREADS="2",
-               PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env = bin_dev_env(tmp_path, web_port, simulator_port)
     # A session of its own, as a terminal's shell gives each pipeline a process group of its own.
     shell = subprocess.Popen(["bash", "-c", f"cd {ROOT} && {pipeline.replace('dev.log', str(tmp_path / 'dev.log'))}"],
                              env=env, cwd=tmp_path, start_new_session=True,

@@ -9,7 +9,6 @@ to the web's /sendgrid/events, and a newcomer sees the login email arrive in `fl
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from bot.devmode import (DEV_EMAIL_FROM, dev_api_key, dev_private_key, dev_secre
 from bot.devtools.chat import ChatSession, run_repl
 from bot.devtools.simulator import TwilioSimulator, parse_args
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, SENDER
-from tests.devtools.test_bin_dev import descendants, kill_what_is_left, press_ctrl_c
+from tests.devtools.test_bin_dev import bin_dev_env, descendants, kill_what_is_left, press_ctrl_c
 from tests.faults.test_processes import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,12 +169,7 @@ def test_bin_dev_delivers_the_login_email_and_the_chat_shows_it(tmp_path):
     message ends `delivered`), and `bin/chat`'s /emails and the /_emails page show it."""
     web_port, simulator_port = free_port(), free_port()
     instance = tmp_path / "instance"
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("DATABASE_URL", "REDIS_URL", "TWILIO_", "TEST_", "NOTIFY_", "EVENTS_", "SENDGRID_",
-                                  "EMAIL_", "DEV_WEB_URL", "SECRET_KEY", "PUBLIC_URL"))}
-    env.update(VENV=sys.prefix, BIN_DEV_SKIP_INSTALL="1", PORT=str(web_port), SIMULATOR_PORT=str(simulator_port), INSTANCE_PATH=str(instance),
-               WEB_CONCURRENCY="1", WORKER_THREADS="2", PIP_DISABLE_PIP_VERSION_CHECK="1",
-               SIMULATOR_ARGS="--callback-delay 0.2")
+    env = bin_dev_env(tmp_path, web_port, simulator_port, SIMULATOR_ARGS="--callback-delay 0.2")
     shell = subprocess.Popen(["bash", "-c", f"cd {ROOT} && bin/dev"], env=env, cwd=tmp_path, start_new_session=True,
                              stdout=open(tmp_path / "dev.log", "wb"), stderr=subprocess.STDOUT)
     web, simulator = f"http://127.0.0.1:{web_port}", f"http://127.0.0.1:{simulator_port}"
