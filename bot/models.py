@@ -180,6 +180,11 @@ class Message(db.Model):
     not_before: Mapped[datetime | None] = mapped_column(sa.DateTime, index=True)
     #: The time the backend asked for (POST /notify `send_at`), kept to say why it is held.
     send_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    #: The quiet hours (`HH:MM-HH:MM`) that applied when it was made: the request's, else
+    #: QUIET_HOURS; a broadcast's own; a fallback its original's. The sender checks them again, in
+    #: the recipient's timezone, when it sends (invariant 15). None: never held for quiet hours
+    #: (replies, opt-out confirmations, agents' messages, a request's `"quiet_hours": null`).
+    quiet_hours: Mapped[str | None] = mapped_column(sa.String(11))
     #: When the current (or last) send attempt began: the lookup's "since" if its fate is unknown.
     attempt_started_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
     #: The backend's own object (POST /notify "metadata", at most 4 KB), echoed in its events.

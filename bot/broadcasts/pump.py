@@ -199,6 +199,8 @@ def release(broadcast: Broadcast, now: datetime) -> int:
         # Quiet hours in the recipient's own timezone: held in the database until they end
         # (invariant 15; bot/delivery/release.py lets it go).
         "not_before": release_at(now, None, quiet, zone(recipient.timezone, default_zone)) if quiet else None,
+        # Kept on the row: the sender checks them again when it sends (a backlog, a retry).
+        "quiet_hours": str(quiet) if quiet else None,
         "variables": recipient.variables or shared or None, "backend_metadata": broadcast.backend_metadata,
         "status": MessageStatus.PENDING.value, "status_rank": MessageStatus.PENDING.rank, "attempts": 0,
         "created_at": now, "updated_at": now,

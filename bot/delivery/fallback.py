@@ -79,6 +79,8 @@ def consider(message: Message) -> Message | None:
         variables=message.variables, status=MessageStatus.PENDING, status_rank=MessageStatus.PENDING.rank,
         backend_metadata=message.backend_metadata, conversation_id=message.conversation_id,
         broadcast_id=message.broadcast_id,
+        # Its original's quiet hours: the sender holds the fallback, too, until they end (invariant 15).
+        quiet_hours=message.quiet_hours,
     )
     try:
         with db.session.begin_nested():

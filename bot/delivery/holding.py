@@ -5,10 +5,12 @@ Pure code: no Flask, no database, no clock of its own. Every instant in and out 
 datetime (bot/clock.py's convention, what the columns store); only the quiet hours are read in
 local time, through `zoneinfo`, so a daylight-saving change moves the instant a hold ends, not the
 wall-clock time it ends at. `POST /notify` and `POST /broadcasts` call `release_at` with the
-recipient's timezone; the message row keeps the answer in `messages.not_before`.
+recipient's timezone; the message row keeps the answer in `messages.not_before`, and its quiet
+hours in `messages.quiet_hours`, which the sender checks again when it sends (`quiet_until`).
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta, timezone, tzinfo
@@ -109,6 +111,25 @@ def hold_until(now: datetime, send_at: datetime | None, quiet_hours: QuietHours 
     if quiet_hours is None and send_at is None:
         return None
     return release_at(now, send_at, quiet_hours, zone(timezone_name, default_timezone))
+
+
+@functools.lru_cache(maxsize=256)
+def _stored_quiet_hours(text: str) -> QuietHours | None:
+    return parse_quiet_hours(text)
+
+
+def quiet_until(now: datetime, quiet_hours: str, timezone_name: str | None, default_timezone: str) -> datetime | None:
+    """At send time: the end of a message's quiet hours (`messages.quiet_hours`, as stored) if
+    they cover `now` in the recipient's timezone (`timezone_name`, else `default_timezone`), as
+    `release_at` reckons it; None when it may leave now. Text that does not parse (not written by
+    this server) holds nothing: a message is never kept back for ever."""
+    try:
+        quiet = _stored_quiet_hours(quiet_hours)
+    except InvalidQuietHours:
+        return None
+    if quiet is None:
+        return None
+    return release_at(now, None, quiet, zone(timezone_name, default_timezone))
 
 
 def _wall(instant: datetime, tz: tzinfo) -> datetime:

@@ -6,7 +6,8 @@ send task is also scheduled on the queue for that instant, but only as a hint: `
 every few seconds by each consumer (bot/delivery/ticker.py) and every minute by the outbox sweep,
 finds due held rows through the `not_before` index and enqueues them, so a Redis flush, a
 restart or a killed worker delays a held message by seconds and loses nothing
-(docs/ARCHITECTURE.md, "Held messages").
+(docs/ARCHITECTURE.md, "Held messages"). The sender also holds a claimed message here
+(`hold_at_send`) when its quiet hours cover the moment it was about to leave.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import functools
 import logging
 from datetime import datetime
 from enum import StrEnum
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
@@ -21,7 +23,7 @@ from bot.clock import utcnow
 from bot.delivery import events, outbox
 from bot.delivery.claims import release_next
 from bot.extensions import db
-from bot.models import Contact, Message
+from bot.models import Contact, Message, hold_reason
 from bot.vocabulary import Channel, Direction, MessageStatus
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,48 @@ def release_due(now: datetime | None = None) -> int:
     return len(rows)
 
 
+class SendTimeHold(NamedTuple):
+    """A claimed message the sender holds: its row (as claimed), until when, and its recipient's
+    address and user id (for `message.held`)."""
+
+    row: Any
+    until: datetime
+    to: str | None
+    user_id: str | None
+
+
+def hold_at_send(held: list[SendTimeHold]) -> None:
+    """Claimed messages that would arrive inside their recipient's quiet hours: back to
+    `pending`, held until then (`not_before`), the claim released and the attempt not counted,
+    with `message.held` (reason quiet_hours) in the same commit; `release_due` lets each go when
+    it is due (invariant 15; docs/ARCHITECTURE.md, "Quiet hours at send time"). Commits.
+
+    Nothing of this attempt reached a provider, so nothing can be sent twice. `pending` ranks
+    below `dispatching`: the one move back, made only under this claim (the UPDATE requires it).
+    An earlier attempt's `unsure_since` stays, so the next claim looks the provider up first, and
+    `cancel` refuses it (it may have left)."""
+    now = utcnow()
+    kept = []
+    for item in held:
+        row = item.row
+        moved = db.session.execute(
+            sa.update(Message).where(Message.id == row.id, Message.status == MessageStatus.DISPATCHING)
+            .values(status=MessageStatus.PENDING, status_rank=MessageStatus.PENDING.rank, claimed_until=None,
+                    next_attempt_at=None, not_before=item.until, attempts=Message.attempts - 1, updated_at=now)
+            .execution_options(synchronize_session=False)).rowcount
+        if moved:
+            kept.append(item)
+            events.message_held(row.id, contact_id=row.contact_id, channel=row.channel, kind=row.kind, to=item.to,
+                                user_id=item.user_id, held_until=item.until,
+                                reason=hold_reason(row.send_at, item.until), send_at=row.send_at,
+                                metadata=row._mapping["metadata"])
+    db.session.commit()
+    for item in kept:
+        log.info("message %s held for its recipient's quiet hours until %s", item.row.id, item.until.isoformat())
+        # Held, it holds none of its contact's later messages back (claims._earlier_unsent_message).
+        release_next(item.row.id, item.row.contact_id)
+
+
 class Cancel(StrEnum):
     """What `cancel` found."""
 
@@ -70,8 +114,9 @@ class Cancel(StrEnum):
     TOO_LATE = "too_late"  # claimed, sent or failed: it left (or is leaving), or it ended
 
 
-#: Statuses a cancel can stop: nothing of the message reached a provider yet. A retrying row
-#: whose fate is unknown (`unsure_since`) may have been accepted, so it cannot be called back.
+#: Statuses a cancel can stop: nothing of the message reached a provider yet. A row whose fate
+#: is unknown (`unsure_since`: retrying, or pending again, held at send time after such an
+#: attempt) may have been accepted, so it cannot be called back.
 CANCELABLE = (MessageStatus.PENDING, MessageStatus.RETRYING)
 
 
@@ -84,8 +129,7 @@ def cancel(message_id: str) -> tuple[Cancel, Message | None]:
     canceled = db.session.execute(
         sa.update(Message)
         .where(Message.id == message_id, Message.direction == Direction.OUTBOUND,
-               sa.or_(Message.status == MessageStatus.PENDING,
-                      sa.and_(Message.status == MessageStatus.RETRYING, Message.unsure_since.is_(None))))
+               Message.status.in_(CANCELABLE), Message.unsure_since.is_(None))
         .values(status=MessageStatus.CANCELED, status_rank=MessageStatus.CANCELED.rank, not_before=None,
                 next_attempt_at=None, updated_at=now)
         .execution_options(synchronize_session=False)).rowcount

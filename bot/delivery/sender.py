@@ -5,7 +5,10 @@ contact's turn and the lease are bot.delivery.claims; everything a provider deci
 its refusals, what an answer means, how to look up a send whose answer was lost) is the
 message's channel (bot/channels/base.py), registered by the tasks module. What is left here is
 channel-neutral: the batch, the rate limit, the pool, recording outcomes, retries with backoff,
-holds, failures, and handing the contact's turn to their next message.
+holds, failures, and handing the contact's turn to their next message. A message whose quiet
+hours (`messages.quiet_hours`) cover the moment it is about to leave, in its recipient's own
+timezone, goes back to the database until they end (docs/ARCHITECTURE.md, "Quiet hours at send
+time").
 
 An attempt whose fate is unknown "may have been accepted" (one state, one rule; invariant 2): a
 lease that ran out (the worker died), or a channel's `Unknown` (a lost answer). The row keeps
@@ -38,8 +41,9 @@ from bot.channels.base import Channel, Refusal, Wait
 from bot.channels.outcomes import Accepted, Failed, Unknown
 from bot.clock import utcnow
 from bot.contacts import opt_out_waiting_clause
-from bot.delivery import claims, in_flight, outbox
+from bot.delivery import claims, in_flight, outbox, release
 from bot.delivery.claims import UNSENT, claim, claim_along, release_next, wait_for_turn
+from bot.delivery.holding import quiet_until
 from bot.delivery.rate_limit import bulk_share_key, bulk_share_rate, send_rate_limit
 from bot.delivery.shutdown import is_stopping
 from bot.delivery.statuses import apply_pending_events, raise_status, report_statuses
@@ -81,6 +85,7 @@ class Outcome(StrEnum):
     RETRY = "retry"
     WAITING = "waiting"  # an older message to the same contact goes first
     RELEASED = "released"  # the worker is stopping: back on the queue, not attempted
+    HELD = "held"  # inside its recipient's quiet hours: held in the database until they end
 
 
 class ShuttingDown(Exception):
@@ -380,6 +385,7 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
     """
     outcomes: dict[str, Outcome] = {}
     ready: list[_Send] = []
+    held: list[release.SendTimeHold] = []
     recipients = load_recipients({row.contact_id for row in batch})
     rate_keys: dict[str, tuple[str, int]] = {}
     for row in batch:
@@ -394,6 +400,11 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
             outcomes[row.id] = Outcome.FAILED
             continue
         contact, stop_waiting = recipients[row.contact_id]
+        if row.quiet_hours is not None:  # most rows have none: an attribute read, no statement
+            until = quiet_until(utcnow(), row.quiet_hours, contact.timezone, current_app.config["DEFAULT_TIMEZONE"])
+            if until is not None:
+                held.append(release.SendTimeHold(row, until, contact.address_on(row.channel), contact.user_id))
+                continue
         request = channel.prepare(row, contact, stop_waiting)
         if isinstance(request, Refusal):
             log.info("message %s refused before %s: %s", row.id, channel.name, request.text)
@@ -407,6 +418,11 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
         bulk_rate = bulk_share_rate(rate, float(current_app.config["BROADCAST_RATE_SHARE"])) \
             if row.kind == Kind.BROADCAST else None
         ready.append(_Send(row, channel, request, rate_key, rate, bulk_rate))
+    if held:
+        for item in held:  # release_due enqueues their tasks again: those must run
+            _disown(item.row.id)
+            outcomes[item.row.id] = Outcome.HELD
+        release.hold_at_send(held)
     if not ready:
         return outcomes
     # The providers' clients are read in the app context, before the session is given back.

@@ -382,6 +382,8 @@ def _message_params(notification: NotifyRequest, key: str | None, channel: str, 
         "key": key, "request_hash": notification.fingerprint() if key else None,
         "metadata": notification.metadata, "kind": Kind.AGENT.value if notification.agent else Kind.NOTIFICATION.value,
         "now": now, "send_at": notification.send_at_utc, "not_before": None,
+        # Kept on the row: the sender checks them again when it sends (invariant 15).
+        "quiet_hours": str(quiet) if (quiet := _quiet_hours_of(notification)) is not None else None,
     }
 
 
@@ -392,7 +394,7 @@ def _message_columns(value: Any) -> dict[str, Any]:
              "media_urls": "media_urls", "template": "template", "content_sid": "content_sid",
              "variables": "variables", "idempotency_key": "key", "request_hash": "request_hash",
              "metadata": "metadata", "kind": "kind", "created_at": "now", "updated_at": "now",
-             "send_at": "send_at", "not_before": "not_before"}
+             "send_at": "send_at", "not_before": "not_before", "quiet_hours": "quiet_hours"}
     columns = {name: value(param, messages.c[name]) for name, param in bound.items()}
     columns.update(direction=sa.literal(Direction.OUTBOUND.value), status=sa.literal(MessageStatus.PENDING.value),
                    status_rank=sa.literal(MessageStatus.PENDING.rank), attempts=sa.literal(0))
