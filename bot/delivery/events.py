@@ -141,9 +141,10 @@ def handoff_changed(contact: Contact, started: bool, *, reason: str | None, by: 
 def message_held(message_id: str, *, contact_id: int, channel: str, kind: str, to: str | None,
                  user_id: str | None, held_until: Any, reason: str, send_at: Any,
                  metadata: dict[str, Any] | None) -> Event:
-    """message.held: a new message waits in the database until `held_until` (its send_at, or
-    the end of the recipient's quiet hours: invariant 15). A new type, so a receiver that
-    filters on message.status sees exactly what it saw before."""
+    """message.held: a message waits in the database until `held_until` (its send_at, or the
+    end of the recipient's quiet hours, when it is made or when its send comes due inside them:
+    invariant 15). A new type, so a receiver that filters on message.status sees exactly what it
+    saw before."""
     return emit(EventType.MESSAGE_HELD, {
         "message_id": message_id, "channel": channel, "user_id": user_id, "to": to, "kind": kind,
         "held_until": isoformat(held_until), "reason": reason, "send_at": isoformat(send_at),

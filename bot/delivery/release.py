@@ -78,7 +78,7 @@ def hold_at_send(held: list[SendTimeHold]) -> None:
     """Claimed messages that would arrive inside their recipient's quiet hours: back to
     `pending`, held until then (`not_before`), the claim released and the attempt not counted,
     with `message.held` (reason quiet_hours) in the same commit; `release_due` lets each go when
-    it is due (invariant 15; docs/ARCHITECTURE.md, "Quiet hours at send time"). Commits.
+    it is due (docs/ARCHITECTURE.md, invariant 15, "Quiet hours at send time"). Commits.
 
     Nothing of this attempt reached a provider, so nothing can be sent twice. `pending` ranks
     below `dispatching`: the one move back, made only under this claim (the UPDATE requires it).

@@ -7,8 +7,8 @@ message's channel (bot/channels/base.py), registered by the tasks module. What i
 channel-neutral: the batch, the rate limit, the pool, recording outcomes, retries with backoff,
 holds, failures, and handing the contact's turn to their next message. A message whose quiet
 hours (`messages.quiet_hours`) cover the moment it is about to leave, in its recipient's own
-timezone, goes back to the database until they end (docs/ARCHITECTURE.md, "Quiet hours at send
-time").
+timezone, goes back to the database until they end (docs/ARCHITECTURE.md, invariant 15, "Quiet
+hours at send time").
 
 An attempt whose fate is unknown "may have been accepted" (one state, one rule; invariant 2): a
 lease that ran out (the worker died), or a channel's `Unknown` (a lost answer). The row keeps
