@@ -1,6 +1,8 @@
 """Phone numbers: parse anything a backend or Twilio sends into E.164 with libphonenumber."""
 from __future__ import annotations
 
+import functools
+
 import phonenumbers
 
 WHATSAPP_PREFIX = "whatsapp:"
@@ -18,6 +20,14 @@ def normalize_e164(raw: str) -> str:
     """
     if not isinstance(raw, str):
         raise InvalidNumber("must be a string")
+    return _normalized(raw)
+
+
+@functools.lru_cache(maxsize=1024)
+def _normalized(raw: str) -> str:
+    # Cached: libphonenumber's parse costs about a twentieth of a webhook's CPU, and the same
+    # contacts write and are written to again and again. Only answers are cached (an
+    # InvalidNumber is raised anew each time); the function is pure.
     text = raw.strip()
     if text.lower().startswith(WHATSAPP_PREFIX):
         text = text[len(WHATSAPP_PREFIX):].strip()

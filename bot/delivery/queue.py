@@ -7,6 +7,10 @@ under instance/ (the embedded default).
 from __future__ import annotations
 
 import logging
+import os
+import struct
+import threading
+import time
 from typing import Any, Callable
 
 from flask import Flask
@@ -44,6 +48,36 @@ class PriorityQueueStorage(PriorityRedisStorage):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue_key = self.queue_key + ".priority"
+        self._held = threading.local()
+
+    def enqueue(self, data: bytes, priority: int | None = None) -> None:
+        """huey's own `RedisPriorityQueue.enqueue` — the same ZADD of the same member (an 8-byte
+        timestamp, then the message) at the same score — on a connection this thread keeps.
+
+        Every request of the web enqueues one task after its commit (the outbox), and redis-py's
+        `zadd` spends most of its CPU around the command: a pool checkout that polls the socket,
+        its retry and its observability hooks (bench/THROUGHPUT.md, "The web's hot path": about
+        half the enqueue's CPU). A connection held per thread needs none of that. If it fails
+        (Redis restarted, a broken socket), it is dropped and this one command goes through
+        redis-py's client with its reconnects and retries, as before.
+        """
+        score = 0 if priority is None else -priority
+        member = struct.pack(">Q", int(time.time() * 1e6)) + data
+        pool = self.conn.connection_pool
+        held = getattr(self._held, "connection", None)
+        if held is None or held[0] != os.getpid():  # none yet, or inherited across a fork
+            held = (os.getpid(), pool.get_connection())
+            self._held.connection = held
+        connection = held[1]
+        try:
+            connection.send_command("ZADD", self.queue_key, score, member)
+            connection.read_response()
+        except Exception:
+            # An answer half read must not be read by the next command: drop the connection.
+            self._held.connection = None
+            connection.disconnect()
+            pool.release(connection)
+            self.conn.zadd(self.queue_key, {member: score})
 
 
 class MaskedLogHuey(DrainingHuey):

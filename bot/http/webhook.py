@@ -4,14 +4,15 @@ from __future__ import annotations
 import re
 from typing import Callable, Mapping
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.datastructures import MultiDict
 
 from bot.channels.whatsapp.callbacks import parse_status_callback
 from bot.conversations.inbound import store_inbound
 from bot.delivery import webhook_fallback
 from bot.phone import InvalidNumber
-from bot.http.auth import validate_twilio_request
+from bot.http.auth import twilio_form, validate_twilio_request
 from bot.delivery.statuses import record_callback
 from bot.metrics import counters as metrics
 from bot.vocabulary import INBOUND_CALLBACK_STATUSES, Channel, parse_outbound_status
@@ -27,9 +28,9 @@ RETRY_AFTER_SECONDS = 5
 
 
 def form_fields() -> dict[str, str]:
-    """The request's form as a plain dict, without NUL characters (no database text holds them;
-    Twilio never sends them, but a 500 is never the answer)."""
-    return {key: value.replace("\x00", "") for key, value in request.form.items()}
+    """The request's form (parsed once: `twilio_form`) as a plain dict, without NUL characters (no
+    database text holds them; Twilio never sends them, but a 500 is never the answer)."""
+    return {key: value.replace("\x00", "") for key, value in twilio_form().items()}
 
 
 def twiml_ok() -> Response:
@@ -41,18 +42,18 @@ def twiml_ok() -> Response:
 @validate_twilio_request
 def twilio_webhook():
     """Record a status callback, or store and enqueue an inbound message; answer in milliseconds."""
-    form = request.form
+    form = twilio_form()
     if not form.get("MessageSid"):
         return jsonify(error="MessageSid is required"), 400
     if not SID_PATTERN.match(form["MessageSid"]):
         return jsonify(error="MessageSid is not a Twilio message SID (SM/MM + 32 hex digits)"), 400
     if form.get("MessageStatus"):
-        return _status_callback()
-    return _inbound_message()
+        return _status_callback(form)
+    return _inbound_message(form)
 
 
-def _status_callback():
-    status = request.form["MessageStatus"].strip().lower()
+def _status_callback(form: MultiDict[str, str]):
+    status = form["MessageStatus"].strip().lower()
     if status in INBOUND_CALLBACK_STATUSES:
         return twiml_ok()
     if len(status) > MAX_STATUS_LENGTH:
@@ -60,12 +61,12 @@ def _status_callback():
     if parse_outbound_status(status) is None:
         # Twilio adds statuses without notice; keep the event, never fail the callback.
         current_app.logger.warning("unknown MessageStatus %r kept as an event", status)
-    metrics.provider_callback(Channel.WHATSAPP, status, request.form.get("ErrorCode"))
+    metrics.provider_callback(Channel.WHATSAPP, status, form.get("ErrorCode"))
     return _store_or_queue(lambda form: record_callback(parse_status_callback(form)), form_fields())
 
 
-def _inbound_message():
-    if not request.form.get("From"):
+def _inbound_message(form: MultiDict[str, str]):
+    if not form.get("From"):
         return jsonify(error="From is required"), 400
     try:
         # Its processing is enqueued once it is committed. The number is parsed before any query,

@@ -10,6 +10,9 @@ concurrent callbacks of one message report each move once, in rank order.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import random
 import threading
 from collections.abc import Iterator
@@ -354,3 +357,85 @@ def test_a_pooled_connection_killed_while_idle_is_replaced_before_a_request_uses
     first = client.post("/notify", json=notify, headers=auth)
     assert first.status_code == (202 if idle_ping else 503), first.get_json()
     assert client.post("/notify", json=notify, headers=auth).status_code == 202
+
+
+#: Bodies whose parsing has edge cases: escapes, '+', blanks, a repeated key, a key alone, broken
+#: and non-UTF-8 escapes.
+ODD_BODIES = [
+    "Body=caf%C3%A9+%2B+%F0%9F%98%80&ProfileName=&Empty=&MediaUrl0=https%3A%2F%2Fx.test%2Fa%3Fb%3Dc",
+    "Body=one&Body=two&Alone&&=v&k=%zz&bad=%ff%fe&plus=a+b%2Bc",
+]
+
+
+@pytest.mark.parametrize("body", ODD_BODIES)
+def test_the_form_parsed_once_is_the_form_werkzeug_parses(app, body):
+    """The webhook parses its urlencoded form itself (bot/http/auth.py::twilio_form, half the CPU):
+    the same fields and values as `request.form`, so the same signature."""
+    from flask import request
+    from twilio.request_validator import RequestValidator
+
+    from bot.http.auth import twilio_form
+
+    with app.test_request_context("/twilio/webhook", method="POST", data=body,
+                                  content_type="application/x-www-form-urlencoded; charset=utf-8"):
+        ours = twilio_form()
+        assert twilio_form() is ours  # parsed once per request
+        theirs = request.form
+        assert list(ours.items(multi=True)) == list(theirs.items(multi=True))
+        validator = RequestValidator(AUTH_TOKEN)
+        assert validator.compute_signature(WEBHOOK_URL, ours) == validator.compute_signature(WEBHOOK_URL, theirs)
+
+
+def test_a_repeated_field_is_signed_as_twilio_signs_it(app, client):
+    """A field given twice is signed with both values (the SDK's rule over a multi-dict: each key
+    once, sorted, then each of its values, sorted): the parsed form keeps both, so the genuine
+    request passes and one without the second value does not."""
+    from urllib.parse import urlencode
+
+    pairs = [*inbound_form(PHONE).items(), ("MediaContentType0", "b"), ("MediaContentType0", "a")]
+    signed = WEBHOOK_URL + "".join(key + value for key, value in sorted(pairs))
+    signature = base64.b64encode(hmac.new(AUTH_TOKEN.encode(), signed.encode(), hashlib.sha1).digest()).decode()
+    for body, expected in ((urlencode(pairs), 200), (urlencode(pairs[:-1]), 403)):
+        response = client.post("/twilio/webhook", data=body, content_type="application/x-www-form-urlencoded",
+                               headers={"X-Twilio-Signature": signature}, base_url=PUBLIC_BASE)
+        assert response.status_code == expected, response.get_data(as_text=True)
+
+
+def test_a_webhook_posted_as_multipart_is_still_verified_and_stored(app, client):
+    """Only an urlencoded body takes the short parse; any other form goes through Werkzeug's."""
+    form = inbound_form(PHONE)
+    headers = {"X-Twilio-Signature": sign(AUTH_TOKEN, WEBHOOK_URL, form)}
+    response = client.post("/twilio/webhook", data=form, headers=headers, content_type="multipart/form-data",
+                           base_url=PUBLIC_BASE)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    refused = client.post("/twilio/webhook", data={**form, "Body": "changed"}, headers=headers,
+                          content_type="multipart/form-data", base_url=PUBLIC_BASE)
+    assert refused.status_code == 403
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(Message)
+                                 .where(Message.twilio_sid == form["MessageSid"])) == 1
+
+
+def test_an_enqueue_on_the_held_redis_connection_is_what_huey_reads_and_survives_its_loss(app):
+    """The Redis queue's ZADD on a connection each thread keeps (bot/delivery/queue.py): the
+    consumer reads the same tasks in the same lanes, and a connection Redis dropped is replaced
+    for that very enqueue (redis-py's client with its reconnect), so nothing waits for the sweep."""
+    from bot.delivery import outbox
+
+    if not app.config.get("REDIS_URL"):
+        pytest.skip("Redis only: the SQLite queue has no connection to hold")
+    import redis
+
+    with app.app_context():
+        assert outbox.enqueue(outbox.Work.SEND, "bulk-1", outbox.Priority.BULK)
+        assert outbox.enqueue(outbox.Work.INBOUND, "turn-1", outbox.Priority.CONVERSATION)
+        # What a Redis restart does to every client: the held socket is dead now.
+        killer = redis.Redis.from_url(app.config["REDIS_URL"])
+        assert killer.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes") >= 1
+        assert outbox.enqueue(outbox.Work.INBOUND, "turn-2", outbox.Priority.CONVERSATION)
+        assert outbox.enqueue(outbox.Work.SEND, "bulk-2", outbox.Priority.BULK)  # on a new held connection
+        got = []
+        while (task := huey.dequeue()) is not None:
+            got.append((task.name, task.args, task.priority))
+    assert got == [("process_inbound", ("turn-1",), 10), ("process_inbound", ("turn-2",), 10),
+                   ("send_message", ("bulk-1",), 0), ("send_message", ("bulk-2",), 0)]
