@@ -40,11 +40,22 @@ def _user_ids(values: list[str]) -> list[str]:
     return values
 
 
+#: E.164 allows at most 15 digits after the +.
+E164_MAX_DIGITS = 15
+
+
 def _phones(values: list[str]) -> list[str]:
+    """The listed numbers as `+` and their digits (formatting dropped, `00` read as `+`): what
+    `broadcast_targets.phone` stores; libphonenumber's full check is the worker's."""
+    compact = []
     for index, value in enumerate(values):
-        if not PHONE_SHAPE.match(value):
+        shape = PHONE_SHAPE.match(value)
+        # The digits after the international prefix (`+` or `00`, group 1).
+        digits = "".join(ch for ch in value[shape.end(1):] if ch.isdigit()) if shape else ""
+        if not digits or len(digits) > E164_MAX_DIGITS:
             raise InvalidRequest(f"'audience.phones'[{index}] is not an international number (+ and digits, E.164)")
-    return values
+        compact.append("+" + digits)
+    return compact
 
 
 def _variable(value: Any) -> Any:

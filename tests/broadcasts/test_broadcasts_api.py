@@ -205,3 +205,18 @@ def test_a_completed_broadcast_cannot_be_canceled_and_its_messages_name_it(
         message_id = db.session.scalar(sa.select(Message.id).limit(1))
     message = client.get(f"/messages/{message_id}", headers=auth).get_json()
     assert message["broadcast_id"] == accepted.get_json()["id"] and message["kind"] == "broadcast"
+
+
+def test_a_formatted_number_is_stored_compact_and_one_too_long_for_e164_is_a_400(
+        app: Flask, client: FlaskClient, auth: dict, twilio: TwilioSimulator) -> None:
+    # 25 characters as listed: wider than broadcast_targets.phone, which once made this a 500
+    # on PostgreSQL.
+    _users(client, auth, 2, start=42)
+    formatted = "whatsapp: +1 (555) 200-0042"
+    accepted = _broadcast(client, auth, {"audience": {"phones": [formatted, "0015552000043"]}, **TEMPLATE})
+    assert accepted.status_code == 202, accepted.get_json()
+    run_queue(max_tasks=500)
+    assert sorted(m["to"] for m in twilio.messages) == ["whatsapp:+15552000042", "whatsapp:+15552000043"]
+    too_long = _broadcast(client, auth, {"audience": {"phones": ["+1 555 200 0042 0000 0"]}, **TEMPLATE})
+    assert too_long.status_code == 400
+    assert "'audience.phones'[0]" in too_long.get_json()["error"]
