@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
+from datetime import timezone
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from throughput import (ACCOUNT_SID, API_TOKEN, AUTH_TOKEN, SENDER, Processes, RssSampler, clean_redis,  # noqa: E402
                         cpu_snapshot, cpu_split, end_to_end, free_port, inbound_form, load_stats, log, machine_info,
-                        open_loop, process_tree, procfile, recreate_database, rss_kib, seed_contacts, signed_form,
+                        open_loop, process_tree, procfile, recreate_database, rss_kib, seed_contacts, signed_form, summary,
                         terminate_on_sigterm, wait_for_creates, wait_for_quiet, wait_healthy, Stack)
 
 from bot.devtools.simulator import TwilioSimulator  # noqa: E402
@@ -150,6 +151,37 @@ def sends_per_second(sim: TwilioSimulator, since: float, until: float) -> dict[s
             "busiest_second": max(per_second.values(), default=0)}
 
 
+def reply_segments(database_url: str, prefix: str, timings: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where each turn's time went, from the rows' own clocks (the same machine's as the
+    simulator's): *to_turn*: the inbound row stored by the web → its reply row written by the
+    turn (the queue's wait, the turn task's pick-up and the flow); *to_twilio*: the reply row
+    written → its create at the simulator (the commit, the hand-over, the rate slot, the HTTP call)."""
+    import sqlalchemy as sa
+
+    from bot.config import database_uri
+
+    engine = sa.create_engine(database_uri(database_url, "."))
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT c.phone, i.created_at AS inbound, MIN(r.created_at) AS reply FROM messages i "
+            "JOIN contacts c ON c.id = i.contact_id "
+            "JOIN messages r ON r.contact_id = i.contact_id AND r.direction = 'outbound' "
+            "WHERE i.direction = 'inbound' AND c.phone LIKE :prefix GROUP BY c.phone, i.created_at"),
+            {"prefix": prefix + "%"}).all()
+    engine.dispose()
+    created = {}
+    for t in timings:
+        created.setdefault(t["to"], t["received_at"])
+    epoch = lambda naive: naive.replace(tzinfo=timezone.utc).timestamp()  # noqa: E731
+    to_turn, to_twilio = [], []
+    for phone, inbound, reply in rows:
+        to_turn.append(epoch(reply) - epoch(inbound))
+        if "whatsapp:" + phone in created:
+            to_twilio.append(created["whatsapp:" + phone] - epoch(reply))
+    return {"inbound_stored_to_reply_written": summary(to_turn),
+            "reply_written_to_twilio": summary(to_twilio)}
+
+
 def turns(stack: Stack, label: str, rate: int, duration: float, drain_timeout: float) -> dict[str, Any]:
     """Signed inbound 'feedback' from distinct opted-in contacts; each reply matched at the simulator."""
     phones = [f"{TURN_PREFIXES[label]}{i:07d}" for i in range(int(rate * duration))]
@@ -164,6 +196,7 @@ def turns(stack: Stack, label: str, rate: int, duration: float, drain_timeout: f
     drained = wait_for_creates(stack.sim, {s.key for s in samples if s.status == 200}, drain_timeout)
     return {"cores_during_load": cores, "inbound_webhook": load_stats(samples, rate, duration, 200),
             "reply_handed_to_twilio": {**end_to_end(samples, stack.sim.timings, duration), "drained": drained},
+            "segments": reply_segments(stack.config["DATABASE_URL"], TURN_PREFIXES[label], stack.sim.timings),
             "window": [min(s.scheduled for s in samples), max(s.done for s in samples)]}
 
 
