@@ -259,12 +259,14 @@ def test_a_stopping_worker_and_web_fit_in_the_hosts_grace() -> None:
 
 
 def test_sends_in_flight_share_the_keep_alive_pool_to_twilio(app) -> None:
-    """The SDK keeps at most 32 connections (https only): every thread beyond would open a new one."""
+    """One keep-alive connection per sending thread (SEND_CONCURRENCY): the SDK's own client keeps
+    at most 32 (https only), and every thread beyond would open a new one."""
     from bot.channels.whatsapp.client import get_client
 
     with app.app_context():
         app.config["SEND_CONCURRENCY"] = 48
         app.extensions["twilio_client"] = None
-        session = get_client().http_client.session
-        for scheme in ("https://", "http://"):
-            assert session.get_adapter(scheme + "api.twilio.com")._pool_maxsize == 48
+        http_client = get_client().http_client
+        for url in ("https://api.twilio.com/2010-04-01", "http://127.0.0.1:8080/2010-04-01"):  # http: a simulator
+            manager = http_client._route(url, ("", url, None))
+            assert manager.connection_from_url(url).pool.maxsize == 48

@@ -93,6 +93,28 @@ class MaskedLogHuey(DrainingHuey):
             setup()
         return super().create_consumer(**options)
 
+    # No task of ours is ever revoked: a message that must not go is settled in its row (the
+    # sender reads the row), never by revoking its task. huey still asks Redis for each task it
+    # runs whether the task or its kind was revoked, and clears the task's flag after it ran: two
+    # round trips per task, as many as dequeuing it (bench/THROUGHPUT.md, "The worker's hot
+    # path"). Skipped; revoking is refused rather than silently ignored.
+
+    def is_revoked(self, task: Any, timestamp: Any = None, peek: bool = True) -> bool:
+        """Never: nothing revokes (see above); no round trip to the queue's storage."""
+        return False
+
+    def delete(self, key: str) -> Any:
+        """A task's revocation flag (`r:<id>`) is never set: nothing to clear."""
+        if key.startswith("r:"):
+            return False
+        return super().delete(key)
+
+    def revoke(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: this queue does not check revocations (a message is stopped in its row)."""
+        raise NotImplementedError("tasks are not revoked here: settle the message's row instead")
+
+    revoke_all = revoke_by_id = revoke
+
 
 huey = MaskedLogHuey(QUEUE_NAME, results=False, storage_class=UnconfiguredStorage)
 

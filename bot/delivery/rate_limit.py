@@ -42,6 +42,14 @@ WINDOW_MARGIN_SECONDS = 0.001
 #: How often a thread waiting in line (or sleeping for the window) checks whether its wait was
 #: cancelled (the worker stopping): a local check, no Redis call.
 CANCEL_CHECK_SECONDS = 0.25
+#: The most slots the first in line takes in one call to the window, for itself and the sends
+#: waiting behind it (a send batch is at most 50 messages: docs/delivery.md, "Waiting for a rate
+#: slot").
+MAX_SLOTS_PER_CALL = 50
+#: A send that keeps slots free (a broadcast's) takes at most this fraction of the reserve at once:
+#: the reserve is read, then taken from, in two calls, so each process racing another can eat into
+#: it by one take (a quarter of the reserve), never more.
+KEEP_FREE_TAKE_FRACTION = 0.25
 #: Redis calls time out rather than hang: a send stuck in a call to a vanished host would hold its
 #: claim (renewed while it waits) for ever.
 REDIS_TIMEOUT_SECONDS = 5.0
@@ -99,8 +107,18 @@ class SendRateLimit:
         turn = line.join(deadline, cancelled)
         if turn is None:
             return False
+        if turn.granted:  # the first in line took this send's slot along with its own
+            return True
         try:
-            return self._take(item, sender, deadline, cancelled, keep_free)
+            # Slots for the sends waiting behind this one too, in the same call to the window;
+            # each is handed to a send already waiting, which goes at once (never kept for later).
+            most = min(MAX_SLOTS_PER_CALL, item.amount - keep_free,
+                       max(1, int(keep_free * KEEP_FREE_TAKE_FRACTION)) if keep_free else MAX_SLOTS_PER_CALL)
+            taken = self._take(item, sender, deadline, cancelled, keep_free,
+                               wanted=lambda: max(1, min(most, line.waiting())))
+            if taken > 1:
+                line.grant(turn, taken - 1)
+            return taken > 0
         finally:
             line.leave(turn)
 
@@ -113,24 +131,43 @@ class SendRateLimit:
         return line
 
     def _take(self, item: RateLimitItemPerSecond, sender: str, deadline: float,
-              cancelled: Callable[[], bool] | None, keep_free: int = 0) -> bool:
-        """The first in line takes its slot: one hit when the window has room; when it is full,
-        one read of when it frees and one sleep until then. With `keep_free`, "room" is more
-        than that many free slots (read first: a concurrent send may take one in between, so the
-        reserve can be short by the sends racing, never by more)."""
+              cancelled: Callable[[], bool] | None, keep_free: int = 0,
+              wanted: Callable[[], int] = lambda: 1) -> int:
+        """The first in line takes slots for itself and the sends behind it (`wanted()` of them,
+        asked again on each try): as many as the window has free, up to that, in one hit (the
+        window counts each slot as a send: the rate holds in every window); when it is full, one
+        sleep until its oldest send leaves it. How many it took: 0 when the deadline passed or the
+        wait was cancelled.
+
+        With `keep_free`, "room" is more than that many free slots: the window is read first,
+        then taken from (a concurrent process may take some in between, so the reserve can be
+        short by what the racing processes take, never more)."""
         unavailable = False
+        want = wanted()
         while True:
             if cancelled is not None and cancelled():
-                return False
+                return 0
             try:
-                roomy = not keep_free or self.limiter.test(item, self.namespace, sender, cost=keep_free + 1)
-                if roomy and self.limiter.hit(item, self.namespace, sender):
+                # One send alone: one call when there is room. Several, or a reserve to keep:
+                # read how many are free first, then take that many (two calls for the lot).
+                if not keep_free and want == 1:
+                    taken = 1 if self.limiter.hit(item, self.namespace, sender) else 0
+                    if not taken:  # refused: until when?
+                        stats = self.limiter.get_window_stats(item, self.namespace, sender)
+                        free = stats.remaining
+                else:
+                    stats = self.limiter.get_window_stats(item, self.namespace, sender)
+                    free = stats.remaining - keep_free
+                    want = min(want, free)
+                    taken = want if want > 0 and self.limiter.hit(item, self.namespace, sender, cost=want) else 0
+                if taken:
                     if unavailable:
                         log.info("the send rate limit's Redis answers again; sends from %s go on", _masked(sender))
-                    return True
-                reset_at = self.limiter.get_window_stats(item, self.namespace, sender).reset_time
-                # The oldest send in the window leaves it at `reset_at`: the next slot is free then.
-                wait = max(reset_at - time.time(), 0.0) + WINDOW_MARGIN_SECONDS
+                    return taken
+                # The oldest send in the window leaves it at `reset_time`: a slot is free then. (A
+                # refusal despite room: another process took it first; a millisecond, not a spin.)
+                wait = WINDOW_MARGIN_SECONDS if free > 0 else \
+                    max(stats.reset_time - time.time(), 0.0) + WINDOW_MARGIN_SECONDS
             except StorageError as exc:
                 if not unavailable:
                     log.warning("the send rate limit's Redis is unreachable (%s); sends from %s wait for it",
@@ -140,8 +177,9 @@ class SendRateLimit:
                 if unavailable:
                     log.warning("the send rate limit's Redis stayed unreachable until the send's wait ran out; "
                                 "the send is retried later")
-                return False
+                return 0
             _sleep(wait, cancelled)
+            want = wanted()
 
     def slow_down(self, sender: str, rate: int | None = None) -> None:
         """The provider said "too fast" (429, 63018): spend what is left of this second, for every
@@ -161,38 +199,68 @@ class SendRateLimit:
         log.warning("Twilio asked us to slow down: sends from %s pause for the rest of this second", _masked(sender))
 
 
+class _Turn:
+    """One waiting send's place in a line: woken when it is first, or when the first took its slot."""
+
+    __slots__ = ("event", "granted")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.granted = False
+
+
 class _Line:
     """The threads of one process waiting for one budget's slot, in arrival order.
 
-    Only the first in line talks to the window (Redis); the others sleep on their own event until
-    it is their turn, so a thousand sends waiting at 80 a second cost what eighty cost, not a
-    thousand polls. Fair: a send never waits behind sends that asked after it.
+    Only the first in line talks to the window (Redis), and it takes slots for the threads
+    waiting behind it too, in one call (`grant`); the others sleep on their own event until it is
+    their turn or their slot was taken for them, so a thousand sends waiting at 80 a second cost
+    what a few calls a second cost, not a thousand polls. Fair: a send never waits behind sends
+    that asked after it.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._waiting: collections.deque[threading.Event] = collections.deque()
+        self._waiting: collections.deque[_Turn] = collections.deque()
 
-    def join(self, deadline: float, cancelled: Callable[[], bool] | None) -> threading.Event | None:
-        """Wait for this thread's turn; None when the deadline passed or the wait was cancelled."""
-        turn = threading.Event()
+    def join(self, deadline: float, cancelled: Callable[[], bool] | None) -> _Turn | None:
+        """Wait for this thread's turn (or its slot); None when the deadline passed or the wait was
+        cancelled (a slot taken for it meanwhile goes unused: the window only ever counts more)."""
+        turn = _Turn()
         with self._lock:
             self._waiting.append(turn)
             if self._waiting[0] is turn:
-                turn.set()
-        while not turn.wait(min(max(deadline - time.monotonic(), 0.0), CANCEL_CHECK_SECONDS)):
+                turn.event.set()
+        while not turn.event.wait(min(max(deadline - time.monotonic(), 0.0), CANCEL_CHECK_SECONDS)):
             if time.monotonic() >= deadline or (cancelled is not None and cancelled()):
                 self.leave(turn)
                 return None
         return turn
 
-    def leave(self, turn: threading.Event) -> None:
+    def waiting(self) -> int:
+        """How many threads stand in line, the first included."""
+        return len(self._waiting)
+
+    def grant(self, first: _Turn, slots: int) -> None:
+        """The first in line took `slots` more than its own: the next `slots` threads in line have
+        theirs, and go at once. Fewer waiting now (some gave up): the rest are left unused."""
+        with self._lock:
+            while slots > 0 and len(self._waiting) > 1 and self._waiting[0] is first:
+                granted = self._waiting[1]
+                del self._waiting[1]
+                granted.granted = True
+                granted.event.set()
+                slots -= 1
+
+    def leave(self, turn: _Turn) -> None:
         """Out of the line (done, or given up); the next in line, if this was the first, goes on."""
         with self._lock:
-            first = bool(self._waiting) and self._waiting[0] is turn
+            if turn not in self._waiting:  # its slot was granted as it gave up
+                return
+            first = self._waiting[0] is turn
             self._waiting.remove(turn)
             if first and self._waiting:
-                self._waiting[0].set()
+                self._waiting[0].event.set()
 
 
 def _sleep(seconds: float, cancelled: Callable[[], bool] | None) -> None:

@@ -1,6 +1,7 @@
 """The outbox enqueues work only after the commit that makes its rows visible (invariant 1)."""
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 
 from bot.delivery import outbox
@@ -109,3 +110,27 @@ def test_send_priority_follows_the_kind():
     assert outbox.send_priority("reply") > outbox.send_priority("notification")
     assert outbox.send_priority("opt_out_confirm") == outbox.Priority.CONVERSATION
     assert outbox.send_priority(None) == outbox.Priority.BULK
+
+
+def test_a_task_costs_the_queue_one_round_trip_no_revocation_checks(app, client, auth, twilio, monkeypatch):
+    """Issue 17: huey asks its storage, for every task it runs, whether the task was revoked,
+    and clears its revocation flag after: two round trips beside the dequeue. Nothing here
+    revokes a task (a message is stopped in its row), so the worker skips both, and revoking is
+    refused rather than silently ignored."""
+    from tests.conftest import run_queue
+
+    with app.app_context():
+        make_contact()
+    asked: list[str] = []
+    for name in ("peek_many", "peek_data", "pop_data", "delete_data", "put_data"):
+        original = getattr(huey.storage, name)
+        monkeypatch.setattr(huey.storage, name,
+                            lambda *args, _name=name, _original=original, **kwargs: (asked.append(_name),
+                                                                                     _original(*args, **kwargs))[1])
+    response = client.post("/notify", json={"to": "+15551234567", "body": "one round trip"}, headers=auth)
+    assert response.status_code == 202
+    assert run_queue() >= 1
+    assert [m["body"] for m in twilio.messages] == ["one round trip"]
+    assert asked == []
+    with pytest.raises(NotImplementedError):
+        huey.revoke_by_id("anything")

@@ -1,10 +1,15 @@
 """The official Twilio SDK client, configured once per app, always with a timeout."""
 from __future__ import annotations
 
+import base64
 import functools
+import json
 import logging
+import os
+import threading
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlencode
 
 from flask import Flask, current_app
 
@@ -26,21 +31,15 @@ def build_client(account_sid: str, auth_token: str, api_url: str, timeout: float
                  connections: int = DEFAULT_CONNECTIONS) -> "Client":
     """A Client whose HTTP calls time out and go to `api_url` (Twilio, or a local simulator).
 
-    `connections`: how many keep-alive connections it keeps — one per thread that sends at once.
-    The SDK's own pool keeps at most 32 (https only); every send beyond the pool would open a new
-    TCP and TLS connection and throw it away afterwards.
+    `connections`: how many keep-alive connections it keeps per host — one per thread that sends
+    at once; a send beyond them opens a connection of its own and closes it afterwards.
     """
     # Imported here: only the worker (and the doctor) call Twilio's REST API; a web process
-    # that never does is 6 MB smaller without it, and without requests (bench/THROUGHPUT.md,
-    # "The web's hot path").
-    from requests.adapters import HTTPAdapter
+    # that never does is 6 MB smaller without it (bench/THROUGHPUT.md, "The web's hot path").
     from twilio.rest import Client
 
-    http_client = _lean_http_client_class()(timeout=timeout)
-    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=connections)
-    for scheme in ("https://", "http://"):  # http: a local simulator
-        http_client.session.mount(scheme, adapter)
-    client = Client(account_sid, auth_token, http_client=http_client)
+    client = Client(account_sid, auth_token,
+                    http_client=_urllib3_http_client_class()(timeout=timeout, connections=connections))
     # Messages live on the 'api' domain; pointing its base URL elsewhere keeps every path and
     # form field exactly as the SDK writes them.
     client.api.base_url = api_url.rstrip("/")
@@ -48,53 +47,147 @@ def build_client(account_sid: str, auth_token: str, api_url: str, timeout: float
 
 
 @functools.cache
-def _lean_http_client_class() -> type:
-    """The SDK's own HTTP client (`TwilioHttpClient`), minus two costs it pays on every request.
+def _urllib3_http_client_class() -> type:
+    """The SDK's HTTP client interface (`twilio.http.HttpClient`) on urllib3 directly.
 
-    `requests` reads the proxy and CA-bundle variables out of the whole environment for each
-    request it sends (`Session.merge_environment_settings`: a third of the SDK's CPU per send,
-    bench/THROUGHPUT.md, "The worker's hot path"); here they are read once per host and kept, so
-    HTTPS_PROXY, NO_PROXY and REQUESTS_CA_BUNDLE still apply, as set when the worker started. And
-    the SDK formats its request and response log lines (headers included) before the logger
-    drops them: here they are only formatted when its logger would write them. Everything else,
-    from the URL and form to the answer's parsing, is the SDK's.
+    The SDK builds every request (URL, query, form fields, headers, Basic auth) and reads every
+    answer (`twilio.http.response.Response`, its errors: TwilioRestException...); this class only
+    carries the bytes. The SDK's own `TwilioHttpClient` goes through `requests`, which costs about
+    1.3 ms of CPU per send (`Session.prepare_request`, hooks, cookies, the environment merged
+    per request, its adapter: bench/THROUGHPUT.md, "The worker's hot path") for what urllib3 does
+    itself: a pool of keep-alive connections per host. docs/libraries.md says why urllib3 and
+    what of `requests`' behaviour is kept (proxies, CA bundle, redirects not followed, timeouts).
     """
-    from requests import Request
-    from twilio.http.http_client import TwilioHttpClient
+    import urllib3
+    from twilio.http import HttpClient
     from twilio.http.response import Response
 
-    class LeanTwilioHttpClient(TwilioHttpClient):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._environment: dict[str, dict[str, Any]] = {}
+    class Urllib3TwilioHttpClient(HttpClient):
+        def __init__(self, timeout: float | None = None, connections: int = DEFAULT_CONNECTIONS,
+                     logger: logging.Logger = logging.getLogger("twilio.http_client")) -> None:
+            super().__init__(logger, False, timeout)
+            self.connections = connections
+            #: Per (scheme, host, port): the pool manager to send through (direct, or a proxy's).
+            self._routes: dict[tuple[str, str, int | None], urllib3.PoolManager] = {}
+            self._managers: dict[str | None, urllib3.PoolManager] = {}
+            self._lock = threading.Lock()
 
         def request(self, method: str, url: str, params: Any = None, data: Any = None, headers: Any = None,
                     auth: Any = None, timeout: float | None = None, allow_redirects: bool = False) -> Response:
+            """Send one request as the SDK built it; its answer as the SDK's Response. Errors are
+            urllib3's own (bot/channels/whatsapp/sending.py classifies them)."""
             if timeout is None:
                 timeout = self.timeout
             elif timeout <= 0:
                 raise ValueError(timeout)
-            kwargs = {"method": method.upper(), "url": url, "params": params, "headers": headers, "auth": auth,
-                      "hooks": self.request_hooks}
-            if headers and headers.get("Content-Type") in ("application/json", "application/scim+json"):
-                kwargs["json"] = data
-            else:
-                kwargs["data"] = data
-            logs = self.logger.isEnabledFor(logging.INFO)
-            if logs:
-                self.log_request(kwargs)
-            prepared = self.session.prepare_request(Request(**kwargs))
-            host = urlsplit(prepared.url)[:2]
-            settings = self._environment.get(host)
-            if settings is None:
-                settings = self._environment.setdefault(host, self.session.merge_environment_settings(
-                    prepared.url, self.proxy, None, None, None))
-            response = self.session.send(prepared, allow_redirects=allow_redirects, timeout=timeout, **settings)
-            if logs:
-                self.log_response(response.status_code, response)
-            return Response(int(response.status_code), response.text, response.headers)
+            method = method.upper()
+            if self.logger.isEnabledFor(logging.INFO):
+                self.log_request({"method": method, "url": url, "params": params, "headers": headers})
+            headers = dict(headers or {})
+            if params:
+                url += ("&" if "?" in url else "?") + form_encode(params)
+            body: bytes | None = None
+            if headers.get("Content-Type") in ("application/json", "application/scim+json"):
+                if data is not None:
+                    body = json.dumps(data, allow_nan=False).encode("utf-8")
+            elif isinstance(data, (str, bytes)):
+                body = data.encode("utf-8") if isinstance(data, str) else data
+            elif data:
+                body = form_encode(data).encode("ascii")
+                headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+            if auth is not None:
+                headers["Authorization"] = _basic_auth(*auth)
+            parts = urllib3.util.parse_url(url)
+            manager = self._routes.get((parts.scheme, parts.host, parts.port))
+            if manager is None:
+                manager = self._route(url, (parts.scheme, parts.host, parts.port))
+            # retries=False: one attempt, its error raised as is (a send is not idempotent: a
+            # second attempt is the sender's to decide, after a lookup: docs/ARCHITECTURE.md,
+            # "Retries"); redirects are answered, not followed, as the SDK asks of requests.
+            answer = manager.request(method, url, body=body, headers={**_default_headers(), **headers},
+                                     timeout=urllib3.Timeout(connect=timeout, read=timeout),
+                                     retries=False, redirect=allow_redirects)
+            if self.logger.isEnabledFor(logging.INFO):
+                self.log_response(answer.status, answer)
+            return Response(answer.status, _text(answer), answer.headers)
 
-    return LeanTwilioHttpClient
+        def _route(self, url: str, key: tuple[str, str, int | None]) -> "urllib3.PoolManager":
+            """How to reach this host: through the proxy the environment names for it (HTTPS_PROXY,
+            HTTP_PROXY, ALL_PROXY, NO_PROXY: `requests`' own reading of them), or directly; read
+            once per host, as the worker started."""
+            from requests.utils import get_environ_proxies, select_proxy
+
+            proxy = select_proxy(url, get_environ_proxies(url))
+            with self._lock:
+                manager = self._managers.get(proxy)
+                if manager is None:
+                    manager = self._managers[proxy] = _pool_manager(proxy, self.connections)
+                self._routes[key] = manager
+            return manager
+
+    return Urllib3TwilioHttpClient
+
+
+@functools.cache
+def _default_headers() -> dict[str, str]:
+    """What `requests` adds to every request the SDK sends and urllib3 does not: the encodings
+    urllib3 can decode here (gzip, deflate; br and zstd when their packages are installed)."""
+    import urllib3
+
+    encodings = urllib3.util.make_headers(accept_encoding=True)["accept-encoding"]
+    return {"Accept-Encoding": ", ".join(encodings.split(",")), "Accept": "*/*", "Connection": "keep-alive"}
+
+
+def _pool_manager(proxy: str | None, connections: int) -> Any:
+    """Keep-alive pools of `connections` per host, verifying certificates against the bundle
+    `requests` would use: REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE if set, else certifi's."""
+    import certifi
+    import urllib3
+
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
+    tls: dict[str, Any] = {"cert_reqs": "CERT_REQUIRED"}
+    tls["ca_cert_dir" if os.path.isdir(bundle) else "ca_certs"] = bundle
+    # block=False: a send beyond the pool opens a connection of its own rather than waiting.
+    options = {"num_pools": 4, "maxsize": max(1, connections), "block": False, **tls}
+    if proxy is None:
+        return urllib3.PoolManager(**options)
+    parsed = urllib3.util.parse_url(proxy)
+    proxy_headers = urllib3.util.make_headers(proxy_basic_auth=unquote(parsed.auth)) if parsed.auth else None
+    return urllib3.ProxyManager(proxy, proxy_headers=proxy_headers, **options)
+
+
+def form_encode(fields: Any) -> str:
+    """A form or a query string exactly as `requests` writes it from a dict (or pairs): a list
+    value repeats its key, None values are left out, text is UTF-8, spaces are '+'."""
+    pairs = fields.items() if isinstance(fields, Mapping) else fields
+    encoded = []
+    for key, values in pairs:
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            values = [values]
+        for value in values:
+            if value is not None:
+                encoded.append((key.encode("utf-8") if isinstance(key, str) else key,
+                                value.encode("utf-8") if isinstance(value, str) else value))
+    return urlencode(encoded, doseq=True)
+
+
+def _basic_auth(username: str, password: str) -> str:
+    """The Authorization header `requests` writes for a (username, password) pair."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode("latin1")).decode("ascii")
+
+
+def _text(answer: Any) -> str:
+    """The answer's body as text, as `requests`' `.text` decodes a JSON answer: its declared
+    charset, else UTF-8 (Twilio answers JSON), undecodable bytes replaced."""
+    charset = "utf-8"
+    for param in (answer.headers.get("Content-Type") or "").split(";")[1:]:
+        name, _, value = param.strip().partition("=")
+        if name.lower() == "charset" and value:
+            charset = value.strip("'\"")
+    try:
+        return answer.data.decode(charset, errors="replace")
+    except LookupError:  # a charset Python does not know
+        return answer.data.decode("utf-8", errors="replace")
 
 
 def get_client() -> "Client":

@@ -59,9 +59,16 @@ def request_never_left(exc: BaseException) -> bool:
     """Whether a failed HTTP call to Twilio provably never reached it: no connection was made
     (refused, unresolvable, the connect timed out). Anything else after the connection opened
     (a read timeout, a dropped connection, a reset) may have been accepted, and must be looked
-    up before another attempt (docs/ARCHITECTURE.md, invariant 2)."""
-    import requests
+    up before another attempt (docs/ARCHITECTURE.md, invariant 2).
+
+    The Twilio client raises urllib3's errors as they are (bot/channels/whatsapp/client.py);
+    `requests`' wrappings of the same errors are read too (another client under the SDK)."""
     from urllib3.exceptions import ConnectTimeoutError
+
+    # NewConnectionError and NameResolutionError are ConnectTimeoutErrors in urllib3 2.
+    if isinstance(exc, ConnectTimeoutError):
+        return True
+    import requests
 
     if isinstance(exc, requests.ConnectTimeout):
         return True
@@ -69,5 +76,4 @@ def request_never_left(exc: BaseException) -> bool:
         return False
     reason = exc.args[0] if exc.args else None
     reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError names the cause
-    # NewConnectionError and NameResolutionError are ConnectTimeoutErrors in urllib3 2.
     return isinstance(reason, ConnectTimeoutError)

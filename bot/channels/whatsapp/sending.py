@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 import requests
+import urllib3
 from twilio.base.exceptions import TwilioException
 
 from bot.channels.outcomes import Accepted, Failed, Outcome, Unknown
@@ -58,7 +59,9 @@ def classify(exc: Exception, started: datetime) -> Outcome:
             return Unknown(f"HTTP {http_status} from Twilio: {text}", started, http_status, code)
         return Failed(code, text, is_retryable(http_status, code), http_status,
                       too_fast=is_too_fast(http_status, code), max_attempts=ATTEMPT_LIMITS.get(code))
-    if isinstance(exc, requests.RequestException):
+    # urllib3's own errors from our client under the SDK (bot/channels/whatsapp/client.py), or
+    # `requests`' wrappings of them: the same causes, read the same way.
+    if isinstance(exc, (urllib3.exceptions.HTTPError, requests.RequestException)):
         if request_never_left(exc):
             return Failed(None, f"{type(exc).__name__} connecting to Twilio", retry=True)
         # The request may have reached Twilio and only the answer been lost.
