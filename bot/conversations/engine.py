@@ -10,7 +10,7 @@ outbox once that commit succeeds.
 A turn reads what it needs in one statement after the lock (the message, its contact, the open
 conversation) and writes nothing until its commit: the stages run with the session's autoflush
 off, so everything they add goes out in one flush, and a failing flow's writes, never sent, are
-dropped from the session instead of rolled back to a savepoint (docs/ARCHITECTURE.md, "The turn").
+dropped from the session instead of rolled back to a savepoint (docs/ARCHITECTURE.md, "Inbound").
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from bot.delivery import outbox
 from bot.conversations.store import (answer_consent_questions, apply_step, end_conversation,
                                      end_open_conversations, open_conversation, remember_open_conversation,
                                      send_replies, start_flow)
+from bot.conversations.writes import write_turn
 from bot.conversations.handoff import HANDED_OVER, HandoffBy, end_handoff, expired_handoffs, in_handoff
 from bot.delivery import events
 from bot.extensions import db
@@ -173,7 +174,6 @@ def _handle_safely(message: Message, contact: Contact | None = None) -> list[Mes
             outgoing = handle_message(contact, message)
             message.status = MessageStatus.PROCESSED
             _report_received(contact, message, outgoing)
-            return outgoing
         except DBAPIError:
             # The database, not the flow: process_inbound rolls back and decides (is_transient)
             # whether the turn is retried as it is or counted towards giving the message up.
@@ -181,7 +181,10 @@ def _handle_safely(message: Message, contact: Contact | None = None) -> list[Mes
         except Exception as exc:
             log.exception("flow failed on inbound message %s", message.id)
             _forget_unflushed()
-            return _apologise(contact, message, exc)
+            outgoing = _apologise(contact, message, exc)
+    # Outside the flow's try: a database error here is the database's, never an apology.
+    write_turn()
+    return outgoing
 
 
 def _forget_unflushed() -> None:

@@ -454,8 +454,8 @@ def test_a_failing_handler_apologises_and_does_not_wedge_the_contact(ctx, say, m
 
 
 def test_a_flow_failing_after_it_started_a_conversation_leaves_none_of_its_writes(ctx, say, monkeypatch):
-    """The turn writes nothing before its commit (no savepoint: docs/ARCHITECTURE.md, "The
-    turn"): a flow that fails after its entry point opened a conversation, and reported it, leaves
+    """The turn writes nothing before its commit (no savepoint: docs/ARCHITECTURE.md, "Inbound"):
+    a flow that fails after its entry point opened a conversation, and reported it, leaves
     neither behind; the message is processed with an apology. Data that is not JSON is such a
     failure, found before the commit rather than at its flush."""
     import dataclasses
