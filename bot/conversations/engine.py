@@ -8,9 +8,10 @@ and commits consent, conversation and replies together; the replies' sends are e
 outbox once that commit succeeds.
 
 A turn reads what it needs in one statement after the lock (the message, its contact, the open
-conversation) and writes nothing until its commit: the stages run with the session's autoflush
-off, so everything they add goes out in one flush, and a failing flow's writes, never sent, are
-dropped from the session instead of rolled back to a savepoint (docs/ARCHITECTURE.md, "Inbound").
+conversation) and writes nothing while the stages run (the session's autoflush is off): what
+they add and change is written together at the turn's end (`writes.write_turn`), and a failing
+flow's writes, never sent, are dropped from the session instead of rolled back to a savepoint
+(docs/ARCHITECTURE.md, "Inbound").
 """
 from __future__ import annotations
 
@@ -167,8 +168,8 @@ def _handle_safely(message: Message, contact: Contact | None = None) -> list[Mes
     if contact is None:
         contact = db.session.get(Contact, message.contact_id, populate_existing=True)
     outbox.hand_over_sends()
-    # No flush until the commit: the turn's writes go out together, and a failing flow's are
-    # still only in the session, where _forget_unflushed drops them (no savepoint needed).
+    # No flush while the stages run: the turn's writes go out together (write_turn), and a
+    # failing flow's are still only in the session, where _forget_unflushed drops them.
     with db.session.no_autoflush:
         try:
             outgoing = handle_message(contact, message)

@@ -5,7 +5,7 @@ contacts.py). Nothing here commits: the caller's turn commits consent, conversat
 after that commit (docs/ARCHITECTURE.md, invariants 1 and 4).
 
 Nothing here flushes either: ids are made here, not by the database, so a turn's writes wait in
-the session and go out in one flush at its commit (docs/ARCHITECTURE.md, "Inbound"). The reads
+the session and go out together at its end (docs/ARCHITECTURE.md, "Inbound"). The reads
 below answer for what the session holds, flushed or not: a conversation started or ended in this
 transaction counts as the database will have it once it commits.
 """
