@@ -6,6 +6,12 @@ Runs in the worker only. Messages of one contact are handled one at a time and i
 rows and run in parallel. A turn runs the message through the stages (`bot.conversations.stages`)
 and commits consent, conversation and replies together; the replies' sends are enqueued by the
 outbox once that commit succeeds.
+
+A turn reads what it needs in one statement after the lock (the message, its contact, the open
+conversation) and writes nothing while the stages run (the session's autoflush is off): what
+they add and change is written together at the turn's end (`writes.write_turn`), and a failing
+flow's writes, never sent, are dropped from the session instead of rolled back to a savepoint
+(docs/ARCHITECTURE.md, "Inbound").
 """
 from __future__ import annotations
 
@@ -22,7 +28,9 @@ from bot.conversations.stages import Turn, obey_opt_out, run_stages
 from bot.contacts import lock_contact, lock_contact_of
 from bot.delivery import outbox
 from bot.conversations.store import (answer_consent_questions, apply_step, end_conversation,
-                                     end_open_conversations, open_conversation, send_replies, start_flow)
+                                     end_open_conversations, open_conversation, remember_open_conversation,
+                                     send_replies, start_flow)
+from bot.conversations.writes import write_turn
 from bot.conversations.handoff import HANDED_OVER, HandoffBy, end_handoff, expired_handoffs, in_handoff
 from bot.delivery import events
 from bot.extensions import db
@@ -50,12 +58,18 @@ def is_transient(exc: DBAPIError) -> bool:
 
 @functools.cache
 def _turn_statement() -> sa.Select:
-    """After the contact's lock: the contact's oldest unprocessed inbound message and the contact,
-    fresh, in one read; nothing when the task's own message no longer waits (another task's turn
-    took it). Built once (bench/THROUGHPUT.md, "The worker's hot path")."""
+    """After the contact's lock: the contact's oldest unprocessed inbound message, the contact and
+    its active conversation (the latest started, if any), fresh, in one read; nothing when the
+    task's own message no longer waits (another task's turn took it). Built once
+    (bench/THROUGHPUT.md, "The worker's hot path")."""
     own = sa.orm.aliased(Message)
     own_waits = sa.exists().where(own.id == sa.bindparam("message_id"), own.status == MessageStatus.RECEIVED)
-    return (sa.select(Message, Contact).join(Contact, Contact.id == Message.contact_id)
+    latest_active = (sa.select(Conversation.id)
+                     .where(Conversation.contact_id == sa.bindparam("contact_id"),
+                            Conversation.status == ConversationStatus.ACTIVE)
+                     .order_by(Conversation.started_at.desc()).limit(1).scalar_subquery())
+    return (sa.select(Message, Contact, Conversation).join(Contact, Contact.id == Message.contact_id)
+            .outerjoin(Conversation, Conversation.id == latest_active)
             .where(Message.contact_id == sa.bindparam("contact_id"), Message.direction == Direction.INBOUND,
                    Message.status == MessageStatus.RECEIVED, own_waits)
             .order_by(Message.created_at, Message.id).limit(1)
@@ -70,7 +84,8 @@ def process_inbound(message_id: str) -> None:
         if found is None:
             db.session.commit()
             return
-        message, contact = found
+        message, contact, conversation = found
+        remember_open_conversation(contact_id, conversation)
         oldest_id = message.id
         try:
             _handle_safely(message, contact)
@@ -153,44 +168,73 @@ def _handle_safely(message: Message, contact: Contact | None = None) -> list[Mes
     if contact is None:
         contact = db.session.get(Contact, message.contact_id, populate_existing=True)
     outbox.hand_over_sends()
-    try:
-        with db.session.begin_nested():
+    # No flush while the stages run: the turn's writes go out together (write_turn), and a
+    # failing flow's are still only in the session, where _forget_unflushed drops them.
+    with db.session.no_autoflush:
+        try:
             outgoing = handle_message(contact, message)
             message.status = MessageStatus.PROCESSED
             _report_received(contact, message, outgoing)
-            return outgoing
-    except DBAPIError:
-        # The database, not the flow: process_inbound rolls back and decides (is_transient)
-        # whether the turn is retried as it is or counted towards giving the message up.
-        raise
-    except Exception as exc:
-        log.exception("flow failed on inbound message %s", message.id)
-        db.session.refresh(contact)
-        message.status = MessageStatus.PROCESSED
-        message.error_message = f"handler error: {type(exc).__name__}"
-        if message.kind == Kind.OPT_OUT_REQUEST:
-            # Whatever broke (the confirmation's copy, say), a STOP is obeyed: consent first,
-            # and then silence rather than an apology.
-            obey_opt_out(contact, message, opt_out_source(message.payload or {}, Keywords.from_config()) or "keyword")
-            _report_received(contact, message, [])
-            return []
-        conversation = open_conversation(contact.id)
-        if conversation is not None:
-            # End it, so the contact's next message starts fresh instead of failing again.
-            end_conversation(conversation, ConversationStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
-        apology = send_replies(contact, [Reply("common/error")])
-        _report_received(contact, message, apology)
-        return apology
+        except DBAPIError:
+            # The database, not the flow: process_inbound rolls back and decides (is_transient)
+            # whether the turn is retried as it is or counted towards giving the message up.
+            raise
+        except Exception as exc:
+            log.exception("flow failed on inbound message %s", message.id)
+            _forget_unflushed()
+            outgoing = _apologise(contact, message, exc)
+    # Outside the flow's try: a database error here is the database's, never an apology.
+    write_turn()
+    return outgoing
+
+
+def _forget_unflushed() -> None:
+    """Drop what the failed flow wrote: its new rows leave the session (their deferred sends and
+    events with them: the outbox skips rows that never committed) and every changed row is
+    expired, so it reads again as the database has it. Nothing was flushed since the turn's read
+    (autoflush is off), so this is what rolling back to a savepoint taken there would leave."""
+    session = db.session()
+    for row in list(session.new):
+        session.expunge(row)
+    for row in list(session.dirty):
+        session.expire(row)
+
+
+def _apologise(contact: Contact, message: Message, exc: Exception) -> list[Message]:
+    """The failed flow's turn: the message is processed all the same, with an apology (silence
+    after a STOP), and an open conversation ends so the next message starts fresh."""
+    db.session.refresh(contact)
+    message.status = MessageStatus.PROCESSED
+    message.error_message = f"handler error: {type(exc).__name__}"
+    if message.kind == Kind.OPT_OUT_REQUEST:
+        # Whatever broke (the confirmation's copy, say), a STOP is obeyed: consent first,
+        # and then silence rather than an apology.
+        obey_opt_out(contact, message, opt_out_source(message.payload or {}, Keywords.from_config()) or "keyword")
+        _report_received(contact, message, [])
+        return []
+    conversation = open_conversation(contact.id)
+    if conversation is not None:
+        # End it, so the contact's next message starts fresh instead of failing again.
+        end_conversation(conversation, ConversationStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
+    apology = send_replies(contact, [Reply("common/error")])
+    _report_received(contact, message, apology)
+    return apology
 
 
 def _report_received(contact: Contact, message: Message, outgoing: list[Message]) -> None:
     """message.received, in the turn's transaction: where the message went and whether the bot
     answered it (during a handoff: unanswered, for an agent's inbox)."""
     conversation_id = next((row.conversation_id for row in outgoing if row.conversation_id), None)
-    conversation = db.session.get(Conversation, conversation_id) if conversation_id else open_conversation(contact.id)
+    conversation = _conversation(conversation_id) if conversation_id else open_conversation(contact.id)
     events.message_received(message, contact, conversation=conversation,
                             answered=any(row.status != MessageStatus.FAILED for row in outgoing),
                             handoff=in_handoff(contact))
+
+
+def _conversation(conversation_id: str) -> Conversation | None:
+    """A conversation by id, from the session when the turn started it (not flushed yet)."""
+    started = next((row for row in db.session.new if isinstance(row, Conversation) and row.id == conversation_id), None)
+    return started if started is not None else db.session.get(Conversation, conversation_id)
 
 
 def set_consent_from_api(contact: Contact, consent: Consent, note: str | None) -> None:

@@ -3,10 +3,16 @@
 What the engine's stages and its task entry points share (the per-contact lock is in
 contacts.py). Nothing here commits: the caller's turn commits consent, conversation and replies together, and the outbox enqueues the replies' sends
 after that commit (docs/ARCHITECTURE.md, invariants 1 and 4).
+
+Nothing here flushes either: ids are made here, not by the database, so a turn's writes wait in
+the session and go out together at its end (docs/ARCHITECTURE.md, "Inbound"). The reads
+below answer for what the session holds, flushed or not: a conversation started or ended in this
+transaction counts as the database will have it once it commits.
 """
 from __future__ import annotations
 
 import functools
+import json
 from datetime import datetime
 from typing import Any, Iterable, Mapping
 
@@ -17,7 +23,7 @@ from bot.conversations.consent import record_decline
 from bot.conversations.replies import build_messages
 from bot.delivery import events, outbox
 from bot.extensions import db
-from bot.models import Contact, Conversation, Message
+from bot.models import Contact, Conversation, Message, new_id
 from bot.vocabulary import (OPEN_CONVERSATION, Consent, ConsentAction, ConversationStatus, EventType, Kind,
                             MessageStatus, StartedBy)
 from flows.toolkit import END, Flow, Reply, Step
@@ -33,15 +39,54 @@ def _open_conversation_statement() -> sa.Select:
             .order_by(Conversation.started_at.desc()).limit(1))
 
 
+#: Key in `Session.info`: {contact id: its active conversation or None}, as read under the
+#: contact's lock earlier in this transaction (the engine's turn read, `remember_open_conversation`).
+_KNOWN_OPEN = "conversations_known_open"
+
+
+def remember_open_conversation(contact_id: int, conversation: Conversation | None) -> None:
+    """Note the contact's active conversation (or that it has none), read under its lock in this
+    transaction, so `open_conversation` need not ask again until the transaction ends or flushes."""
+    db.session().info.setdefault(_KNOWN_OPEN, {})[contact_id] = conversation
+
+
+@sa.event.listens_for(sa.orm.Session, "after_flush")
+@sa.event.listens_for(sa.orm.Session, "after_commit")
+@sa.event.listens_for(sa.orm.Session, "after_rollback")
+def _forget_known_open(session: sa.orm.Session, *_: object) -> None:
+    # What was read holds only while nothing else could have changed it: not past the lock's
+    # transaction, and not past a flush (whose rows the remembered answer does not include).
+    session.info.pop(_KNOWN_OPEN, None)
+
+
+def _started_here(contact_id: int) -> list[Conversation]:
+    """The contact's conversations added in this transaction and not flushed yet."""
+    return [row for row in db.session.new if isinstance(row, Conversation) and row.contact_id == contact_id]
+
+
 def open_conversation(contact_id: int) -> Conversation | None:
-    """The contact's active conversation, if any."""
-    return db.session.scalar(_open_conversation_statement(), {"contact_id": contact_id})
+    """The contact's active conversation, if any (the latest started)."""
+    started = [row for row in _started_here(contact_id) if row.status == ConversationStatus.ACTIVE]
+    if started:
+        return max(started, key=lambda row: row.started_at)
+    known = db.session.info.get(_KNOWN_OPEN, {})
+    if contact_id in known:
+        conversation = known[contact_id]
+        if conversation is None or conversation.status == ConversationStatus.ACTIVE:
+            return conversation
+    stored = db.session.scalar(_open_conversation_statement(), {"contact_id": contact_id})
+    if stored is None or stored.status == ConversationStatus.ACTIVE:
+        return stored
+    # Ended in this transaction, not flushed: the one before it, if any is still active.
+    active = [row for row in open_conversations(contact_id) if row.status == ConversationStatus.ACTIVE]
+    return max(active, key=lambda row: row.started_at, default=None)
 
 
 def open_conversations(contact_id: int) -> list[Conversation]:
     """Every conversation of the contact not yet ended (starting or active)."""
-    return list(db.session.scalars(sa.select(Conversation).where(
+    stored = list(db.session.scalars(sa.select(Conversation).where(
         Conversation.contact_id == contact_id, Conversation.status.in_(OPEN_CONVERSATION))))
+    return [row for row in stored + _started_here(contact_id) if row.status in OPEN_CONVERSATION]
 
 
 @functools.cache
@@ -52,16 +97,19 @@ def _has_run_statement() -> sa.Select:
 
 def has_run(contact_id: int, flow: Flow) -> bool:
     """Whether `flow` ever ran for this contact (a first-contact flow runs once)."""
+    if any(row.flow == flow.name for row in _started_here(contact_id)):
+        return True
     return db.session.scalar(_has_run_statement(), {"contact_id": contact_id, "flow": flow.name}) is not None
 
 
 def new_conversation(contact: Contact, flow: Flow, *, started_by: StartedBy,
                      variables: dict[str, Any] | None = None) -> Conversation:
-    """An active conversation of `flow` for the contact, flushed (so it has its id)."""
-    conversation = Conversation(contact_id=contact.id, flow=flow.name, status=ConversationStatus.ACTIVE,
-                                started_by=started_by, variables=variables, data={})
+    """An active conversation of `flow` for the contact, added to the session (not flushed: its
+    id and start time are known now)."""
+    _check_json(variables, "variables")
+    conversation = Conversation(id=new_id(), contact_id=contact.id, flow=flow.name, status=ConversationStatus.ACTIVE,
+                                started_by=started_by, variables=variables, data={}, started_at=utcnow())
     db.session.add(conversation)
-    db.session.flush()
     events.conversation_event(EventType.CONVERSATION_STARTED, conversation, contact.phone)
     return conversation
 
@@ -82,7 +130,19 @@ def end_conversation(conversation: Conversation, status: ConversationStatus, *, 
 
 
 def _phone_of(conversation: Conversation) -> str:
-    return db.session.scalar(sa.select(Contact.phone).where(Contact.id == conversation.contact_id))
+    # The contact is in the session's identity map during a turn: no statement then.
+    return db.session.get(Contact, conversation.contact_id).phone
+
+
+def _check_json(value: Any, what: str) -> None:
+    """A flow's data, outcome or variables must survive storage as JSON. Checked here, where a
+    flow that breaks the rule fails its turn (an apology, docs/conversations.md), rather than
+    at the commit's flush, which would fail the whole transaction."""
+    if value is not None:
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"the conversation's {what} are not JSON: {exc}") from None
 
 
 def end_open_conversations(contact_id: int, status: ConversationStatus, *, error: str | None = None) -> None:
@@ -129,6 +189,8 @@ def apply_step(contact: Contact, conversation: Conversation, flow: Flow, step: S
                final_status: ConversationStatus = ConversationStatus.COMPLETED) -> list[Message]:
     """Persist a step's state, data and outcome, and build its replies."""
     now = utcnow()
+    _check_json(step.data, "data")
+    _check_json(step.outcome, "outcome")
     conversation.data = dict(step.data)
     if step.outcome is not None:
         conversation.outcome = dict(step.outcome)
@@ -146,10 +208,12 @@ def apply_step(contact: Contact, conversation: Conversation, flow: Flow, step: S
 
 def send_replies(contact: Contact, replies: Iterable[Reply], conversation: Conversation | None = None,
                  kind: Kind = Kind.REPLY) -> list[Message]:
-    """Message rows for `replies`, added to the session; their sends go out after the commit."""
+    """Message rows for `replies`, added to the session (not flushed: their ids are known now);
+    their sends go out after the commit."""
     rows = build_messages(replies, contact, conversation_id=conversation.id if conversation else None, kind=kind)
+    for row in rows:
+        row.id = new_id()
     db.session.add_all(rows)
-    db.session.flush()
     for row in rows:
         if row.status == MessageStatus.PENDING:  # a skipped reply (window, length) is never sent
             outbox.defer_send(row)

@@ -453,6 +453,42 @@ def test_a_failing_handler_apologises_and_does_not_wedge_the_contact(ctx, say, m
     assert templates(say("help")) == ["common/help"]  # the contact is not stuck
 
 
+def test_a_flow_failing_after_it_started_a_conversation_leaves_none_of_its_writes(ctx, say, monkeypatch):
+    """The turn writes nothing before its commit (no savepoint: docs/ARCHITECTURE.md, "Inbound"):
+    a flow that fails after its entry point opened a conversation, and reported it, leaves
+    neither behind; the message is processed with an apology. Data that is not JSON is such a
+    failure, found before the commit rather than at its flush."""
+    import dataclasses
+
+    import flows
+    from bot.models import Event
+    from flows import feedback
+    from flows.toolkit import Step
+
+    make_contact(PHONE)
+
+    def unstorable(message, data):
+        return Step(feedback.RATING, data={"seen": {1, 2}})  # a set: not JSON
+
+    entry = tuple(dataclasses.replace(r, handler=unstorable) for r in feedback.flow.entry_points)
+    real_registry = flows.registry
+    monkeypatch.setattr("bot.conversations.stages.registry",
+                        lambda: {**real_registry(), "feedback": dataclasses.replace(feedback.flow, entry_points=entry)})
+    replies = say("feedback")
+    assert templates(replies) == ["common/error"]
+    db.session.expire_all()
+    [inbound] = db.session.scalars(sa.select(Message).where(Message.direction == "inbound")).all()
+    assert inbound.status == "processed" and "TypeError" in inbound.error_message
+    assert conversations() == []  # the conversation its entry point opened was never written
+    kinds = [e.type for e in db.session.scalars(sa.select(Event).order_by(Event.seq))]
+    assert "conversation.started" not in kinds and kinds.count("message.received") == 1
+    received = db.session.scalar(sa.select(Event).where(Event.type == "message.received"))
+    assert received.data["conversation_id"] is None and received.data["answered"] is True
+
+    monkeypatch.setattr("bot.conversations.stages.registry", real_registry)
+    assert templates(say("feedback"))[0].startswith("feedback/")  # the contact is not stuck
+
+
 def test_inbound_content_reaches_flows(ctx):
     from flows.toolkit import Inbound
 
