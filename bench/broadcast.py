@@ -19,7 +19,11 @@ bench/throughput.py runs them, whose helpers it uses):
    time, body size), recipients resolved per second while it expands, the worker's peak RSS;
    then its sends per second at the simulator over ``--duration`` s alone, and over the same
    length **with turns at ``--turn-rate``/s** (inbound → reply, the same measure as step 3);
-   then canceled, and its counts read back.
+   then canceled, and its counts read back;
+6. with ``--rounds N``: N rounds of turns alone, then beside a new broadcast of
+   ``--round-audience``, canceled after; the latencies pooled per side (one window each is too
+   few turns for a p99: on an idle machine the same code's single-window ratio ranged from 0.8
+   to 2.9).
 
 Writes bench/results-broadcast.json. A benchmark, not a test: nothing here asserts a speed; the
 targets (issue 19) are read off the figures in bench/THROUGHPUT.md's "Broadcasts" section.
@@ -182,9 +186,48 @@ def reply_segments(database_url: str, prefix: str, timings: list[dict[str, Any]]
             "reply_written_to_twilio": summary(to_twilio)}
 
 
-def turns(stack: Stack, label: str, rate: int, duration: float, drain_timeout: float) -> dict[str, Any]:
-    """Signed inbound 'feedback' from distinct opted-in contacts; each reply matched at the simulator."""
-    phones = [f"{TURN_PREFIXES[label]}{i:07d}" for i in range(int(rate * duration))]
+def reply_latencies(samples: list[Any], timings: list[dict[str, Any]]) -> list[float]:
+    """Each request's inbound → reply-at-the-simulator time, in seconds (as end_to_end counts it)."""
+    created: dict[str, float] = {}
+    for t in timings:
+        created.setdefault(t["to"], t["received_at"])
+    return [created[s.key] - s.scheduled for s in samples if s.key in created]
+
+
+def interleaved(stack: Stack, worker_pid: int, args: argparse.Namespace) -> dict[str, Any]:
+    """`--rounds` of: turns alone, then a broadcast of `--round-audience` (expanded, at its pace),
+    turns beside it, the broadcast canceled. The rounds' latencies are pooled per side, so the
+    p99 of each rests on rounds × rate × duration turns, taken alternately (a drift of the
+    machine, a checkpoint, falls on both sides alike), not on one window each."""
+    pooled: dict[str, list[float]] = {"alone": [], "beside": []}
+    per_round = []
+    for number in range(args.rounds):
+        first = (number + 1) * 100_000  # past the single-window phases' contacts
+        wait_for_quiet(timeout=15)
+        alone = turns(stack, "alone", args.turn_rate, args.round_duration, args.drain_timeout, first=first)
+        big = broadcast(stack, worker_pid, args.round_audience)
+        time.sleep(5)  # its sends reach their pace
+        beside = turns(stack, "beside", args.turn_rate, args.round_duration, args.drain_timeout, first=first)
+        requests.post(big["url"] + "/cancel", headers=headers(), timeout=60)
+        time.sleep(3)
+        for label, run in (("alone", alone), ("beside", beside)):
+            pooled[label] += run.pop("reply_latencies_s")
+        per_round.append({label: run["reply_handed_to_twilio"]["latency"] for label, run in
+                          (("alone", alone), ("beside", beside))})
+        log(f"  round {number + 1}: reply p99 alone {per_round[-1]['alone']['p99_ms']} ms, "
+            f"beside {per_round[-1]['beside']['p99_ms']} ms")
+    stats = {label: summary(values) for label, values in pooled.items()}
+    ratio = (round(stats["beside"]["p99_ms"] / stats["alone"]["p99_ms"], 2)
+             if stats["alone"]["p99_ms"] and stats["beside"]["p99_ms"] else None)
+    return {"rounds": args.rounds, "round_duration_s": args.round_duration, "round_audience": args.round_audience,
+            "pooled": stats, "reply_p99_ratio": ratio, "per_round": per_round}
+
+
+def turns(stack: Stack, label: str, rate: int, duration: float, drain_timeout: float,
+          first: int = 0) -> dict[str, Any]:
+    """Signed inbound 'feedback' from distinct opted-in contacts (numbered from `first`); each
+    reply matched at the simulator."""
+    phones = [f"{TURN_PREFIXES[label]}{i:07d}" for i in range(first, first + int(rate * duration))]
     seed_contacts(stack.config["DATABASE_URL"], phones)
 
     def make(i: int) -> tuple[str, dict[str, Any], str]:
@@ -197,6 +240,7 @@ def turns(stack: Stack, label: str, rate: int, duration: float, drain_timeout: f
     return {"cores_during_load": cores, "inbound_webhook": load_stats(samples, rate, duration, 200),
             "reply_handed_to_twilio": {**end_to_end(samples, stack.sim.timings, duration), "drained": drained},
             "segments": reply_segments(stack.config["DATABASE_URL"], TURN_PREFIXES[label], stack.sim.timings),
+            "reply_latencies_s": reply_latencies(samples, stack.sim.timings),
             "window": [min(s.scheduled for s in samples), max(s.done for s in samples)]}
 
 
@@ -216,6 +260,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/5")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable for web and worker (repeatable)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="then this many rounds of turns alone / beside a broadcast, pooled (default none)")
+    parser.add_argument("--round-duration", type=float, default=15, help="seconds of turns per side and round")
+    parser.add_argument("--round-audience", type=int, default=20_000, help="each round's broadcast")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results-broadcast.json"))
     args = parser.parse_args(argv)
 
@@ -301,6 +349,11 @@ def main(argv: list[str] | None = None) -> None:
             alone = results["turns_alone"]["reply_handed_to_twilio"]["latency"]["p99_ms"]
             during = results["turns_beside_the_broadcast"]["reply_handed_to_twilio"]["latency"]["p99_ms"]
             results["reply_p99_ratio"] = round(during / alone, 2) if alone and during else None
+            for run in ("turns_alone", "turns_beside_the_broadcast"):
+                results[run].pop("reply_latencies_s", None)
+            if args.rounds:
+                log(f"{args.rounds} rounds of turns alone and beside a broadcast of {args.round_audience:,}")
+                results["interleaved"] = interleaved(stack, worker.pid, args)
             results["rss"] = rss.report()
     except BaseException as exc:
         results["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
