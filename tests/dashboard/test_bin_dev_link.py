@@ -3,17 +3,16 @@ the dashboard, through the real web process bin/dev started."""
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.devtools.test_bin_dev import bin_dev_env, descendants, kill_what_is_left, press_ctrl_c
-from tests.faults.test_processes import free_port, wait_until
+from tests.devtools.test_bin_dev import (bin_dev_env, descendants, kill_what_is_left, press_ctrl_c, start_bin_dev,
+                                        wait_until_answering)
+from tests.faults.test_processes import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.slow,
@@ -26,18 +25,10 @@ def test_bin_dev_prints_a_one_time_link_that_signs_in(tmp_path):
     web_port, simulator_port = free_port(), free_port()
     env = bin_dev_env(tmp_path, web_port, simulator_port)
     out = tmp_path / "out.log"
-    shell = subprocess.Popen(["bash", "-c", f"cd {ROOT} && bin/dev"], env=env, cwd=tmp_path, start_new_session=True,
-                             stdout=open(out, "wb"), stderr=subprocess.STDOUT)
+    shell = start_bin_dev("bin/dev", env, tmp_path, out)
     started: dict[int, str] = {}
     try:
-        def web_answers() -> bool:
-            started.update(descendants(shell.pid))
-            try:
-                return requests.get(f"http://127.0.0.1:{web_port}/healthz", timeout=2).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_until(web_answers, timeout=240, what="bin/dev's web to answer /healthz")
+        wait_until_answering(shell, started, f"http://127.0.0.1:{web_port}/healthz")
         found = re.search(r"The dashboard, signed in:\s+(\S+)", out.read_text(errors="replace"))
         assert found, out.read_text(errors="replace")[-2000:]
         link = found.group(1)

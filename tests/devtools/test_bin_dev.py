@@ -111,24 +111,34 @@ def bin_dev_env(tmp_path: Path, web_port: int, simulator_port: int, **extra: str
     return env
 
 
+def start_bin_dev(command: str, env: dict[str, str], tmp_path: Path, out: Path) -> subprocess.Popen:
+    """`command` (bin/dev, or a pipeline from it) run by bash from the repository, its output into
+    `out`, in a session of its own, as a terminal's shell gives each pipeline a process group."""
+    return subprocess.Popen(["bash", "-c", f"cd {ROOT} && {command}"], env=env, cwd=tmp_path,
+                            start_new_session=True, stdout=open(out, "wb"), stderr=subprocess.STDOUT)
+
+
+def wait_until_answering(shell: subprocess.Popen, started: dict[int, str], *urls: str) -> None:
+    """Wait (up to 240 s: a busy machine) until every one of `urls` answers 200, noting the
+    processes bin/dev started in `started` meanwhile (for kill_what_is_left)."""
+    def up() -> bool:
+        started.update(descendants(shell.pid))
+        try:
+            return all(requests.get(url, timeout=2).status_code == 200 for url in urls)
+        except requests.RequestException:
+            return False
+
+    wait_until(up, timeout=240, what=f"bin/dev to answer {', '.join(urls)}")
+
+
 @pytest.mark.parametrize("pipeline", ["bin/dev 2>&1 | tail -n 5", "bin/dev 2>&1 | tee dev.log >/dev/null", "bin/dev"])
 def test_ctrl_c_stops_everything_bin_dev_started(pipeline, tmp_path):
     web_port, simulator_port = free_port(), free_port()
     env = bin_dev_env(tmp_path, web_port, simulator_port)
-    # A session of its own, as a terminal's shell gives each pipeline a process group of its own.
-    shell = subprocess.Popen(["bash", "-c", f"cd {ROOT} && {pipeline.replace('dev.log', str(tmp_path / 'dev.log'))}"],
-                             env=env, cwd=tmp_path, start_new_session=True,
-                             stdout=open(tmp_path / "out.log", "wb"), stderr=subprocess.STDOUT)
+    shell = start_bin_dev(pipeline.replace("dev.log", str(tmp_path / "dev.log")), env, tmp_path, tmp_path / "out.log")
     started: dict[int, str] = {}
     try:
-        def web_answers() -> bool:
-            started.update(descendants(shell.pid))
-            try:
-                return requests.get(f"http://127.0.0.1:{web_port}/healthz", timeout=2).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_until(web_answers, timeout=240, what="bin/dev's web to answer /healthz")
+        wait_until_answering(shell, started, f"http://127.0.0.1:{web_port}/healthz")
         time.sleep(1)
         started.update(descendants(shell.pid))
         names = " ".join(_command(pid) for pid in started)

@@ -27,7 +27,8 @@ from bot.devmode import (DEV_EMAIL_FROM, dev_api_key, dev_private_key, dev_secre
 from bot.devtools.chat import ChatSession, run_repl
 from bot.devtools.simulator import TwilioSimulator, parse_args
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, SENDER
-from tests.devtools.test_bin_dev import bin_dev_env, descendants, kill_what_is_left, press_ctrl_c
+from tests.devtools.test_bin_dev import (bin_dev_env, descendants, kill_what_is_left, press_ctrl_c, start_bin_dev,
+                                        wait_until_answering)
 from tests.faults.test_processes import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,20 +171,11 @@ def test_bin_dev_delivers_the_login_email_and_the_chat_shows_it(tmp_path):
     web_port, simulator_port = free_port(), free_port()
     instance = tmp_path / "instance"
     env = bin_dev_env(tmp_path, web_port, simulator_port, SIMULATOR_ARGS="--callback-delay 0.2")
-    shell = subprocess.Popen(["bash", "-c", f"cd {ROOT} && bin/dev"], env=env, cwd=tmp_path, start_new_session=True,
-                             stdout=open(tmp_path / "dev.log", "wb"), stderr=subprocess.STDOUT)
+    shell = start_bin_dev("bin/dev", env, tmp_path, tmp_path / "dev.log")
     web, simulator = f"http://127.0.0.1:{web_port}", f"http://127.0.0.1:{simulator_port}"
     started: dict[int, str] = {}
     try:
-        def up() -> bool:
-            started.update(descendants(shell.pid))
-            try:
-                return (requests.get(web + "/healthz", timeout=2).status_code == 200
-                        and requests.get(simulator + "/_emails", timeout=2).status_code == 200)
-            except requests.RequestException:
-                return False
-
-        wait_until(up, timeout=240, what="bin/dev's web and simulator to answer")
+        wait_until_answering(shell, started, web + "/healthz", simulator + "/_emails")
         started.update(descendants(shell.pid))
         token = json.loads((instance / "dev-secrets.json").read_text())["NOTIFY_API_TOKEN"]
         auth = {"Authorization": f"Bearer {token}"}
