@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,8 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from throughput import (ACCOUNT_SID, API_TOKEN, AUTH_TOKEN, SENDER, Processes, RssSampler, clean_redis,  # noqa: E402
                         cpu_snapshot, cpu_split, end_to_end, free_port, inbound_form, load_stats, log, machine_info,
-                        open_loop, process_tree, procfile, recreate_database, rss_kib, seed_contacts, signed_form, summary,
-                        terminate_on_sigterm, wait_for_creates, wait_for_quiet, wait_healthy, Stack)
+                        open_loop, process_tree, procfile, procfile_env, recreate_database, rss_kib, seed_contacts,
+                        signed_form, start_procfile, summary, terminate_on_sigterm, wait_for_creates, wait_for_quiet,
+                        Stack)
 
 from bot.devtools.simulator import TwilioSimulator  # noqa: E402
 
@@ -287,27 +286,13 @@ def main(argv: list[str] | None = None) -> None:
               "INSTANCE_PATH": str(workdir), "TWILIO_MESSAGES_PER_SECOND": str(args.rate),
               "BROADCAST_RATE_SHARE": str(args.share),
               "TWILIO_CONTENT_SIDS": json.dumps({"order_update": TEMPLATE_SID})}
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TWILIO_", "DATABASE_URL", "REDIS_URL", "WEB_CONCURRENCY", "WORKER_THREADS"))}
-    env.pop("PYTHONPATH", None)
-    env.update(config)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["PORT"] = str(port)
-    env.update(dict(item.split("=", 1) for item in args.settings))
+    env = procfile_env(config, port, dict(item.split("=", 1) for item in args.settings))
     processes = Processes(workdir)
     rss = RssSampler()
     stack = Stack(base=base, webhook=webhook, config=config, env=env, sim=sim, processes=processes, rss=rss)
     try:
         with terminate_on_sigterm():
-            commands = procfile()
-            subprocess.run(["bash", "-c", commands["release"]], env=env, cwd=workdir, check=True,
-                           capture_output=True, timeout=120)
-            web = processes.start("web", commands["web"], env)
-            worker = processes.start("worker", commands["worker"], env)
-            rss.watch("web", web.pid)
-            rss.watch("worker", worker.pid)
-            rss.start()
-            wait_healthy(base + "/healthz")
+            _, worker = start_procfile(stack, workdir)
             log(f"{args.audience:,} users")
             seed_audience(args.database_url, args.audience)
             time.sleep(1)

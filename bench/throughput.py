@@ -1138,6 +1138,35 @@ def terminate_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def procfile_env(config: dict[str, Any], port: int, overrides: dict[str, str]) -> dict[str, str]:
+    """The environment of the Procfile's processes: this one's, minus any inherited
+    TWILIO_*/DATABASE_URL/REDIS_URL/sizing (like tests/faults/test_processes.py), plus `config`,
+    the venv's bin first on PATH, `PORT`, then `overrides` (`--set`)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TWILIO_", "DATABASE_URL", "REDIS_URL", "WEB_CONCURRENCY", "WORKER_THREADS"))}
+    env.pop("PYTHONPATH", None)
+    env.update({k: str(v) for k, v in config.items()})
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["PORT"] = str(port)
+    env.update(overrides)
+    return env
+
+
+def start_procfile(stack: "Stack", workdir: Path) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """The Procfile's `release` (to its end), then `web` and `worker`, their RSS watched, until
+    /healthz answers; returns (web, worker)."""
+    commands = procfile()
+    subprocess.run(["bash", "-c", commands["release"]], env=stack.env, cwd=workdir, check=True,
+                   capture_output=True, timeout=120)
+    web = stack.processes.start("web", commands["web"], stack.env)
+    worker = stack.processes.start("worker", commands["worker"], stack.env)
+    stack.rss.watch("web", web.pid)
+    stack.rss.watch("worker", worker.pid)
+    stack.rss.start()
+    wait_healthy(stack.base + "/healthz")
+    return web, worker
+
+
 def run_tree(args: argparse.Namespace, only: set[str], overrides: dict[str, str], rates: list[int],
              ceiling: list[int], out_dir: Path) -> dict[str, Any]:
     """Every scenario in `only` on the tree `TREE` (its Procfile, its code), from a fresh database."""
@@ -1165,30 +1194,15 @@ def run_tree(args: argparse.Namespace, only: set[str], overrides: dict[str, str]
               "SENDGRID_WEBHOOK_PUBLIC_KEY": sim.sendgrid.public_key, "SECRET_KEY": SECRET_KEY}
     sim.sendgrid.latency = args.latency_ms / 1000
     sim.sendgrid.events_url = base + "/sendgrid/events"
-    # Like tests/faults/test_processes.py: no inherited TWILIO_*/DATABASE_URL/REDIS_URL, the venv's bin first.
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TWILIO_", "DATABASE_URL", "REDIS_URL", "WEB_CONCURRENCY", "WORKER_THREADS"))}
-    env.pop("PYTHONPATH", None)
-    env.update({k: str(v) for k, v in config.items()})
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["PORT"] = str(port)
-    if TREE != ROOT:
-        env["PYTHONPATH"] = str(TREE)  # the tree's own code, whichever venv's editable install runs it
-    env.update(overrides)
+    # The tree's own code, whichever venv's editable install runs it.
+    tree = {"PYTHONPATH": str(TREE)} if TREE != ROOT else {}
+    env = procfile_env(config, port, {**tree, **overrides})
     processes = Processes(workdir)
     rss = RssSampler()
     stack = Stack(base=base, webhook=webhook, config=config, env=env, sim=sim, processes=processes, rss=rss)
     try:
         with terminate_on_sigterm():
-            commands = procfile()
-            subprocess.run(["bash", "-c", commands["release"]], env=env, cwd=workdir, check=True,
-                           capture_output=True, timeout=120)
-            web = processes.start("web", commands["web"], env)
-            worker = processes.start("worker", commands["worker"], env)
-            rss.watch("web", web.pid)
-            rss.watch("worker", worker.pid)
-            rss.start()
-            wait_healthy(base + "/healthz")
+            start_procfile(stack, workdir)
             time.sleep(1)  # let the consumer's threads start polling
 
             if "backlog" in only:
