@@ -31,8 +31,11 @@ def twilio_form() -> MultiDict[str, str]:
     if form is None:
         if request.mimetype == URLENCODED:
             # get_data() reads the stream under MAX_CONTENT_LENGTH, as the form parser does.
-            form = ImmutableMultiDict(parse_qsl(request.get_data().decode(), keep_blank_values=True,
-                                                errors="werkzeug.url_quote"))
+            try:
+                pairs = parse_qsl(request.get_data().decode(), keep_blank_values=True, errors="werkzeug.url_quote")
+            except ValueError:  # a body that is not UTF-8: an empty form, as Werkzeug's (silent) parser gives
+                pairs = []
+            form = ImmutableMultiDict(pairs)
         else:
             form = request.form
         request.environ[_FORM_KEY] = form

@@ -364,6 +364,7 @@ def test_a_pooled_connection_killed_while_idle_is_replaced_before_a_request_uses
 ODD_BODIES = [
     "Body=caf%C3%A9+%2B+%F0%9F%98%80&ProfileName=&Empty=&MediaUrl0=https%3A%2F%2Fx.test%2Fa%3Fb%3Dc",
     "Body=one&Body=two&Alone&&=v&k=%zz&bad=%ff%fe&plus=a+b%2Bc",
+    b"Body=\xff\xfe&From=x",  # not UTF-8 at all: Werkzeug's parser gives an empty form
 ]
 
 
@@ -384,6 +385,12 @@ def test_the_form_parsed_once_is_the_form_werkzeug_parses(app, body):
         assert list(ours.items(multi=True)) == list(theirs.items(multi=True))
         validator = RequestValidator(AUTH_TOKEN)
         assert validator.compute_signature(WEBHOOK_URL, ours) == validator.compute_signature(WEBHOOK_URL, theirs)
+
+
+def test_a_body_that_is_not_utf8_is_refused_as_unsigned_not_a_500(app, client):
+    response = client.post("/twilio/webhook", data=b"Body=\xff\xfe&From=x", headers={"X-Twilio-Signature": "x"},
+                           content_type="application/x-www-form-urlencoded", base_url=PUBLIC_BASE)
+    assert response.status_code == 403, response.get_data(as_text=True)
 
 
 def test_a_repeated_field_is_signed_as_twilio_signs_it(app, client):
