@@ -33,9 +33,9 @@ def _columns(model: type) -> tuple[tuple[str, str], ...]:
 
 
 @functools.cache
-def _insert(model: type, keys: tuple[str, ...]) -> sa.Insert:
-    """INSERT of rows with these columns (the rest take their defaults); an event's key is the
-    database's, returned in the rows' order."""
+def _insert(model: type) -> sa.Insert:
+    """INSERT of the model's rows, executed with the columns each group of rows gives (the rest
+    take their defaults); an event's key is the database's, returned in the rows' order."""
     table = model.__table__
     statement = sa.insert(table)
     if model is Event:
@@ -72,9 +72,9 @@ def write_turn() -> None:
         rows = [(row, {column: row.__dict__[attr] for attr, column in _columns(model) if attr in row.__dict__})
                 for row in added if type(row) is model]
         # Rows with the same columns, one after another, go in one statement; the order is kept.
-        for keys, group in itertools.groupby(rows, key=lambda member: tuple(member[1])):
+        for _, group in itertools.groupby(rows, key=lambda member: tuple(member[1])):
             members = list(group)
-            result = connection.execute(_insert(model, keys), [values for _, values in members])
+            result = connection.execute(_insert(model), [values for _, values in members])
             if model is Event:
                 for (row, _), seq in zip(members, result.scalars().all(), strict=True):
                     row.seq = seq
