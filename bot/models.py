@@ -185,6 +185,11 @@ class Message(db.Model):
     #: the recipient's timezone, when it sends (invariant 15). None: never held for quiet hours
     #: (replies, opt-out confirmations, agents' messages, a request's `"quiet_hours": null`).
     quiet_hours: Mapped[str | None] = mapped_column(sa.String(11))
+    #: The locale its copy was resolved to when it was made (bot/locales.py: exact, its language,
+    #: DEFAULT_LOCALE): the ContentSid's, the email copy's (rendered in it at send time, whatever
+    #: the contact's locale is by then), a flow reply's; a fallback's from its original's. None:
+    #: text the backend wrote, a ContentSid it named itself (docs/ARCHITECTURE.md, "Languages").
+    locale: Mapped[str | None] = mapped_column(sa.String(35))
     #: When the current (or last) send attempt began: the lookup's "since" if its fate is unknown.
     attempt_started_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
     #: The backend's own object (POST /notify "metadata", at most 4 KB), echoed in its events.
@@ -250,6 +255,7 @@ class Message(db.Model):
             "send_at": isoformat(self.send_at),
             "held_until": isoformat(self.not_before) if self.is_held else None,
             "held_reason": self.hold_reason,
+            "locale": self.locale,
         }
         if events is not None:
             data["events"] = [event.to_dict() for event in events]
@@ -330,8 +336,22 @@ class Conversation(db.Model):
     #: Failed starts so far, and when the sweep may enqueue it again (a hold-off, as for messages).
     attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     next_attempt_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    #: A backend-started flow held until then (invariant 15), still `starting`: its send_at, or
+    #: the end of the user's quiet hours (bot/delivery/holding.py). Cleared when the release
+    #: (bot/delivery/release.py) lets it start; indexed for the release's check.
+    not_before: Mapped[datetime | None] = mapped_column(sa.DateTime, index=True)
+    #: The time the backend asked for (POST /notify `send_at` with `flow`), kept to say why it waits.
+    send_at: Mapped[datetime | None] = mapped_column(sa.DateTime)
+    #: The quiet hours that applied when it was asked for (the request's, else QUIET_HOURS): its
+    #: first messages carry them, so the sender holds those too; its replies to the user never.
+    quiet_hours: Mapped[str | None] = mapped_column(sa.String(11))
 
     contact: Mapped[Contact] = relationship()
+
+    @property
+    def is_held(self) -> bool:
+        """Waiting in the database for `not_before` before it starts (invariant 15)."""
+        return self.not_before is not None and self.status == ConversationStatus.STARTING
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape of GET /conversations/<id>."""
@@ -350,6 +370,10 @@ class Conversation(db.Model):
             "updated_at": isoformat(self.updated_at),
             "expires_at": isoformat(self.expires_at),
             "ended_at": isoformat(self.ended_at),
+            "send_at": isoformat(self.send_at),
+            "held_until": isoformat(self.not_before) if self.is_held else None,
+            "held_reason": hold_reason(self.send_at, self.not_before) if self.is_held else None,
+            "quiet_hours": self.quiet_hours,
         }
 
 
@@ -608,6 +632,8 @@ class BroadcastRecipient(db.Model):
     variables: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     #: The approved WhatsApp template in this recipient's locale (bot/locales.py); None by email.
     content_sid: Mapped[str | None] = mapped_column(sa.String(34))
+    #: The locale its copy was resolved to on its channel (bot/locales.py), for its message.
+    locale: Mapped[str | None] = mapped_column(sa.String(35))
 
 
 class Operator(db.Model):
