@@ -56,7 +56,7 @@ def build_messages(replies: Iterable[Reply], contact: Contact, *, conversation_i
         body = render(reply.template, dict(reply.variables), contact.locale)
         row = Message(direction=Direction.OUTBOUND, kind=kind, contact_id=contact.id,
                       conversation_id=conversation_id, body=body, status=MessageStatus.PENDING, status_rank=MessageStatus.PENDING.rank,
-                      template=reply.template,
+                      template=reply.template, locale=_copy_locale(reply.template, contact.locale),
                       created_at=created + timedelta(microseconds=position))
         if len(body) > MAX_BODY_CHARS and in_window:
             # Long user-supplied variables can do this; Twilio would refuse it with the same code.
@@ -68,6 +68,7 @@ def build_messages(replies: Iterable[Reply], contact: Contact, *, conversation_i
                 row.content_sid = sid
                 row.template = reply.content_template
                 row.variables = {str(k): str(v) for k, v in (reply.content_variables or {}).items()}
+                row.locale = locales.template_locale(locales.Copy.WHATSAPP, reply.content_template, contact.locale)
             else:
                 _skip(row, OUTSIDE_WINDOW_CODE, f"outside the 24-hour window and no approved template "
                                                 f"({reply.content_template or 'none declared'}) in TWILIO_CONTENT_SIDS"
@@ -75,6 +76,12 @@ def build_messages(replies: Iterable[Reply], contact: Contact, *, conversation_i
                 log.info("reply %s to %s skipped: outside the window, no template", reply.template, contact.phone)
         rows.append(row)
     return rows
+
+
+def _copy_locale(template: str, locale: str | None) -> str | None:
+    """The locale `render` chose for a reply's copy (stored on its row: docs/ARCHITECTURE.md,
+    "Languages"); None for a template the index does not know (render failed on it already)."""
+    return locales.template_locale(locales.Copy.FLOW, template, locale, root=TEMPLATES_DIR)
 
 
 _clock_lock = threading.Lock()
