@@ -19,7 +19,7 @@ from flask import current_app
 from bot.clock import utcnow
 from bot.contacts import dialect_insert, opt_out_waiting_clause
 from bot.delivery import routing
-from bot.delivery.routing import Content, TemplateCopy, Unusable, template_copy
+from bot.delivery.routing import Content, TemplateCopy, Unusable, message_locale, template_copy
 from bot.extensions import db
 from bot.broadcasts.variables import has_user_references, resolve_variables
 from bot.models import Broadcast, BroadcastRecipient, BroadcastTarget, Contact, ContactTag
@@ -153,6 +153,7 @@ class _Copies:
     def __init__(self, broadcast: Broadcast) -> None:
         self.broadcast = broadcast
         self.by_locale: dict[str | None, TemplateCopy] = {}
+        self.resolved: dict[tuple[str | None, str], str | None] = {}
 
     def content(self, locale: str | None) -> tuple[Content, str | None]:
         """What the choice of channel sees for a recipient in `locale`, and the WhatsApp ContentSid."""
@@ -163,6 +164,15 @@ class _Copies:
         if copy is None:
             copy = self.by_locale[locale] = template_copy(broadcast.template, locale, direct_sid=broadcast.content_sid)
         return copy.content(broadcast.template, subject=broadcast.subject), copy.content_sid
+
+    def locale(self, locale: str | None, channel: str) -> str | None:
+        """The locale the copy on `channel` is in for a recipient in `locale` (stored on the
+        recipient, then on its message: docs/ARCHITECTURE.md, "Languages")."""
+        key = (locale, channel)
+        if key not in self.resolved:
+            self.resolved[key] = message_locale(channel, self.broadcast.template, locale) \
+                if self.broadcast.content_sid is None or channel == Channel.EMAIL else None
+        return self.resolved[key]
 
 
 def _unusable_reason(skipped: dict[str, Unusable]) -> str:
@@ -202,7 +212,8 @@ def _add(broadcast: Broadcast, entries: list[tuple[Contact, bool] | None], skipp
         seen.add(contact.id)
         rows.append({"broadcast_id": broadcast.id, "position": broadcast.recipients + len(rows) + 1,
                      "contact_id": contact.id, "channel": channel, "variables": variables,
-                     "content_sid": content_sid if channel == Channel.WHATSAPP else None})
+                     "content_sid": content_sid if channel == Channel.WHATSAPP else None,
+                     "locale": copies.locale(contact.locale, channel)})
     if rows:
         db.session.execute(sa.insert(BroadcastRecipient), rows)
         broadcast.recipients += len(rows)

@@ -182,7 +182,8 @@ def release(broadcast: Broadcast, now: datetime) -> int:
         return 0
     recipients = db.session.execute(
         sa.select(BroadcastRecipient.position, BroadcastRecipient.contact_id, BroadcastRecipient.channel,
-                  BroadcastRecipient.variables, BroadcastRecipient.content_sid, Contact.timezone)
+                  BroadcastRecipient.variables, BroadcastRecipient.content_sid, BroadcastRecipient.locale,
+                  Contact.timezone)
         .join(Contact, Contact.id == BroadcastRecipient.contact_id)
         .where(BroadcastRecipient.broadcast_id == broadcast.id, BroadcastRecipient.position > broadcast.released)
         .order_by(BroadcastRecipient.position).limit(room)).all()
@@ -196,6 +197,7 @@ def release(broadcast: Broadcast, now: datetime) -> int:
         "contact_id": recipient.contact_id, "channel": recipient.channel, "broadcast_id": broadcast.id,
         "subject": broadcast.subject, "body": broadcast.body, "template": broadcast.template,
         "content_sid": recipient.content_sid if recipient.channel == Channel.WHATSAPP else None,
+        "locale": recipient.locale,
         # Quiet hours in the recipient's own timezone: held in the database until they end
         # (invariant 15; bot/delivery/release.py lets it go).
         "not_before": release_at(now, None, quiet, zone(recipient.timezone, default_zone)) if quiet else None,

@@ -160,7 +160,7 @@ def message(message_id: str):
 def timeline(row: Message, fallback: Message | None) -> list[Moment]:
     """Every callback, the attempts, every event pushed about it and the fallback, oldest first."""
     moments = [Moment(row.created_at, "received" if row.direction == Direction.INBOUND else "created",
-                      f"{row.kind} on {row.channel}")]
+                      f"{row.kind} on {row.channel}" + (f", in {row.locale}" if row.locale else ""))]
     if row.fallback_of:
         moments.append(Moment(row.created_at, "fallback of an earlier message", link=url_for(
             "dashboard.messages.message", message_id=row.fallback_of)))

@@ -81,6 +81,9 @@ def consider(message: Message) -> Message | None:
         broadcast_id=message.broadcast_id,
         # Its original's quiet hours: the sender holds the fallback, too, until they end (invariant 15).
         quiet_hours=message.quiet_hours,
+        # Its own copy's locale on the new channel, resolved now from the person's locale (as
+        # `content_of` checked it exists) and fixed from here: its email is rendered in it.
+        locale=routing.message_locale(channel, message.template, contact.locale),
     )
     try:
         with db.session.begin_nested():

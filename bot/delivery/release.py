@@ -98,7 +98,7 @@ def hold_at_send(held: list[SendTimeHold]) -> None:
             events.message_held(row.id, contact_id=row.contact_id, channel=row.channel, kind=row.kind, to=item.to,
                                 user_id=item.user_id, held_until=item.until,
                                 reason=hold_reason(row.send_at, item.until), send_at=row.send_at,
-                                metadata=row._mapping["metadata"])
+                                metadata=row._mapping["metadata"], locale=row.locale)
     db.session.commit()
     for item in kept:
         log.info("message %s held for its recipient's quiet hours until %s", item.row.id, item.until.isoformat())

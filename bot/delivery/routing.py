@@ -81,6 +81,17 @@ def template_copy(template: str, locale: str | None, *, direct_sid: str | None =
     return TemplateCopy(sid, whatsapp_elsewhere, email, email_elsewhere)
 
 
+def message_locale(channel: str, template: str | None, locale: str | None) -> str | None:
+    """The locale a message's copy on `channel` is in, for a person whose locale is `locale`:
+    a template's email copy, or the key of its ContentSid in TWILIO_CONTENT_SIDS (a bare SID is
+    DEFAULT_LOCALE's). None for text the backend wrote, a ContentSid it named itself, or no copy
+    that matches. Stored on the message when it is made (docs/ARCHITECTURE.md, "Languages")."""
+    if template is None:
+        return None
+    kind = Copy.EMAIL if channel == Channel.EMAIL else Copy.WHATSAPP
+    return locales.template_locale(kind, template, locale)
+
+
 def unusable(contact: Contact, channel: str, content: Content, *, stop_waiting: bool = False,
              at: datetime | None = None) -> Unusable | None:
     """Why `channel` cannot carry `content` to `contact` now (or at `at`, when the message is held

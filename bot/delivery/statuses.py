@@ -149,7 +149,7 @@ def _callback_statement() -> sa.Select:
         .returning(messages.c.id, messages.c.contact_id, messages.c.conversation_id, messages.c.channel,
                    messages.c.fallback_of, messages.c.status, messages.c.error_code, messages.c.error_message,
                    messages.c.twilio_sid, messages.c.kind, messages.c.metadata, messages.c.broadcast_id,
-                   moves.label("moved"))
+                   messages.c.locale, moves.label("moved"))
         .cte("raised"))
     event_table = Event.__table__
     # The same fields, in the same order, as events.message_status (the backend must not tell
@@ -160,7 +160,7 @@ def _callback_statement() -> sa.Select:
         "fallback_of", raised.c.fallback_of, "status", raised.c.status, "error_code", raised.c.error_code,
         "error_message", raised.c.error_message, "twilio_sid", raised.c.twilio_sid, "kind", raised.c.kind,
         "conversation_id", raised.c.conversation_id, "metadata", raised.c.metadata,
-        "broadcast_id", raised.c.broadcast_id, type_=sa.JSON)
+        "broadcast_id", raised.c.broadcast_id, "locale", raised.c.locale, type_=sa.JSON)
     reported = (postgresql.insert(event_table).from_select(
         ["id", "txid", "type", "contact_id", "message_id", "conversation_id", "data", "created_at", "status",
          "attempts", "next_attempt_at"],

@@ -81,17 +81,18 @@ def _error(status: int, message: str, **extra: Any):
 def _accepted(message: Message, replayed: bool = False):
     return _accepted_as(message.id, message.status, message.channel, message.contact.user_id,
                         message.contact.address_on(message.channel), message.created_at, replayed,
-                        send_at=message.send_at, held_until=message.not_before if message.is_held else None)
+                        send_at=message.send_at, held_until=message.not_before if message.is_held else None,
+                        locale=message.locale)
 
 
 def _accepted_as(message_id: str, status: str, channel: str, user_id: str | None, to: str | None,
                  created_at: datetime, replayed: bool = False, *, send_at: datetime | None = None,
-                 held_until: datetime | None = None):
+                 held_until: datetime | None = None, locale: str | None = None):
     """202 for a message, from its values (a new one's answer reads nothing back)."""
     url = url_for("notify.get_message", message_id=message_id)
     response = jsonify(id=message_id, status=status, channel=channel, user_id=user_id, to=to,
                        created_at=isoformat(created_at), url=url, send_at=isoformat(send_at),
-                       held_until=isoformat(held_until), held_reason=hold_reason(send_at, held_until))
+                       held_until=isoformat(held_until), held_reason=hold_reason(send_at, held_until), locale=locale)
     return accepted_response(response, url, replayed)
 
 
@@ -206,7 +207,7 @@ def _report_held(params: dict[str, Any], contact_id: int, user_id: str | None, t
     events.message_held(params["message_id"], contact_id=contact_id, channel=params["channel"], kind=params["kind"],
                         to=to, user_id=user_id, held_until=params["not_before"],
                         reason=hold_reason(params["send_at"], params["not_before"]), send_at=params["send_at"],
-                        metadata=params["metadata"])
+                        metadata=params["metadata"], locale=params["locale"])
 
 
 def send_as_agent(phone: str, body: str, agent: str) -> tuple[int, dict[str, Any]]:
@@ -279,6 +280,7 @@ def _notify_number(notification: NotifyRequest, key: str | None):
     params = _message_params(notification, key, Channel.WHATSAPP, now)
     matters, locale = _locale_of_number(notification)
     params["content_sid"] = _whatsapp_sid(notification, locale)
+    params["locale"] = routing.message_locale(Channel.WHATSAPP, notification.template, locale)
     if notification.template is not None and params["content_sid"] is None:
         db.session.rollback()
         return _no_copy_in_locale(notification.template, locale if matters else None)
@@ -321,7 +323,8 @@ def _notify_number(notification: NotifyRequest, key: str | None):
     except IntegrityError as exc:
         return _lost_key_race(exc, key, notification)
     return _accepted_as(params["message_id"], MessageStatus.PENDING, Channel.WHATSAPP, contact.user_id,
-                        notification.to, now, send_at=params["send_at"], held_until=params["not_before"])
+                        notification.to, now, send_at=params["send_at"], held_until=params["not_before"],
+                        locale=params["locale"])
 
 
 def _refusal(consent: str, stop_waiting: bool, last_inbound_at: datetime | None, notification: NotifyRequest,
@@ -384,6 +387,7 @@ def _message_params(notification: NotifyRequest, key: str | None, channel: str, 
         "now": now, "send_at": notification.send_at_utc, "not_before": None,
         # Kept on the row: the sender checks them again when it sends (invariant 15).
         "quiet_hours": str(quiet) if (quiet := _quiet_hours_of(notification)) is not None else None,
+        "locale": None,  # the copy's, once the recipient's locale resolved it (routing.message_locale)
     }
 
 
@@ -394,7 +398,8 @@ def _message_columns(value: Any) -> dict[str, Any]:
              "media_urls": "media_urls", "template": "template", "content_sid": "content_sid",
              "variables": "variables", "idempotency_key": "key", "request_hash": "request_hash",
              "metadata": "metadata", "kind": "kind", "created_at": "now", "updated_at": "now",
-             "send_at": "send_at", "not_before": "not_before", "quiet_hours": "quiet_hours"}
+             "send_at": "send_at", "not_before": "not_before", "quiet_hours": "quiet_hours",
+             "locale": "locale"}
     columns = {name: value(param, messages.c[name]) for name, param in bound.items()}
     columns.update(direction=sa.literal(Direction.OUTBOUND.value), status=sa.literal(MessageStatus.PENDING.value),
                    status_rank=sa.literal(MessageStatus.PENDING.rank), attempts=sa.literal(0))
@@ -469,6 +474,8 @@ def _queue(notification: NotifyRequest, contact: Contact, channel: str, key: str
     params["not_before"] = not_before
     if notification.template is not None:
         params["content_sid"] = content_sid
+    # The copy's locale, fixed now: an email is rendered in it at send time (docs/ARCHITECTURE.md, "Languages").
+    params["locale"] = routing.message_locale(channel, notification.template, contact.locale)
     user_id, to = contact.user_id, contact.address_on(channel)  # read before the commit expires them
     try:
         _insert_message(params, key)
@@ -479,7 +486,7 @@ def _queue(notification: NotifyRequest, contact: Contact, channel: str, key: str
     except IntegrityError as exc:
         return _lost_key_race(exc, key, notification)
     return _accepted_as(params["message_id"], MessageStatus.PENDING, channel, user_id, to, now,
-                        send_at=params["send_at"], held_until=params["not_before"])
+                        send_at=params["send_at"], held_until=params["not_before"], locale=params["locale"])
 
 
 def _commit_new_row(row: Message | Conversation, key: str | None, notification: NotifyRequest):

@@ -56,10 +56,11 @@ def public_url() -> str:
 def build(row: Any, contact: Contact) -> dict[str, Any]:
     """The v3 mail body of one message: its template's email copy, or its subject and text."""
     if row.template:
-        # The user's locale at send time chooses the copy (bot/locales.py); /notify checked that
-        # one exists when it routed the message here.
+        # The locale fixed when the message was made chooses the copy, not the contact's now
+        # (docs/ARCHITECTURE.md, "Languages"); a row made before it was stored: the contact's.
+        locale = row.locale if row.locale is not None else contact.locale
         copy = render_email(row.template, {"name": contact.name, **(row.variables or {})},
-                            business=current_app.config.get("BOT_NAME", "us"), locale=contact.locale)
+                            business=current_app.config.get("BOT_NAME", "us"), locale=locale)
         subject, text, html = row.subject or copy.subject, copy.text, copy.html
     else:
         subject, text, html = row.subject or "", row.body or "", None
