@@ -30,6 +30,7 @@ from bot.delivery import outbox
 from bot.conversations.store import (answer_consent_questions, apply_step, end_conversation,
                                      end_open_conversations, open_conversation, remember_open_conversation,
                                      send_replies, start_flow)
+from bot.conversations.scheduled import hold_first_messages, is_held
 from bot.conversations.writes import write_turn
 from bot.conversations.handoff import HANDED_OVER, HandoffBy, end_handoff, expired_handoffs, in_handoff
 from bot.delivery import events
@@ -260,8 +261,8 @@ def start_conversation(conversation_id: str) -> None:
         return
     lock_contact(conversation.contact_id)
     db.session.refresh(conversation)
-    if conversation.status != ConversationStatus.STARTING:
-        db.session.commit()
+    if conversation.status != ConversationStatus.STARTING or is_held(conversation):
+        db.session.commit()  # started, ended, or held for later: the release starts it then
         return
     contact_id = conversation.contact_id
     try:
@@ -291,8 +292,9 @@ def _start(conversation: Conversation) -> None:
     else:
         try:
             with db.session.begin_nested():
-                start_flow(contact, flow, conversation.variables or {}, started_by=StartedBy.BACKEND,
-                           conversation=conversation)
+                first = start_flow(contact, flow, conversation.variables or {}, started_by=StartedBy.BACKEND,
+                                   conversation=conversation)
+                hold_first_messages(conversation, first)
         except DBAPIError:
             raise  # the database, not the flow: start_conversation decides
         except Exception as exc:

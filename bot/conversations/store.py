@@ -173,7 +173,8 @@ def start_flow(contact: Contact, flow: Flow, variables: dict[str, Any], *, start
     once, answered, and nothing is sent.
     """
     for other in open_conversations(contact.id):
-        if conversation is None or other.id != conversation.id:
+        # A flow held for later (a send_at, quiet hours) is not open yet: it starts at its time.
+        if (conversation is None or other.id != conversation.id) and not other.is_held:
             end_conversation(other, ConversationStatus.CANCELLED, error="replaced by a newer conversation")
     if conversation is None:
         conversation = new_conversation(contact, flow, started_by=started_by, variables=variables)
