@@ -137,7 +137,7 @@ class ConversationStatus(StrEnum):
     ACTIVE = "active"
     COMPLETED = "completed"
     EXPIRED = "expired"
-    CANCELLED = "cancelled"  # opt-out, or replaced by a newer conversation
+    CANCELLED = "cancelled"  # opt-out, replaced by a newer conversation, or canceled before it started
     FAILED = "failed"
 
 

@@ -136,9 +136,10 @@ def defer_inbound(message: Message | str) -> None:
     defer(Work.INBOUND, message, Priority.CONVERSATION)
 
 
-def defer_conversation_start(conversation: Conversation | str) -> None:
-    """Start a backend-started conversation once it is committed (bulk: nobody wrote yet)."""
-    defer(Work.CONVERSATION_START, conversation, Priority.BULK)
+def defer_conversation_start(conversation: Conversation | str, at: datetime | None = None) -> None:
+    """Start a backend-started conversation once it is committed (bulk: nobody wrote yet). `at`:
+    a held one's time (a hint, as for a held message: the release check is the guarantee)."""
+    defer(Work.CONVERSATION_START, conversation, Priority.BULK, at)
 
 
 def enqueue(work: Work, row_id: str, priority: Priority = Priority.BULK, delay: timedelta | None = None) -> bool:
@@ -250,7 +251,7 @@ def sweep(now=None) -> dict[str, int]:
     ).all()
     starting = db.session.scalars(
         sa.select(Conversation.id).where(
-            Conversation.status == ConversationStatus.STARTING,
+            Conversation.status == ConversationStatus.STARTING, Conversation.not_before.is_(None),
             sa.or_(sa.and_(Conversation.next_attempt_at.is_(None), Conversation.updated_at <= stale),
                    Conversation.next_attempt_at <= now),
         ).order_by(Conversation.started_at).limit(1000)

@@ -23,8 +23,8 @@ from bot.clock import utcnow
 from bot.delivery import events, outbox
 from bot.delivery.claims import release_next
 from bot.extensions import db
-from bot.models import Contact, Message, hold_reason
-from bot.vocabulary import Channel, Direction, MessageStatus
+from bot.models import Contact, Conversation, Message, hold_reason
+from bot.vocabulary import Channel, ConversationStatus, Direction, MessageStatus
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +50,39 @@ def _release_statement() -> sa.Update:
             .execution_options(synchronize_session=False))
 
 
-def release_due(now: datetime | None = None) -> int:
-    """Enqueue every held message whose time has come (up to RELEASE_BATCH); returns how many.
+@functools.cache
+def _release_conversations_statement() -> sa.Update:
+    # A backend-started flow held for later (its send_at, the user's quiet hours) is released as
+    # a held message is: no longer held, due for the sweep REENQUEUE_AFTER from now.
+    now = sa.bindparam("now")
+    due = (sa.select(Conversation.id)
+           .where(Conversation.not_before <= now, Conversation.status == ConversationStatus.STARTING)
+           .order_by(Conversation.not_before).limit(RELEASE_BATCH)
+           .with_for_update(skip_locked=True))
+    return (sa.update(Conversation)
+            .where(Conversation.id.in_(due), Conversation.status == ConversationStatus.STARTING)
+            .values(not_before=None, next_attempt_at=sa.bindparam("hold_off_until"), updated_at=now)
+            .returning(Conversation.id)
+            .execution_options(synchronize_session=False))
 
-    One indexed statement when nothing is due, which is what it costs every few seconds."""
+
+def release_due(now: datetime | None = None) -> int:
+    """Enqueue every held message, and start every held flow, whose time has come (up to
+    RELEASE_BATCH each); returns how many.
+
+    One indexed statement each when nothing is due, which is what it costs every few seconds."""
     now = now or utcnow()
-    rows = db.session.execute(_release_statement(), {"now": now, "hold_off_until": now + outbox.REENQUEUE_AFTER}).all()
+    params = {"now": now, "hold_off_until": now + outbox.REENQUEUE_AFTER}
+    rows = db.session.execute(_release_statement(), params).all()
     for row in rows:
         outbox.defer(outbox.Work.SEND, row.id, outbox.send_priority(row.kind, row.channel))
-    db.session.commit()  # the sends are enqueued by this commit (outbox)
-    if rows:
-        log.info("released %d held messages", len(rows))
-    return len(rows)
+    flows = db.session.scalars(_release_conversations_statement(), params).all()
+    for conversation_id in flows:
+        outbox.defer_conversation_start(conversation_id)
+    db.session.commit()  # the sends and starts are enqueued by this commit (outbox)
+    if rows or flows:
+        log.info("released %d held messages and %d held flows", len(rows), len(flows))
+    return len(rows) + len(flows)
 
 
 class SendTimeHold(NamedTuple):

@@ -1,9 +1,11 @@
 """POST /messages/<id>/cancel: a message that has not left yet never will (invariant 15: a held
-message can be called back until its time)."""
+message can be called back until its time). POST /conversations/<id>/cancel: the same for a
+backend-started flow that has not started (docs/ARCHITECTURE.md, "Scheduled flows")."""
 from __future__ import annotations
 
 from flask import Blueprint, abort, jsonify
 
+from bot.conversations.scheduled import CancelStart, cancel_start
 from bot.delivery.release import Cancel, cancel
 from bot.http.auth import require_api_token
 from bot.models import is_public_id
@@ -29,3 +31,21 @@ def cancel_message(message_id: str):
         response.status_code = 409
         return response
     return jsonify(message.to_dict())
+
+
+@bp.post("/conversations/<conversation_id>/cancel")
+@require_api_token
+def cancel_conversation(conversation_id: str):
+    """200 with the conversation, now `cancelled` (again 200 if the backend already canceled
+    it); 409 once it started or ended; 404 for an unknown id."""
+    if not is_public_id(conversation_id):
+        abort(404, description=f"no conversation with id {conversation_id[:64]!r}")
+    outcome, conversation = cancel_start(conversation_id)
+    if outcome == CancelStart.NOT_FOUND:
+        abort(404, description=f"no conversation with id {conversation_id!r}")
+    if outcome == CancelStart.TOO_LATE:
+        response = jsonify(error=f"too late to cancel: the conversation is already {conversation.status}",
+                           status=conversation.status, id=conversation.id)
+        response.status_code = 409
+        return response
+    return jsonify(conversation.to_dict())

@@ -98,13 +98,15 @@ def _accepted_as(message_id: str, status: str, channel: str, user_id: str | None
 
 def _conversation_accepted(conversation: Conversation, replayed: bool = False):
     url = url_for("contacts_api.get_conversation", conversation_id=conversation.id)
+    shown = conversation.to_dict()
     response = jsonify(
         id=conversation.id,
         status=conversation.status,
         to=conversation.contact.phone,
         flow=conversation.flow,
-        created_at=conversation.to_dict()["started_at"],
+        created_at=shown["started_at"],
         url=url,
+        send_at=shown["send_at"], held_until=shown["held_until"], held_reason=shown["held_reason"],
     )
     return accepted_response(response, url, replayed)
 
@@ -579,24 +581,34 @@ def _start_flow(notification: NotifyRequest, contact, key: str | None):
                            "DELETE /contacts/<phone>/handoff or the handoff ends")
     flow = registry()[notification.flow]
     template = flow.start_content_template
-    if not within_window(contact.last_inbound_at) and (not template or locales.content_sid(template, contact.locale) is None):
+    # Held like a notification (invariant 15): until its send_at, past the user's quiet hours;
+    # the window must be open when it starts, not only now.
+    not_before = _hold(notification, contact.timezone, utcnow())
+    if not within_window(contact.last_inbound_at, not_before) \
+            and (not template or locales.content_sid(template, contact.locale) is None):
         db.session.commit()
         if template and locales.available_locales(Copy.WHATSAPP, template):
             return _no_copy_in_locale(template, contact.locale)  # approved, but not in their language
+        when = ("the recipient has not written in the last 24 hours" if not_before is None else
+                f"the flow is held until {isoformat(not_before)} and the recipient's 24-hour window will have "
+                "closed by then")
         return _error(
             422,
-            f"the recipient has not written in the last 24 hours; flow {flow.name!r} can open the "
+            f"{when}; flow {flow.name!r} can open the "
             f"conversation outside the window only with its approved template "
             f"{template!r} configured in TWILIO_CONTENT_SIDS" if template else
-            f"the recipient has not written in the last 24 hours and flow {flow.name!r} has no "
+            f"{when} and flow {flow.name!r} has no "
             "approved template to open the conversation with",
         )
     conversation = Conversation(
         contact_id=contact.id, flow=flow.name, status=ConversationStatus.STARTING, started_by=StartedBy.BACKEND,
         variables=notification.variables, data={}, idempotency_key=key,
         request_hash=notification.fingerprint() if key else None, backend_metadata=notification.metadata,
+        send_at=notification.send_at_utc, not_before=not_before,
+        # Its first messages carry them: the sender holds those too (never its later replies).
+        quiet_hours=str(quiet) if (quiet := _quiet_hours_of(notification)) is not None else None,
     )
-    outbox.defer_conversation_start(conversation)
+    outbox.defer_conversation_start(conversation, at=not_before)  # held: a hint, the release decides
     race = _commit_new_row(conversation, key, notification)
     if race is not None:
         return race

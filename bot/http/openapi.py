@@ -58,6 +58,8 @@ class MessageAccepted(BaseModel):
                                                      "the end of the quiet hours in the user's timezone; null: "
                                                      "it leaves now")
     held_reason: HoldReason | None = Field(None, description="why it is held: `scheduled` or `quiet_hours`")
+    locale: str | None = Field(None, description="the locale the message's copy was resolved to (the user's "
+                                                 "locale, its language or DEFAULT_LOCALE); null for your own text")
 
 
 class CancelRefused(BaseModel):
@@ -77,6 +79,19 @@ class ConversationAccepted(BaseModel):
     flow: str
     created_at: str | None
     url: str
+    send_at: str | None = Field(None, description="the start time asked for with `send_at` (UTC)")
+    held_until: str | None = Field(None, description="held in the database until then (UTC): its `send_at`, or "
+                                                     "the end of the quiet hours in the user's timezone; null: "
+                                                     "it starts now")
+    held_reason: HoldReason | None = Field(None, description="why it waits: `scheduled` or `quiet_hours`")
+
+
+class ConversationCancelRefused(BaseModel):
+    """409 from POST /conversations/<id>/cancel: too late, the flow started or ended."""
+
+    error: str
+    id: str
+    status: ConversationStatus
 
 
 class StatusEvent(BaseModel):
@@ -123,6 +138,9 @@ class Message(BaseModel):
     send_at: str | None = Field(description="the time asked for with POST /notify `send_at` (UTC)")
     held_until: str | None = Field(description="while held in the database: when it will leave (UTC)")
     held_reason: HoldReason | None = Field(description="why it is held: `scheduled` or `quiet_hours`")
+    locale: str | None = Field(None, description="the locale its copy was resolved to when it was made (the "
+                                                 "ContentSid's, the email's, a flow reply's); null for text you "
+                                                 "wrote or a ContentSid you named")
     events: list[StatusEvent] | None = None
 
 
@@ -143,6 +161,10 @@ class Conversation(BaseModel):
     updated_at: str | None
     expires_at: str | None
     ended_at: str | None
+    send_at: str | None = Field(None, description="a backend-started flow's start time asked for (UTC)")
+    held_until: str | None = Field(None, description="while held in the database: when it starts (UTC)")
+    held_reason: HoldReason | None = Field(None, description="why it waits: `scheduled` or `quiet_hours`")
+    quiet_hours: str | None = Field(None, description="the quiet hours its first messages are held by (null: none)")
 
 
 class ConsentEvent(BaseModel):
@@ -355,6 +377,12 @@ OPERATIONS = [
     Operation("get", "/conversations/{conversation_id}", "A conversation's flow, status and outcome",
               answers=dict([(200, ("the conversation", Conversation)), UNAUTHORIZED,
                             (404, ("no such conversation", Error))])),
+    Operation("post", "/conversations/{conversation_id}/cancel",
+              "Cancel a backend-started flow that has not started (e.g. a scheduled one)",
+              answers=dict([(200, ("the conversation, now cancelled (also when you already canceled it)",
+                                   Conversation)), UNAUTHORIZED,
+                            (404, ("no such conversation", Error)),
+                            (409, ("too late: it started or ended", ConversationCancelRefused))])),
     Operation("get", "/contacts/{phone}", "A contact's consent, its ledger and recent conversations",
               answers=dict([(200, ("the contact", Contact)), (400, ("not a phone number", Error)), UNAUTHORIZED,
                             (404, ("no such contact", Error))])),
@@ -463,7 +491,8 @@ def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document (built once: it depends on code, not on configuration)."""
     bodies = (NotifyBody, ConsentBody, HandoffBody, ReplayBody, UserBody, BroadcastBody)
     models = [*bodies, Error, MessageAccepted, ConversationAccepted, Message, Conversation, Contact, EventPage,
-              EventReplay, EventsReplayed, Handoff, User, BroadcastAccepted, BroadcastCounts, CancelRefused]
+              EventReplay, EventsReplayed, Handoff, User, BroadcastAccepted, BroadcastCounts, CancelRefused,
+              ConversationCancelRefused]
     # Request bodies as they are validated, answers as they are serialised (`from`, not `from_`).
     _, schemas = models_json_schema(
         [(model, "validation" if model in bodies else "serialization") for model in models],

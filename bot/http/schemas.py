@@ -246,6 +246,8 @@ class NotifyBody(RequestBody):
          "variables": {"name": "Ada", "date": "Tue 3 March", "time": "10:30", "appointment_id": "A-17"}},
         {"to": "+15551234567", "template": "order_update", "variables": {"1": "Ada", "2": 42},
          "send_at": "2026-12-24T09:00:00+01:00", "quiet_hours": "21:00-08:00"},
+        {"user_id": "123", "flow": "appointment", "send_at": "2026-12-24T09:00:00+01:00",
+         "variables": {"name": "Ada", "date": "Tue 3 March", "time": "10:30", "appointment_id": "A-17"}},
     ]})
 
     to: Annotated[str | None, AfterValidator(lambda v: v if v is None else _e164(v)),
@@ -285,14 +287,16 @@ class NotifyBody(RequestBody):
         examples=[{"order_id": "A-17"}])] = None
     send_at: Annotated[str | None, AfterValidator(lambda v: v if v is None else _rfc3339_utc(v)),
                        refuse_as(SEND_AT_REFUSAL), Field(
-        description="when to send it: an RFC 3339 time with its offset, from now to 35 days ahead; the "
-                    "message waits in the database until then (cancel it with POST /messages/<id>/cancel)",
+        description="when to send it (a `flow`: when to start it): an RFC 3339 time with its offset, from "
+                    "now to 35 days ahead; the message (or flow) waits in the database until then (cancel it "
+                    "with POST /messages/<id>/cancel, a flow with POST /conversations/<id>/cancel)",
         json_schema_extra={"format": "date-time"}, examples=["2026-12-24T09:00:00+01:00"])] = None
     quiet_hours: Annotated[Annotated[str, Field(pattern=QUIET_HOURS_JSON_PATTERN)] | None, refuse_as("'quiet_hours' must be 'HH:MM-HH:MM', e.g. 21:00-08:00, or null for none"),
                            Field(
         description="this request's quiet hours in the user's timezone, `HH:MM-HH:MM` (e.g. 21:00-08:00); "
                     "null: none for this request; omitted: the QUIET_HOURS setting. A message that would "
-                    "arrive inside them is held until they end",
+                    "arrive inside them is held until they end; so is a flow's start and its first messages "
+                    "(never its replies to the user's answers)",
         examples=["21:00-08:00"])] = None
     agent: Annotated[str | None, Field(min_length=1, max_length=MAX_AGENT_CHARS, pattern=r"\S"),
                      refuse_as(f"'agent' must be the name or id of the person writing (1 to {MAX_AGENT_CHARS} characters)"),
@@ -310,8 +314,6 @@ class NotifyBody(RequestBody):
             raise TypeError("validate NotifyBody with context=NotifyContext(...) (templates and flows)")
         self._check_recipient()
         message_given = self.body is not None or self.media_url is not None
-        if self.flow is not None and ({"send_at", "quiet_hours"} & self.model_fields_set):
-            raise InvalidRequest("'send_at' and 'quiet_hours' apply to a message, not a 'flow' (a flow starts at once)")
         if self.flow is not None:
             if message_given or self.template is not None:
                 raise InvalidRequest("send either 'flow' (with 'variables') or a message, not both")

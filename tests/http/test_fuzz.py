@@ -348,6 +348,44 @@ def test_the_schedule_generator_reaches_holds_and_refusals(app, client, auth, us
     assert any(held) and None in held  # some held, some sent at once
 
 
+#: A backend-started flow to the number or to user u1, scheduled, with quiet hours now and then.
+SCHEDULED_FLOW = st.one_of(*(
+    st.fixed_dictionaries({**recipient, "flow": st.just("appointment"), "send_at": SEND_AT,
+                           "variables": st.just({"name": "Ada", "date": "12/03", "time": "10:30"})},
+                          optional={"quiet_hours": QUIET_HOURS})
+    for recipient in ({"to": st.just(PHONE)}, {"user_id": st.just("u1")})))
+
+
+@shared_app
+@given(payload=SCHEDULED_FLOW, cancel=st.booleans(), bogus=st.sampled_from(["0" * 32, "x", "a" * 33, "%00"]))
+def test_scheduled_flows_and_their_cancel_never_get_a_5xx(app, client, auth, users, payload, cancel, bogus):
+    """Scheduled flows and their cancel: a 202 holds or starts (as the answer says); a cancel of a
+    held one is a 200, of one that may have started a 200 or a 409; of no conversation a 404."""
+    response = post_notify(client, auth, json.dumps(payload))
+    assert_answered_well(response)
+    if response.status_code == 202 and cancel:
+        answer = response.get_json()
+        canceled = client.post(f"/conversations/{answer['id']}/cancel", headers=auth)
+        assert_answered_well(canceled)
+        assert canceled.status_code == 200 if answer["held_until"] else canceled.status_code in (200, 409)
+    missing = client.post(f"/conversations/{bogus}/cancel", headers=auth)
+    assert_answered_well(missing)
+    assert missing.status_code == 404
+
+
+def test_the_scheduled_flow_generator_reaches_holds_and_refusals(app, client, auth, users):
+    held = []
+
+    def send(body):
+        response = post_notify(client, auth, json.dumps(body))
+        if response.status_code == 202:
+            held.append(response.get_json()["held_until"])
+        return response
+
+    assert {202, 400} <= _answers(SCHEDULED_FLOW, send)
+    assert any(held)
+
+
 SENDGRID_EVENT = st.fixed_dictionaries(
     {"sg_event_id": mostly(HEX32), "event": mostly(st.sampled_from(
         ["processed", "delivered", "open", "click", "bounce", "dropped", "deferred", "spamreport", "unsubscribe",

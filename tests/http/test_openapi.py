@@ -1,6 +1,7 @@
 """GET /openapi.json, and schemathesis fuzzing every operation it describes (docs/ARCHITECTURE.md, "HTTP contract")."""
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, Callable, Iterable
 
 import pytest
@@ -13,6 +14,7 @@ from jsonschema import Draft202012Validator, ValidationError
 from openapi_spec_validator import validate as validate_openapi
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from bot.clock import isoformat, utcnow
 from bot.http.openapi import document
 from bot.http.schemas import ConsentBody, NotifyBody, parse_notify, validate
 from flows import registry
@@ -46,7 +48,7 @@ def test_schemathesis_loads_the_served_document(app):
                           "DELETE /contacts/{phone}/handoff", "PUT /users/{user_id}", "GET /users/{user_id}",
                           "POST /broadcasts", "GET /broadcasts/{broadcast_id}",
                           "POST /broadcasts/{broadcast_id}/cancel", "POST /messages/{message_id}/cancel",
-                          "GET /metrics"}
+                          "POST /conversations/{conversation_id}/cancel", "GET /metrics"}
 
 
 @pytest.mark.parametrize("path, method, model", [("/notify", "post", NotifyBody),
@@ -161,6 +163,17 @@ def test_real_answers_match_their_documented_schemas(app, client, auth, twilio, 
     conversation = client.get(started.headers["Location"], headers=auth).get_json()
     assert conversation["status"] == "active"
     matches_documented_schema("Conversation", conversation)
+    late = client.post(started.headers["Location"] + "/cancel", headers=auth)
+    assert late.status_code == 409
+    matches_documented_schema("ConversationCancelRefused", late.get_json())
+    held = client.post("/notify", json={"to": "+15551234567", "flow": "feedback",
+                                        "send_at": isoformat(utcnow() + timedelta(hours=1))}, headers=auth)
+    assert held.status_code == 202 and held.get_json()["held_reason"] == "scheduled"
+    matches_documented_schema("ConversationAccepted", held.get_json())
+    canceled = client.post(held.headers["Location"] + "/cancel", headers=auth)
+    assert canceled.status_code == 200 and canceled.get_json()["status"] == "cancelled"
+    matches_documented_schema("Conversation", canceled.get_json())
+    assert message["locale"] is None  # free text: nothing was resolved
 
     consent = client.put("/contacts/+15551234567/consent", json={"consent": "opted_out", "note": "asked"}, headers=auth)
     assert consent.status_code == 200 and consent.get_json()["consent_history"]

@@ -104,13 +104,6 @@ def test_a_send_at_in_the_past_or_beyond_35_days_is_a_400(app, client, auth):
         assert db.session.scalar(sa.select(sa.func.count()).select_from(Message)) == 1
 
 
-def test_a_flow_cannot_be_scheduled(client, auth):
-    answer = client.post("/notify", json={"to": PHONE, "flow": "appointment", "send_at": "2030-01-01T00:00:00Z",
-                                          "variables": {"name": "Ada", "date": "d", "time": "t", "appointment_id": "1"}},
-                         headers=auth)
-    assert answer.status_code == 400 and "flow" in answer.get_json()["error"]
-
-
 def test_a_scheduled_message_by_user_id_is_held_too(app, client, auth, twilio):
     with app.app_context():
         client.put("/users/u1", json={"email": "ada@example.com"}, headers=auth)
