@@ -162,35 +162,44 @@ def _write_in_one_statement(connection: sa.Connection, added: list[Any], changed
         rows = [row for row in added if type(row) is model]
         if not rows:
             continue
-        given = [{column: row.__dict__[attr] for attr, column in _columns(model) if attr in row.__dict__}
-                 for row in rows]
-        defaults = _defaults(model)
-        columns = tuple(column for _, column in _columns(model)
-                        if column in defaults or any(column in values for values in given))
+        plan = _insert_plan(dialect, model)
+        given = [row.__dict__ for row in rows]
+        # The columns any row gives or that have a Python default, in the table's order.
+        present = set().union(*given)
+        columns = [step for step in plan if step[0] in present or step[3] is not None]
         patterns = []
         for row, values in zip(rows, given):
             pattern = []
-            for column in columns:
-                default = defaults.get(column)
-                if column in values:
-                    value = values[column]
+            for attr, column, process, default in columns:
+                if attr in values:
+                    value = values[attr]
                 elif default is not None and not default.is_clause_element:
                     value = default.arg(None) if default.is_callable else default.arg
                 else:
                     pattern.append(_EXPRESSION if default is not None else _DEFAULT)
                     continue
                 pattern.append(_PARAM)
-                params.append(_bind(dialect, model, column)(value))
-                if model is Event and column == "id":
+                params.append(value if process is None else process(value))
+                if column == "id" and model is Event:
                     events[value] = row
             patterns.append(tuple(pattern))
-        shape.append(("insert", model, columns, tuple(patterns)))
+        shape.append(("insert", model, tuple(step[1] for step in columns), tuple(patterns)))
     if not shape:
         return
     result = connection.exec_driver_sql(_statement(dialect, tuple(shape)), tuple(params))
     if shape[-1][1] is Event and shape[-1][0] == "insert":
         for event_id, seq in result.all():
             events[event_id].seq = seq
+
+
+@functools.cache
+def _insert_plan(dialect: sa.Dialect, model: type) -> tuple[tuple[str, str, Any, Any], ...]:
+    """(attribute, column key, parameter conversion or None, Python default or None) of each of
+    the model's columns, in the table's order: worked out once, not per row."""
+    defaults = _defaults(model)
+    table = model.__table__
+    return tuple((attr, column, table.c[column].type.dialect_impl(dialect).bind_processor(dialect),
+                  defaults.get(column)) for attr, column in _columns(model))
 
 
 @functools.cache
