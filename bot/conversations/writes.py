@@ -85,11 +85,25 @@ def write_turn() -> None:
         _write_in_one_statement(connection, added, changed, now)
     else:
         _write_per_table(connection, added, changed, now)
+    _mark_stored(session, added, changed)
+
+
+def _mark_stored(session: sa.orm.Session, added: list[Any], changed: list[Any]) -> None:
+    """Tell the session the rows are stored: persistent and clean, as after a flush, so the
+    commit's flush finds nothing to do, the outbox sees the new rows as committed with the
+    transaction, and the commit expires them like every other row (a rollback drops the new
+    ones, as after a flush). This is the flush's own last step (`Session._register_persistent`),
+    one call for the turn's rows; expunging, re-keying and adding each row cost more than the
+    statement (bench/THROUGHPUT.md, "The turn in one statement"). Values the database filled in
+    (an event's txid) are not in the rows until the commit expires them: nothing reads them
+    in between. Should SQLAlchemy drop that method, the public way below does the same."""
+    register = getattr(session, "_register_persistent", None)
+    if register is not None:
+        register({sa.inspect(row) for row in itertools.chain(added, changed)})
+        return
     for row in changed:
-        session.expire(row)  # stored: nothing left to flush; it reads again after the commit
+        session.expire(row)
     for row in added:
-        # Stored: persistent and clean, as after a flush (the outbox sees it as committed with
-        # the transaction, and the commit expires it like every other row).
         session.expunge(row)
         make_transient_to_detached(row)
         session.add(row)
