@@ -10,6 +10,7 @@ Wall-clock samples (py-spy's, in a container) count those waits as work.
 
     .venv/bin/python bench/worker_cpu.py send --limit 80 -n 800
     .venv/bin/python bench/worker_cpu.py turns -n 400 --profile /tmp/prof
+    .venv/bin/python bench/worker_cpu.py turns -n 600 --engine-only   # the turn's task alone
     PYTHONPATH=/tmp/base .venv/bin/python bench/worker_cpu.py send ...   # another tree's code
 
 Prints one JSON line: operations, CPU ms per operation (all worker threads; the main thread,
@@ -114,6 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default=None, metavar="DIR")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--show-statements", action="store_true", help="print every statement (use a small -n)")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="turns: run each inbound message's task body (engine.process_inbound) in this thread, "
+                             "one after another, and count only its CPU: no huey, no sender; the replies' sends "
+                             "go on the queue (their enqueue counted) and are dropped")
     args = parser.parse_args(argv)
 
     simulator, api_url = start_simulator(args.latency_ms)
@@ -142,6 +147,8 @@ def run(args: argparse.Namespace, api_url: str) -> dict:
               "NOTIFY_API_TOKEN": "bench", "DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url,
               "QUEUE_NAME": queue, "TWILIO_MESSAGES_PER_SECOND": args.limit, "WORKER_THREADS": args.threads,
               "SECRET_KEY": "bench"}
+    if args.mode == "turns" and args.engine_only:
+        config["HAND_OVER_REPLIES"] = False  # the replies go on the queue: no sender in this process
     logging.basicConfig(level=logging.WARNING)
     with create_app({**config, "TESTING": True}).app_context():  # TESTING: Alembic is loaded
         with db.engine.begin() as conn:
@@ -172,9 +179,12 @@ def run(args: argparse.Namespace, api_url: str) -> dict:
                 db.session.add(row)
                 outbox.defer_inbound(row)
         db.session.commit()  # every task is on the queue now
+        seeded = [row.id for row in rows]
         db.session.remove()
 
     statements = {"n": 0}
+    if args.mode == "turns" and args.engine_only:
+        return run_engine_only(args, app, seeded, statements)
     with app.app_context():
         def count(conn, cursor, statement, *rest) -> None:  # noqa: ANN001
             statements["n"] += 1
@@ -211,6 +221,55 @@ def run(args: argparse.Namespace, api_url: str) -> dict:
     return {"mode": args.mode, "limit": args.limit, "operations": n, "done": done, "wall_s": round(wall, 2),
             "per_second": round(done / wall, 1), "worker_cpu_ms_per_op": round(1000 * cpu / max(done, 1), 2),
             "statements_per_op": round((statements["n"] - polls) / max(done, 1), 2), "left_on_queue": queued,
+            "profiled": bool(args.profile), "tree": str(Path(sys.modules["bot"].__file__).parents[1])}
+
+
+def run_engine_only(args: argparse.Namespace, app, message_ids: list[str], statements: dict) -> dict:  # noqa: ANN001
+    """The turn's task alone: `engine.process_inbound` for each message, in this thread, each in
+    an app context of its own as huey's task runs it (`tasks.in_app_context`); CPU from this
+    thread's clock, so nothing else in the process counts."""
+    import sqlalchemy as sa
+
+    from bot.conversations import engine
+    from bot.delivery.queue import huey
+    from bot.extensions import db
+
+    with app.app_context():
+        huey.flush()  # the seeding's process_inbound tasks: run here instead
+        def count(conn, cursor, statement, *rest) -> None:  # noqa: ANN001
+            if threading.current_thread() is not threading.main_thread():
+                return
+            statements["n"] += 1
+            if args.show_statements:
+                print(f"{' '.join(statement.split())[:160]}", file=sys.stderr)
+
+        sa.event.listen(db.engine, "before_cursor_execute", count)
+    profile = cProfile.Profile(time.thread_time) if args.profile else None
+    cpu0, wall0 = time.thread_time(), time.monotonic()
+    if profile:
+        profile.enable()
+    for message_id in message_ids:
+        with app.app_context():
+            engine.process_inbound(message_id)
+    if profile:
+        profile.disable()
+    cpu, wall = time.thread_time() - cpu0, time.monotonic() - wall0
+    n = len(message_ids)
+    if profile:
+        out = Path(args.profile)
+        out.mkdir(parents=True, exist_ok=True)
+        profile.dump_stats(out / "turns-engine.prof")
+        with open(out / "turns-engine.txt", "w") as f:
+            f.write(f"# {n} turns; times are thread CPU seconds (cProfile inflates them)\n")
+            pstats.Stats(profile, stream=f).sort_stats("cumulative").print_stats(70)
+    with app.app_context():
+        done = db.session.scalar(sa.text("SELECT count(*) FROM messages WHERE direction = 'inbound' "
+                                         "AND status = 'processed'"))
+        db.session.commit()
+        huey.flush()
+        db.engine.dispose()
+    return {"mode": "turns (engine only)", "operations": n, "done": done, "wall_s": round(wall, 2),
+            "turn_cpu_ms": round(1000 * cpu / max(done, 1), 3), "statements_per_turn": round((statements["n"] - 1) / n, 2),
             "profiled": bool(args.profile), "tree": str(Path(sys.modules["bot"].__file__).parents[1])}
 
 
