@@ -426,6 +426,7 @@ def load(tree: Path, operation: str, shape: str | None, connections: int, durati
             if run_wrk(public_base, script, warm_file, threads, connections, 2)["requests"] >= 300:
                 break
         time.sleep(0.5)
+        rss_idle = {pid: rss_mib(pid) for pid in group_cpu(proc.pid)}
         backends = [] if bare else postgres_backends(database_url)
         web_before, pg_before = group_cpu(proc.pid), {pid: cpu_seconds(pid) for pid in backends}
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -436,6 +437,10 @@ def load(tree: Path, operation: str, shape: str | None, connections: int, durati
         web_after = group_cpu(proc.pid)
         pg_after = {pid: cpu_seconds(pid) for pid in (postgres_backends(database_url) if not bare else [])}
         rss = {pid: rss_mib(pid) for pid in web_after}
+        # VmHWM: the most each process was resident since it started (warm-up and run);
+        # Pss: its resident pages with each shared one divided among the processes sharing it.
+        rss_peak = {pid: rss_mib(pid, "VmHWM") for pid in web_after}
+        pss = {pid: pss_mib(pid) for pid in web_after}
     answered = max(figures["requests"], 1)
     web = sum(web_after.values()) - sum(web_before.get(pid, 0.0) for pid in web_after)
     pg = sum(pg_after.values()) - sum(pg_before.get(pid, 0.0) for pid in pg_after)
@@ -446,13 +451,24 @@ def load(tree: Path, operation: str, shape: str | None, connections: int, durati
             "p50_ms": figures["p50_ms"], "p99_ms": figures["p99_ms"], "errors": figures["errors"],
             "non_2xx": figures["non_2xx"], "web_cpu_ms": round(1000 * web / answered, 3),
             "postgres_cpu_ms": round(1000 * pg / answered, 3), "wrk_cpu_ms": round(1000 * wrk_cpu / answered, 3),
-            "web_cores": round(web / elapsed, 2), "rss_mib": rss}
+            "web_cores": round(web / elapsed, 2), "rss_mib": rss, "rss_idle_mib": rss_idle,
+            "rss_peak_mib": rss_peak, "pss_mib": pss}
 
 
-def rss_mib(pid: int) -> float | None:
+def rss_mib(pid: int, field: str = "VmRSS") -> float | None:
+    """A process's resident memory in MiB (`field`: VmRSS now, VmHWM its peak)."""
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+def pss_mib(pid: int) -> float | None:
+    """A process's proportional set size in MiB (shared pages divided among their sharers)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return round(int(line.split()[1]) / 1024, 1)
     return None
 

@@ -208,6 +208,23 @@ def test_the_web_imports_nothing_only_the_worker_runs_and_the_consumer_loads_it(
     assert seen["channels"] == ["email", "whatsapp"]
 
 
+def test_the_web_loads_prometheus_client_only_when_metrics_are_on_and_its_exposition_on_a_scrape(
+        tmp_path: Path) -> None:
+    """Without METRICS_TOKEN nothing is timed or counted, so a process never imports
+    prometheus_client; with it, the request histogram needs the client, and the exposition (the
+    collectors, the readings' queries) waits for the first scrape (bench/THROUGHPUT.md, "The
+    web's hot path", fourth pass)."""
+    code = ("import sys, wsgi\n"
+            "print(sorted(m for m in ('prometheus_client', 'bot.metrics.exposition') if m in sys.modules))\n")
+    seen = {}
+    for name, extra in (("off", {}), ("on", {"METRICS_TOKEN": "m" * 32})):
+        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=60, env=clean_env(tmp_path, PYTHONPATH=str(PROJECT_ROOT), **SECRETS, **extra))
+        assert result.returncode == 0, result.stderr
+        seen[name] = result.stdout.strip().splitlines()[-1]
+    assert seen == {"off": "[]", "on": "['prometheus_client']"}
+
+
 @pytest.mark.parametrize("where", ["project", "elsewhere"])
 def test_flask_chat_is_found_by_the_flask_command(tmp_path: Path, where: str) -> None:
     """bin/chat runs `.venv/bin/flask --app wsgi chat`: the entry point of the installed project."""

@@ -20,8 +20,13 @@ from bot.models import Operator, OperatorSession
 MIN_PASSWORD_CHARS = 12
 MAX_PASSWORD_CHARS = 1024
 #: Checked against when no account has the address, so a wrong address costs the same time as a
-#: wrong password (an attacker cannot list accounts by timing the answer).
-_DUMMY_HASH = generate_password_hash("no account has this password")
+#: wrong password (an attacker cannot list accounts by timing the answer). Written out rather than
+#: made at import: one scrypt hash takes 32 MiB while it runs, which was every web and worker
+#: process's peak resident memory, and ~0.1 s of its CPU at start (bench/THROUGHPUT.md, "The web's
+#: hot path", fourth pass). `generate_password_hash("no account has this password")` with Werkzeug's
+#: default method, which tests/dashboard/test_operators.py checks it still is.
+DUMMY_HASH = ("scrypt:32768:8:1$hD0Jig7IsFl2xnAL$cb41551f092db0cc6f466c7d6923b3745b0c7a33cac062a879f9875502bc07a9"
+              "cf764602a103b3daf72eceb806fe6e25a20be48f28fe1d7fc2c1d9720bb1f0c1")
 #: How long development mode's printed sign-in link works.
 LOGIN_LINK_LIFETIME = timedelta(hours=24)
 
@@ -67,7 +72,7 @@ def authenticate(email: str, password: str) -> Operator | None:
     """The operator with this address and password, or None (the same time either way)."""
     operator = db.session.scalar(sa.select(Operator).where(Operator.email == email.strip().lower()))
     if operator is None:
-        check_password_hash(_DUMMY_HASH, password)
+        check_password_hash(DUMMY_HASH, password)
         return None
     return operator if check_password_hash(operator.password_hash, password) else None
 

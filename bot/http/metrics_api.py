@@ -13,8 +13,6 @@ import hmac
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from bot.metrics.exposition import CONTENT_TYPE, render
-
 bp = Blueprint("metrics_api", __name__)
 
 
@@ -45,4 +43,8 @@ def metrics():
         response.status_code = 401
         response.headers["WWW-Authenticate"] = 'Basic realm="metrics"'
         return response
+    # Imported on the first scrape, not with the app: a process that is never scraped (and one
+    # with no METRICS_TOKEN) never loads prometheus_client's exposition (docs/libraries.md).
+    from bot.metrics.exposition import CONTENT_TYPE, render
+
     return Response(render(), status=200, content_type=CONTENT_TYPE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from flask import Flask
 
 from bot.config import queue_file
-from bot.metrics import counters, http_timing
+from bot.metrics import counters
 from bot.metrics.shared_store import RedisStore, SqliteStore
 
 
@@ -24,4 +24,7 @@ def init_app(app: Flask) -> None:
     store = (RedisStore(redis_url, queue_name) if redis_url
              else SqliteStore(queue_file(app.instance_path), queue_name))
     counters.configure(store, app.config.get("METRICS_FLUSH_SECONDS", 5.0))
+    # Only here: without METRICS_TOKEN a process never imports prometheus_client (2.3 MiB, 32 modules).
+    from bot.metrics import http_timing
+
     http_timing.init_app(app)

@@ -85,3 +85,30 @@ def test_a_dev_link_signs_in_once_and_leads_to_the_page_asked_for(base_config, _
 def test_a_dev_link_is_not_found_outside_development_mode(app, client):
     response = client.get("/dashboard/sign-in/link/anything", base_url="https://bot.example.test")
     assert response.status_code == 404
+
+
+def test_the_unknown_address_hash_costs_what_a_new_password_costs():
+    """A wrong address is checked against `DUMMY_HASH` so that it takes as long as a wrong password
+    (no account listing by timing): the constant must be a hash of Werkzeug's default method and
+    cost, as a password set today gets (bench/THROUGHPUT.md, "The web's hot path", fourth pass)."""
+    from werkzeug.security import generate_password_hash
+
+    from bot.dashboard.accounts import DUMMY_HASH
+
+    method_and_cost = DUMMY_HASH.split("$", 1)[0]
+    assert generate_password_hash("anything at all").split("$", 1)[0] == method_and_cost
+    assert check_password_hash(DUMMY_HASH, "no account has this password")
+
+
+def test_the_web_makes_no_password_hash_at_import():
+    """Importing the app's dashboard makes no scrypt hash: one takes 32 MiB while it runs, which was
+    every process's peak resident memory at start."""
+    import subprocess
+    import sys
+
+    code = ("import werkzeug.security as s\n"
+            "def refuse(*a, **k): raise SystemExit('a password hash at import')\n"
+            "s.generate_password_hash = refuse\n"
+            "import bot.dashboard.accounts, bot.dashboard.blueprint\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr + done.stdout
