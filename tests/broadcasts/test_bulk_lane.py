@@ -98,7 +98,7 @@ def test_a_broadcasts_sends_and_pump_never_hold_a_huey_thread(lane_app: Flask, t
     assert {"send_message", "pump_broadcast"} <= set(held)
     assert max(held.values()) < 0.5, held
     assert 1 <= peak.peak <= LANE_THREADS
-    assert peak.turns == 1
+    assert 1 <= peak.turns <= 2  # a turn's thread may still be ending as the next one starts
 
 
 def test_a_stopping_worker_gives_back_the_lanes_work_not_started_and_waits_for_the_rest(
