@@ -154,11 +154,13 @@ def sends_per_second(sim: TwilioSimulator, since: float, until: float) -> dict[s
             "busiest_second": max(per_second.values(), default=0)}
 
 
-def reply_segments(database_url: str, prefix: str, timings: list[dict[str, Any]]) -> dict[str, Any]:
+def reply_segments(database_url: str, prefix: str, timings: list[dict[str, Any]],
+                   numbered_from: int = 0) -> dict[str, Any]:
     """Where each turn's time went, from the rows' own clocks (the same machine's as the
     simulator's): *to_turn*: the inbound row stored by the web → its reply row written by the
     turn (the queue's wait, the turn task's pick-up and the flow); *to_twilio*: the reply row
-    written → its create at the simulator (the commit, the hand-over, the rate slot, the HTTP call)."""
+    written → its create at the simulator (the commit, the hand-over, the rate slot, the HTTP call).
+    `numbered_from`: only the contacts numbered from there (the rounds': pooled across them)."""
     import sqlalchemy as sa
 
     from bot.config import database_uri
@@ -178,6 +180,8 @@ def reply_segments(database_url: str, prefix: str, timings: list[dict[str, Any]]
     epoch = lambda naive: naive.replace(tzinfo=timezone.utc).timestamp()  # noqa: E731
     to_turn, to_twilio = [], []
     for phone, inbound, reply in rows:
+        if int(phone[len(prefix):]) < numbered_from:
+            continue
         to_turn.append(epoch(reply) - epoch(inbound))
         if "whatsapp:" + phone in created:
             to_twilio.append(created["whatsapp:" + phone] - epoch(reply))
@@ -199,7 +203,7 @@ def interleaved(stack: Stack, worker_pid: int, args: argparse.Namespace) -> dict
     p99 of each rests on rounds × rate × duration turns, taken alternately (a drift of the
     machine, a checkpoint, falls on both sides alike), not on one window each."""
     pooled: dict[str, list[float]] = {"alone": [], "beside": []}
-    per_round = []
+    per_round, sends, seconds = [], 0, 0.0
     for number in range(args.rounds):
         first = (number + 1) * 100_000  # past the single-window phases' contacts
         wait_for_quiet(timeout=15)
@@ -208,18 +212,27 @@ def interleaved(stack: Stack, worker_pid: int, args: argparse.Namespace) -> dict
         time.sleep(5)  # its sends reach their pace
         beside = turns(stack, "beside", args.turn_rate, args.round_duration, args.drain_timeout, first=first)
         requests.post(big["url"] + "/cancel", headers=headers(), timeout=60)
+        drain = sends_per_second(stack.sim, *beside["window"])
+        sends, seconds = sends + drain["sends"], seconds + drain["seconds"]
         time.sleep(3)
         for label, run in (("alone", alone), ("beside", beside)):
             pooled[label] += run.pop("reply_latencies_s")
-        per_round.append({label: run["reply_handed_to_twilio"]["latency"] for label, run in
-                          (("alone", alone), ("beside", beside))})
+        per_round.append({**{label: run["reply_handed_to_twilio"]["latency"] for label, run in
+                             (("alone", alone), ("beside", beside))}, "broadcast_beside_turns": drain})
         log(f"  round {number + 1}: reply p99 alone {per_round[-1]['alone']['p99_ms']} ms, "
             f"beside {per_round[-1]['beside']['p99_ms']} ms")
     stats = {label: summary(values) for label, values in pooled.items()}
     ratio = (round(stats["beside"]["p99_ms"] / stats["alone"]["p99_ms"], 2)
              if stats["alone"]["p99_ms"] and stats["beside"]["p99_ms"] else None)
+    # Where the time went, pooled over the rounds too (the rounds' contacts are numbered from 100,000).
+    segments = {label: reply_segments(stack.config["DATABASE_URL"], TURN_PREFIXES[label], stack.sim.timings,
+                                      numbered_from=100_000) for label in pooled}
     return {"rounds": args.rounds, "round_duration_s": args.round_duration, "round_audience": args.round_audience,
-            "pooled": stats, "reply_p99_ratio": ratio, "per_round": per_round}
+            "pooled": stats, "reply_p99_ratio": ratio, "pooled_segments": segments,
+            "broadcast_beside_turns": {"sends": sends, "seconds": round(seconds, 1),
+                                       "per_second": round(sends / seconds, 1) if seconds else None,
+                                       "target_per_second": round(args.rate * args.share, 1)},
+            "per_round": per_round}
 
 
 def turns(stack: Stack, label: str, rate: int, duration: float, drain_timeout: float,

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     #: hand-over threads is free, instead of through the queue (docs/delivery.md, "The turn").
     #: Off: every reply takes the queue (the tests' default, which drive the queue by hand).
     hand_over_replies: bool = True
+    #: Threads of the worker that run a broadcast's work (its send batches, its pump turns) so it
+    #: never holds the huey threads turns need (bot/delivery/bulk_lane.py; invariant 16).
+    #: 0: on huey's threads (the tests' default, which drive the queue by hand).
+    bulk_lane_threads: int = Field(default=6, ge=0, le=64)
     #: Database connections each process keeps (plus DATABASE_MAX_OVERFLOW at peaks). A send
     #: holds one only while it reads or records, never while it waits for Twilio, so far fewer
     #: connections than threads suffice.

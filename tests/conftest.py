@@ -89,8 +89,10 @@ def base_config(data_dir: str, database_url: str, redis_url: str | None, queue_n
         "INSTANCE_PATH": data_dir,
         "QUEUE_NAME": queue_name,
         # The tests drive the queue by hand (run_queue): a reply sent from a hand-over thread
-        # would race them. tests/conversations/test_hand_over.py turns it on.
+        # would race them, and so would a broadcast's work on the bulk lane.
+        # tests/conversations/test_hand_over.py and tests/broadcasts/test_bulk_lane.py turn them on.
         "HAND_OVER_REPLIES": False,
+        "BULK_LANE_THREADS": 0,
     }
 
 

@@ -41,7 +41,7 @@ from bot.channels.base import Channel, Refusal, Wait
 from bot.channels.outcomes import Accepted, Failed, Unknown
 from bot.clock import utcnow
 from bot.contacts import opt_out_waiting_clause
-from bot.delivery import claims, in_flight, outbox, release
+from bot.delivery import bulk_lane, claims, in_flight, outbox, release
 from bot.delivery.claims import UNSENT, claim, claim_along, release_next, wait_for_turn
 from bot.delivery.holding import quiet_until
 from bot.delivery.rate_limit import bulk_share_key, bulk_share_rate, send_rate_limit
@@ -203,7 +203,7 @@ def _disown(message_id: str) -> None:
         _owned.pop(message_id, None)
 
 
-def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False) -> Outcome:
+def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False, requeue: bool = False) -> Outcome:
     """Send one message if it can be claimed, and with it up to SEND_BATCH - 1 other due ones.
 
     The others (each the next of its own contact, replies first) are claimed in one statement
@@ -211,7 +211,9 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
     own tasks, when they run, find them sent. A transient failure leaves a message `retrying`
     with a due time; for this task's own message, with `can_retry` (the task has retries left)
     and few attempts so far, it also raises TransientSendError so huey retries within seconds
-    (the others are scheduled for their due time). `is_retry`: this is that retry.
+    (the others are scheduled for their due time). `is_retry`: this is that retry. `requeue`:
+    no task of huey's retries this one (the bulk lane): its own message, left `retrying`, goes
+    back on the queue for its due time, as the others do.
     """
     if message_id in _owned:
         # Taken along by a batch of this process, in flight or settled (most tasks, draining a
@@ -254,14 +256,37 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False)
             _disown(row.id)
         raise
     outcome = outcomes[message_id]
-    for row in batch[1:]:  # first: this task may raise for its own message's fast retry
+    for row in (batch if requeue else batch[1:]):  # first: this task may raise for its own message's fast retry
         if outcomes[row.id] == Outcome.RETRY:
             _disown(row.id)
             outbox.enqueue(outbox.Work.SEND, row.id, outbox.send_priority(row.kind, row.channel),
                            delay=retry_backoff(row.attempts))
-    if outcome == Outcome.RETRY and can_retry and message.attempts < FAST_ATTEMPTS:
+    if outcome == Outcome.RETRY and can_retry and not requeue and message.attempts < FAST_ATTEMPTS:
         raise TransientSendError(f"message {message_id}: attempt {message.attempts} failed; huey retries it")
     return outcome
+
+
+def take_bulk(message_id: str, is_retry: bool = False) -> bool:
+    """Send a broadcast's message (and its batch) on this process's bulk lane rather than on the
+    huey thread that dequeued its task, which a turn may need: the batch waits there for its
+    share's rate slots and for the provider (bot/delivery/bulk_lane.py; invariant 16). False when
+    the lane is off (BULK_LANE_THREADS=0), full or the worker is stopping: the caller sends it."""
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+
+    def run() -> None:
+        try:
+            deliver(message_id, is_retry=is_retry, requeue=True)
+        except Exception:
+            # Its claims (if any) run out and the outbox sweep enqueues them; unclaimed, the
+            # pump's straggler kick does (invariant 1).
+            log.exception("message %s: the bulk lane's send failed; it is sent again later", message_id)
+            db.session.rollback()
+
+    def give_back() -> None:
+        outbox.enqueue(outbox.Work.SEND, message_id, outbox.Priority.BROADCAST)
+
+    return bulk_lane.lane.take(bulk_lane.Work(app, f"send {message_id}", run, give_back),
+                               int(app.config["BULK_LANE_THREADS"]))
 
 
 #: Threads of this process that send the replies turns hand over (outbox.hand_over_sends), each

@@ -31,6 +31,8 @@ _app: Flask | None = None
 HOLD_CHECK_SECONDS = 2.0
 #: Huey retries of one send: 2, 4, 8, 16, 32 s apart (bounded; then the message is failed).
 SEND_RETRIES = 5
+#: A pump turn that failed on the bulk lane runs again this long after (as huey's retry_delay).
+PUMP_RETRY_SECONDS = 5.0
 
 
 def init_app(app: Flask) -> None:
@@ -61,6 +63,8 @@ def send_message(message_id: str, task: Any = None) -> str:
 
     can_retry = task is not None and bool(task.retries)
     is_retry = task is not None and task.retries < SEND_RETRIES  # huey counts retries down
+    if task is not None and task.priority == int(outbox.Priority.BROADCAST) and sender.take_bulk(message_id, is_retry):
+        return "bulk lane"  # a broadcast's batch waits for its rate slots off the huey threads
     return sender.deliver(message_id, can_retry=can_retry, is_retry=is_retry).value
 
 
@@ -177,8 +181,32 @@ def reconcile_statuses() -> None:
 def pump_broadcast(broadcast_id: str, token: str | None = None) -> str:
     """One turn of a broadcast: expand a batch of its audience, release a window of its messages
     (bot/broadcasts/pump.py); the turn schedules the next."""
-    from bot.broadcasts import pump
+    from flask import current_app
 
+    from bot.broadcasts import pump
+    from bot.delivery import bulk_lane
+    from bot.extensions import db
+
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+
+    def run() -> None:
+        try:
+            pump.pump(broadcast_id, token)
+        except Exception:
+            # huey's retries, off the queue's threads: the same turn again in a few seconds.
+            log.exception("broadcast %s: a pump turn failed; it runs again", broadcast_id)
+            db.session.rollback()
+            _schedule_pump(broadcast_id, token, PUMP_RETRY_SECONDS)
+
+    def give_back() -> None:
+        _schedule_pump(broadcast_id, token, 0.0)
+
+    # A turn steps for seconds, sleeping between its steps: on a thread of the bulk lane's own,
+    # not on a huey thread a turn may need, nor behind the sends waiting for lane threads
+    # (bot/delivery/bulk_lane.py; invariant 16).
+    if int(app.config["BULK_LANE_THREADS"]) and bulk_lane.lane.start(bulk_lane.Work(app, f"pump {broadcast_id}",
+                                                                                     run, give_back)):
+        return "bulk lane"
     return pump.pump(broadcast_id, token)
 
 
@@ -192,7 +220,7 @@ def sweep_broadcasts() -> None:
         pump.sweep()
 
 
-def _schedule_pump(broadcast_id: str, token: str, delay: float, ahead: bool = True) -> None:
+def _schedule_pump(broadcast_id: str, token: str | None, delay: float, ahead: bool = True) -> None:
     priority = int(outbox.Priority.BROADCAST_PUMP if ahead else outbox.Priority.BROADCAST)
     if delay <= 0:
         pump_broadcast(broadcast_id, token, priority=priority)
@@ -222,7 +250,7 @@ def load_worker() -> None:
     from bot.channels.email.channel import EmailChannel
     from bot.channels.whatsapp.channel import WhatsAppChannel
     from bot.conversations import engine  # noqa: F401  (loaded before the first task, not during it)
-    from bot.delivery import rate_limit, reconcile, sender, shutdown  # noqa: F401
+    from bot.delivery import bulk_lane, rate_limit, reconcile, sender, shutdown  # noqa: F401
 
     if _app is not None:
         rate_limit.init_app(_app)
@@ -233,6 +261,8 @@ def load_worker() -> None:
         # A turn's replies go straight to this worker's sender when it can take them (outbox.hand_over_sends).
         outbox.register_hand_over(sender.take_at_once)
         shutdown.register_drain(sender.drain_hand_overs)
+        # A broadcast's work on the bulk lane: what has not started goes back to the queue.
+        shutdown.register_drain(bulk_lane.lane.drain)
 
 
 when_consuming(load_worker)
