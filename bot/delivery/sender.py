@@ -670,11 +670,12 @@ def _record_accepted_rows(accepted: list[tuple[_Send, Accepted]]) -> dict[str, O
         return {item.row.id: record_accepted(item.row, item.channel, result) for item, result in accepted}
     by_id = {result.provider_id: item.row.id for item, result in accepted if item.channel.callbacks_by_provider_id}
     if by_id:
-        for provider_id in db.session.scalars(_early_events_statement(), {"sids": sorted(by_id)}).all():
+        early = db.session.connection().execute(_early_events_statement(), {"sids": sorted(by_id)}).scalars().all()
+        for provider_id in early:
             apply_pending_events(provider_id, by_id[provider_id])
     contacts = {item.row.contact_id: item.row.id for item, _ in accepted}
-    waiting = db.session.scalars(_waiting_contacts_statement(), {
-        "contact_ids": sorted(contacts), "ids": [item.row.id for item, _ in accepted]}).all()
+    waiting = db.session.connection().execute(_waiting_contacts_statement(), {
+        "contact_ids": sorted(contacts), "ids": [item.row.id for item, _ in accepted]}).scalars().all()
     db.session.commit()
     for contact_id in waiting:  # most contacts have nobody behind them (release_next's lock is rare)
         release_next(contacts[contact_id], contact_id)
@@ -686,8 +687,8 @@ def record_accepted(row: sa.Row, channel: Channel, result: Accepted) -> Outcome:
     beat it here, and the contact's next message. Commits."""
 
     def record(provider_id: str | None, error_message: str | None = None) -> None:
-        db.session.execute(_accepted_statement(channel.provider_id_column),
-                           _accepted_values(row, result, utcnow(), provider_id, error_message))
+        db.session.connection().execute(_accepted_statement(channel.provider_id_column),
+                                        _accepted_values(row, result, utcnow(), provider_id, error_message))
         # The row was `dispatching` (callbacks wait for its id), so it moved (invariant 12).
         report_statuses({row.id: MessageStatus(result.status)})
         db.session.commit()
