@@ -97,23 +97,31 @@ def report_statuses(moves: Mapping[str, MessageStatus]) -> None:
     transaction (invariant 12), with one read for all and one INSERT for all their events
     (events.message_statuses): one event per transition, never one per repeated callback (only
     a move that raised the rank reports)."""
-    reported = [message_id for message_id, status in moves.items() if status in REPORTED_STATUSES]
-    if reported:
-        session = db.session()
-        if session.new or session.dirty or session.deleted:
-            session.flush()  # what the read below must see (the ORM's autoflush did it before)
-        found = {row.id: row for row in session.connection().execute(_reported_statement(), {"ids": reported})}
-        rows = [found[message_id] for message_id in reported if message_id in found]  # the moves' order
-        events.message_statuses(
-            (row, row.email if row.channel == Channel.EMAIL else row.phone, moves[row.id].value, row.user_id)
-            for row in rows)
     failures = [message_id for message_id, status in moves.items() if status in fallback.FINAL_FAILURES]
+    reported = [message_id for message_id, status in moves.items() if status in REPORTED_STATUSES]
+    if not reported and not failures:
+        return
+    session = db.session()
     if failures:
         # A final failure may hand the notification to the user's next channel, in this same
-        # transaction (invariant 13): rare, so the fallback reads the messages whole.
-        messages = db.session.scalars(sa.select(Message).where(Message.id.in_(failures))
-                                      .execution_options(populate_existing=True)).all()
-        fallback.after_failures(list(messages))
+        # transaction (invariant 13): the fallback needs the messages whole, so the one read is
+        # the ORM's (rare: sends accepted and most callbacks take the Core read below).
+        read = (sa.select(Message, Contact.phone, Contact.email, Contact.user_id)
+                .join(Contact, Contact.id == Message.contact_id)
+                .where(Message.id.in_(list(moves))).execution_options(populate_existing=True))
+        found = {message.id: (message, phone, email, user_id)
+                 for message, phone, email, user_id in session.execute(read)}
+    else:
+        if session.new or session.dirty or session.deleted:
+            session.flush()  # what the read below must see (the ORM's autoflush did it before)
+        found = {row.id: (row, row.phone, row.email, row.user_id)
+                 for row in session.connection().execute(_reported_statement(), {"ids": reported})}
+    events.message_statuses(
+        (row, email if row.channel == Channel.EMAIL else phone, moves[message_id].value, user_id)
+        for message_id in reported if message_id in found  # in the moves' order
+        for row, phone, email, user_id in [found[message_id]])
+    if failures:
+        fallback.after_failures([found[message_id][0] for message_id in failures if message_id in found])
 
 
 @functools.cache
