@@ -107,7 +107,10 @@ def _claiming(statement: sa.Update, now: sa.BindParameter) -> sa.Update:
 @functools.cache
 def _claim_statement(early: bool) -> sa.Update:
     # Built once: composing this statement costs more CPU than running it (bench/THROUGHPUT.md,
-    # "Profile"); the values that change per call are bound parameters.
+    # "Profile"); the values that change per call are bound parameters. The claims run it on the
+    # session's connection (Core): through `Session.execute` the ORM makes a new statement of it
+    # on every call (its bulk-UPDATE path), whose cache key is then computed anew, and returns
+    # the same rows (bench/THROUGHPUT.md, "Issue 17: the batch's record").
     now = sa.bindparam("now")
     return _claiming(sa.update(Message).where(Message.id == sa.bindparam("message_id"),
                                               _claimable(Message, now, early=early)), now)
@@ -123,7 +126,7 @@ def claim(message_id: str, *, early: bool = False) -> sa.Row | None:
     so the send reads nothing more of the message.
     """
     now = utcnow()
-    claimed = db.session.execute(_claim_statement(early), {
+    claimed = db.session.connection().execute(_claim_statement(early), {
         "message_id": message_id, "now": now, "lease_until": now + claim_lease()}).first()
     db.session.commit()
     return claimed
@@ -140,7 +143,7 @@ def claim_many(message_ids: list[str]) -> list[sa.Row]:
     """`claim` for several messages in one statement (replies handed over by their turns): those
     that may be claimed now are, each with its lease; the others are left as they are."""
     now = utcnow()
-    rows = db.session.execute(_claim_many_statement(), {
+    rows = db.session.connection().execute(_claim_many_statement(), {
         "ids": message_ids, "now": now, "lease_until": now + claim_lease()}).all()
     db.session.commit()
     return rows
@@ -181,7 +184,7 @@ def claim_along(exclude_id: str, limit: int, channel: str = Channel.WHATSAPP, *,
     if limit <= 0:
         return []
     now = utcnow()
-    rows = db.session.execute(_claim_along_statement(), {
+    rows = db.session.connection().execute(_claim_along_statement(), {
         "exclude_id": exclude_id, "now": now, "lease_until": now + claim_lease(), "limit": limit,
         "own_channel": str(channel), "with_broadcasts": with_broadcasts}).all()
     db.session.commit()

@@ -8,14 +8,16 @@ every caller reports a message, a conversation or a contact the same way. Delive
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Iterable
 
+import sqlalchemy as sa
 from flask import current_app
 
 from bot.clock import isoformat, utcnow
 from bot.delivery import outbox
 from bot.extensions import db
-from bot.models import Contact, Conversation, Event, Message
+from bot.models import Contact, Conversation, Event, Message, new_id
 from bot.vocabulary import Channel, ConversationStatus, EventStatus, EventType
 
 #: A conversation's end status -> the event that reports it.
@@ -53,11 +55,12 @@ def emit(event_type: EventType, data: dict[str, Any], *, contact_id: int | None,
     return event
 
 
-def message_status(message: Message | Any, to: str | None, status: str, error_code: int | None,
-                   error_message: str | None, user_id: str | None = None) -> Event:
-    """message.status: an outbound message moved to `status` (one event per transition); `to` is
-    the phone number or the email address, as the message's channel has it."""
-    return emit(EventType.MESSAGE_STATUS, {
+def message_status_data(message: Message | Any, to: str | None, status: str, error_code: int | None,
+                        error_message: str | None, user_id: str | None = None) -> dict[str, Any]:
+    """What a message.status event carries, in this order (the callback's one-statement path,
+    statuses._callback_statement, builds the same fields in SQL); `message` is a Message or a
+    row with its columns."""
+    return {
         "message_id": message.id,
         "channel": message.channel,
         "user_id": user_id,
@@ -72,7 +75,55 @@ def message_status(message: Message | Any, to: str | None, status: str, error_co
         "metadata": message.backend_metadata,
         "broadcast_id": message.broadcast_id,
         "locale": message.locale,
-    }, contact_id=message.contact_id, message_id=message.id, conversation_id=message.conversation_id)
+    }
+
+
+def message_status(message: Message | Any, to: str | None, status: str, error_code: int | None,
+                   error_message: str | None, user_id: str | None = None) -> Event:
+    """message.status: an outbound message moved to `status` (one event per transition); `to` is
+    the phone number or the email address, as the message's channel has it."""
+    return emit(EventType.MESSAGE_STATUS, message_status_data(message, to, status, error_code, error_message, user_id),
+                contact_id=message.contact_id, message_id=message.id, conversation_id=message.conversation_id)
+
+
+@functools.cache
+def _insert_events() -> sa.Insert:
+    # Built once and run as an executemany: the same short statement for any number of rows, so
+    # psycopg converts it once and pipelines the rows. Through the ORM's flush the events went
+    # out as one INSERT of every row's values, RETURNING their keys: a statement as long as the
+    # batch, parsed anew each time (bench/THROUGHPUT.md, "Issue 17: the batch's record").
+    # `txid` is the column's SQL default (models.current_txid), rendered into the statement.
+    return sa.insert(Event.__table__)
+
+
+def message_statuses(reports: Iterable[tuple[Any, str | None, str, str | None]]) -> list[str]:
+    """message.status for several messages at once, each `(row, to, status, user_id)` with `row`
+    a Message or a row of its columns as they are after the move (its error code and message
+    are the event's): the same rows `message_status` adds one by one, written now in one
+    statement (Core, no unit of work) in the order given. Returns their ids.
+
+    Does not commit; their delivery is enqueued once the caller's transaction commits. Rows the
+    session holds unflushed are flushed first, so events keep the order they were emitted in
+    (invariant 12).
+    """
+    push = pushed(EventType.MESSAGE_STATUS)
+    now = utcnow()
+    status, due = (EventStatus.PENDING, now) if push else (EventStatus.STORED, None)
+    values = [{"id": new_id(), "type": EventType.MESSAGE_STATUS.value, "contact_id": row.contact_id,
+               "message_id": row.id, "conversation_id": row.conversation_id,
+               "data": message_status_data(row, to, moved_to, row.error_code, row.error_message, user_id),
+               "created_at": now, "status": status.value, "attempts": 0, "next_attempt_at": due}
+              for row, to, moved_to, user_id in reports]
+    if not values:
+        return []
+    session = db.session()
+    if session.new or session.dirty or session.deleted:
+        session.flush()
+    session.connection().execute(_insert_events(), values)
+    if push:
+        for value in values:
+            outbox.defer(outbox.Work.EVENT, value["id"])
+    return [value["id"] for value in values]
 
 
 def message_received(message: Message, contact: Contact, *, conversation: Conversation | None,
@@ -141,7 +192,7 @@ def handoff_changed(contact: Contact, started: bool, *, reason: str | None, by: 
 
 def message_held(message_id: str, *, contact_id: int, channel: str, kind: str, to: str | None,
                  user_id: str | None, held_until: Any, reason: str, send_at: Any,
-                 metadata: dict[str, Any] | None, locale: str | None = None) -> Event:
+                 metadata: dict[str, Any] | None) -> Event:
     """message.held: a message waits in the database until `held_until` (its send_at, or the
     end of the recipient's quiet hours, when it is made or when its send comes due inside them:
     invariant 15). A new type, so a receiver that filters on message.status sees exactly what it
@@ -149,7 +200,7 @@ def message_held(message_id: str, *, contact_id: int, channel: str, kind: str, t
     return emit(EventType.MESSAGE_HELD, {
         "message_id": message_id, "channel": channel, "user_id": user_id, "to": to, "kind": kind,
         "held_until": isoformat(held_until), "reason": reason, "send_at": isoformat(send_at),
-        "metadata": metadata, "locale": locale,
+        "metadata": metadata,
     }, contact_id=contact_id, message_id=message_id)
 
 
@@ -158,5 +209,4 @@ def message_canceled(message: Message | Any, to: str | None, user_id: str | None
     return emit(EventType.MESSAGE_CANCELED, {
         "message_id": message.id, "channel": message.channel, "user_id": user_id, "to": to,
         "kind": message.kind, "send_at": isoformat(message.send_at), "metadata": message.backend_metadata,
-        "locale": message.locale,
     }, contact_id=message.contact_id, message_id=message.id)

@@ -629,17 +629,17 @@ def _accepted_values(row: sa.Row, result: Accepted, now: datetime, provider_id: 
 
 
 @functools.cache
-def _early_events_statement() -> sa.Select:
-    return (sa.select(StatusEvent.twilio_sid)
-            .where(StatusEvent.twilio_sid.in_(sa.bindparam("sids", expanding=True))).distinct())
-
-
-@functools.cache
-def _waiting_contacts_statement() -> sa.Select:
-    return (sa.select(Message.contact_id)
-            .where(Message.contact_id.in_(sa.bindparam("contact_ids", expanding=True)),
-                   Message.direction == Direction.OUTBOUND, Message.status == MessageStatus.PENDING,
-                   Message.id.not_in(sa.bindparam("ids", expanding=True))).distinct())
+def _after_record_statement() -> sa.CompoundSelect:
+    """After the ids are committed, in one read: the provider ids among `sids` whose callbacks
+    came first (kept unapplied), and the contacts among `contact_ids` who have another message
+    waiting (not among `ids`): each row names one or the other."""
+    early = (sa.select(StatusEvent.twilio_sid.label("sid"), sa.cast(sa.null(), sa.Integer).label("contact_id"))
+             .where(StatusEvent.twilio_sid.in_(sa.bindparam("sids", expanding=True))))
+    waiting = (sa.select(sa.cast(sa.null(), sa.String).label("sid"), Message.contact_id)
+               .where(Message.contact_id.in_(sa.bindparam("contact_ids", expanding=True)),
+                      Message.direction == Direction.OUTBOUND, Message.status == MessageStatus.PENDING,
+                      Message.id.not_in(sa.bindparam("ids", expanding=True))))
+    return sa.union(early, waiting)  # UNION: each once
 
 
 def _record_accepted_many(accepted: list[tuple[_Send, Accepted]]) -> dict[str, Outcome]:
@@ -671,11 +671,9 @@ def _record_accepted_many(accepted: list[tuple[_Send, Accepted]]) -> dict[str, O
 
 
 def _record_accepted_rows(accepted: list[tuple[_Send, Accepted]]) -> dict[str, Outcome]:
-    """Record the provider ids of a batch in one round trip per channel, then its early
-    callbacks and who is next."""
-    if len(accepted) == 1:
-        item, result = accepted[0]
-        return {item.row.id: record_accepted(item.row, item.channel, result)}
+    """Record the provider ids of a batch (one message or fifty: the replies' hand-over sends
+    batches of one) in one round trip per channel with their `message.status` events, commit;
+    then, in one read, its early callbacks and who is next."""
     now = utcnow()
     by_column: dict[str, list[dict[str, Any]]] = {}
     for item, result in accepted:
@@ -684,8 +682,9 @@ def _record_accepted_rows(accepted: list[tuple[_Send, Accepted]]) -> dict[str, O
     try:
         # Commit the ids first, then look for callbacks that beat us here (see
         # statuses.record_callback). One executemany per column: a single round trip on psycopg 3.
+        connection = db.session.connection()
         for column, values in by_column.items():
-            db.session.connection().execute(_accepted_statement(column), values)
+            connection.execute(_accepted_statement(column), values)
         # Each row was `dispatching` (callbacks wait for its id), so each moved: the backend
         # hears of it in the same commit (invariant 12).
         report_statuses({item.row.id: MessageStatus(result.status) for item, result in accepted})
@@ -693,15 +692,16 @@ def _record_accepted_rows(accepted: list[tuple[_Send, Accepted]]) -> dict[str, O
     except IntegrityError:  # an id already on another row (a mistaken lookup): one by one
         db.session.rollback()
         return {item.row.id: record_accepted(item.row, item.channel, result) for item, result in accepted}
-    by_id = {result.provider_id: item.row.id for item, result in accepted if item.channel.callbacks_by_provider_id}
-    if by_id:
-        for provider_id in db.session.scalars(_early_events_statement(), {"sids": sorted(by_id)}).all():
-            apply_pending_events(provider_id, by_id[provider_id])
+    by_id = {result.provider_id: item.row.id for item, result in accepted
+             if item.channel.callbacks_by_provider_id and result.provider_id}
     contacts = {item.row.contact_id: item.row.id for item, _ in accepted}
-    waiting = db.session.scalars(_waiting_contacts_statement(), {
-        "contact_ids": sorted(contacts), "ids": [item.row.id for item, _ in accepted]}).all()
+    found = db.session.connection().execute(_after_record_statement(), {
+        "sids": sorted(by_id), "contact_ids": sorted(contacts), "ids": [item.row.id for item, _ in accepted]}).all()
     db.session.commit()
-    for contact_id in waiting:  # most contacts have nobody behind them (release_next's lock is rare)
+    for provider_id in sorted(row.sid for row in found if row.sid is not None):
+        apply_pending_events(provider_id, by_id[provider_id])
+    for contact_id in sorted(row.contact_id for row in found if row.contact_id is not None):
+        # Most contacts have nobody behind them (release_next's lock is rare).
         release_next(contacts[contact_id], contact_id)
     return {item.row.id: Outcome.SENT for item, _ in accepted}
 
@@ -711,8 +711,8 @@ def record_accepted(row: sa.Row, channel: Channel, result: Accepted) -> Outcome:
     beat it here, and the contact's next message. Commits."""
 
     def record(provider_id: str | None, error_message: str | None = None) -> None:
-        db.session.execute(_accepted_statement(channel.provider_id_column),
-                           _accepted_values(row, result, utcnow(), provider_id, error_message))
+        db.session.connection().execute(_accepted_statement(channel.provider_id_column),
+                                        _accepted_values(row, result, utcnow(), provider_id, error_message))
         # The row was `dispatching` (callbacks wait for its id), so it moved (invariant 12).
         report_statuses({row.id: MessageStatus(result.status)})
         db.session.commit()

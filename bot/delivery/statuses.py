@@ -80,21 +80,48 @@ def raise_status(message_id: str, status: MessageStatus, error_code: int | None 
     return bool(moved)
 
 
+@functools.cache
+def _reported_statement() -> sa.Select:
+    # Built once, Core columns (no ORM entities to build and keep in the identity map): what a
+    # message.status event carries (events.message_status_data), and the recipient's address.
+    return (sa.select(Message.id, Message.contact_id, Message.channel, Message.fallback_of, Message.error_code,
+                      Message.error_message, Message.twilio_sid, Message.kind, Message.conversation_id,
+                      Message.backend_metadata.label("backend_metadata"), Message.broadcast_id,
+                      Contact.phone, Contact.email, Contact.user_id)
+            .join(Contact, Contact.id == Message.contact_id)
+            .where(Message.id.in_(sa.bindparam("ids", expanding=True))))
+
+
 def report_statuses(moves: Mapping[str, MessageStatus]) -> None:
     """message.status for each message that just moved to the status given, in the move's
-    transaction (invariant 12), with one read for all: one event per transition, never one per
-    repeated callback (only a move that raised the rank reports)."""
-    rows = db.session.execute(
-        sa.select(Message, Contact.phone, Contact.email, Contact.user_id).join(Contact, Contact.id == Message.contact_id)
-        .where(Message.id.in_(list(moves))).execution_options(populate_existing=True)).all()
-    for message, phone, email, user_id in rows:
-        status = moves[message.id]
-        if status in REPORTED_STATUSES:
-            to = email if message.channel == Channel.EMAIL else phone
-            events.message_status(message, to, status.value, message.error_code, message.error_message, user_id)
-    # A final failure may hand the notification to the user's next channel, in this same
-    # transaction (invariant 13).
-    fallback.after_failures([message for message, *_ in rows if moves[message.id] in fallback.FINAL_FAILURES])
+    transaction (invariant 12), with one read for all and one INSERT for all their events
+    (events.message_statuses): one event per transition, never one per repeated callback (only
+    a move that raised the rank reports)."""
+    failures = [message_id for message_id, status in moves.items() if status in fallback.FINAL_FAILURES]
+    reported = [message_id for message_id, status in moves.items() if status in REPORTED_STATUSES]
+    if not reported and not failures:
+        return
+    session = db.session()
+    if failures:
+        # A final failure may hand the notification to the user's next channel, in this same
+        # transaction (invariant 13): the fallback needs the messages whole, so the one read is
+        # the ORM's (rare: sends accepted and most callbacks take the Core read below).
+        read = (sa.select(Message, Contact.phone, Contact.email, Contact.user_id)
+                .join(Contact, Contact.id == Message.contact_id)
+                .where(Message.id.in_(list(moves))).execution_options(populate_existing=True))
+        found = {message.id: (message, phone, email, user_id)
+                 for message, phone, email, user_id in session.execute(read)}
+    else:
+        if session.new or session.dirty or session.deleted:
+            session.flush()  # what the read below must see (the ORM's autoflush did it before)
+        found = {row.id: (row, row.phone, row.email, row.user_id)
+                 for row in session.connection().execute(_reported_statement(), {"ids": reported})}
+    events.message_statuses(
+        (row, email if row.channel == Channel.EMAIL else phone, moves[message_id].value, user_id)
+        for message_id in reported if message_id in found  # in the moves' order
+        for row, phone, email, user_id in [found[message_id]])
+    if failures:
+        fallback.after_failures([found[message_id][0] for message_id in failures if message_id in found])
 
 
 @functools.cache
