@@ -86,7 +86,7 @@ def _reported_statement() -> sa.Select:
     # message.status event carries (events.message_status_data), and the recipient's address.
     return (sa.select(Message.id, Message.contact_id, Message.channel, Message.fallback_of, Message.error_code,
                       Message.error_message, Message.twilio_sid, Message.kind, Message.conversation_id,
-                      Message.backend_metadata.label("backend_metadata"), Message.broadcast_id,
+                      Message.backend_metadata.label("backend_metadata"), Message.broadcast_id, Message.locale,
                       Contact.phone, Contact.email, Contact.user_id)
             .join(Contact, Contact.id == Message.contact_id)
             .where(Message.id.in_(sa.bindparam("ids", expanding=True))))
