@@ -192,7 +192,7 @@ def handoff_changed(contact: Contact, started: bool, *, reason: str | None, by: 
 
 def message_held(message_id: str, *, contact_id: int, channel: str, kind: str, to: str | None,
                  user_id: str | None, held_until: Any, reason: str, send_at: Any,
-                 metadata: dict[str, Any] | None) -> Event:
+                 metadata: dict[str, Any] | None, locale: str | None = None) -> Event:
     """message.held: a message waits in the database until `held_until` (its send_at, or the
     end of the recipient's quiet hours, when it is made or when its send comes due inside them:
     invariant 15). A new type, so a receiver that filters on message.status sees exactly what it
@@ -200,7 +200,7 @@ def message_held(message_id: str, *, contact_id: int, channel: str, kind: str, t
     return emit(EventType.MESSAGE_HELD, {
         "message_id": message_id, "channel": channel, "user_id": user_id, "to": to, "kind": kind,
         "held_until": isoformat(held_until), "reason": reason, "send_at": isoformat(send_at),
-        "metadata": metadata,
+        "metadata": metadata, "locale": locale,
     }, contact_id=contact_id, message_id=message_id)
 
 
@@ -209,4 +209,5 @@ def message_canceled(message: Message | Any, to: str | None, user_id: str | None
     return emit(EventType.MESSAGE_CANCELED, {
         "message_id": message.id, "channel": message.channel, "user_id": user_id, "to": to,
         "kind": message.kind, "send_at": isoformat(message.send_at), "metadata": message.backend_metadata,
+        "locale": message.locale,
     }, contact_id=message.contact_id, message_id=message.id)

@@ -109,6 +109,7 @@ def _reference(moves: dict[str, MessageStatus]) -> None:
             "conversation_id": message.conversation_id,
             "metadata": message.backend_metadata,
             "broadcast_id": message.broadcast_id,
+            "locale": message.locale,  # carried since the message's locale became data (0013)
         }, contact_id=message.contact_id, message_id=message.id, conversation_id=message.conversation_id)
     db.session.flush()
 
