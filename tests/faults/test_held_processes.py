@@ -33,6 +33,20 @@ def flush_the_queue(base_config) -> None:
         huey.flush()  # the embedded queue: the same loss
 
 
+def kill_the_worker_and_lose_the_queue(stack, app, base_config) -> None:
+    """SIGKILL the worker once it holds both scheduled hints, flush Redis, start a new worker: all
+    that is left of the two sends is in the database."""
+    with app.app_context():
+        # The queue's hints, about to be lost: in the worker's schedule once it dequeued them
+        # (a loaded machine's worker takes a moment).
+        wait_until(lambda: huey.scheduled_count() == 2, timeout=10, what="the worker to schedule both hints")
+    stack["stop_worker"](signal.SIGKILL)
+    flush_the_queue(base_config)
+    with app.app_context():
+        assert huey.scheduled_count() == 0 and huey.pending_count() == 0
+    stack["start_worker"]()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_scheduled_message_survives_sigkill_and_a_redis_flush_and_leaves_on_time(
@@ -50,16 +64,7 @@ def test_a_scheduled_message_survives_sigkill_and_a_redis_flush_and_leaves_on_ti
         assert kept.json()["held_until"] == isoformat(send_at)
         cancel = requests.post(base + f"/messages/{dropped.json()['id']}/cancel", headers=AUTH, timeout=5)
         assert cancel.status_code == 200 and cancel.json()["status"] == "canceled"
-        with app.app_context():
-            # The queue's hints, about to be lost: in the worker's schedule once it dequeued them
-            # (a loaded machine's worker takes a moment).
-            wait_until(lambda: huey.scheduled_count() == 2, timeout=10, what="the worker to schedule both hints")
-
-        stack["stop_worker"](signal.SIGKILL)
-        flush_the_queue(base_config)
-        with app.app_context():
-            assert huey.scheduled_count() == 0 and huey.pending_count() == 0
-        stack["start_worker"]()
+        kill_the_worker_and_lose_the_queue(stack, app, base_config)
 
         wait_until(lambda: posts(simulator), timeout=AHEAD.total_seconds() + 30, what="the scheduled send")
         arrived = utcnow()
@@ -97,14 +102,7 @@ def test_a_scheduled_flow_survives_sigkill_and_a_redis_flush_and_starts_on_time(
         assert kept.json()["held_until"] == isoformat(send_at) and kept.json()["status"] == "starting"
         cancel = requests.post(base + f"/conversations/{dropped.json()['id']}/cancel", headers=AUTH, timeout=5)
         assert cancel.status_code == 200 and cancel.json()["status"] == "cancelled"
-        with app.app_context():
-            wait_until(lambda: huey.scheduled_count() == 2, timeout=10, what="the worker to schedule both hints")
-
-        stack["stop_worker"](signal.SIGKILL)
-        flush_the_queue(base_config)
-        with app.app_context():
-            assert huey.scheduled_count() == 0 and huey.pending_count() == 0
-        stack["start_worker"]()
+        kill_the_worker_and_lose_the_queue(stack, app, base_config)
 
         wait_until(lambda: posts(simulator), timeout=AHEAD.total_seconds() + 30, what="the flow's first message")
         lateness = (utcnow() - send_at).total_seconds()

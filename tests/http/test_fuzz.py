@@ -335,8 +335,9 @@ def test_scheduled_notify_and_cancel_never_get_a_5xx(app, client, auth, users, p
     assert_answered_well(client.post(f"/messages/{bogus}/cancel", headers=auth))
 
 
-def test_the_schedule_generator_reaches_holds_and_refusals(app, client, auth, users):
-    held = []
+def _notify_answers_and_holds(client, auth, strategy: st.SearchStrategy[Any]) -> tuple[set[int], list[Any]]:
+    """The answers `strategy`'s /notify bodies get, and each 202's `held_until`."""
+    held: list[Any] = []
 
     def send(body):
         response = post_notify(client, auth, json.dumps(body))
@@ -344,7 +345,12 @@ def test_the_schedule_generator_reaches_holds_and_refusals(app, client, auth, us
             held.append(response.get_json()["held_until"])
         return response
 
-    assert {202, 400} <= _answers(SCHEDULED_NOTIFY, send)
+    return _answers(strategy, send), held
+
+
+def test_the_schedule_generator_reaches_holds_and_refusals(app, client, auth, users):
+    answers, held = _notify_answers_and_holds(client, auth, SCHEDULED_NOTIFY)
+    assert {202, 400} <= answers
     assert any(held) and None in held  # some held, some sent at once
 
 
@@ -374,15 +380,8 @@ def test_scheduled_flows_and_their_cancel_never_get_a_5xx(app, client, auth, use
 
 
 def test_the_scheduled_flow_generator_reaches_holds_and_refusals(app, client, auth, users):
-    held = []
-
-    def send(body):
-        response = post_notify(client, auth, json.dumps(body))
-        if response.status_code == 202:
-            held.append(response.get_json()["held_until"])
-        return response
-
-    assert {202, 400} <= _answers(SCHEDULED_FLOW, send)
+    answers, held = _notify_answers_and_holds(client, auth, SCHEDULED_FLOW)
+    assert {202, 400} <= answers
     assert any(held)
 
 
