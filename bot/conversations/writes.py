@@ -131,17 +131,24 @@ def _write_per_table(connection: sa.Connection, added: list[Any], changed: list[
                     row.seq = seq
 
 
-def _update_row(connection: sa.Connection, row: Any, now: Any) -> None:
+def _changed_values(row: Any, now: Any) -> tuple[dict[str, Any], Any]:
+    """The columns the flow changed on a stored row (none: an empty dict), with `updated_at` as
+    the column's onupdate would set it, and the row's primary key."""
     state = sa.inspect(row)
-    model = type(row)
-    values = {column: state.dict[attr] for attr, column in _columns(model)
+    values = {column: state.dict[attr] for attr, column in _columns(type(row))
               if attr in state.committed_state and attr in state.dict}
+    if values:
+        values.setdefault("updated_at", now)
+    return values, state.identity[0]
+
+
+def _update_row(connection: sa.Connection, row: Any, now: Any) -> None:
+    values, pk = _changed_values(row, now)
     if not values:
         return
-    values.setdefault("updated_at", now)  # what the column's onupdate would set
     params = {f"v_{key}": value for key, value in values.items()}
-    params["pk"] = state.identity[0]
-    connection.execute(_update(model, tuple(values)), params)
+    params["pk"] = pk
+    connection.execute(_update(type(row), tuple(values)), params)
 
 
 # --- PostgreSQL: the turn in one statement ------------------------------------------------------
@@ -161,16 +168,13 @@ def _write_in_one_statement(connection: sa.Connection, added: list[Any], changed
     shape: list[tuple] = []
     params: list[Any] = []
     for row in changed:
-        state = sa.inspect(row)
-        model = type(row)
-        values = {column: state.dict[attr] for attr, column in _columns(model)
-                  if attr in state.committed_state and attr in state.dict}
+        values, pk = _changed_values(row, now)
         if not values:
             continue
-        values.setdefault("updated_at", now)  # what the column's onupdate would set
+        model = type(row)
         shape.append(("update", model, tuple(values)))
         params.extend(_bind(dialect, model, key)(value) for key, value in values.items())
-        params.append(state.identity[0])
+        params.append(pk)
     events: dict[str, Any] = {}
     for model in ADDED:
         rows = [row for row in added if type(row) is model]
