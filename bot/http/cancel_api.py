@@ -27,9 +27,7 @@ def cancel_message(message_id: str):
     if outcome == Cancel.TOO_LATE:
         why = ("it is being sent right now" if message.status in (MessageStatus.DISPATCHING, MessageStatus.RETRYING)
                else f"it is already {message.status}")
-        response = jsonify(error=f"too late to cancel: {why}", status=message.status, id=message.id)
-        response.status_code = 409
-        return response
+        return _too_late(why, message.status, message.id)
     return jsonify(message.to_dict())
 
 
@@ -44,8 +42,12 @@ def cancel_conversation(conversation_id: str):
     if outcome == CancelStart.NOT_FOUND:
         abort(404, description=f"no conversation with id {conversation_id!r}")
     if outcome == CancelStart.TOO_LATE:
-        response = jsonify(error=f"too late to cancel: the conversation is already {conversation.status}",
-                           status=conversation.status, id=conversation.id)
-        response.status_code = 409
-        return response
+        return _too_late(f"the conversation is already {conversation.status}", conversation.status, conversation.id)
     return jsonify(conversation.to_dict())
+
+
+def _too_late(why: str, status: str, row_id: str):
+    """409: what the backend asked to cancel has left, or started, already."""
+    response = jsonify(error=f"too late to cancel: {why}", status=status, id=row_id)
+    response.status_code = 409
+    return response
