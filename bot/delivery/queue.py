@@ -11,6 +11,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from typing import Any, Callable
 
 from flask import Flask
@@ -63,21 +64,47 @@ class PriorityQueueStorage(PriorityRedisStorage):
         """
         score = 0 if priority is None else -priority
         member = struct.pack(">Q", int(time.time() * 1e6)) + data
-        pool = self.conn.connection_pool
         held = getattr(self._held, "connection", None)
-        if held is None or held[0] != os.getpid():  # none yet, or inherited across a fork
-            held = (os.getpid(), pool.get_connection())
+        if held is None or held.pid != os.getpid():  # none yet, or inherited across a fork
+            held = _HeldConnection(self.conn.connection_pool)
             self._held.connection = held
-        connection = held[1]
         try:
-            connection.send_command("ZADD", self.queue_key, score, member)
-            connection.read_response()
+            held.connection.send_command("ZADD", self.queue_key, score, member)
+            held.connection.read_response()
         except Exception:
             # An answer half read must not be read by the next command: drop the connection.
             self._held.connection = None
-            connection.disconnect()
-            pool.release(connection)
+            held.connection.disconnect()
+            held.give_back()
             self.conn.zadd(self.queue_key, {member: score})
+
+
+class _HeldConnection:
+    """One thread's Redis connection, given back to the pool when the thread ends.
+
+    A thread's `threading.local` values go when the thread does, and this with them; its
+    finalizer then returns the connection to the pool. Without it every thread that ever
+    enqueued kept one of the pool's connections for good (redis-py allows 100): the bulk lane runs
+    each pump turn on a thread of its own (bot/delivery/bulk_lane.py), so a worker draining a
+    broadcast ran out of connections after about a hundred turns, and every Redis command of the
+    process failed with `MaxConnectionsError`.
+    """
+
+    __slots__ = ("pid", "connection", "give_back", "__weakref__")
+
+    def __init__(self, pool: Any) -> None:
+        self.pid = os.getpid()
+        self.connection = pool.get_connection()
+        # Called once at most: by the thread's end (or the object's loss), or by an error first.
+        self.give_back = weakref.finalize(self, _give_back, pool, self.connection, self.pid)
+        self.give_back.atexit = False
+
+
+def _give_back(pool: Any, connection: Any, pid: int) -> None:
+    """Return a held connection to its pool, in the process that took it (a fork's copy of the
+    pool is not the one it came from)."""
+    if os.getpid() == pid:
+        pool.release(connection)
 
 
 class MaskedLogHuey(DrainingHuey):

@@ -446,3 +446,34 @@ def test_an_enqueue_on_the_held_redis_connection_is_what_huey_reads_and_survives
             got.append((task.name, task.args, task.priority))
     assert got == [("process_inbound", ("turn-1",), 10), ("process_inbound", ("turn-2",), 10),
                    ("send_message", ("bulk-1",), 0), ("send_message", ("bulk-2",), 0)]
+
+
+def test_threads_that_enqueue_and_end_give_their_held_connection_back(app):
+    """Each thread that enqueues holds one Redis connection; when it ends, the connection goes
+    back to the pool. The bulk lane runs every pump turn on a thread of its own, so without that
+    the pool's 100 connections ran out after about a hundred turns (MaxConnectionsError)."""
+    from bot.delivery import outbox
+
+    if not app.config.get("REDIS_URL"):
+        pytest.skip("Redis only: the SQLite queue has no connection to hold")
+    pool = huey.storage.conn.connection_pool
+    failures: list[BaseException] = []
+
+    def enqueue_once(number: int) -> None:
+        try:
+            with app.app_context():
+                assert outbox.enqueue(outbox.Work.SEND, f"short-lived-{number}", outbox.Priority.BULK)
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            failures.append(error)
+
+    for number in range(pool.max_connections + 20):
+        thread = threading.Thread(target=enqueue_once, args=(number,))
+        thread.start()
+        thread.join()
+    assert failures == []
+    with app.app_context():
+        got = 0
+        while huey.dequeue() is not None:
+            got += 1
+    assert got == pool.max_connections + 20
+    assert len(pool._in_use_connections) <= 2  # this thread's, and none left by the dead threads
