@@ -286,6 +286,23 @@ def bulk_share_rate(rate: int, share: float) -> int:
     return max(1, int(rate * share))
 
 
+def bulk_headroom(rate: int, bulk_rate: int) -> int:
+    """The slots a broadcast's send leaves free in its sender's window (`acquire(keep_free=…)`):
+    one for every sixteen of the reserve (the rate less the broadcast's share), at least one — 1
+    at the default 80/s and 80% share.
+
+    The share's own window (`bulk_share_key`) already keeps the reserve for replies and
+    /notify: a broadcast never takes more than its share, so while they use less than the rest,
+    the rest stays free. Keeping the whole reserve free on top of what they use counted it twice:
+    with replies at 20/s from an 80/s sender, a broadcast drained at 44/s, not the 58-60 they left
+    it (bench/THROUGHPUT.md, "Broadcasts", sixth run). Only when replies use more than the reserve
+    does this matter: the broadcast then takes what they leave but this headroom, so a reply
+    arriving finds a slot at once, and replies arriving together wait at most for the window's
+    next turnover (1/rate s each). No reserve (a share of the whole rate, or a sender of 1/s): none."""
+    reserve = rate - bulk_rate
+    return max(1, reserve // 16) if reserve > 0 else 0
+
+
 def _masked(sender: str) -> str:
     """A sender address for the log: its last four digits (no phone numbers in logs)."""
     return "…" + sender[-4:]

@@ -44,7 +44,7 @@ from bot.contacts import opt_out_waiting_clause
 from bot.delivery import bulk_lane, claims, in_flight, outbox, release
 from bot.delivery.claims import UNSENT, claim, claim_along, release_next, wait_for_turn
 from bot.delivery.holding import quiet_until
-from bot.delivery.rate_limit import bulk_share_key, bulk_share_rate, send_rate_limit
+from bot.delivery.rate_limit import bulk_headroom, bulk_share_key, bulk_share_rate, send_rate_limit
 from bot.delivery.shutdown import is_stopping
 from bot.delivery.statuses import apply_pending_events, raise_status, report_statuses
 from bot.extensions import db
@@ -481,7 +481,7 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
                                                    cancelled=is_stopping, rate=item.bulk_rate)
             acquired = acquired and metrics.timed_rate_wait(
                 item.channel.name, limit.acquire, item.rate_key, cancelled=is_stopping, rate=item.rate,
-                keep_free=item.rate - item.bulk_rate if item.bulk_rate else 0)
+                keep_free=bulk_headroom(item.rate, item.bulk_rate) if item.bulk_rate else 0)
         except Exception as exc:  # a limiter bug, or an error it does not know: nothing has left
             raise NotSent(f"{type(exc).__name__} from the send rate limit") from exc
         if not acquired:

@@ -2,6 +2,7 @@
 a template per locale, and the bulk share of the sender's rate (invariants 15 and 16)."""
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 
@@ -10,7 +11,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from bot.clock import utcnow
-from bot.delivery.rate_limit import bulk_share_key, send_rate_limit
+from bot.delivery.rate_limit import bulk_headroom, bulk_share_key, send_rate_limit
 from bot.devtools.simulator import TwilioSimulator
 from bot.extensions import db
 from bot.models import Broadcast, Message
@@ -130,3 +131,45 @@ def test_a_broadcast_leaves_the_reserve_to_replies_even_with_share_to_spare(app:
         assert limit.acquire(SENDER, max_wait=0, keep_free=5)  # 5 left now
         assert not limit.acquire(SENDER, max_wait=0, keep_free=5)  # the reserve is the replies'
         assert limit.acquire(SENDER, max_wait=0)  # a reply still gets one at once
+
+
+def test_replies_using_more_than_the_reserve_leave_the_broadcast_the_rest_not_nothing(
+        app: Flask, client: FlaskClient, auth: dict, twilio: TwilioSimulator) -> None:
+    """Replies take 6 slots of every second from a sender of 10 (more than the 5 the broadcast's
+    half share leaves them): the broadcast still drains at what they leave but its headroom, about
+    3 a second, instead of waiting until the replies stop (the reserve counted twice, on top of
+    what replies use, left it nothing); and a reply never finds the window full."""
+    app.config.update(TWILIO_MESSAGES_PER_SECOND=10, BROADCAST_RATE_SHARE=0.5)
+    assert bulk_headroom(10, 5) == 1
+    ids = [_user(client, auth, n) for n in range(9)]
+    stop, refused = threading.Event(), []
+
+    def replies() -> None:
+        with app.app_context():
+            limit = send_rate_limit()
+            while not stop.is_set():
+                began = time.monotonic()
+                for _ in range(6):
+                    if not limit.acquire(SENDER, max_wait=0.5):
+                        refused.append(time.monotonic())
+                stop.wait(max(0.0, 1.0 - (time.monotonic() - began)))
+
+    with app.app_context():
+        send_rate_limit()  # built once, before the two threads share it
+    time.sleep(1.0)  # the window empties (on Redis it outlives the test before)
+    replying = threading.Thread(target=replies, daemon=True)
+    replying.start()
+    try:
+        time.sleep(0.2)  # the first second's replies are in the window
+        accepted = client.post("/broadcasts", json={"audience": {"user_ids": ids}, **TEMPLATE}, headers=auth)
+        assert accepted.status_code == 202
+        deadline = time.monotonic() + 60
+        while len(twilio.timings) < 9 and time.monotonic() < deadline:
+            run_queue(max_tasks=500)
+            time.sleep(0.05)
+        assert replying.is_alive()  # the replies never stopped: the broadcast went beside them
+    finally:
+        stop.set()
+        replying.join(10)
+    assert sorted(m["to"] for m in twilio.messages) == sorted(f"whatsapp:+1555300{n:04d}" for n in range(9))
+    assert refused == []  # with half a second's patience, every reply got its slot
