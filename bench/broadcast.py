@@ -7,8 +7,9 @@ One command, PostgreSQL and Redis local::
 What it does, in order (the Procfile's `release`, `web` and `worker` lines, verbatim, as
 bench/throughput.py runs them, whose helpers it uses):
 
-1. drops and recreates the benchmark database, starts the Twilio simulator (``--latency-ms`` of
-   API latency; no automatic status callbacks unless ``--callbacks``), the web and one worker with
+1. drops and recreates the benchmark database, starts the Twilio simulator in a process of its own
+   (``--latency-ms`` of API latency; no automatic status callbacks unless ``--callbacks``;
+   ``--simulator-in-process`` for the earlier runs' shape), the web and one worker with
    TWILIO_MESSAGES_PER_SECOND=``--rate`` and BROADCAST_RATE_SHARE=``--share``;
 2. stores ``--audience`` users (ids, phones, names) in one bulk insert;
 3. **turns alone**: signed inbound "feedback" at ``--turn-rate``/s for ``--duration`` s, each
@@ -54,6 +55,7 @@ from throughput import (ACCOUNT_SID, API_TOKEN, AUTH_TOKEN, SENDER, Processes, R
                         Stack)
 
 from bot.devtools.simulator import TwilioSimulator  # noqa: E402
+from sim_process import SimulatorProcess  # noqa: E402
 
 TEMPLATE_SID = "HX" + "b2" * 16
 AUDIENCE_PREFIX = "+1559"  # the broadcast's users: +1559 0000000 ...
@@ -267,6 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=150, help="simulated Twilio API latency")
     parser.add_argument("--drain-timeout", type=float, default=120)
     parser.add_argument("--callbacks", action="store_true", help="the simulator posts status callbacks")
+    parser.add_argument("--simulator-in-process", action="store_true",
+                        help="run the Twilio simulator in this process, as runs before 2026-12-07 did "
+                             "(default: a process of its own, bench/sim_process.py)")
     parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/bench",
                         help="a dedicated database: it is DROPPED and recreated")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/5")
@@ -287,12 +292,15 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {"machine": machine_info(), "settings": {
         "audience": args.audience, "small_audience": args.small_audience, "rate": args.rate, "share": args.share,
         "turn_rate": args.turn_rate, "duration_s": args.duration, "latency_ms": args.latency_ms,
-        "status_callbacks": args.callbacks, "procfile": procfile(), "environment": dict(
+        "status_callbacks": args.callbacks, "simulator_in_process": args.simulator_in_process,
+        "procfile": procfile(), "environment": dict(
             item.split("=", 1) for item in args.settings)}}
     log(f"workdir {workdir} (process logs), queue {queue}")
     recreate_database(args.database_url)
-    sim = TwilioSimulator(ACCOUNT_SID, AUTH_TOKEN, webhook_url=webhook, auto_callbacks=args.callbacks,
-                          callback_delay=0.5, latency=args.latency_ms / 1000).start()
+    sim_options = {"account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN, "webhook_url": webhook,
+                   "auto_callbacks": args.callbacks, "callback_delay": 0.5, "latency": args.latency_ms / 1000}
+    sim: Any = (TwilioSimulator(**sim_options).start() if args.simulator_in_process
+                else SimulatorProcess(**sim_options))
     config = {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_WHATSAPP_NUMBER": SENDER,
               "TWILIO_WEBHOOK_URL": webhook, "TWILIO_API_URL": sim.url, "NOTIFY_API_TOKEN": API_TOKEN,
               "DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url, "QUEUE_NAME": queue,
