@@ -168,6 +168,7 @@ class EventType(StrEnum):
     CONVERSATION_EXPIRED = "conversation.expired"
     CONVERSATION_CANCELLED = "conversation.cancelled"
     CONVERSATION_FAILED = "conversation.failed"
+    CONVERSATION_HELD = "conversation.held"
     CONTACT_OPTED_IN = "contact.opted_in"
     CONTACT_OPTED_OUT = "contact.opted_out"
     CONTACT_HANDOFF_STARTED = "contact.handoff_started"

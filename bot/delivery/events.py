@@ -204,6 +204,19 @@ def message_held(message_id: str, *, contact_id: int, channel: str, kind: str, t
     }, contact_id=contact_id, message_id=message_id)
 
 
+def conversation_held(conversation: Conversation, *, phone: str, user_id: str | None, reason: str) -> Event:
+    """conversation.held: a backend-started flow waits in the database until `held_until` (its
+    send_at, or the end of the user's quiet hours) before it starts (invariant 15), as
+    message.held says of a message; conversation.started follows when it starts, or
+    conversation.cancelled if the backend calls it back first."""
+    return emit(EventType.CONVERSATION_HELD, {
+        "conversation_id": conversation.id, "contact": phone, "user_id": user_id, "flow": conversation.flow,
+        "held_until": isoformat(conversation.not_before), "reason": reason,
+        "send_at": isoformat(conversation.send_at), "started_by": conversation.started_by,
+        "metadata": conversation.backend_metadata,
+    }, contact_id=conversation.contact_id, conversation_id=conversation.id)
+
+
 def message_canceled(message: Message | Any, to: str | None, user_id: str | None) -> Event:
     """message.canceled: the backend canceled a message before it left; it never will."""
     return emit(EventType.MESSAGE_CANCELED, {

@@ -609,6 +609,12 @@ def _start_flow(notification: NotifyRequest, contact, key: str | None):
         quiet_hours=str(quiet) if (quiet := _quiet_hours_of(notification)) is not None else None,
     )
     outbox.defer_conversation_start(conversation, at=not_before)  # held: a hint, the release decides
+    if not_before is not None:
+        # Said in the transaction that stores it (invariant 12), as message.held is for a message.
+        if conversation.id is None:
+            conversation.id = new_id()
+        events.conversation_held(conversation, phone=contact.phone, user_id=contact.user_id,
+                                 reason=hold_reason(conversation.send_at, not_before))
     race = _commit_new_row(conversation, key, notification)
     if race is not None:
         return race

@@ -74,6 +74,38 @@ def test_a_scheduled_flow_is_held_then_started_at_its_time(ctx, client, auth, tw
     assert shown["status"] == "active" and shown["held_until"] is None and shown["send_at"] == isoformat(send_at)
 
 
+def test_a_held_flow_is_reported_as_held_once_then_started(ctx, client, auth, twilio, app_clock):  # noqa: F811
+    """conversation.held in the transaction that stores the held flow (the backend learns it is
+    waiting and until when, as message.held tells of a message), then conversation.started when
+    it starts; a flow that starts at once is never reported held."""
+    _user(client, auth)
+    send_at = (utcnow() + timedelta(hours=3)).replace(microsecond=0)
+    accepted = _start(client, auth, send_at=rfc3339(send_at, 2), quiet_hours=None,
+                      metadata={"campaign": "reminders"})
+    [held] = db.session.scalars(sa.select(Event).where(Event.type == EventType.CONVERSATION_HELD)).all()
+    assert held.conversation_id == accepted["id"]
+    assert {key: held.data[key] for key in ("conversation_id", "user_id", "flow", "held_until", "reason",
+                                            "send_at", "started_by", "metadata")} == {
+        "conversation_id": accepted["id"], "user_id": "ada", "flow": "appointment",
+        "held_until": isoformat(send_at), "reason": "scheduled", "send_at": isoformat(send_at),
+        "started_by": "backend", "metadata": {"campaign": "reminders"}}
+    app_clock.set(send_at)
+    assert release.release_due() == 1
+    run_queue()
+    types = db.session.scalars(sa.select(Event.type).where(Event.conversation_id == accepted["id"],
+                                                           Event.type.like("conversation.%"))
+                               .order_by(Event.txid, Event.seq)).all()
+    assert types == [EventType.CONVERSATION_HELD, EventType.CONVERSATION_STARTED]
+    quiet, ends = around(app_clock(), "Asia/Tokyo")
+    inside = _start(client, auth, quiet_hours=quiet)
+    reason = db.session.scalars(sa.select(Event.data).where(Event.type == EventType.CONVERSATION_HELD,
+                                                            Event.conversation_id == inside["id"])).one()
+    assert (reason["reason"], reason["held_until"], reason["send_at"]) == ("quiet_hours", isoformat(ends), None)
+    at_once = _start(client, auth, quiet_hours=None)
+    assert db.session.scalar(sa.select(sa.func.count()).select_from(Event).where(
+        Event.type == EventType.CONVERSATION_HELD, Event.conversation_id == at_once["id"])) == 0
+
+
 @pytest.mark.parametrize("send_at, quiet_hours, says", [
     ("past", None, "in the past"),
     ("far", None, "35 days"),
@@ -117,7 +149,7 @@ def test_a_scheduled_flow_can_be_canceled_until_it_starts(ctx, client, auth, twi
     run_queue()
     assert twilio.messages == []
     events = db.session.scalars(sa.select(Event).where(Event.conversation_id == held["id"])).all()
-    assert [event.type for event in events] == [EventType.CONVERSATION_CANCELLED]
+    assert [event.type for event in events] == [EventType.CONVERSATION_HELD, EventType.CONVERSATION_CANCELLED]
     # Started: too late.
     started = _start(client, auth)
     run_queue()
