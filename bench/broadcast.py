@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import throughput  # noqa: E402
 from throughput import (ACCOUNT_SID, API_TOKEN, AUTH_TOKEN, SENDER, Processes, RssSampler, clean_redis,  # noqa: E402
                         cpu_snapshot, cpu_split, end_to_end, free_port, inbound_form, load_stats, log, machine_info,
                         open_loop, process_tree, procfile, procfile_env, recreate_database, rss_kib, seed_contacts,
@@ -281,8 +282,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="then this many rounds of turns alone / beside a broadcast, pooled (default none)")
     parser.add_argument("--round-duration", type=float, default=15, help="seconds of turns per side and round")
     parser.add_argument("--round-audience", type=int, default=20_000, help="each round's broadcast")
+    parser.add_argument("--tree", default=None, metavar="PATH",
+                        help="run the server's processes on this source tree's code (a baseline's worktree); "
+                             "PYTHONPATH is not passed on to them, this is how to choose their code")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results-broadcast.json"))
     args = parser.parse_args(argv)
+    if args.tree:
+        throughput.TREE = Path(args.tree).resolve()  # machine_info's git commit is that tree's
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-broadcast-"))
     queue = "bench-" + uuid.uuid4().hex[:8]
@@ -293,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         "audience": args.audience, "small_audience": args.small_audience, "rate": args.rate, "share": args.share,
         "turn_rate": args.turn_rate, "duration_s": args.duration, "latency_ms": args.latency_ms,
         "status_callbacks": args.callbacks, "simulator_in_process": args.simulator_in_process,
+        "tree": str(Path(args.tree).resolve()) if args.tree else str(ROOT),
         "procfile": procfile(), "environment": dict(
             item.split("=", 1) for item in args.settings)}}
     log(f"workdir {workdir} (process logs), queue {queue}")
@@ -307,7 +314,10 @@ def main(argv: list[str] | None = None) -> None:
               "INSTANCE_PATH": str(workdir), "TWILIO_MESSAGES_PER_SECOND": str(args.rate),
               "BROADCAST_RATE_SHARE": str(args.share),
               "TWILIO_CONTENT_SIDS": json.dumps({"order_update": TEMPLATE_SID})}
-    env = procfile_env(config, port, dict(item.split("=", 1) for item in args.settings))
+    # The tree's own code, whichever venv's editable install runs it (procfile_env drops an
+    # inherited PYTHONPATH: before 2026-12-07 `PYTHONPATH=<tree>` on this command ran main's code).
+    tree = {"PYTHONPATH": str(Path(args.tree).resolve())} if args.tree else {}
+    env = procfile_env(config, port, {**tree, **dict(item.split("=", 1) for item in args.settings)})
     processes = Processes(workdir)
     rss = RssSampler()
     stack = Stack(base=base, webhook=webhook, config=config, env=env, sim=sim, processes=processes, rss=rss)
