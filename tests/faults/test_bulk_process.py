@@ -136,7 +136,27 @@ def test_a_broadcast_is_sent_by_the_bulk_process_while_the_worker_answers(config
         wait_completed(app, url)
         assert_each_once(simulator, phones, url)
         assert children(stack["worker_pid"]()) == [child]  # the same child all along
-        assert "bulk process" in stack["worker_log"]()
+
+        # A child that dies on its own is started again (its work is claims and sweeps: nothing lost).
+        os.kill(child, signal.SIGKILL)
+        wait_until(lambda: [pid for pid in children(stack["worker_pid"]()) if pid != child and alive(pid)],
+                   timeout=60, what="the worker to start another bulk process")
+        assert "bulk process exited unexpectedly" in stack["worker_log"]()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_on_the_sqlite_queue_the_worker_keeps_a_broadcast_in_process(base_config, _schema, app, tmp_path):
+    """The send rate budget is in the worker's memory there: one worker process, its bulk lane."""
+    phones = add_contacts(app, 10)
+    config = {**base_config, "REDIS_URL": None, "BULK_WORKER_PROCESS": True, "BULK_LANE_THREADS": 6}
+    with running_stack(config, tmp_path, latency=0.05) as stack:
+        url = start_broadcast(stack["base"], phones, "bulk-process-sqlite")
+        wait_until(lambda: requests.get(url, headers=AUTH, timeout=10).json()["state"] == "completed", timeout=120,
+                   what="the broadcast to complete")
+        assert_each_once(stack["simulator"], phones, url)
+        assert children(stack["worker_pid"]()) == []
+        assert "bulk process" not in stack["worker_log"]()
 
 
 @pytest.mark.slow
