@@ -95,10 +95,17 @@ class BulkChild:
                 with self._lock:
                     if self._stopping.is_set():
                         return
-                    self.process = self._spawn()
                     started = time.monotonic()
-                log.info("bulk process %d started: a broadcast's work runs there", self.process.pid)
-                code = self.process.wait()
+                    try:
+                        self.process = self._spawn()
+                    except OSError as exc:  # tried again below, as for a child that died at once
+                        self.process = None
+                        log.error("could not start the bulk process (%s)", type(exc).__name__)
+                if self.process is not None:
+                    log.info("bulk process %d started: a broadcast's work runs there", self.process.pid)
+                    code: int | str = self.process.wait()
+                else:
+                    code = "not started"
                 if self._stopping.is_set():
                     log.info("bulk process exited (%s)", code)
                     return
