@@ -13,7 +13,8 @@ from bot import create_app
 from bot.delivery import outbox, tasks
 from bot.delivery.queue import BULK_PRIORITIES, huey
 from bot.extensions import db
-from tests.conftest import in_process_queue_options
+from tests.conftest import (API_TOKEN, PUBLIC_BASE, WEBHOOK_URL, empty_tables, in_process_queue_options, inbound_form,
+                            signed_headers)
 
 
 @pytest.fixture
@@ -81,6 +82,29 @@ def test_a_broadcasts_tasks_go_to_the_bulk_queue_from_the_web_and_the_rest_to_th
                 huey.add_schedule(task)  # what the consumer that dequeued it does
     assert scheduled() == {"main": 1, "bulk": 1}
     assert huey.pending_count() == 0 and huey.scheduled_count() == 2
+
+
+def test_the_webs_requests_put_a_broadcast_on_the_bulk_queue_and_an_inbound_message_on_the_main_one(
+        build, redis_url: str | None) -> None:
+    if not redis_url:
+        pytest.skip("the bulk queue is on Redis only")
+    app = build(BULK_WORKER_PROCESS=True)
+    huey.flush()
+    client = app.test_client()
+    answer = client.post("/broadcasts", headers={"Authorization": f"Bearer {API_TOKEN}"},
+                         json={"audience": {"phones": ["+15552000001", "+15552000002"]}, "template": "order_update",
+                               "variables": {"1": "there", "2": "late opening"}})
+    assert answer.status_code == 202, answer.text
+    assert depths() == {"main": 0, "bulk": 1}  # the pump's first turn
+    form = inbound_form("+15552000003", "hello")
+    assert client.post("/twilio/webhook", data=form, headers=signed_headers(WEBHOOK_URL, form),
+                       base_url=PUBLIC_BASE).status_code == 200
+    assert depths() == {"main": 1, "bulk": 1}  # the turn
+    names = {role: [huey.deserialize_task(data).name for data in storage.enqueued_items()]
+             for role, storage in huey.queues.items()}
+    assert names == {"main": ["process_inbound"], "bulk": ["pump_broadcast"]}
+    with app.app_context():
+        empty_tables()
 
 
 def test_the_bulk_process_consumes_the_bulk_queue_and_sends_the_rest_to_the_main_one(
