@@ -154,10 +154,7 @@ def start_child(threads: int) -> BulkChild:
 def become_child() -> None:
     """Set up this process as the bulk process, before its first task (`when_consuming`)."""
     _die_with_parent()
-    try:
-        os.nice(NICENESS)
-    except OSError:  # not allowed here: it still runs, at the worker's priority
-        log.warning("bulk process: could not lower its CPU priority")
+    _lower_priority()
     # The worker's scheduler enqueues the tasks that run every few seconds (bot/delivery/ticker.py),
     # onto the main queue; this process runs none of them, nor the periodic tasks (--no-periodic).
     ticker.TICKS.clear()
@@ -166,6 +163,28 @@ def become_child() -> None:
     shutdown.DrainingConsumer.repeated_stop_interrupts = False
     shutdown.DRAIN_SECONDS = float(CHILD_SHUTDOWN_SECONDS)
     log.info("bulk process consuming the bulk queue (parent %s)", os.environ.get(PARENT_VARIABLE))
+
+
+def _lower_priority() -> None:
+    """Niceness +NICENESS for every thread of this process (see NICENESS for why). Linux keeps a
+    niceness per thread: `os.nice` sets this thread's, which the threads it starts inherit; the
+    threads already running (started while the app loaded) are set one by one."""
+    try:
+        os.nice(NICENESS)
+    except OSError:  # not allowed here: it still runs, at the worker's priority
+        log.warning("bulk process: could not lower its CPU priority")
+        return
+    target = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc: one niceness per process (this thread's is it)
+        return
+    for tid in threads:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < target:
+                os.setpriority(os.PRIO_PROCESS, tid, target)
+        except OSError:  # the thread ended meanwhile
+            continue
 
 
 def _die_with_parent() -> None:

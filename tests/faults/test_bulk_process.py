@@ -67,6 +67,11 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def thread_niceness(pid: int, tid: str) -> int:
+    """A thread's niceness (field 19 of its /proc stat line)."""
+    return int(Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 def bulk_child(stack: dict[str, Any]) -> int:
     return wait_until(lambda: next(iter(children(stack["worker_pid"]())), None), timeout=60,
                       what="the worker to start its bulk process")
@@ -144,6 +149,9 @@ def test_a_broadcast_is_sent_by_the_bulk_process_while_the_worker_answers(config
         wait_completed(app, url)
         assert_each_once(simulator, phones, url)
         assert children(stack["worker_pid"]()) == [child]  # the same child all along
+        # Every thread of it, those that send included (Linux keeps a niceness per thread).
+        assert {thread_niceness(child, tid) for tid in os.listdir(f"/proc/{child}/task")} == \
+            {os.getpriority(os.PRIO_PROCESS, stack["worker_pid"]()) + 10}
 
         # A child that dies on its own is started again (its work is claims and sweeps: nothing lost).
         os.kill(child, signal.SIGKILL)
