@@ -46,6 +46,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
                             SESSION_COOKIE_SECURE=not dev_mode)
     if test_config is not None:
         app.config.update({k: v for k, v in test_config.items() if k.lower() not in type(settings).model_fields})
+    if app.config["BOT_QUEUE_LANE"] == "bulk":
+        # The bulk process runs a broadcast's work on its own huey threads: the bulk lane exists
+        # to keep that work off a worker's huey threads, which here are for nothing else
+        # (bot/delivery/bulk_process.py).
+        app.config["BULK_LANE_THREADS"] = 0
 
     # Behind Heroku's router (or any TLS proxy) the app sees http://; Twilio signed https://.
     # X-Forwarded-Host is not trusted: Heroku's router does not set it, so a client could, and

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -95,6 +95,16 @@ class Settings(BaseSettings):
     #: never holds the huey threads turns need (bot/delivery/bulk_lane.py; invariant 16).
     #: 0: on huey's threads (the tests' default, which drive the queue by hand).
     bulk_lane_threads: int = Field(default=6, ge=0, le=64)
+    #: On Redis, a broadcast's work runs in a process of its own, which the worker starts as its
+    #: child (bot/delivery/bulk_process.py): its own interpreter and a lower CPU priority, so turns
+    #: and replies neither share its GIL nor wait for the CPU behind it (invariant 16). Off, or on
+    #: the SQLite default: the bulk lane's threads in the worker process, as above.
+    bulk_worker_process: bool = True
+    #: Huey threads of that process: a broadcast's send batches and pump turns run on them.
+    bulk_worker_threads: int = Field(default=6, ge=1, le=64)
+    #: Which queue this process consumes: set to "bulk" by the worker for its bulk process, never
+    #: by hand ("main": the Procfile's worker).
+    bot_queue_lane: Literal["main", "bulk"] = "main"
     #: Database connections each process keeps (plus DATABASE_MAX_OVERFLOW at peaks). A send
     #: holds one only while it reads or records, never while it waits for Twilio, so far fewer
     #: connections than threads suffice.

@@ -93,6 +93,8 @@ def base_config(data_dir: str, database_url: str, redis_url: str | None, queue_n
         # tests/conversations/test_hand_over.py and tests/broadcasts/test_bulk_lane.py turn them on.
         "HAND_OVER_REPLIES": False,
         "BULK_LANE_THREADS": 0,
+        # One queue, the one run_queue drains; tests/faults/test_bulk_process.py turns it on.
+        "BULK_WORKER_PROCESS": False,
     }
 
 

@@ -6,6 +6,7 @@ under instance/ (the embedded default).
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import struct
@@ -15,6 +16,8 @@ import weakref
 from typing import Any, Callable
 
 from flask import Flask
+from huey import signals as S
+from huey.api import Task
 from huey.storage import BaseStorage, PriorityRedisStorage, RedisStorage, SqliteStorage
 
 from bot.config import queue_file
@@ -22,6 +25,11 @@ from bot.delivery.shutdown import DrainingHuey
 from bot.logmask import mask_handlers
 
 QUEUE_NAME = "whatsapp-bot"
+#: The bulk queue's name is the main queue's with this after it (`<QUEUE_NAME>-bulk`).
+BULK_SUFFIX = "-bulk"
+#: Queue priorities that go to the bulk queue when there is one: a broadcast's sends and its pump
+#: turns (bot.delivery.outbox.Priority.BROADCAST and BROADCAST_PUMP; checked there by a test).
+BULK_PRIORITIES = frozenset({-10, -9})
 #: What a process does once it becomes a consumer (`when_consuming`).
 _consumer_setup: list[Callable[[], None]] = []
 
@@ -109,7 +117,70 @@ def _give_back(pool: Any, connection: Any, pid: int) -> None:
 
 class MaskedLogHuey(DrainingHuey):
     """The worker's Huey: its consumer's own log lines (task failures with their tracebacks, huey's
-    warnings) go through the phone-number mask like ours (bot/logmask.py)."""
+    warnings) go through the phone-number mask like ours (bot/logmask.py).
+
+    On Redis it also routes by priority (docs/ARCHITECTURE.md, "Broadcasts"): a broadcast's tasks
+    (BULK_PRIORITIES) go to the bulk queue, which the worker's bulk process consumes
+    (bot/delivery/bulk_process.py), everything else to the main queue, from every process. `storage`
+    is the queue this process consumes (the main one; the bulk one in the bulk process); every
+    enqueue, and every schedule (a retry's, an eta's: huey puts them in the consuming process's
+    storage), goes through `storage_for`, so a bulk task's retry stays on the bulk queue and
+    nothing else ever lands there.
+    """
+
+    #: The queues by role while there are two ("main", "bulk"); empty: `storage` is the only one.
+    queues: dict[str, BaseStorage] = {}
+
+    def storage_for(self, task: Any) -> BaseStorage:
+        """The storage `task` is enqueued on or scheduled in: its lane's queue."""
+        if not self.queues:
+            return self.storage
+        return self.queues["bulk" if task.priority in BULK_PRIORITIES else "main"]
+
+    def enqueue(self, task: Any) -> Any:
+        """huey's enqueue, onto the task's lane's queue (`storage_for`)."""
+        target = self.storage_for(task) if isinstance(task, Task) else self.storage
+        if target is self.storage or self.immediate:
+            return super().enqueue(task)
+        # huey's own steps for one task (results are off: nothing to return).
+        if task.expires:
+            task.resolve_expires(self.utc)
+        self._emit(S.SIGNAL_ENQUEUED, task)
+        target.enqueue(self.serialize_task(task), task.priority)
+        return None
+
+    def add_schedule(self, task: Any) -> None:
+        """huey's add_schedule (a retry's delay, an eta not reached yet), in the task's lane's
+        storage: the scheduler of the process consuming that queue moves it back when due."""
+        target = self.storage_for(task)
+        if target is self.storage:
+            return super().add_schedule(task)
+        eta = task.eta or datetime.datetime.fromtimestamp(0)
+        target.add_to_schedule(self.serialize_task(task), eta)
+        self._emit(S.SIGNAL_SCHEDULED, task)
+
+    def pending_count(self) -> int:
+        """Tasks waiting on every queue (both, when the bulk queue exists)."""
+        return sum(self.queue_depths().values())
+
+    def queue_depths(self) -> dict[str, int]:
+        """Tasks waiting on each queue, by role: "main", and "bulk" when it exists."""
+        if not self.queues:
+            return {"main": int(self.storage.queue_size())}
+        return {role: int(storage.queue_size()) for role, storage in self.queues.items()}
+
+    def scheduled_count(self) -> int:
+        """Tasks scheduled for later in every queue."""
+        return sum(int(storage.schedule_size()) for storage in self.storages())
+
+    def flush(self) -> None:
+        """Empty every queue (tests)."""
+        for storage in self.storages():
+            storage.flush_all()
+
+    def storages(self) -> list[BaseStorage]:
+        """The queues' storages: the main one first."""
+        return list(self.queues.values()) if self.queues else [self.storage]
 
     def create_consumer(self, **options: Any) -> Any:
         # `huey_consumer` adds its handler to the "huey" logger (or the root, from a script of
@@ -149,7 +220,11 @@ huey = MaskedLogHuey(QUEUE_NAME, results=False, storage_class=UnconfiguredStorag
 def init_app(app: Flask) -> None:
     """Bind the queue to Redis when REDIS_URL is set, else to a SQLite file under instance/.
 
-    Both keep tasks in priority order (SQLite's table is ordered by priority too).
+    Both keep tasks in priority order (SQLite's table is ordered by priority too). On Redis, with
+    BULK_WORKER_PROCESS on, a second queue, `<QUEUE_NAME>-bulk`, takes a broadcast's tasks
+    (`MaskedLogHuey.storage_for`); the bulk process (BOT_QUEUE_LANE=bulk) consumes that one. On
+    SQLite there is one queue: the send rate budget is in the worker's memory there
+    (bot/delivery/rate_limit.py), so one worker process is the whole deployment.
     """
     name = app.config.get("QUEUE_NAME", QUEUE_NAME)
     redis_url = app.config.get("REDIS_URL")
@@ -162,9 +237,29 @@ def init_app(app: Flask) -> None:
     huey.name = name
     huey.storage_class = storage_class
     huey.storage_kwargs = kwargs
-    huey.storage = huey.create_storage()
+    lane = app.config.get("BOT_QUEUE_LANE") or "main"
+    if bulk_queue_enabled(app.config):
+        queues = {"main": storage_class(name, **kwargs), "bulk": storage_class(name + BULK_SUFFIX, **kwargs)}
+        huey.queues = queues
+        huey.storage = queues[lane]
+    else:
+        if lane != "main":
+            raise RuntimeError("BOT_QUEUE_LANE=bulk needs REDIS_URL and BULK_WORKER_PROCESS on")
+        huey.queues = {}
+        huey.storage = huey.create_storage()
     huey.immediate = bool(app.config.get("HUEY_IMMEDIATE", False))
     app.extensions["huey"] = huey
+
+
+def bulk_queue_enabled(config: Any) -> bool:
+    """Whether a broadcast's tasks have a queue (and a worker process) of their own: on Redis
+    with BULK_WORKER_PROCESS on (docs/ARCHITECTURE.md, "Broadcasts")."""
+    return bool(config.get("REDIS_URL")) and bool(config.get("BULK_WORKER_PROCESS", False))
+
+
+def consumed_lane() -> str:
+    """The queue this process consumes: "bulk" in the bulk process, else "main"."""
+    return "bulk" if huey.queues and huey.storage is huey.queues.get("bulk") else "main"
 
 
 def queue_backend_name() -> str:

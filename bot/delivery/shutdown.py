@@ -10,6 +10,7 @@ its answer committed (docs/ARCHITECTURE.md, "Bad days").
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from typing import Any, Callable
 
@@ -46,6 +47,18 @@ class DrainingConsumer(Consumer):
     scheduler also enqueues the tasks that run every few seconds (bot/delivery/ticker.py)."""
 
     scheduler_class = TickingScheduler
+    #: huey's consumer takes a second graceful signal as "stop now" (its workers interrupted).
+    #: The bulk process turns that off: the worker forwards its SIGTERM and a host may signal
+    #: every process too, and the second must not cut the first's drain short
+    #: (bot/delivery/bulk_process.py).
+    repeated_stop_interrupts = True
+
+    def _handle_signal(self, signum: int, frame: Any) -> None:
+        if not self.repeated_stop_interrupts and self._signum is not None:
+            return  # already stopping
+        super()._handle_signal(signum, frame)
+        if not self.repeated_stop_interrupts:
+            signal.signal(signum, self._handle_signal)  # huey put the "stop now" handler there
 
     def stop(self, graceful: bool = False) -> None:
         if not stopping.is_set():

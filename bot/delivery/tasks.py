@@ -265,4 +265,14 @@ def load_worker() -> None:
         shutdown.register_drain(bulk_lane.lane.drain)
 
 
+def start_bulk_process() -> None:
+    """Once this process is a consumer: the worker starts its bulk process beside it, or this
+    is the bulk process and sets itself up (bot/delivery/bulk_process.py)."""
+    from bot.delivery import bulk_process
+
+    if _app is not None:
+        bulk_process.on_consuming(_app.config)
+
+
 when_consuming(load_worker)
+when_consuming(start_bulk_process)

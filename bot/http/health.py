@@ -22,11 +22,15 @@ def _check(name: str, probe) -> str:
 
 @bp.get("/healthz")
 def healthz():
-    """Probe the database with SELECT 1 and the queue with a length query."""
+    """Probe the database with SELECT 1 and the queue (each queue) with a length query."""
     database = _check("database", lambda: db.session.execute(sa.text("SELECT 1")))
     db.session.rollback()
-    queue = _check("queue", huey.pending_count)
+    depths: dict[str, int] = {}
+    queue = _check("queue", lambda: depths.update(huey.queue_depths()))
     healthy = database == "ok" and queue == "ok"
     body = {"status": "ok" if healthy else "unavailable", "database": database, "queue": queue,
             "queue_backend": queue_backend_name()}
+    if queue == "ok":
+        # Tasks waiting per queue: "main", and "bulk" (a broadcast's tasks) when it has its own.
+        body["queue_depth"] = depths
     return jsonify(body), 200 if healthy else 503

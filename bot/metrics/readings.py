@@ -269,10 +269,18 @@ _LANE_KEYS = tuple((channel.value, kind.value) for channel in Channel for kind i
 
 
 def queue_depth() -> tuple[dict[str, int], int]:
-    """Tasks waiting on the queue per lane, and tasks scheduled for later; raises when the queue
-    cannot be read. One pipelined round trip on Redis; two queries of the SQLite queue file."""
-    storage = huey.storage
+    """Tasks waiting on the queue per lane, and tasks scheduled for later, over every queue (the
+    bulk queue's too, when a broadcast's tasks have one: bot/delivery/queue.py); raises when the
+    queue cannot be read. One pipelined round trip per Redis queue; two queries of the SQLite file."""
     depth = dict.fromkeys(LANES, 0)
+    scheduled = 0
+    for storage in huey.storages():
+        scheduled += _storage_depth(storage, depth)
+    return depth, scheduled
+
+
+def _storage_depth(storage: Any, depth: dict[str, int]) -> int:
+    """Add one queue's tasks per lane to `depth`; its scheduled tasks."""
     if hasattr(storage, "conn") and hasattr(storage, "queue_key") and hasattr(storage.conn, "pipeline"):
         # huey's priority queue on Redis is a sorted set scored by -priority.
         pipe = storage.conn.pipeline(transaction=False)
@@ -285,13 +293,15 @@ def queue_depth() -> tuple[dict[str, int], int]:
             depth[lane_name(priority)] += int(count)
         other = int(total) - sum(int(count) for count in lanes)
         if other:
-            depth["other"] = other
-        return depth, int(scheduled)
+            depth["other"] = depth.get("other", 0) + other
+        return int(scheduled)
     if hasattr(storage, "sql"):  # SQLite: huey's task table carries the priority
         for priority, count in storage.sql("select priority, count(*) from task where queue = ? group by priority",
                                            (storage.name,), results=True):
             lane = lane_name(int(priority))
             depth[lane] = depth.get(lane, 0) + int(count)
-        return depth, int(storage.schedule_size())
+        return int(storage.schedule_size())
+    depth["other"] = depth.get("other", 0) + int(storage.queue_size())  # another storage: its total only
+    return int(storage.schedule_size())
     depth["other"] = int(storage.queue_size())  # another storage: its total only
     return depth, int(storage.schedule_size())

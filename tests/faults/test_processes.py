@@ -111,7 +111,8 @@ def running_stack(base_config: dict[str, Any], tmp_path: Path, **simulator_optio
     try:
         wait_until(lambda: _healthy(base), what="gunicorn to answer /healthz")
         yield {"base": base, "simulator": simulator, "stop_worker": stop_worker, "start_worker": start_worker,
-               "worker_log": lambda: (tmp_path / "worker.log").read_text()}
+               "worker_log": lambda: (tmp_path / "worker.log").read_text(),
+               "worker_pid": lambda: processes["worker"].pid}
     finally:
         for process in processes.values():
             stop(process)

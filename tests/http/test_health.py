@@ -40,7 +40,7 @@ def broken_app(base_config: dict[str, Any]) -> Iterator[Any]:
     next test rebinds it again, but a test that does not use that fixture must not inherit a queue
     pointing at a closed port.
     """
-    saved = {name: getattr(huey, name) for name in ("name", "storage_class", "storage_kwargs", "storage", "immediate")}
+    saved = {name: getattr(huey, name) for name in ("name", "storage_class", "storage_kwargs", "storage", "queues", "immediate")}
     apps: list[Flask] = []
 
     def build(**overrides: Any) -> Flask:
