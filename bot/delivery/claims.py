@@ -156,17 +156,20 @@ def _claim_along_statement() -> sa.Update:
     # the other way round), so a backlog on one channel never holds the other back. On
     # PostgreSQL rows another consumer is claiming right now are skipped (SKIP LOCKED), not
     # waited for. SQLite has one writer at a time, and no FOR UPDATE. A broadcast's messages ride
-    # only in a broadcast's batch, last: a reply's or a /notify's batch never waits on the bulk
-    # share of the rate (invariant 16; docs/delivery.md, "Broadcasts").
+    # only in a broadcast's batch, and a broadcast's batch takes nothing else: a reply's or a
+    # /notify's batch never waits on the bulk share of the rate, and a reply is never sent from
+    # the bulk lane or the bulk process, which run at a lower priority (invariant 16;
+    # docs/delivery.md, "Broadcasts").
     candidate = sa.orm.aliased(Message, name="candidate")
     now = sa.bindparam("now")
+    of_broadcast = sa.bindparam("of_broadcast", type_=sa.Boolean)
     ids = (
         sa.select(candidate.id)
         .where(candidate.direction == Direction.OUTBOUND, candidate.id != sa.bindparam("exclude_id"),
-               sa.or_(candidate.kind != Kind.BROADCAST.value, sa.bindparam("with_broadcasts", type_=sa.Boolean)),
+               sa.or_(sa.and_(of_broadcast, candidate.kind == Kind.BROADCAST.value),
+                      sa.and_(sa.not_(of_broadcast), candidate.kind != Kind.BROADCAST.value)),
                _claimable(candidate, now))
         .order_by(sa.case((candidate.kind.in_(sorted(outbox.CONVERSATION_KINDS)), 0), else_=1),
-                  sa.case((candidate.kind == Kind.BROADCAST.value, 1), else_=0),
                   sa.case((candidate.channel == sa.bindparam("own_channel"), 0), else_=1),
                   candidate.created_at)
         .limit(sa.bindparam("limit"))
@@ -176,17 +179,17 @@ def _claim_along_statement() -> sa.Update:
 
 
 def claim_along(exclude_id: str, limit: int, channel: str = Channel.WHATSAPP, *,
-                with_broadcasts: bool = False) -> list[sa.Row]:
+                of_broadcast: bool = False) -> list[sa.Row]:
     """Claim up to `limit` other due messages, each the oldest unsent of its contact, in one
     statement: the send that claimed `exclude_id` (on `channel`) sends them at the same time;
-    messages of its own channel first. A broadcast's messages only `with_broadcasts` (the
-    claimed message is one)."""
+    messages of its own channel first. `of_broadcast` (the claimed message is a broadcast's):
+    only a broadcast's messages; otherwise none of them."""
     if limit <= 0:
         return []
     now = utcnow()
     rows = db.session.connection().execute(_claim_along_statement(), {
         "exclude_id": exclude_id, "now": now, "lease_until": now + claim_lease(), "limit": limit,
-        "own_channel": str(channel), "with_broadcasts": with_broadcasts}).all()
+        "own_channel": str(channel), "of_broadcast": of_broadcast}).all()
     db.session.commit()
     return rows
 

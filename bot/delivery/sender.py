@@ -246,7 +246,7 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False,
             return Outcome.NOT_CLAIMED
     bulk = message.kind == Kind.BROADCAST
     size = min(batch_size(), BROADCAST_SEND_BATCH) if bulk else batch_size()
-    batch = [message, *claim_along(message_id, size - 1, message.channel, with_broadcasts=bulk)]
+    batch = [message, *claim_along(message_id, size - 1, message.channel, of_broadcast=bulk)]
     _own([row.id for row in batch[1:]])
     try:
         outcomes = send_claimed(batch)

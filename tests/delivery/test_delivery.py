@@ -547,3 +547,11 @@ def test_a_batch_takes_replies_first_and_one_message_per_contact(app):
         assert [row.id for row in claim_along("none", 1)] == [reply_to_cy]
         assert sorted(row.id for row in claim_along("none", 10)) == sorted([first_to_ada, to_bob])
         assert claim_along("none", 10) == []  # "ada 2" waits until "ada 1" is accepted
+        # A broadcast's batch takes only a broadcast's messages, and no other batch takes them:
+        # a reply is never sent from the bulk lane or process (invariant 16).
+        dee = make_contact("+15551230004")
+        to_dee = pending(dee, "broadcast", "dee")
+        pending(bob, "reply", "bob again")  # waits for "bob", still unsent: in neither
+        reply_to_eve = pending(make_contact("+15551230005"), "reply", "eve")
+        assert [row.id for row in claim_along("none", 10, of_broadcast=True)] == [to_dee]
+        assert [row.id for row in claim_along("none", 10)] == [reply_to_eve]
