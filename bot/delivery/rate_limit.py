@@ -273,6 +273,47 @@ def _sleep(seconds: float, cancelled: Callable[[], bool] | None) -> None:
         time.sleep(min(left, CANCEL_CHECK_SECONDS))
 
 
+class Pacer:
+    """Spaces this process's calls evenly: at most one every 1/rate s, in arrival order.
+
+    A moving window lets its whole budget go in one burst, and then keeps that shape: each slot
+    frees a second after it was taken, so a broadcast that took its slots in a burst takes them
+    again in a burst a second later, and between bursts the sender's window is full. A reply
+    arriving then waited for the next burst's expiries, up to most of a second
+    (bench/THROUGHPUT.md, "Broadcasts", seventh run). A broadcast's sends paced one every
+    1/share s leave the window's slots expiring one at a time, so a reply that finds the window
+    full waits for the next one to free (1/rate s at most), never for a burst. The windows in
+    Redis still hold the rates across processes; this only spreads each process's sends.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def wait(self, rate: int, cancelled: Callable[[], bool] | None = None) -> bool:
+        """Wait for this call's turn (one every 1/`rate` s); False if `cancelled()` turned true."""
+        with self._lock:
+            now = time.monotonic()
+            at = max(now, self._next)
+            self._next = at + 1.0 / max(rate, 1)
+        if at > now:
+            _sleep(at - now, cancelled)
+        return not (cancelled is not None and cancelled())
+
+
+#: Per bulk-share budget (its key): this process's pacer of a broadcast's sends.
+_pacers: dict[str, Pacer] = {}
+
+
+def bulk_pacer(share_key: str) -> Pacer:
+    """This process's pacer for a broadcast's sends from one sender (`bulk_share_key`)."""
+    pacer = _pacers.get(share_key)
+    if pacer is None:
+        with _build_lock:
+            pacer = _pacers.setdefault(share_key, Pacer())
+    return pacer
+
+
 def bulk_share_key(rate_key: str) -> str:
     """The budget a broadcast's sends draw on first, beside their sender's own (`rate_key`): a
     broadcast send takes a slot here (at most its share of the rate), then one in the sender's

@@ -319,3 +319,56 @@ def test_a_send_waiting_in_line_gives_up_when_the_worker_stops():
     for thread in waiters:
         thread.join(5)
     assert results.count(False) >= 2 and time.monotonic() - started < 1.0
+
+
+def test_the_pacer_spaces_calls_evenly_and_a_stop_ends_the_wait() -> None:
+    """Eight threads asking at once go one every 1/rate s, in arrival order, not in a burst (a
+    broadcast's sends: bot/delivery/rate_limit.py, Pacer); a stop wakes a waiting one at once."""
+    from bot.delivery.rate_limit import Pacer
+
+    pacer, times, lock = Pacer(), [], threading.Lock()
+
+    def call() -> None:
+        assert pacer.wait(20)
+        with lock:
+            times.append(time.monotonic())
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    began = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    times.sort()
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    assert len(times) == 8 and min(gaps) >= 0.045, gaps  # one every 50 ms
+    assert times[-1] - began >= 0.34  # seven gaps of 50 ms: no burst
+    stop = threading.Event()
+    for _ in range(20):  # the next turn is a second away now
+        pacer.wait(1000)
+    pacer.wait(1)
+    threading.Timer(0.1, stop.set).start()
+    waited = time.monotonic()
+    assert not pacer.wait(1, cancelled=stop.is_set)
+    assert time.monotonic() - waited < 0.9
+
+
+def test_a_broadcasts_sends_leave_one_at_a_time_not_in_bursts(app, client, auth, twilio) -> None:
+    """At a share of 5 a second a broadcast's sends reach Twilio about 0.2 s apart: a burst of its
+    whole share would keep the sender's window full between bursts, and a reply arriving then
+    would wait for the next burst (bench/THROUGHPUT.md, "Broadcasts", seventh run)."""
+    app.config.update(TWILIO_MESSAGES_PER_SECOND=10, BROADCAST_RATE_SHARE=0.5)
+    ids = []
+    for number in range(8):
+        body = {"phone": f"+1555300{number:04d}", "name": f"Person {number}"}
+        assert client.put(f"/users/user-{number}", json=body, headers=auth).status_code in (200, 201)
+        ids.append(f"user-{number}")
+    time.sleep(1.0)  # the windows of the tests before have emptied
+    template = {"template": "order_update", "variables": {"1": "$user.name", "2": "late opening"}}
+    assert client.post("/broadcasts", json={"audience": {"user_ids": ids}, **template},
+                       headers=auth).status_code == 202
+    run_queue(max_tasks=500)
+    arrivals = sorted(t["received_at"] for t in twilio.timings)
+    assert len(arrivals) == 8
+    gaps = sorted(later - earlier for earlier, later in zip(arrivals, arrivals[1:]))
+    assert gaps[len(gaps) // 2] >= 0.15, gaps  # the median gap: one send every 0.2 s
