@@ -54,19 +54,24 @@ def test_a_broadcast_on_the_bulk_lane_survives_sigterm_and_sigkill_and_sends_eac
 
         stack["start_worker"]()
 
-        def completed() -> bool:
-            # The sweeps, as their periodic tasks run them (every minute, sooner here): the dead
-            # worker's pump chain counts as lost, its claims are re-taken once their lease ran out.
-            with app.app_context():
-                db.session.remove()
-                pump.sweep(now=utcnow() + pump.LOST_AFTER + timedelta(seconds=1))
-                outbox.sweep()
-            time.sleep(2)
-            return requests.get(url, headers=AUTH, timeout=10).json()["state"] == "completed"
-
-        wait_until(completed, timeout=150, what="the broadcast to complete")
+        wait_completed(app, url, timeout=150)
         counts = requests.get(url, headers=AUTH, timeout=10).json()
         received = collections.Counter(m["to"] for m in simulator.messages)
         assert sorted(received) == sorted(f"whatsapp:{phone}" for phone in phones)  # nothing lost
         assert set(received.values()) == {1}  # nothing sent twice
         assert (counts["recipients"], counts["sent"], counts["failed"]) == (total, total, {})
+
+
+def wait_completed(app, url: str, timeout: float = 180) -> None:
+    """Wait for the broadcast at `url` to complete, running the sweeps as the worker's periodic
+    tasks do (every minute, sooner here): a dead process's pump chain counts as lost, its claims
+    are re-taken once their lease ran out."""
+    def completed() -> bool:
+        with app.app_context():
+            db.session.remove()
+            pump.sweep(now=utcnow() + pump.LOST_AFTER + timedelta(seconds=1))
+            outbox.sweep()
+        time.sleep(2)
+        return requests.get(url, headers=AUTH, timeout=10).json()["state"] == "completed"
+
+    wait_until(completed, timeout=timeout, what="the broadcast to complete")

@@ -8,7 +8,6 @@ import collections
 import os
 import signal
 import time
-from datetime import timedelta
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,12 @@ import requests
 import sqlalchemy as sa
 
 from bot import create_app
-from bot.broadcasts import pump
-from bot.clock import utcnow
 from bot.delivery import outbox, tasks
 from bot.delivery.queue import huey
 from bot.extensions import db
 from bot.models import Message
 from tests.conftest import in_process_queue_options
+from tests.faults.test_broadcast_processes import wait_completed
 from tests.faults.test_processes import running_stack, wait_until
 from tests.faults.test_worker_faults import AUTH, add_contacts, posts
 
@@ -87,20 +85,6 @@ def start_broadcast(base: str, phones: list[str], key: str) -> str:
 def broadcast_posts(simulator, phones: list[str]) -> int:
     wanted = {f"whatsapp:{phone}" for phone in phones}
     return sum(1 for request in posts(simulator) if request.get("form", {}).get("To") in wanted)
-
-
-def wait_completed(app, url: str) -> None:
-    def completed() -> bool:
-        # The sweeps, as the worker's periodic tasks run them (every minute, sooner here): a dead
-        # process's pump chain counts as lost, its claims are re-taken once their lease ran out.
-        with app.app_context():
-            db.session.remove()
-            pump.sweep(now=utcnow() + pump.LOST_AFTER + timedelta(seconds=1))
-            outbox.sweep()
-        time.sleep(2)
-        return requests.get(url, headers=AUTH, timeout=10).json()["state"] == "completed"
-
-    wait_until(completed, timeout=180, what="the broadcast to complete")
 
 
 def assert_each_once(simulator, phones: list[str], url: str) -> None:
@@ -175,17 +159,23 @@ def test_on_the_sqlite_queue_the_worker_keeps_a_broadcast_in_process(base_config
         assert "bulk process" not in stack["worker_log"]()
 
 
+def _broadcast_under_way(stack: dict[str, Any], phones: list[str], key: str) -> tuple[Any, int, int, str]:
+    """A broadcast to `phones` started on the running stack, its first ten sends at Twilio:
+    (the simulator, the worker's pid, its bulk process's pid, the broadcast's URL)."""
+    simulator = stack["simulator"]
+    worker, child = stack["worker_pid"](), bulk_child(stack)
+    url = start_broadcast(stack["base"], phones, key)
+    wait_until(lambda: broadcast_posts(simulator, phones) >= 10, timeout=90, what="a first part to reach Twilio")
+    return simulator, worker, child, url
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_killed_worker_takes_its_bulk_process_along_and_nothing_is_lost_or_sent_twice(
         config, _schema, app, tmp_path):
     phones = add_contacts(app, 60)
     with running_stack(config, tmp_path, latency=0.2, auto_callbacks=False) as stack:
-        simulator, base = stack["simulator"], stack["base"]
-        worker = stack["worker_pid"]()
-        child = bulk_child(stack)
-        url = start_broadcast(base, phones, "bulk-process-kill")
-        wait_until(lambda: broadcast_posts(simulator, phones) >= 10, timeout=90, what="a first part to reach Twilio")
+        simulator, worker, child, url = _broadcast_under_way(stack, phones, "bulk-process-kill")
 
         os.kill(worker, signal.SIGKILL)  # the worker alone: its child learns it from the kernel
         wait_until(lambda: not alive(child), timeout=40, what="the bulk process to exit after its worker")
@@ -203,11 +193,7 @@ def test_sigterm_to_the_worker_stops_its_bulk_process_in_time_with_its_batch_rec
         config, _schema, app, tmp_path):
     phones = add_contacts(app, 60)
     with running_stack(config, tmp_path, latency=0.2, auto_callbacks=False) as stack:
-        simulator, base = stack["simulator"], stack["base"]
-        worker = stack["worker_pid"]()
-        child = bulk_child(stack)
-        url = start_broadcast(base, phones, "bulk-process-term")
-        wait_until(lambda: broadcast_posts(simulator, phones) >= 10, timeout=90, what="a first part to reach Twilio")
+        simulator, worker, child, url = _broadcast_under_way(stack, phones, "bulk-process-term")
 
         # To the worker alone (a container's stop signals its first process only): it passes it on.
         began = time.monotonic()
