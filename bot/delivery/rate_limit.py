@@ -20,7 +20,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 from flask import Flask, current_app
 from limits import RateLimitItemPerSecond
@@ -54,6 +54,8 @@ KEEP_FREE_TAKE_FRACTION = 0.25
 #: claim (renewed while it waits) for ever.
 REDIS_TIMEOUT_SECONDS = 5.0
 
+_T = TypeVar("_T")
+
 
 class SendRateLimit:
     """A moving-window limit of `per_second` sends for each sender."""
@@ -72,6 +74,8 @@ class SendRateLimit:
         self.max_wait = max_wait
         #: Per (rate, sender): the threads of this process waiting for a slot, first in line first.
         self._lines: dict[tuple[int, str, int], _Line] = {}
+        #: Per budget key: the pacer of the sends that ask to be spread (`pace`).
+        self._pacers: dict[str, Pacer] = {}
 
     def _item(self, rate: int | None) -> RateLimitItemPerSecond:
         if rate is None:
@@ -123,12 +127,12 @@ class SendRateLimit:
             line.leave(turn)
 
     def _line(self, item: RateLimitItemPerSecond, sender: str, keep_free: int = 0) -> "_Line":
-        key = (item.amount, sender, keep_free)
-        line = self._lines.get(key)
-        if line is None:
-            with _build_lock:
-                line = self._lines.setdefault(key, _Line())
-        return line
+        return _made(self._lines, (item.amount, sender, keep_free), _Line)
+
+    def pace(self, key: str, rate: int, cancelled: Callable[[], bool] | None = None) -> bool:
+        """Wait until this process's next send of budget `key` may go, one every 1/`rate` s
+        (`Pacer`: a broadcast's sends, before their slots); False if `cancelled()` turned true."""
+        return _made(self._pacers, key, Pacer).wait(rate, cancelled)
 
     def _take(self, item: RateLimitItemPerSecond, sender: str, deadline: float,
               cancelled: Callable[[], bool] | None, keep_free: int = 0,
@@ -301,17 +305,14 @@ class Pacer:
         return not (cancelled is not None and cancelled())
 
 
-#: Per bulk-share budget (its key): this process's pacer of a broadcast's sends.
-_pacers: dict[str, Pacer] = {}
-
-
-def bulk_pacer(share_key: str) -> Pacer:
-    """This process's pacer for a broadcast's sends from one sender (`bulk_share_key`)."""
-    pacer = _pacers.get(share_key)
-    if pacer is None:
+def _made(made: dict[Any, _T], key: Any, make: Callable[[], _T]) -> _T:
+    """`made[key]`, made once: the worker's threads race to the first use of a line or a pacer,
+    and two of them would each let their sends through."""
+    found = made.get(key)
+    if found is None:
         with _build_lock:
-            pacer = _pacers.setdefault(share_key, Pacer())
-    return pacer
+            found = made.setdefault(key, make())
+    return found
 
 
 def bulk_share_key(rate_key: str) -> str:

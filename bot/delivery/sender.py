@@ -44,7 +44,7 @@ from bot.contacts import opt_out_waiting_clause
 from bot.delivery import bulk_lane, claims, in_flight, outbox, release
 from bot.delivery.claims import UNSENT, claim, claim_along, release_next, wait_for_turn
 from bot.delivery.holding import quiet_until
-from bot.delivery.rate_limit import bulk_headroom, bulk_pacer, bulk_share_key, bulk_share_rate, send_rate_limit
+from bot.delivery.rate_limit import bulk_headroom, bulk_share_key, bulk_share_rate, send_rate_limit
 from bot.delivery.shutdown import is_stopping
 from bot.delivery.statuses import apply_pending_events, raise_status, report_statuses
 from bot.extensions import db
@@ -478,7 +478,7 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
             acquired = True
             if item.bulk_rate is not None:  # a broadcast's: paced, then its share first (invariant 16)
                 share_key = bulk_share_key(item.rate_key)
-                acquired = bulk_pacer(share_key).wait(item.bulk_rate, cancelled=is_stopping) and \
+                acquired = limit.pace(share_key, item.bulk_rate, cancelled=is_stopping) and \
                     metrics.timed_rate_wait(item.channel.name, limit.acquire, share_key,
                                             cancelled=is_stopping, rate=item.bulk_rate)
             acquired = acquired and metrics.timed_rate_wait(
