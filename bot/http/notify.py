@@ -230,10 +230,17 @@ def _opted_out():
     return _error(409, "the recipient has opted out of WhatsApp; nothing is sent until they opt back in")
 
 
-def _window_closed(held_until: datetime | None = None):
-    when = ("the recipient has not written in the last 24 hours" if held_until is None else
-            f"the message is held until {isoformat(held_until)} and the recipient's 24-hour window will "
+def _window_shut(what: str, held_until: datetime | None) -> str:
+    """Why the 24-hour window is shut for `what` (the message, the flow): now, or by the time it
+    is held until."""
+    if held_until is None:
+        return "the recipient has not written in the last 24 hours"
+    return (f"the {what} is held until {isoformat(held_until)} and the recipient's 24-hour window will "
             "have closed by then")
+
+
+def _window_closed(held_until: datetime | None = None):
+    when = _window_shut("message", held_until)
     return _error(
         422,
         f"{when}, so WhatsApp allows no free-form "
@@ -589,9 +596,7 @@ def _start_flow(notification: NotifyRequest, contact, key: str | None):
         db.session.commit()
         if template and locales.available_locales(Copy.WHATSAPP, template):
             return _no_copy_in_locale(template, contact.locale)  # approved, but not in their language
-        when = ("the recipient has not written in the last 24 hours" if not_before is None else
-                f"the flow is held until {isoformat(not_before)} and the recipient's 24-hour window will have "
-                "closed by then")
+        when = _window_shut("flow", not_before)
         return _error(
             422,
             f"{when}; flow {flow.name!r} can open the "
