@@ -373,6 +373,8 @@ def _cpu_split(results: dict[str, Any], add) -> None:
     if not runs:
         return
     parts = ["web", "worker", "postgresql", "redis", "load generator + simulator", "machine", "steal"]
+    if any("simulator" in cores for _, cores in runs):  # --simulator-process: each apart
+        parts[4:5] = ["load generator", "simulator"]
     add("### Where the two cores went during the load (cores used on average)")
     add("")
     _header(add, "run", *parts)

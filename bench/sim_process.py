@@ -15,8 +15,9 @@ from typing import Any
 
 
 class SimulatorProcess:
-    """A `TwilioSimulator` started in a child process; `url`, `pid`, `timings`, `reset()` and
-    `stop()` as the in-process object offers them (what bench/broadcast.py uses)."""
+    """A `TwilioSimulator` started in a child process; `url`, `pid`, `timings`, `webhooks`,
+    `reset()` and `stop()` as the in-process object offers them (what bench/broadcast.py and
+    bench/throughput.py's `--simulator-process` use)."""
 
     def __init__(self, **options: Any) -> None:
         context = multiprocessing.get_context("spawn")
@@ -37,6 +38,11 @@ class SimulatorProcess:
     def timings(self) -> list[dict[str, Any]]:
         """Each create the simulator received, in arrival order (its own clock: this machine's)."""
         return self._ask("timings")
+
+    @property
+    def webhooks(self) -> list[dict[str, Any]]:
+        """Each webhook the simulator posted (status callbacks included), as `TwilioSimulator.webhooks`."""
+        return self._ask("webhooks")
 
     def reset(self) -> None:
         """Forget what was recorded (as `TwilioSimulator.reset`)."""
@@ -68,6 +74,8 @@ def _serve(conn: Any, options: dict[str, Any]) -> None:
             return
         if what == "timings":
             conn.send(sim.timings)
+        elif what == "webhooks":
+            conn.send(sim.webhooks)
         elif what == "reset":
             sim.reset()
             conn.send(None)

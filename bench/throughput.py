@@ -67,7 +67,12 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bot.devmode import dev_api_key, dev_private_key  # noqa: E402
+from bot.devtools.sendgrid_simulator import public_key_text  # noqa: E402
 from bot.devtools.simulator import TwilioSimulator, sign  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sim_process import SimulatorProcess  # noqa: E402
 
 ACCOUNT_SID = "AC" + "be" * 16
 AUTH_TOKEN = "bench-auth-token-0123456789abcdef"
@@ -461,7 +466,13 @@ def cpu_snapshot(stack: "Stack") -> dict[str, float]:
             if got and got[0].startswith(("postgres", "redis-server")):
                 out["postgresql" if got[0].startswith("postgres") else "redis"] += got[1]
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    out["load generator + simulator"] = usage.ru_utime + usage.ru_stime
+    sim_pid = getattr(stack.sim, "pid", None)
+    if sim_pid:  # --simulator-process: the generator and the simulator apart
+        out["load generator"] = usage.ru_utime + usage.ru_stime
+        got = _proc_cpu(sim_pid, ticks)
+        out["simulator"] = got[1] if got else 0.0
+    else:
+        out["load generator + simulator"] = usage.ru_utime + usage.ru_stime
     with open("/proc/stat") as f:
         user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
     out["machine"] = (user + nice + system + irq + softirq) / ticks  # what ran here
@@ -1178,22 +1189,34 @@ def run_tree(args: argparse.Namespace, only: set[str], overrides: dict[str, str]
     results: dict[str, Any] = {"machine": machine_info(), "settings": {
         "latency_ms": args.latency_ms, "rates": rates, "ceiling_rates": ceiling, "duration_s": args.duration,
         "callback_delay_s": CALLBACK_DELAY, "procfile": procfile(), "workdir": str(workdir),
-        "scenarios": sorted(only), "environment": overrides, "status_callbacks": args.callbacks}}
+        "scenarios": sorted(only), "environment": overrides, "status_callbacks": args.callbacks,
+        "simulator_process": args.simulator_process}}
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"workdir {workdir} (process logs), queue {queue}")
     recreate_database(args.database_url)
 
-    sim = TwilioSimulator(ACCOUNT_SID, AUTH_TOKEN, webhook_url=webhook, auto_callbacks=args.callbacks,
-                          callback_delay=CALLBACK_DELAY, latency=args.latency_ms / 1000).start()
+    sim_options = {"account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN, "webhook_url": webhook,
+                   "auto_callbacks": args.callbacks, "callback_delay": CALLBACK_DELAY,
+                   "latency": args.latency_ms / 1000}
+    sim: Any
+    if args.simulator_process:
+        # Twilio is a remote service: its stand-in gets a process and an interpreter of its own, so
+        # the open-loop generator's event loop and the simulator's threads do not share one GIL and
+        # each one's CPU is counted apart (bench/sim_process.py).
+        sim = SimulatorProcess(**sim_options)
+        sendgrid_key, sendgrid_public = dev_api_key(AUTH_TOKEN), public_key_text(dev_private_key(AUTH_TOKEN))
+    else:
+        sim = TwilioSimulator(**sim_options).start()
+        sim.sendgrid.latency = args.latency_ms / 1000
+        sim.sendgrid.events_url = base + "/sendgrid/events"
+        sendgrid_key, sendgrid_public = sim.sendgrid.api_key, sim.sendgrid.public_key
     config = {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
               "TWILIO_WHATSAPP_NUMBER": SENDER, "TWILIO_WEBHOOK_URL": webhook, "TWILIO_API_URL": sim.url,
               "NOTIFY_API_TOKEN": API_TOKEN, "DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url,
               "QUEUE_NAME": queue, "INSTANCE_PATH": str(workdir),
               # Email through the same simulator's SendGrid side, answering in the same latency.
-              "SENDGRID_API_KEY": sim.sendgrid.api_key, "SENDGRID_API_URL": sim.url, "EMAIL_FROM": EMAIL_FROM,
-              "SENDGRID_WEBHOOK_PUBLIC_KEY": sim.sendgrid.public_key, "SECRET_KEY": SECRET_KEY}
-    sim.sendgrid.latency = args.latency_ms / 1000
-    sim.sendgrid.events_url = base + "/sendgrid/events"
+              "SENDGRID_API_KEY": sendgrid_key, "SENDGRID_API_URL": sim.url, "EMAIL_FROM": EMAIL_FROM,
+              "SENDGRID_WEBHOOK_PUBLIC_KEY": sendgrid_public, "SECRET_KEY": SECRET_KEY}
     # The tree's own code, whichever venv's editable install runs it.
     tree = {"PYTHONPATH": str(TREE)} if TREE != ROOT else {}
     env = procfile_env(config, port, {**tree, **overrides})
@@ -1309,10 +1332,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline-tree", default=None,
                         help="another source tree (e.g. main in a second worktree): the same scenarios run "
                              "on it too, in the same run, and land in results['before']")
+    parser.add_argument("--simulator-process", action="store_true",
+                        help="run the Twilio simulator in a process of its own (bench/sim_process.py; "
+                             "only with --only turns and/or notify, which read nothing else of it)")
     parser.add_argument("--no-callbacks", dest="callbacks", action="store_false",
                         help="the simulator posts no status callbacks (the send path on its own)")
     args = parser.parse_args(argv)
     only = {name.strip() for name in args.only.split(",") if name.strip()}
+    if args.simulator_process and not only <= {"turns", "notify"}:
+        parser.error("--simulator-process runs only with --only turns and/or notify")
     overrides = dict(item.split("=", 1) for item in args.settings)
     rates = [int(r) for r in args.rates.split(",") if r.strip()]
     ceiling = [int(r) for r in args.ceiling_rates.split(",") if r.strip()]
