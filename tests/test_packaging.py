@@ -208,6 +208,37 @@ def test_the_web_imports_nothing_only_the_worker_runs_and_the_consumer_loads_it(
     assert seen["channels"] == ["email", "whatsapp"]
 
 
+#: What only a rare route uses, loaded on its first use and never at start (bench/THROUGHPUT.md,
+#: "Web memory"): the dashboard's CSRF check (Flask-WTF, WTForms, babel's formatting) and a
+#: user's email address (email-validator, with the idna tables it loads).
+RARE_ROUTE_ONLY = ("flask_wtf", "wtforms", "babel.support", "email_validator", "idna")
+
+
+def test_the_web_loads_what_only_a_rare_route_uses_on_its_first_use(tmp_path: Path) -> None:
+    """A web process starts without RARE_ROUTE_ONLY; the dashboard's sign-in form still carries
+    its CSRF token, a POST without one is still refused, and a user's address is still checked
+    and normalised, each loading its package then."""
+    code = ("import json, sys, wsgi\n"
+            f"rare = {RARE_ROUTE_ONLY!r}\n"
+            "loaded = lambda: sorted({m.split('.')[0] for m in sys.modules if m.startswith(rare)})\n"
+            "at_start = loaded()\n"
+            "client = wsgi.app.test_client()\n"
+            "form = client.get('/dashboard/sign-in').get_data(as_text=True)\n"
+            "token = form.split('name=\"csrf_token\" value=\"')[1].split('\"')[0]\n"
+            "refused = client.post('/dashboard/sign-out').status_code\n"
+            "from bot.http.schemas import UserBody\n"
+            "email = UserBody.model_validate({'email': 'Ada@Example.COM'}).email\n"
+            "print(json.dumps({'at_start': at_start, 'token': len(token), 'refused': refused, 'email': email,\n"
+            "                  'after': loaded()}))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env=clean_env(tmp_path, PYTHONPATH=str(PROJECT_ROOT), SECRET_KEY="s" * 32, **SECRETS))
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["at_start"] == []
+    assert seen["token"] > 20 and seen["refused"] == 400 and seen["email"] == "ada@example.com"
+    assert seen["after"] == ["babel", "email_validator", "flask_wtf", "idna", "wtforms"]
+
+
 def test_the_web_loads_prometheus_client_only_when_metrics_are_on_and_its_exposition_on_a_scrape(
         tmp_path: Path) -> None:
     """Without METRICS_TOKEN nothing is timed or counted, so a process never imports

@@ -10,7 +10,6 @@ import secrets
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
-from email_validator import EmailNotValidError, validate_email
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from bot.clock import utcnow
@@ -37,6 +36,9 @@ class AccountError(ValueError):
 
 def normal_email(value: str) -> str:
     """The address as accounts store it (lowercased); AccountError when it is not one."""
+    # Imported on a sign-in, not by every web process at start (bench/THROUGHPUT.md, "Web memory").
+    from email_validator import EmailNotValidError, validate_email
+
     try:
         return validate_email(value.strip(), check_deliverability=False).normalized.lower()
     except EmailNotValidError as exc:

@@ -29,7 +29,17 @@ bp = Blueprint("openapi", __name__)
 # ---------------------------------------------------------------- what the routes answer
 
 
-class Error(BaseModel):
+class Answer(BaseModel):
+    """A model of what a route answers: it describes, it validates nothing the web receives.
+
+    Its validator and serializer are built when the document is first asked for (`defer_build`),
+    not in every web process at start, for a route a backend reads once (0.2 MiB of each web
+    process: bench/THROUGHPUT.md, "Web memory"); the document is the same."""
+
+    model_config = ConfigDict(defer_build=True)
+
+
+class Error(Answer):
     """Every refusal: `error` says what is wrong (for a 400, which field and why)."""
 
     error: str
@@ -43,7 +53,7 @@ class Error(BaseModel):
                                                  "so the default applied)")
 
 
-class MessageAccepted(BaseModel):
+class MessageAccepted(Answer):
     """202 from POST /notify for a message (Location: its GET /messages/<id>)."""
 
     id: str
@@ -62,7 +72,7 @@ class MessageAccepted(BaseModel):
                                                  "locale, its language or DEFAULT_LOCALE); null for your own text")
 
 
-class CancelRefused(BaseModel):
+class CancelRefused(Answer):
     """409 from POST /messages/<id>/cancel: too late, the message left or is leaving."""
 
     error: str
@@ -70,7 +80,7 @@ class CancelRefused(BaseModel):
     status: MessageStatus
 
 
-class ConversationAccepted(BaseModel):
+class ConversationAccepted(Answer):
     """202 from POST /notify for a flow (Location: its GET /conversations/<id>)."""
 
     id: str
@@ -86,7 +96,7 @@ class ConversationAccepted(BaseModel):
     held_reason: HoldReason | None = Field(None, description="why it waits: `scheduled` or `quiet_hours`")
 
 
-class ConversationCancelRefused(BaseModel):
+class ConversationCancelRefused(Answer):
     """409 from POST /conversations/<id>/cancel: too late, the flow started or ended."""
 
     error: str
@@ -94,7 +104,7 @@ class ConversationCancelRefused(BaseModel):
     status: ConversationStatus
 
 
-class StatusEvent(BaseModel):
+class StatusEvent(Answer):
     """One status callback from Twilio."""
 
     status: str
@@ -103,7 +113,7 @@ class StatusEvent(BaseModel):
     received_at: str | None
 
 
-class Message(BaseModel):
+class Message(Answer):
     """GET /messages/<id>: a message, its status and every status callback so far."""
 
     model_config = ConfigDict(populate_by_name=True)
@@ -144,7 +154,7 @@ class Message(BaseModel):
     events: list[StatusEvent] | None = None
 
 
-class Conversation(BaseModel):
+class Conversation(Answer):
     """GET /conversations/<id>: a flow's run with one contact, and what the contact answered."""
 
     id: str
@@ -167,7 +177,7 @@ class Conversation(BaseModel):
     quiet_hours: str | None = Field(None, description="the quiet hours its first messages are held by (null: none)")
 
 
-class ConsentEvent(BaseModel):
+class ConsentEvent(Answer):
     """One entry of the consent ledger."""
 
     action: str
@@ -178,7 +188,7 @@ class ConsentEvent(BaseModel):
     at: str | None
 
 
-class Contact(BaseModel):
+class Contact(Answer):
     """GET /contacts/<phone>: consent, its ledger and the latest conversations."""
 
     phone: str
@@ -189,7 +199,7 @@ class Contact(BaseModel):
     conversations: list[Conversation]
 
 
-class EventDelivery(BaseModel):
+class EventDelivery(Answer):
     """How an event's push to EVENTS_WEBHOOK_URL went."""
 
     status: EventStatus
@@ -199,7 +209,7 @@ class EventDelivery(BaseModel):
     delivered_at: str | None
 
 
-class Event(BaseModel):
+class Event(Answer):
     """One event (docs/api.md, "Events to your backend"): the pushed body, its id, its delivery."""
 
     id: str = Field(description="the webhook-id header of every push of this event")
@@ -209,7 +219,7 @@ class Event(BaseModel):
     delivery: EventDelivery
 
 
-class EventPage(BaseModel):
+class EventPage(Answer):
     """GET /events: oldest first; pass `next_after` as `after` while `has_more`."""
 
     events: list[Event]
@@ -217,20 +227,20 @@ class EventPage(BaseModel):
     next_after: str | None
 
 
-class EventReplay(BaseModel):
+class EventReplay(Answer):
     """202 from POST /events/<id>/retry."""
 
     id: str
     status: EventStatus
 
 
-class EventsReplayed(BaseModel):
+class EventsReplayed(Answer):
     """202 from POST /events/retry."""
 
     retried: int
 
 
-class Handoff(BaseModel):
+class Handoff(Answer):
     """POST / DELETE /contacts/<phone>/handoff: whether a person answers the contact, until when."""
 
     phone: str
@@ -242,14 +252,14 @@ class Handoff(BaseModel):
 # ---------------------------------------------------------------- the paths table
 
 
-class UserConsent(BaseModel):
+class UserConsent(Answer):
     """Consent per channel: STOP on WhatsApp and an email unsubscribe are separate (invariant 14)."""
 
     whatsapp: Consent
     email: Consent
 
 
-class User(BaseModel):
+class User(Answer):
     """A user by your own id (PUT /users/<user_id>)."""
 
     user_id: str
@@ -265,7 +275,7 @@ class User(BaseModel):
     updated_at: str | None
 
 
-class BroadcastAccepted(BaseModel):
+class BroadcastAccepted(Answer):
     """202 from POST /broadcasts (Location: its GET /broadcasts/<id>): stored, not yet expanded."""
 
     id: str
@@ -275,7 +285,7 @@ class BroadcastAccepted(BaseModel):
     url: str
 
 
-class ChannelCounts(BaseModel):
+class ChannelCounts(Answer):
     """A broadcast's messages on one channel."""
 
     queued: int
@@ -286,7 +296,7 @@ class ChannelCounts(BaseModel):
     canceled: int
 
 
-class BroadcastCounts(BaseModel):
+class BroadcastCounts(Answer):
     """GET /broadcasts/<id> (and POST …/cancel): a broadcast's state and counts so far."""
 
     id: str

@@ -22,7 +22,6 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr,
                       ValidationInfo, WrapValidator, model_validator)
 from pydantic_core import ErrorDetails
 from babel import Locale, UnknownLocaleError
-from email_validator import EmailNotValidError, validate_email
 
 from bot.delivery.holding import QUIET_HOURS_REFUSAL, InvalidQuietHours, parse_quiet_hours
 from bot.phone import InvalidNumber, normalize_e164
@@ -506,6 +505,10 @@ def _phone(value: str) -> str:
 def _email(value: str) -> str:
     if len(value) > MAX_EMAIL_CHARS:
         raise InvalidRequest(f"'email' is longer than {MAX_EMAIL_CHARS} characters")
+    # Imported here, on a user's first address, not by every web process at start: email-validator
+    # and the idna tables it loads are memory no other request needs (bench/THROUGHPUT.md, "Web memory").
+    from email_validator import EmailNotValidError, validate_email
+
     try:
         # No DNS lookup: a request must not wait on the network, and a backend's address book
         # is its own; only the syntax is checked (email-validator, RFC 5322/6531).

@@ -103,6 +103,26 @@ def test_the_api_and_the_webhooks_need_no_csrf_token(client, auth):
     assert response.status_code == 202, response.get_json()
 
 
+def test_the_csrf_settings_are_flask_wtfs_own_defaults():
+    """The dashboard binds Flask-WTF's protection on first use (bot/dashboard/security.py,
+    LazyCSRF): the settings it leaves unset get the defaults CSRFProtect.init_app would give them,
+    so a Flask-WTF that changes one fails here rather than checking tokens another way."""
+    from flask import Flask
+    from flask_wtf.csrf import CSRFProtect
+
+    from bot.dashboard.security import LazyCSRF
+
+    ours, theirs = Flask("ours"), Flask("theirs")
+    for app in (ours, theirs):  # what bot.dashboard.init_app sets before binding it
+        app.config.update(WTF_CSRF_CHECK_DEFAULT=False, WTF_CSRF_TIME_LIMIT=None)
+    LazyCSRF().init_app(ours)
+    CSRFProtect().init_app(theirs)
+    settings = {name: value for name, value in theirs.config.items() if name.startswith("WTF_")}
+    assert settings and {name: ours.config.get(name) for name in settings} == settings
+    assert {name for name in ours.config if name.startswith("WTF_")} == set(settings)
+    assert "csrf_token" in ours.jinja_env.globals
+
+
 # ---------------------------------------------------------------- brute force
 
 
