@@ -488,6 +488,8 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
             raise NotSent(f"{type(exc).__name__} from the send rate limit") from exc
         if not acquired:
             raise ShuttingDown() if is_stopping() else RateLimitFull()
+        if is_stopping():  # a slot the first in line took for it as the worker was told to stop
+            raise ShuttingDown()
         return metrics.timed_send(item.channel.name, senders[item.channel.name], item.request, utcnow())
 
     calls = in_flight.call_all(send, [{"item": item} for item in to_send], concurrency(),
