@@ -197,6 +197,13 @@ def _own(message_ids: list[str]) -> None:
             del _owned[next(iter(_owned))]
 
 
+def owns(message_id: str) -> bool:
+    """Whether a batch of this process holds or settled this message: its send task would end at
+    once without a statement (`deliver`'s first line), so the queue drops it unrun
+    (`queue.skip_when`, registered by the tasks module)."""
+    return message_id in _owned
+
+
 def _disown(message_id: str) -> None:
     """Its own task must run again (it goes back on the queue): before it is enqueued."""
     with _owned_lock:
