@@ -24,6 +24,8 @@ from bot.config import queue_file
 from bot.delivery.shutdown import DrainingHuey
 from bot.logmask import mask_handlers
 
+log = logging.getLogger(__name__)
+
 QUEUE_NAME = "whatsapp-bot"
 #: The bulk queue's name is the main queue's with this after it (`<QUEUE_NAME>-bulk`).
 BULK_SUFFIX = "-bulk"
@@ -50,6 +52,15 @@ def skip_when(no_op: Callable[[Task], bool]) -> None:
     whose run would have done nothing, touched nothing and returned at once (a send whose message
     a batch of this process holds or settled: `sender.owns`). The worker registers it."""
     _no_op[:] = [no_op]
+
+
+def _does_nothing(task: Task) -> bool:
+    """`skip_when`'s answer for `task`; an error in it runs the task (a task is never lost to it)."""
+    try:
+        return bool(_no_op[0](task))
+    except Exception:
+        log.exception("could not tell whether task %s does nothing; it runs", task.id)
+        return False
 
 
 class UnconfiguredStorage(BaseStorage):
@@ -174,19 +185,20 @@ class MaskedLogHuey(DrainingHuey):
         an enqueue; a message given back by its batch is enqueued anew (`sender._disown`)."""
         while True:
             task = super().dequeue()
-            if task is None or not _no_op or not _no_op[0](task):
+            if task is None or not _no_op or not _does_nothing(task):
                 return task
             storage = self.storage
             if isinstance(storage, PriorityQueueStorage):
-                idle = [member for member in storage.look_behind(LOOK_BEHIND) if self._does_nothing(member[8:])]
+                idle = [member for member in storage.look_behind(LOOK_BEHIND) if self._member_does_nothing(member)]
                 if idle:
                     storage.remove(idle)
 
-    def _does_nothing(self, data: bytes) -> bool:
+    def _member_does_nothing(self, member: bytes) -> bool:
         try:
-            return _no_op[0](self.deserialize_task(data))
+            task = self.deserialize_task(member[8:])  # after the member's 8-byte timestamp
         except Exception:  # not ours to judge: left on the queue, where huey's own dequeue reports it
             return False
+        return _does_nothing(task)
 
     def enqueue(self, task: Any) -> Any:
         """huey's enqueue, onto the task's lane's queue (`storage_for`)."""
