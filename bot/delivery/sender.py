@@ -114,6 +114,19 @@ def register_channel(channel: Channel) -> None:
     CHANNELS[channel.name] = channel
 
 
+def warm() -> None:
+    """Build each channel's client now, as the worker starts, not in its first batch: the Twilio
+    client's first build (the SDK's modules, the HTTP pools) costs about 0.15 s of CPU, which the
+    first sends after a start waited for, and which a backlog's figure counted as theirs
+    (bench/THROUGHPUT.md, "Issue 17: a send's waits"). In an app context; a channel that cannot
+    build its client here (not configured) says so in its first batch, as before."""
+    for channel in CHANNELS.values():
+        try:
+            channel.open_sender()
+        except Exception as exc:  # noqa: BLE001 - its first batch reports it
+            log.debug("the %s channel's client was not built at start (%s)", channel.name, type(exc).__name__)
+
+
 @dataclass(frozen=True)
 class _Send:
     """A claimed message, its channel and the provider request the channel built for it."""

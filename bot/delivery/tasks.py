@@ -269,6 +269,16 @@ def load_worker() -> None:
         shutdown.register_drain(bulk_lane.lane.drain)
 
 
+def warm_sender() -> None:
+    """Once this process is a consumer: the channels' clients are built before the first task
+    (`sender.warm`), never in a web process."""
+    from bot.delivery import sender
+
+    if _app is not None:
+        with _app.app_context():
+            sender.warm()
+
+
 def start_bulk_process() -> None:
     """Once this process is a consumer: the worker starts its bulk process beside it, or this
     is the bulk process and sets itself up (bot/delivery/bulk_process.py)."""
@@ -279,4 +289,5 @@ def start_bulk_process() -> None:
 
 
 when_consuming(load_worker)
+when_consuming(warm_sender)
 when_consuming(start_bulk_process)
