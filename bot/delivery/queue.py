@@ -24,6 +24,8 @@ from bot.config import queue_file
 from bot.delivery.shutdown import DrainingHuey
 from bot.logmask import mask_handlers
 
+log = logging.getLogger(__name__)
+
 QUEUE_NAME = "whatsapp-bot"
 #: The bulk queue's name is the main queue's with this after it (`<QUEUE_NAME>-bulk`).
 BULK_SUFFIX = "-bulk"
@@ -32,12 +34,33 @@ BULK_SUFFIX = "-bulk"
 BULK_PRIORITIES = frozenset({-10, -9})
 #: What a process does once it becomes a consumer (`when_consuming`).
 _consumer_setup: list[Callable[[], None]] = []
+#: Whether a task would do nothing at all if it ran (`skip_when`); none: every task runs.
+_no_op: list[Callable[[Task], bool]] = []
+#: Tasks looked at behind one found to do nothing (`MaskedLogHuey.dequeue`): a send batch's
+#: others (SEND_BATCH, 50 by default) and a few more.
+LOOK_BEHIND = 64
 
 
 def when_consuming(setup: Callable[[], None]) -> None:
     """Run `setup` when this process becomes the worker (`huey_consumer` creates its consumer),
     before any task: what only the worker needs is loaded there, never in a web process."""
     _consumer_setup.append(setup)
+
+
+def skip_when(no_op: Callable[[Task], bool]) -> None:
+    """Drop, rather than run, a dequeued task for which `no_op(task)` holds: it must be a task
+    whose run would have done nothing, touched nothing and returned at once (a send whose message
+    a batch of this process holds or settled: `sender.owns`). The worker registers it."""
+    _no_op[:] = [no_op]
+
+
+def _does_nothing(task: Task) -> bool:
+    """`skip_when`'s answer for `task`; an error in it runs the task (a task is never lost to it)."""
+    try:
+        return bool(_no_op[0](task))
+    except Exception:
+        log.exception("could not tell whether task %s does nothing; it runs", task.id)
+        return False
 
 
 class UnconfiguredStorage(BaseStorage):
@@ -85,6 +108,17 @@ class PriorityQueueStorage(PriorityRedisStorage):
             held.connection.disconnect()
             held.give_back()
             self.conn.zadd(self.queue_key, {member: score})
+
+
+    def look_behind(self, count: int) -> list[bytes]:
+        """The next `count` members of the queue (each an 8-byte timestamp, then the task), first
+        first, left where they are."""
+        return list(self.conn.zrange(self.queue_key, 0, count - 1))
+
+    def remove(self, members: list[bytes]) -> None:
+        """Take these members off the queue (those another consumer took meanwhile are gone
+        already: it runs them)."""
+        self.conn.zrem(self.queue_key, *members)
 
 
 class _HeldConnection:
@@ -136,6 +170,35 @@ class MaskedLogHuey(DrainingHuey):
         if not self.queues:
             return self.storage
         return self.queues["bulk" if task.priority in BULK_PRIORITIES else "main"]
+
+    def dequeue(self) -> Any:
+        """huey's dequeue, without the tasks that would do nothing (`skip_when`).
+
+        Draining a backlog, each send task claims its own message and up to SEND_BATCH - 1 others
+        (docs/ARCHITECTURE.md, "How many sends at once"), whose tasks, right behind it on the
+        queue, then only find their message taken. Each of those cost a dequeue (a round trip to
+        Redis), its unpickling, huey's run of it and an app context: about a tenth of the worker's
+        CPU per send (bench/THROUGHPUT.md, "Issue 17: a send's waits"). So when the task popped is
+        one of them, the tasks behind it are looked at in one read, and those that would do
+        nothing too are removed in one more: a batch of fifty costs a few round trips, not fifty.
+        Dropping such a task is running it: it would have returned without a statement, a send or
+        an enqueue; a message given back by its batch is enqueued anew (`sender._disown`)."""
+        while True:
+            task = super().dequeue()
+            if task is None or not _no_op or not _does_nothing(task):
+                return task
+            storage = self.storage
+            if isinstance(storage, PriorityQueueStorage):
+                idle = [member for member in storage.look_behind(LOOK_BEHIND) if self._member_does_nothing(member)]
+                if idle:
+                    storage.remove(idle)
+
+    def _member_does_nothing(self, member: bytes) -> bool:
+        try:
+            task = self.deserialize_task(member[8:])  # after the member's 8-byte timestamp
+        except Exception:  # not ours to judge: left on the queue, where huey's own dequeue reports it
+            return False
+        return _does_nothing(task)
 
     def enqueue(self, task: Any) -> Any:
         """huey's enqueue, onto the task's lane's queue (`storage_for`)."""

@@ -39,8 +39,9 @@ UNAVAILABLE_RETRY_SECONDS = 0.5
 #: A full window is asked again this long after its oldest send leaves it (clocks of the worker
 #: and of the window's entries are the same machine's or NTP's: a millisecond absorbs rounding).
 WINDOW_MARGIN_SECONDS = 0.001
-#: How often a thread waiting in line (or sleeping for the window) checks whether its wait was
-#: cancelled (the worker stopping): a local check, no Redis call.
+#: How often the first in line, sleeping for the window (or for an unreachable Redis), checks
+#: whether its wait was cancelled (the worker stopping): a local check, no Redis call. The threads
+#: behind it do not check: they sleep until woken (`_Line.join`).
 CANCEL_CHECK_SECONDS = 0.25
 #: The most slots the first in line takes in one call to the window, for itself and the sends
 #: waiting behind it (a send batch is at most 50 messages: docs/delivery.md, "Waiting for a rate
@@ -108,7 +109,7 @@ class SendRateLimit:
         item = self._item(rate)
         deadline = time.monotonic() + (self.max_wait if max_wait is None else max_wait)
         line = self._line(item, sender, keep_free)
-        turn = line.join(deadline, cancelled)
+        turn = line.join(deadline)
         if turn is None:
             return False
         if turn.granted:  # the first in line took this send's slot along with its own
@@ -227,16 +228,23 @@ class _Line:
         self._lock = threading.Lock()
         self._waiting: collections.deque[_Turn] = collections.deque()
 
-    def join(self, deadline: float, cancelled: Callable[[], bool] | None) -> _Turn | None:
-        """Wait for this thread's turn (or its slot); None when the deadline passed or the wait was
-        cancelled (a slot taken for it meanwhile goes unused: the window only ever counts more)."""
+    def join(self, deadline: float) -> _Turn | None:
+        """Wait for this thread's turn (or its slot); None when the deadline passed (a slot taken
+        for it meanwhile goes unused: the window only ever counts more).
+
+        The thread sleeps until it is woken or its deadline comes, and nothing else: at 80/s a
+        batch's sends wait here in dozens for seconds, and each waking four times a second to ask
+        whether the worker stops cost 0.1 ms of CPU per send (bench/THROUGHPUT.md, "Issue 17: a
+        send's waits"). A stop reaches it through the line instead: the first in line asks
+        `cancelled` while it waits for the window, and gives up; leaving, it wakes the next, who
+        is first now and asks at once (`SendRateLimit._take`), and so on down the line."""
         turn = _Turn()
         with self._lock:
             self._waiting.append(turn)
             if self._waiting[0] is turn:
                 turn.event.set()
-        while not turn.event.wait(min(max(deadline - time.monotonic(), 0.0), CANCEL_CHECK_SECONDS)):
-            if time.monotonic() >= deadline or (cancelled is not None and cancelled()):
+        while not turn.event.wait(max(deadline - time.monotonic(), 0.0)):
+            if time.monotonic() >= deadline:
                 self.leave(turn)
                 return None
         return turn

@@ -114,6 +114,19 @@ def register_channel(channel: Channel) -> None:
     CHANNELS[channel.name] = channel
 
 
+def warm() -> None:
+    """Build each channel's client now, as the worker starts, not in its first batch: the Twilio
+    client's first build (the SDK's modules, the HTTP pools) costs about 0.15 s of CPU, which the
+    first sends after a start waited for, and which a backlog's figure counted as theirs
+    (bench/THROUGHPUT.md, "Issue 17: a send's waits"). In an app context; a channel that cannot
+    build its client here (not configured) says so in its first batch, as before."""
+    for channel in CHANNELS.values():
+        try:
+            channel.open_sender()
+        except Exception as exc:  # noqa: BLE001 - its first batch reports it
+            log.debug("the %s channel's client was not built at start (%s)", channel.name, type(exc).__name__)
+
+
 @dataclass(frozen=True)
 class _Send:
     """A claimed message, its channel and the provider request the channel built for it."""
@@ -195,6 +208,13 @@ def _own(message_ids: list[str]) -> None:
             _owned[message_id] = None
         for _ in range(len(_owned) - _OWNED_MAX):
             del _owned[next(iter(_owned))]
+
+
+def owns(message_id: str) -> bool:
+    """Whether a batch of this process holds or settled this message: its send task would end at
+    once without a statement (`deliver`'s first line), so the queue drops it unrun
+    (`queue.skip_when`, registered by the tasks module)."""
+    return message_id in _owned
 
 
 def _disown(message_id: str) -> None:
@@ -488,6 +508,8 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
             raise NotSent(f"{type(exc).__name__} from the send rate limit") from exc
         if not acquired:
             raise ShuttingDown() if is_stopping() else RateLimitFull()
+        if is_stopping():  # a slot the first in line took for it as the worker was told to stop
+            raise ShuttingDown()
         return metrics.timed_send(item.channel.name, senders[item.channel.name], item.request, utcnow())
 
     calls = in_flight.call_all(send, [{"item": item} for item in to_send], concurrency(),

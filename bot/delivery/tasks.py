@@ -20,7 +20,7 @@ from huey.exceptions import RetryTask
 
 from bot.conversations import inbound
 from bot.delivery import event_delivery, outbox, release, statuses, ticker, webhook_fallback
-from bot.delivery.queue import huey, when_consuming
+from bot.delivery.queue import huey, skip_when, when_consuming
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,10 @@ def load_worker() -> None:
     if _app is not None:
         rate_limit.init_app(_app)
     if not sender.CHANNELS:  # once per process
+        # The tasks of messages a batch of this process took along are dropped as they are
+        # dequeued, not run one by one (bot/delivery/queue.py, MaskedLogHuey.dequeue).
+        skip_when(lambda task: isinstance(task, send_message.task_class) and bool(task.args)
+                  and sender.owns(task.args[0]))
         sender.register_channel(WhatsAppChannel())
         sender.register_channel(EmailChannel())
         pump.register(_schedule_pump)
@@ -263,6 +267,16 @@ def load_worker() -> None:
         shutdown.register_drain(sender.drain_hand_overs)
         # A broadcast's work on the bulk lane: what has not started goes back to the queue.
         shutdown.register_drain(bulk_lane.lane.drain)
+
+
+def warm_sender() -> None:
+    """Once this process is a consumer: the channels' clients are built before the first task
+    (`sender.warm`), never in a web process."""
+    from bot.delivery import sender
+
+    if _app is not None:
+        with _app.app_context():
+            sender.warm()
 
 
 def start_bulk_process() -> None:
@@ -275,4 +289,5 @@ def start_bulk_process() -> None:
 
 
 when_consuming(load_worker)
+when_consuming(warm_sender)
 when_consuming(start_bulk_process)
