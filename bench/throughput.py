@@ -9,7 +9,9 @@ What it does, in order:
 1. drops and recreates the benchmark database (default ``bench`` on the local PostgreSQL) and uses a
    fresh Huey queue name on Redis db 5 (its keys are deleted at the end);
 2. starts the bundled Twilio simulator in this process with ``--latency-ms`` of API latency and
-   automatic signed status callbacks (sent, delivered, read) to the web's webhook;
+   automatic signed status callbacks (sent, delivered, read) to the web's webhook (with
+   ``--simulator-process``, for ``--only turns,notify``: in a process of its own, its CPU counted
+   apart from the load generator's: bench/sim_process.py);
 3. runs the Procfile's ``release`` line, then its ``web`` and ``worker`` lines verbatim
    (``bash -c``, PORT etc. in the environment, their defaults otherwise);
 4. offers load open-loop, at each fixed rate for ``--duration`` seconds: requests leave on a
