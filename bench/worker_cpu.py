@@ -146,7 +146,11 @@ def run(args: argparse.Namespace, api_url: str) -> dict:
               "TWILIO_WEBHOOK_URL": "http://127.0.0.1:9/twilio/webhook", "TWILIO_API_URL": api_url,
               "NOTIFY_API_TOKEN": "bench", "DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url,
               "QUEUE_NAME": queue, "TWILIO_MESSAGES_PER_SECOND": args.limit, "WORKER_THREADS": args.threads,
-              "SECRET_KEY": "bench"}
+              "SECRET_KEY": "bench",
+              # No broadcast here, and its settings reach this process as config, not as the
+              # environment a bulk child would inherit: without this the consumer started one that
+              # exited at once and was restarted every few seconds, in both trees' figures.
+              "BULK_WORKER_PROCESS": False}
     if args.mode == "turns" and args.engine_only:
         config["HAND_OVER_REPLIES"] = False  # the replies go on the queue: no sender in this process
     logging.basicConfig(level=logging.WARNING)
