@@ -10,6 +10,7 @@ Wall-clock samples (py-spy's, in a container) count those waits as work.
 
     .venv/bin/python bench/worker_cpu.py send --limit 80 -n 800
     .venv/bin/python bench/worker_cpu.py turns -n 400 --profile /tmp/prof
+    .venv/bin/python bench/worker_cpu.py broadcast --limit 80 -n 1500   # a broadcast's sends, at its share
     .venv/bin/python bench/worker_cpu.py turns -n 600 --engine-only   # the turn's task alone
     PYTHONPATH=/tmp/base .venv/bin/python bench/worker_cpu.py send ...   # another tree's code
 
@@ -105,8 +106,8 @@ class ThreadProfiles:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("send", "turns"))
-    parser.add_argument("-n", type=int, default=800, help="messages in the backlog, or turns")
+    parser.add_argument("mode", choices=("send", "turns", "broadcast"))
+    parser.add_argument("-n", type=int, default=800, help="messages in the backlog, turns, or a broadcast's recipients")
     parser.add_argument("--limit", type=int, default=1000, help="TWILIO_MESSAGES_PER_SECOND")
     parser.add_argument("--latency-ms", type=float, default=150)
     parser.add_argument("--threads", type=int, default=8, help="huey worker threads (the Procfile's 8)")
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace, api_url: str) -> dict:
               "TWILIO_WEBHOOK_URL": "http://127.0.0.1:9/twilio/webhook", "TWILIO_API_URL": api_url,
               "NOTIFY_API_TOKEN": "bench", "DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url,
               "QUEUE_NAME": queue, "TWILIO_MESSAGES_PER_SECOND": args.limit, "WORKER_THREADS": args.threads,
-              "SECRET_KEY": "bench",
+              "SECRET_KEY": "bench", "TWILIO_CONTENT_SIDS": json.dumps({"order_update": "HX" + "b1" * 16}),
               # No broadcast here, and its settings reach this process as config, not as the
               # environment a bulk child would inherit: without this the consumer started one that
               # exited at once and was restarted every few seconds, in both trees' figures.
@@ -165,10 +166,18 @@ def run(args: argparse.Namespace, api_url: str) -> dict:
         now = utcnow()
         phones = [f"+1561{i:07d}" for i in range(n)]
         db.session.execute(sa.insert(Contact), [
-            {"phone": p, "wa_id": p[1:], "consent": "opted_in", "last_inbound_at": now, "created_at": now,
-             "updated_at": now} for p in phones])
+            {"phone": p, "wa_id": p[1:], "user_id": f"b{i}", "name": f"Person {i}", "consent": "opted_in",
+             "last_inbound_at": now, "created_at": now, "updated_at": now} for i, p in enumerate(phones)])
         ids = dict(db.session.execute(sa.select(Contact.phone, Contact.id)).all())
-        if args.mode == "send":
+        if args.mode == "broadcast":  # as bench/broadcast.py sends it: a template, a variable per user
+            db.session.commit()
+            answer = app.test_client().post("/broadcasts", headers={"Authorization": "Bearer bench"}, json={
+                "audience": {"user_ids": [f"b{i}" for i in range(n)]}, "template": "order_update",
+                "variables": {"1": "$user.name", "2": "late opening"}})
+            if answer.status_code != 202:
+                raise SystemExit(f"POST /broadcasts answered {answer.status_code}: {answer.get_data(as_text=True)}")
+            rows = []
+        elif args.mode == "send":
             rows = [Message(direction=Direction.OUTBOUND, kind=Kind.NOTIFICATION, contact_id=ids[p],
                             body=f"Backlog {p}", status=MessageStatus.PENDING, status_rank=0) for p in phones]
             for row in rows:
