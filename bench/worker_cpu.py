@@ -227,12 +227,22 @@ def run(args: argparse.Namespace, api_url: str) -> dict:
             consumer.stop(graceful=True)
     if args.profile:
         profiles.write(Path(args.profile), args.mode, n)
+    steady = None
+    if args.mode == "broadcast":  # its pace once going: the middle half of its sends' start times
+        with app.app_context():
+            started = sorted(db.session.scalars(sa.text(
+                "SELECT attempt_started_at FROM messages WHERE kind = 'broadcast' AND attempt_started_at IS NOT NULL")))
+            db.session.commit()
+        if len(started) >= 8:
+            low, high = len(started) // 4, 3 * len(started) // 4
+            steady = round((high - low) / max((started[high] - started[low]).total_seconds(), 1e-9), 1)
     with app.app_context():
         queued = huey.pending_count()
         huey.flush()
         db.engine.dispose()
     return {"mode": args.mode, "limit": args.limit, "operations": n, "done": done, "wall_s": round(wall, 2),
-            "per_second": round(done / wall, 1), "worker_cpu_ms_per_op": round(1000 * cpu / max(done, 1), 2),
+            "per_second": round(done / wall, 1), **({"steady_per_second": steady} if steady else {}),
+            "worker_cpu_ms_per_op": round(1000 * cpu / max(done, 1), 2),
             "statements_per_op": round((statements["n"] - polls) / max(done, 1), 2), "left_on_queue": queued,
             "profiled": bool(args.profile), "tree": str(Path(sys.modules["bot"].__file__).parents[1])}
 
