@@ -347,9 +347,15 @@ def main(argv: list[str] | None = None) -> None:
             url = big.pop("url")
             results["broadcast"] = big
             time.sleep(5)  # its sends reach their pace
-            alone_from = time.time()
+            alone_from, cpu_before, started = time.time(), cpu_snapshot(stack), time.monotonic()
             time.sleep(args.duration)
-            results["broadcast"]["drain_alone"] = sends_per_second(sim, alone_from, time.time())
+            drain = results["broadcast"]["drain_alone"] = sends_per_second(sim, alone_from, time.time())
+            drain["cores"] = cpu_split(cpu_before, cpu_snapshot(stack), time.monotonic() - started)
+            # Each process's CPU per broadcast send while nothing else runs (the bulk process is
+            # in the worker's tree): what a broadcast costs, apart from how fast it goes.
+            drain["cpu_ms_per_send"] = {part: round(1000 * cores * drain["seconds"] / drain["sends"], 2)
+                                        for part, cores in drain["cores"].items()
+                                        if part not in ("machine", "steal") and drain["sends"]}
             log(f"turns at {args.turn_rate}/s beside it")
             beside = turns(stack, "beside", args.turn_rate, args.duration, args.drain_timeout)
             window = beside.pop("window")
