@@ -39,10 +39,19 @@ PARENT_VARIABLE = "BOT_BULK_PARENT_PID"
 #: The child's own stop: within the worker's wait for it (shutdown.DRAIN_SECONDS, 24 s), itself
 #: within the Procfile's --shutdown-timeout 25 and a host's 30 s before SIGKILL.
 CHILD_SHUTDOWN_SECONDS = 20
-#: Niceness added in the child: under CPU contention the kernel's fair scheduler gives a nice-10
-#: process about a tenth of a nice-0 one's share, so the worker's turns and replies get the CPU
-#: first; an idle CPU is still the broadcast's whole.
+#: Niceness added in the child, where SCHED_IDLE (below) is not to be had: under CPU contention
+#: the kernel's fair scheduler gives a nice-10 process about a tenth of a nice-0 one's share, so
+#: the worker's turns and replies get the CPU first; an idle CPU is still the broadcast's whole.
 NICENESS = 10
+#: On Linux the child's threads also run under SCHED_IDLE: they get a CPU the worker (and the
+#: web, PostgreSQL and Redis beside it on one machine) leaves idle, and the kernel counts a CPU
+#: running only them as idle when it places a waking thread, so a turn's or a reply's thread
+#: takes it at once instead of queueing behind a broadcast's send. Nice 10 still shared the CPU
+#: by weight: beside a broadcast a reply's p99 was 1.26-1.37 times its p99 alone, under
+#: SCHED_IDLE 1.16-1.29 in the same hour (bench/THROUGHPUT.md, "Broadcasts", ninth run). A
+#: broadcast on a saturated machine therefore waits for it; it is never starved outright (an
+#: idle-class thread keeps a sliver of the CPU: its leases are renewed, its claims kept).
+IDLE_CLASS = True
 #: A child that died on its own is started again after this long, doubling up to RESTART_MAX
 #: while it keeps dying early (a broken deploy must not spin the CPU).
 RESTART_FIRST = 1.0
@@ -166,24 +175,28 @@ def become_child() -> None:
 
 
 def _lower_priority() -> None:
-    """Niceness +NICENESS for every thread of this process (see NICENESS for why). Linux keeps a
-    niceness per thread: `os.nice` sets this thread's, which the threads it starts inherit; the
-    threads already running (started while the app loaded) are set one by one."""
+    """Niceness +NICENESS and, on Linux, the SCHED_IDLE class for every thread of this process
+    (see NICENESS and IDLE_CLASS for why). Linux keeps both per thread: this thread's are set
+    first, and the threads it starts inherit them; the threads already running (started while the
+    app loaded) are set one by one. Lowering either needs no privilege."""
     try:
         os.nice(NICENESS)
     except OSError:  # not allowed here: it still runs, at the worker's priority
         log.warning("bulk process: could not lower its CPU priority")
         return
+    idle = IDLE_CLASS and hasattr(os, "SCHED_IDLE")
     target = os.getpriority(os.PRIO_PROCESS, 0)
     try:
         threads = [int(tid) for tid in os.listdir("/proc/self/task")]
     except OSError:  # no /proc: one niceness per process (this thread's is it)
         return
-    for tid in threads:
+    for tid in sorted(threads, key=lambda tid: tid != threading.get_native_id()):  # this one first
         try:
             if os.getpriority(os.PRIO_PROCESS, tid) < target:
                 os.setpriority(os.PRIO_PROCESS, tid, target)
-        except OSError:  # the thread ended meanwhile
+            if idle:
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:  # the thread ended meanwhile (or the class is refused: niceness holds)
             continue
 
 

@@ -5,6 +5,7 @@ time, and every recipient gets exactly one message (invariants 1, 2 and 16)."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import time
@@ -68,6 +69,15 @@ def alive(pid: int) -> bool:
 def thread_niceness(pid: int, tid: str) -> int:
     """A thread's niceness (field 19 of its /proc stat line)."""
     return int(Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def thread_policies(pid: int) -> set[int]:
+    """The scheduling classes of a process's threads (those that ended meanwhile left out)."""
+    policies = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            policies.add(os.sched_getscheduler(int(tid)))
+    return policies
 
 
 def bulk_child(stack: dict[str, Any]) -> int:
@@ -136,6 +146,10 @@ def test_a_broadcast_is_sent_by_the_bulk_process_while_the_worker_answers(config
         # Every thread of it, those that send included (Linux keeps a niceness per thread).
         assert {thread_niceness(child, tid) for tid in os.listdir(f"/proc/{child}/task")} == \
             {os.getpriority(os.PRIO_PROCESS, stack["worker_pid"]()) + 10}
+        # ... and the idle class (Linux: a CPU running only them is idle to a waking turn's thread),
+        # which the worker's own threads do not have.
+        assert thread_policies(child) == {os.SCHED_IDLE}
+        assert thread_policies(stack["worker_pid"]()) == {os.SCHED_OTHER}
 
         # A child that dies on its own is started again (its work is claims and sweeps: nothing lost).
         os.kill(child, signal.SIGKILL)
