@@ -46,9 +46,9 @@ NICENESS = 10
 #: On Linux the child's threads also run under SCHED_IDLE: they get a CPU the worker (and the
 #: web, PostgreSQL and Redis beside it on one machine) leaves idle, and the kernel counts a CPU
 #: running only them as idle when it places a waking thread, so a turn's or a reply's thread
-#: takes it at once instead of queueing behind a broadcast's send. Nice 10 still shared the CPU
-#: by weight: beside a broadcast a reply's p99 was 1.26-1.37 times its p99 alone, under
-#: SCHED_IDLE 1.16-1.29 in the same hour (bench/THROUGHPUT.md, "Broadcasts", ninth run). A
+#: takes it at once instead of queueing behind a broadcast's send. Nice 10 alone still shared the
+#: CPU by weight: beside a broadcast a reply's p99 was 1.21-1.56 times its p99 alone, under
+#: SCHED_IDLE 1.08-1.29, six runs each alternated (bench/THROUGHPUT.md, "Broadcasts", ninth run). A
 #: broadcast on a saturated machine therefore waits for it; it is never starved outright (an
 #: idle-class thread keeps a sliver of the CPU: its leases are renewed, its claims kept).
 IDLE_CLASS = True
