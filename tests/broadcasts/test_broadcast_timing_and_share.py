@@ -102,10 +102,11 @@ def test_a_broadcast_takes_at_most_its_share_of_the_senders_rate(app: Flask, cli
     assert len(arrivals) == 12
     # Five a second (half of ten): a sixth send never arrives within a second of the first of five.
     # Arrivals, not the slots themselves, are what the simulator sees: on a busy machine a send
-    # can reach it a little after its slot, so 0.8 s, well above the 0.5 s that ten a second
-    # (no share kept) would give.
+    # can reach it after its slot (in a clean-clone CI run the first of six arrived 0.24 s late:
+    # 0.76 s between them), so 0.7 s, still well above the 0.5 s that ten a second (no share
+    # kept) would give.
     for i in range(len(arrivals) - 5):
-        assert arrivals[i + 5] - arrivals[i] >= 0.8, f"broadcast sends {i}..{i + 5} within a second"
+        assert arrivals[i + 5] - arrivals[i] >= 0.7, f"broadcast sends {i}..{i + 5} within a second"
     assert arrivals[-1] - arrivals[0] >= 1.9  # twelve at five a second: three windows
     with app.app_context():
         limit = send_rate_limit()
