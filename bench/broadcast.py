@@ -206,6 +206,10 @@ def interleaved(stack: Stack, worker_pid: int, args: argparse.Namespace) -> dict
     p99 of each rests on rounds × rate × duration turns, taken alternately (a drift of the
     machine, a checkpoint, falls on both sides alike), not on one window each."""
     pooled: dict[str, list[float]] = {"alone": [], "beside": []}
+    # The same, over the rounds in which the host took no CPU from this machine on either side
+    # (steal, /proc/stat): one stall of the host delays every turn in flight by its length, and
+    # falls on whichever side was running (bench/THROUGHPUT.md, "Broadcasts", tenth run).
+    unstolen: dict[str, list[float]] = {"alone": [], "beside": []}
     per_round, sends, seconds = [], 0, 0.0
     for number in range(args.rounds):
         first = (number + 1) * 100_000  # past the single-window phases' contacts
@@ -218,24 +222,38 @@ def interleaved(stack: Stack, worker_pid: int, args: argparse.Namespace) -> dict
         drain = sends_per_second(stack.sim, *beside["window"])
         sends, seconds = sends + drain["sends"], seconds + drain["seconds"]
         time.sleep(3)
+        steal = {label: run["cores_during_load"].get("steal", 0.0) for label, run in (("alone", alone), ("beside", beside))}
         for label, run in (("alone", alone), ("beside", beside)):
-            pooled[label] += run.pop("reply_latencies_s")
+            latencies = run.pop("reply_latencies_s")
+            pooled[label] += latencies
+            if not any(steal.values()):
+                unstolen[label] += latencies
         per_round.append({**{label: run["reply_handed_to_twilio"]["latency"] for label, run in
-                             (("alone", alone), ("beside", beside))}, "broadcast_beside_turns": drain})
+                             (("alone", alone), ("beside", beside))}, "broadcast_beside_turns": drain,
+                          "steal_cores": steal,
+                          "slowest": {label: run["slowest"] for label, run in (("alone", alone), ("beside", beside))}})
         log(f"  round {number + 1}: reply p99 alone {per_round[-1]['alone']['p99_ms']} ms, "
             f"beside {per_round[-1]['beside']['p99_ms']} ms")
     stats = {label: summary(values) for label, values in pooled.items()}
-    ratio = (round(stats["beside"]["p99_ms"] / stats["alone"]["p99_ms"], 2)
-             if stats["alone"]["p99_ms"] and stats["beside"]["p99_ms"] else None)
+    ratio = p99_ratio(stats)
+    clean = {label: summary(values) for label, values in unstolen.items()} if unstolen["alone"] else None
     # Where the time went, pooled over the rounds too (the rounds' contacts are numbered from 100,000).
     segments = {label: reply_segments(stack.config["DATABASE_URL"], TURN_PREFIXES[label], stack.sim.timings,
                                       numbered_from=100_000) for label in pooled}
     return {"rounds": args.rounds, "round_duration_s": args.round_duration, "round_audience": args.round_audience,
             "pooled": stats, "reply_p99_ratio": ratio, "pooled_segments": segments,
+            "rounds_without_steal": sum(1 for r in per_round if not any(r["steal_cores"].values())),
+            "pooled_without_steal": clean, "reply_p99_ratio_without_steal": p99_ratio(clean) if clean else None,
             "broadcast_beside_turns": {"sends": sends, "seconds": round(seconds, 1),
                                        "per_second": round(sends / seconds, 1) if seconds else None,
                                        "target_per_second": round(args.rate * args.share, 1)},
             "per_round": per_round}
+
+
+def p99_ratio(stats: dict[str, Any]) -> float | None:
+    """Beside's p99 over alone's, to two places (None without both)."""
+    alone, beside = stats["alone"].get("p99_ms"), stats["beside"].get("p99_ms")
+    return round(beside / alone, 2) if alone and beside else None
 
 
 def turns(stack: Stack, label: str, rate: int, duration: float, drain_timeout: float,
@@ -256,7 +274,20 @@ def turns(stack: Stack, label: str, rate: int, duration: float, drain_timeout: f
             "reply_handed_to_twilio": {**end_to_end(samples, stack.sim.timings, duration), "drained": drained},
             "segments": reply_segments(stack.config["DATABASE_URL"], TURN_PREFIXES[label], stack.sim.timings),
             "reply_latencies_s": reply_latencies(samples, stack.sim.timings),
+            "slowest": slowest(samples, stack.sim.timings),
             "window": [min(s.scheduled for s in samples), max(s.done for s in samples)]}
+
+
+def slowest(samples: list[Any], timings: list[dict[str, Any]], count: int = 15) -> list[list[float]]:
+    """The `count` slowest replies: [when the inbound was due (epoch s), inbound → reply at the
+    simulator (ms), how late the load generator sent it (ms)]: whether a p99 rests on one stall
+    of the machine (clustered in time, the generator late too) or on many replies' own waits."""
+    created: dict[str, float] = {}
+    for t in timings:
+        created.setdefault(t["to"], t["received_at"])
+    found = sorted(((s.scheduled, created[s.key] - s.scheduled, s.started - s.scheduled)
+                    for s in samples if s.key in created), key=lambda item: -item[1])[:count]
+    return [[round(at, 3), round(took * 1000, 1), round(late * 1000, 1)] for at, took, late in found]
 
 
 def main(argv: list[str] | None = None) -> None:
