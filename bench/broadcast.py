@@ -408,6 +408,11 @@ def main(argv: list[str] | None = None) -> None:
                 log(f"{args.rounds} rounds of turns alone and beside a broadcast of {args.round_audience:,}")
                 results["interleaved"] = interleaved(stack, worker.pid, args)
             results["rss"] = rss.report()
+            if isinstance(sim, SimulatorProcess):
+                pauses = sim.pauses
+                results["simulator_gc_pauses"] = {
+                    "count": len(pauses), "max_ms": max((p[2] for p in pauses), default=None),
+                    "over_20_ms": sum(1 for p in pauses if p[2] > 20)}
     except BaseException as exc:
         results["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         Path(args.out).with_suffix(".partial.json").write_text(json.dumps(results, indent=2) + "\n")

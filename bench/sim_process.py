@@ -9,8 +9,10 @@ stand-in is one process, its own, here. The benchmark reads what it recorded ove
 """
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import threading
+import time
 from typing import Any
 
 
@@ -44,6 +46,11 @@ class SimulatorProcess:
         """Each webhook the simulator posted (status callbacks included), as `TwilioSimulator.webhooks`."""
         return self._ask("webhooks")
 
+    @property
+    def pauses(self) -> list[list[float]]:
+        """The child's garbage collections over 5 ms: [epoch s, generation, ms] each."""
+        return self._ask("pauses")
+
     def reset(self) -> None:
         """Forget what was recorded (as `TwilioSimulator.reset`)."""
         self._ask("reset")
@@ -60,10 +67,45 @@ class SimulatorProcess:
             self._process.kill()
 
 
+#: How often the child sets what it has recorded aside from the garbage collector (`_freezer`).
+FREEZE_EVERY_SECONDS = 1.0
+#: A collection longer than this is recorded (`pauses`).
+PAUSE_RECORDED_SECONDS = 0.005
+
+
+def _freezer(stop: threading.Event) -> None:
+    """Keep what the simulator records (every create, request and timing, tens of thousands of
+    dicts over a run, alive until `reset`) out of the garbage collector's scans: a full
+    collection over them stopped the stand-in for 50-150 ms, stamping every create arriving
+    meanwhile that much late, which a reply's latency then counted (bench/THROUGHPUT.md,
+    "Broadcasts", tenth run). Twilio's own pauses are not this server's."""
+    while not stop.wait(FREEZE_EVERY_SECONDS):
+        gc.freeze()
+
+
+def _pause_recorder(pauses: list[list[float]]) -> Any:
+    """A gc callback recording each collection over PAUSE_RECORDED_SECONDS: [epoch s, generation, ms]."""
+    started: dict[str, float] = {}
+
+    def record(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started["at"] = time.perf_counter()
+        elif "at" in started:
+            took = time.perf_counter() - started.pop("at")
+            if took > PAUSE_RECORDED_SECONDS:
+                pauses.append([round(time.time(), 3), info["generation"], round(took * 1000, 1)])
+
+    return record
+
+
 def _serve(conn: Any, options: dict[str, Any]) -> None:
     """The child: run the simulator, answer the parent's reads until told to stop."""
     from bot.devtools.simulator import TwilioSimulator
 
+    pauses: list[list[float]] = []
+    gc.callbacks.append(_pause_recorder(pauses))
+    stop = threading.Event()
+    threading.Thread(target=_freezer, args=(stop,), name="freezer", daemon=True).start()
     sim = TwilioSimulator(**options).start()
     conn.send(sim.url)
     while True:
@@ -76,8 +118,11 @@ def _serve(conn: Any, options: dict[str, Any]) -> None:
             conn.send(sim.timings)
         elif what == "webhooks":
             conn.send(sim.webhooks)
+        elif what == "pauses":
+            conn.send(list(pauses))
         elif what == "reset":
             sim.reset()
+            gc.unfreeze()  # what reset dropped can be collected again
             conn.send(None)
         elif what == "stop":
             sim.stop()
