@@ -32,6 +32,14 @@ def on_starting(server: Any) -> None:
     _clean(_directory)
 
 
+def post_worker_init(worker: Any) -> None:
+    """In each worker, once its app is loaded: what it loaded is left out of the garbage
+    collector's scans from now on (bot/heap.py)."""
+    from bot import heap
+
+    heap.freeze()
+
+
 def child_exit(server: Any, worker: Any) -> None:
     """In the master, after a worker exited: mark its files dead."""
     from prometheus_client import multiprocess

@@ -288,6 +288,15 @@ def start_bulk_process() -> None:
         bulk_process.on_consuming(_app.config)
 
 
+def freeze_heap() -> None:
+    """Last, once this process is a consumer: what it loaded to start is left out of the
+    garbage collector's scans from now on (bot/heap.py)."""
+    from bot import heap
+
+    heap.freeze()
+
+
 when_consuming(load_worker)
 when_consuming(warm_sender)
 when_consuming(start_bulk_process)
+when_consuming(freeze_heap)

@@ -24,7 +24,7 @@ from bot.extensions import db
 from bot.models import Message
 from tests.conftest import in_process_queue_options
 from tests.faults.test_broadcast_processes import wait_completed
-from tests.faults.test_processes import running_stack, wait_until
+from tests.faults.test_processes import FROZEN, running_stack, wait_until
 from tests.faults.test_worker_faults import AUTH, add_contacts, posts
 
 TEMPLATE = {"template": "order_update", "variables": {"1": "there", "2": "late opening"}}
@@ -115,6 +115,10 @@ def test_a_broadcast_is_sent_by_the_bulk_process_while_the_worker_answers(config
         # Once it is a consumer, it runs at a lower CPU priority than its worker.
         wait_until(lambda: os.getpriority(os.PRIO_PROCESS, child) - os.getpriority(os.PRIO_PROCESS, stack["worker_pid"]())
                    == 10, timeout=60, what="the bulk process to lower its priority")
+        # The worker and its bulk process each set what they loaded aside from the garbage
+        # collector once they consume (bot/heap.py): a line each.
+        wait_until(lambda: len(FROZEN.findall(stack["worker_log"]())) == 2, timeout=60,
+                   what="the worker and its bulk process to freeze what they loaded")
         # Its log lines are masked as the worker's (bot/logmask.py): huey names a task by its id,
         # here a phone number (running_stack's teardown also finds no full number in the log).
         tasks.send_message.schedule(args=("no-such-message",), delay=0, id="+15550001234",

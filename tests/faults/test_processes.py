@@ -70,7 +70,8 @@ def running_stack(base_config: dict[str, Any], tmp_path: Path, **simulator_optio
     """release, then web + worker from the Procfile, against a simulator that calls back.
 
     Yields the web's base URL, the simulator, and controls for the worker: `stop_worker(sig)`
-    (SIGTERM by default, as a deploy does; returns the exit code), `start_worker()`, `worker_log()`.
+    (SIGTERM by default, as a deploy does; returns the exit code), `start_worker()`, `worker_log()`;
+    and `web_log()`.
     """
     port = free_port()
     webhook_url = f"http://127.0.0.1:{port}/twilio/webhook"
@@ -112,6 +113,7 @@ def running_stack(base_config: dict[str, Any], tmp_path: Path, **simulator_optio
         wait_until(lambda: _healthy(base), what="gunicorn to answer /healthz")
         yield {"base": base, "simulator": simulator, "stop_worker": stop_worker, "start_worker": start_worker,
                "worker_log": lambda: (tmp_path / "worker.log").read_text(),
+               "web_log": lambda: (tmp_path / "web.log").read_text(),
                "worker_pid": lambda: processes["worker"].pid}
     finally:
         for process in processes.values():
@@ -253,3 +255,18 @@ def test_a_timeout_is_not_lost_when_the_worker_restarts(stack, app):
     assert expired["outcome"]["answer"] == "no_response"
     nudge = simulator.wait_for_messages(3, timeout=20)[-1]
     assert nudge["to"] == "whatsapp:" + phone and "16:00" in nudge["body"]
+
+
+FROZEN = re.compile(r"(\d+) objects left out of the garbage collector's scans")
+
+
+def test_each_server_process_sets_what_it_loaded_aside_from_the_garbage_collector(stack):
+    """bot/heap.py: the worker once it consumes, each of gunicorn's workers once its app is loaded
+    (the Procfile's lines as they are: nothing of the test's own tells them to)."""
+    worker = wait_until(lambda: FROZEN.findall(stack["worker_log"]()), timeout=60,
+                        what="the worker to freeze what it loaded")
+    web = wait_until(lambda: len(FROZEN.findall(stack["web_log"]())) >= 2 and FROZEN.findall(stack["web_log"]()),
+                     timeout=60, what="both gunicorn workers (WEB_CONCURRENCY=2) to freeze theirs")
+    # Once per process, and what a started process holds: modules, classes, mappers, the SDKs.
+    assert len(worker) == 1 and len(web) == 2
+    assert min(int(count) for count in worker + web) > 20_000
