@@ -2,11 +2,11 @@
 
 CPython's cyclic collector walks every tracked object of a generation it collects, and the
 oldest generation holds everything a process loaded to start: modules, classes, SQLAlchemy's
-mappers and compiled statements, the SDKs, phonenumbers' metadata, about 100,000-160,000
-objects in the worker. A full collection stopped every thread of the worker for 90-130 ms on a
-2-core machine, several times a minute in the bulk process and now and then in the worker, and
-each time the turns and replies in flight waited that long: the slowest replies of a
-benchmark round came in runs of a few, 50 ms apart, each behind one such pause
+mappers and compiled statements, the SDKs, phonenumbers' metadata, 160,000-180,000 objects in
+the worker and its bulk process. A full collection stopped every thread of a process for 90-130
+ms on a 2-core machine: about once a second in a bulk process expanding a broadcast, now and
+then in the worker, where the turns and replies in flight waited it out: the slowest replies of
+a benchmark round came in runs of a few, 50 ms apart, each behind one such pause
 (bench/THROUGHPUT.md, "Broadcasts", tenth run). `gc.freeze()` moves what exists once a process is
 ready into a permanent generation that no collection scans, after one last full collection so
 that nothing frozen is garbage; what the process allocates afterwards is collected as before.
