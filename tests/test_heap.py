@@ -37,7 +37,9 @@ def test_freeze_collects_first_then_sets_aside_everything_alive(frozen):
     before = cycle()
     count = heap.freeze()
     assert before() is None  # garbage at the freeze was collected, not frozen for good
-    assert count == gc.get_freeze_count() > 10_000  # this process's modules and objects
+    # This process's modules and objects; frozen ones a reference count frees still leave the
+    # permanent generation (a log record's, say), so the count read afterwards may be a few lower.
+    assert count > 10_000 and gc.get_freeze_count() > count * 0.99
 
 
 def test_what_a_process_allocates_after_the_freeze_is_still_collected(frozen):
