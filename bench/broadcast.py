@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import throughput  # noqa: E402
 from throughput import (ACCOUNT_SID, API_TOKEN, AUTH_TOKEN, SENDER, Processes, RssSampler, clean_redis,  # noqa: E402
-                        cpu_snapshot, cpu_split, end_to_end, free_port, inbound_form, load_stats, log, machine_info,
-                        open_loop, process_tree, procfile, procfile_env, recreate_database, rss_kib, seed_contacts,
+                        cpu_snapshot, cpu_split, end_to_end, first_creates, free_port, inbound_form, load_stats, log,
+                        machine_info, open_loop, process_tree, procfile, procfile_env, recreate_database, rss_kib, seed_contacts,
                         signed_form, start_procfile, summary, terminate_on_sigterm, wait_for_creates, wait_for_quiet,
                         Stack)
 
@@ -177,9 +177,7 @@ def reply_segments(database_url: str, prefix: str, timings: list[dict[str, Any]]
             "WHERE i.direction = 'inbound' AND c.phone LIKE :prefix GROUP BY c.phone, i.created_at"),
             {"prefix": prefix + "%"}).all()
     engine.dispose()
-    created = {}
-    for t in timings:
-        created.setdefault(t["to"], t["received_at"])
+    created = first_creates(timings)
     epoch = lambda naive: naive.replace(tzinfo=timezone.utc).timestamp()  # noqa: E731
     to_turn, to_twilio = [], []
     for phone, inbound, reply in rows:
@@ -194,9 +192,7 @@ def reply_segments(database_url: str, prefix: str, timings: list[dict[str, Any]]
 
 def reply_latencies(samples: list[Any], timings: list[dict[str, Any]]) -> list[float]:
     """Each request's inbound → reply-at-the-simulator time, in seconds (as end_to_end counts it)."""
-    created: dict[str, float] = {}
-    for t in timings:
-        created.setdefault(t["to"], t["received_at"])
+    created = first_creates(timings)
     return [created[s.key] - s.scheduled for s in samples if s.key in created]
 
 
@@ -270,11 +266,13 @@ def turns(stack: Stack, label: str, rate: int, duration: float, drain_timeout: f
     samples = open_loop(rate, duration, make)
     cores = cpu_split(cpu_before, cpu_snapshot(stack), time.monotonic() - started)
     drained = wait_for_creates(stack.sim, {s.key for s in samples if s.status == 200}, drain_timeout)
+    # Read once: from the stand-in's process each read copies every create of the run over a pipe.
+    timings = stack.sim.timings
     return {"cores_during_load": cores, "inbound_webhook": load_stats(samples, rate, duration, 200),
-            "reply_handed_to_twilio": {**end_to_end(samples, stack.sim.timings, duration), "drained": drained},
-            "segments": reply_segments(stack.config["DATABASE_URL"], TURN_PREFIXES[label], stack.sim.timings),
-            "reply_latencies_s": reply_latencies(samples, stack.sim.timings),
-            "slowest": slowest(samples, stack.sim.timings),
+            "reply_handed_to_twilio": {**end_to_end(samples, timings, duration), "drained": drained},
+            "segments": reply_segments(stack.config["DATABASE_URL"], TURN_PREFIXES[label], timings),
+            "reply_latencies_s": reply_latencies(samples, timings),
+            "slowest": slowest(samples, timings),
             "window": [min(s.scheduled for s in samples), max(s.done for s in samples)]}
 
 
@@ -282,9 +280,7 @@ def slowest(samples: list[Any], timings: list[dict[str, Any]], count: int = 15) 
     """The `count` slowest replies: [when the inbound was due (epoch s), inbound → reply at the
     simulator (ms), how late the load generator sent it (ms)]: whether a p99 rests on one stall
     of the machine (clustered in time, the generator late too) or on many replies' own waits."""
-    created: dict[str, float] = {}
-    for t in timings:
-        created.setdefault(t["to"], t["received_at"])
+    created = first_creates(timings)
     found = sorted(((s.scheduled, created[s.key] - s.scheduled, s.started - s.scheduled)
                     for s in samples if s.key in created), key=lambda item: -item[1])[:count]
     return [[round(at, 3), round(took * 1000, 1), round(late * 1000, 1)] for at, took, late in found]

@@ -350,6 +350,14 @@ def load_stats(samples: list[Sample], rate: float, duration: float, ok_status: i
     }
 
 
+def first_creates(timings: list[dict[str, Any]]) -> dict[str, float]:
+    """Each recipient's first create at the simulator: when it arrived (its own clock)."""
+    first: dict[str, float] = {}
+    for t in timings:
+        first.setdefault(t["to"], t["received_at"])
+    return first
+
+
 def end_to_end(samples: list[Sample], timings: list[dict[str, Any]], duration: float) -> dict[str, Any]:
     """Match each request to the first create for its recipient at the simulator.
 
@@ -357,9 +365,7 @@ def end_to_end(samples: list[Sample], timings: list[dict[str, Any]], duration: f
     they left (messages / time from the first scheduled request to the last create), and how long
     after the load stopped the last one left (the backlog the load built up).
     """
-    first_create: dict[str, float] = {}
-    for t in timings:
-        first_create.setdefault(t["to"], t["received_at"])
+    first_create = first_creates(timings)
     matched = [(s, first_create[s.key]) for s in samples if s.key in first_create]
     start = min(s.scheduled for s in samples)
     end_of_load = start + duration
