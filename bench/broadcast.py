@@ -300,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--simulator-in-process", action="store_true",
                         help="run the Twilio simulator in this process, as runs before 2026-12-07 did "
                              "(default: a process of its own, bench/sim_process.py)")
+    parser.add_argument("--keep-alive", action="store_true",
+                        help="the simulator's API keeps connections open, as Twilio's does (waitress, "
+                             "bench/sim_process.py; default: werkzeug's server, one connection per create)")
     parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/bench",
                         help="a dedicated database: it is DROPPED and recreated")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/5")
@@ -326,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         "audience": args.audience, "small_audience": args.small_audience, "rate": args.rate, "share": args.share,
         "turn_rate": args.turn_rate, "duration_s": args.duration, "latency_ms": args.latency_ms,
         "status_callbacks": args.callbacks, "simulator_in_process": args.simulator_in_process,
+        "simulator_keep_alive": args.keep_alive,
         "tree": str(Path(args.tree).resolve()) if args.tree else str(ROOT),
         "procfile": procfile(), "environment": dict(
             item.split("=", 1) for item in args.settings)}}
@@ -334,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     sim_options = {"account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN, "webhook_url": webhook,
                    "auto_callbacks": args.callbacks, "callback_delay": 0.5, "latency": args.latency_ms / 1000}
     sim: Any = (TwilioSimulator(**sim_options).start() if args.simulator_in_process
-                else SimulatorProcess(**sim_options))
+                else SimulatorProcess(keep_alive=args.keep_alive, **sim_options))
     config = {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_WHATSAPP_NUMBER": SENDER,
               "TWILIO_WEBHOOK_URL": webhook, "TWILIO_API_URL": sim.url, "NOTIFY_API_TOKEN": API_TOKEN,
               "DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url, "QUEUE_NAME": queue,

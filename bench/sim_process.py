@@ -21,11 +21,14 @@ class SimulatorProcess:
     `reset()` and `stop()` as the in-process object offers them (what bench/broadcast.py and
     bench/throughput.py's `--simulator-process` use)."""
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, keep_alive: bool = False, **options: Any) -> None:
+        """Start the child with `TwilioSimulator(**options)`; with `keep_alive`, its API is served
+        by waitress, which keeps connections open as Twilio's API does (`_keep_alive_url`)."""
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self._lock = threading.Lock()
-        self._process = context.Process(target=_serve, args=(child, options), name="twilio-simulator", daemon=True)
+        self._process = context.Process(target=_serve, args=(child, options, keep_alive), name="twilio-simulator",
+                                        daemon=True)
         self._process.start()
         child.close()
         self.url: str = self._conn.recv()
@@ -98,7 +101,28 @@ def _pause_recorder(pauses: list[list[float]]) -> Any:
     return record
 
 
-def _serve(conn: Any, options: dict[str, Any]) -> None:
+#: waitress's threads for the API with `keep_alive`: each create holds one for the simulated
+#: latency (150 ms), and 80 creates a second then hold about 12.
+KEEP_ALIVE_THREADS = 48
+
+
+def _keep_alive_url(sim: Any) -> str:
+    """Serve the simulator's API again, from waitress on a port of its own, and return that URL.
+
+    werkzeug's development server (what `TwilioSimulator.start` runs, and every test uses) ends
+    every connection after its answer: each create then costs both sides a connect and a close,
+    and the simulator a new thread, which Twilio's API (keep-alive) does not make the worker pay.
+    The werkzeug server stays up (the simulator's other parts start with it); only this URL is
+    handed out."""
+    from waitress.server import create_server
+
+    server = create_server(sim._wsgi_app, host="127.0.0.1", port=0, threads=KEEP_ALIVE_THREADS,
+                           connection_limit=500, channel_timeout=300, ident="twilio-simulator")
+    threading.Thread(target=server.run, name="waitress", daemon=True).start()
+    return f"http://127.0.0.1:{server.effective_port}"
+
+
+def _serve(conn: Any, options: dict[str, Any], keep_alive: bool = False) -> None:
     """The child: run the simulator, answer the parent's reads until told to stop."""
     from bot.devtools.simulator import TwilioSimulator
 
@@ -107,7 +131,7 @@ def _serve(conn: Any, options: dict[str, Any]) -> None:
     stop = threading.Event()
     threading.Thread(target=_freezer, args=(stop,), name="freezer", daemon=True).start()
     sim = TwilioSimulator(**options).start()
-    conn.send(sim.url)
+    conn.send(_keep_alive_url(sim) if keep_alive else sim.url)
     while True:
         try:
             what = conn.recv()
