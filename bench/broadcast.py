@@ -107,6 +107,46 @@ class Peak(threading.Thread):
         return round(self.peak, 1)
 
 
+class DiskFlushProbe(threading.Thread):
+    """Writes 8 KiB to a file and flushes it to disk (`fdatasync`) every 50 ms, keeping each
+    flush over STALL_MS: a stall of the machine's disk, which every commit waits out too (each
+    turn commits three times, PostgreSQL flushing its log each time). On 2026-12-07 the slowest
+    replies of a round that were no collection and no steal matched these stalls to within 50
+    ms: flushes of 98-161 ms, replies of 190-251 ms (bench/THROUGHPUT.md, "Broadcasts", eleventh
+    run). The file lies in the run's workdir (on this machine the disk of PostgreSQL's log too)."""
+
+    STALL_MS = 50.0
+    EVERY_S = 0.05
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(daemon=True, name="disk-flush-probe")
+        self.path, self.stalls, self._done = directory / "flush-probe", [], threading.Event()
+
+    def run(self) -> None:
+        import os
+
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while not self._done.wait(self.EVERY_S):
+                started = time.time()
+                os.pwrite(fd, b"x" * 8192, 0)
+                os.fdatasync(fd)
+                took_ms = (time.time() - started) * 1000
+                if took_ms > self.STALL_MS:
+                    self.stalls.append([round(started, 3), round(took_ms, 1)])
+        finally:
+            os.close(fd)
+
+    def between(self, since: float, until: float) -> list[list[float]]:
+        """The stalls that began in [since - 1 s, until]: [epoch s, ms] each (a stall begun just
+        before a window still holds up the window's first commits)."""
+        return [stall for stall in list(self.stalls) if since - 1 <= stall[0] <= until]
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(5)
+
+
 def headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_TOKEN}"}
 
@@ -196,7 +236,8 @@ def reply_latencies(samples: list[Any], timings: list[dict[str, Any]]) -> list[f
     return [created[s.key] - s.scheduled for s in samples if s.key in created]
 
 
-def interleaved(stack: Stack, worker_pid: int, args: argparse.Namespace) -> dict[str, Any]:
+def interleaved(stack: Stack, worker_pid: int, args: argparse.Namespace,
+                probe: DiskFlushProbe | None = None) -> dict[str, Any]:
     """`--rounds` of: turns alone, then a broadcast of `--round-audience` (expanded, at its pace),
     turns beside it, the broadcast canceled. The rounds' latencies are pooled per side, so the
     p99 of each rests on rounds × rate × duration turns, taken alternately (a drift of the
@@ -206,33 +247,42 @@ def interleaved(stack: Stack, worker_pid: int, args: argparse.Namespace) -> dict
     # (steal, /proc/stat): one stall of the host delays every turn in flight by its length, and
     # falls on whichever side was running (bench/THROUGHPUT.md, "Broadcasts", tenth run).
     unstolen: dict[str, list[float]] = {"alone": [], "beside": []}
+    # The same over the rounds with neither steal nor a stall of the disk's flushes (`probe`):
+    # a stall holds up every commit, so every turn in flight, on whichever side it falls.
+    undisturbed: dict[str, list[float]] = {"alone": [], "beside": []}
     per_round, sends, seconds = [], 0, 0.0
     for number in range(args.rounds):
         first = (number + 1) * 100_000  # past the single-window phases' contacts
         wait_for_quiet(timeout=15)
-        alone = turns(stack, "alone", args.turn_rate, args.round_duration, args.drain_timeout, first=first)
+        alone = turns(stack, "alone", args.turn_rate, args.round_duration, args.drain_timeout, first=first,
+                      probe=probe)
         big = broadcast(stack, worker_pid, args.round_audience)
         time.sleep(5)  # its sends reach their pace
-        beside = turns(stack, "beside", args.turn_rate, args.round_duration, args.drain_timeout, first=first)
+        beside = turns(stack, "beside", args.turn_rate, args.round_duration, args.drain_timeout, first=first,
+                       probe=probe)
         requests.post(big["url"] + "/cancel", headers=headers(), timeout=60)
         drain = sends_per_second(stack.sim, *beside["window"])
         sends, seconds = sends + drain["sends"], seconds + drain["seconds"]
         time.sleep(3)
         steal = {label: run["cores_during_load"].get("steal", 0.0) for label, run in (("alone", alone), ("beside", beside))}
+        stalls = {label: run["disk_flush_stalls"] for label, run in (("alone", alone), ("beside", beside))}
         for label, run in (("alone", alone), ("beside", beside)):
             latencies = run.pop("reply_latencies_s")
             pooled[label] += latencies
             if not any(steal.values()):
                 unstolen[label] += latencies
+                if probe is not None and not any(stalls.values()):
+                    undisturbed[label] += latencies
         per_round.append({**{label: run["reply_handed_to_twilio"]["latency"] for label, run in
                              (("alone", alone), ("beside", beside))}, "broadcast_beside_turns": drain,
-                          "steal_cores": steal,
+                          "steal_cores": steal, "disk_flush_stalls": stalls,
                           "slowest": {label: run["slowest"] for label, run in (("alone", alone), ("beside", beside))}})
         log(f"  round {number + 1}: reply p99 alone {per_round[-1]['alone']['p99_ms']} ms, "
             f"beside {per_round[-1]['beside']['p99_ms']} ms")
     stats = {label: summary(values) for label, values in pooled.items()}
     ratio = p99_ratio(stats)
     clean = {label: summary(values) for label, values in unstolen.items()} if unstolen["alone"] else None
+    calm = {label: summary(values) for label, values in undisturbed.items()} if undisturbed["alone"] else None
     # Where the time went, pooled over the rounds too (the rounds' contacts are numbered from 100,000).
     segments = {label: reply_segments(stack.config["DATABASE_URL"], TURN_PREFIXES[label], stack.sim.timings,
                                       numbered_from=100_000) for label in pooled}
@@ -240,6 +290,9 @@ def interleaved(stack: Stack, worker_pid: int, args: argparse.Namespace) -> dict
             "pooled": stats, "reply_p99_ratio": ratio, "pooled_segments": segments,
             "rounds_without_steal": sum(1 for r in per_round if not any(r["steal_cores"].values())),
             "pooled_without_steal": clean, "reply_p99_ratio_without_steal": p99_ratio(clean) if clean else None,
+            "rounds_undisturbed": sum(1 for r in per_round if not any(r["steal_cores"].values())
+                                      and probe is not None and not any(r["disk_flush_stalls"].values())),
+            "pooled_undisturbed": calm, "reply_p99_ratio_undisturbed": p99_ratio(calm) if calm else None,
             "broadcast_beside_turns": {"sends": sends, "seconds": round(seconds, 1),
                                        "per_second": round(sends / seconds, 1) if seconds else None,
                                        "target_per_second": round(args.rate * args.share, 1)},
@@ -253,9 +306,9 @@ def p99_ratio(stats: dict[str, Any]) -> float | None:
 
 
 def turns(stack: Stack, label: str, rate: int, duration: float, drain_timeout: float,
-          first: int = 0) -> dict[str, Any]:
+          first: int = 0, probe: DiskFlushProbe | None = None) -> dict[str, Any]:
     """Signed inbound 'feedback' from distinct opted-in contacts (numbered from `first`); each
-    reply matched at the simulator."""
+    reply matched at the simulator; with `probe`, the disk's flush stalls meanwhile."""
     phones = [f"{TURN_PREFIXES[label]}{i:07d}" for i in range(first, first + int(rate * duration))]
     seed_contacts(stack.config["DATABASE_URL"], phones)
 
@@ -273,6 +326,7 @@ def turns(stack: Stack, label: str, rate: int, duration: float, drain_timeout: f
             "segments": reply_segments(stack.config["DATABASE_URL"], TURN_PREFIXES[label], timings),
             "reply_latencies_s": reply_latencies(samples, timings),
             "slowest": slowest(samples, timings),
+            "disk_flush_stalls": probe.between(min(s.scheduled for s in samples), time.time()) if probe else None,
             "window": [min(s.scheduled for s in samples), max(s.done for s in samples)]}
 
 
@@ -300,9 +354,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--simulator-in-process", action="store_true",
                         help="run the Twilio simulator in this process, as runs before 2026-12-07 did "
                              "(default: a process of its own, bench/sim_process.py)")
-    parser.add_argument("--keep-alive", action="store_true",
-                        help="the simulator's API keeps connections open, as Twilio's does (waitress, "
-                             "bench/sim_process.py; default: werkzeug's server, one connection per create)")
+    parser.add_argument("--no-keep-alive", dest="keep_alive", action="store_false",
+                        help="the simulator's API on werkzeug's server, one connection per create, as runs "
+                             "before 2026-12-07's eleventh did (default: waitress, which keeps connections "
+                             "open as Twilio's API does; bench/sim_process.py)")
+    parser.add_argument("--simulator-nice", type=int, default=-10,
+                        help="the simulator's niceness (default -10, when allowed: Twilio stamps a create "
+                             "when it arrives, not when our load lets it; its CPU still comes off these cores)")
     parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/bench",
                         help="a dedicated database: it is DROPPED and recreated")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/5")
@@ -338,7 +396,8 @@ def main(argv: list[str] | None = None) -> None:
     sim_options = {"account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN, "webhook_url": webhook,
                    "auto_callbacks": args.callbacks, "callback_delay": 0.5, "latency": args.latency_ms / 1000}
     sim: Any = (TwilioSimulator(**sim_options).start() if args.simulator_in_process
-                else SimulatorProcess(keep_alive=args.keep_alive, **sim_options))
+                else SimulatorProcess(keep_alive=args.keep_alive, nice=args.simulator_nice, **sim_options))
+    results["settings"]["simulator_niceness"] = getattr(sim, "niceness", None)
     config = {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_WHATSAPP_NUMBER": SENDER,
               "TWILIO_WEBHOOK_URL": webhook, "TWILIO_API_URL": sim.url, "NOTIFY_API_TOKEN": API_TOKEN,
               "DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url, "QUEUE_NAME": queue,
@@ -351,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     env = procfile_env(config, port, {**tree, **dict(item.split("=", 1) for item in args.settings)})
     processes = Processes(workdir)
     rss = RssSampler()
+    probe = DiskFlushProbe(workdir)
+    probe.start()
     stack = Stack(base=base, webhook=webhook, config=config, env=env, sim=sim, processes=processes, rss=rss)
     try:
         with terminate_on_sigterm():
@@ -361,7 +422,8 @@ def main(argv: list[str] | None = None) -> None:
 
             log(f"turns alone at {args.turn_rate}/s for {args.duration:.0f} s")
             wait_for_quiet(timeout=15)
-            results["turns_alone"] = turns(stack, "alone", args.turn_rate, args.duration, args.drain_timeout)
+            results["turns_alone"] = turns(stack, "alone", args.turn_rate, args.duration, args.drain_timeout,
+                                           probe=probe)
 
             if args.small_audience:
                 log(f"a broadcast to {args.small_audience:,}")
@@ -388,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
                                         for part, cores in drain["cores"].items()
                                         if part not in ("machine", "steal") and drain["sends"]}
             log(f"turns at {args.turn_rate}/s beside it")
-            beside = turns(stack, "beside", args.turn_rate, args.duration, args.drain_timeout)
+            beside = turns(stack, "beside", args.turn_rate, args.duration, args.drain_timeout, probe=probe)
             window = beside.pop("window")
             results["turns_beside_the_broadcast"] = beside
             results["broadcast"]["drain_beside_turns"] = sends_per_second(sim, window[0], window[1])
@@ -406,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
                 results[run].pop("reply_latencies_s", None)
             if args.rounds:
                 log(f"{args.rounds} rounds of turns alone and beside a broadcast of {args.round_audience:,}")
-                results["interleaved"] = interleaved(stack, worker.pid, args)
+                results["interleaved"] = interleaved(stack, worker.pid, args, probe)
             results["rss"] = rss.report()
             if isinstance(sim, SimulatorProcess):
                 pauses = sim.pauses
@@ -418,6 +480,8 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).with_suffix(".partial.json").write_text(json.dumps(results, indent=2) + "\n")
         raise
     finally:
+        probe.stop()
+        results["disk_flush_stalls"] = probe.stalls
         rss.stop()
         processes.stop_all()
         sim.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import os
 import threading
 import time
 from typing import Any
@@ -21,17 +22,21 @@ class SimulatorProcess:
     `reset()` and `stop()` as the in-process object offers them (what bench/broadcast.py and
     bench/throughput.py's `--simulator-process` use)."""
 
-    def __init__(self, keep_alive: bool = False, **options: Any) -> None:
+    def __init__(self, keep_alive: bool = False, nice: int = 0, **options: Any) -> None:
         """Start the child with `TwilioSimulator(**options)`; with `keep_alive`, its API is served
-        by waitress, which keeps connections open as Twilio's API does (`_keep_alive_url`)."""
+        by waitress, which keeps connections open as Twilio's API does (`_keep_alive_url`).
+        `nice`: the child's niceness, below 0 only with the privilege (else it stays at 0);
+        `niceness` says which it got."""
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self._lock = threading.Lock()
-        self._process = context.Process(target=_serve, args=(child, options, keep_alive), name="twilio-simulator",
-                                        daemon=True)
+        self._process = context.Process(target=_serve, args=(child, options, keep_alive, nice),
+                                        name="twilio-simulator", daemon=True)
         self._process.start()
         child.close()
-        self.url: str = self._conn.recv()
+        self.url: str
+        self.niceness: int
+        self.url, self.niceness = self._conn.recv()
         self.pid = self._process.pid
 
     def _ask(self, what: str) -> Any:
@@ -122,16 +127,20 @@ def _keep_alive_url(sim: Any) -> str:
     return f"http://127.0.0.1:{server.effective_port}"
 
 
-def _serve(conn: Any, options: dict[str, Any], keep_alive: bool = False) -> None:
+def _serve(conn: Any, options: dict[str, Any], keep_alive: bool = False, nice: int = 0) -> None:
     """The child: run the simulator, answer the parent's reads until told to stop."""
     from bot.devtools.simulator import TwilioSimulator
 
+    try:
+        os.nice(nice)
+    except PermissionError:  # a negative niceness needs CAP_SYS_NICE: the stand-in stays at 0
+        pass
     pauses: list[list[float]] = []
     gc.callbacks.append(_pause_recorder(pauses))
     stop = threading.Event()
     threading.Thread(target=_freezer, args=(stop,), name="freezer", daemon=True).start()
     sim = TwilioSimulator(**options).start()
-    conn.send(_keep_alive_url(sim) if keep_alive else sim.url)
+    conn.send((_keep_alive_url(sim) if keep_alive else sim.url, os.nice(0)))
     while True:
         try:
             what = conn.recv()
