@@ -56,6 +56,13 @@ IDLE_SECONDS = 10.0
 SCHEDULED_TURN_SECONDS = 30.0
 #: A chain that has not turned for this long is lost: the sweep starts a new one.
 LOST_AFTER = timedelta(seconds=90)
+#: A live chain marks the broadcast's row (`pumped_at`) this often, not at every step: the mark
+#: only has to stay well inside LOST_AFTER, and writing it ten times a second was a row version
+#: and a statement each step (bot/broadcasts/pump.py's steps are most of a broadcast's statements).
+HEARTBEAT = timedelta(seconds=5)
+#: Stragglers (`_kick_stragglers`) are looked for this often, not at every step: a message is
+#: one only STRAGGLER_AFTER after its release.
+STRAGGLER_CHECK_SECONDS = 1.0
 
 #: How a turn schedules the next: set by bot.delivery.tasks, (broadcast id, token, delay seconds,
 #: ahead of the broadcast's sends or behind them).
@@ -93,8 +100,12 @@ def pump(broadcast_id: str, token: str | None = None) -> str:
     window topped up every STEP_SECONDS), then the next turn is scheduled while there is work.
     Returns what it did last (for logs and tests)."""
     deadline = time.monotonic() + TURN_SECONDS
+    next_check = 0.0  # stragglers: looked for at a turn's first step, then every STRAGGLER_CHECK_SECONDS
     while True:
-        did, token, delay = _step(broadcast_id, token)
+        check = time.monotonic() >= next_check
+        did, token, delay = _step(broadcast_id, token, stragglers=check)
+        if check:
+            next_check = time.monotonic() + STRAGGLER_CHECK_SECONDS
         if token is None:
             return did
         if time.monotonic() + delay >= deadline or is_stopping():
@@ -106,9 +117,10 @@ def pump(broadcast_id: str, token: str | None = None) -> str:
         time.sleep(delay)
 
 
-def _step(broadcast_id: str, token: str | None) -> tuple[str, str | None, float]:
-    """One locked step: expand a batch, top the window up, or complete. Returns what it did, the
-    chain's token (None: the chain ends here) and how long until the next step."""
+def _step(broadcast_id: str, token: str | None, stragglers: bool = True) -> tuple[str, str | None, float]:
+    """One locked step: expand a batch, top the window up (and with `stragglers`, enqueue again
+    what no batch took along), or complete. Returns what it did, the chain's token (None: the
+    chain ends here) and how long until the next step."""
     broadcast = _locked(broadcast_id)
     now = utcnow()
     if broadcast is None or broadcast.state not in LIVE_BROADCAST:
@@ -118,8 +130,9 @@ def _step(broadcast_id: str, token: str | None) -> tuple[str, str | None, float]
     if token != broadcast.pump_token and broadcast.pump_token is not None and alive:
         db.session.rollback()
         return "another chain", None, 0.0
-    token = token if token == broadcast.pump_token and token is not None else new_id()
-    broadcast.pump_token, broadcast.pumped_at = token, now
+    if token != broadcast.pump_token or token is None or not alive or now - broadcast.pumped_at >= HEARTBEAT:
+        token = token if token == broadcast.pump_token and token is not None else new_id()
+        broadcast.pump_token, broadcast.pumped_at = token, now
     if broadcast.state == BroadcastState.SCHEDULED:
         if broadcast.send_at is not None and broadcast.send_at > now:
             db.session.commit()
@@ -134,7 +147,7 @@ def _step(broadcast_id: str, token: str | None) -> tuple[str, str | None, float]
             # The listed audience is resolved: its copy as listed is not needed any more.
             db.session.execute(sa.delete(BroadcastTarget).where(BroadcastTarget.broadcast_id == broadcast.id))
     released = release(broadcast, now)
-    if did == BroadcastState.SENDING:
+    if did == BroadcastState.SENDING and stragglers:
         _kick_stragglers(broadcast.id, now)
     if broadcast.state == BroadcastState.SENDING and released == 0 and _finished(broadcast):
         _end(broadcast, BroadcastState.COMPLETED, now)
