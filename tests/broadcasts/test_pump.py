@@ -33,20 +33,23 @@ def _broadcast_to(client: FlaskClient, auth: dict, count: int) -> str:
     return accepted.get_json()["id"]
 
 
-def _expand(broadcast_id: str) -> str:
+def _released(app: Flask, client: FlaskClient, auth: dict, app_clock: AppClock, count: int) -> tuple[str, str]:  # noqa: F811
+    """At NOON, a broadcast to `count` users, stepped by hand until its messages are released:
+    (its id, the chain's token)."""
+    app_clock.set(NOON)
+    broadcast_id = _broadcast_to(client, auth, count)
     token = None
-    while True:
-        did, token, _ = pump._step(broadcast_id, token)
-        if did != "expanding":
-            return token
+    with app.app_context():
+        while True:
+            did, token, _ = pump._step(broadcast_id, token)
+            if did != "expanding":
+                return broadcast_id, token
 
 
 def test_a_chain_marks_its_broadcast_at_its_heartbeat_not_at_every_step(
         app: Flask, client: FlaskClient, auth: dict, twilio: TwilioSimulator, app_clock: AppClock) -> None:  # noqa: F811
-    app_clock.set(NOON)
-    broadcast_id = _broadcast_to(client, auth, 3)
+    broadcast_id, token = _released(app, client, auth, app_clock, 3)
     with app.app_context():
-        token = _expand(broadcast_id)
         marked = db.session.get(Broadcast, broadcast_id)
         assert (marked.pump_token, marked.pumped_at) == (token, NOON)
         app_clock.set(NOON + pump.HEARTBEAT - timedelta(seconds=1))
@@ -64,10 +67,8 @@ def test_a_chain_marks_its_broadcast_at_its_heartbeat_not_at_every_step(
 
 def test_stragglers_are_looked_for_when_a_step_is_asked_to_and_then_sent_once(
         app: Flask, client: FlaskClient, auth: dict, twilio: TwilioSimulator, app_clock: AppClock) -> None:  # noqa: F811
-    app_clock.set(NOON)
-    broadcast_id = _broadcast_to(client, auth, 3)
+    broadcast_id, token = _released(app, client, auth, app_clock, 3)
     with app.app_context():
-        token = _expand(broadcast_id)
         released = db.session.scalar(sa.select(sa.func.count()).select_from(Message)
                                      .where(Message.broadcast_id == broadcast_id))
         assert released == 3
