@@ -57,8 +57,9 @@ SCHEDULED_TURN_SECONDS = 30.0
 #: A chain that has not turned for this long is lost: the sweep starts a new one.
 LOST_AFTER = timedelta(seconds=90)
 #: A live chain marks the broadcast's row (`pumped_at`) this often, not at every step: the mark
-#: only has to stay well inside LOST_AFTER, and writing it ten times a second was a row version
-#: and a statement each step (bot/broadcasts/pump.py's steps are most of a broadcast's statements).
+#: only has to stay well inside LOST_AFTER, and writing it ten times a second was a statement and
+#: a row version each step (the steps make most of a broadcast's statements: bench/THROUGHPUT.md,
+#: "Broadcasts", eleventh run).
 HEARTBEAT = timedelta(seconds=5)
 #: Stragglers (`_kick_stragglers`) are looked for this often, not at every step: a message is
 #: one only STRAGGLER_AFTER after its release.
