@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -123,8 +124,6 @@ class DiskFlushProbe(threading.Thread):
         self.path, self.stalls, self._done = directory / "flush-probe", [], threading.Event()
 
     def run(self) -> None:
-        import os
-
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             while not self._done.wait(self.EVERY_S):
