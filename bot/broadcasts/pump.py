@@ -128,11 +128,12 @@ def _step(broadcast_id: str, token: str | None, stragglers: bool = True) -> tupl
         db.session.rollback()
         return "ended", None, 0.0
     alive = broadcast.pumped_at is not None and now - broadcast.pumped_at < LOST_AFTER
-    if token != broadcast.pump_token and broadcast.pump_token is not None and alive:
+    ours = token is not None and token == broadcast.pump_token
+    if not ours and broadcast.pump_token is not None and alive:
         db.session.rollback()
         return "another chain", None, 0.0
-    if token != broadcast.pump_token or token is None or not alive or now - broadcast.pumped_at >= HEARTBEAT:
-        token = token if token == broadcast.pump_token and token is not None else new_id()
+    if not ours or not alive or now - broadcast.pumped_at >= HEARTBEAT:
+        token = token if ours else new_id()
         broadcast.pump_token, broadcast.pumped_at = token, now
     if broadcast.state == BroadcastState.SCHEDULED:
         if broadcast.send_at is not None and broadcast.send_at > now:
