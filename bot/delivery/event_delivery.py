@@ -35,7 +35,6 @@ import sqlalchemy as sa
 from flask import current_app
 
 from bot.clock import utcnow
-from bot.database import close_after_reads
 from bot.delivery import outbox
 from bot.extensions import db
 from bot.models import Event, finished_txid_horizon, new_id
@@ -270,7 +269,7 @@ def _attempt(taken: Claim) -> str:
     if not url or not secret:  # the URL was removed since the event was written
         return _settle(taken, EventStatus.STORED, None)
     body, headers = signed_request(event, secret)
-    close_after_reads()  # no connection held while the receiver answers
+    db.session.close()  # no connection held while the receiver answers
     error = _post(url, body, headers, float(cfg["EVENTS_TIMEOUT"]))
     if error is None:
         return _settle(taken, EventStatus.DELIVERED, None)

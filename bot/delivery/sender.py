@@ -41,7 +41,6 @@ from bot.channels.base import Channel, Refusal, Wait
 from bot.channels.outcomes import Accepted, Failed, Unknown
 from bot.clock import utcnow
 from bot.contacts import opt_out_waiting_clause
-from bot.database import close_after_reads
 from bot.delivery import bulk_lane, claims, in_flight, outbox, release
 from bot.delivery.claims import UNSENT, claim, claim_along, release_next, wait_for_turn
 from bot.delivery.holding import quiet_until
@@ -247,9 +246,8 @@ def deliver(message_id: str, *, can_retry: bool = False, is_retry: bool = False,
         # Sent already, or in flight under a live claim, most often in a batch that took it along
         # before this task ran: one read, no claim, no lock (the claim below still decides any
         # race; an expired claim is re-taken below). Debug: at a batch's rate this line would
-        # outnumber the sends. Only read: ended with COMMIT, which keeps the connection's
-        # prepared statements (bot/database.py, close_after_reads).
-        db.session.commit()
+        # outnumber the sends.
+        db.session.rollback()
         log.debug("message %s already sent or in flight; skipping", message_id)
         return Outcome.NOT_CLAIMED
     if is_stopping():
@@ -477,7 +475,7 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
     senders = {name: channel.open_sender() for name, channel in channels.items()}
     # Give the connection back while waiting for rate slots and for the providers: the claims
     # hold the rows, and what was read stays usable, detached (docs/ARCHITECTURE.md).
-    close_after_reads()
+    db.session.close()
     renew = claims.lease_renewer([item.row.id for item in ready])
     accepted: list[tuple[_Send, Accepted]] = []
 

@@ -121,31 +121,6 @@ def test_redelivered_task_does_not_send_twice(app, client, auth, twilio):
         assert message(message_id).attempts == 1
 
 
-def test_a_send_ends_its_reads_without_a_rollback(app, client, auth, twilio):
-    """A send batch reads its recipients and gives the connection back before calling Twilio; it
-    ends that read with COMMIT: psycopg forgets every statement it prepared on the connection at
-    each ROLLBACK (bot/database.py, close_after_reads). The contact read stays usable."""
-    with app.app_context():
-        make_contact()
-        other = make_contact("+15551234568").id
-    first = notify(client, auth, to="+15551234567", body="one")
-    second = notify(client, auth, to="+15551234568", body="two")
-    huey.flush()
-    rollbacks: list[str] = []
-    with app.app_context():
-        listener = lambda connection: rollbacks.append("rollback")  # noqa: E731
-        sa.event.listen(db.engine, "rollback", listener)
-        try:
-            assert sender.deliver(first) == sender.Outcome.SENT  # takes the second one along
-            sender._disown(second)  # as in another worker process: its task reads the row
-            assert sender.deliver(second) == sender.Outcome.NOT_CLAIMED  # sent already: one read
-        finally:
-            sa.event.remove(db.engine, "rollback", listener)
-        assert message(second).twilio_sid is not None and message(second).contact_id == other
-    assert rollbacks == []
-    assert sorted(m["body"] for m in twilio.messages) == ["one", "two"]
-
-
 def test_concurrent_sends_claim_once(app, client, auth, twilio):
     """Invariant 2: sends racing in threads (several consumers) still make one Twilio call."""
     with app.app_context():
