@@ -474,7 +474,10 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
     channels = {item.channel.name: item.channel for item in ready}
     senders = {name: channel.open_sender() for name, channel in channels.items()}
     # Give the connection back while waiting for rate slots and for the providers: the claims
-    # hold the rows, and what was read stays usable, detached (docs/ARCHITECTURE.md).
+    # hold the rows, and what was read stays usable, detached (docs/ARCHITECTURE.md). The read
+    # ends in a ROLLBACK, at which psycopg forgets the connection's prepared statements; ending it
+    # with COMMIT instead cut PostgreSQL's CPU per broadcast send by a third but widened the
+    # replies' p99 beside a broadcast (bench/THROUGHPUT.md, "Broadcasts", twelfth run).
     db.session.close()
     renew = claims.lease_renewer([item.row.id for item in ready])
     accepted: list[tuple[_Send, Accepted]] = []
