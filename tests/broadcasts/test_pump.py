@@ -16,18 +16,15 @@ from bot.extensions import db
 from bot.models import Broadcast, Message
 from bot.vocabulary import MessageStatus
 from tests.app_clock import AppClock, app_clock  # noqa: F401 - the fixture
+from tests.broadcasts.test_broadcasts_api import TEMPLATE, _users
 from tests.conftest import run_queue
 
-TEMPLATE = {"template": "order_update", "variables": {"1": "$user.name", "2": "late opening"}}
 NOON = datetime(2026, 6, 10, 12, 0)
 
 
 def _broadcast_to(client: FlaskClient, auth: dict, count: int) -> str:
-    for number in range(count):
-        body = {"phone": f"+1555300{number:04d}", "name": f"Person {number}"}
-        assert client.put(f"/users/p{number}", json=body, headers=auth).status_code in (200, 201)
-    accepted = client.post("/broadcasts", json={"audience": {"user_ids": [f"p{n}" for n in range(count)]},
-                                                **TEMPLATE}, headers=auth)
+    accepted = client.post("/broadcasts", json={"audience": {"user_ids": _users(client, auth, count)}, **TEMPLATE},
+                           headers=auth)
     assert accepted.status_code == 202, accepted.get_json()
     huey.flush()  # the chain is driven by hand below
     return accepted.get_json()["id"]
@@ -82,7 +79,7 @@ def test_stragglers_are_looked_for_when_a_step_is_asked_to_and_then_sent_once(
         kicked = db.session.scalars(sa.select(Message.next_attempt_at).where(Message.broadcast_id == broadcast_id))
         assert all(at is not None for at in kicked)
     run_queue(include_scheduled=False)
-    assert sorted(m["to"] for m in twilio.messages) == [f"whatsapp:+1555300{n:04d}" for n in range(3)]
+    assert sorted(m["to"] for m in twilio.messages) == [f"whatsapp:+1555200{n:04d}" for n in range(3)]
     with app.app_context():
         rows = db.session.execute(sa.select(Message.status, Message.twilio_sid)
                                   .where(Message.broadcast_id == broadcast_id)).all()
