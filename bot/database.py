@@ -70,6 +70,22 @@ def ping_idle_connections(engine: sa.Engine) -> None:
             raise sa.exc.InvalidatePoolError("an idle pooled connection is dead") from exc
 
 
+def close_after_reads() -> None:
+    """Give the session's connection back after a transaction that only read: what it loaded
+    stays usable (detached, not expired), and the transaction ends with COMMIT, not ROLLBACK.
+
+    psycopg forgets every statement it has prepared on a connection at each ROLLBACK (and sends
+    DEALLOCATE ALL), so the next few runs of each statement on that connection are parsed and
+    planned again, ten times the database's CPU of a prepared run (bench/THROUGHPUT.md,
+    "Broadcasts", twelfth run). For a transaction that only read, COMMIT and ROLLBACK are the same
+    to the database. Callers must have committed or rolled back their writes first: this commits
+    whatever is still pending.
+    """
+    db.session.expunge_all()
+    db.session.commit()
+    db.session.close()
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     # WAL lets the web read while the worker writes; foreign keys are off by default in SQLite.
     cursor = dbapi_connection.cursor()

@@ -41,6 +41,7 @@ from bot.channels.base import Channel, Refusal, Wait
 from bot.channels.outcomes import Accepted, Failed, Unknown
 from bot.clock import utcnow
 from bot.contacts import opt_out_waiting_clause
+from bot.database import close_after_reads
 from bot.delivery import bulk_lane, claims, in_flight, outbox, release
 from bot.delivery.claims import UNSENT, claim, claim_along, release_next, wait_for_turn
 from bot.delivery.holding import quiet_until
@@ -474,11 +475,16 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
     channels = {item.channel.name: item.channel for item in ready}
     senders = {name: channel.open_sender() for name, channel in channels.items()}
     # Give the connection back while waiting for rate slots and for the providers: the claims
-    # hold the rows, and what was read stays usable, detached (docs/ARCHITECTURE.md). The read
-    # ends in a ROLLBACK, at which psycopg forgets the connection's prepared statements; ending it
-    # with COMMIT instead cut PostgreSQL's CPU per broadcast send by a third but widened the
-    # replies' p99 beside a broadcast (bench/THROUGHPUT.md, "Broadcasts", twelfth run).
-    db.session.close()
+    # hold the rows, and what was read stays usable, detached (docs/ARCHITECTURE.md). In the bulk
+    # process the read ends with COMMIT, which keeps the connection's prepared statements: a third
+    # to two fifths less of PostgreSQL's CPU per broadcast send. The worker's own batches end it
+    # with a ROLLBACK (psycopg then forgets them): kept there too, the turns' statements on the
+    # same connections slowed at the tail beside a broadcast (bench/THROUGHPUT.md, "Broadcasts",
+    # twelfth and thirteenth runs).
+    if current_app.config["BOT_QUEUE_LANE"] == "bulk":
+        close_after_reads()
+    else:
+        db.session.close()
     renew = claims.lease_renewer([item.row.id for item in ready])
     accepted: list[tuple[_Send, Accepted]] = []
 

@@ -6,6 +6,7 @@ import threading
 import time
 from datetime import timedelta
 
+import pytest
 import sqlalchemy as sa
 from huey import signals
 
@@ -119,6 +120,30 @@ def test_redelivered_task_does_not_send_twice(app, client, auth, twilio):
     assert len(twilio.messages) == 1
     with app.app_context():
         assert message(message_id).attempts == 1
+
+
+@pytest.mark.parametrize("lane, rollbacks", [("bulk", 0), ("main", 1)])
+def test_a_send_batch_ends_its_read_by_lane(app, client, auth, twilio, monkeypatch, lane, rollbacks):
+    """A send batch reads its recipients and gives the connection back before calling Twilio. In
+    the bulk process that read ends with COMMIT, which keeps psycopg's prepared statements; the
+    worker's own batches end it with a ROLLBACK (bot/delivery/sender.py, send_claimed). What was
+    read stays usable either way: the send goes out to its contact."""
+    with app.app_context():
+        contact_id = make_contact().id
+    message_id = notify(client, auth, to="+15551234567", body="one")
+    huey.flush()
+    monkeypatch.setitem(app.config, "BOT_QUEUE_LANE", lane)
+    seen: list[str] = []
+    with app.app_context():
+        listener = lambda connection: seen.append("rollback")  # noqa: E731
+        sa.event.listen(db.engine, "rollback", listener)
+        try:
+            assert sender.deliver(message_id) == sender.Outcome.SENT
+        finally:
+            sa.event.remove(db.engine, "rollback", listener)
+        assert message(message_id).twilio_sid is not None and message(message_id).contact_id == contact_id
+    assert len(seen) == rollbacks
+    assert [m["body"] for m in twilio.messages] == ["one"]
 
 
 def test_concurrent_sends_claim_once(app, client, auth, twilio):
