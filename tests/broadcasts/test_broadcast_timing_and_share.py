@@ -16,16 +16,13 @@ from bot.devtools.simulator import TwilioSimulator
 from bot.extensions import db
 from bot.models import Broadcast, Message
 from bot.vocabulary import MessageStatus
+from tests.broadcasts.test_broadcasts_api import TEMPLATE, _users
 from tests.conftest import SENDER, run_queue
-
-TEMPLATE = {"template": "order_update", "variables": {"1": "$user.name", "2": "late opening"}}
 
 
 def _user(client: FlaskClient, auth: dict, number: int, **fields) -> str:
-    user_id = f"user-{number}"
-    body = {"phone": f"+1555300{number:04d}", "name": f"Person {number}", **fields}
-    assert client.put(f"/users/{user_id}", json=body, headers=auth).status_code in (200, 201)
-    return user_id
+    """One user, `user-<number>`, made as test_broadcasts_api's `_users` makes them."""
+    return _users(client, auth, 1, start=number, **fields)[0]
 
 
 def test_send_at_holds_the_whole_broadcast_and_it_can_be_canceled_until_then(
@@ -60,7 +57,7 @@ def test_quiet_hours_hold_a_recipient_in_their_own_timezone_and_never_drop_them(
                                                 "quiet_hours": quiet}, headers=auth)
     assert accepted.status_code == 202, accepted.get_json()
     run_queue(include_scheduled=False, max_tasks=500)
-    assert [m["to"] for m in twilio.messages] == ["whatsapp:+15553000002"]
+    assert [m["to"] for m in twilio.messages] == ["whatsapp:+15552000002"]
     counts = client.get(accepted.headers["Location"], headers=auth).get_json()
     assert counts["state"] == "sending" and counts["sent"] == 1 and counts["queued"] == 1
     with app.app_context():
@@ -86,7 +83,7 @@ def test_a_locale_without_the_template_is_a_counted_skip(app: Flask, client: Fla
                                                 "variables": {"1": "$user.name"}}, headers=auth)
     assert accepted.status_code == 202, accepted.get_json()
     run_queue(max_tasks=500)
-    assert [(m["to"], m["form"]["ContentSid"]) for m in twilio.messages] == [("whatsapp:+15553000001", sids["pt-BR"])]
+    assert [(m["to"], m["form"]["ContentSid"]) for m in twilio.messages] == [("whatsapp:+15552000001", sids["pt-BR"])]
     counts = client.get(accepted.headers["Location"], headers=auth).get_json()
     assert counts["skipped"] == {"no_template_for_locale": 1} and counts["recipients"] == 1
 
@@ -172,5 +169,5 @@ def test_replies_using_more_than_the_reserve_leave_the_broadcast_the_rest_not_no
     finally:
         stop.set()
         replying.join(10)
-    assert sorted(m["to"] for m in twilio.messages) == sorted(f"whatsapp:+1555300{n:04d}" for n in range(9))
+    assert sorted(m["to"] for m in twilio.messages) == sorted(f"whatsapp:+1555200{n:04d}" for n in range(9))
     assert refused == []  # with half a second's patience, every reply got its slot
