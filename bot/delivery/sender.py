@@ -476,8 +476,8 @@ def send_claimed(batch: list[sa.Row]) -> dict[str, Outcome]:
     senders = {name: channel.open_sender() for name, channel in channels.items()}
     # Give the connection back while waiting for rate slots and for the providers: the claims
     # hold the rows, and what was read stays usable, detached (docs/ARCHITECTURE.md). In the bulk
-    # process the read ends with COMMIT, which keeps the connection's prepared statements: a third
-    # to two fifths less of PostgreSQL's CPU per broadcast send. The worker's own batches end it
+    # process the read ends with COMMIT, which keeps the connection's prepared statements: a quarter
+    # to a half less of PostgreSQL's CPU per broadcast send. The worker's own batches end it
     # with a ROLLBACK (psycopg then forgets them): kept there too, the turns' statements on the
     # same connections slowed at the tail beside a broadcast (bench/THROUGHPUT.md, "Broadcasts",
     # twelfth and thirteenth runs).
