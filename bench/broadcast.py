@@ -196,13 +196,9 @@ def sends_per_second(sim: TwilioSimulator, since: float, until: float) -> dict[s
             "busiest_second": max(per_second.values(), default=0)}
 
 
-def reply_segments(database_url: str, prefix: str, timings: list[dict[str, Any]],
-                   numbered_from: int = 0) -> dict[str, Any]:
-    """Where each turn's time went, from the rows' own clocks (the same machine's as the
-    simulator's): *to_turn*: the inbound row stored by the web → its reply row written by the
-    turn (the queue's wait, the turn task's pick-up and the flow); *to_twilio*: the reply row
-    written → its create at the simulator (the commit, the hand-over, the rate slot, the HTTP call).
-    `numbered_from`: only the contacts numbered from there (the rounds': pooled across them)."""
+def reply_rows(database_url: str, prefix: str) -> dict[str, tuple[float, float]]:
+    """Each turn's clocks from its rows (the same machine's as the simulator's), by the contact's
+    phone: (its inbound row stored by the web, its reply row written by the turn), epoch seconds."""
     import sqlalchemy as sa
 
     from bot.config import database_uri
@@ -216,15 +212,25 @@ def reply_segments(database_url: str, prefix: str, timings: list[dict[str, Any]]
             "WHERE i.direction = 'inbound' AND c.phone LIKE :prefix GROUP BY c.phone, i.created_at"),
             {"prefix": prefix + "%"}).all()
     engine.dispose()
-    created = first_creates(timings)
     epoch = lambda naive: naive.replace(tzinfo=timezone.utc).timestamp()  # noqa: E731
+    return {phone: (epoch(inbound), epoch(reply)) for phone, inbound, reply in rows}
+
+
+def reply_segments(database_url: str, prefix: str, timings: list[dict[str, Any]],
+                   numbered_from: int = 0) -> dict[str, Any]:
+    """Where each turn's time went (`reply_rows`): *to_turn*: the inbound row stored by the web →
+    its reply row written by the turn (the queue's wait, the turn task's pick-up and the flow);
+    *to_twilio*: the reply row written → its create at the simulator (the commit, the hand-over,
+    the rate slot, the HTTP call). `numbered_from`: only the contacts numbered from there (the
+    rounds': pooled across them)."""
+    created = first_creates(timings)
     to_turn, to_twilio = [], []
-    for phone, inbound, reply in rows:
+    for phone, (inbound, reply) in reply_rows(database_url, prefix).items():
         if int(phone[len(prefix):]) < numbered_from:
             continue
-        to_turn.append(epoch(reply) - epoch(inbound))
+        to_turn.append(reply - inbound)
         if "whatsapp:" + phone in created:
-            to_twilio.append(created["whatsapp:" + phone] - epoch(reply))
+            to_twilio.append(created["whatsapp:" + phone] - reply)
     return {"inbound_stored_to_reply_written": summary(to_turn),
             "reply_written_to_twilio": summary(to_twilio)}
 
@@ -324,19 +330,31 @@ def turns(stack: Stack, label: str, rate: int, duration: float, drain_timeout: f
             "reply_handed_to_twilio": {**end_to_end(samples, timings, duration), "drained": drained},
             "segments": reply_segments(stack.config["DATABASE_URL"], TURN_PREFIXES[label], timings),
             "reply_latencies_s": reply_latencies(samples, timings),
-            "slowest": slowest(samples, timings),
+            "slowest": slowest(samples, timings, reply_rows(stack.config["DATABASE_URL"], TURN_PREFIXES[label])),
             "disk_flush_stalls": probe.between(min(s.scheduled for s in samples), time.time()) if probe else None,
             "window": [min(s.scheduled for s in samples), max(s.done for s in samples)]}
 
 
-def slowest(samples: list[Any], timings: list[dict[str, Any]], count: int = 15) -> list[list[float]]:
+def slowest(samples: list[Any], timings: list[dict[str, Any]],
+            rows: dict[str, tuple[float, float]] | None = None, count: int = 15) -> list[list[float | None]]:
     """The `count` slowest replies: [when the inbound was due (epoch s), inbound → reply at the
     simulator (ms), how late the load generator sent it (ms)]: whether a p99 rests on one stall
-    of the machine (clustered in time, the generator late too) or on many replies' own waits."""
+    of the machine (clustered in time, the generator late too) or on many replies' own waits.
+    With `rows` (`reply_rows`), three more: due → the inbound row stored (the web), → the reply
+    row written (the queue and the turn), → the create at the simulator (the send), in ms, None
+    for a reply with no rows; which of the three a slow reply lost its time in."""
     created = first_creates(timings)
-    found = sorted(((s.scheduled, created[s.key] - s.scheduled, s.started - s.scheduled)
+    found = sorted(((s.scheduled, created[s.key] - s.scheduled, s.started - s.scheduled, s.key)
                     for s in samples if s.key in created), key=lambda item: -item[1])[:count]
-    return [[round(at, 3), round(took * 1000, 1), round(late * 1000, 1)] for at, took, late in found]
+    slow = []
+    for at, took, late, key in found:
+        entry: list[float | None] = [round(at, 3), round(took * 1000, 1), round(late * 1000, 1)]
+        if rows is not None:
+            stored, written = rows.get(key.removeprefix("whatsapp:"), (None, None))
+            entry += [round((stored - at) * 1000, 1), round((written - stored) * 1000, 1),
+                      round((created[key] - written) * 1000, 1)] if stored is not None else [None] * 3
+        slow.append(entry)
+    return slow
 
 
 def main(argv: list[str] | None = None) -> None:
