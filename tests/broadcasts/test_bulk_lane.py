@@ -18,10 +18,10 @@ from bot.delivery.queue import huey
 from bot.delivery.rate_limit import send_rate_limit
 from bot.devtools.simulator import TwilioSimulator
 from bot.extensions import db
+from tests.broadcasts.test_broadcasts_api import TEMPLATE, _users
 from tests.conftest import API_TOKEN, SENDER, in_process_queue_options
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
-TEMPLATE = {"template": "order_update", "variables": {"1": "$user.name", "2": "late opening"}}
 LANE_THREADS = 2
 
 
@@ -62,12 +62,7 @@ def test_a_broadcasts_sends_and_pump_never_hold_a_huey_thread(lane_app: Flask, t
     BULK_LANE_THREADS batches at a time and the pump one turn at a time (on a thread of its own),
     and every recipient gets one message at the share's pace."""
     client = lane_app.test_client()
-    ids = []
-    for number in range(12):
-        user_id = f"user-{number}"
-        body = {"phone": f"+1555300{number:04d}", "name": f"Person {number}"}
-        assert client.put(f"/users/{user_id}", json=body, headers=AUTH).status_code in (200, 201)
-        ids.append(user_id)
+    ids = _users(client, AUTH, 12)
     assert client.post("/broadcasts", json={"audience": {"user_ids": ids}, **TEMPLATE},
                        headers=AUTH).status_code == 202
     peak = Peak()
@@ -90,7 +85,7 @@ def test_a_broadcasts_sends_and_pump_never_hold_a_huey_thread(lane_app: Flask, t
     peak.done.set()
     peak.join()
     arrivals = sorted(t["received_at"] for t in twilio.timings)
-    assert sorted(m["to"] for m in twilio.messages) == sorted(f"whatsapp:+1555300{n:04d}" for n in range(12))
+    assert sorted(m["to"] for m in twilio.messages) == sorted(f"whatsapp:+1555200{n:04d}" for n in range(12))
     assert arrivals[-1] - arrivals[0] >= 1.9  # twelve at five a second: the share holds on the lane
     for i in range(len(arrivals) - 5):
         assert arrivals[i + 5] - arrivals[i] >= 0.8, f"broadcast sends {i}..{i + 5} within a second"
