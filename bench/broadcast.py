@@ -216,16 +216,16 @@ def reply_rows(database_url: str, prefix: str) -> dict[str, tuple[float, float]]
     return {phone: (epoch(inbound), epoch(reply)) for phone, inbound, reply in rows}
 
 
-def reply_segments(database_url: str, prefix: str, timings: list[dict[str, Any]],
+def reply_segments(rows: dict[str, tuple[float, float]], prefix: str, timings: list[dict[str, Any]],
                    numbered_from: int = 0) -> dict[str, Any]:
-    """Where each turn's time went (`reply_rows`): *to_turn*: the inbound row stored by the web →
+    """Where each turn's time went (`rows`: `reply_rows` for `prefix`): *to_turn*: the inbound row stored by the web →
     its reply row written by the turn (the queue's wait, the turn task's pick-up and the flow);
     *to_twilio*: the reply row written → its create at the simulator (the commit, the hand-over,
     the rate slot, the HTTP call). `numbered_from`: only the contacts numbered from there (the
     rounds': pooled across them)."""
     created = first_creates(timings)
     to_turn, to_twilio = [], []
-    for phone, (inbound, reply) in reply_rows(database_url, prefix).items():
+    for phone, (inbound, reply) in rows.items():
         if int(phone[len(prefix):]) < numbered_from:
             continue
         to_turn.append(reply - inbound)
@@ -289,8 +289,9 @@ def interleaved(stack: Stack, worker_pid: int, args: argparse.Namespace,
     clean = {label: summary(values) for label, values in unstolen.items()} if unstolen["alone"] else None
     calm = {label: summary(values) for label, values in undisturbed.items()} if undisturbed["alone"] else None
     # Where the time went, pooled over the rounds too (the rounds' contacts are numbered from 100,000).
-    segments = {label: reply_segments(stack.config["DATABASE_URL"], TURN_PREFIXES[label], stack.sim.timings,
-                                      numbered_from=100_000) for label in pooled}
+    timings = stack.sim.timings  # read once: each read copies every create of the run over a pipe
+    segments = {label: reply_segments(reply_rows(stack.config["DATABASE_URL"], TURN_PREFIXES[label]),
+                                      TURN_PREFIXES[label], timings, numbered_from=100_000) for label in pooled}
     return {"rounds": args.rounds, "round_duration_s": args.round_duration, "round_audience": args.round_audience,
             "pooled": stats, "reply_p99_ratio": ratio, "pooled_segments": segments,
             "rounds_without_steal": sum(1 for r in per_round if not any(r["steal_cores"].values())),
@@ -326,11 +327,12 @@ def turns(stack: Stack, label: str, rate: int, duration: float, drain_timeout: f
     drained = wait_for_creates(stack.sim, {s.key for s in samples if s.status == 200}, drain_timeout)
     # Read once: from the stand-in's process each read copies every create of the run over a pipe.
     timings = stack.sim.timings
+    rows = reply_rows(stack.config["DATABASE_URL"], TURN_PREFIXES[label])
     return {"cores_during_load": cores, "inbound_webhook": load_stats(samples, rate, duration, 200),
             "reply_handed_to_twilio": {**end_to_end(samples, timings, duration), "drained": drained},
-            "segments": reply_segments(stack.config["DATABASE_URL"], TURN_PREFIXES[label], timings),
+            "segments": reply_segments(rows, TURN_PREFIXES[label], timings),
             "reply_latencies_s": reply_latencies(samples, timings),
-            "slowest": slowest(samples, timings, reply_rows(stack.config["DATABASE_URL"], TURN_PREFIXES[label])),
+            "slowest": slowest(samples, timings, rows),
             "disk_flush_stalls": probe.between(min(s.scheduled for s in samples), time.time()) if probe else None,
             "window": [min(s.scheduled for s in samples), max(s.done for s in samples)]}
 
